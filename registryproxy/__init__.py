@@ -1,0 +1,1 @@
+"""regproxy: a pull-through caching proxy for container registries."""

@@ -1,0 +1,53 @@
+"""Registry errors in the distribution-spec JSON form.
+
+Every error a client can see is a :class:`RegistryError`; the proxy turns it
+into ``{"errors": [{"code": ..., "message": ...}]}`` with its HTTP status.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+
+@attrs.define
+class RegistryError(Exception):
+    status: int
+    code: str
+    message: str
+    detail: Any = None
+    headers: dict[str, str] = attrs.field(factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+    def body(self) -> bytes:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.detail is not None:
+            error["detail"] = self.detail
+        return json.dumps({"errors": [error]}).encode()
+
+
+def name_invalid(name: str) -> RegistryError:
+    return RegistryError(
+        400,
+        "NAME_INVALID",
+        f"invalid repository name {name!r}: use lowercase path components "
+        "of letters, digits and single separators (. _ __ -)",
+    )
+
+
+def digest_invalid(digest: str) -> RegistryError:
+    return RegistryError(
+        400,
+        "DIGEST_INVALID",
+        f"invalid digest {digest!r}: expected sha256:<64 hex> or sha512:<128 hex>",
+    )
+
+
+def unsupported(what: str) -> RegistryError:
+    return RegistryError(
+        405, "UNSUPPORTED", f"{what} is not supported: regproxy is a read-only pull-through cache"
+    )
