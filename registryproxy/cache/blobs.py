@@ -1,0 +1,216 @@
+"""Blob downloads: one upstream fetch per digest, followed by every client.
+
+A miss starts a :class:`BlobFetch` that writes the upstream body into the
+store's temporary file while any number of clients read it back from disk as
+it grows.  Memory stays flat whatever the blob size, a slow client never slows
+the others, and the fetch is published only once its digest checks out.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+
+from ..errors import RegistryError
+from ..names import Digest
+from ..singleflight import SingleFlight
+from ..upstream.client import RegistryClient, content_length
+from .store import BlobStore, BlobWriter, VerificationError
+
+log = Logger()
+
+
+class BlobFetch:
+    """A download in progress. Readers poll :attr:`written`, :attr:`verified`
+    and :attr:`error` whenever a listener is called."""
+
+    def __init__(self, digest: Digest, size: int | None, writer: BlobWriter, source: str) -> None:
+        self.digest = digest
+        self.size = size
+        self.source = source
+        self.verified = False
+        self.error: str | None = None
+        self._writer = writer
+        self._listeners: set[Callable[[], None]] = set()
+        reader = writer.open_reader()
+        # One descriptor for every follower: they read with pread, so it
+        # stays valid after the temp file is renamed into place.
+        self._fd = os.dup(reader.fileno())
+        reader.close()
+        self._readers = 0
+        self._ended = False
+
+    @property
+    def written(self) -> int:
+        return self._writer.written
+
+    @property
+    def running(self) -> bool:
+        return not self.verified and self.error is None
+
+    def listen(self, listener: Callable[[], None]) -> int:
+        """Follow this fetch; returns a descriptor to pread from, released by :meth:`unlisten`."""
+        self._listeners.add(listener)
+        self._readers += 1
+        return self._fd
+
+    def unlisten(self, listener: Callable[[], None]) -> None:
+        self._listeners.discard(listener)
+        self._readers -= 1
+        self._maybe_close()
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            listener()
+
+    def _maybe_close(self) -> None:
+        if self._ended and self._readers == 0 and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # -- driven by the upstream body --------------------------------------
+
+    def _data(self, data: bytes) -> None:
+        self._writer.write(data)
+        if self.size is not None and self.written > self.size:
+            raise VerificationError(f"upstream sent more than the announced {self.size} bytes")
+        self._notify()
+
+    def _fail(self, why: str) -> None:
+        if self.error is None and not self.verified:
+            self.error = why
+            self._writer.abort()
+            log.warn("download of {digest} from {source} failed: {why}", digest=str(self.digest),
+                     source=self.source, why=why)
+            self._notify()
+
+    def _end(self) -> None:
+        self._ended = True
+        self._maybe_close()
+
+
+class _Receiver(Protocol):
+    """Writes the upstream body into a fetch, aborting it on silence."""
+
+    def __init__(self, fetch: BlobFetch, clock: IReactorTime, read_timeout: float,
+                 done: Callable[[Failure | None], None]) -> None:
+        self._fetch = fetch
+        self._clock = clock
+        self._timeout = read_timeout
+        self._done = done
+        self._timer: IDelayedCall | None = None
+        self._problem: str | None = None
+
+    def connectionMade(self) -> None:
+        self._timer = self._clock.callLater(self._timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        self._timer = None
+        self._stop(f"upstream sent nothing for {self._timeout:g}s")
+
+    def _stop(self, why: str) -> None:
+        self._problem = why
+        self._fetch._fail(why)
+        assert self.transport is not None
+        self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._problem:
+            return
+        if self._timer is not None:
+            self._timer.reset(self._timeout)
+        try:
+            self._fetch._data(data)
+        except (OSError, VerificationError) as e:
+            self._stop(str(e))
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._problem:
+            self._done(Failure(RuntimeError(self._problem)))
+        elif reason.check(ResponseDone, PotentialDataLoss):
+            self._done(None)
+        else:
+            self._done(reason)
+
+
+class BlobCache:
+    """Blobs by digest: from the store, or fetched once and shared."""
+
+    def __init__(self, store: BlobStore, clock: IReactorTime) -> None:
+        self.store = store
+        self._clock = clock
+        self._active: dict[Digest, BlobFetch] = {}
+        self._starting: SingleFlight[Digest, BlobFetch] = SingleFlight()
+
+    def active(self, digest: Digest) -> BlobFetch | None:
+        return self._active.get(digest)
+
+    async def fetch(self, client: RegistryClient, repo: str, digest: Digest) -> BlobFetch:
+        """The running download of *digest*, starting one if needed."""
+        running = self._active.get(digest)
+        if running is not None:
+            return running
+        return await self._starting.run(digest, lambda: self._start(client, repo, digest))
+
+    async def _start(self, client: RegistryClient, repo: str, digest: Digest) -> BlobFetch:
+        response = await client.get_blob(repo, str(digest))
+        size = content_length(response)
+        try:
+            writer = self.store.begin(digest, size)
+        except OSError as e:
+            response.deliverBody(_Discard())
+            raise RegistryError(503, "UNAVAILABLE", f"cannot write to the cache: {e}") from None
+        fetch = BlobFetch(digest, size, writer, client.name)
+        self._active[digest] = fetch
+        log.info("fetching {digest} ({size} bytes) from {upstream}/{repo}",
+                 digest=str(digest), size=size, upstream=client.name, repo=repo)
+
+        def done(failure: Failure | None) -> None:
+            if failure is not None:
+                fetch._fail(_why(failure))
+                self._finish(fetch)
+                return
+            try:
+                published = writer.commit()
+            except VerificationError as e:
+                fetch._fail(f"upstream content does not match its digest: {e}")
+                self._finish(fetch)
+                return
+            fetch.verified = True
+            fetch._notify()
+            published.addCallbacks(
+                lambda _: log.info("stored {digest}", digest=str(digest)),
+                lambda f: log.error("could not store {digest}: {why}", digest=str(digest),
+                                    why=f.getErrorMessage()),
+            )
+            published.addBoth(lambda _: self._finish(fetch))
+
+        response.deliverBody(_Receiver(fetch, self._clock, client.config.read_timeout, done))
+        return fetch
+
+    def _finish(self, fetch: BlobFetch) -> None:
+        if self._active.get(fetch.digest) is fetch:
+            del self._active[fetch.digest]
+        fetch._end()
+
+
+class _Discard(Protocol):
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        pass
+
+
+def _why(failure: Failure) -> str:
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons:
+        return f"connection lost: {reasons[0].getErrorMessage()}"
+    return failure.getErrorMessage()

@@ -1,0 +1,136 @@
+"""Manifests by digest (immutable) and tags by TTL, revalidated with HEAD.
+
+A tag inside its TTL is answered from the cache.  After the TTL an upstream
+``HEAD`` (free on Docker Hub's pull limit) tells whether the digest moved;
+only then is the manifest fetched again.  Requests by digest never
+revalidate.  A stored manifest is served only to a client whose ``Accept``
+takes its media type; anyone else gets the variant they asked for.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Sequence
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from ..errors import RegistryError
+from ..mediatypes import acceptable
+from ..names import Digest, is_valid_digest
+from ..singleflight import SingleFlight
+from ..upstream.client import RegistryClient
+from .index import Index, ManifestEntry, TagEntry
+from .store import BlobStore
+
+log = Logger()
+
+
+@attrs.frozen
+class CachedManifest:
+    body: bytes
+    media_type: str
+    digest: str
+    #: "HIT" or "MISS", for the X-Cache header
+    cache: str
+
+
+class ManifestCache:
+    def __init__(self, store: BlobStore, index: Index, clock: IReactorTime, tag_ttl: float) -> None:
+        self._store = store
+        self._index = index
+        self._clock = clock
+        self._tag_ttl = tag_ttl
+        self._flight: SingleFlight[tuple[str, str, str, tuple[str, ...]], CachedManifest] = (
+            SingleFlight()
+        )
+
+    async def get(
+        self, client: RegistryClient, repo: str, reference: str, accept: Sequence[str]
+    ) -> CachedManifest:
+        key = (client.name, repo, reference, tuple(accept))
+        if is_valid_digest(reference):
+            cached = self._by_digest(client.name, repo, reference)
+            if cached is not None:
+                return cached
+            return await self._flight.run(key, lambda: self._fetch(client, repo, reference, accept))
+        for entry in self._index.tags(client.name, repo, reference):
+            if not acceptable(entry.media_type, accept):
+                continue
+            cached = self._by_digest(client.name, repo, entry.digest)
+            if cached is None:
+                break
+            if self._clock.seconds() - entry.checked_at < self._tag_ttl:
+                return cached
+            return await self._flight.run(
+                key, lambda: self._revalidate(client, repo, reference, accept, entry, cached)
+            )
+        return await self._flight.run(key, lambda: self._fetch(client, repo, reference, accept))
+
+    def _by_digest(self, upstream: str, repo: str, digest: str) -> CachedManifest | None:
+        entry = self._index.manifest(upstream, repo, digest)
+        if entry is None:
+            return None
+        try:
+            with self._store.open(Digest.parse(digest)) as f:
+                body = f.read()
+        except FileNotFoundError:
+            return None
+        return CachedManifest(body, entry.media_type, digest, "HIT")
+
+    async def _revalidate(
+        self,
+        client: RegistryClient,
+        repo: str,
+        tag: str,
+        accept: Sequence[str],
+        entry: TagEntry,
+        cached: CachedManifest,
+    ) -> CachedManifest:
+        head = await client.head_manifest(repo, tag, accept)
+        if head.digest == entry.digest:
+            log.debug("{upstream}/{repo}:{tag} unchanged", upstream=client.name, repo=repo, tag=tag)
+            self._index.put_tag(
+                client.name, repo, tag, attrs.evolve(entry, checked_at=self._clock.seconds())
+            )
+            return cached
+        return await self._fetch(client, repo, tag, accept)
+
+    async def _fetch(
+        self, client: RegistryClient, repo: str, reference: str, accept: Sequence[str]
+    ) -> CachedManifest:
+        manifest = await client.get_manifest(repo, reference, accept)
+        if is_valid_digest(reference):
+            expected = Digest.parse(reference)
+        elif manifest.digest and is_valid_digest(manifest.digest):
+            expected = Digest.parse(manifest.digest)
+        else:
+            expected = Digest.of(manifest.body)
+        actual = Digest.of(manifest.body, expected.algorithm)
+        if actual != expected:
+            raise RegistryError(
+                502,
+                "MANIFEST_INVALID",
+                f"upstream {client.name} sent a manifest for {repo}:{reference} "
+                f"whose content is {actual}, not {expected}",
+            )
+        digest = str(actual)
+        now = self._clock.seconds()
+        try:
+            if self._store.stat(actual) is None:
+                writer = self._store.begin(actual, len(manifest.body))
+                writer.write(manifest.body)
+                await writer.commit()
+            entry = ManifestEntry(digest, manifest.media_type, len(manifest.body))
+            self._index.put_manifest(client.name, repo, entry, now)
+            if not is_valid_digest(reference):
+                tag = TagEntry(digest, manifest.media_type, now)
+                self._index.put_tag(client.name, repo, reference, tag)
+        except (OSError, sqlite3.Error) as e:
+            # The client still gets its manifest; the next request tries again.
+            log.error("could not cache manifest {digest}: {why}", digest=digest, why=e)
+            return CachedManifest(manifest.body, manifest.media_type, digest, "MISS")
+        log.info("cached manifest {upstream}/{repo}:{reference} as {digest}",
+                 upstream=client.name, repo=repo, reference=reference, digest=digest)
+        return CachedManifest(manifest.body, manifest.media_type, digest, "MISS")

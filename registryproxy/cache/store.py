@@ -1,0 +1,141 @@
+"""The content-addressed blob store: bytes by digest, verified before commit.
+
+:class:`BlobStore` is the small interface the rest of regproxy sees, so a
+shared object store can be a second backend later; :class:`FileStore` keeps
+blobs on the local filesystem.  A blob becomes visible only by an atomic
+rename after its size and digest check out and its bytes are on disk, so a
+crash or cut connection can never leave a half-written entry to be served.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import BinaryIO, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from ..names import Digest
+
+log = Logger()
+
+
+class VerificationError(Exception):
+    """The bytes written do not match the digest or size they were promised."""
+
+
+class BlobWriter(Protocol):
+    digest: Digest
+    written: int
+
+    def write(self, data: bytes) -> None: ...
+    def open_reader(self) -> BinaryIO:
+        """A reader of the bytes written so far (and later), for streaming a
+        download to clients while it is still being written."""
+    def commit(self) -> Deferred[None]:
+        """Verify and publish; fails with :class:`VerificationError`."""
+    def abort(self) -> None: ...
+
+
+class BlobStore(Protocol):
+    def stat(self, digest: Digest) -> int | None:
+        """The size of a stored blob, or None."""
+    def open(self, digest: Digest) -> BinaryIO:
+        """A seekable reader; raises FileNotFoundError if absent."""
+    def begin(self, digest: Digest, size: int | None) -> BlobWriter: ...
+    def delete(self, digest: Digest) -> bool: ...
+
+
+class FileStore:
+    """Blobs under ``<root>/blobs/<alg>/<2 hex>/<hex>``, temp files under ``<root>/tmp``."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self._tmp = os.path.join(self.root, "tmp")
+        os.makedirs(os.path.join(self.root, "blobs"), exist_ok=True)
+        # Anything in tmp/ is an interrupted write from an earlier run.
+        if os.path.isdir(self._tmp):
+            leftovers = os.listdir(self._tmp)
+            if leftovers:
+                log.info("removing {n} interrupted writes", n=len(leftovers))
+            shutil.rmtree(self._tmp)
+        os.makedirs(self._tmp)
+
+    def path(self, digest: Digest) -> str:
+        return os.path.join(self.root, "blobs", digest.algorithm, digest.hex[:2], digest.hex)
+
+    def stat(self, digest: Digest) -> int | None:
+        try:
+            return os.stat(self.path(digest)).st_size
+        except FileNotFoundError:
+            return None
+
+    def open(self, digest: Digest) -> BinaryIO:
+        return open(self.path(digest), "rb")
+
+    def begin(self, digest: Digest, size: int | None) -> _FileWriter:
+        return _FileWriter(self, digest, size)
+
+    def delete(self, digest: Digest) -> bool:
+        try:
+            os.unlink(self.path(digest))
+            return True
+        except FileNotFoundError:
+            return False
+
+
+class _FileWriter:
+    def __init__(self, store: FileStore, digest: Digest, size: int | None) -> None:
+        self.digest = digest
+        self.size = size
+        self.written = 0
+        self._store = store
+        self._hasher = digest.hasher()
+        fd, self._path = tempfile.mkstemp(dir=store._tmp, prefix=digest.hex[:16] + ".")
+        # Unbuffered, so readers following the file see every byte at once.
+        self._file = os.fdopen(fd, "wb", buffering=0)
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._hasher.update(data)
+        self.written += len(data)
+
+    def open_reader(self) -> BinaryIO:
+        return open(self._path, "rb")
+
+    def commit(self) -> Deferred[None]:
+        if self.size is not None and self.written != self.size:
+            self.abort()
+            raise VerificationError(f"expected {self.size} bytes, got {self.written}")
+        actual = self._hasher.hexdigest()
+        if actual != self.digest.hex:
+            self.abort()
+            raise VerificationError(f"content is {self.digest.algorithm}:{actual}")
+        return deferToThread(self._publish)
+
+    def _publish(self) -> None:
+        try:
+            os.fsync(self._file.fileno())
+            self._file.close()
+            final = self._store.path(self.digest)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.rename(self._path, final)
+            dirfd = os.open(os.path.dirname(final), os.O_RDONLY)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        try:
+            os.unlink(self._path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,193 @@
+"""The ``/v2/`` registry API that clients pull through.
+
+Routing, validation and HTTP responses only: what to serve comes from the
+manifest and blob caches, which go upstream when they must.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from ..cache.blobs import BlobCache
+from ..cache.manifests import CachedManifest, ManifestCache
+from ..errors import RegistryError, digest_invalid, name_invalid, unsupported
+from ..mediatypes import parse_accept
+from ..names import Digest, is_valid_digest, is_valid_name, is_valid_tag
+from ..upstream.client import RegistryClient
+from .ranges import parse_range
+from .sender import BlobSender
+
+log = Logger()
+
+_API_VERSION = (b"Docker-Distribution-API-Version", b"registry/2.0")
+_ROUTES = [
+    (re.compile(r"/v2/?"), "base"),
+    (re.compile(r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]*)"), "manifest"),
+    (re.compile(r"/v2/(?P<name>.+)/blobs/uploads(?:/.*)?"), "upload"),
+    (re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]*)"), "blob"),
+    (re.compile(r"/v2/(?P<name>.+)/tags/list"), "tags"),
+]
+
+
+class Upstreams:
+    """Which upstream registry serves a request.  For now: the default one,
+    with Docker Hub's rule that ``nginx`` means ``library/nginx``."""
+
+    def __init__(self, clients: dict[str, RegistryClient], default: str) -> None:
+        self.clients = clients
+        self.default = default
+
+    def route(self, request: Request, name: str) -> tuple[RegistryClient, str]:
+        client = self.clients[self.default]
+        if client.name == "docker.io" and "/" not in name:
+            name = "library/" + name
+        return client, name
+
+
+class RegistryResource(Resource):
+    isLeaf = True
+
+    def __init__(self, upstreams: Upstreams, manifests: ManifestCache, blobs: BlobCache) -> None:
+        super().__init__()
+        self._upstreams = upstreams
+        self._manifests = manifests
+        self._blobs = blobs
+
+    def render(self, request: Request) -> int:  # type: ignore[override]
+        request.setHeader(*_API_VERSION)
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        d = Deferred.fromCoroutine(self._handle(request))
+        d.addErrback(self._failed, request, gone)
+        return NOT_DONE_YET
+
+    def _failed(self, failure: Failure, request: Request, gone: list[bool]) -> None:
+        if failure.check(RegistryError):
+            error = failure.value
+        else:
+            log.failure("error handling {method} {uri}", failure,
+                        method=request.method.decode(), uri=request.uri.decode("latin-1"))
+            error = RegistryError(500, "UNKNOWN", "internal error in regproxy; see its log")
+        if gone or request.finished:
+            return
+        if request.startedWriting:
+            request.channel.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        request.setResponseCode(error.status)
+        for key, value in error.headers.items():
+            request.setHeader(key, value)
+        body = error.body()
+        request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+
+    async def _handle(self, request: Request) -> None:
+        path = request.path.decode("latin-1")
+        for pattern, kind in _ROUTES:
+            match = pattern.fullmatch(path)
+            if match:
+                break
+        else:
+            raise RegistryError(404, "NOT_FOUND", f"no registry API route for {path!r}")
+        method = request.method
+        if method not in (b"GET", b"HEAD"):
+            raise unsupported(f"{method.decode('latin-1')} {path}")
+        if kind == "base":
+            self._json(request, b"{}")
+            return
+        if kind == "upload":
+            raise unsupported("pushing")
+        name = match.group("name")
+        if not is_valid_name(name):
+            raise name_invalid(name)
+        client, repo = self._upstreams.route(request, name)
+        if kind == "manifest":
+            reference = match.group("reference")
+            if not (is_valid_tag(reference) or is_valid_digest(reference)):
+                if ":" in reference:
+                    raise digest_invalid(reference)
+                raise RegistryError(400, "TAG_INVALID", f"invalid tag {reference!r}")
+            accept = parse_accept(request.requestHeaders.getRawHeaders(b"Accept", []))
+            manifest = await self._manifests.get(client, repo, reference, accept)
+            self._manifest(request, manifest)
+        elif kind == "blob":
+            digest = match.group("digest")
+            if not is_valid_digest(digest):
+                raise digest_invalid(digest)
+            await self._blob(request, client, repo, Digest.parse(digest))
+        else:
+            query = {
+                key.decode(): values[-1].decode()
+                for key, values in request.args.items()
+                if key in (b"n", b"last")
+            }
+            body, link = await client.get_tags(repo, query)
+            if link:
+                request.setHeader(b"Link", link.encode("latin-1"))
+            self._json(request, body)
+
+    def _json(self, request: Request, body: bytes) -> None:
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+
+    def _manifest(self, request: Request, manifest: CachedManifest) -> None:
+        request.setHeader(b"Content-Type", manifest.media_type.encode())
+        request.setHeader(b"Docker-Content-Digest", manifest.digest.encode())
+        request.setHeader(b"ETag", f'"{manifest.digest}"'.encode())
+        request.setHeader(b"Content-Length", b"%d" % len(manifest.body))
+        request.setHeader(b"X-Cache", manifest.cache.encode())
+        if request.method != b"HEAD":
+            request.write(manifest.body)
+        request.finish()
+
+    async def _blob(self, request: Request, client: RegistryClient, repo: str, digest: Digest) -> None:
+        store = self._blobs.store
+        size = store.stat(digest)
+        fetch = None
+        if size is not None:
+            cache = "HIT"
+        else:
+            cache = "MISS"
+            fetch = self._blobs.active(digest)
+            if fetch is None and request.method == b"HEAD":
+                size = await client.head_blob(repo, str(digest))
+            else:
+                if fetch is None:
+                    fetch = await self._blobs.fetch(client, repo, digest)
+                if fetch.error is not None:
+                    raise RegistryError(
+                        502, "UNAVAILABLE", f"download from upstream {fetch.source} failed: {fetch.error}"
+                    )
+                size = fetch.size
+        start, end = 0, size
+        if size is not None:
+            span = parse_range(request.getHeader(b"Range"), size)
+            if span is not None:
+                start, end = span
+                request.setResponseCode(206)
+                request.setHeader(b"Content-Range", f"bytes {start}-{end - 1}/{size}".encode())
+            request.setHeader(b"Content-Length", b"%d" % (end - start))  # type: ignore[operator]
+        request.setHeader(b"Content-Type", b"application/octet-stream")
+        request.setHeader(b"Docker-Content-Digest", str(digest).encode())
+        request.setHeader(b"Accept-Ranges", b"bytes")
+        request.setHeader(b"X-Cache", cache.encode())
+        if request.method == b"HEAD":
+            request.finish()
+            return
+        if fetch is not None:
+            BlobSender(request, start, end, fetch=fetch).start()
+            return
+        with store.open(digest) as f:
+            fd = os.dup(f.fileno())
+        BlobSender(request, start, end, fd=fd).start()
+

@@ -1,0 +1,121 @@
+"""Stream a byte range of a blob file to a client, possibly while it downloads.
+
+:class:`BlobSender` is a push producer reading with ``pread`` from a
+descriptor: a stored blob, or the temp file of a :class:`BlobFetch` that is
+still growing.  Until the fetch's digest checks out it holds back the last
+byte of the range, so no client ever receives a complete body with wrong
+bytes; if the fetch fails the connection is aborted, so the client's
+download fails instead of ending short.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from ..cache.blobs import BlobFetch
+
+log = Logger()
+
+CHUNK = 256 * 1024
+
+
+@implementer(IPushProducer)
+class BlobSender:
+    def __init__(
+        self,
+        request: Request,
+        start: int,
+        end: int | None,
+        fd: int | None = None,
+        fetch: BlobFetch | None = None,
+    ) -> None:
+        """Send ``[start, end)``; ``end=None`` means until the fetch ends."""
+        assert (fd is None) != (fetch is None)
+        self._request = request
+        self._pos = start
+        self._end = end
+        self._fetch = fetch
+        self._own_fd = fd is not None
+        self._fd = fd if fd is not None else fetch.listen(self._pump)  # type: ignore[union-attr]
+        self._paused = False
+        self._pumping = False
+        self._done = False
+
+    def start(self) -> None:
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addErrback(lambda _: self._close())
+        self._pump()
+
+    # IPushProducer
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self._close()
+
+    def _limit(self) -> int:
+        fetch = self._fetch
+        if fetch is None or fetch.verified:
+            return self._end if self._end is not None else fetch.written  # type: ignore[union-attr]
+        if self._end is None:
+            return fetch.written
+        return min(fetch.written, self._end - 1)
+
+    def _complete(self) -> bool:
+        if self._fetch is not None and not self._fetch.verified:
+            return False
+        return self._pos >= self._limit()
+
+    def _pump(self) -> None:
+        if self._done or self._pumping:
+            return
+        if self._fetch is not None and self._fetch.error is not None:
+            self._abort()
+            return
+        self._pumping = True
+        try:
+            while not self._paused and not self._done:
+                limit = self._limit()
+                if self._pos >= limit:
+                    if self._complete():
+                        self._finish()
+                    return
+                data = os.pread(self._fd, min(CHUNK, limit - self._pos), self._pos)
+                if not data:
+                    log.error("blob file shorter than expected at {pos}", pos=self._pos)
+                    self._abort()
+                    return
+                self._pos += len(data)
+                self._request.write(data)
+        finally:
+            self._pumping = False
+
+    def _finish(self) -> None:
+        self._close()
+        self._request.unregisterProducer()
+        self._request.finish()
+
+    def _abort(self) -> None:
+        self._close()
+        self._request.unregisterProducer()
+        transport = self._request.channel.transport if self._request.channel else None
+        if transport is not None:
+            transport.abortConnection()
+
+    def _close(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._fetch is not None:
+            self._fetch.unlisten(self._pump)
+        elif self._own_fd:
+            os.close(self._fd)

@@ -1,0 +1,90 @@
+"""``twistd regproxy``: options, and the services that make up the proxy."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
+import treq
+
+from .cache.blobs import BlobCache
+from .cache.index import Index
+from .cache.manifests import ManifestCache
+from .cache.store import FileStore
+from .config import Config, ConfigError, load_config
+from .proxy.plaintext import PlainHTTPFactory
+from .proxy.resource import RegistryResource, Upstreams
+from .upstream.auth import Authenticator
+from .upstream.client import RegistryClient
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "A pull-through caching proxy for container registries. With no "
+        "--config it serves tcp:5000, caches under ./regproxy-cache and "
+        "mirrors Docker Hub."
+    )
+    optParameters = [["config", "c", None, "YAML configuration file (see etc/regproxy.yaml)"]]
+
+    config: Config
+
+    def postOptions(self) -> None:
+        try:
+            self.config = load_config(self["config"])
+        except ConfigError as e:
+            # One clear line and a non-zero exit, never a traceback or usage dump.
+            raise SystemExit(f"regproxy: {e}") from None
+
+
+def build_site(config: Config, reactor: Any) -> Site:
+    """The /v2/ proxy and everything behind it, wired from *config*."""
+    try:
+        store = FileStore(config.cache.directory)
+        index = Index(os.path.join(store.root, "index.db"))
+    except OSError as e:
+        raise SystemExit(
+            f"regproxy: cannot use cache.directory {config.cache.directory!r}: {e.strerror}"
+        ) from None
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 16
+    clients = {}
+    for name, upstream in config.upstreams.items():
+        agent = Agent(reactor, pool=pool, connectTimeout=upstream.connect_timeout)
+        auth = Authenticator(
+            upstream.url,
+            upstream.username,
+            upstream.password,
+            http=treq.client.HTTPClient(agent),
+            clock=reactor,
+        )
+        clients[name] = RegistryClient(name, upstream, agent, auth, reactor)
+    resource = RegistryResource(
+        Upstreams(clients, config.default_upstream),
+        ManifestCache(store, index, reactor, config.cache.tag_ttl),
+        BlobCache(store, reactor),
+    )
+    return Site(resource)
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor
+    config = options.config
+    service = MultiService()
+    site = build_site(config, reactor)
+    try:
+        endpoint = serverFromString(reactor, config.proxy.listen)
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"regproxy: proxy.listen {config.proxy.listen!r} is not an endpoint: {e}")
+    listener = StreamServerEndpointService(endpoint, PlainHTTPFactory(site))
+    # Fail start-up if the port cannot be bound, rather than run deaf.
+    listener._raiseSynchronously = True
+    listener.setServiceParent(service)
+    return service

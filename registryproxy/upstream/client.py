@@ -1,0 +1,273 @@
+"""Talking to one upstream registry: auth retries, redirects, timeouts, errors.
+
+Blobs must arrive as the exact bytes of their digest, so this uses a plain
+:class:`twisted.web.client.Agent` (no content decoding) for everything the
+proxy stores, and maps every upstream failure to a :class:`RegistryError`
+that names the upstream.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.client import ResponseFailed, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
+
+from ..config import UpstreamConfig
+from ..errors import RegistryError
+from .auth import AuthError, Authenticator, parse_www_authenticate
+
+log = Logger()
+
+#: every manifest type a modern client understands; sent when a client gives
+#: no Accept, so the upstream never falls back to a schema1 conversion
+DEFAULT_MANIFEST_ACCEPT = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+_REDIRECTS = (301, 302, 303, 307, 308)
+_MAX_REDIRECTS = 5
+
+
+@attrs.frozen
+class Manifest:
+    body: bytes
+    media_type: str
+    #: the upstream's Docker-Content-Digest header, if any (not yet verified)
+    digest: str | None
+
+
+@attrs.frozen
+class ManifestHead:
+    digest: str | None
+    media_type: str
+    size: int | None
+
+
+def _header(response: IResponse, name: str) -> str | None:
+    values = response.headers.getRawHeaders(name)
+    return values[-1] if values else None
+
+
+def content_length(response: IResponse) -> int | None:
+    length = response.length
+    return length if isinstance(length, int) else None
+
+
+class RegistryClient:
+    """The pull API of one upstream registry."""
+
+    def __init__(
+        self,
+        name: str,
+        config: UpstreamConfig,
+        agent: IAgent,
+        auth: Authenticator,
+        clock: IReactorTime,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self._agent = agent
+        self._auth = auth
+        self._clock = clock
+        self._base = config.url.rstrip("/")
+        self._host = urlsplit(self._base).netloc
+
+    # -- the registry API -------------------------------------------------
+
+    async def get_manifest(self, repo: str, reference: str, accept: Sequence[str]) -> Manifest:
+        response = await self._checked(
+            b"GET", repo, f"/v2/{repo}/manifests/{reference}", _accept(accept), "MANIFEST_UNKNOWN"
+        )
+        body = await self._read(response)
+        return Manifest(
+            body=body,
+            media_type=_media_type(response),
+            digest=_header(response, "Docker-Content-Digest"),
+        )
+
+    async def head_manifest(self, repo: str, reference: str, accept: Sequence[str]) -> ManifestHead:
+        response = await self._checked(
+            b"HEAD", repo, f"/v2/{repo}/manifests/{reference}", _accept(accept), "MANIFEST_UNKNOWN"
+        )
+        return ManifestHead(
+            digest=_header(response, "Docker-Content-Digest"),
+            media_type=_media_type(response),
+            size=content_length(response),
+        )
+
+    async def get_blob(self, repo: str, digest: str) -> IResponse:
+        """A 200 response whose body the caller must consume (deliverBody)."""
+        return await self._checked(b"GET", repo, f"/v2/{repo}/blobs/{digest}", {}, "BLOB_UNKNOWN")
+
+    async def head_blob(self, repo: str, digest: str) -> int | None:
+        response = await self._checked(b"HEAD", repo, f"/v2/{repo}/blobs/{digest}", {}, "BLOB_UNKNOWN")
+        return content_length(response)
+
+    async def get_tags(self, repo: str, query: dict[str, str]) -> tuple[bytes, str | None]:
+        """The tag list body and its pagination ``Link`` header."""
+        path = f"/v2/{repo}/tags/list"
+        if query:
+            path += "?" + urlencode(query)
+        response = await self._checked(b"GET", repo, path, {}, "NAME_UNKNOWN")
+        return await self._read(response), _header(response, "Link")
+
+    # -- plumbing ---------------------------------------------------------
+
+    async def _checked(
+        self, method: bytes, repo: str, path: str, headers: dict[str, str], unknown: str
+    ) -> IResponse:
+        response = await self._authorized(method, repo, self._base + path, headers)
+        if response.code == 200:
+            return response
+        raise await self._error(response, repo, unknown)
+
+    async def _authorized(
+        self, method: bytes, repo: str, url: str, headers: dict[str, str]
+    ) -> IResponse:
+        scope = f"repository:{repo}:pull"
+        authorization = self._auth.cached(scope)
+        response = await self._follow(method, url, headers, authorization)
+        if response.code != 401:
+            return response
+        await self._discard(response)
+        self._auth.invalidate(scope)
+        challenges = parse_www_authenticate(response.headers.getRawHeaders("WWW-Authenticate", []))
+        try:
+            authorization = await self._auth.authorize(challenges, scope)
+        except AuthError as e:
+            raise RegistryError(
+                502, "UNAVAILABLE", f"upstream {self.name}: token service failed: {e}"
+            ) from None
+        if authorization is None:
+            return response
+        return await self._follow(method, url, headers, authorization)
+
+    async def _follow(
+        self, method: bytes, url: str, headers: dict[str, str], authorization: str | None
+    ) -> IResponse:
+        """Send, following redirects; ``Authorization`` never leaves the upstream's host."""
+        for _ in range(_MAX_REDIRECTS + 1):
+            sent = dict(headers)
+            if authorization and urlsplit(url).netloc == self._host:
+                sent["Authorization"] = authorization
+            response = await self._send(method, url, sent)
+            location = _header(response, "Location")
+            if response.code not in _REDIRECTS or not location:
+                return response
+            await self._discard(response)
+            url = urljoin(url, location)
+            if urlsplit(url).scheme not in ("http", "https"):
+                break
+            if response.code == 303:
+                method = b"GET"
+            log.debug("{upstream} redirected to {host}", upstream=self.name, host=urlsplit(url).netloc)
+        raise RegistryError(502, "UNAVAILABLE", f"upstream {self.name}: too many or bad redirects")
+
+    async def _send(self, method: bytes, url: str, headers: dict[str, str]) -> IResponse:
+        h = Headers({"User-Agent": ["regproxy/0.1"]})
+        for key, value in headers.items():
+            h.setRawHeaders(key, [value])
+        d: Deferred[IResponse] = self._agent.request(method, url.encode("ascii"), h)
+        d.addTimeout(self.config.read_timeout, self._clock)
+        try:
+            return await d
+        except (TimeoutError, CancelledError, ConnectingCancelledError):
+            raise RegistryError(
+                504,
+                "UNAVAILABLE",
+                f"upstream {self.name} ({self._base}) did not answer within "
+                f"{self.config.read_timeout:g}s",
+            ) from None
+        except (ConnectError, DNSLookupError, ResponseFailed) as e:
+            raise RegistryError(
+                502, "UNAVAILABLE", f"upstream {self.name} ({self._base}) is unreachable: {_why(e)}"
+            ) from None
+
+    async def _read(self, response: IResponse) -> bytes:
+        d: Deferred[bytes] = readBody(response)
+        d.addTimeout(self.config.read_timeout, self._clock)
+        try:
+            return await d
+        except Exception as e:
+            raise RegistryError(
+                502, "UNAVAILABLE", f"upstream {self.name}: response body failed: {_why(e)}"
+            ) from None
+
+    async def _discard(self, response: IResponse) -> None:
+        try:
+            await self._read(response)
+        except RegistryError:
+            pass
+
+    async def _error(self, response: IResponse, repo: str, unknown: str) -> RegistryError:
+        body = b"" if response.request.method == b"HEAD" else await self._read_quietly(response)
+        code, message = _upstream_error(body)
+        status = response.code
+        where = f"upstream {self.name}"
+        if status == 404:
+            return RegistryError(404, code or unknown, f"{where}: {message or 'not found'} ({repo})")
+        if status == 429:
+            headers = {}
+            retry_after = _header(response, "Retry-After")
+            if retry_after:
+                headers["Retry-After"] = retry_after
+            return RegistryError(
+                429,
+                "TOOMANYREQUESTS",
+                f"{where} is rate-limiting us: {message or 'too many requests'}",
+                headers=headers,
+            )
+        if status == 401:
+            return RegistryError(
+                401,
+                code or "UNAUTHORIZED",
+                f"{where} refused access to {repo}: {message or 'authentication required'}; "
+                "the repository may not exist, or needs credentials in the upstream's config",
+            )
+        if status >= 500:
+            return RegistryError(502, "UNAVAILABLE", f"{where} failed with HTTP {status}")
+        return RegistryError(
+            status if 400 <= status < 500 else 502,
+            code or "UNKNOWN",
+            f"{where} answered HTTP {status}: {message or 'unexpected response'}",
+        )
+
+    async def _read_quietly(self, response: IResponse) -> bytes:
+        try:
+            return await self._read(response)
+        except RegistryError:
+            return b""
+
+
+def _accept(accept: Sequence[str]) -> dict[str, str]:
+    return {"Accept": ", ".join(accept or DEFAULT_MANIFEST_ACCEPT)}
+
+
+def _media_type(response: IResponse) -> str:
+    value = _header(response, "Content-Type") or "application/octet-stream"
+    return value.split(";", 1)[0].strip()
+
+
+def _upstream_error(body: bytes) -> tuple[str | None, str | None]:
+    try:
+        error = json.loads(body)["errors"][0]
+        return str(error.get("code")), str(error.get("message"))
+    except Exception:
+        return None, None
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, ResponseFailed) and e.reasons:
+        return str(e.reasons[0].value) or type(e.reasons[0].value).__name__
+    return str(e) or type(e).__name__
