@@ -10,7 +10,8 @@ from __future__ import annotations
 import collections.abc
 import types
 import typing
-from typing import Any, Mapping, TypeVar, Union
+from collections.abc import Mapping
+from typing import Any, TypeVar, Union
 from urllib.parse import urlsplit
 
 import attrs
@@ -92,9 +93,25 @@ def load_config(path: str | None) -> Config:
     return parse_config(text, source=path)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice instead of keeping the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                mark = key_node.start_mark
+                raise ConfigError(f"line {mark.line + 1}: key {key!r} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_config(text: str, source: str = "<config>") -> Config:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -131,7 +148,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         out = {}
         for name, item in value.items():
             if not isinstance(name, str) or not is_valid_registry_host(name):
-                raise ConfigError(f"{path}: {name!r} is not a registry host name (host or host:port)")
+                raise ConfigError(
+                    f"{path}: {name!r} is not a registry host name (host or host:port)"
+                )
             out[name] = _convert(value_type, item, _key(path, name))
         return out
     if attrs.has(tp):
@@ -161,7 +180,7 @@ def _build(cls: type[T], data: Any, path: str) -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {_describe(data)}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in attrs.fields(cls)}  # type: ignore[misc]
+    fields = {f.name: f for f in attrs.fields(cls)}  # type: ignore[arg-type]
     for name in data:
         if name not in fields:
             known = ", ".join(sorted(fields))

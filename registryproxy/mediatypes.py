@@ -6,7 +6,7 @@ must come out as the same ordered list of types.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 def parse_accept(lines: Iterable[bytes | str]) -> list[str]:

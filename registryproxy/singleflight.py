@@ -1,10 +1,16 @@
-"""Run one coroutine per key at a time; everyone asking meanwhile shares its result."""
+"""Run one coroutine per key at a time; everyone asking meanwhile shares its result.
+
+The work runs on its own, not inside the first caller: a caller that goes
+away (a client disconnecting) cancels only its own wait, never the shared
+work the others are waiting for.
+"""
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable, Generic, Hashable, TypeVar
+from collections.abc import Callable, Coroutine, Hashable
+from typing import Any, Generic, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python.failure import Failure
 
 K = TypeVar("K", bound=Hashable)
@@ -18,19 +24,18 @@ class SingleFlight(Generic[K, V]):
     def __contains__(self, key: K) -> bool:
         return key in self._waiting
 
-    async def run(self, key: K, start: Callable[[], Awaitable[V]]) -> V:
+    async def run(self, key: K, start: Callable[[], Coroutine[Any, Any, V]]) -> V:
+        mine: Deferred[V] = Deferred()
         if key in self._waiting:
-            d: Deferred[V] = Deferred()
-            self._waiting[key].append(d)
-            return await d
-        self._waiting[key] = []
-        try:
-            result = await start()
-        except BaseException:
-            failure = Failure()
-            for d in self._waiting.pop(key):
-                d.errback(failure)
-            raise
-        for d in self._waiting.pop(key):
-            d.callback(result)
-        return result
+            self._waiting[key].append(mine)
+        else:
+            self._waiting[key] = [mine]
+            ensureDeferred(start()).addBoth(self._done, key)
+        return await mine
+
+    def _done(self, result: V | Failure, key: K) -> None:
+        for waiter in self._waiting.pop(key):
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)

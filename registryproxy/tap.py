@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import attrs
+import treq
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
-import treq
 
 from .cache.blobs import BlobCache
 from .cache.index import Index
@@ -43,7 +45,29 @@ class Options(usage.Options):
             raise SystemExit(f"regproxy: {e}") from None
 
 
-def build_site(config: Config, reactor: Any) -> Site:
+@attrs.frozen
+class Proxy:
+    """The /v2/ site and what must be closed when it stops."""
+
+    site: Site
+    pool: HTTPConnectionPool
+    index: Index
+
+    async def close(self) -> None:
+        await self.pool.closeCachedConnections()
+        self.index.close()
+
+
+class _Closing(Service):
+    def __init__(self, proxy: Proxy) -> None:
+        self._proxy = proxy
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._proxy.close())
+
+
+def build_proxy(config: Config, reactor: Any) -> Proxy:
     """The /v2/ proxy and everything behind it, wired from *config*."""
     try:
         store = FileStore(config.cache.directory)
@@ -70,7 +94,7 @@ def build_site(config: Config, reactor: Any) -> Site:
         ManifestCache(store, index, reactor, config.cache.tag_ttl),
         BlobCache(store, reactor),
     )
-    return Site(resource)
+    return Proxy(Site(resource), pool, index)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -78,12 +102,15 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor
     config = options.config
     service = MultiService()
-    site = build_site(config, reactor)
+    proxy = build_proxy(config, reactor)
+    _Closing(proxy).setServiceParent(service)
     try:
         endpoint = serverFromString(reactor, config.proxy.listen)
     except (ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"regproxy: proxy.listen {config.proxy.listen!r} is not an endpoint: {e}")
-    listener = StreamServerEndpointService(endpoint, PlainHTTPFactory(site))
+        raise SystemExit(
+            f"regproxy: proxy.listen {config.proxy.listen!r} is not an endpoint: {e}"
+        ) from None
+    listener = StreamServerEndpointService(endpoint, PlainHTTPFactory(proxy.site))
     # Fail start-up if the port cannot be bound, rather than run deaf.
     listener._raiseSynchronously = True
     listener.setServiceParent(service)

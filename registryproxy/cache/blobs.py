@@ -9,7 +9,7 @@ the others, and the fetch is published only once its digest checks out.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -87,8 +87,12 @@ class BlobFetch:
         if self.error is None and not self.verified:
             self.error = why
             self._writer.abort()
-            log.warn("download of {digest} from {source} failed: {why}", digest=str(self.digest),
-                     source=self.source, why=why)
+            log.warn(
+                "download of {digest} from {source} failed: {why}",
+                digest=str(self.digest),
+                source=self.source,
+                why=why,
+            )
             self._notify()
 
     def _end(self) -> None:
@@ -99,8 +103,13 @@ class BlobFetch:
 class _Receiver(Protocol):
     """Writes the upstream body into a fetch, aborting it on silence."""
 
-    def __init__(self, fetch: BlobFetch, clock: IReactorTime, read_timeout: float,
-                 done: Callable[[Failure | None], None]) -> None:
+    def __init__(
+        self,
+        fetch: BlobFetch,
+        clock: IReactorTime,
+        read_timeout: float,
+        done: Callable[[Failure | None], None],
+    ) -> None:
         self._fetch = fetch
         self._clock = clock
         self._timeout = read_timeout
@@ -118,8 +127,7 @@ class _Receiver(Protocol):
     def _stop(self, why: str) -> None:
         self._problem = why
         self._fetch._fail(why)
-        assert self.transport is not None
-        self.transport.stopProducing()
+        self.transport.stopProducing()  # type: ignore[union-attr,attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
         if self._problem:
@@ -172,8 +180,13 @@ class BlobCache:
             raise RegistryError(503, "UNAVAILABLE", f"cannot write to the cache: {e}") from None
         fetch = BlobFetch(digest, size, writer, client.name)
         self._active[digest] = fetch
-        log.info("fetching {digest} ({size} bytes) from {upstream}/{repo}",
-                 digest=str(digest), size=size, upstream=client.name, repo=repo)
+        log.info(
+            "fetching {digest} ({size} bytes) from {upstream}/{repo}",
+            digest=str(digest),
+            size=size,
+            upstream=client.name,
+            repo=repo,
+        )
 
         def done(failure: Failure | None) -> None:
             if failure is not None:
@@ -186,14 +199,22 @@ class BlobCache:
                 fetch._fail(f"upstream content does not match its digest: {e}")
                 self._finish(fetch)
                 return
-            fetch.verified = True
-            fetch._notify()
             published.addCallbacks(
                 lambda _: log.info("stored {digest}", digest=str(digest)),
-                lambda f: log.error("could not store {digest}: {why}", digest=str(digest),
-                                    why=f.getErrorMessage()),
+                lambda f: log.error(
+                    "could not store {digest}: {why}", digest=str(digest), why=f.getErrorMessage()
+                ),
             )
-            published.addBoth(lambda _: self._finish(fetch))
+
+            def release(_: object) -> None:
+                # The bytes checked out, stored or not: let readers finish.
+                # Waiting for the store first means a client that has its
+                # whole blob will find it cached on its next request.
+                fetch.verified = True
+                fetch._notify()
+                self._finish(fetch)
+
+            published.addBoth(release)
 
         response.deliverBody(_Receiver(fetch, self._clock, client.config.read_timeout, done))
         return fetch

@@ -10,7 +10,7 @@ takes its media type; anyone else gets the variant they asked for.
 from __future__ import annotations
 
 import sqlite3
-from typing import Sequence
+from collections.abc import Sequence
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -64,7 +64,10 @@ class ManifestCache:
             if self._clock.seconds() - entry.checked_at < self._tag_ttl:
                 return cached
             return await self._flight.run(
-                key, lambda: self._revalidate(client, repo, reference, accept, entry, cached)
+                key,
+                lambda entry=entry, cached=cached: self._revalidate(  # type: ignore[misc]
+                    client, repo, reference, accept, entry, cached
+                ),
             )
         return await self._flight.run(key, lambda: self._fetch(client, repo, reference, accept))
 
@@ -131,6 +134,11 @@ class ManifestCache:
             # The client still gets its manifest; the next request tries again.
             log.error("could not cache manifest {digest}: {why}", digest=digest, why=e)
             return CachedManifest(manifest.body, manifest.media_type, digest, "MISS")
-        log.info("cached manifest {upstream}/{repo}:{reference} as {digest}",
-                 upstream=client.name, repo=repo, reference=reference, digest=digest)
+        log.info(
+            "cached manifest {upstream}/{repo}:{reference} as {digest}",
+            upstream=client.name,
+            repo=repo,
+            reference=reference,
+            digest=digest,
+        )
         return CachedManifest(manifest.body, manifest.media_type, digest, "MISS")

@@ -35,16 +35,20 @@ class BlobWriter(Protocol):
     def open_reader(self) -> BinaryIO:
         """A reader of the bytes written so far (and later), for streaming a
         download to clients while it is still being written."""
+
     def commit(self) -> Deferred[None]:
         """Verify and publish; fails with :class:`VerificationError`."""
+
     def abort(self) -> None: ...
 
 
 class BlobStore(Protocol):
     def stat(self, digest: Digest) -> int | None:
         """The size of a stored blob, or None."""
+
     def open(self, digest: Digest) -> BinaryIO:
         """A seekable reader; raises FileNotFoundError if absent."""
+
     def begin(self, digest: Digest, size: int | None) -> BlobWriter: ...
     def delete(self, digest: Digest) -> bool: ...
 

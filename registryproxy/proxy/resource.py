@@ -36,6 +36,14 @@ _ROUTES = [
 ]
 
 
+def _route(path: str) -> tuple[str, re.Match[str]]:
+    for pattern, kind in _ROUTES:
+        match = pattern.fullmatch(path)
+        if match:
+            return kind, match
+    raise RegistryError(404, "NOT_FOUND", f"no registry API route for {path!r}")
+
+
 class Upstreams:
     """Which upstream registry serves a request.  For now: the default one,
     with Docker Hub's rule that ``nginx`` means ``library/nginx``."""
@@ -69,11 +77,15 @@ class RegistryResource(Resource):
         return NOT_DONE_YET
 
     def _failed(self, failure: Failure, request: Request, gone: list[bool]) -> None:
-        if failure.check(RegistryError):
+        if isinstance(failure.value, RegistryError):
             error = failure.value
         else:
-            log.failure("error handling {method} {uri}", failure,
-                        method=request.method.decode(), uri=request.uri.decode("latin-1"))
+            log.failure(
+                "error handling {method} {uri}",
+                failure,
+                method=request.method.decode(),
+                uri=request.uri.decode("latin-1"),
+            )
             error = RegistryError(500, "UNKNOWN", "internal error in regproxy; see its log")
         if gone or request.finished:
             return
@@ -91,12 +103,7 @@ class RegistryResource(Resource):
 
     async def _handle(self, request: Request) -> None:
         path = request.path.decode("latin-1")
-        for pattern, kind in _ROUTES:
-            match = pattern.fullmatch(path)
-            if match:
-                break
-        else:
-            raise RegistryError(404, "NOT_FOUND", f"no registry API route for {path!r}")
+        kind, match = _route(path)
         method = request.method
         if method not in (b"GET", b"HEAD"):
             raise unsupported(f"{method.decode('latin-1')} {path}")
@@ -150,7 +157,9 @@ class RegistryResource(Resource):
             request.write(manifest.body)
         request.finish()
 
-    async def _blob(self, request: Request, client: RegistryClient, repo: str, digest: Digest) -> None:
+    async def _blob(
+        self, request: Request, client: RegistryClient, repo: str, digest: Digest
+    ) -> None:
         store = self._blobs.store
         size = store.stat(digest)
         fetch = None
@@ -166,12 +175,14 @@ class RegistryResource(Resource):
                     fetch = await self._blobs.fetch(client, repo, digest)
                 if fetch.error is not None:
                     raise RegistryError(
-                        502, "UNAVAILABLE", f"download from upstream {fetch.source} failed: {fetch.error}"
+                        502,
+                        "UNAVAILABLE",
+                        f"download from upstream {fetch.source} failed: {fetch.error}",
                     )
                 size = fetch.size
         start, end = 0, size
         if size is not None:
-            span = parse_range(request.getHeader(b"Range"), size)
+            span = parse_range(request.getHeader("Range"), size)
             if span is not None:
                 start, end = span
                 request.setResponseCode(206)
@@ -190,4 +201,3 @@ class RegistryResource(Resource):
         with store.open(digest) as f:
             fd = os.dup(f.fileno())
         BlobSender(request, start, end, fd=fd).start()
-

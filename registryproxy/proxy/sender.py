@@ -109,7 +109,7 @@ class BlobSender:
         self._request.unregisterProducer()
         transport = self._request.channel.transport if self._request.channel else None
         if transport is not None:
-            transport.abortConnection()
+            transport.abortConnection()  # type: ignore[attr-defined]
 
     def _close(self) -> None:
         if self._done:

@@ -23,7 +23,7 @@ import ipaddress
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
@@ -205,7 +205,8 @@ class AuthError(Exception):
 class HTTPClient(Protocol):
     """What :class:`Authenticator` needs of an HTTP client: ``treq.client.HTTPClient``."""
 
-    def get(self, url: str, **kwargs: Any) -> Deferred[Any]: ...
+    @property
+    def get(self) -> Callable[..., Deferred[Any]]: ...
 
 
 class _Seconds(Protocol):
@@ -235,7 +236,10 @@ def _host(url: str) -> str:
 
 
 def _same_site(host: str, other: str) -> bool:
-    """Same host, or both under one registrable domain (``auth.docker.io`` ~ ``registry-1.docker.io``)."""
+    """Same host, or both under one registrable domain.
+
+    ``auth.docker.io`` ~ ``registry-1.docker.io``; an IP address only matches itself.
+    """
     if not host or not other:
         return False
     if host == other:
@@ -343,7 +347,7 @@ class Authenticator:
         for challenge in challenges:
             if challenge.scheme == "basic":
                 if self._basic is None:
-                    log.warn(  # noqa: G010 (twisted.logger has no .warning)
+                    log.warn(
                         "{upstream} asks for Basic auth but has no username and password "
                         "configured",
                         upstream=self._upstream,
@@ -357,7 +361,7 @@ class Authenticator:
         realm = challenge.params.get("realm", "")
         parts = urlsplit(realm)
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            log.warn(  # noqa: G010 (twisted.logger has no .warning)
+            log.warn(
                 "ignoring a bearer challenge from {upstream}: realm {realm!r} is not an "
                 "http(s) URL",
                 upstream=self._upstream,
@@ -379,14 +383,14 @@ class Authenticator:
     def _may_send_credentials(self, realm: str) -> bool:
         parts = urlsplit(realm)
         if self._upstream_scheme == "https" and parts.scheme.lower() != "https":
-            log.warn(  # noqa: G010 (twisted.logger has no .warning)
+            log.warn(
                 "not sending the credentials for {upstream} to {realm}: it is not https",
                 upstream=self._upstream,
                 realm=realm,
             )
             return False
         if not _same_site(_host(realm), self._upstream_host):
-            log.warn(  # noqa: G010 (twisted.logger has no .warning)
+            log.warn(
                 "not sending the credentials for {upstream} to {realm}: it is another site; "
                 "asking for an anonymous token",
                 upstream=self._upstream,
@@ -417,12 +421,13 @@ class Authenticator:
 
         def land(result: _Token | Failure) -> None:
             del self._flights[request]
+            # A waiter its caller cancelled (a Deferred with no canceller)
+            # silently ignores this one late result.
             for each in waiters:
-                if not each.called:  # a waiter cancelled by its caller is done
-                    if isinstance(result, Failure):
-                        each.errback(result)
-                    else:
-                        each.callback(result)
+                if isinstance(result, Failure):
+                    each.errback(result)
+                else:
+                    each.callback(result)
 
         fetch = Deferred.fromCoroutine(self._fetch(request))
         fetch.addTimeout(self._timeout, self._clock, onTimeoutCancel=timed_out)
@@ -447,7 +452,7 @@ class Authenticator:
             body = await _read_bounded(response, realm)
         except (CancelledError, AuthError):
             raise
-        except Exception as e:  # noqa: BLE001 (any connection failure is the realm's)
+        except Exception as e:  # any connection-level failure
             raise AuthError(realm, f"could not fetch a token: {_describe(e)}") from None
 
         if not 200 <= response.code < 300:

@@ -9,12 +9,17 @@ that names the upstream.
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from collections.abc import Sequence
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    DNSLookupError,
+    TimeoutError,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import ResponseFailed, readBody
@@ -23,7 +28,7 @@ from twisted.web.iweb import IAgent, IResponse
 
 from ..config import UpstreamConfig
 from ..errors import RegistryError
-from .auth import AuthError, Authenticator, parse_www_authenticate
+from .auth import Authenticator, AuthError, parse_www_authenticate
 
 log = Logger()
 
@@ -60,6 +65,10 @@ def _header(response: IResponse, name: str) -> str | None:
 
 
 def content_length(response: IResponse) -> int | None:
+    if response.request.method == b"HEAD":
+        # no body to measure: Twisted leaves the header in place
+        value = _header(response, "Content-Length")
+        return int(value) if value and value.isdigit() else None
     length = response.length
     return length if isinstance(length, int) else None
 
@@ -111,7 +120,9 @@ class RegistryClient:
         return await self._checked(b"GET", repo, f"/v2/{repo}/blobs/{digest}", {}, "BLOB_UNKNOWN")
 
     async def head_blob(self, repo: str, digest: str) -> int | None:
-        response = await self._checked(b"HEAD", repo, f"/v2/{repo}/blobs/{digest}", {}, "BLOB_UNKNOWN")
+        response = await self._checked(
+            b"HEAD", repo, f"/v2/{repo}/blobs/{digest}", {}, "BLOB_UNKNOWN"
+        )
         return content_length(response)
 
     async def get_tags(self, repo: str, query: dict[str, str]) -> tuple[bytes, str | None]:
@@ -171,7 +182,9 @@ class RegistryClient:
                 break
             if response.code == 303:
                 method = b"GET"
-            log.debug("{upstream} redirected to {host}", upstream=self.name, host=urlsplit(url).netloc)
+            log.debug(
+                "{upstream} redirected to {host}", upstream=self.name, host=urlsplit(url).netloc
+            )
         raise RegistryError(502, "UNAVAILABLE", f"upstream {self.name}: too many or bad redirects")
 
     async def _send(self, method: bytes, url: str, headers: dict[str, str]) -> IResponse:
@@ -216,7 +229,9 @@ class RegistryClient:
         status = response.code
         where = f"upstream {self.name}"
         if status == 404:
-            return RegistryError(404, code or unknown, f"{where}: {message or 'not found'} ({repo})")
+            return RegistryError(
+                404, code or unknown, f"{where}: {message or 'not found'} ({repo})"
+            )
         if status == 429:
             headers = {}
             retry_after = _header(response, "Retry-After")

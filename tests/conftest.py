@@ -1,0 +1,49 @@
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fakeregistry import FakeRegistry  # noqa: E402
+
+
+@pytest_twisted.async_yield_fixture()
+async def fake_registry() -> AsyncIterator[FakeRegistry]:
+    """A started FakeRegistry without auth; stopped after the test."""
+    registry = await FakeRegistry.start()
+    yield registry
+    await registry.stop()
+
+
+@pytest_twisted.async_yield_fixture()
+async def make_fake_registry() -> AsyncIterator[Callable[..., Awaitable[FakeRegistry]]]:
+    """``await make_fake_registry(auth="bearer", ...)``: FakeRegistry.start, stopped after."""
+    started: list[FakeRegistry] = []
+
+    async def make(**kwargs: Any) -> FakeRegistry:
+        started.append(await FakeRegistry.start(**kwargs))
+        return started[-1]
+
+    yield make
+    for registry in started:
+        await registry.stop()
+
+
+@pytest_twisted.async_yield_fixture()
+async def make_proxy(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """``await make_proxy(registry_url, cache={...}, **upstream_keys)``: a running regproxy."""
+    from proxyharness import start_proxy
+
+    started: list[Any] = []
+
+    async def make(url: str, cache_dir: Path | None = None, **kwargs: Any) -> Any:
+        proxy = await start_proxy(url, cache_dir or tmp_path / "cache", **kwargs)
+        started.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in started:
+        await proxy.stop()

@@ -1,0 +1,1 @@
+"""Integration tests: real docker-registry, regproxy under twistd, real clients."""

@@ -1,0 +1,100 @@
+"""Run regproxy in the test's reactor against a FakeRegistry, on real 127.0.0.1 ports."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.threads import deferToThread
+
+from registryproxy.config import parse_config
+from registryproxy.proxy.plaintext import PlainHTTPFactory
+from registryproxy.tap import Proxy, build_proxy
+
+
+@attrs.frozen
+class Reply:
+    code: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        values = [v for k, v in self.headers if k.lower() == name.lower()]
+        return values[-1] if values else None
+
+
+def http_request(url: str, method: str, path: str, headers: dict[str, list[str]]) -> Reply:
+    """Blocking, verbatim HTTP: repeated headers go out as separate lines, and
+    a body cut short raises ``http.client.IncompleteRead``."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for name, values in headers.items():
+            for value in values:
+                conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        return Reply(response.status, response.getheaders(), response.read())
+    finally:
+        conn.close()
+
+
+@attrs.define
+class RunningProxy:
+    url: str
+    cache_dir: Path
+    proxy: Proxy
+    port: IListeningPort
+
+    def request(
+        self, method: str, path: str, headers: dict[str, list[str]] | None = None
+    ) -> Deferred[Reply]:
+        return deferToThread(http_request, self.url, method, path, headers or {})
+
+    def get(self, path: str, **headers: list[str]) -> Deferred[Reply]:
+        return self.request("GET", path, _h(headers))
+
+    def head(self, path: str, **headers: list[str]) -> Deferred[Reply]:
+        return self.request("HEAD", path, _h(headers))
+
+    def blob_path(self, digest: str) -> Path:
+        algorithm, hexpart = digest.split(":")
+        return self.cache_dir / "blobs" / algorithm / hexpart[:2] / hexpart
+
+    async def stop(self) -> None:
+        await self.port.stopListening()
+        await self.proxy.close()
+
+
+def _h(headers: dict[str, list[str]]) -> dict[str, list[str]]:
+    return {name.replace("_", "-"): values for name, values in headers.items()}
+
+
+async def start_proxy(
+    upstream_url: str, cache_dir: Path, cache: dict[str, Any] | None = None, **upstream: Any
+) -> RunningProxy:
+    """regproxy with ``docker.io`` pointed at *upstream_url*; *cache* and
+    *upstream* add keys to those sections of the YAML."""
+    config = parse_config(
+        json.dumps(
+            {
+                "cache": {"directory": str(cache_dir), **(cache or {})},
+                "upstreams": {"docker.io": {"url": upstream_url, **upstream}},
+            }
+        )
+    )
+    proxy = build_proxy(config, reactor)
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+        PlainHTTPFactory(proxy.site)
+    )
+    url = f"http://127.0.0.1:{port.getHost().port}"
+    return RunningProxy(url, cache_dir, proxy, port)

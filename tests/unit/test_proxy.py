@@ -1,0 +1,373 @@
+"""The /v2/ proxy against an in-process fake registry: caching, auth, negotiation, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest_twisted
+from fakeregistry import Fault, Override
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+#: what dockerd sends: one Accept header per type
+DOCKERD_ACCEPT = [
+    DOCKER_MANIFEST,
+    DOCKER_LIST,
+    OCI_MANIFEST,
+    OCI_INDEX,
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/json",
+]
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def error_code(reply) -> str:
+    return json.loads(reply.body)["errors"][0]["code"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_base_endpoint(fake_registry, make_proxy):
+    proxy = await make_proxy(fake_registry.url)
+    reply = await proxy.get("/v2/")
+    assert reply.code == 200
+    assert reply.header("Docker-Distribution-API-Version") == "registry/2.0"
+
+
+@pytest_twisted.ensureDeferred
+async def test_manifest_by_tag_miss_then_hit(fake_registry, make_proxy):
+    digest, body = fake_registry.add_image("library/alpine", "3.19", [b"layer one"])
+    proxy = await make_proxy(fake_registry.url)
+    first = await proxy.get("/v2/library/alpine/manifests/3.19", Accept=[DOCKER_MANIFEST])
+    second = await proxy.get("/v2/library/alpine/manifests/3.19", Accept=[DOCKER_MANIFEST])
+    for reply in (first, second):
+        assert reply.code == 200
+        assert reply.body == body
+        assert reply.header("Docker-Content-Digest") == digest
+        assert reply.header("Content-Type") == DOCKER_MANIFEST
+        assert reply.header("Content-Length") == str(len(body))
+    assert [first.header("X-Cache"), second.header("X-Cache")] == ["MISS", "HIT"]
+    assert fake_registry.count("GET", "/manifests/") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_official_image_gets_library_prefix(fake_registry, make_proxy):
+    digest, _ = fake_registry.add_image("library/nginx", "1", [b"x"])
+    proxy = await make_proxy(fake_registry.url)
+    reply = await proxy.get("/v2/nginx/manifests/1")
+    assert reply.code == 200
+    assert reply.header("Docker-Content-Digest") == digest
+    assert fake_registry.count("GET", "/v2/library/nginx/manifests/1") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_manifest_carries_digest_and_no_body(fake_registry, make_proxy):
+    digest, body = fake_registry.add_image("library/alpine", "1", [b"x"])
+    proxy = await make_proxy(fake_registry.url)
+    for _ in range(2):
+        reply = await proxy.head("/v2/library/alpine/manifests/1", Accept=DOCKERD_ACCEPT)
+        assert reply.code == 200
+        assert reply.body == b""
+        assert reply.header("Docker-Content-Digest") == digest
+        assert reply.header("Content-Length") == str(len(body))
+    # the miss fetched the manifest once; the second HEAD was answered locally
+    assert fake_registry.count(None, "/manifests/") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_separate_accept_lines_are_all_read(fake_registry, make_proxy):
+    """dockerd's six Accept lines must reach the upstream as one list, so it
+    answers with the index rather than a single-platform conversion."""
+    amd64, _ = fake_registry.add_image("library/multi", None, [b"a"], architecture="amd64")
+    arm64, _ = fake_registry.add_image("library/multi", None, [b"b"], architecture="arm64")
+    index = fake_registry.add_index("library/multi", "1", [amd64, arm64])
+    single, _ = fake_registry.add_image("library/multi", "1", [b"c"])
+    proxy = await make_proxy(fake_registry.url)
+
+    reply = await proxy.get("/v2/library/multi/manifests/1", Accept=DOCKERD_ACCEPT)
+    assert reply.header("Docker-Content-Digest") == index
+    assert reply.header("Content-Type") == DOCKER_LIST
+    sent = fake_registry.requests[-1].header("Accept")
+    assert DOCKER_LIST in ", ".join(sent) and DOCKER_MANIFEST in ", ".join(sent)
+
+    # containerd's single comma-separated line: same answer, now from the cache
+    reply = await proxy.get("/v2/library/multi/manifests/1", Accept=[", ".join(DOCKERD_ACCEPT)])
+    assert (reply.header("Docker-Content-Digest"), reply.header("X-Cache")) == (index, "HIT")
+
+    # a client that takes no index gets the variant it asked for, not the cached index
+    reply = await proxy.get("/v2/library/multi/manifests/1", Accept=[DOCKER_MANIFEST])
+    assert reply.header("Docker-Content-Digest") == single
+    assert reply.header("Content-Type") == DOCKER_MANIFEST
+    assert reply.header("X-Cache") == "MISS"
+
+
+@pytest_twisted.ensureDeferred
+async def test_expired_tag_revalidates_with_head(fake_registry, make_proxy):
+    old, _ = fake_registry.add_image("library/app", "latest", [b"v1"])
+    proxy = await make_proxy(fake_registry.url, cache={"tag_ttl": 0})
+    await proxy.get("/v2/library/app/manifests/latest")
+    reply = await proxy.get("/v2/library/app/manifests/latest")
+    assert (reply.header("Docker-Content-Digest"), reply.header("X-Cache")) == (old, "HIT")
+    assert fake_registry.count("HEAD", "/manifests/latest") == 1
+    assert fake_registry.count("GET", "/manifests/latest") == 1
+
+    new, body = fake_registry.add_image("library/app", "latest", [b"v2"])
+    reply = await proxy.get("/v2/library/app/manifests/latest")
+    assert (reply.header("Docker-Content-Digest"), reply.body) == (new, body)
+    assert reply.header("X-Cache") == "MISS"
+    assert fake_registry.count("GET", "/manifests/latest") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_tag_within_ttl_asks_nothing_upstream(fake_registry, make_proxy):
+    fake_registry.add_image("library/app", "latest", [b"v1"])
+    proxy = await make_proxy(fake_registry.url)
+    await proxy.get("/v2/library/app/manifests/latest")
+    before = len(fake_registry.requests)
+    fake_registry.add_image("library/app", "latest", [b"v2"])
+    reply = await proxy.get("/v2/library/app/manifests/latest")
+    assert reply.header("X-Cache") == "HIT"
+    assert len(fake_registry.requests) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_manifest_by_digest_never_revalidates(fake_registry, make_proxy):
+    digest, body = fake_registry.add_image("library/app", None, [b"v1"])
+    proxy = await make_proxy(fake_registry.url, cache={"tag_ttl": 0})
+    await proxy.get(f"/v2/library/app/manifests/{digest}")
+    before = len(fake_registry.requests)
+    reply = await proxy.get(f"/v2/library/app/manifests/{digest}")
+    assert (reply.body, reply.header("X-Cache")) == (body, "HIT")
+    assert len(fake_registry.requests) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_manifest_with_wrong_digest_is_refused(fake_registry, make_proxy):
+    digest, _ = fake_registry.add_image("library/app", "1", [b"v1"])
+    fake_registry.manifest_faults[digest] = Fault.wrong_bytes()
+    proxy = await make_proxy(fake_registry.url)
+    reply = await proxy.get(f"/v2/library/app/manifests/{digest}")
+    assert reply.code == 502
+    assert error_code(reply) == "MANIFEST_INVALID"
+    del fake_registry.manifest_faults[digest]
+    reply = await proxy.get(f"/v2/library/app/manifests/{digest}")
+    assert (reply.code, reply.header("X-Cache")) == (200, "MISS")
+
+
+@pytest_twisted.ensureDeferred
+async def test_blob_miss_then_hit_exact_bytes(fake_registry, make_proxy):
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    digest = fake_registry.add_blob(data)
+    proxy = await make_proxy(fake_registry.url)
+    first = await proxy.get(f"/v2/library/x/blobs/{digest}")
+    second = await proxy.get(f"/v2/library/x/blobs/{digest}")
+    assert first.body == second.body == data
+    assert [first.header("X-Cache"), second.header("X-Cache")] == ["MISS", "HIT"]
+    assert first.header("Docker-Content-Digest") == digest
+    assert second.header("Content-Length") == str(len(data))
+    assert fake_registry.count("GET", "/blobs/") == 1
+    assert proxy.blob_path(digest).read_bytes() == data
+    assert os.listdir(proxy.cache_dir / "tmp") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_gzip_encoded_blob_is_stored_verbatim(fake_registry, make_proxy):
+    """A CDN's Content-Encoding: gzip must not make us decode a layer."""
+    import gzip
+
+    data = gzip.compress(os.urandom(50_000))
+    digest = fake_registry.add_blob(data)
+    fake_registry.gzip_encoding_header = True
+    proxy = await make_proxy(fake_registry.url)
+    reply = await proxy.get(f"/v2/library/x/blobs/{digest}")
+    assert reply.code == 200 and reply.body == data
+    assert proxy.blob_path(digest).read_bytes() == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_blob_redirect_never_carries_authorization(make_fake_registry, make_proxy):
+    registry = await make_fake_registry(auth="bearer")
+    data = os.urandom(10_000)
+    digest = registry.add_blob(data)
+    registry.add_image("library/x", "1", [data])
+    registry.redirect_blobs = True
+    proxy = await make_proxy(registry.url)
+    reply = await proxy.get(f"/v2/library/x/blobs/{digest}")
+    assert reply.code == 200 and reply.body == data
+    assert registry.count("GET", "", host="cdn") == 1
+    assert registry.cdn_rejections == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_expired_token_is_renewed_once(make_fake_registry, make_proxy):
+    registry = await make_fake_registry(auth="bearer")
+    registry.add_image("library/x", "1", [b"a"])
+    registry.add_image("library/x", "2", [b"b"])
+    proxy = await make_proxy(registry.url)
+    assert (await proxy.get("/v2/library/x/manifests/1")).code == 200
+    tokens = registry.count("GET", "/token")
+    registry.expire_tokens()
+    assert (await proxy.get("/v2/library/x/manifests/2")).code == 200
+    assert registry.count("GET", "/token") == tokens + 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_is_reused_across_requests(make_fake_registry, make_proxy):
+    registry = await make_fake_registry(auth="bearer")
+    registry.add_image("library/x", "1", [b"a", b"b", b"c"])
+    proxy = await make_proxy(registry.url)
+    reply = await proxy.get("/v2/library/x/manifests/1")
+    for layer in json.loads(reply.body)["layers"]:
+        assert (await proxy.get(f"/v2/library/x/blobs/{layer['digest']}")).code == 200
+    assert registry.count("GET", "/token") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_basic_auth_upstream_with_credentials(make_fake_registry, make_proxy):
+    registry = await make_fake_registry(auth="basic", username="u", password="p")
+    digest, body = registry.add_image("private/x", "1", [b"a"])
+    proxy = await make_proxy(registry.url, username="u", password="p")
+    reply = await proxy.get("/v2/private/x/manifests/1")
+    assert (reply.code, reply.body) == (200, body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_invalid_names_and_digests(fake_registry, make_proxy):
+    proxy = await make_proxy(fake_registry.url)
+    for path, code in [
+        ("/v2/UPPER/manifests/1", "NAME_INVALID"),
+        ("/v2/a/../../etc/manifests/1", "NAME_INVALID"),
+        ("/v2/a/%2e%2e/b/manifests/1", "NAME_INVALID"),
+        ("/v2/a//b/manifests/1", "NAME_INVALID"),
+        ("/v2/library/x/blobs/sha256:abc", "DIGEST_INVALID"),
+        ("/v2/library/x/blobs/md5:" + "0" * 32, "DIGEST_INVALID"),
+        ("/v2/library/x/blobs/..", "DIGEST_INVALID"),
+        ("/v2/library/x/manifests/sha256:xyz", "DIGEST_INVALID"),
+    ]:
+        reply = await proxy.get(path)
+        assert reply.code == 400, path
+        assert error_code(reply) == code, path
+    assert fake_registry.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_push_and_delete_are_unsupported(fake_registry, make_proxy):
+    proxy = await make_proxy(fake_registry.url)
+    for method, path in [
+        ("POST", "/v2/library/x/blobs/uploads/"),
+        ("PATCH", "/v2/library/x/blobs/uploads/abc"),
+        ("PUT", "/v2/library/x/manifests/1"),
+        ("DELETE", "/v2/library/x/manifests/1"),
+        ("DELETE", "/v2/library/x/blobs/sha256:" + "0" * 64),
+    ]:
+        reply = await proxy.request(method, path)
+        assert reply.code == 405, (method, path)
+        assert error_code(reply) == "UNSUPPORTED"
+    reply = await proxy.get("/v2/library/x/blobs/uploads/abc")
+    assert (reply.code, error_code(reply)) == (405, "UNSUPPORTED")
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_not_found_keeps_its_code(fake_registry, make_proxy):
+    fake_registry.add_image("library/something", "1", [b"a"])
+    proxy = await make_proxy(fake_registry.url)
+    reply = await proxy.get("/v2/library/nothing/manifests/1")
+    assert (reply.code, error_code(reply)) == (404, "NAME_UNKNOWN")
+    reply = await proxy.get("/v2/library/something/manifests/2")
+    assert (reply.code, error_code(reply)) == (404, "MANIFEST_UNKNOWN")
+    reply = await proxy.get("/v2/library/nothing/blobs/sha256:" + "0" * 64)
+    assert (reply.code, error_code(reply)) == (404, "BLOB_UNKNOWN")
+
+
+@pytest_twisted.ensureDeferred
+async def test_rate_limit_passes_retry_after(fake_registry, make_proxy):
+    fake_registry.add_image("library/x", "1", [b"a"])
+    fake_registry.status_override["/manifests/"] = Override(429, {"Retry-After": "42"})
+    proxy = await make_proxy(fake_registry.url)
+    reply = await proxy.get("/v2/library/x/manifests/1")
+    assert (reply.code, error_code(reply)) == (429, "TOOMANYREQUESTS")
+    assert reply.header("Retry-After") == "42"
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_unreachable_names_upstream(make_proxy):
+    proxy = await make_proxy("http://127.0.0.1:9")
+    reply = await proxy.get("/v2/library/x/manifests/1")
+    assert reply.code == 502
+    assert "docker.io" in json.loads(reply.body)["errors"][0]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_silence_is_a_504(fake_registry, make_proxy):
+    digest, _ = fake_registry.add_image("library/x", "1", [b"a"])
+    fake_registry.status_override["/manifests/"] = Override(500)
+    proxy = await make_proxy(fake_registry.url)
+    reply = await proxy.get("/v2/library/x/manifests/1")
+    assert (reply.code, error_code(reply)) == (502, "UNAVAILABLE")
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_on_uncached_blob_does_not_download(fake_registry, make_proxy):
+    data = os.urandom(1000)
+    digest = fake_registry.add_blob(data)
+    proxy = await make_proxy(fake_registry.url)
+    reply = await proxy.head(f"/v2/library/x/blobs/{digest}")
+    assert reply.code == 200
+    assert reply.header("Content-Length") == "1000"
+    assert reply.header("X-Cache") == "MISS"
+    assert fake_registry.count("GET", "/blobs/") == 0
+    assert fake_registry.count("HEAD", "/blobs/") == 1
+    assert not proxy.blob_path(digest).exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ranges_on_cached_blob(fake_registry, make_proxy):
+    data = os.urandom(1000)
+    digest = fake_registry.add_blob(data)
+    proxy = await make_proxy(fake_registry.url)
+    path = f"/v2/library/x/blobs/{digest}"
+    await proxy.get(path)
+    for header, start, end in [
+        ("bytes=0-99", 0, 100),
+        ("bytes=900-", 900, 1000),
+        ("bytes=-10", 990, 1000),
+        ("bytes=990-5000", 990, 1000),
+    ]:
+        reply = await proxy.get(path, Range=[header])
+        assert reply.code == 206, header
+        assert reply.body == data[start:end], header
+        assert reply.header("Content-Range") == f"bytes {start}-{end - 1}/1000"
+        assert reply.header("X-Cache") == "HIT"
+    for header in ["bytes=1000-", "bytes=5-2", "bytes=0-1,5-6", "items=0-1", "bytes=abc"]:
+        reply = await proxy.get(path, Range=[header])
+        assert reply.code == 416, header
+        assert reply.header("Content-Range") == "bytes */1000"
+        assert error_code(reply) == "RANGE_INVALID"
+
+
+@pytest_twisted.ensureDeferred
+async def test_tags_list_passes_through(fake_registry, make_proxy):
+    for tag in ["a", "b", "c"]:
+        fake_registry.add_image("library/x", tag, [tag.encode()])
+    proxy = await make_proxy(fake_registry.url)
+    reply = await proxy.get("/v2/x/tags/list?n=2")
+    assert reply.code == 200
+    assert json.loads(reply.body)["tags"] == ["a", "b"]
+    assert "last=b" in (reply.header("Link") or "")
+    reply = await proxy.get("/v2/x/tags/list?n=2&last=b")
+    assert json.loads(reply.body)["tags"] == ["c"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_route_is_json_404(fake_registry, make_proxy):
+    proxy = await make_proxy(fake_registry.url)
+    for path in ["/", "/v1/", "/v2/x/other/thing"]:
+        reply = await proxy.get(path)
+        assert reply.code == 404
+        assert json.loads(reply.body)["errors"]
