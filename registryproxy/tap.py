@@ -11,6 +11,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
@@ -67,6 +68,22 @@ class _Closing(Service):
         return Deferred.fromCoroutine(self._proxy.close())
 
 
+class _Listener(StreamServerEndpointService):
+    """Fails start-up with one line if the port cannot be bound, rather than run deaf."""
+
+    def __init__(self, description: str, endpoint: Any, factory: Any) -> None:
+        super().__init__(endpoint, factory)
+        self.description = description
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            why = getattr(e.socketError, "strerror", e.socketError)
+            raise SystemExit(f"regproxy: cannot listen on {self.description}: {why}") from None
+
+
 def build_proxy(config: Config, reactor: Any) -> Proxy:
     """The /v2/ proxy and everything behind it, wired from *config*."""
     try:
@@ -110,8 +127,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         raise SystemExit(
             f"regproxy: proxy.listen {config.proxy.listen!r} is not an endpoint: {e}"
         ) from None
-    listener = StreamServerEndpointService(endpoint, PlainHTTPFactory(proxy.site))
-    # Fail start-up if the port cannot be bound, rather than run deaf.
-    listener._raiseSynchronously = True
-    listener.setServiceParent(service)
+    _Listener(
+        f"proxy.listen {config.proxy.listen!r}", endpoint, PlainHTTPFactory(proxy.site)
+    ).setServiceParent(service)
     return service

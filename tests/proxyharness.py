@@ -54,6 +54,7 @@ class RunningProxy:
     cache_dir: Path
     proxy: Proxy
     port: IListeningPort
+    stopped: bool = False
 
     def request(
         self, method: str, path: str, headers: dict[str, list[str]] | None = None
@@ -71,6 +72,9 @@ class RunningProxy:
         return self.cache_dir / "blobs" / algorithm / hexpart[:2] / hexpart
 
     async def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
         await self.port.stopListening()
         await self.proxy.close()
 

@@ -1,0 +1,179 @@
+"""Blob downloads that go wrong upstream leave nothing cached and fail the client loudly."""
+
+from __future__ import annotations
+
+import http.client
+import os
+from urllib.parse import urlsplit
+
+import pytest_twisted
+from fakeregistry import Fault
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+
+SIZE = 2 * 1024 * 1024 + 3
+
+
+def partial_get(url: str, path: str, first: int | None = None) -> tuple[int, bytes, bool]:
+    """GET in a thread: (status, body read, whether the body ended short).
+
+    With *first*, read only that many bytes and hang up."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        if first is not None:
+            return response.status, response.read(first), False
+        try:
+            return response.status, response.read(), False
+        except http.client.IncompleteRead as e:
+            return response.status, e.partial, True
+    except (TimeoutError, ConnectionError):
+        return 0, b"", True
+    finally:
+        conn.close()
+
+
+def get(proxy, path, first=None):
+    return deferToThread(partial_get, proxy.url, path, first)
+
+
+def assert_nothing_kept(proxy, digest):
+    assert not proxy.blob_path(digest).exists()
+    assert os.listdir(proxy.cache_dir / "tmp") == []
+
+
+async def until(predicate, timeout=10.0):
+    for _ in range(int(timeout / 0.02)):
+        if predicate():
+            return
+        await deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError("condition not reached in time")
+
+
+async def check_fault_then_recovery(fake_registry, make_proxy, fault, **upstream):
+    data = os.urandom(SIZE)
+    digest = fake_registry.add_blob(data)
+    fake_registry.blob_faults[digest] = fault
+    proxy = await make_proxy(fake_registry.url, **upstream)
+    path = f"/v2/library/x/blobs/{digest}"
+    status, body, short = await get(proxy, path)
+    # the client's download fails; it never sees the whole (or a wrong) body
+    assert short or status != 200
+    assert len(body) < SIZE
+    await until(lambda: not list((proxy.cache_dir / "tmp").iterdir()))
+    assert_nothing_kept(proxy, digest)
+    # the fault was one-off: the next request fetches again and succeeds
+    status, body, short = await get(proxy, path)
+    assert (status, short) == (200, False)
+    assert body == data
+    assert proxy.blob_path(digest).read_bytes() == data
+    return proxy
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_bytes_are_never_served_whole(fake_registry, make_proxy):
+    await check_fault_then_recovery(fake_registry, make_proxy, Fault.wrong_bytes(times=1))
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_cut_mid_blob(fake_registry, make_proxy):
+    await check_fault_then_recovery(fake_registry, make_proxy, Fault.truncate(SIZE // 2, times=1))
+
+
+@pytest_twisted.ensureDeferred
+async def test_clean_close_before_the_end(fake_registry, make_proxy):
+    fault = Fault.truncate(SIZE // 3, reset=False, times=1)
+    await check_fault_then_recovery(fake_registry, make_proxy, fault)
+
+
+@pytest_twisted.ensureDeferred
+async def test_more_bytes_than_the_blob(fake_registry, make_proxy):
+    await check_fault_then_recovery(fake_registry, make_proxy, Fault.extra_bytes(100, times=1))
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_upstream_is_abandoned(fake_registry, make_proxy):
+    """A silent upstream is given up after read_timeout; the client saw the
+    bytes that did arrive, as they arrived, then a failed download."""
+    await check_fault_then_recovery(
+        fake_registry, make_proxy, Fault.stall(after=SIZE // 2, times=1), read_timeout=1
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_bytes_flow_before_the_download_ends(fake_registry, make_proxy):
+    data = os.urandom(SIZE)
+    digest = fake_registry.add_blob(data)
+    fake_registry.blob_faults[digest] = Fault.stall(after=SIZE // 2, times=1)
+    proxy = await make_proxy(fake_registry.url, read_timeout=30)
+    # upstream sent half and went silent; the client still gets that half now
+    status, body, _ = await get(proxy, f"/v2/library/x/blobs/{digest}", first=SIZE // 4)
+    assert status == 200
+    assert body == data[: SIZE // 4]
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_clients_share_one_download(fake_registry, make_proxy):
+    data = os.urandom(SIZE)
+    digest = fake_registry.add_blob(data)
+    fake_registry.blob_faults[digest] = Fault.slow(chunk=256 * 1024, delay=0.02)
+    proxy = await make_proxy(fake_registry.url)
+    path = f"/v2/library/x/blobs/{digest}"
+    results = await gatherResults([get(proxy, path) for _ in range(6)])
+    assert [(status, short) for status, _, short in results] == [(200, False)] * 6
+    assert all(body == data for _, body, _ in results)
+    assert fake_registry.count("GET", "/blobs/") == 1
+    assert proxy.blob_path(digest).read_bytes() == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_hanging_up_does_not_cancel_the_download(fake_registry, make_proxy):
+    data = os.urandom(SIZE)
+    digest = fake_registry.add_blob(data)
+    fake_registry.blob_faults[digest] = Fault.slow(chunk=256 * 1024, delay=0.02)
+    proxy = await make_proxy(fake_registry.url)
+    status, body, _ = await get(proxy, f"/v2/library/x/blobs/{digest}", first=1000)
+    assert (status, body) == (200, data[:1000])
+    await until(lambda: proxy.blob_path(digest).exists())
+    assert proxy.blob_path(digest).read_bytes() == data
+    assert fake_registry.count("GET", "/blobs/") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_range_on_a_blob_still_downloading(fake_registry, make_proxy):
+    data = os.urandom(SIZE)
+    digest = fake_registry.add_blob(data)
+    fake_registry.blob_faults[digest] = Fault.slow(chunk=256 * 1024, delay=0.02)
+    proxy = await make_proxy(fake_registry.url)
+    path = f"/v2/library/x/blobs/{digest}"
+    first = get(proxy, path)
+    await until(lambda: fake_registry.count("GET", "/blobs/") == 1)
+    reply = await proxy.get(path, Range=["bytes=1000-1999"])
+    assert reply.code == 206
+    assert reply.body == data[1000:2000]
+    status, body, short = await first
+    assert (status, body, short) == (200, data, False)
+    assert fake_registry.count("GET", "/blobs/") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_restart_keeps_cache_and_drops_interrupted_writes(
+    fake_registry, make_proxy, tmp_path
+):
+    data = os.urandom(5000)
+    digest = fake_registry.add_blob(data)
+    cache = tmp_path / "cache"
+    first = await make_proxy(fake_registry.url, cache_dir=cache)
+    await first.get(f"/v2/library/x/blobs/{digest}")
+    await first.stop()
+    leftover = cache / "tmp" / "deadbeef.partial"
+    leftover.write_bytes(b"half a blob")
+    second = await make_proxy(fake_registry.url, cache_dir=cache)
+    assert not leftover.exists()
+    reply = await second.get(f"/v2/library/x/blobs/{digest}")
+    assert (reply.body, reply.header("X-Cache")) == (data, "HIT")
+    assert fake_registry.count("GET", "/blobs/") == 1

@@ -1,0 +1,151 @@
+"""Start-up: the twistd plugin, embedded defaults, and one clear line for every bad config."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from registryproxy.config import Config, ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).parent.parent.parent
+TWISTD = str(Path(sys.executable).parent / "twistd")
+
+
+def twistd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [TWISTD, "-n", "--pidfile=", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_example_config_documents_the_defaults():
+    assert load_config(str(ROOT / "etc" / "regproxy.yaml")) == Config()
+
+
+def test_defaults_mirror_docker_hub():
+    config = Config()
+    assert config.proxy.listen == "tcp:5000"
+    assert config.upstreams["docker.io"].url == "https://registry-1.docker.io"
+    assert config.default_upstream == "docker.io"
+    assert config.cache.tag_ttl == 3600
+
+
+def test_an_upstream_can_point_at_a_local_registry():
+    config = parse_config(
+        "upstreams:\n  docker.io:\n    url: http://127.0.0.1:5001\n"
+        "    username: u\n    password: s3cr3t\ncache: {tag_ttl: 60}\n"
+    )
+    hub = config.upstreams["docker.io"]
+    assert (hub.url, hub.username, hub.password) == ("http://127.0.0.1:5001", "u", "s3cr3t")
+    assert config.cache.tag_ttl == 60
+    assert "s3cr3t" not in repr(hub)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("cache: {tag_ttl: soon}", "cache.tag_ttl: expected a number"),
+        ("cache: {tag_ttl: -1}", "cache.tag_ttl: expected a number >= 0"),
+        ("cache: {size: 1}", "cache.size: unknown key"),
+        ("proxy: {listen: 5000}", "proxy.listen: expected a string"),
+        ("upstreams: {docker.io: {url: 'ftp://x'}}", "upstreams.docker.io: url"),
+        ("upstreams: {docker.io: {}}", "upstreams.docker.io.url: required key is missing"),
+        ("upstreams: {docker.io: {url: 'http://x', username: u}}", "username and password"),
+        ("upstreams: {'a/../b': {url: 'http://x'}}", "is not a registry host name"),
+        ("default_upstream: ghcr.io", "default_upstream: 'ghcr.io' is not one of"),
+        ("cache: {}\ncache: {}", "key 'cache' is given twice"),
+        ("proxy: [", "not valid YAML at line 1"),
+        ("- 1", "config: expected a mapping"),
+    ],
+)
+def test_config_errors_name_the_key(text, message):
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, source="f.yaml")
+    assert str(e.value).startswith("f.yaml: ")
+    assert message in str(e.value)
+
+
+def test_twistd_lists_the_plugin(tmp_path):
+    result = subprocess.run([TWISTD, "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0
+    assert any(line.split()[:1] == ["regproxy"] for line in result.stdout.splitlines())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("cache: {tag_ttl: soon}\n", "cache.tag_ttl: expected a number, got str 'soon'"),
+        (None, "cannot read config file"),
+        ("proxy: {listen: 'bogus:1'}\n", "proxy.listen 'bogus:1' is not an endpoint"),
+        ("cache: {directory: /proc/none}\n", "cannot use cache.directory '/proc/none'"),
+    ],
+)
+def test_bad_start_up_is_one_line_and_non_zero(tmp_path, config, message):
+    path = tmp_path / "regproxy.yaml"
+    if config is not None:
+        path.write_text(config)
+    result = twistd("regproxy", "--config", str(path), cwd=tmp_path)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert message in output
+    assert "Traceback" not in output
+
+
+def test_busy_port_is_one_line_and_non_zero(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        (tmp_path / "c.yaml").write_text(f"proxy: {{listen: 'tcp:{port}:interface=127.0.0.1'}}\n")
+        result = twistd("regproxy", "--config", str(tmp_path / "c.yaml"), cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "cannot listen on proxy.listen" in output
+    assert "Traceback" not in output
+
+
+def test_runs_on_embedded_defaults(tmp_path):
+    """No --config: port 5000 (if free here), cache under ./regproxy-cache."""
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 5000)) == 0:
+            pytest.skip("something else listens on port 5000")
+    process = subprocess.Popen(
+        [TWISTD, "-n", "--pidfile=", "regproxy"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        import time
+        import urllib.request
+
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:5000/v2/", timeout=2) as reply:
+                    assert reply.status == 200
+                    assert reply.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("regproxy did not answer on port 5000")
+        assert (tmp_path / "regproxy-cache" / "index.db").exists()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert os.listdir(tmp_path / "regproxy-cache" / "tmp") == []
