@@ -8,6 +8,7 @@ names the key (``cache.tag_ttl: expected a number, got 'soon'``).
 from __future__ import annotations
 
 import collections.abc
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -40,35 +41,97 @@ class CacheConfig:
 
 @attrs.frozen
 class UpstreamConfig:
-    #: base URL of the registry, e.g. https://registry-1.docker.io
+    #: base URL of the registry, e.g. https://registry-1.docker.io; plain
+    #: http only when written so
     url: str
+    #: more names for this registry: a request whose Host header is one of
+    #: them (or the registry's own name) goes here
+    aliases: tuple[str, ...] = ()
     username: str | None = None
+    #: the password (or token), inline, from an environment variable, or
+    #: from a file; never logged or echoed
     password: str | None = attrs.field(default=None, repr=False)
+    password_env: str | None = None
+    password_file: str | None = None
+    #: PEM bundle of the CAs to trust for this registry, instead of the system's
+    ca_file: str | None = None
+    #: seconds a tag is trusted; None: cache.tag_ttl
+    tag_ttl: float | None = None
     #: seconds to wait for a TCP (and TLS) connection
     connect_timeout: float = 10.0
     #: seconds to wait for response headers, and the longest silence mid-body
     read_timeout: float = 60.0
+    #: other upstreams (by name) to try in order when this one is down or rate-limited
+    fallbacks: tuple[str, ...] = ()
+    #: Docker Hub's rule that a one-part name is an official image: nginx -> library/nginx
+    library_prefix: bool = False
 
     def __attrs_post_init__(self) -> None:
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"url: expected http(s)://host[:port], got {self.url!r}")
-        if (self.username is None) != (self.password is None):
-            raise ValueError("username and password go together: give both or neither")
+        if parts.path.rstrip("/").endswith("/v2") or parts.query or parts.fragment:
+            raise ValueError(f"url: give the registry's base URL, without /v2/, not {self.url!r}")
+        sources = [self.password, self.password_env, self.password_file]
+        if sum(s is not None for s in sources) > 1:
+            raise ValueError("give only one of password, password_env, password_file")
+        if (self.username is None) != all(s is None for s in sources):
+            raise ValueError("username and a password go together: give both or neither")
+        if self.password_env is not None and self.password_env not in os.environ:
+            raise ValueError(f"password_env: environment variable {self.password_env} is not set")
+        for name, path in (("password_file", self.password_file), ("ca_file", self.ca_file)):
+            if path is not None and not os.access(path, os.R_OK):
+                raise ValueError(f"{name}: cannot read {path!r}")
+        if self.ca_file is not None:
+            with open(self.ca_file, "rb") as f:
+                if b"-----BEGIN CERTIFICATE-----" not in f.read():
+                    raise ValueError(f"ca_file: {self.ca_file!r} holds no PEM certificate")
+        for alias in self.aliases:
+            if not is_valid_registry_host(alias):
+                raise ValueError(f"aliases: {alias!r} is not a host name")
+
+    def credentials(self) -> tuple[str, str] | None:
+        """(username, password), read now from wherever the config says."""
+        if self.username is None:
+            return None
+        if self.password_env is not None:
+            return self.username, os.environ[self.password_env]
+        if self.password_file is not None:
+            with open(self.password_file, encoding="utf-8") as f:
+                return self.username, f.read().strip()
+        assert self.password is not None
+        return self.username, self.password
 
 
-DOCKER_HUB = UpstreamConfig(url="https://registry-1.docker.io")
+#: Registries that work with no configuration.  A config entry of the same
+#: name changes only the keys it gives.
+PRESETS: Mapping[str, UpstreamConfig] = {
+    "docker.io": UpstreamConfig(
+        url="https://registry-1.docker.io",
+        aliases=("registry-1.docker.io", "index.docker.io"),
+        library_prefix=True,
+    ),
+    "ghcr.io": UpstreamConfig(url="https://ghcr.io"),
+    "gcr.io": UpstreamConfig(url="https://gcr.io"),
+    "quay.io": UpstreamConfig(url="https://quay.io"),
+    "registry.k8s.io": UpstreamConfig(url="https://registry.k8s.io"),
+    "public.ecr.aws": UpstreamConfig(url="https://public.ecr.aws"),
+    "mcr.microsoft.com": UpstreamConfig(url="https://mcr.microsoft.com"),
+}
 
 
 @attrs.frozen
 class Config:
     proxy: ProxyConfig = ProxyConfig()
     cache: CacheConfig = CacheConfig()
-    #: the built-in Docker Hub entry, replaced by one of the same name
+    #: the presets, plus (or changed by) the entries of the config file
     upstreams: Mapping[str, UpstreamConfig] = attrs.field(
-        factory=dict, converter=lambda given: {"docker.io": DOCKER_HUB, **given}
+        factory=dict, converter=lambda given: {**PRESETS, **given}
     )
     default_upstream: str = "docker.io"
+    #: let clients name any registry host (path prefix or ns=), not only the
+    #: configured ones and the presets: an open proxy, off by default
+    allow_any_registry: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.default_upstream not in self.upstreams:
@@ -76,6 +139,18 @@ class Config:
                 f"default_upstream: {self.default_upstream!r} is not one of the "
                 f"upstreams ({', '.join(sorted(self.upstreams))})"
             )
+        owner: dict[str, str] = {}
+        for name, upstream in self.upstreams.items():
+            for fallback in upstream.fallbacks:
+                if fallback == name or fallback not in self.upstreams:
+                    raise ValueError(
+                        f"upstreams.{name}.fallbacks: {fallback!r} is not another upstream"
+                    )
+            for host in (name, *upstream.aliases):
+                if owner.setdefault(host, name) != name:
+                    raise ValueError(
+                        f"upstreams.{name}.aliases: {host!r} already names {owner[host]}"
+                    )
 
 
 T = TypeVar("T")
@@ -151,8 +226,15 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 raise ConfigError(
                     f"{path}: {name!r} is not a registry host name (host or host:port)"
                 )
-            out[name] = _convert(value_type, item, _key(path, name))
+            # A preset's entry only changes the keys it gives.
+            base = PRESETS.get(name) if value_type is UpstreamConfig else None
+            out[name] = _build(value_type, item, _key(path, name), base)
         return out
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {_describe(value)}")
+        item_type = typing.get_args(tp)[0]
+        return tuple(_convert(item_type, item, f"{path}[{i}]") for i, item in enumerate(value))
     if attrs.has(tp):
         return _build(tp, value, path)
     if tp is float:
@@ -176,7 +258,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     raise TypeError(f"no config conversion for {tp!r}")  # pragma: no cover
 
 
-def _build(cls: type[T], data: Any, path: str) -> T:
+def _build(cls: type[T], data: Any, path: str, base: Any = None) -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {_describe(data)}")
     hints = typing.get_type_hints(cls)
@@ -189,6 +271,8 @@ def _build(cls: type[T], data: Any, path: str) -> T:
     for name, f in fields.items():
         if name in data:
             kwargs[name] = _convert(hints[name], data[name], _key(path, name))
+        elif base is not None:
+            kwargs[name] = getattr(base, name)
         elif f.default is attrs.NOTHING:
             raise ConfigError(f"{_key(path, name)}: required key is missing")
     try:

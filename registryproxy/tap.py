@@ -6,14 +6,13 @@ import os
 from typing import Any
 
 import attrs
-import treq
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from .cache.blobs import BlobCache
@@ -22,9 +21,8 @@ from .cache.manifests import ManifestCache
 from .cache.store import FileStore
 from .config import Config, ConfigError, load_config
 from .proxy.plaintext import PlainHTTPFactory
-from .proxy.resource import RegistryResource, Upstreams
-from .upstream.auth import Authenticator
-from .upstream.client import RegistryClient
+from .proxy.resource import RegistryResource
+from .upstream.registry import Upstreams
 
 
 class Options(usage.Options):
@@ -95,19 +93,15 @@ def build_proxy(config: Config, reactor: Any) -> Proxy:
         ) from None
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 16
-    clients = {}
-    for name, upstream in config.upstreams.items():
-        agent = Agent(reactor, pool=pool, connectTimeout=upstream.connect_timeout)
-        auth = Authenticator(
-            upstream.url,
-            upstream.username,
-            upstream.password,
-            http=treq.client.HTTPClient(agent),
-            clock=reactor,
-        )
-        clients[name] = RegistryClient(name, upstream, agent, auth, reactor)
+    upstreams = Upstreams(
+        config.upstreams,
+        config.default_upstream,
+        reactor,
+        pool,
+        allow_any=config.allow_any_registry,
+    )
     resource = RegistryResource(
-        Upstreams(clients, config.default_upstream),
+        upstreams,
         ManifestCache(store, index, reactor, config.cache.tag_ttl),
         BlobCache(store, reactor),
     )

@@ -61,7 +61,8 @@ class ManifestCache:
             cached = self._by_digest(client.name, repo, entry.digest)
             if cached is None:
                 break
-            if self._clock.seconds() - entry.checked_at < self._tag_ttl:
+            ttl = client.config.tag_ttl
+            if self._clock.seconds() - entry.checked_at < (self._tag_ttl if ttl is None else ttl):
                 return cached
             return await self._flight.run(
                 key,

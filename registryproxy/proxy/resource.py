@@ -19,8 +19,9 @@ from ..cache.blobs import BlobCache
 from ..cache.manifests import CachedManifest, ManifestCache
 from ..errors import RegistryError, digest_invalid, name_invalid, unsupported
 from ..mediatypes import parse_accept
-from ..names import Digest, is_valid_digest, is_valid_name, is_valid_tag
+from ..names import Digest, is_valid_digest, is_valid_name, is_valid_registry_host, is_valid_tag
 from ..upstream.client import RegistryClient
+from ..upstream.registry import Upstreams
 from .ranges import parse_range
 from .sender import BlobSender
 
@@ -44,19 +45,41 @@ def _route(path: str) -> tuple[str, re.Match[str]]:
     raise RegistryError(404, "NOT_FOUND", f"no registry API route for {path!r}")
 
 
-class Upstreams:
-    """Which upstream registry serves a request.  For now: the default one,
-    with Docker Hub's rule that ``nginx`` means ``library/nginx``."""
+def route(upstreams: Upstreams, request: Request, name: str) -> tuple[RegistryClient, str]:
+    """The upstream and repository a request means, by the first rule that applies:
 
-    def __init__(self, clients: dict[str, RegistryClient], default: str) -> None:
-        self.clients = clients
-        self.default = default
+    1. a registry host as the first path component (``/v2/ghcr.io/owner/image/...``,
+       Docker's rule: it has a dot or a port, or is ``localhost``);
+    2. containerd's ``?ns=ghcr.io`` for a mirror;
+    3. the Host header, when it is an upstream's name or alias;
+    4. the default upstream.
+    Then Docker Hub's rule: a one-part name is an official image, ``library/<name>``.
+    """
+    first, slash, rest = name.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        client, name = _named(upstreams, first, "path"), rest
+    elif ns := request.args.get(b"ns"):
+        client = _named(upstreams, ns[-1].decode("latin-1"), "ns=")
+    else:
+        host = request.getHeader("Host") or ""
+        client = upstreams.by_virtual_host(host) or upstreams.default_client()
+    if not is_valid_name(name):
+        raise name_invalid(name)
+    if client.config.library_prefix and "/" not in name:
+        name = "library/" + name
+    return client, name
 
-    def route(self, request: Request, name: str) -> tuple[RegistryClient, str]:
-        client = self.clients[self.default]
-        if client.name == "docker.io" and "/" not in name:
-            name = "library/" + name
-        return client, name
+
+def _named(upstreams: Upstreams, host: str, how: str) -> RegistryClient:
+    client = upstreams.get(host) if is_valid_registry_host(host) else None
+    if client is None:
+        raise RegistryError(
+            404,
+            "NAME_UNKNOWN",
+            f"registry {host!r} (from the {how}) is not served by this regproxy: "
+            "add it under upstreams: in its config",
+        )
+    return client
 
 
 class RegistryResource(Resource):
@@ -112,10 +135,7 @@ class RegistryResource(Resource):
             return
         if kind == "upload":
             raise unsupported("pushing")
-        name = match.group("name")
-        if not is_valid_name(name):
-            raise name_invalid(name)
-        client, repo = self._upstreams.route(request, name)
+        client, repo = route(self._upstreams, request, match.group("name"))
         if kind == "manifest":
             reference = match.group("reference")
             if not (is_valid_tag(reference) or is_valid_digest(reference)):

@@ -9,7 +9,7 @@ that names the upstream.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import attrs
@@ -41,6 +41,8 @@ DEFAULT_MANIFEST_ACCEPT = (
     "application/vnd.docker.distribution.manifest.v2+json",
 )
 _REDIRECTS = (301, 302, 303, 307, 308)
+#: our statuses for an upstream that is down, failing or rate-limiting
+_FALL_BACK_ON = (429, 502, 503, 504)
 _MAX_REDIRECTS = 5
 
 
@@ -83,12 +85,14 @@ class RegistryClient:
         agent: IAgent,
         auth: Authenticator,
         clock: IReactorTime,
+        fallbacks: Callable[[], Sequence[RegistryClient]] = lambda: (),
     ) -> None:
         self.name = name
         self.config = config
         self._agent = agent
         self._auth = auth
         self._clock = clock
+        self._fallbacks = fallbacks
         self._base = config.url.rstrip("/")
         self._host = urlsplit(self._base).netloc
 
@@ -136,6 +140,30 @@ class RegistryClient:
     # -- plumbing ---------------------------------------------------------
 
     async def _checked(
+        self, method: bytes, repo: str, path: str, headers: dict[str, str], unknown: str
+    ) -> IResponse:
+        """A 200 response from this upstream or, while it is down or
+        rate-limiting, from its fallbacks in order."""
+        try:
+            return await self._checked_here(method, repo, path, headers, unknown)
+        except RegistryError as e:
+            if e.status not in _FALL_BACK_ON:
+                raise
+            failure = e
+        for other in self._fallbacks():
+            log.info(
+                "{upstream} failed ({why}); trying fallback {fallback}",
+                upstream=self.name,
+                why=failure.message,
+                fallback=other.name,
+            )
+            try:
+                return await other._checked_here(method, repo, path, headers, unknown)
+            except RegistryError as e:
+                log.info("fallback {fallback} failed too: {why}", fallback=other.name, why=e)
+        raise failure
+
+    async def _checked_here(
         self, method: bytes, repo: str, path: str, headers: dict[str, str], unknown: str
     ) -> IResponse:
         response = await self._authorized(method, repo, self._base + path, headers)

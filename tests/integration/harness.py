@@ -7,6 +7,7 @@ Fixtures in ``conftest.py`` own their lifetimes.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import re
@@ -486,3 +487,58 @@ def tree_digests(directory: Path) -> dict[str, str]:
                     h.update(chunk)
             out[str(p.relative_to(directory))] = h.hexdigest()
     return out
+
+
+# --------------------------------------------------------------------------
+# docker-registry with Basic auth (htpasswd), like a private registry
+# --------------------------------------------------------------------------
+
+
+def htpasswd_line(user: str, password: str) -> str:
+    """One ``user:$2b$...`` line: docker-registry accepts bcrypt only."""
+    import bcrypt  # a test extra; imported here so other tests run without it
+
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+    return f"{user}:{hashed}"
+
+
+class BasicAuthClient(regclient.RegistryClient):
+    """A :class:`regclient.RegistryClient` that sends Basic credentials up front."""
+
+    def get(
+        self, path: str, method: str = "GET", headers: dict[str, str] | None = None
+    ) -> regclient.Response:
+        headers = dict(headers or {})
+        if self.username is not None:
+            creds = f"{self.username}:{self.password}".encode()
+            headers.setdefault("Authorization", "Basic " + base64.b64encode(creds).decode())
+        return regclient.request(self.base_url + path, method, headers)
+
+
+class HtpasswdRegistry(UpstreamRegistry):
+    """:class:`UpstreamRegistry` with ``auth.htpasswd`` instead of token auth:
+    every request needs Basic credentials (*creds*, pull and push), anonymous
+    ones get ``401`` with ``WWW-Authenticate: Basic``."""
+
+    def __init__(self, workdir: Path, creds: tuple[str, str], port: int | None = None) -> None:
+        super().__init__(
+            workdir,
+            token_realm="",
+            service="",
+            issuer="",
+            rootcert=Path(),
+            push_creds=creds,
+            read_creds=creds,
+            port=port,
+        )
+        self.htpasswd_path = workdir / "htpasswd"
+        self.htpasswd_path.write_text(htpasswd_line(*creds) + "\n")
+        config = yaml.safe_load(self.config_path.read_text())
+        config["auth"] = {
+            "htpasswd": {"realm": "regproxy-tests", "path": str(self.htpasswd_path)}
+        }
+        self.config_path.write_text(yaml.safe_dump(config))
+
+    def client(self, creds: tuple[str, str] | None = None) -> regclient.RegistryClient:
+        user, password = creds if creds else (None, None)
+        return BasicAuthClient(self.url, user, password)

@@ -1,0 +1,135 @@
+"""The upstream registries by name, each with its client, built on first use.
+
+Presets make ``ghcr.io`` and friends work with no configuration, so clients
+are created lazily: only the registries that are really pulled from hold a
+connection pool entry and a token cache.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import treq
+from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
+from twisted.logger import Logger
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from ..config import UpstreamConfig
+from .auth import Authenticator
+from .client import RegistryClient
+
+log = Logger()
+
+_PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+
+
+class Upstreams:
+    def __init__(
+        self,
+        configs: Mapping[str, UpstreamConfig],
+        default: str,
+        reactor: Any,
+        pool: HTTPConnectionPool,
+        allow_any: bool = False,
+    ) -> None:
+        self._configs = dict(configs)
+        self.default = default
+        self._reactor = reactor
+        self._pool = pool
+        self._allow_any = allow_any
+        self._clients: dict[str, RegistryClient] = {}
+        self._hosts: dict[str, str] = {}
+        for name, config in self._configs.items():
+            for host in (name, *config.aliases):
+                self._hosts[host.lower()] = name
+
+    def default_client(self) -> RegistryClient:
+        client = self.get(self.default)
+        assert client is not None
+        return client
+
+    def get(self, host: str) -> RegistryClient | None:
+        """The upstream a client means by *host* (a name or an alias), or None
+        if regproxy does not serve that registry."""
+        name = self._hosts.get(host.lower())
+        if name is None:
+            if not (self._allow_any and _public_host(host)):
+                return None
+            name = host.lower()
+            config = UpstreamConfig(url=f"https://{name}")
+        else:
+            config = self._configs[name]
+        client = self._clients.get(name)
+        if client is None:
+            client = self._clients[name] = self._make(name, config)
+        return client
+
+    def by_virtual_host(self, host_header: str) -> RegistryClient | None:
+        """The upstream whose name or alias is the request's Host (port ignored)."""
+        host = host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+        name = self._hosts.get(host.lower())
+        return self.get(name) if name is not None else None
+
+    def _make(self, name: str, config: UpstreamConfig) -> RegistryClient:
+        policy = _tls_policy(config.ca_file) if config.ca_file else BrowserLikePolicyForHTTPS()
+        agent = Agent(
+            self._reactor,
+            contextFactory=policy,
+            pool=self._pool,
+            connectTimeout=config.connect_timeout,
+        )
+        credentials = config.credentials()
+        auth = Authenticator(
+            config.url,
+            credentials[0] if credentials else None,
+            credentials[1] if credentials else None,
+            http=treq.client.HTTPClient(agent),
+            clock=self._reactor,
+        )
+        log.info("upstream {name} is {url}", name=name, url=config.url)
+        return RegistryClient(
+            name,
+            config,
+            agent,
+            auth,
+            self._reactor,
+            fallbacks=lambda: [
+                client for other in config.fallbacks if (client := self.get(other)) is not None
+            ],
+        )
+
+
+def _public_host(host: str) -> bool:
+    """Whether an unlisted registry host may be proxied: no IP literals, no
+    localhost, no single-label names (intranet hosts)."""
+    bare = host.rsplit(":", 1)[0].lower()
+    try:
+        ipaddress.ip_address(bare.strip("[]"))
+        return False
+    except ValueError:
+        pass
+    return "." in bare and bare != "localhost" and not bare.endswith((".localhost", ".local"))
+
+
+@implementer(IPolicyForHTTPS)
+class _CustomCA:
+    """Verify upstream certificates against a CA bundle of the operator's."""
+
+    def __init__(self, certificates: list[Certificate]) -> None:
+        self._trust = trustRootFromCertificates(certificates)
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust)
+
+
+def _tls_policy(ca_file: str) -> IPolicyForHTTPS:
+    with open(ca_file, "rb") as f:
+        pems = _PEM.findall(f.read())
+    if not pems:
+        raise ValueError(f"ca_file {ca_file!r} holds no PEM certificate")
+    return _CustomCA([Certificate.loadPEM(pem) for pem in pems])
