@@ -103,7 +103,7 @@ def build_proxy(config: Config, reactor: Any) -> Proxy:
     resource = RegistryResource(
         upstreams,
         ManifestCache(store, index, reactor, config.cache.tag_ttl),
-        BlobCache(store, reactor),
+        BlobCache(store, index, reactor),
     )
     return Proxy(Site(resource), pool, index)
 

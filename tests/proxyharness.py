@@ -84,15 +84,22 @@ def _h(headers: dict[str, list[str]]) -> dict[str, list[str]]:
 
 
 async def start_proxy(
-    upstream_url: str, cache_dir: Path, cache: dict[str, Any] | None = None, **upstream: Any
+    upstream_url: str,
+    cache_dir: Path,
+    cache: dict[str, Any] | None = None,
+    upstreams: dict[str, Any] | None = None,
+    top: dict[str, Any] | None = None,
+    **upstream: Any,
 ) -> RunningProxy:
     """regproxy with ``docker.io`` pointed at *upstream_url*; *cache* and
-    *upstream* add keys to those sections of the YAML."""
+    *upstream* add keys to those sections of the YAML, *upstreams* more
+    upstreams, *top* top-level keys."""
     config = parse_config(
         json.dumps(
             {
                 "cache": {"directory": str(cache_dir), **(cache or {})},
-                "upstreams": {"docker.io": {"url": upstream_url, **upstream}},
+                "upstreams": {"docker.io": {"url": upstream_url, **upstream}, **(upstreams or {})},
+                **(top or {}),
             }
         )
     )

@@ -22,6 +22,7 @@ from ..errors import RegistryError
 from ..names import Digest
 from ..singleflight import SingleFlight
 from ..upstream.client import RegistryClient, content_length
+from .index import Index
 from .store import BlobStore, BlobWriter, VerificationError
 
 log = Logger()
@@ -154,14 +155,26 @@ class _Receiver(Protocol):
 class BlobCache:
     """Blobs by digest: from the store, or fetched once and shared."""
 
-    def __init__(self, store: BlobStore, clock: IReactorTime) -> None:
+    def __init__(self, store: BlobStore, index: Index, clock: IReactorTime) -> None:
         self.store = store
+        self._index = index
         self._clock = clock
         self._active: dict[Digest, BlobFetch] = {}
         self._starting: SingleFlight[Digest, BlobFetch] = SingleFlight()
 
     def active(self, digest: Digest) -> BlobFetch | None:
         return self._active.get(digest)
+
+    async def confirm(self, client: RegistryClient, repo: str, digest: Digest) -> int | None:
+        """Make sure *repo* may read *digest* before it is served from what
+        another repository fetched: one of its manifests lists the blob, or
+        its upstream says so (HEAD, raising the upstream's error if not).
+        Returns the size the upstream gave, if it was asked."""
+        if self._index.has_blob(client.name, repo, str(digest)):
+            return None
+        size = await client.head_blob(repo, str(digest))
+        self._index.link_blobs(client.name, repo, [str(digest)])
+        return size
 
     async def fetch(self, client: RegistryClient, repo: str, digest: Digest) -> BlobFetch:
         """The running download of *digest*, starting one if needed."""
@@ -172,6 +185,7 @@ class BlobCache:
 
     async def _start(self, client: RegistryClient, repo: str, digest: Digest) -> BlobFetch:
         response = await client.get_blob(repo, str(digest))
+        self._index.link_blobs(client.name, repo, [str(digest)])
         size = content_length(response)
         try:
             writer = self.store.begin(digest, size)

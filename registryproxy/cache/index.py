@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Iterable
 
 import attrs
 
@@ -25,6 +26,12 @@ CREATE TABLE IF NOT EXISTS tags (
     media_type TEXT NOT NULL, digest TEXT NOT NULL, checked_at REAL NOT NULL,
     PRIMARY KEY (upstream, repo, tag, media_type)
 );
+-- which repositories may read which blobs: those whose manifests list
+-- them, or whose upstream confirmed them
+CREATE TABLE IF NOT EXISTS repo_blobs (
+    upstream TEXT NOT NULL, repo TEXT NOT NULL, digest TEXT NOT NULL,
+    PRIMARY KEY (upstream, repo, digest)
+) WITHOUT ROWID;
 """
 
 
@@ -68,6 +75,19 @@ class Index:
             "INSERT OR REPLACE INTO manifests VALUES (?, ?, ?, ?, ?, ?)",
             (upstream, repo, entry.digest, entry.media_type, entry.size, fetched_at),
         )
+
+    def link_blobs(self, upstream: str, repo: str, digests: Iterable[str]) -> None:
+        self._db.executemany(
+            "INSERT OR IGNORE INTO repo_blobs VALUES (?, ?, ?)",
+            [(upstream, repo, digest) for digest in digests],
+        )
+
+    def has_blob(self, upstream: str, repo: str, digest: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM repo_blobs WHERE upstream=? AND repo=? AND digest=?",
+            (upstream, repo, digest),
+        ).fetchone()
+        return row is not None
 
     def tags(self, upstream: str, repo: str, tag: str) -> list[TagEntry]:
         rows = self._db.execute(

@@ -9,6 +9,7 @@ takes its media type; anyone else gets the variant they asked for.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Sequence
 
@@ -128,6 +129,7 @@ class ManifestCache:
                 await writer.commit()
             entry = ManifestEntry(digest, manifest.media_type, len(manifest.body))
             self._index.put_manifest(client.name, repo, entry, now)
+            self._index.link_blobs(client.name, repo, referenced_blobs(manifest.body))
             if not is_valid_digest(reference):
                 tag = TagEntry(digest, manifest.media_type, now)
                 self._index.put_tag(client.name, repo, reference, tag)
@@ -143,3 +145,15 @@ class ManifestCache:
             digest=digest,
         )
         return CachedManifest(manifest.body, manifest.media_type, digest, "MISS")
+
+
+def referenced_blobs(body: bytes) -> list[str]:
+    """The digests of the blobs (config, layers) an image manifest lists."""
+    try:
+        manifest = json.loads(body)
+        descriptors = [manifest.get("config") or {}]
+        descriptors += manifest.get("layers") or []
+        descriptors += manifest.get("blobs") or []
+        return [d["digest"] for d in descriptors if is_valid_digest(d.get("digest", ""))]
+    except (ValueError, TypeError, AttributeError):
+        return []

@@ -185,6 +185,7 @@ class RegistryResource(Resource):
         fetch = None
         if size is not None:
             cache = "HIT"
+            await self._blobs.confirm(client, repo, digest)
         else:
             cache = "MISS"
             fetch = self._blobs.active(digest)
@@ -193,6 +194,7 @@ class RegistryResource(Resource):
             else:
                 if fetch is None:
                     fetch = await self._blobs.fetch(client, repo, digest)
+                await self._blobs.confirm(client, repo, digest)
                 if fetch.error is not None:
                     raise RegistryError(
                         502,

@@ -60,7 +60,10 @@ def test_an_upstream_can_point_at_a_local_registry():
         ("upstreams: {my.registry: {}}", "upstreams.my.registry.url: required key is missing"),
         ("upstreams: {ghcr.io: {fallbacks: [x.io]}}", "fallbacks: 'x.io' is not another"),
         ("upstreams: {ghcr.io: {aliases: ['a b']}}", "aliases: 'a b' is not a host name"),
-        ("upstreams: {ghcr.io: {username: u, password_env: NO_SUCH_VAR}}", "NO_SUCH_VAR is not set"),
+        (
+            "upstreams: {ghcr.io: {username: u, password_env: NO_SUCH_VAR}}",
+            "NO_SUCH_VAR is not set",
+        ),
         ("upstreams: {docker.io: {url: 'http://x', username: u}}", "username and a password"),
         ("upstreams: {'a/../b': {url: 'http://x'}}", "is not a registry host name"),
         ("default_upstream: my.registry", "default_upstream: 'my.registry' is not one of"),

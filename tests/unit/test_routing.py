@@ -1,0 +1,207 @@
+"""One proxy, many registries: how a request picks its upstream, and what stays apart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest_twisted
+
+
+def code(reply) -> str:
+    return json.loads(reply.body)["errors"][0]["code"]
+
+
+async def two_registries(make_fake_registry, make_proxy, **kwargs):
+    hub = await make_fake_registry()
+    ghcr = await make_fake_registry()
+    proxy = await make_proxy(
+        hub.url,
+        upstreams={"ghcr.io": {"url": ghcr.url, "aliases": ["ghcr.proxy.test"]}},
+        **kwargs,
+    )
+    return hub, ghcr, proxy
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_way_of_naming_the_registry(make_fake_registry, make_proxy):
+    hub, ghcr, proxy = await two_registries(make_fake_registry, make_proxy)
+    on_ghcr, _ = ghcr.add_image("owner/image", "1", [b"ghcr layer"])
+    on_hub, _ = hub.add_image("owner/image", "1", [b"hub layer"])
+    official, _ = hub.add_image("library/nginx", "1", [b"nginx"])
+
+    cases = [
+        ("/v2/ghcr.io/owner/image/manifests/1", {}, on_ghcr),  # path prefix
+        ("/v2/owner/image/manifests/1?ns=ghcr.io", {}, on_ghcr),  # containerd's ns=
+        ("/v2/owner/image/manifests/1", {"Host": ["ghcr.proxy.test:5000"]}, on_ghcr),  # vhost
+        ("/v2/owner/image/manifests/1", {}, on_hub),  # default upstream
+        ("/v2/docker.io/owner/image/manifests/1", {}, on_hub),
+        ("/v2/owner/image/manifests/1?ns=docker.io", {}, on_hub),
+        ("/v2/nginx/manifests/1?ns=docker.io", {}, official),  # library/ rule
+        ("/v2/docker.io/nginx/manifests/1", {}, official),
+        ("/v2/index.docker.io/library/nginx/manifests/1", {}, official),  # an alias
+    ]
+    for path, headers, digest in cases:
+        reply = await proxy.request("GET", path, headers)
+        assert reply.code == 200, (path, reply.body)
+        assert reply.header("Docker-Content-Digest") == digest, path
+    assert ghcr.count("GET", "/v2/owner/image/manifests/1") == 1
+    assert hub.count("GET", "/v2/owner/image/manifests/1") == 1
+    assert hub.count("GET", "/v2/library/nginx/manifests/1") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_registry_is_not_proxied(make_fake_registry, make_proxy):
+    hub, ghcr, proxy = await two_registries(make_fake_registry, make_proxy)
+    for path in [
+        "/v2/unknown.example/x/manifests/1",
+        "/v2/x/manifests/1?ns=unknown.example",
+        "/v2/127.0.0.1:22/x/manifests/1",
+        "/v2/localhost/x/blobs/sha256:" + "0" * 64,
+    ]:
+        reply = await proxy.get(path)
+        assert (reply.code, code(reply)) == (404, "NAME_UNKNOWN"), path
+        assert "not served by this regproxy" in reply.body.decode()
+    assert hub.requests == [] and ghcr.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_any_registry_still_refuses_internal_hosts(make_fake_registry, make_proxy):
+    hub, ghcr, proxy = await two_registries(
+        make_fake_registry, make_proxy, top={"allow_any_registry": True}
+    )
+    for host in ["127.0.0.1:22", "localhost", "10.0.0.1", "intranet:5000"]:
+        reply = await proxy.get(f"/v2/{host}/x/manifests/1")
+        assert (reply.code, code(reply)) == (404, "NAME_UNKNOWN"), host
+
+
+@pytest_twisted.ensureDeferred
+async def test_same_name_on_two_registries_never_mixes(make_fake_registry, make_proxy):
+    hub, ghcr, proxy = await two_registries(make_fake_registry, make_proxy)
+    on_hub, hub_body = hub.add_image("team/app", "latest", [b"from hub"])
+    on_ghcr, ghcr_body = ghcr.add_image("team/app", "latest", [b"from ghcr"])
+    for _ in range(2):
+        a = await proxy.get("/v2/team/app/manifests/latest")
+        b = await proxy.get("/v2/ghcr.io/team/app/manifests/latest")
+        assert (a.body, b.body) == (hub_body, ghcr_body)
+    assert (a.header("X-Cache"), b.header("X-Cache")) == ("HIT", "HIT")
+    # by digest too: ghcr's manifest is not served under docker.io's name
+    reply = await proxy.get(f"/v2/team/app/manifests/{on_ghcr}")
+    assert reply.code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_cached_blob_is_served_only_to_repositories_allowed_it(
+    make_fake_registry, make_proxy
+):
+    hub, ghcr, proxy = await two_registries(make_fake_registry, make_proxy)
+    _, body = ghcr.add_image("owner/private", "1", [b"secret layer bytes"])
+    layer = json.loads(body)["layers"][0]["digest"]
+    reply = await proxy.get("/v2/ghcr.io/owner/private/manifests/1")
+    assert reply.code == 200
+    reply = await proxy.get(f"/v2/ghcr.io/owner/private/blobs/{layer}")
+    assert (reply.code, reply.header("X-Cache")) == (200, "MISS")
+
+    # cached now, but docker.io's repositories do not have it: the upstream says so
+    reply = await proxy.get(f"/v2/someone/else/blobs/{layer}")
+    assert reply.code == 404
+    assert reply.body != b"secret layer bytes"
+    assert hub.count("HEAD", f"/v2/someone/else/blobs/{layer}") == 1
+    reply = await proxy.head(f"/v2/someone/else/blobs/{layer}")
+    assert reply.code == 404
+
+    # the repository that listed it gets it from the cache without asking upstream
+    before = len(ghcr.requests)
+    reply = await proxy.get(f"/v2/ghcr.io/owner/private/blobs/{layer}")
+    assert (reply.code, reply.header("X-Cache"), reply.body) == (200, "HIT", b"secret layer bytes")
+    assert len(ghcr.requests) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_shared_layer_is_confirmed_once_then_served_from_cache(
+    make_fake_registry, make_proxy
+):
+    hub, ghcr, proxy = await two_registries(make_fake_registry, make_proxy)
+    shared = hub.add_blob(b"base layer")
+    reply = await proxy.get(f"/v2/library/one/blobs/{shared}")
+    assert reply.header("X-Cache") == "MISS"
+    for _ in range(2):
+        reply = await proxy.get(f"/v2/library/two/blobs/{shared}")
+        assert (reply.code, reply.header("X-Cache")) == (200, "HIT")
+    assert hub.count("GET", "/blobs/") == 1
+    assert hub.count("HEAD", f"/v2/library/two/blobs/{shared}") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_fallback_serves_while_the_upstream_is_down(make_fake_registry, make_proxy):
+    mirror = await make_fake_registry()
+    digest, body = mirror.add_image("library/app", "1", [b"from the mirror"])
+    proxy = await make_proxy(
+        "http://127.0.0.1:9",
+        fallbacks=["mirror.internal"],
+        upstreams={"mirror.internal": {"url": mirror.url}},
+    )
+    reply = await proxy.get("/v2/app/manifests/1")
+    assert (reply.code, reply.body) == (200, body)
+    layer = json.loads(body)["layers"][0]["digest"]
+    reply = await proxy.get(f"/v2/app/blobs/{layer}")
+    assert (reply.code, reply.body) == (200, b"from the mirror")
+
+
+@pytest_twisted.ensureDeferred
+async def test_fallback_on_rate_limit_but_not_on_not_found(make_fake_registry, make_proxy):
+    from fakeregistry import Override
+
+    hub = await make_fake_registry()
+    mirror = await make_fake_registry()
+    mirror.add_image("library/app", "1", [b"m"])
+    hub.status_override["/manifests/1"] = Override(429, {"Retry-After": "60"})
+    proxy = await make_proxy(
+        hub.url, fallbacks=["mirror.internal"], upstreams={"mirror.internal": {"url": mirror.url}}
+    )
+    assert (await proxy.get("/v2/app/manifests/1")).code == 200
+    reply = await proxy.get("/v2/app/manifests/2")  # a real 404 upstream: no fallback
+    assert reply.code == 404
+    assert mirror.count("GET", "/manifests/2") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_credentials_from_environment_and_file(
+    make_fake_registry, make_proxy, tmp_path, monkeypatch
+):
+    by_env = await make_fake_registry(auth="basic", username="envuser", password="envpass")
+    by_file = await make_fake_registry(auth="basic", username="fileuser", password="filepass")
+    by_env.add_image("team/app", "1", [b"a"])
+    by_file.add_image("team/app", "1", [b"b"])
+    monkeypatch.setenv("REGPROXY_TEST_PASSWORD", "envpass")
+    secret = tmp_path / "password"
+    secret.write_text("filepass\n")
+    proxy = await make_proxy(
+        by_env.url,
+        username="envuser",
+        password_env="REGPROXY_TEST_PASSWORD",
+        upstreams={
+            "files.example": {
+                "url": by_file.url,
+                "username": "fileuser",
+                "password_file": str(secret),
+            }
+        },
+    )
+    assert (await proxy.get("/v2/team/app/manifests/1")).code == 200
+    assert (await proxy.get("/v2/files.example/team/app/manifests/1")).code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_tag_ttl_per_upstream(make_fake_registry, make_proxy):
+    hub = await make_fake_registry()
+    ghcr = await make_fake_registry()
+    hub.add_image("team/app", "1", [b"a"])
+    ghcr.add_image("team/app", "1", [b"b"])
+    proxy = await make_proxy(
+        hub.url, cache={"tag_ttl": 3600}, upstreams={"ghcr.io": {"url": ghcr.url, "tag_ttl": 0}}
+    )
+    for _ in range(3):
+        await proxy.get("/v2/team/app/manifests/1")
+        await proxy.get("/v2/ghcr.io/team/app/manifests/1")
+    assert hub.count("HEAD", "/manifests/") == 0
+    assert ghcr.count("HEAD", "/manifests/") == 2
