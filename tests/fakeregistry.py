@@ -298,8 +298,12 @@ class FakeRegistry:
         token_expires_in: int = 300,
         *,
         clock: Any = None,
+        tls: Any = None,
     ) -> FakeRegistry:
-        """Listen on two ephemeral ports on 127.0.0.1: the registry and its CDN."""
+        """Listen on two ephemeral ports on 127.0.0.1: the registry and its CDN.
+
+        With *tls* (server ``CertificateOptions``, for the name ``localhost``)
+        the registry speaks https at ``https://localhost:PORT``."""
         if auth not in (None, "bearer", "basic"):
             raise ValueError(f"auth must be None, 'bearer' or 'basic', not {auth!r}")
         if reactor is None:
@@ -314,17 +318,22 @@ class FakeRegistry:
             password=password,
             token_expires_in=token_expires_in,
         )
-        self.url = await self._listen(self._handle_registry)
+        self.url = await self._listen(self._handle_registry, tls)
         self.cdn_url = await self._listen(self._handle_cdn)
         return self
 
-    async def _listen(self, handle: Callable[[Request], bytes | int]) -> str:
+    async def _listen(self, handle: Callable[[Request], bytes | int], tls: Any = None) -> str:
         site = _Site(_Listener(handle))
-        endpoint = endpoints.serverFromString(self.reactor, "tcp:0:interface=127.0.0.1")
+        if tls is None:
+            endpoint = endpoints.serverFromString(self.reactor, "tcp:0:interface=127.0.0.1")
+        else:
+            endpoint = endpoints.SSL4ServerEndpoint(self.reactor, 0, tls, interface="127.0.0.1")
         port = await endpoint.listen(site)
         self._ports.append(port)
         self._sites.append(site)
-        return f"http://127.0.0.1:{port.getHost().port}"
+        if tls is None:
+            return f"http://127.0.0.1:{port.getHost().port}"
+        return f"https://localhost:{port.getHost().port}"
 
     async def stop(self) -> None:
         """Stop listening and cut every open connection (stalled ones too)."""
