@@ -165,6 +165,10 @@ class BlobCache:
     def active(self, digest: Digest) -> BlobFetch | None:
         return self._active.get(digest)
 
+    def served(self, digest: Digest) -> None:
+        """A cached blob was read: remember when, for eviction."""
+        self._index.touch_blob(str(digest), self._clock.seconds())
+
     async def confirm(self, client: RegistryClient, repo: str, digest: Digest) -> int | None:
         """Make sure *repo* may read *digest* before it is served from what
         another repository fetched: one of its manifests lists the blob, or
@@ -213,8 +217,13 @@ class BlobCache:
                 fetch._fail(f"upstream content does not match its digest: {e}")
                 self._finish(fetch)
                 return
+
+            def stored(_: object) -> None:
+                self._index.put_blob(str(digest), writer.written, self._clock.seconds())
+                log.info("stored {digest}", digest=str(digest))
+
             published.addCallbacks(
-                lambda _: log.info("stored {digest}", digest=str(digest)),
+                stored,
                 lambda f: log.error(
                     "could not store {digest}: {why}", digest=str(digest), why=f.getErrorMessage()
                 ),

@@ -82,6 +82,9 @@ class ManifestCache:
                 body = f.read()
         except FileNotFoundError:
             return None
+        now = self._clock.seconds()
+        self._index.touch_manifest(upstream, repo, digest, now)
+        self._index.touch_blob(digest, now)
         return CachedManifest(body, entry.media_type, digest, "HIT")
 
     async def _revalidate(
@@ -127,9 +130,9 @@ class ManifestCache:
                 writer = self._store.begin(actual, len(manifest.body))
                 writer.write(manifest.body)
                 await writer.commit()
+            self._index.put_blob(digest, len(manifest.body), now)
             entry = ManifestEntry(digest, manifest.media_type, len(manifest.body))
-            self._index.put_manifest(client.name, repo, entry, now)
-            self._index.link_blobs(client.name, repo, referenced_blobs(manifest.body))
+            self._index.put_manifest(client.name, repo, entry, now, references(manifest.body))
             if not is_valid_digest(reference):
                 tag = TagEntry(digest, manifest.media_type, now)
                 self._index.put_tag(client.name, repo, reference, tag)
@@ -147,13 +150,20 @@ class ManifestCache:
         return CachedManifest(manifest.body, manifest.media_type, digest, "MISS")
 
 
-def referenced_blobs(body: bytes) -> list[str]:
-    """The digests of the blobs (config, layers) an image manifest lists."""
+def references(body: bytes) -> list[tuple[str, str]]:
+    """What a manifest lists: ``(digest, "blob")`` for its config and layers,
+    ``(digest, "manifest")`` for the platform manifests of an index."""
     try:
         manifest = json.loads(body)
-        descriptors = [manifest.get("config") or {}]
-        descriptors += manifest.get("layers") or []
-        descriptors += manifest.get("blobs") or []
-        return [d["digest"] for d in descriptors if is_valid_digest(d.get("digest", ""))]
+        blobs = [manifest.get("config") or {}]
+        blobs += manifest.get("layers") or []
+        blobs += manifest.get("blobs") or []
+        children = manifest.get("manifests") or []
+        return [
+            (d["digest"], kind)
+            for kind, descriptors in (("blob", blobs), ("manifest", children))
+            for d in descriptors
+            if isinstance(d, dict) and is_valid_digest(str(d.get("digest", "")))
+        ]
     except (ValueError, TypeError, AttributeError):
         return []

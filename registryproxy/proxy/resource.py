@@ -186,6 +186,7 @@ class RegistryResource(Resource):
         if size is not None:
             cache = "HIT"
             await self._blobs.confirm(client, repo, digest)
+            self._blobs.served(digest)
         else:
             cache = "MISS"
             fetch = self._blobs.active(digest)

@@ -1,0 +1,168 @@
+"""What the admin API can ask of the running proxy.
+
+The Klein routes (``admin/app.py``) only parse, validate and render; every
+question and every change goes through this interface, so the routes can be
+tested in memory against a fake and the proxy's internals stay behind it.
+All times are Unix epoch seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import attrs
+
+
+@attrs.frozen
+class TagInfo:
+    tag: str
+    digest: str
+    media_type: str
+    #: when the upstream last confirmed this tag -> digest
+    checked_at: float
+    #: when the tag will be revalidated upstream
+    expires_at: float
+
+
+@attrs.frozen
+class BlobInfo:
+    digest: str
+    size: int | None
+    cached: bool
+
+
+@attrs.frozen
+class ManifestInfo:
+    digest: str
+    media_type: str
+    size: int
+    fetched_at: float
+    last_access: float | None
+    #: blobs (config, layers) an image manifest lists; empty for an index
+    blobs: tuple[BlobInfo, ...] = ()
+    #: child manifests an index lists
+    manifests: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class RepositorySummary:
+    upstream: str
+    repository: str
+    tags: int
+    manifests: int
+    #: bytes of manifests and of the blobs they list that are cached
+    size: int
+    last_access: float | None
+
+
+@attrs.frozen
+class RepositoryDetail:
+    upstream: str
+    repository: str
+    tags: tuple[TagInfo, ...]
+    manifests: tuple[ManifestInfo, ...]
+
+
+@attrs.frozen
+class PurgeSelector:
+    """What to purge; fields left None do not narrow the selection.
+
+    ``upstream`` alone: that upstream; with ``repository``: that repository;
+    with ``tag``: one tag (the tag mapping and the manifests only it kept);
+    with ``digest``: one manifest.  ``older_than``: manifests fetched before
+    that time; ``unused_since``: manifests not served since that time.
+    ``everything=True`` with nothing else: the whole cache."""
+
+    upstream: str | None = None
+    repository: str | None = None
+    tag: str | None = None
+    digest: str | None = None
+    older_than: float | None = None
+    unused_since: float | None = None
+    everything: bool = False
+
+
+@attrs.frozen
+class PurgeResult:
+    tags: int
+    manifests: int
+    #: digests of the blobs deleted because nothing cached lists them any more
+    blobs: tuple[str, ...]
+    bytes_freed: int
+
+
+@attrs.frozen
+class PrefetchJob:
+    id: str
+    upstream: str
+    repository: str
+    reference: str
+    #: None: every platform; else "os/arch[/variant]" strings
+    platforms: tuple[str, ...] | None
+    state: str  # "queued" | "running" | "done" | "failed"
+    manifests_done: int
+    blobs_done: int
+    blobs_total: int
+    bytes_fetched: int
+    error: str | None
+    started_at: float
+    finished_at: float | None
+
+
+class AdminError(Exception):
+    """A request the backend refuses; ``status`` 400 (bad input), 404 (no such
+    thing) or 409 (conflicts with the current state). The message says what
+    to do."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class AdminBackend(Protocol):
+    def stats(self) -> dict[str, Any]:
+        """JSON-ready counters: requests, hits, misses, hit_ratio,
+        bytes_from_cache, bytes_from_upstream, upstream_requests
+        {upstream: {kind: n}}, errors {status: n}, fetches_in_flight,
+        cache {size_bytes, blobs, manifests, tags, repositories, free_disk_bytes},
+        ratelimit_remaining {upstream: value as last seen}, prefetch [jobs]."""
+
+    def metrics(self) -> tuple[bytes, str]:
+        """Prometheus text exposition and its content type."""
+
+    async def ready(self) -> dict[str, Any]:
+        """``{"ready": bool, "checks": {"storage": {...}, "upstream": {...}}}``."""
+
+    def repositories(self, upstream: str | None = None) -> list[RepositorySummary]:
+        """Raises AdminError(404) for an unknown upstream."""
+
+    def repository(self, upstream: str, repository: str) -> RepositoryDetail:
+        """Raises AdminError(404) if nothing of it is cached."""
+
+    def purge(self, selector: PurgeSelector) -> PurgeResult:
+        """Raises AdminError(400) for a selector that selects nothing sensible
+        (e.g. tag without repository, nothing at all without everything=True)."""
+
+    def prefetch(
+        self, upstream: str, repository: str, reference: str, platforms: tuple[str, ...] | None
+    ) -> PrefetchJob:
+        """Start warming the cache in the background; returns at once."""
+
+    def prefetch_jobs(self) -> list[PrefetchJob]: ...
+
+    def upstreams(self) -> dict[str, dict[str, Any]]:
+        """Every upstream's settings as in the YAML, secrets replaced by
+        ``"<set>"``, plus ``"preset": bool`` and ``"default": bool``."""
+
+    def set_upstream(
+        self, name: str, settings: dict[str, Any], merge: bool = False
+    ) -> dict[str, Any]:
+        """Add or replace (``merge=False``, PUT) or change some keys of
+        (``merge=True``, PATCH) an upstream from YAML-shaped settings;
+        validated like the config file (AdminError(400) with the config
+        message), persisted, used from the next request. Returns it as
+        :meth:`upstreams` shows it."""
+
+    def remove_upstream(self, name: str) -> None:
+        """AdminError(404) if unknown, 409 if it is the default or another's fallback."""

@@ -1,0 +1,129 @@
+"""The SQLite index: listing, access times, and purges that free exactly the unshared blobs."""
+
+from __future__ import annotations
+
+import pytest
+
+from registryproxy.cache.index import Index, ManifestEntry, TagEntry
+
+
+def d(name: str) -> str:
+    return "sha256:" + name.encode().hex().ljust(64, "0")[:64]
+
+
+@pytest.fixture
+def index(tmp_path):
+    index = Index(str(tmp_path / "index.db"))
+    yield index
+    index.close()
+
+
+def add_image(index, upstream, repo, manifest, layers, tag=None, when=100.0):
+    for layer in layers:
+        index.put_blob(d(layer), 1000, when)
+    index.put_blob(d(manifest), 10, when)
+    index.put_manifest(
+        upstream,
+        repo,
+        ManifestEntry(d(manifest), "application/vnd.oci.image.manifest.v1+json", 10),
+        when,
+        [(d(layer), "blob") for layer in layers],
+    )
+    if tag:
+        index.put_tag(upstream, repo, tag, TagEntry(d(manifest), "m", when))
+
+
+def add_index(index, upstream, repo, name, children, tag, when=100.0):
+    index.put_blob(d(name), 20, when)
+    index.put_manifest(
+        upstream,
+        repo,
+        ManifestEntry(d(name), "application/vnd.oci.image.index.v1+json", 20),
+        when,
+        [(d(child), "manifest") for child in children],
+    )
+    index.put_tag(upstream, repo, tag, TagEntry(d(name), "i", when))
+
+
+def test_tag_purge_takes_the_index_and_its_platforms_but_not_shared_layers(index):
+    add_image(index, "docker.io", "library/a", "amd64", ["base", "a1"])
+    add_image(index, "docker.io", "library/a", "arm64", ["base", "a2"])
+    add_index(index, "docker.io", "library/a", "idx", ["amd64", "arm64"], tag="1")
+    add_image(index, "docker.io", "library/b", "bman", ["base", "b1"], tag="1")
+
+    removed = index.purge(upstream="docker.io", repo="library/a", tag="1")
+    assert (removed.tags, removed.manifests) == (1, 3)
+    freed = {digest for digest, _ in removed.blobs}
+    assert freed == {d("idx"), d("amd64"), d("arm64"), d("a1"), d("a2")}
+    assert sum(size for _, size in removed.blobs) == 20 + 10 + 10 + 1000 + 1000
+    assert index.repositories() and [r.repo for r in index.repositories()] == ["library/b"]
+    assert index.has_blob("docker.io", "library/b", d("base"))
+    assert not index.has_blob("docker.io", "library/a", d("base"))
+
+
+def test_tag_purge_keeps_a_manifest_another_tag_still_names(index):
+    add_image(index, "docker.io", "library/a", "m", ["l"], tag="1")
+    index.put_tag("docker.io", "library/a", "latest", TagEntry(d("m"), "m", 100.0))
+    removed = index.purge(upstream="docker.io", repo="library/a", tag="1")
+    assert (removed.tags, removed.manifests, removed.blobs) == (1, 0, [])
+    assert index.tags("docker.io", "library/a", "latest")
+
+
+def test_digest_purge_removes_its_tags_too(index):
+    add_image(index, "docker.io", "library/a", "m1", ["l1"], tag="1")
+    add_image(index, "docker.io", "library/a", "m2", ["l2"], tag="2")
+    removed = index.purge(upstream="docker.io", repo="library/a", digest=d("m1"))
+    assert (removed.tags, removed.manifests) == (1, 1)
+    assert {digest for digest, _ in removed.blobs} == {d("m1"), d("l1")}
+    assert index.tags("docker.io", "library/a", "2")
+
+
+def test_same_manifest_in_two_upstreams_survives_purge_of_one(index):
+    add_image(index, "docker.io", "library/a", "m", ["l"], tag="1")
+    add_image(index, "mirror.example", "library/a", "m", ["l"], tag="1")
+    removed = index.purge(upstream="docker.io")
+    assert removed.manifests == 1
+    assert removed.blobs == []
+    assert index.manifest("mirror.example", "library/a", d("m"))
+
+
+def test_purge_everything(index):
+    add_image(index, "docker.io", "library/a", "m", ["l"], tag="1")
+    add_image(index, "ghcr.io", "o/b", "n", ["k"], tag="1")
+    removed = index.purge()
+    assert removed.manifests == 2
+    assert {digest for digest, _ in removed.blobs} == {d("m"), d("l"), d("n"), d("k")}
+    assert index.totals() == {
+        "size_bytes": 0,
+        "blobs": 0,
+        "manifests": 0,
+        "tags": 0,
+        "repositories": 0,
+    }
+
+
+def test_purge_by_age_and_by_last_use(index):
+    add_image(index, "docker.io", "library/old", "o", ["lo"], tag="1", when=100.0)
+    add_image(index, "docker.io", "library/new", "n", ["ln"], tag="1", when=500.0)
+    add_image(index, "docker.io", "library/used", "u", ["lu"], tag="1", when=100.0)
+    index.touch_manifest("docker.io", "library/used", d("u"), 900.0)
+
+    removed = index.purge(unused_since=400.0)
+    assert [r.repo for r in index.repositories()] == ["library/new", "library/used"]
+    assert removed.manifests == 1
+
+    removed = index.purge(fetched_before=400.0)
+    assert [r.repo for r in index.repositories()] == ["library/new"]
+
+
+def test_listing_and_totals(index):
+    add_image(index, "docker.io", "library/a", "m1", ["l1", "l2"], tag="1")
+    add_image(index, "docker.io", "library/a", "m2", ["l1"], tag="2")
+    index.touch_manifest("docker.io", "library/a", d("m2"), 777.0)
+    index.flush()
+    (repo,) = index.repositories("docker.io")
+    assert (repo.tags, repo.manifests, repo.last_access) == (2, 2, 777.0)
+    assert index.repositories("ghcr.io") == []
+    assert index.totals()["size_bytes"] == 3 * 1000 - 1000 + 2 * 10
+    assert [t.tag for t in index.repo_tags("docker.io", "library/a")] == ["1", "2"]
+    assert index.refs(d("m1")) == [(d("l1"), "blob"), (d("l2"), "blob")]
