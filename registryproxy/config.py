@@ -8,7 +8,9 @@ names the key (``cache.tag_ttl: expected a number, got 'soon'``).
 from __future__ import annotations
 
 import collections.abc
+import ipaddress
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -121,8 +123,53 @@ PRESETS: Mapping[str, UpstreamConfig] = {
 
 
 @attrs.frozen
+class AdminConfig:
+    #: twisted endpoint string for the admin API
+    listen: str = "tcp:5001:interface=127.0.0.1"
+    #: bearer token for every admin route but /healthz, inline or from a
+    #: file; REGPROXY_ADMIN_TOKEN in the environment also works
+    token: str | None = attrs.field(default=None, repr=False)
+    token_file: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("give token or token_file, not both")
+        if self.token_file is not None and not os.access(self.token_file, os.R_OK):
+            raise ValueError(f"token_file: cannot read {self.token_file!r}")
+        if self.secret() is None and not loopback_only(self.listen):
+            raise ValueError(
+                f"listen: {self.listen!r} is reachable from other machines, so the admin "
+                "API needs a token: set admin.token or admin.token_file (or "
+                "REGPROXY_ADMIN_TOKEN), or listen on 127.0.0.1"
+            )
+
+    def secret(self) -> str | None:
+        """The token, read now from wherever it is configured."""
+        if self.token_file is not None:
+            with open(self.token_file, encoding="utf-8") as f:
+                return f.read().strip() or None
+        return self.token or os.environ.get("REGPROXY_ADMIN_TOKEN") or None
+
+
+def loopback_only(endpoint: str) -> bool:
+    """Whether a server endpoint string listens only where this machine can reach it."""
+    kind, *parts = (p.replace("\\:", ":") for p in re.split(r"(?<!\\):", endpoint))
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6"):
+        return False
+    params = dict(part.split("=", 1) for part in parts if "=" in part)
+    interface = params.get("interface", "")
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return interface == "localhost"
+
+
+@attrs.frozen
 class Config:
     proxy: ProxyConfig = ProxyConfig()
+    admin: AdminConfig = AdminConfig()
     cache: CacheConfig = CacheConfig()
     #: the presets, plus (or changed by) the entries of the config file
     upstreams: Mapping[str, UpstreamConfig] = attrs.field(
@@ -198,6 +245,28 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         return _build(Config, data, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def upstream_from_settings(
+    name: str, settings: Any, base: UpstreamConfig | None = None
+) -> UpstreamConfig:
+    """One upstream from YAML-shaped settings, validated like the file; keys
+    not given come from *base* (or the preset of that name)."""
+    if not is_valid_registry_host(name):
+        raise ConfigError(f"{name!r} is not a registry host name (host or host:port)")
+    return _build(UpstreamConfig, settings, f"upstreams.{name}", base or PRESETS.get(name))
+
+
+def settings_of(upstream: UpstreamConfig, redact: bool = True) -> dict[str, Any]:
+    """An upstream as YAML-shaped settings; the inline password shown as
+    ``"<set>"`` unless *redact* is false (for persisting)."""
+    settings = {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in attrs.asdict(upstream).items()
+    }
+    if redact and settings["password"] is not None:
+        settings["password"] = "<set>"
+    return settings
 
 
 def _describe(value: Any) -> str:

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 import attrs
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
@@ -15,14 +15,18 @@ from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
+from .admin.control import Control, SavedUpstreams
 from .cache.blobs import BlobCache
 from .cache.index import Index
 from .cache.manifests import ManifestCache
 from .cache.store import FileStore
 from .config import Config, ConfigError, load_config
+from .metrics import Metrics
 from .proxy.plaintext import PlainHTTPFactory
 from .proxy.resource import RegistryResource
 from .upstream.registry import Upstreams
+
+_FLUSH_SECONDS = 10.0
 
 
 class Options(usage.Options):
@@ -46,9 +50,10 @@ class Options(usage.Options):
 
 @attrs.frozen
 class Proxy:
-    """The /v2/ site and what must be closed when it stops."""
+    """The /v2/ site, the admin backend, and what must be closed when they stop."""
 
     site: Site
+    control: Control
     pool: HTTPConnectionPool
     index: Index
 
@@ -91,6 +96,9 @@ def build_proxy(config: Config, reactor: Any) -> Proxy:
         raise SystemExit(
             f"regproxy: cannot use cache.directory {config.cache.directory!r}: {e.strerror}"
         ) from None
+    # Upstreams changed through the admin API win over the file.
+    config = SavedUpstreams(os.path.join(store.root, "upstreams.json")).apply(config)
+    metrics = Metrics()
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 16
     upstreams = Upstreams(
@@ -99,13 +107,15 @@ def build_proxy(config: Config, reactor: Any) -> Proxy:
         reactor,
         pool,
         allow_any=config.allow_any_registry,
+        metrics=metrics,
     )
-    resource = RegistryResource(
-        upstreams,
-        ManifestCache(store, index, reactor, config.cache.tag_ttl),
-        BlobCache(store, index, reactor),
+    manifests = ManifestCache(store, index, reactor, config.cache.tag_ttl)
+    blobs = BlobCache(store, index, reactor)
+    resource = RegistryResource(upstreams, manifests, blobs, metrics)
+    control = Control(
+        config, store.root, store, index, manifests, blobs, upstreams, metrics, reactor
     )
-    return Proxy(Site(resource), pool, index)
+    return Proxy(Site(resource), control, pool, index)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -115,6 +125,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     service = MultiService()
     proxy = build_proxy(config, reactor)
     _Closing(proxy).setServiceParent(service)
+    # access times are gathered in memory and written in batches
+    TimerService(_FLUSH_SECONDS, proxy.index.flush).setServiceParent(service)
     try:
         endpoint = serverFromString(reactor, config.proxy.listen)
     except (ValueError, KeyError, TypeError) as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -47,6 +48,7 @@ class BlobFetch:
         reader.close()
         self._readers = 0
         self._ended = False
+        self._done: list[Deferred[None]] = []
 
     @property
     def written(self) -> int:
@@ -67,9 +69,23 @@ class BlobFetch:
         self._readers -= 1
         self._maybe_close()
 
+    def when_done(self) -> Deferred[None]:
+        """Fires when the fetch is verified, or fails with RuntimeError(why)."""
+        d: Deferred[None] = Deferred()
+        self._done.append(d)
+        self._notify()
+        return d
+
     def _notify(self) -> None:
         for listener in list(self._listeners):
             listener()
+        if not self.running:
+            done, self._done = self._done, []
+            for d in done:
+                if self.error is None:
+                    d.callback(None)
+                else:
+                    d.errback(RuntimeError(self.error))
 
     def _maybe_close(self) -> None:
         if self._ended and self._readers == 0 and self._fd >= 0:
@@ -164,6 +180,10 @@ class BlobCache:
 
     def active(self, digest: Digest) -> BlobFetch | None:
         return self._active.get(digest)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
 
     def served(self, digest: Digest) -> None:
         """A cached blob was read: remember when, for eviction."""

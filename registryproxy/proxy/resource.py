@@ -19,6 +19,7 @@ from ..cache.blobs import BlobCache
 from ..cache.manifests import CachedManifest, ManifestCache
 from ..errors import RegistryError, digest_invalid, name_invalid, unsupported
 from ..mediatypes import parse_accept
+from ..metrics import Metrics
 from ..names import Digest, is_valid_digest, is_valid_name, is_valid_registry_host, is_valid_tag
 from ..upstream.client import RegistryClient
 from ..upstream.registry import Upstreams
@@ -85,11 +86,14 @@ def _named(upstreams: Upstreams, host: str, how: str) -> RegistryClient:
 class RegistryResource(Resource):
     isLeaf = True
 
-    def __init__(self, upstreams: Upstreams, manifests: ManifestCache, blobs: BlobCache) -> None:
+    def __init__(
+        self, upstreams: Upstreams, manifests: ManifestCache, blobs: BlobCache, metrics: Metrics
+    ) -> None:
         super().__init__()
         self._upstreams = upstreams
         self._manifests = manifests
         self._blobs = blobs
+        self._metrics = metrics
 
     def render(self, request: Request) -> int:  # type: ignore[override]
         request.setHeader(*_API_VERSION)
@@ -110,6 +114,7 @@ class RegistryResource(Resource):
                 uri=request.uri.decode("latin-1"),
             )
             error = RegistryError(500, "UNKNOWN", "internal error in regproxy; see its log")
+        self._metrics.errors.labels(str(error.status)).inc()
         if gone or request.finished:
             return
         if request.startedWriting:
@@ -130,6 +135,8 @@ class RegistryResource(Resource):
         method = request.method
         if method not in (b"GET", b"HEAD"):
             raise unsupported(f"{method.decode('latin-1')} {path}")
+        if kind in ("base", "tags"):
+            self._metrics.requests.labels(kind, "none").inc()
         if kind == "base":
             self._json(request, b"{}")
             return
@@ -173,7 +180,10 @@ class RegistryResource(Resource):
         request.setHeader(b"ETag", f'"{manifest.digest}"'.encode())
         request.setHeader(b"Content-Length", b"%d" % len(manifest.body))
         request.setHeader(b"X-Cache", manifest.cache.encode())
+        self._metrics.requests.labels("manifest", manifest.cache.lower()).inc()
         if request.method != b"HEAD":
+            source = "cache" if manifest.cache == "HIT" else "upstream"
+            self._metrics.served_bytes.labels(source).inc(len(manifest.body))
             request.write(manifest.body)
         request.finish()
 
@@ -215,12 +225,14 @@ class RegistryResource(Resource):
         request.setHeader(b"Docker-Content-Digest", str(digest).encode())
         request.setHeader(b"Accept-Ranges", b"bytes")
         request.setHeader(b"X-Cache", cache.encode())
+        self._metrics.requests.labels("blob", cache.lower()).inc()
         if request.method == b"HEAD":
             request.finish()
             return
+        counted = self._metrics.served_bytes.labels("upstream" if fetch else "cache").inc
         if fetch is not None:
-            BlobSender(request, start, end, fetch=fetch).start()
+            BlobSender(request, start, end, fetch=fetch, counted=counted).start()
             return
         with store.open(digest) as f:
             fd = os.dup(f.fileno())
-        BlobSender(request, start, end, fd=fd).start()
+        BlobSender(request, start, end, fd=fd, counted=counted).start()

@@ -11,6 +11,7 @@ download fails instead of ending short.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -33,6 +34,7 @@ class BlobSender:
         end: int | None,
         fd: int | None = None,
         fetch: BlobFetch | None = None,
+        counted: Callable[[int], None] = lambda n: None,
     ) -> None:
         """Send ``[start, end)``; ``end=None`` means until the fetch ends."""
         assert (fd is None) != (fetch is None)
@@ -40,6 +42,7 @@ class BlobSender:
         self._pos = start
         self._end = end
         self._fetch = fetch
+        self._counted = counted
         self._own_fd = fd is not None
         self._fd = fd if fd is not None else fetch.listen(self._pump)  # type: ignore[union-attr]
         self._paused = False
@@ -95,6 +98,7 @@ class BlobSender:
                     self._abort()
                     return
                 self._pos += len(data)
+                self._counted(len(data))
                 self._request.write(data)
         finally:
             self._pumping = False

@@ -28,6 +28,7 @@ from twisted.web.iweb import IAgent, IResponse
 
 from ..config import UpstreamConfig
 from ..errors import RegistryError
+from ..metrics import Metrics
 from .auth import Authenticator, AuthError, parse_www_authenticate
 
 log = Logger()
@@ -86,6 +87,7 @@ class RegistryClient:
         auth: Authenticator,
         clock: IReactorTime,
         fallbacks: Callable[[], Sequence[RegistryClient]] = lambda: (),
+        metrics: Metrics | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -93,6 +95,9 @@ class RegistryClient:
         self._auth = auth
         self._clock = clock
         self._fallbacks = fallbacks
+        self._metrics = metrics or Metrics()
+        #: when this upstream last answered at all (any HTTP status), for readiness
+        self.last_answer: float | None = None
         self._base = config.url.rstrip("/")
         self._host = urlsplit(self._base).netloc
 
@@ -136,6 +141,12 @@ class RegistryClient:
             path += "?" + urlencode(query)
         response = await self._checked(b"GET", repo, path, {}, "NAME_UNKNOWN")
         return await self._read(response), _header(response, "Link")
+
+    async def ping(self) -> int:
+        """``GET /v2/``: the status the upstream answers (401 is a fine answer)."""
+        response = await self._send(b"GET", self._base + "/v2/", {})
+        await self._discard(response)
+        return response.code
 
     # -- plumbing ---------------------------------------------------------
 
@@ -221,8 +232,16 @@ class RegistryClient:
             h.setRawHeaders(key, [value])
         d: Deferred[IResponse] = self._agent.request(method, url.encode("ascii"), h)
         d.addTimeout(self.config.read_timeout, self._clock)
+        self._metrics.upstream_requests.labels(self.name, _kind(method, url)).inc()
         try:
-            return await d
+            response = await d
+            self.last_answer = self._clock.seconds()
+            remaining = _header(response, "RateLimit-Remaining")
+            if remaining and remaining.split(";")[0].strip().isdigit():
+                self._metrics.ratelimit_remaining.labels(self.name).set(
+                    int(remaining.split(";")[0])
+                )
+            return response
         except (TimeoutError, CancelledError, ConnectingCancelledError):
             raise RegistryError(
                 504,
@@ -291,6 +310,14 @@ class RegistryClient:
             return await self._read(response)
         except RegistryError:
             return b""
+
+
+def _kind(method: bytes, url: str) -> str:
+    path = urlsplit(url).path
+    for what in ("manifests", "blobs", "tags"):
+        if f"/{what}/" in path:
+            return f"{method.decode().lower()}_{what.rstrip('s')}"
+    return "other"
 
 
 def _accept(accept: Sequence[str]) -> dict[str, str]:

@@ -20,6 +20,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from ..config import UpstreamConfig
+from ..metrics import Metrics
 from .auth import Authenticator
 from .client import RegistryClient
 
@@ -36,17 +37,35 @@ class Upstreams:
         reactor: Any,
         pool: HTTPConnectionPool,
         allow_any: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         self._configs = dict(configs)
         self.default = default
         self._reactor = reactor
         self._pool = pool
         self._allow_any = allow_any
+        self._metrics = metrics
         self._clients: dict[str, RegistryClient] = {}
         self._hosts: dict[str, str] = {}
-        for name, config in self._configs.items():
-            for host in (name, *config.aliases):
-                self._hosts[host.lower()] = name
+        self.update(configs, default)
+
+    @property
+    def configs(self) -> Mapping[str, UpstreamConfig]:
+        return self._configs
+
+    def update(self, configs: Mapping[str, UpstreamConfig], default: str) -> None:
+        """Serve from now on with these upstreams; a changed upstream gets a
+        new client (requests under way finish with the old one)."""
+        self._configs = dict(configs)
+        self.default = default
+        self._hosts = {
+            host.lower(): name
+            for name, config in self._configs.items()
+            for host in (name, *config.aliases)
+        }
+        for name, client in list(self._clients.items()):
+            if self._configs.get(name) != client.config:
+                del self._clients[name]
 
     def default_client(self) -> RegistryClient:
         client = self.get(self.default)
@@ -101,6 +120,7 @@ class Upstreams:
             fallbacks=lambda: [
                 client for other in config.fallbacks if (client := self.get(other)) is not None
             ],
+            metrics=self._metrics,
         )
 
 

@@ -1,0 +1,451 @@
+"""The admin API: a Klein app that parses, validates and renders, over an
+:class:`~registryproxy.admin.backend.AdminBackend` that does the work.
+
+Every answer is JSON (``/metrics`` aside) and every error is
+``{"error": {"code": ..., "message": ...}}``.  The routes are described by
+:mod:`registryproxy.admin.openapi`, served at ``/api/v1/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+import attrs
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+
+from ..names import is_valid_digest, is_valid_name, is_valid_registry_host, is_valid_tag
+from . import openapi
+from .backend import AdminBackend, AdminError, PurgeSelector
+from .reference import parse_image
+
+log = Logger()
+
+#: the largest request body taken; an upstream's settings are a few hundred bytes
+MAX_BODY = 64 * 1024
+#: the only route answered without the token
+OPEN_PATH = b"/healthz"
+
+
+def _show(value: str, limit: int = 80) -> str:
+    """*value* quoted for a message, cut short if long."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def _error(request: IRequest, status: int, message: str) -> bytes:
+    try:
+        code = HTTPStatus(status).name
+    except ValueError:
+        code = "ERROR"
+    return _json(request, {"error": {"code": code, "message": message}}, status)
+
+
+def _json(request: IRequest, value: Any, status: int = 200) -> bytes:
+    return _json_bytes(request, json.dumps(value, allow_nan=False).encode() + b"\n", status)
+
+
+def _json_bytes(request: IRequest, body: bytes, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return body
+
+
+def _query(request: IRequest, *known: str) -> dict[str, str]:
+    """The query parameters, each given at most once and all of them *known*.
+
+    Read from the URI rather than ``request.args``, which Twisted also fills
+    from a form-encoded POST body (what ``curl -d`` sends)."""
+    try:
+        query = urlsplit(request.uri).query.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AdminError(400, "the query string is not UTF-8") from None
+    args: dict[str, str] = {}
+    for name, values in parse_qs(query, keep_blank_values=True).items():
+        if name not in known:
+            takes = f"known here: {', '.join(known)}" if known else "this route takes none"
+            raise AdminError(400, f"unknown query parameter {_show(name)} ({takes})")
+        if len(values) > 1:
+            raise AdminError(400, f"query parameter {name!r} is given {len(values)} times")
+        args[name] = values[0]
+    return args
+
+
+def _flag(args: dict[str, str], name: str) -> bool:
+    value = args.get(name, "false")
+    if value not in ("true", "false"):
+        raise AdminError(400, f"{name}: expected true or false, got {_show(value)}")
+    return value == "true"
+
+
+def parse_time(name: str, text: str) -> float:
+    """Epoch seconds from epoch seconds or ISO 8601 (UTC when it names no zone)."""
+    if openapi.matches(openapi.TIME_PATTERN, text):
+        if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):
+            return float(text)
+        try:
+            when = datetime.fromisoformat(text)
+        except ValueError:
+            pass
+        else:
+            return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+    raise AdminError(
+        400,
+        f"{name}: expected epoch seconds or an ISO 8601 time such as "
+        f"2024-05-01T12:00:00Z, got {_show(text)}",
+    )
+
+
+def _times(args: dict[str, str]) -> dict[str, float]:
+    return {
+        name: parse_time(name, args[name])
+        for name in ("older_than", "unused_since")
+        if name in args
+    }
+
+
+def _upstream(name: str) -> str:
+    if not is_valid_registry_host(name):
+        raise AdminError(
+            400,
+            f"{_show(name)} is not an upstream name: give a registry host such as "
+            "docker.io, ghcr.io or localhost:5000",
+        )
+    return name
+
+
+def _repository(name: str) -> str:
+    if not is_valid_name(name):
+        raise AdminError(
+            400,
+            f"{_show(name)} is not a repository name: use lowercase path components of "
+            "letters, digits and single separators (. _ __ -), e.g. library/alpine",
+        )
+    return name
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"field {_show(key)} is given twice")
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _body(request: IRequest, schema: str) -> dict[str, Any]:
+    """The JSON body, checked against the OpenAPI document's *schema*."""
+    data = request.content.read(MAX_BODY + 1) if request.content is not None else b""
+    if len(data) > MAX_BODY:
+        raise AdminError(413, f"the request body is larger than {MAX_BODY} bytes")
+    if not data.strip():
+        raise AdminError(400, "send a JSON object as the request body")
+    try:
+        value = json.loads(data, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as e:
+        raise AdminError(400, f"the request body is not JSON: {e}") from None
+    try:
+        openapi.check(schema, value)
+    except ValueError as e:
+        raise AdminError(400, str(e)) from None
+    assert isinstance(value, dict)
+    return value
+
+
+def _record(value: Any) -> dict[str, Any]:
+    """An attrs value as JSON-ready dicts and lists."""
+    return attrs.asdict(value, retain_collection_types=False)
+
+
+class _Guard(Resource):
+    """Asks for the bearer token before the Klein app sees a request."""
+
+    isLeaf = True
+
+    def __init__(self, app: IResource, token: str | None) -> None:
+        super().__init__()
+        self._app = app
+        self._token = token.encode("utf-8") if token else None
+
+    def render(self, request: IRequest) -> Any:
+        try:
+            for part in (*request.postpath, request.getRequestHostname()):
+                part.decode("utf-8")
+        except UnicodeDecodeError:
+            return _error(request, 400, "the URL or Host header is not UTF-8")
+        if self._token is not None and request.path != OPEN_PATH and not self._authorized(request):
+            log.warn(
+                "admin API: refused {method} {path} from {client}: missing or wrong bearer token",
+                method=request.method.decode("latin-1"),
+                path=request.path.decode("latin-1"),
+                client=getattr(request.getClientAddress(), "host", "?"),
+            )
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="regproxy-admin"')
+            return _error(
+                request,
+                401,
+                "missing or wrong bearer token: send 'Authorization: Bearer <token>' with "
+                "regproxy's admin.token (regproxy-admin reads REGPROXY_ADMIN_TOKEN)",
+            )
+        return self._app.render(request)
+
+    def _authorized(self, request: IRequest) -> bool:
+        assert self._token is not None
+        header = request.getHeader(b"Authorization") or b""
+        scheme, _, given = header.partition(b" ")
+        # compare_digest takes its time from the given token, never the real one
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self._token)
+
+
+class AdminAPI:
+    """``AdminAPI(backend, token).resource()`` is the admin port's root resource.
+
+    With ``token=None`` nothing is asked for: the caller makes sure the port
+    listens on loopback only."""
+
+    app = Klein()
+    # //api/v1/stats is a 404, not a redirect
+    app.url_map.merge_slashes = False
+
+    def __init__(self, backend: AdminBackend, token: str | None) -> None:
+        self._backend = backend
+        self._token = token
+        self._openapi = json.dumps(openapi.document()).encode()
+
+    def resource(self) -> IResource:
+        return _Guard(self.app.resource(), self._token)
+
+    # -- errors ---------------------------------------------------------
+
+    @app.handle_errors(Exception)
+    def _failed(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        path = request.path.decode("utf-8", "replace")
+        if isinstance(error, AdminError) and 400 <= error.status <= 599:
+            return _error(request, error.status, error.message)
+        if isinstance(error, MethodNotAllowed):
+            allowed = sorted(error.valid_methods or ())
+            request.setHeader(b"Allow", ", ".join(allowed).encode())
+            method = request.method.decode("latin-1")
+            return _error(request, 405, f"{method} {path} is not allowed; use {', '.join(allowed)}")
+        if isinstance(error, NotFound):
+            return _error(
+                request, 404, f"no admin API route {path}: GET /api/v1/openapi.json lists them"
+            )
+        if isinstance(error, HTTPException) and error.code and 400 <= error.code < 500:
+            return _error(request, error.code, error.description or "bad request")
+        log.failure(
+            "admin API: {method} {path} failed",
+            failure,
+            method=request.method.decode("latin-1"),
+            path=path,
+        )
+        return _error(request, 500, "internal error in the regproxy admin API; see regproxy's log")
+
+    # -- health and numbers ----------------------------------------------
+
+    @app.route("/healthz", methods=["GET"])
+    def healthz(self, request: IRequest) -> bytes:
+        _query(request)
+        return _json(request, {"status": "ok"})
+
+    @app.route("/readyz", methods=["GET"])
+    async def readyz(self, request: IRequest) -> bytes:
+        _query(request)
+        result = await self._backend.ready()
+        return _json(request, result, 200 if result.get("ready") else 503)
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> bytes:
+        _query(request)
+        body, content_type = self._backend.metrics()
+        request.setHeader(b"Content-Type", content_type.encode())
+        return body
+
+    @app.route("/api/v1/openapi.json", methods=["GET"])
+    def openapi_document(self, request: IRequest) -> bytes:
+        _query(request)
+        return _json_bytes(request, self._openapi)
+
+    @app.route("/api/v1/stats", methods=["GET"])
+    def stats(self, request: IRequest) -> bytes:
+        _query(request)
+        return _json(request, self._backend.stats())
+
+    # -- the cache -------------------------------------------------------
+
+    def _repositories(self, request: IRequest, upstream: str | None) -> bytes:
+        found = self._backend.repositories(upstream)
+        return _json(request, {"repositories": [_record(r) for r in found]})
+
+    def _purge(self, request: IRequest, selector: PurgeSelector) -> bytes:
+        result = self._backend.purge(selector)
+        log.info(
+            "admin API: purged {selector}: {tags} tags, {manifests} manifests, "
+            "{blobs} blobs, {bytes_freed} bytes freed",
+            selector=selector,
+            tags=result.tags,
+            manifests=result.manifests,
+            blobs=len(result.blobs),
+            bytes_freed=result.bytes_freed,
+        )
+        return _json(request, _record(result))
+
+    @app.route("/api/v1/cache", methods=["GET"])
+    def list_repositories(self, request: IRequest) -> bytes:
+        _query(request)
+        return self._repositories(request, None)
+
+    @app.route("/api/v1/cache", methods=["DELETE"])
+    def purge_cache(self, request: IRequest) -> bytes:
+        args = _query(request, "all", "older_than", "unused_since")
+        everything = _flag(args, "all")
+        times = _times(args)
+        if everything and times:
+            raise AdminError(
+                400,
+                "all=true purges everything: give it alone, or leave it out to purge "
+                "by older_than / unused_since",
+            )
+        if not everything and not times:
+            raise AdminError(
+                400,
+                "say what to purge: all=true for the whole cache, older_than= or "
+                "unused_since= (epoch seconds or ISO 8601), or DELETE "
+                "/api/v1/cache/<upstream>[/<repository>]",
+            )
+        return self._purge(request, PurgeSelector(everything=everything, **times))
+
+    @app.route("/api/v1/cache/<upstream>", methods=["GET"])
+    def list_upstream_repositories(self, request: IRequest, upstream: str) -> bytes:
+        _query(request)
+        return self._repositories(request, _upstream(upstream))
+
+    @app.route("/api/v1/cache/<upstream>", methods=["DELETE"])
+    def purge_upstream(self, request: IRequest, upstream: str) -> bytes:
+        args = _query(request, "older_than", "unused_since")
+        return self._purge(request, PurgeSelector(upstream=_upstream(upstream), **_times(args)))
+
+    @app.route("/api/v1/cache/<upstream>/<path:repository>", methods=["GET"])
+    def show_repository(self, request: IRequest, upstream: str, repository: str) -> bytes:
+        _query(request)
+        detail = self._backend.repository(_upstream(upstream), _repository(repository))
+        return _json(request, _record(detail))
+
+    @app.route("/api/v1/cache/<upstream>/<path:repository>", methods=["DELETE"])
+    def purge_repository(self, request: IRequest, upstream: str, repository: str) -> bytes:
+        args = _query(request, "tag", "digest", "older_than", "unused_since")
+        tag, digest = args.get("tag"), args.get("digest")
+        if tag is not None and digest is not None:
+            raise AdminError(400, "give tag or digest, not both")
+        if tag is not None and not is_valid_tag(tag):
+            raise AdminError(
+                400, f"tag: {_show(tag)} is not a tag (letters, digits, _ . -; at most 128)"
+            )
+        if digest is not None and not is_valid_digest(digest):
+            raise AdminError(
+                400,
+                f"digest: {_show(digest)} is not a digest (sha256:<64 hex> or sha512:<128 hex>)",
+            )
+        selector = PurgeSelector(
+            upstream=_upstream(upstream),
+            repository=_repository(repository),
+            tag=tag,
+            digest=digest,
+            **_times(args),
+        )
+        return self._purge(request, selector)
+
+    # -- prefetch --------------------------------------------------------
+
+    @app.route("/api/v1/prefetch", methods=["GET"])
+    def list_prefetch(self, request: IRequest) -> bytes:
+        _query(request)
+        return _json(request, {"jobs": [_record(j) for j in self._backend.prefetch_jobs()]})
+
+    @app.route("/api/v1/prefetch", methods=["POST"])
+    def prefetch(self, request: IRequest) -> bytes:
+        _query(request)
+        body = _body(request, "PrefetchRequest")
+        try:
+            image = parse_image(body["image"])
+        except ValueError as e:
+            raise AdminError(400, f"image: {e}") from None
+        platforms = body.get("platforms")
+        job = self._backend.prefetch(
+            image.upstream,
+            image.repository,
+            image.reference,
+            tuple(platforms) if platforms is not None else None,
+        )
+        log.info("admin API: prefetch {job} of {image}", job=job.id, image=str(image))
+        request.setHeader(b"Location", f"/api/v1/prefetch/{quote(job.id, safe='')}".encode())
+        return _json(request, _record(job), 202)
+
+    @app.route("/api/v1/prefetch/<id>", methods=["GET"])
+    def show_prefetch(self, request: IRequest, id: str) -> bytes:
+        _query(request)
+        for job in self._backend.prefetch_jobs():
+            if job.id == id:
+                return _json(request, _record(job))
+        raise AdminError(404, f"no prefetch job {_show(id)}: GET /api/v1/prefetch lists them")
+
+    # -- upstreams -------------------------------------------------------
+
+    def _known_upstream(self, name: str) -> dict[str, Any]:
+        shown = self._backend.upstreams().get(_upstream(name))
+        if shown is None:
+            raise AdminError(404, f"no upstream named {name!r}: GET /api/v1/upstreams lists them")
+        return shown
+
+    @app.route("/api/v1/upstreams", methods=["GET"])
+    def list_upstreams(self, request: IRequest) -> bytes:
+        _query(request)
+        return _json(request, {"upstreams": self._backend.upstreams()})
+
+    @app.route("/api/v1/upstreams/<name>", methods=["GET"])
+    def show_upstream(self, request: IRequest, name: str) -> bytes:
+        _query(request)
+        return _json(request, self._known_upstream(name))
+
+    @app.route("/api/v1/upstreams/<name>", methods=["PUT"])
+    def put_upstream(self, request: IRequest, name: str) -> bytes:
+        _query(request)
+        settings = _body(request, "UpstreamSettings")
+        existed = _upstream(name) in self._backend.upstreams()
+        shown = self._backend.set_upstream(name, settings, merge=False)
+        log.info(
+            "admin API: upstream {name} {how}", name=name, how="replaced" if existed else "added"
+        )
+        return _json(request, shown, 200 if existed else 201)
+
+    @app.route("/api/v1/upstreams/<name>", methods=["PATCH"])
+    def patch_upstream(self, request: IRequest, name: str) -> bytes:
+        _query(request)
+        settings = _body(request, "UpstreamSettings")
+        self._known_upstream(name)
+        shown = self._backend.set_upstream(name, settings, merge=True)
+        log.info("admin API: upstream {name} changed ({keys})", name=name, keys=", ".join(settings))
+        return _json(request, shown)
+
+    @app.route("/api/v1/upstreams/<name>", methods=["DELETE"])
+    def delete_upstream(self, request: IRequest, name: str) -> bytes:
+        _query(request)
+        self._backend.remove_upstream(_upstream(name))
+        log.info("admin API: upstream {name} removed", name=name)
+        request.setResponseCode(204)
+        return b""

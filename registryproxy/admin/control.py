@@ -1,0 +1,433 @@
+"""The running proxy as the admin API sees it: the real :class:`AdminBackend`."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from ..cache.blobs import BlobCache
+from ..cache.index import Index
+from ..cache.manifests import ManifestCache, references
+from ..cache.store import BlobStore
+from ..config import PRESETS, Config, ConfigError, settings_of, upstream_from_settings
+from ..errors import RegistryError
+from ..metrics import Metrics
+from ..names import Digest, is_valid_digest
+from ..upstream.client import DEFAULT_MANIFEST_ACCEPT
+from ..upstream.registry import Upstreams
+from .backend import (
+    AdminError,
+    BlobInfo,
+    ManifestInfo,
+    PrefetchJob,
+    PurgeResult,
+    PurgeSelector,
+    RepositoryDetail,
+    RepositorySummary,
+    TagInfo,
+)
+
+log = Logger()
+
+#: how long an upstream answer counts as "recent" for /readyz
+_RECENT = 300.0
+_KEEP_JOBS = 100
+
+
+class Control:
+    def __init__(
+        self,
+        config: Config,
+        cache_dir: str,
+        store: BlobStore,
+        index: Index,
+        manifests: ManifestCache,
+        blobs: BlobCache,
+        upstreams: Upstreams,
+        metrics: Metrics,
+        clock: IReactorTime,
+    ) -> None:
+        self._config = config
+        self._cache_dir = cache_dir
+        self._store = store
+        self._index = index
+        self._manifests = manifests
+        self._blobs = blobs
+        self._upstreams = upstreams
+        self._metrics = metrics
+        self._clock = clock
+        self._jobs: dict[str, _Job] = {}
+        self._saved = SavedUpstreams(os.path.join(cache_dir, "upstreams.json"))
+
+    # -- stats -----------------------------------------------------------------
+
+    def _refresh_gauges(self) -> dict[str, int]:
+        totals = self._index.totals()
+        disk = os.statvfs(self._cache_dir)
+        free = disk.f_bavail * disk.f_frsize
+        self._metrics.fetches_in_flight.set(self._blobs.in_flight)
+        self._metrics.cache_bytes.set(totals["size_bytes"])
+        for kind in ("blobs", "manifests", "tags", "repositories"):
+            self._metrics.cache_entries.labels(kind).set(totals[kind])
+        self._metrics.free_disk_bytes.set(free)
+        return {**totals, "free_disk_bytes": free}
+
+    def stats(self) -> dict[str, Any]:
+        cache = self._refresh_gauges()
+        return {
+            **self._metrics.summary(),
+            "fetches_in_flight": self._blobs.in_flight,
+            "cache": cache,
+            "prefetch": [attrs.asdict(job.snapshot()) for job in self._jobs.values()],
+        }
+
+    def metrics(self) -> tuple[bytes, str]:
+        self._refresh_gauges()
+        return self._metrics.render()
+
+    async def ready(self) -> dict[str, Any]:
+        storage = self._storage_check()
+        upstream = await self._upstream_check()
+        return {
+            "ready": storage["ok"] and upstream["ok"],
+            "checks": {"storage": storage, "upstream": upstream},
+        }
+
+    def _storage_check(self) -> dict[str, Any]:
+        try:
+            with tempfile.NamedTemporaryFile(dir=os.path.join(self._cache_dir, "tmp")) as f:
+                f.write(b"ready?")
+                f.flush()
+            return {"ok": True}
+        except OSError as e:
+            return {"ok": False, "error": f"cache directory not writable: {e.strerror}"}
+
+    async def _upstream_check(self) -> dict[str, Any]:
+        client = self._upstreams.default_client()
+        now = self._clock.seconds()
+        if client.last_answer is None or now - client.last_answer > _RECENT:
+            try:
+                await client.ping()
+            except RegistryError as e:
+                return {"ok": False, "upstream": client.name, "error": e.message}
+        assert client.last_answer is not None
+        return {"ok": True, "upstream": client.name, "answered_at": client.last_answer}
+
+    # -- what is cached --------------------------------------------------------
+
+    def repositories(self, upstream: str | None = None) -> list[RepositorySummary]:
+        if upstream is not None:
+            self._known_upstream(upstream, status=404)
+        out = []
+        for row in self._index.repositories(upstream):
+            manifests = self._index.repo_manifests(row.upstream, row.repo)
+            blobs = {
+                child
+                for m in manifests
+                for child, kind in self._index.refs(m.digest)
+                if kind == "blob"
+            }
+            size = sum(m.size for m in manifests) + sum(self._index.blob_sizes(blobs).values())
+            out.append(
+                RepositorySummary(
+                    row.upstream, row.repo, row.tags, row.manifests, size, row.last_access
+                )
+            )
+        return out
+
+    def repository(self, upstream: str, repository: str) -> RepositoryDetail:
+        manifests = self._index.repo_manifests(upstream, repository)
+        if not manifests:
+            raise AdminError(404, f"nothing of {upstream}/{repository} is cached")
+        ttl = self._tag_ttl(upstream)
+        tags = tuple(
+            TagInfo(t.tag, t.digest, t.media_type, t.checked_at, t.checked_at + ttl)
+            for t in self._index.repo_tags(upstream, repository)
+        )
+        infos = []
+        for m in manifests:
+            refs = self._index.refs(m.digest)
+            blob_digests = [child for child, kind in refs if kind == "blob"]
+            sizes = self._index.blob_sizes(blob_digests)
+            infos.append(
+                ManifestInfo(
+                    m.digest,
+                    m.media_type,
+                    m.size,
+                    m.fetched_at,
+                    m.last_access,
+                    tuple(BlobInfo(b, sizes.get(b), b in sizes) for b in blob_digests),
+                    tuple(child for child, kind in refs if kind == "manifest"),
+                )
+            )
+        return RepositoryDetail(upstream, repository, tags, tuple(infos))
+
+    def _tag_ttl(self, upstream: str) -> float:
+        config = self._upstreams.configs.get(upstream)
+        if config is not None and config.tag_ttl is not None:
+            return config.tag_ttl
+        return self._config.cache.tag_ttl
+
+    def _known_upstream(self, name: str, status: int = 400) -> None:
+        if name not in self._upstreams.configs and not self._index.repositories(name):
+            raise AdminError(status, f"unknown upstream {name!r}")
+
+    # -- purging ---------------------------------------------------------------
+
+    def purge(self, selector: PurgeSelector) -> PurgeResult:
+        s = selector
+        narrowed = any(
+            v is not None
+            for v in (s.upstream, s.repository, s.tag, s.digest, s.older_than, s.unused_since)
+        )
+        if not narrowed and not s.everything:
+            raise AdminError(400, "say what to purge, or everything=true for the whole cache")
+        if s.everything and narrowed:
+            raise AdminError(400, "everything=true cannot be combined with other selectors")
+        if (s.tag or s.digest) and not (s.upstream and s.repository):
+            raise AdminError(400, "a tag or digest needs its upstream and repository")
+        if s.tag and s.digest:
+            raise AdminError(400, "give a tag or a digest, not both")
+        if s.repository and not s.upstream:
+            raise AdminError(400, "a repository needs its upstream")
+        if s.digest is not None and not is_valid_digest(s.digest):
+            raise AdminError(400, f"invalid digest {s.digest!r}")
+        if s.upstream is not None:
+            self._known_upstream(s.upstream)
+        removed = self._index.purge(
+            upstream=s.upstream,
+            repo=s.repository,
+            tag=s.tag,
+            digest=s.digest,
+            fetched_before=s.older_than,
+            unused_since=s.unused_since,
+        )
+        freed = 0
+        for digest, recorded in removed.blobs:
+            parsed = Digest.parse(digest)
+            size = self._store.stat(parsed)
+            # readers already streaming keep their open file: never cut off
+            if self._store.delete(parsed):
+                freed += size if size is not None else recorded
+        log.info(
+            "purged {manifests} manifests, {tags} tags, {blobs} files ({bytes} bytes)",
+            manifests=removed.manifests,
+            tags=removed.tags,
+            blobs=len(removed.blobs),
+            bytes=freed,
+        )
+        return PurgeResult(
+            removed.tags, removed.manifests, tuple(d for d, _ in removed.blobs), freed
+        )
+
+    # -- prefetch --------------------------------------------------------------
+
+    def prefetch(
+        self, upstream: str, repository: str, reference: str, platforms: tuple[str, ...] | None
+    ) -> PrefetchJob:
+        client = self._upstreams.get(upstream)
+        if client is None:
+            raise AdminError(400, f"unknown upstream {upstream!r}")
+        if client.config.library_prefix and "/" not in repository:
+            repository = "library/" + repository
+        job = _Job(
+            id=secrets.token_hex(8),
+            upstream=client.name,
+            repository=repository,
+            reference=reference,
+            platforms=platforms,
+            started_at=self._clock.seconds(),
+        )
+        self._jobs[job.id] = job
+        while len(self._jobs) > _KEEP_JOBS:
+            oldest = next(iter(self._jobs))
+            if self._jobs[oldest].state in ("queued", "running"):
+                break
+            del self._jobs[oldest]
+        Deferred.fromCoroutine(self._run(job, client))
+        return job.snapshot()
+
+    def prefetch_jobs(self) -> list[PrefetchJob]:
+        return [job.snapshot() for job in self._jobs.values()]
+
+    async def _run(self, job: _Job, client: Any) -> None:
+        job.state = "running"
+        try:
+            top = await self._manifests.get(
+                client, job.repository, job.reference, DEFAULT_MANIFEST_ACCEPT
+            )
+            job.manifests_done += 1
+            images = [top.body]
+            children = _platform_children(top.body, job.platforms)
+            for child in children:
+                manifest = await self._manifests.get(
+                    client, job.repository, child, DEFAULT_MANIFEST_ACCEPT
+                )
+                job.manifests_done += 1
+                images.append(manifest.body)
+            wanted = [d for body in images for d, kind in references(body) if kind == "blob"]
+            job.blobs_total = len(set(wanted))
+            for digest in dict.fromkeys(wanted):
+                parsed = Digest.parse(digest)
+                if self._store.stat(parsed) is None:
+                    fetch = await self._blobs.fetch(client, job.repository, parsed)
+                    await self._blobs.confirm(client, job.repository, parsed)
+                    await fetch.when_done()
+                    job.bytes_fetched += fetch.written
+                job.blobs_done += 1
+            job.state = "done"
+        except (RegistryError, RuntimeError) as e:
+            job.state, job.error = "failed", str(e.args[0] if isinstance(e, RuntimeError) else e)
+        except Exception as e:
+            log.failure("prefetch {id} failed", id=job.id)
+            job.state, job.error = "failed", f"internal error: {type(e).__name__}"
+        job.finished_at = self._clock.seconds()
+
+    # -- upstreams -------------------------------------------------------------
+
+    def upstreams(self) -> dict[str, dict[str, Any]]:
+        return {name: self._view(name) for name in sorted(self._upstreams.configs)}
+
+    def _view(self, name: str) -> dict[str, Any]:
+        config = self._upstreams.configs[name]
+        return {
+            **settings_of(config),
+            "preset": name in PRESETS,
+            "default": name == self._upstreams.default,
+        }
+
+    def set_upstream(
+        self, name: str, settings: dict[str, Any], merge: bool = False
+    ) -> dict[str, Any]:
+        current = self._upstreams.configs.get(name)
+        if merge and current is None:
+            raise AdminError(404, f"unknown upstream {name!r}: PUT it to add it")
+        if not isinstance(settings, dict):
+            raise AdminError(400, "upstream settings must be a JSON object")
+        if merge:
+            given = {**settings_of(current, redact=False), **settings}  # type: ignore[arg-type]
+            given = {k: v for k, v in given.items() if v is not None}
+        else:
+            given = dict(settings)
+        try:
+            upstream = upstream_from_settings(name, given)
+            configs = {**self._upstreams.configs, name: upstream}
+            attrs.evolve(self._config, upstreams=configs)  # cross-checks fallbacks, aliases
+        except ConfigError as e:
+            raise AdminError(400, str(e)) from None
+        except ValueError as e:
+            raise AdminError(400, str(e)) from None
+        self._upstreams.update(configs, self._upstreams.default)
+        self._saved.put(name, settings_of(upstream, redact=False))
+        log.info("upstream {name} set through the admin API", name=name)
+        return self._view(name)
+
+    def remove_upstream(self, name: str) -> None:
+        if name not in self._upstreams.configs:
+            raise AdminError(404, f"unknown upstream {name!r}")
+        if name == self._upstreams.default:
+            raise AdminError(409, f"{name!r} is the default upstream")
+        users = [n for n, c in self._upstreams.configs.items() if name in c.fallbacks]
+        if users:
+            raise AdminError(409, f"{name!r} is a fallback of {', '.join(users)}")
+        if name in PRESETS:
+            raise AdminError(409, f"{name!r} is built in; PUT it to change it")
+        configs = {n: c for n, c in self._upstreams.configs.items() if n != name}
+        self._upstreams.update(configs, self._upstreams.default)
+        self._saved.put(name, None)
+        log.info("upstream {name} removed through the admin API", name=name)
+
+
+def _platform_children(body: bytes, platforms: tuple[str, ...] | None) -> list[str]:
+    try:
+        index = json.loads(body)
+        entries = index.get("manifests") or []
+    except (ValueError, AttributeError):
+        return []
+    children = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not is_valid_digest(str(entry.get("digest", ""))):
+            continue
+        platform = entry.get("platform") or {}
+        names = {
+            f"{platform.get('os')}/{platform.get('architecture')}",
+            f"{platform.get('os')}/{platform.get('architecture')}/{platform.get('variant')}",
+        }
+        if platforms is None or names & set(platforms):
+            children.append(entry["digest"])
+    return children
+
+
+@attrs.define
+class _Job:
+    id: str
+    upstream: str
+    repository: str
+    reference: str
+    platforms: tuple[str, ...] | None
+    started_at: float
+    state: str = "queued"
+    manifests_done: int = 0
+    blobs_done: int = 0
+    blobs_total: int = 0
+    bytes_fetched: int = 0
+    error: str | None = None
+    finished_at: float | None = None
+
+    def snapshot(self) -> PrefetchJob:
+        return PrefetchJob(**attrs.asdict(self))
+
+
+class SavedUpstreams:
+    """Upstream changes made through the admin API, in a JSON file beside
+    the cache (mode 0600: it may hold passwords), so they survive restarts."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, dict[str, Any] | None]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.error("ignoring unreadable {path}: {why}", path=self.path, why=e)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def put(self, name: str, settings: dict[str, Any] | None) -> None:
+        data = self.load()
+        data[name] = settings
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".upstreams.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def apply(self, config: Config) -> Config:
+        """*config* with the saved changes on top; a saved entry that no
+        longer validates is logged and skipped."""
+        configs = dict(config.upstreams)
+        for name, settings in self.load().items():
+            if settings is None:
+                configs.pop(name, None)
+                continue
+            try:
+                configs[name] = upstream_from_settings(name, settings)
+            except ConfigError as e:
+                log.error("ignoring saved upstream {name}: {why}", name=name, why=e)
+        try:
+            return attrs.evolve(config, upstreams=configs)
+        except ValueError as e:
+            log.error("ignoring saved upstream changes: {why}", why=e)
+            return config

@@ -1,0 +1,679 @@
+"""The admin API's OpenAPI 3.1 document, and request bodies checked against it.
+
+The routes in :mod:`registryproxy.admin.app` validate JSON bodies with
+:func:`check` against the schemas below, so the document and the routes
+cannot disagree about what a body may hold.  The settings of an upstream are
+derived from :class:`~registryproxy.config.UpstreamConfig`: a new config key
+is a new API field.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import types
+import typing
+from typing import Any, Union
+
+import attrs
+
+from ..config import UpstreamConfig
+
+NAME_PATTERN = r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$"
+TAG_PATTERN = r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$"
+DIGEST_PATTERN = r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$"
+HOST_PATTERN = (
+    r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
+    r"(?::[0-9]{1,5})?$"
+)
+PLATFORM_PATTERN = r"^[a-z0-9_.-]+/[a-z0-9_.-]+(?:/[a-z0-9_.-]+)?$"
+#: epoch seconds, or an ISO 8601 time (UTC when it names no zone)
+TIME_PATTERN = r"^([0-9]+(\.[0-9]+)?|[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9:.]+)?(Z|[+-][0-9:]+)?)$"
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "type": [schema["type"], "null"]}
+
+
+def _setting_schema(tp: Any) -> dict[str, Any]:
+    """JSON Schema for one UpstreamConfig field, from its type hint."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        (inner,) = [t for t in typing.get_args(tp) if t is not type(None)]
+        return _nullable(_setting_schema(inner))
+    if typing.get_origin(tp) is tuple:
+        return {"type": "array", "items": _setting_schema(typing.get_args(tp)[0])}
+    if tp is float:
+        return {"type": "number", "minimum": 0}
+    if tp is bool:
+        return {"type": "boolean"}
+    if tp is str:
+        return {"type": "string"}
+    raise TypeError(f"no JSON schema for {tp!r}")  # pragma: no cover
+
+
+def _upstream_settings() -> dict[str, Any]:
+    hints = typing.get_type_hints(UpstreamConfig)
+    return {
+        "type": "object",
+        "description": (
+            "An upstream's keys as under upstreams.<name> in the YAML config "
+            "(etc/regproxy.yaml), validated the same way."
+        ),
+        "properties": {
+            f.name: _setting_schema(hints[f.name]) for f in attrs.fields(UpstreamConfig)
+        },
+        "additionalProperties": False,
+    }
+
+
+_TIME = {"type": "number", "description": "Unix epoch seconds"}
+_ERROR = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "code": {"type": "string", "examples": ["BAD_REQUEST"]},
+                "message": {"type": "string", "description": "what went wrong and what to do"},
+            },
+            "required": ["code", "message"],
+        }
+    },
+    "required": ["error"],
+}
+
+
+def _object(properties: dict[str, Any], optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": [name for name in properties if name not in optional],
+    }
+
+
+_JOB = _object(
+    {
+        "id": {"type": "string"},
+        "upstream": {"type": "string"},
+        "repository": {"type": "string"},
+        "reference": {"type": "string", "description": "tag or digest"},
+        "platforms": {
+            "type": ["array", "null"],
+            "items": {"type": "string"},
+            "description": "null: every platform",
+        },
+        "state": {"type": "string", "enum": ["queued", "running", "done", "failed"]},
+        "manifests_done": {"type": "integer"},
+        "blobs_done": {"type": "integer"},
+        "blobs_total": {"type": "integer"},
+        "bytes_fetched": {"type": "integer"},
+        "error": {"type": ["string", "null"]},
+        "started_at": _TIME,
+        "finished_at": _nullable(_TIME),
+    }
+)
+_UPSTREAM_SHOWN = {
+    "type": "object",
+    "description": (
+        'The upstream\'s settings as in the YAML, secrets replaced by "<set>", '
+        "plus whether it is a preset and the default upstream."
+    ),
+    "properties": {
+        **{name: {} for name in _upstream_settings()["properties"]},
+        "url": {"type": "string"},
+        "preset": {"type": "boolean"},
+        "default": {"type": "boolean"},
+    },
+    "required": ["url", "preset", "default"],
+}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": _ERROR,
+    "Health": _object({"status": {"type": "string", "enum": ["ok"]}}),
+    "Readiness": _object(
+        {"ready": {"type": "boolean"}, "checks": {"type": "object"}}, optional=("checks",)
+    ),
+    "Stats": {
+        "type": "object",
+        "description": "Counters since start-up; every key may be missing if not measured.",
+        "properties": {
+            "requests": {"type": "integer"},
+            "hits": {"type": "integer"},
+            "misses": {"type": "integer"},
+            "hit_ratio": {"type": ["number", "null"]},
+            "bytes_from_cache": {"type": "integer"},
+            "bytes_from_upstream": {"type": "integer"},
+            "upstream_requests": {
+                "type": "object",
+                "description": "{upstream: {kind: count}}",
+                "additionalProperties": {
+                    "type": "object",
+                    "additionalProperties": {"type": "integer"},
+                },
+            },
+            "errors": {
+                "type": "object",
+                "description": "{HTTP status: count}",
+                "additionalProperties": {"type": "integer"},
+            },
+            "fetches_in_flight": {"type": "integer"},
+            "cache": {
+                "type": "object",
+                "properties": {
+                    name: {"type": "integer"}
+                    for name in (
+                        "size_bytes",
+                        "blobs",
+                        "manifests",
+                        "tags",
+                        "repositories",
+                        "free_disk_bytes",
+                    )
+                },
+            },
+            "ratelimit_remaining": {
+                "type": "object",
+                "description": "Docker Hub's ratelimit-remaining header as last seen, by upstream",
+            },
+            "prefetch": {"type": "array", "items": _ref("PrefetchJob")},
+        },
+    },
+    "RepositorySummary": _object(
+        {
+            "upstream": {"type": "string"},
+            "repository": {"type": "string"},
+            "tags": {"type": "integer"},
+            "manifests": {"type": "integer"},
+            "size": {"type": "integer", "description": "bytes of its cached manifests and blobs"},
+            "last_access": _nullable(_TIME),
+        }
+    ),
+    "RepositoryList": _object(
+        {"repositories": {"type": "array", "items": _ref("RepositorySummary")}}
+    ),
+    "RepositoryDetail": _object(
+        {
+            "upstream": {"type": "string"},
+            "repository": {"type": "string"},
+            "tags": {
+                "type": "array",
+                "items": _object(
+                    {
+                        "tag": {"type": "string"},
+                        "digest": {"type": "string"},
+                        "media_type": {"type": "string"},
+                        "checked_at": {
+                            **_TIME,
+                            "description": "when the upstream last confirmed this tag",
+                        },
+                        "expires_at": {**_TIME, "description": "when it is revalidated upstream"},
+                    }
+                ),
+            },
+            "manifests": {
+                "type": "array",
+                "items": _object(
+                    {
+                        "digest": {"type": "string"},
+                        "media_type": {"type": "string"},
+                        "size": {"type": "integer"},
+                        "fetched_at": _TIME,
+                        "last_access": _nullable(_TIME),
+                        "blobs": {
+                            "type": "array",
+                            "items": _object(
+                                {
+                                    "digest": {"type": "string"},
+                                    "size": {"type": ["integer", "null"]},
+                                    "cached": {"type": "boolean"},
+                                }
+                            ),
+                        },
+                        "manifests": {"type": "array", "items": {"type": "string"}},
+                    }
+                ),
+            },
+        }
+    ),
+    "PurgeResult": _object(
+        {
+            "tags": {"type": "integer", "description": "tag mappings removed"},
+            "manifests": {"type": "integer", "description": "manifests removed"},
+            "blobs": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "digests of the blobs deleted because nothing cached lists them",
+            },
+            "bytes_freed": {"type": "integer"},
+        }
+    ),
+    "PrefetchRequest": {
+        "type": "object",
+        "properties": {
+            "image": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 1024,
+                "description": (
+                    "An image as docker pull takes it: nginx, nginx:1.27, "
+                    "ghcr.io/owner/name:1.0, nginx@sha256:..."
+                ),
+            },
+            "platforms": {
+                "type": ["array", "null"],
+                "minItems": 1,
+                "items": {
+                    "type": "string",
+                    "pattern": PLATFORM_PATTERN,
+                    "description": "os/arch[/variant], e.g. linux/arm64/v8",
+                },
+                "description": "Which platforms of a multi-platform image; leave out for all",
+            },
+        },
+        "required": ["image"],
+        "additionalProperties": False,
+    },
+    "PrefetchJob": _JOB,
+    "PrefetchJobList": _object({"jobs": {"type": "array", "items": _ref("PrefetchJob")}}),
+    "UpstreamSettings": _upstream_settings(),
+    "Upstream": _UPSTREAM_SHOWN,
+    "UpstreamList": _object(
+        {"upstreams": {"type": "object", "additionalProperties": _ref("Upstream")}}
+    ),
+}
+
+_STATUS_TEXT = {
+    200: "OK",
+    201: "Created",
+    202: "Accepted",
+    204: "Deleted",
+    400: "Bad input: the message names the parameter or field",
+    401: "Missing or wrong bearer token",
+    404: "No such thing",
+    409: "Conflicts with the current state",
+    413: "Request body too large",
+    500: "Internal error; see regproxy's log",
+    503: "Not ready",
+}
+
+
+def _json(schema: str) -> dict[str, Any]:
+    return {"application/json": {"schema": _ref(schema)}}
+
+
+def _operation(
+    op_id: str,
+    summary: str,
+    ok: dict[int, str | None],
+    errors: tuple[int, ...] = (),
+    parameters: tuple[dict[str, Any], ...] = (),
+    body: str | None = None,
+    secured: bool = True,
+    description: str | None = None,
+    ok_content: dict[str, Any] | None = None,
+    ok_headers: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    responses: dict[str, Any] = {}
+    for status, schema in ok.items():
+        responses[str(status)] = {"description": _STATUS_TEXT[status]}
+        if ok_content is not None:
+            responses[str(status)]["content"] = ok_content
+        elif schema is not None:
+            responses[str(status)]["content"] = _json(schema)
+        if ok_headers is not None:
+            responses[str(status)]["headers"] = ok_headers
+    # every route refuses unknown query parameters
+    codes = set(errors) | {400, 500}
+    if secured:
+        codes.add(401)
+    if body:
+        codes.add(413)
+    for status in sorted(codes):
+        responses[str(status)] = {"description": _STATUS_TEXT[status], "content": _json("Error")}
+    if 401 in codes:
+        responses["401"]["headers"] = {
+            "WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}
+        }
+    op: dict[str, Any] = {"operationId": op_id, "summary": summary, "responses": responses}
+    if description:
+        op["description"] = description
+    if parameters:
+        op["parameters"] = list(parameters)
+    if body:
+        op["requestBody"] = {"required": True, "content": _json(body)}
+    if not secured:
+        op["security"] = []
+    return op
+
+
+def _path(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "schema": schema,
+        "description": description,
+    }
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "schema": schema, "description": description}
+
+
+_UPSTREAM = _path(
+    "upstream",
+    {"type": "string", "pattern": HOST_PATTERN},
+    "The upstream's name (its registry host, e.g. docker.io, ghcr.io, localhost:5000)",
+)
+_REPOSITORY = _path(
+    "repository",
+    {"type": "string", "pattern": NAME_PATTERN, "maxLength": 255},
+    "The repository as cached, with its slashes (library/alpine, owner/name); no library/ is added",
+)
+_NAME = _path("name", {"type": "string", "pattern": HOST_PATTERN}, "The upstream's name")
+_OLDER_THAN = _query(
+    "older_than",
+    {"type": "string", "pattern": TIME_PATTERN},
+    "Only manifests fetched before this time: epoch seconds or ISO 8601 (UTC if no zone)",
+)
+_UNUSED_SINCE = _query(
+    "unused_since",
+    {"type": "string", "pattern": TIME_PATTERN},
+    "Only manifests not served since this time: epoch seconds or ISO 8601 (UTC if no zone)",
+)
+_PURGE_NOTE = (
+    "Purging manifests removes the blobs nothing else cached lists; a blob being "
+    "served right now is not cut off."
+)
+
+
+def _paths() -> dict[str, Any]:
+    return {
+        "/healthz": {
+            "get": _operation(
+                "healthz", "Liveness: the process answers", {200: "Health"}, secured=False
+            )
+        },
+        "/readyz": {
+            "get": _operation(
+                "readyz",
+                "Readiness: storage writable and the default upstream answered recently",
+                {200: "Readiness", 503: "Readiness"},
+                description="503 carries the same body as 200, with ready false.",
+            )
+        },
+        "/metrics": {
+            "get": _operation(
+                "metrics",
+                "Prometheus metrics (text exposition format)",
+                {200: None},
+                ok_content={"text/plain": {"schema": {"type": "string"}}},
+            )
+        },
+        "/api/v1/openapi.json": {
+            "get": _operation(
+                "openapi",
+                "This document",
+                {200: None},
+                ok_content={"application/json": {"schema": {"type": "object"}}},
+            )
+        },
+        "/api/v1/stats": {
+            "get": _operation("stats", "Counters, cache size, rate limits", {200: "Stats"})
+        },
+        "/api/v1/cache": {
+            "get": _operation(
+                "list_repositories", "Every cached repository", {200: "RepositoryList"}
+            ),
+            "delete": _operation(
+                "purge_cache",
+                "Purge the whole cache, or what is older or unused",
+                {200: "PurgeResult"},
+                parameters=(
+                    _query(
+                        "all",
+                        {"type": "boolean"},
+                        "true: purge everything (alone; the explicit confirmation)",
+                    ),
+                    _OLDER_THAN,
+                    _UNUSED_SINCE,
+                ),
+                description=(
+                    "Give all=true alone to empty the cache, or older_than and/or "
+                    "unused_since. " + _PURGE_NOTE
+                ),
+            ),
+        },
+        "/api/v1/cache/{upstream}": {
+            "get": _operation(
+                "list_upstream_repositories",
+                "The cached repositories of one upstream",
+                {200: "RepositoryList"},
+                errors=(404,),
+                parameters=(_UPSTREAM,),
+            ),
+            "delete": _operation(
+                "purge_upstream",
+                "Purge what is cached from one upstream",
+                {200: "PurgeResult"},
+                errors=(404,),
+                parameters=(_UPSTREAM, _OLDER_THAN, _UNUSED_SINCE),
+                description=_PURGE_NOTE,
+            ),
+        },
+        "/api/v1/cache/{upstream}/{repository}": {
+            "get": _operation(
+                "show_repository",
+                "One cached repository: tags, manifests, blobs, times",
+                {200: "RepositoryDetail"},
+                errors=(404,),
+                parameters=(_UPSTREAM, _REPOSITORY),
+            ),
+            "delete": _operation(
+                "purge_repository",
+                "Purge one repository, one of its tags or one manifest",
+                {200: "PurgeResult"},
+                errors=(404,),
+                parameters=(
+                    _UPSTREAM,
+                    _REPOSITORY,
+                    _query(
+                        "tag",
+                        {"type": "string", "pattern": TAG_PATTERN},
+                        "Only this tag (and the manifests only it kept)",
+                    ),
+                    _query(
+                        "digest",
+                        {"type": "string", "pattern": DIGEST_PATTERN},
+                        "Only this manifest",
+                    ),
+                    _OLDER_THAN,
+                    _UNUSED_SINCE,
+                ),
+                description="Give tag or digest, not both. " + _PURGE_NOTE,
+            ),
+        },
+        "/api/v1/prefetch": {
+            "get": _operation("list_prefetch", "Prefetch jobs", {200: "PrefetchJobList"}),
+            "post": _operation(
+                "prefetch",
+                "Warm the cache with an image, in the background",
+                {202: "PrefetchJob"},
+                errors=(404, 409),
+                body="PrefetchRequest",
+                description="The Location header names the job.",
+                ok_headers={
+                    "Location": {
+                        "schema": {"type": "string"},
+                        "description": "/api/v1/prefetch/{id}",
+                        "required": True,
+                    }
+                },
+            ),
+        },
+        "/api/v1/prefetch/{id}": {
+            "get": _operation(
+                "show_prefetch",
+                "One prefetch job",
+                {200: "PrefetchJob"},
+                errors=(404,),
+                parameters=(_path("id", {"type": "string", "maxLength": 200}, "The job's id"),),
+            )
+        },
+        "/api/v1/upstreams": {
+            "get": _operation(
+                "list_upstreams", "Every upstream, presets included", {200: "UpstreamList"}
+            )
+        },
+        "/api/v1/upstreams/{name}": {
+            "get": _operation(
+                "show_upstream",
+                "One upstream",
+                {200: "Upstream"},
+                errors=(404,),
+                parameters=(_NAME,),
+            ),
+            "put": _operation(
+                "put_upstream",
+                "Add an upstream, or replace all its settings",
+                {200: "Upstream", 201: "Upstream"},
+                errors=(409,),
+                parameters=(_NAME,),
+                body="UpstreamSettings",
+                description=(
+                    "Validated like the YAML, persisted, used from the next request. "
+                    "201 when added, 200 when replaced. A preset's keys left out keep "
+                    "the preset's values."
+                ),
+            ),
+            "patch": _operation(
+                "patch_upstream",
+                "Change some settings of an upstream",
+                {200: "Upstream"},
+                errors=(404, 409),
+                parameters=(_NAME,),
+                body="UpstreamSettings",
+                description="Keys left out keep their values; null resets a key that may be null.",
+            ),
+            "delete": _operation(
+                "delete_upstream",
+                "Remove an upstream",
+                {204: None},
+                errors=(404, 409),
+                parameters=(_NAME,),
+                description="409 if it is the default upstream or another's fallback.",
+            ),
+        },
+    }
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI document, a fresh copy each time."""
+    return copy.deepcopy(
+        {
+            "openapi": "3.1.0",
+            "info": {
+                "title": "regproxy admin API",
+                "version": "1",
+                "description": (
+                    "Inspect and steer a running regproxy. JSON in and out; every error "
+                    'is {"error": {"code", "message"}}. All times are Unix epoch seconds.'
+                ),
+            },
+            "components": {
+                "schemas": SCHEMAS,
+                "securitySchemes": {
+                    "bearer": {
+                        "type": "http",
+                        "scheme": "bearer",
+                        "description": "admin.token from regproxy's config",
+                    }
+                },
+            },
+            "security": [{"bearer": []}],
+            "paths": _paths(),
+        }
+    )
+
+
+_JSON_TYPES: dict[str, Any] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "null": lambda v: v is None,
+}
+_ARTICLE = {"object": "an object", "array": "a list", "integer": "an integer", "null": "null"}
+
+
+def _json_type(value: Any) -> str:
+    for name in ("null", "boolean", "integer", "number", "string", "array", "object"):
+        if _JSON_TYPES[name](value):
+            return name
+    return type(value).__name__  # pragma: no cover
+
+
+def matches(pattern: str, value: str) -> bool:
+    """JSON Schema's (ECMA 262) reading of *pattern*, whose ``$`` does not
+    match before a final newline as Python's does."""
+    return re.search(re.sub(r"\$$", r"\\Z", pattern), value) is not None
+
+
+def check(schema_name: str, value: Any) -> None:
+    """Raise ValueError naming the first place where *value* breaks the schema.
+
+    The JSON Schema keywords the schemas above use for request bodies, no
+    more.  Messages name fields and expected types but never echo a value,
+    since a body may carry a password."""
+    _check(SCHEMAS[schema_name], value, "body")
+
+
+def _check(schema: dict[str, Any], value: Any, where: str) -> None:
+    if "$ref" in schema:
+        schema = SCHEMAS[schema["$ref"].rsplit("/", 1)[1]]
+    types_ = schema.get("type")
+    if types_ is not None:
+        allowed = [types_] if isinstance(types_, str) else types_
+        if not any(_JSON_TYPES[t](value) for t in allowed):
+            expected = " or ".join(_ARTICLE.get(t, f"a {t}") for t in allowed)
+            got = _ARTICLE.get(_json_type(value), f"a {_json_type(value)}")
+            raise ValueError(f"{where}: expected {expected}, got {got}")
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        for name in value:
+            if name not in properties and schema.get("additionalProperties") is False:
+                known = ", ".join(properties)
+                raise ValueError(f"{where}: unknown field {name!r} (known: {known})")
+        for name in schema.get("required", ()):
+            if name not in value:
+                raise ValueError(f"{where}: required field {name!r} is missing")
+        for name, item in value.items():
+            if name in properties:
+                _check(properties[name], item, f"{where}.{name}")
+    elif isinstance(value, list):
+        if len(value) < schema.get("minItems", 0):
+            raise ValueError(f"{where}: give at least {schema['minItems']} item(s) or leave it out")
+        for i, item in enumerate(value):
+            _check(schema.get("items", {}), item, f"{where}[{i}]")
+    elif isinstance(value, str):
+        if len(value) < schema.get("minLength", 0):
+            raise ValueError(f"{where}: must not be empty")
+        if len(value) > schema.get("maxLength", math.inf):
+            raise ValueError(f"{where}: longer than {schema['maxLength']} characters")
+        if "pattern" in schema and not matches(schema["pattern"], value):
+            hint = schema.get("description", f"the pattern {schema['pattern']}")
+            raise ValueError(f"{where}: not valid: expected {hint}")
+    elif _JSON_TYPES["number"](value):
+        if not math.isfinite(value):  # pragma: no cover (json.loads refuses these)
+            raise ValueError(f"{where}: expected a finite number")
+        if "minimum" in schema and value < schema["minimum"]:
+            raise ValueError(f"{where}: expected a number >= {schema['minimum']}")
+    if "enum" in schema and value not in schema["enum"]:
+        raise ValueError(f"{where}: expected one of {', '.join(map(str, schema['enum']))}")

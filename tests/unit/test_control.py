@@ -1,0 +1,264 @@
+"""The admin backend over a real proxy: stats, inspect, purge, prefetch, upstreams."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+from urllib.parse import urlsplit
+
+import pytest
+import pytest_twisted
+from fakeregistry import Fault
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import blockingCallFromThread, deferToThread
+
+from registryproxy.admin.backend import AdminError, PurgeSelector
+from registryproxy.names import Digest
+
+
+async def until(predicate, timeout=10.0):
+    for _ in range(int(timeout / 0.02)):
+        if predicate():
+            return
+        await deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError("condition not reached in time")
+
+
+def layers(body: bytes) -> list[str]:
+    return [layer["digest"] for layer in json.loads(body)["layers"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stats_count_hits_misses_and_bytes(fake_registry, make_proxy):
+    _, body = fake_registry.add_image("library/app", "1", [b"x" * 1000])
+    proxy = await make_proxy(fake_registry.url)
+    control = proxy.proxy.control
+    for _ in range(2):
+        await proxy.get("/v2/app/manifests/1")
+        await proxy.get(f"/v2/app/blobs/{layers(body)[0]}")
+    await proxy.get("/v2/app/manifests/nope")
+    stats = control.stats()
+    assert (stats["hits"], stats["misses"]) == (2, 2)
+    assert stats["hit_ratio"] == 0.5
+    assert stats["bytes_from_upstream"] == len(body) + 1000
+    assert stats["bytes_from_cache"] == len(body) + 1000
+    assert stats["errors"] == {"404": 1}
+    assert stats["upstream_requests"]["docker.io"]["get_manifest"] == 2
+    assert stats["upstream_requests"]["docker.io"]["get_blob"] == 1
+    assert stats["cache"]["manifests"] == 1 and stats["cache"]["blobs"] == 2
+    assert stats["cache"]["size_bytes"] == len(body) + 1000
+    assert stats["cache"]["free_disk_bytes"] > 0
+    text, content_type = control.metrics()
+    assert content_type.startswith("text/plain")
+    assert b'regproxy_requests_total{cache="hit",kind="blob"} 1.0' in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_inspect_a_repository(fake_registry, make_proxy):
+    digest, body = fake_registry.add_image("library/app", "1", [b"a" * 10, b"b" * 20])
+    proxy = await make_proxy(fake_registry.url)
+    control = proxy.proxy.control
+    await proxy.get("/v2/app/manifests/1")
+    await proxy.get(f"/v2/app/blobs/{layers(body)[0]}")
+    (summary,) = control.repositories()
+    assert (summary.upstream, summary.repository, summary.tags, summary.manifests) == (
+        "docker.io",
+        "library/app",
+        1,
+        1,
+    )
+    assert summary.size == len(body) + 10
+    detail = control.repository("docker.io", "library/app")
+    assert [t.digest for t in detail.tags] == [digest]
+    assert detail.tags[0].expires_at == detail.tags[0].checked_at + 3600
+    (manifest,) = detail.manifests
+    assert [(b.size, b.cached) for b in manifest.blobs][1:] == [(10, True), (None, False)]
+    with pytest.raises(AdminError) as e:
+        control.repository("docker.io", "library/none")
+    assert e.value.status == 404
+    with pytest.raises(AdminError):
+        control.repositories("nope.example")
+
+
+@pytest_twisted.ensureDeferred
+async def test_purge_a_tag_frees_its_blobs_and_the_next_pull_misses(fake_registry, make_proxy):
+    _, one = fake_registry.add_image("library/app", "1", [b"shared", b"only in one"])
+    _, two = fake_registry.add_image("library/app", "2", [b"shared", b"only in two"])
+    proxy = await make_proxy(fake_registry.url)
+    control = proxy.proxy.control
+    for tag, body in (("1", one), ("2", two)):
+        await proxy.get(f"/v2/app/manifests/{tag}")
+        for layer in layers(body):
+            await proxy.get(f"/v2/app/blobs/{layer}")
+    result = control.purge(PurgeSelector(upstream="docker.io", repository="library/app", tag="1"))
+    assert result.manifests == 1 and result.tags == 1
+    only_one = layers(one)[1]
+    assert only_one in result.blobs
+    assert layers(one)[0] not in result.blobs  # still listed by tag 2
+    assert result.bytes_freed == len(one) + len(b"only in one")
+    assert not proxy.blob_path(only_one).exists()
+    assert proxy.blob_path(layers(one)[0]).exists()
+    reply = await proxy.get("/v2/app/manifests/1")
+    assert reply.header("X-Cache") == "MISS"
+    reply = await proxy.get("/v2/app/manifests/2")
+    assert reply.header("X-Cache") == "HIT"
+
+
+@pytest_twisted.ensureDeferred
+async def test_purge_selectors_are_checked(fake_registry, make_proxy):
+    proxy = await make_proxy(fake_registry.url)
+    control = proxy.proxy.control
+    for selector in [
+        PurgeSelector(),
+        PurgeSelector(tag="1"),
+        PurgeSelector(upstream="docker.io", tag="1"),
+        PurgeSelector(repository="library/x"),
+        PurgeSelector(upstream="docker.io", repository="x", digest="sha256:nope"),
+        PurgeSelector(upstream="nope.example"),
+        PurgeSelector(everything=True, upstream="docker.io"),
+    ]:
+        with pytest.raises(AdminError) as e:
+            control.purge(selector)
+        assert e.value.status == 400, selector
+    assert control.purge(PurgeSelector(everything=True)).manifests == 0
+
+
+def read_around(url: str, path: str, between) -> bytes:
+    """GET in a thread, calling *between* in the reactor after the first bytes."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        first = response.read(1000)
+        blockingCallFromThread(reactor, between)
+        return first + response.read()
+    finally:
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_purge_never_cuts_a_download_in_progress(fake_registry, make_proxy):
+    data = os.urandom(32 * 1024 * 1024)
+    digest = fake_registry.add_blob(data)
+    proxy = await make_proxy(fake_registry.url)
+    path = f"/v2/library/x/blobs/{digest}"
+    await proxy.get(path)
+    control = proxy.proxy.control
+
+    def purge():
+        # the blob is listed by no manifest, so purge it as the purge code would
+        assert control._store.delete(Digest.parse(digest))
+
+    body = await deferToThread(read_around, proxy.url, path, purge)
+    assert body == data
+    assert not proxy.blob_path(digest).exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_prefetch_chosen_platforms(fake_registry, make_proxy):
+    amd64, amd64_body = fake_registry.add_image(
+        "library/multi", None, [b"amd"], architecture="amd64"
+    )
+    arm64, arm64_body = fake_registry.add_image(
+        "library/multi", None, [b"arm"], architecture="arm64"
+    )
+    fake_registry.add_index("library/multi", "1", [amd64, arm64])
+    fake_registry.blob_faults["*"] = Fault.slow(chunk=1, delay=0.001)
+    proxy = await make_proxy(fake_registry.url)
+    control = proxy.proxy.control
+    job = control.prefetch("docker.io", "multi", "1", ("linux/amd64",))
+    assert job.state in ("queued", "running")
+    await until(lambda: control.prefetch_jobs()[0].state != "running")
+    (job,) = control.prefetch_jobs()
+    assert (job.state, job.error) == ("done", None)
+    assert (job.manifests_done, job.blobs_done, job.blobs_total) == (2, 2, 2)
+    assert job.bytes_fetched > 0
+    assert all(proxy.blob_path(d).exists() for d in layers(amd64_body))
+    assert not any(proxy.blob_path(d).exists() for d in layers(arm64_body))
+    assert control.stats()["prefetch"][0]["state"] == "done"
+    reply = await proxy.get(f"/v2/multi/manifests/{amd64}")
+    assert reply.header("X-Cache") == "HIT"
+
+
+@pytest_twisted.ensureDeferred
+async def test_prefetch_failure_is_reported(fake_registry, make_proxy):
+    proxy = await make_proxy(fake_registry.url)
+    control = proxy.proxy.control
+    control.prefetch("docker.io", "library/none", "1", None)
+    await until(lambda: control.prefetch_jobs()[0].state not in ("queued", "running"))
+    (job,) = control.prefetch_jobs()
+    assert job.state == "failed" and "NAME_UNKNOWN" in job.error
+    with pytest.raises(AdminError):
+        control.prefetch("nope.example", "x", "1", None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_added_at_run_time_serves_at_once_and_survives_restart(
+    make_fake_registry, make_proxy, tmp_path
+):
+    hub = await make_fake_registry()
+    extra = await make_fake_registry(auth="basic", username="u", password="s3cret")
+    digest, _ = extra.add_image("team/app", "1", [b"x"])
+    cache = tmp_path / "cache"
+    proxy = await make_proxy(hub.url, cache_dir=cache)
+    control = proxy.proxy.control
+    assert (await proxy.get("/v2/extra.example/team/app/manifests/1")).code == 404
+
+    view = control.set_upstream(
+        "extra.example", {"url": extra.url, "username": "u", "password": "s3cret"}
+    )
+    assert view["password"] == "<set>" and "s3cret" not in json.dumps(control.upstreams())
+    reply = await proxy.get("/v2/extra.example/team/app/manifests/1")
+    assert (reply.code, reply.header("Docker-Content-Digest")) == (200, digest)
+
+    view = control.set_upstream("extra.example", {"tag_ttl": 5}, merge=True)
+    assert (view["tag_ttl"], view["username"], view["password"]) == (5, "u", "<set>")
+    await proxy.stop()
+    again = await make_proxy(hub.url, cache_dir=cache)
+    assert again.proxy.control.upstreams()["extra.example"]["tag_ttl"] == 5
+    reply = await again.get("/v2/extra.example/team/app/manifests/1?x=1")
+    assert reply.code == 200
+
+    again.proxy.control.remove_upstream("extra.example")
+    assert (await again.get("/v2/extra.example/team/app/manifests/1")).code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_changes_are_validated(fake_registry, make_proxy):
+    proxy = await make_proxy(fake_registry.url)
+    control = proxy.proxy.control
+    for name, settings, status in [
+        ("x.example", {}, 400),  # no url
+        ("x.example", {"url": "ftp://x"}, 400),
+        ("x.example", {"url": "http://x", "bogus": 1}, 400),
+        ("x.example", {"url": "http://x", "fallbacks": ["nope.example"]}, 400),
+        ("bad name!", {"url": "http://x"}, 400),
+    ]:
+        with pytest.raises(AdminError) as e:
+            control.set_upstream(name, settings)
+        assert e.value.status == status, (name, settings)
+    with pytest.raises(AdminError) as e:
+        control.set_upstream("x.example", {"tag_ttl": 1}, merge=True)
+    assert e.value.status == 404
+    for name, status in [("docker.io", 409), ("ghcr.io", 409), ("nope.example", 404)]:
+        with pytest.raises(AdminError) as e:
+            control.remove_upstream(name)
+        assert e.value.status == status, name
+    # a preset changes only what is given
+    view = control.set_upstream("ghcr.io", {"username": "me", "password_env": "HOME"})
+    assert view["url"] == "https://ghcr.io" and view["preset"] is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_readiness(fake_registry, make_proxy, tmp_path):
+    proxy = await make_proxy(fake_registry.url)
+    ready = await proxy.proxy.control.ready()
+    assert ready["ready"] is True, ready
+    dead = await make_proxy("http://127.0.0.1:9", cache_dir=tmp_path / "dead")
+    ready = await dead.proxy.control.ready()
+    assert ready["ready"] is False
+    assert ready["checks"]["storage"]["ok"] is True
+    assert "docker.io" in ready["checks"]["upstream"]["error"]
