@@ -15,6 +15,7 @@ from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
+from .admin.app import AdminAPI
 from .admin.control import Control, SavedUpstreams
 from .cache.blobs import BlobCache
 from .cache.index import Index
@@ -127,13 +128,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     _Closing(proxy).setServiceParent(service)
     # access times are gathered in memory and written in batches
     TimerService(_FLUSH_SECONDS, proxy.index.flush).setServiceParent(service)
-    try:
-        endpoint = serverFromString(reactor, config.proxy.listen)
-    except (ValueError, KeyError, TypeError) as e:
-        raise SystemExit(
-            f"regproxy: proxy.listen {config.proxy.listen!r} is not an endpoint: {e}"
-        ) from None
-    _Listener(
-        f"proxy.listen {config.proxy.listen!r}", endpoint, PlainHTTPFactory(proxy.site)
-    ).setServiceParent(service)
+    admin = Site(AdminAPI(proxy.control, config.admin.secret()).resource())
+    for key, description, factory in [
+        ("proxy.listen", config.proxy.listen, PlainHTTPFactory(proxy.site)),
+        ("admin.listen", config.admin.listen, admin),
+    ]:
+        try:
+            endpoint = serverFromString(reactor, description)
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"regproxy: {key} {description!r} is not an endpoint: {e}") from None
+        _Listener(f"{key} {description!r}", endpoint, factory).setServiceParent(service)
     return service

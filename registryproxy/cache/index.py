@@ -19,6 +19,9 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import attrs
+from twisted.logger import Logger
+
+log = Logger()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS manifests (
@@ -122,6 +125,16 @@ class Index:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > _VERSION:
             raise IndexUnusable(f"{path} was written by a newer regproxy (schema {version})")
+        tables = [
+            name
+            for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        ]
+        if version < _VERSION and tables:
+            # an index from before the schema was versioned: it is only a
+            # cache of what the store holds, so start it afresh
+            log.warn("index {path} has an old schema; starting a new one", path=path)
+            for name in tables:
+                self._db.execute(f'DROP TABLE "{name}"')
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={_VERSION}")
         self._manifest_access: dict[tuple[str, str, str], float] = {}

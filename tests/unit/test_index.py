@@ -127,3 +127,19 @@ def test_listing_and_totals(index):
     assert index.totals()["size_bytes"] == 3 * 1000 - 1000 + 2 * 10
     assert [t.tag for t in index.repo_tags("docker.io", "library/a")] == ["1", "2"]
     assert index.refs(d("m1")) == [(d("l1"), "blob"), (d("l2"), "blob")]
+
+
+def test_an_unversioned_index_is_started_afresh(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "index.db"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE manifests (upstream TEXT, repo TEXT, digest TEXT)")
+    old.execute("INSERT INTO manifests VALUES ('docker.io', 'x', 'y')")
+    old.commit()
+    old.close()
+    index = Index(str(path))
+    assert index.repositories() == []
+    add_image(index, "docker.io", "library/a", "m", ["l"], tag="1")
+    assert [r.repo for r in index.repositories()] == ["library/a"]
+    index.close()
