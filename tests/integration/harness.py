@@ -174,6 +174,10 @@ class UpstreamRegistry:
     def url(self) -> str:
         return f"http://{self.host_port}"
 
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
     def client(self, creds: tuple[str, str] | None = None) -> regclient.RegistryClient:
         """An HTTP client straight to the registry (anonymous unless *creds*)."""
         user, password = creds if creds else (None, None)
@@ -304,9 +308,11 @@ class RegProxy:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        self.admin_port = free_port()
         config = deep_merge(
             {
                 "proxy": {"listen": f"tcp:{self.port}:interface=127.0.0.1"},
+                "admin": {"listen": f"tcp:{self.admin_port}:interface=127.0.0.1"},
                 "cache": {"directory": str(workdir / "cache"), "tag_ttl": 3600},
             },
             config,
@@ -534,9 +540,7 @@ class HtpasswdRegistry(UpstreamRegistry):
         self.htpasswd_path = workdir / "htpasswd"
         self.htpasswd_path.write_text(htpasswd_line(*creds) + "\n")
         config = yaml.safe_load(self.config_path.read_text())
-        config["auth"] = {
-            "htpasswd": {"realm": "regproxy-tests", "path": str(self.htpasswd_path)}
-        }
+        config["auth"] = {"htpasswd": {"realm": "regproxy-tests", "path": str(self.htpasswd_path)}}
         self.config_path.write_text(yaml.safe_dump(config))
 
     def client(self, creds: tuple[str, str] | None = None) -> regclient.RegistryClient:
