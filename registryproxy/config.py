@@ -39,6 +39,9 @@ class CacheConfig:
     directory: str = "regproxy-cache"
     #: seconds a tag -> digest answer is trusted before an upstream HEAD
     tag_ttl: float = 3600.0
+    #: how long past its TTL a tag may still be served (X-Cache: STALE) while
+    #: its upstream is down, failing or rate-limiting; None: without limit
+    max_stale: float | None = None
 
 
 @attrs.frozen

@@ -30,6 +30,10 @@ class RegistryError(Exception):
         return json.dumps({"errors": [error]}).encode()
 
 
+#: our statuses for an upstream that is down, failing, silent or rate-limiting
+UPSTREAM_TROUBLE = frozenset({429, 502, 503, 504})
+
+
 def name_invalid(name: str) -> RegistryError:
     return RegistryError(
         400,

@@ -110,7 +110,7 @@ def build_proxy(config: Config, reactor: Any) -> Proxy:
         allow_any=config.allow_any_registry,
         metrics=metrics,
     )
-    manifests = ManifestCache(store, index, reactor, config.cache.tag_ttl)
+    manifests = ManifestCache(store, index, reactor, config.cache.tag_ttl, config.cache.max_stale)
     blobs = BlobCache(store, index, reactor)
     resource = RegistryResource(upstreams, manifests, blobs, metrics)
     control = Control(

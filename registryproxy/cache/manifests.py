@@ -17,7 +17,7 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from ..errors import RegistryError
+from ..errors import UPSTREAM_TROUBLE, RegistryError
 from ..mediatypes import acceptable
 from ..names import Digest, is_valid_digest
 from ..singleflight import SingleFlight
@@ -38,11 +38,19 @@ class CachedManifest:
 
 
 class ManifestCache:
-    def __init__(self, store: BlobStore, index: Index, clock: IReactorTime, tag_ttl: float) -> None:
+    def __init__(
+        self,
+        store: BlobStore,
+        index: Index,
+        clock: IReactorTime,
+        tag_ttl: float,
+        max_stale: float | None = None,
+    ) -> None:
         self._store = store
         self._index = index
         self._clock = clock
         self._tag_ttl = tag_ttl
+        self._max_stale = max_stale
         self._flight: SingleFlight[tuple[str, str, str, tuple[str, ...]], CachedManifest] = (
             SingleFlight()
         )
@@ -63,14 +71,33 @@ class ManifestCache:
             if cached is None:
                 break
             ttl = client.config.tag_ttl
-            if self._clock.seconds() - entry.checked_at < (self._tag_ttl if ttl is None else ttl):
-                return cached
-            return await self._flight.run(
-                key,
-                lambda entry=entry, cached=cached: self._revalidate(  # type: ignore[misc]
-                    client, repo, reference, accept, entry, cached
-                ),
+            expired_for = (
+                self._clock.seconds() - entry.checked_at - (self._tag_ttl if ttl is None else ttl)
             )
+            if expired_for < 0:
+                return cached
+            try:
+                return await self._flight.run(
+                    key,
+                    lambda entry=entry, cached=cached: self._revalidate(  # type: ignore[misc]
+                        client, repo, reference, accept, entry, cached
+                    ),
+                )
+            except RegistryError as e:
+                # stale-if-error: an old answer beats none while the upstream is in trouble
+                if e.status not in UPSTREAM_TROUBLE:
+                    raise
+                if self._max_stale is not None and expired_for > self._max_stale:
+                    raise
+                log.warn(
+                    "serving {upstream}/{repo}:{tag} stale by {age:.0f}s: {why}",
+                    upstream=client.name,
+                    repo=repo,
+                    tag=reference,
+                    age=expired_for,
+                    why=e.message,
+                )
+                return attrs.evolve(cached, cache="STALE")
         return await self._flight.run(key, lambda: self._fetch(client, repo, reference, accept))
 
     def _by_digest(self, upstream: str, repo: str, digest: str) -> CachedManifest | None:

@@ -182,7 +182,7 @@ class RegistryResource(Resource):
         request.setHeader(b"X-Cache", manifest.cache.encode())
         self._metrics.requests.labels("manifest", manifest.cache.lower()).inc()
         if request.method != b"HEAD":
-            source = "cache" if manifest.cache == "HIT" else "upstream"
+            source = "upstream" if manifest.cache == "MISS" else "cache"
             self._metrics.served_bytes.labels(source).inc(len(manifest.body))
             request.write(manifest.body)
         request.finish()

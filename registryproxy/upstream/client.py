@@ -27,7 +27,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from ..config import UpstreamConfig
-from ..errors import RegistryError
+from ..errors import UPSTREAM_TROUBLE, RegistryError
 from ..metrics import Metrics
 from .auth import Authenticator, AuthError, parse_www_authenticate
 
@@ -42,8 +42,6 @@ DEFAULT_MANIFEST_ACCEPT = (
     "application/vnd.docker.distribution.manifest.v2+json",
 )
 _REDIRECTS = (301, 302, 303, 307, 308)
-#: our statuses for an upstream that is down, failing or rate-limiting
-_FALL_BACK_ON = (429, 502, 503, 504)
 _MAX_REDIRECTS = 5
 
 
@@ -158,7 +156,7 @@ class RegistryClient:
         try:
             return await self._checked_here(method, repo, path, headers, unknown)
         except RegistryError as e:
-            if e.status not in _FALL_BACK_ON:
+            if e.status not in UPSTREAM_TROUBLE:
                 raise
             failure = e
         for other in self._fallbacks():

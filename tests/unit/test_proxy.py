@@ -371,3 +371,49 @@ async def test_unknown_route_is_json_404(fake_registry, make_proxy):
         reply = await proxy.get(path)
         assert reply.code == 404
         assert json.loads(reply.body)["errors"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stale_tag_is_served_while_the_upstream_fails(fake_registry, make_proxy):
+    digest, body = fake_registry.add_image("library/app", "1", [b"v1"])
+    proxy = await make_proxy(fake_registry.url, cache={"tag_ttl": 0})
+    assert (await proxy.get("/v2/app/manifests/1")).header("X-Cache") == "MISS"
+    for status in (500, 503, 429):
+        fake_registry.status_override["/manifests/"] = Override(status)
+        reply = await proxy.get("/v2/app/manifests/1")
+        assert (reply.code, reply.body, reply.header("X-Cache")) == (200, body, "STALE"), status
+        assert reply.header("Docker-Content-Digest") == digest
+    # the tag moved upstream (HEAD says so) but the new manifest cannot be fetched
+    fake_registry.status_override.clear()
+    fake_registry.add_image("library/app", "1", [b"v2"])
+    fake_registry.manifest_faults["*"] = Fault.truncate(5)
+    reply = await proxy.get("/v2/app/manifests/1")
+    assert (reply.body, reply.header("X-Cache")) == (body, "STALE")
+    # a real answer (404: the tag is gone) is passed on, not papered over
+    fake_registry.manifest_faults.clear()
+    fake_registry.untag("library/app", "1")
+    assert (await proxy.get("/v2/app/manifests/1")).code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_stale_serving_has_a_limit_when_configured(make_proxy, fake_registry):
+    fake_registry.add_image("library/app", "1", [b"v1"])
+    proxy = await make_proxy(fake_registry.url, cache={"tag_ttl": 0, "max_stale": 0})
+    await proxy.get("/v2/app/manifests/1")
+    fake_registry.status_override["/manifests/"] = Override(503)
+    reply = await proxy.get("/v2/app/manifests/1")
+    assert reply.code == 502
+
+
+@pytest_twisted.ensureDeferred
+async def test_stale_when_the_upstream_is_gone(fake_registry, make_proxy):
+    _, body = fake_registry.add_image("library/app", "1", [b"v1"])
+    proxy = await make_proxy(fake_registry.url, cache={"tag_ttl": 0})
+    await proxy.get("/v2/app/manifests/1")
+    layer = json.loads(body)["layers"][0]["digest"]
+    await proxy.get(f"/v2/app/blobs/{layer}")
+    await fake_registry.stop()
+    reply = await proxy.get("/v2/app/manifests/1")
+    assert (reply.code, reply.header("X-Cache")) == (200, "STALE")
+    reply = await proxy.get(f"/v2/app/blobs/{layer}")
+    assert (reply.code, reply.header("X-Cache"), reply.body) == (200, "HIT", b"v1")
