@@ -198,7 +198,13 @@ class RegistryClient:
                 502, "UNAVAILABLE", f"upstream {self.name}: token service failed: {e}"
             ) from None
         if authorization is None:
-            return response
+            # the 401's body is spent: answer for it here
+            raise RegistryError(
+                401,
+                "UNAUTHORIZED",
+                f"upstream {self.name} wants credentials for {repo} that regproxy cannot "
+                "give: set username and a password for it in the config",
+            )
         return await self._follow(method, url, headers, authorization)
 
     async def _follow(

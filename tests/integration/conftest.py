@@ -41,11 +41,29 @@ Fixture API (other test modules rely on these names):
 ``tcp_shim`` (function) -> factory ``tcp_shim(target_port=None) ->
     shim.TCPShim`` in front of the upstream registry by default.
 ``workdir`` (function) -> a fresh directory, removed after the test.
+
+A second upstream, for routing (see ``test_routing.py``):
+
+``ghcr_registry`` (session) -> :class:`harness.HtpasswdRegistry`: a private
+    docker-registry with Basic auth (``GHCR_CREDS``); same API as
+    ``upstream_registry``.
+``ghcr_upstream`` (session) -> the ``upstreams: ghcr.io:`` entry that points
+    regproxy at it, with its credentials and the alias ``GHCR_ALIAS``: pass
+    ``regproxy(extra_config={"upstreams": {"ghcr.io": ghcr_upstream}})``.
+``ghcr_images`` (session) -> ``dict[str, images.Image]``, pushed once to
+    ``ghcr_registry``: ``image`` (``owner/image:1``) and ``multilayer``
+    (``library/multilayer:1``, other content than ``test_images``' one).
+``hub_twin_image`` (session) -> ``images.Image``: ``owner/image:1`` on
+    ``upstream_registry`` (docker.io), other content than ghcr's.
+``containerd`` (function) -> a running :class:`containerd.Containerd`
+    (``.pull(ref, hosts_dir)``, ``.images()``, ``.content()``, ``.ctr(...)``),
+    stopped after the test; on failure its log tail is printed.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import Callable, Generator, Iterator
@@ -55,10 +73,15 @@ from typing import Any
 import pytest
 
 from . import harness, images, tokenserver
+from .containerd import Containerd
 from .shim import TCPShim
 
 PUSH_CREDS = ("pusher", "pushpass")
 READ_CREDS = ("reader", "readpass")
+#: the only account of ``ghcr_registry`` (pull and push)
+GHCR_CREDS = ("ghcruser", "ghcrpass")
+#: a Host header regproxy maps to the ghcr.io upstream
+GHCR_ALIAS = "ghcr.proxy.test"
 
 
 @pytest.hookimpl(wrapper=True)
@@ -265,3 +288,108 @@ def tcp_shim(upstream_registry: harness.UpstreamRegistry) -> Iterator[Callable[.
     yield make
     for shim in shims:
         shim.down()
+
+
+# ---------------------------------------------------------------------------
+# a second upstream: ghcr.io, private, Basic auth
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ghcr_registry(integration_dir: Path) -> Iterator[harness.HtpasswdRegistry]:
+    harness.require_binary("docker-registry", "docker-registry")
+    registry = harness.HtpasswdRegistry(integration_dir / "ghcr", GHCR_CREDS)
+    registry.start()
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="session")
+def ghcr_upstream(ghcr_registry: harness.HtpasswdRegistry) -> dict[str, Any]:
+    return {
+        "url": ghcr_registry.url,
+        "username": GHCR_CREDS[0],
+        "password": GHCR_CREDS[1],
+        "aliases": [GHCR_ALIAS],
+    }
+
+
+def _small_image(kind: str, files: images.LayerFiles) -> Callable[..., images.Image]:
+    """Two layers: a base layer every such image shares (byte for byte, so
+    the same digest on both upstreams), and one of *files*, its own."""
+
+    def build(w: images.LayoutWriter, rng: random.Random) -> images.Image:
+        base = images.small_files(random.Random("shared-base"), 3, 1000, "etc")
+        return w.add_image([base, files], kind, name=kind)
+
+    return build
+
+
+#: same repository names on both upstreams, other content (the base layer aside)
+ROUTING_IMAGE_SPECS = {
+    "ghcr-image": images.ImageSpec(
+        "image", "owner/image", "1", _small_image("oci", {"app/id": b"ghcr.io owner/image\n"})
+    ),
+    "ghcr-multilayer": images.ImageSpec(
+        "multilayer",
+        "library/multilayer",
+        "1",
+        _small_image("oci", {"app/id": b"ghcr.io library/multilayer\n"}),
+    ),
+    "hub-image": images.ImageSpec(
+        "image", "owner/image", "1", _small_image("docker", {"app/id": b"docker.io owner/image\n"})
+    ),
+}
+
+
+def push_image(
+    skopeo: harness.Skopeo,
+    registry: harness.UpstreamRegistry,
+    spec: images.ImageSpec,
+    layout: Path,
+) -> images.Image:
+    """Build *spec* in *layout*, push it to *registry* with its push
+    credentials, and check the registry serves the very manifest bytes."""
+    image = images.build_layout(spec, layout)
+    user, password = registry.push_creds
+    args = ["copy", "--quiet", "--dest-tls-verify=false", "--preserve-digests"]
+    args.append(f"--dest-creds={user}:{password}")
+    if image.is_index:
+        args.append("--all")
+    skopeo.run(*args, f"dir:{layout}", image.docker_ref(registry.host_port))
+    served = registry.client(registry.read_creds).manifest(
+        image.repository, image.tag, images.MANIFEST_TYPES
+    )
+    assert served.status == 200, (spec.name, served.status, served.body)
+    assert served.body == image.manifest, f"{spec.name}: registry serves other manifest bytes"
+    return image
+
+
+@pytest.fixture(scope="session")
+def ghcr_images(
+    integration_dir: Path, ghcr_registry: harness.HtpasswdRegistry, skopeo: harness.Skopeo
+) -> dict[str, images.Image]:
+    return {
+        key.removeprefix("ghcr-"): push_image(
+            skopeo, ghcr_registry, spec, integration_dir / "layouts" / key
+        )
+        for key, spec in ROUTING_IMAGE_SPECS.items()
+        if key.startswith("ghcr-")
+    }
+
+
+@pytest.fixture(scope="session")
+def hub_twin_image(
+    integration_dir: Path, upstream_registry: harness.UpstreamRegistry, skopeo: harness.Skopeo
+) -> images.Image:
+    layout = integration_dir / "layouts" / "hub-image"
+    return push_image(skopeo, upstream_registry, ROUTING_IMAGE_SPECS["hub-image"], layout)
+
+
+@pytest.fixture
+def containerd(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Containerd]:
+    daemon = Containerd(workdir / "containerd").start()
+    yield daemon
+    daemon.stop()
+    if _failed(request):
+        print(f"\n--- {daemon.log_path} (last 30 lines) ---\n{harness.tail(daemon.log_path, 30)}")

@@ -120,9 +120,7 @@ class Containerd:
                     f"containerd exited with status {self.process.returncode} while starting; "
                     f"see {self.log_path}:\n{tail(self.log_path)}"
                 )
-            return (
-                self.socket_path.exists() and self.ctr("version", timeout=10).returncode == 0
-            )
+            return self.socket_path.exists() and self.ctr("version", timeout=10).returncode == 0
 
         try:
             wait_until(up, self.start_timeout, f"containerd on {self.socket_path}", 0.05)
@@ -204,9 +202,11 @@ def install_hosts_dir(
     example's ``127.0.0.1:5000`` replaced by *proxy_host_port*; returns *dest*
     for ``--hosts-dir``."""
     for registry in registries:
-        text = (examples / registry / "hosts.toml").read_text()
+        example = examples / registry / "hosts.toml"
+        text = example.read_text()
         if EXAMPLE_HOST_PORT not in text:
-            raise ValueError(f"{examples / registry / 'hosts.toml'} does not name {EXAMPLE_HOST_PORT}")
-        (dest / registry).mkdir(parents=True, exist_ok=True)
-        (dest / registry / "hosts.toml").write_text(text.replace(EXAMPLE_HOST_PORT, proxy_host_port))
+            raise ValueError(f"{example} does not name {EXAMPLE_HOST_PORT}")
+        target = dest / registry / "hosts.toml"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text.replace(EXAMPLE_HOST_PORT, proxy_host_port))
     return dest

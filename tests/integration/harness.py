@@ -174,10 +174,6 @@ class UpstreamRegistry:
     def url(self) -> str:
         return f"http://{self.host_port}"
 
-    @property
-    def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
-
     def client(self, creds: tuple[str, str] | None = None) -> regclient.RegistryClient:
         """An HTTP client straight to the registry (anonymous unless *creds*)."""
         user, password = creds if creds else (None, None)
@@ -331,6 +327,10 @@ class RegProxy:
     @property
     def url(self) -> str:
         return f"http://{self.host_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
 
     def start(self, timeout: float = 30.0) -> None:
         assert self.proc is None or self.proc.poll() is not None, "regproxy already running"

@@ -417,3 +417,15 @@ async def test_stale_when_the_upstream_is_gone(fake_registry, make_proxy):
     assert (reply.code, reply.header("X-Cache")) == (200, "STALE")
     reply = await proxy.get(f"/v2/app/blobs/{layer}")
     assert (reply.code, reply.header("X-Cache"), reply.body) == (200, "HIT", b"v1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_basic_auth_upstream_without_credentials_is_a_clear_401(
+    make_fake_registry, make_proxy
+):
+    registry = await make_fake_registry(auth="basic", username="u", password="p")
+    registry.add_image("private/x", "1", [b"a"])
+    proxy = await make_proxy(registry.url)
+    reply = await proxy.get("/v2/private/x/manifests/1")
+    assert (reply.code, error_code(reply)) == (401, "UNAUTHORIZED")
+    assert "username and a password" in json.loads(reply.body)["errors"][0]["message"]
