@@ -66,6 +66,11 @@ class UpstreamConfig:
     connect_timeout: float = 10.0
     #: seconds to wait for response headers, and the longest silence mid-body
     read_timeout: float = 60.0
+    #: failures in a row (no connection, no answer, 5xx) that open the circuit
+    #: breaker: requests then fail at once (and stale content is served) for
+    #: breaker_cooldown seconds before one request tries again; 0: never
+    breaker_threshold: int = 5
+    breaker_cooldown: float = 30.0
     #: other upstreams (by name) to try in order when this one is down or rate-limited
     fallbacks: tuple[str, ...] = ()
     #: Docker Hub's rule that a one-part name is an official image: nginx -> library/nginx
@@ -318,6 +323,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{path}: expected a whole number, got {_describe(value)}")
+        if value < 0:
+            raise ConfigError(f"{path}: expected a whole number >= 0, got {value!r}")
         return value
     if tp is bool:
         if not isinstance(value, bool):

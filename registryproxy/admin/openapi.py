@@ -18,15 +18,14 @@ from typing import Any, Union
 
 import attrs
 
+from .. import names
 from ..config import UpstreamConfig
 
-NAME_PATTERN = r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$"
-TAG_PATTERN = r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$"
-DIGEST_PATTERN = r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$"
-HOST_PATTERN = (
-    r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
-    r"(?::[0-9]{1,5})?$"
-)
+# The grammar of registryproxy.names, anchored for JSON Schema.
+NAME_PATTERN = f"^{names._NAME.pattern}$"
+TAG_PATTERN = f"^{names._TAG.pattern}$"
+DIGEST_PATTERN = f"^{names._DIGEST.pattern}$"
+HOST_PATTERN = f"^{names._REGISTRY_HOST.pattern}$"
 PLATFORM_PATTERN = r"^[a-z0-9_.-]+/[a-z0-9_.-]+(?:/[a-z0-9_.-]+)?$"
 #: epoch seconds, or an ISO 8601 time (UTC when it names no zone)
 TIME_PATTERN = r"^([0-9]+(\.[0-9]+)?|[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9:.]+)?(Z|[+-][0-9:]+)?)$"
@@ -49,6 +48,8 @@ def _setting_schema(tp: Any) -> dict[str, Any]:
         return {"type": "array", "items": _setting_schema(typing.get_args(tp)[0])}
     if tp is float:
         return {"type": "number", "minimum": 0}
+    if tp is int:
+        return {"type": "integer", "minimum": 0}
     if tp is bool:
         return {"type": "boolean"}
     if tp is str:
@@ -372,7 +373,7 @@ _UPSTREAM = _path(
 )
 _REPOSITORY = _path(
     "repository",
-    {"type": "string", "pattern": NAME_PATTERN, "maxLength": 255},
+    {"type": "string", "pattern": NAME_PATTERN, "maxLength": names.MAX_NAME_LENGTH},
     "The repository as cached, with its slashes (library/alpine, owner/name); no library/ is added",
 )
 _NAME = _path("name", {"type": "string", "pattern": HOST_PATTERN}, "The upstream's name")

@@ -21,6 +21,7 @@ from twisted.internet.error import (
     TimeoutError,
 )
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.client import ResponseFailed, readBody
 from twisted.web.http_headers import Headers
@@ -30,6 +31,7 @@ from ..config import UpstreamConfig
 from ..errors import UPSTREAM_TROUBLE, RegistryError
 from ..metrics import Metrics
 from .auth import Authenticator, AuthError, parse_www_authenticate
+from .breaker import CircuitBreaker, CircuitOpen
 
 log = Logger()
 
@@ -42,6 +44,8 @@ DEFAULT_MANIFEST_ACCEPT = (
     "application/vnd.docker.distribution.manifest.v2+json",
 )
 _REDIRECTS = (301, 302, 303, 307, 308)
+#: seconds to wait before each retry of a request whose connection failed
+_RETRY_DELAYS = (0.2, 0.8)
 _MAX_REDIRECTS = 5
 
 
@@ -94,6 +98,7 @@ class RegistryClient:
         self._clock = clock
         self._fallbacks = fallbacks
         self._metrics = metrics or Metrics()
+        self.breaker = CircuitBreaker(clock, config.breaker_threshold, config.breaker_cooldown)
         #: when this upstream last answered at all (any HTTP status), for readiness
         self.last_answer: float | None = None
         self._base = config.url.rstrip("/")
@@ -231,6 +236,34 @@ class RegistryClient:
         raise RegistryError(502, "UNAVAILABLE", f"upstream {self.name}: too many or bad redirects")
 
     async def _send(self, method: bytes, url: str, headers: dict[str, str]) -> IResponse:
+        """One request, retried after a failed connection (GET and HEAD are safe
+        to repeat), behind this upstream's circuit breaker."""
+        try:
+            self.breaker.check()
+        except CircuitOpen as e:
+            raise RegistryError(
+                503,
+                "UNAVAILABLE",
+                f"upstream {self.name} ({self._base}) is failing; not asking it again "
+                f"for {e.retry_in:.0f}s",
+            ) from None
+        for delay in (*_RETRY_DELAYS, None):
+            try:
+                response = await self._send_once(method, url, headers)
+            except RegistryError as e:
+                if e.status == 502 and delay is not None:
+                    await deferLater(self._clock, delay, lambda: None)
+                    continue
+                self.breaker.failed()
+                raise
+            if response.code >= 500:
+                self.breaker.failed()
+            else:
+                self.breaker.succeeded()
+            return response
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _send_once(self, method: bytes, url: str, headers: dict[str, str]) -> IResponse:
         h = Headers({"User-Agent": ["regproxy/0.1"]})
         for key, value in headers.items():
             h.setRawHeaders(key, [value])
