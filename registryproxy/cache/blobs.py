@@ -171,10 +171,17 @@ class _Receiver(Protocol):
 class BlobCache:
     """Blobs by digest: from the store, or fetched once and shared."""
 
-    def __init__(self, store: BlobStore, index: Index, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        store: BlobStore,
+        index: Index,
+        clock: IReactorTime,
+        stored: Callable[[], None] = lambda: None,
+    ) -> None:
         self.store = store
         self._index = index
         self._clock = clock
+        self._stored = stored
         self._active: dict[Digest, BlobFetch] = {}
         self._starting: SingleFlight[Digest, BlobFetch] = SingleFlight()
 
@@ -241,6 +248,7 @@ class BlobCache:
             def stored(_: object) -> None:
                 self._index.put_blob(str(digest), writer.written, self._clock.seconds())
                 log.info("stored {digest}", digest=str(digest))
+                self._stored()
 
             published.addCallbacks(
                 stored,
