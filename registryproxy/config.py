@@ -21,6 +21,7 @@ import attrs
 import yaml
 
 from .names import is_valid_registry_host
+from .reference import parse_image
 
 
 class ConfigError(Exception):
@@ -42,6 +43,58 @@ class CacheConfig:
     #: how long past its TTL a tag may still be served (X-Cache: STALE) while
     #: its upstream is down, failing or rate-limiting; None: without limit
     max_stale: float | None = None
+    #: disk budget: bytes, or a size with a unit ("250MB", "50GiB"); None: no limit
+    max_size: int | str | None = None
+    #: when the store grows past max_size, evict down to this fraction of it
+    low_water: float = 0.9
+    #: seconds an image may go unused before the periodic sweep removes it; None: never
+    max_idle: float | None = None
+    #: images never evicted: "docker.io/library/alpine:3.19", "ghcr.io/owner/app",
+    #: "nginx@sha256:..." (a repository pins all of it, a tag what it points to)
+    pinned: tuple[str, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_size is not None:
+            parse_size(self.max_size)
+        if not 0 < self.low_water <= 1:
+            raise ValueError(f"low_water: expected a fraction in (0, 1], got {self.low_water!r}")
+        for pin in self.pinned:
+            try:
+                parse_image(pin)
+            except ValueError as e:
+                raise ValueError(f"pinned: {e}") from None
+
+    @property
+    def max_bytes(self) -> int | None:
+        return None if self.max_size is None else parse_size(self.max_size)
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from ``1000``, ``"250MB"``, ``"1.5 GiB"`` (SI units are powers of 1000)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", size)
+    if match is None or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"max_size: expected bytes or a size like 250MB or 50GiB, got {size!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 @attrs.frozen
@@ -291,8 +344,13 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
-        (inner,) = [o for o in options if o is not type(None)]
-        return _convert(inner, value, path)
+        errors = []
+        for inner in (o for o in options if o is not type(None)):
+            try:
+                return _convert(inner, value, path)
+            except ConfigError as e:
+                errors.append(str(e).split(": expected ", 1)[-1].split(", got")[0])
+        raise ConfigError(f"{path}: expected {' or '.join(errors)}, got {_describe(value)}")
     if origin in (collections.abc.Mapping, dict):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {_describe(value)}")

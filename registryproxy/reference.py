@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import attrs
 
-from ..names import is_valid_digest, is_valid_name, is_valid_registry_host, is_valid_tag
+from .names import is_valid_digest, is_valid_name, is_valid_registry_host, is_valid_tag
 
 DOCKER_HUB = "docker.io"
 #: Docker's legacy names for Docker Hub, normalised as ``docker`` does

@@ -18,6 +18,7 @@ from twisted.web.server import Site
 from .admin.app import AdminAPI
 from .admin.control import Control, SavedUpstreams
 from .cache.blobs import BlobCache
+from .cache.eviction import Evictor, Pin
 from .cache.index import Index
 from .cache.manifests import ManifestCache
 from .cache.store import FileStore
@@ -25,9 +26,11 @@ from .config import Config, ConfigError, load_config
 from .metrics import Metrics
 from .proxy.plaintext import PlainHTTPFactory
 from .proxy.resource import RegistryResource
+from .reference import parse_image
 from .upstream.registry import Upstreams
 
 _FLUSH_SECONDS = 10.0
+_SWEEP_SECONDS = 60.0
 
 
 class Options(usage.Options):
@@ -57,6 +60,7 @@ class Proxy:
     control: Control
     pool: HTTPConnectionPool
     index: Index
+    evictor: Evictor
 
     async def close(self) -> None:
         await self.pool.closeCachedConnections()
@@ -111,12 +115,26 @@ def build_proxy(config: Config, reactor: Any) -> Proxy:
         metrics=metrics,
     )
     manifests = ManifestCache(store, index, reactor, config.cache.tag_ttl, config.cache.max_stale)
-    blobs = BlobCache(store, index, reactor)
+    evictor = Evictor(
+        index,
+        store,
+        reactor,
+        config.cache.max_bytes,
+        config.cache.low_water,
+        config.cache.max_idle,
+        [_pin(text) for text in config.cache.pinned],
+    )
+    blobs = BlobCache(store, index, reactor, stored=evictor.soon, max_bytes=config.cache.max_bytes)
     resource = RegistryResource(upstreams, manifests, blobs, metrics)
     control = Control(
         config, store.root, store, index, manifests, blobs, upstreams, metrics, reactor
     )
-    return Proxy(Site(resource), control, pool, index)
+    return Proxy(Site(resource), control, pool, index, evictor)
+
+
+def _pin(text: str) -> Pin:
+    image = parse_image(text)
+    return (image.upstream, image.repository, image.tag, image.digest)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -128,6 +146,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     _Closing(proxy).setServiceParent(service)
     # access times are gathered in memory and written in batches
     TimerService(_FLUSH_SECONDS, proxy.index.flush).setServiceParent(service)
+    # idle images and a budget overrun are swept away in the background too
+    TimerService(_SWEEP_SECONDS, proxy.evictor.sweep).setServiceParent(service)
     admin = Site(AdminAPI(proxy.control, config.admin.secret()).resource())
     for key, description, factory in [
         ("proxy.listen", config.proxy.listen, PlainHTTPFactory(proxy.site)),

@@ -25,9 +25,9 @@ from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from ..names import is_valid_digest, is_valid_name, is_valid_registry_host, is_valid_tag
+from ..reference import parse_image
 from . import openapi
 from .backend import AdminBackend, AdminError, PurgeSelector
-from .reference import parse_image
 
 log = Logger()
 
@@ -106,12 +106,13 @@ def parse_time(name: str, text: str) -> float:
     )
 
 
-def _times(args: dict[str, str]) -> dict[str, float]:
-    return {
-        name: parse_time(name, args[name])
-        for name in ("older_than", "unused_since")
-        if name in args
-    }
+def _times(args: dict[str, str]) -> tuple[float | None, float | None]:
+    """``older_than`` and ``unused_since``, if given."""
+    older, unused = args.get("older_than"), args.get("unused_since")
+    return (
+        parse_time("older_than", older) if older is not None else None,
+        parse_time("unused_since", unused) if unused is not None else None,
+    )
 
 
 def _upstream(name: str) -> str:
@@ -167,8 +168,8 @@ def _body(request: IRequest, schema: str) -> dict[str, Any]:
 
 
 def _record(value: Any) -> dict[str, Any]:
-    """An attrs value as JSON-ready dicts and lists."""
-    return attrs.asdict(value, retain_collection_types=False)
+    """An attrs value as dicts, lists and tuples (which json writes as lists)."""
+    return attrs.asdict(value)
 
 
 class _Guard(Resource):
@@ -207,7 +208,7 @@ class _Guard(Resource):
         assert self._token is not None
         header = request.getHeader(b"Authorization") or b""
         scheme, _, given = header.partition(b" ")
-        # compare_digest takes its time from the given token, never the real one
+        # constant time: how long it takes says nothing of how much of the token matched
         return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self._token)
 
 
@@ -218,7 +219,7 @@ class AdminAPI:
     listens on loopback only."""
 
     app = Klein()
-    # //api/v1/stats is a 404, not a redirect
+    # /api//v1/stats is a 404, not werkzeug's redirect to /api/v1/stats
     app.url_map.merge_slashes = False
 
     def __init__(self, backend: AdminBackend, token: str | None) -> None:
@@ -314,7 +315,8 @@ class AdminAPI:
     def purge_cache(self, request: IRequest) -> bytes:
         args = _query(request, "all", "older_than", "unused_since")
         everything = _flag(args, "all")
-        times = _times(args)
+        older_than, unused_since = _times(args)
+        times = older_than is not None or unused_since is not None
         if everything and times:
             raise AdminError(
                 400,
@@ -328,7 +330,10 @@ class AdminAPI:
                 "unused_since= (epoch seconds or ISO 8601), or DELETE "
                 "/api/v1/cache/<upstream>[/<repository>]",
             )
-        return self._purge(request, PurgeSelector(everything=everything, **times))
+        selector = PurgeSelector(
+            older_than=older_than, unused_since=unused_since, everything=everything
+        )
+        return self._purge(request, selector)
 
     @app.route("/api/v1/cache/<upstream>", methods=["GET"])
     def list_upstream_repositories(self, request: IRequest, upstream: str) -> bytes:
@@ -337,8 +342,11 @@ class AdminAPI:
 
     @app.route("/api/v1/cache/<upstream>", methods=["DELETE"])
     def purge_upstream(self, request: IRequest, upstream: str) -> bytes:
-        args = _query(request, "older_than", "unused_since")
-        return self._purge(request, PurgeSelector(upstream=_upstream(upstream), **_times(args)))
+        older_than, unused_since = _times(_query(request, "older_than", "unused_since"))
+        selector = PurgeSelector(
+            upstream=_upstream(upstream), older_than=older_than, unused_since=unused_since
+        )
+        return self._purge(request, selector)
 
     @app.route("/api/v1/cache/<upstream>/<path:repository>", methods=["GET"])
     def show_repository(self, request: IRequest, upstream: str, repository: str) -> bytes:
@@ -361,12 +369,14 @@ class AdminAPI:
                 400,
                 f"digest: {_show(digest)} is not a digest (sha256:<64 hex> or sha512:<128 hex>)",
             )
+        older_than, unused_since = _times(args)
         selector = PurgeSelector(
             upstream=_upstream(upstream),
             repository=_repository(repository),
             tag=tag,
             digest=digest,
-            **_times(args),
+            older_than=older_than,
+            unused_since=unused_since,
         )
         return self._purge(request, selector)
 

@@ -8,30 +8,32 @@ the others, and the fetch is published only once its digest checks out.
 
 from __future__ import annotations
 
-import os
+import collections
 from collections.abc import Callable
 
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from ..errors import RegistryError
 from ..names import Digest
 from ..singleflight import SingleFlight
 from ..upstream.client import RegistryClient, content_length
 from .index import Index
-from .store import BlobStore, BlobWriter, VerificationError
+from .store import BlobStore, BlobWriter, VerificationError, verify
 
 log = Logger()
+
+#: free bytes left alone on the cache's file system
+_RESERVE = 64 * 1024 * 1024
 
 
 class BlobFetch:
     """A download in progress. Readers poll :attr:`written`, :attr:`verified`
-    and :attr:`error` whenever a listener is called."""
+    and :attr:`error` whenever a listener is called, and :meth:`read` from it."""
 
     def __init__(self, digest: Digest, size: int | None, writer: BlobWriter, source: str) -> None:
         self.digest = digest
@@ -40,15 +42,12 @@ class BlobFetch:
         self.verified = False
         self.error: str | None = None
         self._writer = writer
-        self._listeners: set[Callable[[], None]] = set()
-        reader = writer.open_reader()
-        # One descriptor for every follower: they read with pread, so it
-        # stays valid after the temp file is renamed into place.
-        self._fd = os.dup(reader.fileno())
-        reader.close()
-        self._readers = 0
+        self._listeners: dict[Callable[[], None], int] = {}
         self._ended = False
         self._done: list[Deferred[None]] = []
+        #: the upstream body, to pause while a memory relay is full
+        self.upstream: IPushProducer | None = None
+        self._paused = False
 
     @property
     def written(self) -> int:
@@ -58,16 +57,30 @@ class BlobFetch:
     def running(self) -> bool:
         return not self.verified and self.error is None
 
-    def listen(self, listener: Callable[[], None]) -> int:
-        """Follow this fetch; returns a descriptor to pread from, released by :meth:`unlisten`."""
-        self._listeners.add(listener)
-        self._readers += 1
-        return self._fd
+    @property
+    def relayed(self) -> bool:
+        """Whether the bytes only pass through memory (no room to store them)."""
+        return isinstance(self._writer, MemoryRelay)
+
+    def listen(self, listener: Callable[[], None], position: int = 0) -> None:
+        """Follow this fetch from *position* until :meth:`unlisten`."""
+        self._listeners[listener] = position
 
     def unlisten(self, listener: Callable[[], None]) -> None:
-        self._listeners.discard(listener)
-        self._readers -= 1
+        self._listeners.pop(listener, None)
+        if self.relayed and not self._listeners and self.running:
+            self._fail("every client left a download that is not being stored")
         self._maybe_close()
+
+    def read(self, listener: Callable[[], None], offset: int, size: int) -> bytes:
+        data = self._writer.read(offset, size)
+        self._listeners[listener] = offset + len(data)
+        if isinstance(self._writer, MemoryRelay):
+            self._writer.trim(min(self._listeners.values()))
+            if self._paused and self._writer.buffered < MemoryRelay.LOW and self.upstream:
+                self._paused = False
+                self.upstream.resumeProducing()
+        return data
 
     def when_done(self) -> Deferred[None]:
         """Fires when the fetch is verified, or fails with RuntimeError(why)."""
@@ -88,9 +101,8 @@ class BlobFetch:
                     d.errback(RuntimeError(self.error))
 
     def _maybe_close(self) -> None:
-        if self._ended and self._readers == 0 and self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._ended and not self._listeners:
+            self._writer.close()
 
     # -- driven by the upstream body --------------------------------------
 
@@ -98,6 +110,14 @@ class BlobFetch:
         self._writer.write(data)
         if self.size is not None and self.written > self.size:
             raise VerificationError(f"upstream sent more than the announced {self.size} bytes")
+        if (
+            isinstance(self._writer, MemoryRelay)
+            and self._writer.buffered > MemoryRelay.HIGH
+            and self.upstream is not None
+            and not self._paused
+        ):
+            self._paused = True
+            self.upstream.pauseProducing()
         self._notify()
 
     def _fail(self, why: str) -> None:
@@ -115,6 +135,53 @@ class BlobFetch:
     def _end(self) -> None:
         self._ended = True
         self._maybe_close()
+
+
+class MemoryRelay:
+    """A :class:`BlobWriter` that keeps nothing: bytes pass through memory to
+    the clients following the fetch, the upstream paused while they lag, for
+    when the disk has no room.  Still verified before the last byte goes out."""
+
+    HIGH = 8 * 1024 * 1024
+    LOW = 2 * 1024 * 1024
+
+    def __init__(self, digest: Digest, size: int | None) -> None:
+        self.digest = digest
+        self.size = size
+        self.written = 0
+        self._hasher = digest.hasher()
+        self._chunks: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._base = 0
+
+    @property
+    def buffered(self) -> int:
+        return self.written - self._base
+
+    def write(self, data: bytes) -> None:
+        self._chunks.append((self.written, data))
+        self._hasher.update(data)
+        self.written += len(data)
+
+    def read(self, offset: int, size: int) -> bytes:
+        for start, chunk in self._chunks:
+            if start <= offset < start + len(chunk):
+                return chunk[offset - start : offset - start + size]
+        return b""
+
+    def trim(self, offset: int) -> None:
+        while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= offset:
+            start, chunk = self._chunks.popleft()
+            self._base = start + len(chunk)
+
+    def commit(self) -> Deferred[None]:
+        verify(self.digest, self.size, self.written, self._hasher.hexdigest())
+        return succeed(None)
+
+    def abort(self) -> None:
+        self._chunks.clear()
+
+    def close(self) -> None:
+        self._chunks.clear()
 
 
 class _Receiver(Protocol):
@@ -135,6 +202,7 @@ class _Receiver(Protocol):
         self._problem: str | None = None
 
     def connectionMade(self) -> None:
+        self._fetch.upstream = self.transport  # type: ignore[assignment]
         self._timer = self._clock.callLater(self._timeout, self._stalled)
 
     def _stalled(self) -> None:
@@ -177,11 +245,13 @@ class BlobCache:
         index: Index,
         clock: IReactorTime,
         stored: Callable[[], None] = lambda: None,
+        max_bytes: int | None = None,
     ) -> None:
         self.store = store
         self._index = index
         self._clock = clock
         self._stored = stored
+        self._max_bytes = max_bytes
         self._active: dict[Digest, BlobFetch] = {}
         self._starting: SingleFlight[Digest, BlobFetch] = SingleFlight()
 
@@ -218,13 +288,10 @@ class BlobCache:
         response = await client.get_blob(repo, str(digest))
         self._index.link_blobs(client.name, repo, [str(digest)])
         size = content_length(response)
-        try:
-            writer = self.store.begin(digest, size)
-        except OSError as e:
-            response.deliverBody(_Discard())
-            raise RegistryError(503, "UNAVAILABLE", f"cannot write to the cache: {e}") from None
+        writer = self._writer(digest, size)
         fetch = BlobFetch(digest, size, writer, client.name)
-        self._active[digest] = fetch
+        if not fetch.relayed:
+            self._active[digest] = fetch
         log.info(
             "fetching {digest} ({size} bytes) from {upstream}/{repo}",
             digest=str(digest),
@@ -246,6 +313,8 @@ class BlobCache:
                 return
 
             def stored(_: object) -> None:
+                if fetch.relayed:
+                    return
                 self._index.put_blob(str(digest), writer.written, self._clock.seconds())
                 log.info("stored {digest}", digest=str(digest))
                 self._stored()
@@ -270,15 +339,35 @@ class BlobCache:
         response.deliverBody(_Receiver(fetch, self._clock, client.config.read_timeout, done))
         return fetch
 
+    def _writer(self, digest: Digest, size: int | None) -> BlobWriter:
+        """Where a download goes: the store, or (no room there) only memory,
+        so the client still gets its bytes."""
+        room = self.store.free_bytes() - _RESERVE
+        budget = self._max_bytes
+        if size is not None and (size > room or (budget is not None and size > budget)):
+            log.error(
+                "no room to store {digest} ({size} bytes; {room} free, budget {budget}): "
+                "passing it through uncached",
+                digest=str(digest),
+                size=size,
+                room=room,
+                budget=budget,
+            )
+            return MemoryRelay(digest, size)
+        try:
+            return self.store.begin(digest, size)
+        except OSError as e:
+            log.error(
+                "cannot write {digest} to the cache ({why}): passing it through uncached",
+                digest=str(digest),
+                why=e.strerror,
+            )
+            return MemoryRelay(digest, size)
+
     def _finish(self, fetch: BlobFetch) -> None:
         if self._active.get(fetch.digest) is fetch:
             del self._active[fetch.digest]
         fetch._end()
-
-
-class _Discard(Protocol):
-    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
-        pass
 
 
 def _why(failure: Failure) -> str:

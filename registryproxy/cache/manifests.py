@@ -157,6 +157,7 @@ class ManifestCache:
                 writer = self._store.begin(actual, len(manifest.body))
                 writer.write(manifest.body)
                 await writer.commit()
+                writer.close()
             self._index.put_blob(digest, len(manifest.body), now)
             entry = ManifestEntry(digest, manifest.media_type, len(manifest.body))
             self._index.put_manifest(client.name, repo, entry, now, references(manifest.body))

@@ -32,14 +32,23 @@ class BlobWriter(Protocol):
     written: int
 
     def write(self, data: bytes) -> None: ...
-    def open_reader(self) -> BinaryIO:
-        """A reader of the bytes written so far (and later), for streaming a
-        download to clients while it is still being written."""
+    def read(self, offset: int, size: int) -> bytes:
+        """Bytes written so far, for streaming a download to clients while it
+        is still being written; valid until :meth:`close`, even after commit."""
 
     def commit(self) -> Deferred[None]:
-        """Verify and publish; fails with :class:`VerificationError`."""
+        """Verify (raising :class:`VerificationError` at once) and publish."""
 
     def abort(self) -> None: ...
+    def close(self) -> None:
+        """Release what :meth:`read` needs."""
+
+
+def verify(digest: Digest, expected_size: int | None, written: int, actual_hex: str) -> None:
+    if expected_size is not None and written != expected_size:
+        raise VerificationError(f"expected {expected_size} bytes, got {written}")
+    if actual_hex != digest.hex:
+        raise VerificationError(f"content is {digest.algorithm}:{actual_hex}")
 
 
 class BlobStore(Protocol):
@@ -51,6 +60,8 @@ class BlobStore(Protocol):
 
     def begin(self, digest: Digest, size: int | None) -> BlobWriter: ...
     def delete(self, digest: Digest) -> bool: ...
+    def free_bytes(self) -> int:
+        """Room left for new blobs."""
 
 
 class FileStore:
@@ -83,6 +94,10 @@ class FileStore:
     def begin(self, digest: Digest, size: int | None) -> _FileWriter:
         return _FileWriter(self, digest, size)
 
+    def free_bytes(self) -> int:
+        disk = os.statvfs(self._tmp)
+        return disk.f_bavail * disk.f_frsize
+
     def delete(self, digest: Digest) -> bool:
         try:
             os.unlink(self.path(digest))
@@ -101,23 +116,31 @@ class _FileWriter:
         fd, self._path = tempfile.mkstemp(dir=store._tmp, prefix=digest.hex[:16] + ".")
         # Unbuffered, so readers following the file see every byte at once.
         self._file = os.fdopen(fd, "wb", buffering=0)
+        # One descriptor for every follower, opened now: it stays valid after
+        # the temp file is renamed into place (or unlinked).
+        self._read_fd: int | None = os.open(self._path, os.O_RDONLY)
 
     def write(self, data: bytes) -> None:
         self._file.write(data)
         self._hasher.update(data)
         self.written += len(data)
 
-    def open_reader(self) -> BinaryIO:
-        return open(self._path, "rb")
+    def read(self, offset: int, size: int) -> bytes:
+        if self._read_fd is None:
+            raise ValueError("read after close")
+        return os.pread(self._read_fd, size, offset)
+
+    def close(self) -> None:
+        if self._read_fd is not None:
+            os.close(self._read_fd)
+            self._read_fd = None
 
     def commit(self) -> Deferred[None]:
-        if self.size is not None and self.written != self.size:
+        try:
+            verify(self.digest, self.size, self.written, self._hasher.hexdigest())
+        except VerificationError:
             self.abort()
-            raise VerificationError(f"expected {self.size} bytes, got {self.written}")
-        actual = self._hasher.hexdigest()
-        if actual != self.digest.hex:
-            self.abort()
-            raise VerificationError(f"content is {self.digest.algorithm}:{actual}")
+            raise
         return deferToThread(self._publish)
 
     def _publish(self) -> None:

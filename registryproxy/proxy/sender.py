@@ -36,15 +36,17 @@ class BlobSender:
         fetch: BlobFetch | None = None,
         counted: Callable[[int], None] = lambda n: None,
     ) -> None:
-        """Send ``[start, end)``; ``end=None`` means until the fetch ends."""
+        """Send ``[start, end)`` of a stored blob's open *fd* (which this
+        closes) or of a running *fetch*; ``end=None`` means until the fetch ends."""
         assert (fd is None) != (fetch is None)
         self._request = request
         self._pos = start
         self._end = end
         self._fetch = fetch
         self._counted = counted
-        self._own_fd = fd is not None
-        self._fd = fd if fd is not None else fetch.listen(self._pump)  # type: ignore[union-attr]
+        self._fd = fd
+        if fetch is not None:
+            fetch.listen(self._pump, start)
         self._paused = False
         self._pumping = False
         self._done = False
@@ -92,7 +94,11 @@ class BlobSender:
                     if self._complete():
                         self._finish()
                     return
-                data = os.pread(self._fd, min(CHUNK, limit - self._pos), self._pos)
+                try:
+                    data = self._read(min(CHUNK, limit - self._pos))
+                except (OSError, ValueError) as e:
+                    log.error("cannot read blob at {pos}: {why}", pos=self._pos, why=e)
+                    data = b""
                 if not data:
                     log.error("blob file shorter than expected at {pos}", pos=self._pos)
                     self._abort()
@@ -102,6 +108,12 @@ class BlobSender:
                 self._request.write(data)
         finally:
             self._pumping = False
+
+    def _read(self, size: int) -> bytes:
+        if self._fetch is not None:
+            return self._fetch.read(self._pump, self._pos, size)
+        assert self._fd is not None
+        return os.pread(self._fd, size, self._pos)
 
     def _finish(self) -> None:
         self._close()
@@ -121,5 +133,5 @@ class BlobSender:
         self._done = True
         if self._fetch is not None:
             self._fetch.unlisten(self._pump)
-        elif self._own_fd:
+        elif self._fd is not None:
             os.close(self._fd)

@@ -1,0 +1,771 @@
+"""The admin API in memory: treq's StubTreq over the Klein resource, a fake backend."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+import pytest
+import pytest_twisted
+from fakeadmin import FakeAdmin, digest_of
+from treq.testing import StubTreq
+from twisted.logger import globalLogPublisher
+
+from registryproxy import names
+from registryproxy.admin import openapi
+from registryproxy.admin.app import AdminAPI
+from registryproxy.admin.backend import AdminError, PurgeSelector
+from registryproxy.reference import ImageReference, parse_image
+
+TOKEN = "s3cret-token"
+DIGEST = "sha256:" + "a" * 64
+
+
+@attrs.frozen
+class Reply:
+    code: int
+    headers: dict[str, list[str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.get(name.lower())
+        return values[0] if values else None
+
+    def json(self) -> Any:
+        assert self.header("Content-Type") == "application/json", self.body
+        return json.loads(self.body)
+
+    @property
+    def message(self) -> str:
+        error = self.json()["error"]
+        assert set(error) == {"code", "message"}
+        return str(error["message"])
+
+
+class Admin:
+    """The API over a FakeAdmin, with requests that carry the token unless told not to."""
+
+    def __init__(self, token: str | None = TOKEN) -> None:
+        self.backend = FakeAdmin()
+        self.treq = StubTreq(AdminAPI(self.backend, token).resource())
+
+    async def __call__(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        token: str | None = TOKEN,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        sent = dict(headers or {})
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        if body is not None:
+            data = json.dumps(body).encode()
+            sent.setdefault("Content-Type", "application/json")
+        response = await self.treq.request(
+            method, "http://admin.test" + path, headers=sent, data=data
+        )
+        content = await response.content()
+        received = {
+            k.decode().lower(): [v.decode() for v in vs]
+            for k, vs in response.headers.getAllRawHeaders()
+        }
+        return Reply(response.code, received, content)
+
+
+@pytest.fixture
+def admin() -> Admin:
+    return Admin()
+
+
+# -- serving and access ----------------------------------------------------------
+
+#: a request to every route the app serves
+EVERY_ROUTE = [
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/api/v1/openapi.json"),
+    ("GET", "/api/v1/stats"),
+    ("GET", "/api/v1/cache"),
+    ("DELETE", "/api/v1/cache?all=true"),
+    ("GET", "/api/v1/cache/docker.io"),
+    ("DELETE", "/api/v1/cache/docker.io"),
+    ("GET", "/api/v1/cache/docker.io/library/alpine"),
+    ("DELETE", "/api/v1/cache/docker.io/library/alpine"),
+    ("GET", "/api/v1/prefetch"),
+    ("POST", "/api/v1/prefetch"),
+    ("GET", "/api/v1/prefetch/job1"),
+    ("GET", "/api/v1/upstreams"),
+    ("GET", "/api/v1/upstreams/ghcr.io"),
+    ("PUT", "/api/v1/upstreams/ghcr.io"),
+    ("PATCH", "/api/v1/upstreams/ghcr.io"),
+    ("DELETE", "/api/v1/upstreams/ghcr.io"),
+]
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("method,path", EVERY_ROUTE)
+async def test_every_route_but_healthz_needs_the_token(admin, method, path):
+    for token in (None, "guess-1234", TOKEN + "x", TOKEN[:-1]):
+        reply = await admin(method, path, token=token)
+        assert reply.code == 401
+        assert reply.header("WWW-Authenticate").startswith("Bearer")
+        assert reply.json()["error"]["code"] == "UNAUTHORIZED"
+        # neither the real token nor the one sent is echoed
+        assert TOKEN[:-1] not in reply.body.decode()
+        assert "guess-1234" not in reply.body.decode()
+    # nothing reached the backend
+    assert admin.backend.calls == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_must_be_a_bearer_token(admin):
+    reply = await admin("GET", "/api/v1/stats", token=None, headers={"Authorization": TOKEN})
+    assert reply.code == 401
+    basic = await admin(
+        "GET", "/api/v1/stats", token=None, headers={"Authorization": f"Basic {TOKEN}"}
+    )
+    assert basic.code == 401
+    lower = await admin(
+        "GET", "/api/v1/stats", token=None, headers={"Authorization": f"bearer {TOKEN}"}
+    )
+    assert lower.code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_routes_ask_for_the_token_first(admin):
+    assert (await admin("GET", "/nope", token=None)).code == 401
+    assert (await admin("GET", "/nope")).code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_healthz_is_open(admin):
+    for token in (None, "wrong", TOKEN):
+        reply = await admin("GET", "/healthz", token=token)
+        assert reply.code == 200
+        assert reply.json() == {"status": "ok"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_a_token_nothing_is_asked():
+    admin = Admin(token=None)
+    reply = await admin("GET", "/api/v1/stats", token=None)
+    assert reply.code == 200
+    # a token sent anyway does no harm
+    assert (await admin("GET", "/api/v1/stats", token="whatever")).code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_route_is_404_json(admin):
+    for path in (
+        "/nope",
+        "/api/v1",
+        "/api/v1/stats/",
+        "/api/v2/stats",
+        # werkzeug would redirect these to a merged path
+        "/api//v1/stats",
+        "/api/v1/cache/docker.io//alpine",
+    ):
+        reply = await admin("GET", path)
+        assert reply.code == 404, path
+        assert reply.json()["error"]["code"] == "NOT_FOUND"
+        assert "openapi.json" in reply.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_method_is_405_with_allow(admin):
+    reply = await admin("POST", "/api/v1/stats")
+    assert reply.code == 405
+    assert reply.header("Allow") == "GET, HEAD"
+    assert reply.json()["error"]["code"] == "METHOD_NOT_ALLOWED"
+    reply = await admin("POST", "/api/v1/upstreams/ghcr.io")
+    assert reply.code == 405
+    assert set(reply.header("Allow").split(", ")) == {"GET", "HEAD", "PUT", "PATCH", "DELETE"}
+    reply = await admin("PUT", "/api/v1/cache/docker.io/library/alpine")
+    assert set(reply.header("Allow").split(", ")) == {"GET", "HEAD", "DELETE"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_or_repeated_query_parameter_is_400(admin):
+    reply = await admin("GET", "/api/v1/stats?verbose=1")
+    assert reply.code == 400
+    assert "unknown query parameter 'verbose'" in reply.message
+    reply = await admin("DELETE", "/api/v1/cache?all=true&all=true")
+    assert reply.code == 400
+    assert "given 2 times" in reply.message
+    assert not [c for c in admin.backend.calls if c[0] == "purge"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_non_utf8_url_is_400_json(admin):
+    reply = await admin("GET", "/api/v1/cache/%FF")
+    assert reply.code == 400
+    assert "UTF-8" in reply.message
+    reply = await admin("DELETE", "/api/v1/cache?older_than=%FF")
+    assert reply.code == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_admin_error_keeps_its_status_and_message(admin):
+    admin.backend.failures["stats"] = AdminError(409, "busy purging: try again")
+    reply = await admin("GET", "/api/v1/stats")
+    assert reply.code == 409
+    assert reply.json() == {"error": {"code": "CONFLICT", "message": "busy purging: try again"}}
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_error_with_a_status_that_is_no_error_is_500(admin):
+    admin.backend.failures["stats"] = AdminError(200, "fine?")
+    reply = await admin("GET", "/api/v1/stats")
+    assert reply.code == 500
+    assert "fine?" not in reply.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_other_exceptions_are_500_generic_and_logged(admin):
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        admin.backend.failures["repositories"] = RuntimeError("secret detail /var/cache")
+        reply = await admin("GET", "/api/v1/cache")
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert reply.code == 500
+    assert reply.json()["error"]["code"] == "INTERNAL_SERVER_ERROR"
+    assert "secret detail" not in reply.message
+    assert "log" in reply.message
+    failures = [e for e in logged if "log_failure" in e]
+    assert len(failures) == 1
+    assert isinstance(failures[0]["log_failure"].value, RuntimeError)
+    assert failures[0]["path"] == "/api/v1/cache"
+
+
+# -- health and numbers ---------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_readyz_is_200_when_ready_else_503(admin):
+    reply = await admin("GET", "/readyz")
+    assert reply.code == 200
+    assert reply.json()["ready"] is True
+    admin.backend.is_ready = False
+    reply = await admin("GET", "/readyz")
+    assert reply.code == 503
+    assert reply.json()["ready"] is False
+    assert "checks" in reply.json()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stats(admin):
+    reply = await admin("GET", "/api/v1/stats")
+    assert reply.code == 200
+    assert reply.json()["hit_ratio"] == 0.75
+    assert reply.header("Cache-Control") == "no-store"
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_are_prometheus_text(admin):
+    reply = await admin("GET", "/metrics")
+    assert reply.code == 200
+    assert reply.header("Content-Type").startswith("text/plain; version=0.0.4")
+    assert b"regproxy_requests_total 120.0" in reply.body
+
+
+@pytest_twisted.ensureDeferred
+async def test_openapi_document_is_served(admin):
+    reply = await admin("GET", "/api/v1/openapi.json")
+    assert reply.code == 200
+    assert reply.json() == openapi.document()
+
+
+# -- the cache ----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_repositories(admin):
+    reply = await admin("GET", "/api/v1/cache")
+    assert reply.code == 200
+    repos = reply.json()["repositories"]
+    assert [(r["upstream"], r["repository"]) for r in repos] == [
+        ("docker.io", "library/alpine"),
+        ("docker.io", "library/nginx"),
+        ("ghcr.io", "owner/name"),
+    ]
+    assert set(repos[0]) == {"upstream", "repository", "tags", "manifests", "size", "last_access"}
+    reply = await admin("GET", "/api/v1/cache/ghcr.io")
+    assert [r["repository"] for r in reply.json()["repositories"]] == ["owner/name"]
+    assert admin.backend.last("repositories") == ("ghcr.io",)
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_repositories_of_unknown_or_invalid_upstream(admin):
+    reply = await admin("GET", "/api/v1/cache/nowhere.example")
+    assert reply.code == 404
+    reply = await admin("GET", "/api/v1/cache/not_a_host!")
+    assert reply.code == 400
+    assert "not an upstream name" in reply.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_show_repository_with_slashes(admin):
+    for path in ("library/alpine", "library%2Falpine"):
+        reply = await admin("GET", f"/api/v1/cache/docker.io/{path}")
+        assert reply.code == 200
+        detail = reply.json()
+        assert detail["repository"] == "library/alpine"
+        assert [t["tag"] for t in detail["tags"]] == ["3.19", "latest"]
+        (manifest,) = detail["manifests"]
+        assert manifest["digest"] == digest_of("alpine 3.19")
+        assert [b["cached"] for b in manifest["blobs"]] == [True, True]
+    reply = await admin("GET", "/api/v1/cache/ghcr.io/owner/missing")
+    assert reply.code == 404
+    assert "nothing of ghcr.io/owner/missing" in reply.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_show_repository_invalid_name(admin):
+    for name in ("Library/Alpine", "a//b", "a/../b", "a" * 256):
+        reply = await admin("GET", f"/api/v1/cache/docker.io/{name}")
+        assert reply.code in (400, 404), name
+        if reply.code == 400:
+            assert "not a repository name" in reply.message
+    assert admin.backend.calls == []
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "path,selector",
+    [
+        ("/api/v1/cache?all=true", PurgeSelector(everything=True)),
+        ("/api/v1/cache?older_than=1700000000", PurgeSelector(older_than=1_700_000_000.0)),
+        (
+            "/api/v1/cache?unused_since=2024-05-01T12:00:00Z",
+            PurgeSelector(unused_since=datetime(2024, 5, 1, 12, tzinfo=UTC).timestamp()),
+        ),
+        # no zone: UTC
+        (
+            "/api/v1/cache?older_than=2024-05-01",
+            PurgeSelector(older_than=datetime(2024, 5, 1, tzinfo=UTC).timestamp()),
+        ),
+        (
+            "/api/v1/cache?older_than=2024-05-01T14:00:00%2B02:00",
+            PurgeSelector(older_than=datetime(2024, 5, 1, 12, tzinfo=UTC).timestamp()),
+        ),
+        ("/api/v1/cache/ghcr.io", PurgeSelector(upstream="ghcr.io")),
+        (
+            "/api/v1/cache/ghcr.io?unused_since=5.5",
+            PurgeSelector(upstream="ghcr.io", unused_since=5.5),
+        ),
+        (
+            "/api/v1/cache/docker.io/library/alpine",
+            PurgeSelector(upstream="docker.io", repository="library/alpine"),
+        ),
+        (
+            "/api/v1/cache/docker.io/library/alpine?tag=3.19",
+            PurgeSelector(upstream="docker.io", repository="library/alpine", tag="3.19"),
+        ),
+        (
+            f"/api/v1/cache/localhost:5000/x/y?digest={DIGEST}&older_than=10",
+            PurgeSelector(
+                upstream="localhost:5000", repository="x/y", digest=DIGEST, older_than=10
+            ),
+        ),
+    ],
+)
+async def test_purge_selectors(admin, path, selector):
+    reply = await admin("DELETE", path)
+    assert reply.code == 200, reply.body
+    assert admin.backend.last("purge") == (selector,)
+    assert set(reply.json()) == {"tags", "manifests", "blobs", "bytes_freed"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_purge_reports_what_went(admin):
+    reply = await admin("DELETE", "/api/v1/cache/ghcr.io/owner/name?tag=1.0")
+    result = reply.json()
+    assert result["tags"] == 1
+    assert result["manifests"] == 1
+    assert result["blobs"] == [digest_of("name 1.0 config"), digest_of("name 1.0 layer")]
+    assert result["bytes_freed"] == 400 + 500 + 3_000_000
+    detail = (await admin("GET", "/api/v1/cache/ghcr.io/owner/name")).json()
+    assert [t["tag"] for t in detail["tags"]] == ["2.0"]
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "path,words",
+    [
+        ("/api/v1/cache", "say what to purge"),
+        ("/api/v1/cache?all=false", "say what to purge"),
+        ("/api/v1/cache?all=yes", "expected true or false"),
+        ("/api/v1/cache?all=true&older_than=1", "give it alone"),
+        ("/api/v1/cache?older_than=yesterday", "older_than: expected epoch seconds or an ISO"),
+        ("/api/v1/cache?older_than=-5", "older_than: expected"),
+        ("/api/v1/cache?unused_since=2024-13-45", "unused_since: expected"),
+        ("/api/v1/cache?older_than=nan", "older_than: expected"),
+        ("/api/v1/cache?tag=1", "unknown query parameter 'tag'"),
+        ("/api/v1/cache/docker.io?tag=1", "unknown query parameter 'tag'"),
+        ("/api/v1/cache/-bad-", "not an upstream name"),
+        ("/api/v1/cache/docker.io/UPPER", "not a repository name"),
+        (f"/api/v1/cache/docker.io/x?tag=1&digest={DIGEST}", "tag or digest, not both"),
+        ("/api/v1/cache/docker.io/x?tag=.bad", "not a tag"),
+        ("/api/v1/cache/docker.io/x?digest=sha256:abc", "not a digest"),
+        ("/api/v1/cache/docker.io/x?digest=md5:" + "a" * 32, "not a digest"),
+    ],
+)
+async def test_purge_bad_input_is_400(admin, path, words):
+    reply = await admin("DELETE", path)
+    assert reply.code == 400, reply.body
+    assert reply.json()["error"]["code"] == "BAD_REQUEST"
+    assert words in reply.message
+    assert not [c for c in admin.backend.calls if c[0] == "purge"]
+
+
+# -- prefetch -----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "image,call",
+    [
+        ("nginx", ("docker.io", "library/nginx", "latest")),
+        ("nginx:1.27", ("docker.io", "library/nginx", "1.27")),
+        (f"nginx@{DIGEST}", ("docker.io", "library/nginx", DIGEST)),
+        (f"nginx:1.27@{DIGEST}", ("docker.io", "library/nginx", DIGEST)),
+        ("ghcr.io/owner/name:1.0", ("ghcr.io", "owner/name", "1.0")),
+        ("owner/name", ("docker.io", "owner/name", "latest")),
+    ],
+)
+async def test_prefetch_parses_images_like_docker(admin, image, call):
+    reply = await admin("POST", "/api/v1/prefetch", {"image": image})
+    assert reply.code == 202, reply.body
+    assert admin.backend.last("prefetch") == (*call, None)
+    job = reply.json()
+    assert reply.header("Location") == f"/api/v1/prefetch/{job['id']}"
+    assert job["state"] == "queued"
+
+
+@pytest_twisted.ensureDeferred
+async def test_prefetch_platforms_and_jobs(admin):
+    reply = await admin(
+        "POST",
+        "/api/v1/prefetch",
+        {"image": "alpine", "platforms": ["linux/amd64", "linux/arm/v7"]},
+    )
+    assert reply.code == 202
+    assert admin.backend.last("prefetch")[-1] == ("linux/amd64", "linux/arm/v7")
+    job = reply.json()
+    assert job["platforms"] == ["linux/amd64", "linux/arm/v7"]
+    listed = (await admin("GET", "/api/v1/prefetch")).json()["jobs"]
+    assert listed == [job]
+    shown = await admin("GET", reply.header("Location"))
+    assert shown.json() == job
+    missing = await admin("GET", "/api/v1/prefetch/nope")
+    assert missing.code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_prefetch_takes_a_form_encoded_content_type(admin):
+    """``curl -d '{...}'`` labels JSON as a form; the body is read as JSON anyway."""
+    reply = await admin(
+        "POST",
+        "/api/v1/prefetch",
+        data=b'{"image": "alpine"}',
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert reply.code == 202, reply.body
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "body,words",
+    [
+        (b"", "send a JSON object"),
+        (b"{not json", "not JSON"),
+        (b'{"image": NaN}', "not JSON"),
+        (b'{"image": "a", "image": "b"}', "given twice"),
+        (b"[]", "body: expected an object, got a list"),
+        (b'{"platforms": ["linux/amd64"]}', "required field 'image' is missing"),
+        (b'{"image": "nginx", "tag": "1"}', "unknown field 'tag'"),
+        (b'{"image": 5}', "body.image: expected a string, got an integer"),
+        (b'{"image": ""}', "body.image: must not be empty"),
+        (b'{"image": "nginx", "platforms": "linux/amd64"}', "body.platforms: expected a list"),
+        (b'{"image": "nginx", "platforms": []}', "at least 1"),
+        (b'{"image": "nginx", "platforms": ["linux"]}', "body.platforms[0]: not valid"),
+        (b'{"image": "nginx", "platforms": ["linux/amd64\\n"]}', "body.platforms[0]: not valid"),
+        (b'{"image": "Nginx"}', "not a repository name"),
+        (b'{"image": "nginx:-1"}', "not a tag"),
+        (b'{"image": "nginx@sha256:00"}', "not a digest"),
+        (b'{"image": "unknown.example/a/b"}', "unknown upstream"),
+    ],
+)
+async def test_prefetch_bad_input_is_400(admin, body, words):
+    reply = await admin(
+        "POST", "/api/v1/prefetch", data=body, headers={"Content-Type": "application/json"}
+    )
+    assert reply.code == 400, reply.body
+    assert words in reply.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_prefetch_body_too_large_is_413(admin):
+    big = json.dumps({"image": "nginx", "platforms": ["linux/amd64"] * 10000}).encode()
+    reply = await admin("POST", "/api/v1/prefetch", data=big)
+    assert reply.code == 413
+    assert reply.json()["error"]["code"] == "REQUEST_ENTITY_TOO_LARGE"
+
+
+# -- upstreams ---------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_and_show_upstreams(admin):
+    upstreams = (await admin("GET", "/api/v1/upstreams")).json()["upstreams"]
+    assert upstreams["docker.io"]["default"] is True
+    assert upstreams["ghcr.io"]["preset"] is True
+    shown = await admin("GET", "/api/v1/upstreams/ghcr.io")
+    assert shown.json() == upstreams["ghcr.io"]
+    missing = await admin("GET", "/api/v1/upstreams/nowhere.example")
+    assert missing.code == 404
+    assert "GET /api/v1/upstreams lists them" in missing.message
+    invalid = await admin("GET", "/api/v1/upstreams/bad_name")
+    assert invalid.code == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_put_adds_then_replaces(admin):
+    settings = {"url": "https://registry.example", "username": "me", "password": "hunter2"}
+    added = await admin("PUT", "/api/v1/upstreams/registry.example", settings)
+    assert added.code == 201, added.body
+    assert added.json()["url"] == "https://registry.example"
+    assert added.json()["password"] == "<set>"
+    assert b"hunter2" not in added.body
+    assert admin.backend.last("set_upstream") == ("registry.example", settings, False)
+    replaced = await admin(
+        "PUT", "/api/v1/upstreams/registry.example", {"url": "https://registry.example:8443"}
+    )
+    assert replaced.code == 200
+    assert replaced.json()["username"] is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_patch_merges(admin):
+    reply = await admin("PATCH", "/api/v1/upstreams/ghcr.io", {"tag_ttl": 60, "aliases": []})
+    assert reply.code == 200
+    assert reply.json()["tag_ttl"] == 60
+    assert admin.backend.last("set_upstream") == ("ghcr.io", {"tag_ttl": 60, "aliases": []}, True)
+    missing = await admin("PATCH", "/api/v1/upstreams/nowhere.example", {"tag_ttl": 1})
+    assert missing.code == 404
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "body,words",
+    [
+        ({"url": "https://x.example", "pasword": "hunter2"}, "unknown field 'pasword'"),
+        ({"password": 12345}, "body.password: expected a string or null, got an integer"),
+        ({"tag_ttl": "soon"}, "body.tag_ttl: expected a number or null, got a string"),
+        ({"tag_ttl": -1}, "body.tag_ttl: expected a number >= 0"),
+        ({"connect_timeout": None}, "body.connect_timeout: expected a number, got null"),
+        ({"library_prefix": "yes"}, "expected a boolean"),
+        ({"aliases": "a.example"}, "body.aliases: expected a list"),
+        ({"fallbacks": [1]}, "body.fallbacks[0]: expected a string"),
+    ],
+)
+async def test_upstream_settings_are_checked_without_echoing_values(admin, body, words):
+    reply = await admin("PATCH", "/api/v1/upstreams/ghcr.io", body)
+    assert reply.code == 400, reply.body
+    assert words in reply.message
+    assert b"hunter2" not in reply.body
+    assert b"12345" not in reply.body
+    assert not [c for c in admin.backend.calls if c[0] == "set_upstream"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_settings_the_config_refuses_are_400(admin):
+    reply = await admin("PUT", "/api/v1/upstreams/x.example", {"url": "ftp://x.example"})
+    assert reply.code == 400
+    assert "url: expected http(s)://host[:port]" in reply.message
+    reply = await admin("PUT", "/api/v1/upstreams/x.example", {"tag_ttl": 5})
+    assert reply.code == 400
+    assert "url: required key is missing" in reply.message
+    reply = await admin("PATCH", "/api/v1/upstreams/ghcr.io", {"fallbacks": ["nowhere.example"]})
+    assert reply.code == 400
+    assert "is not another upstream" in reply.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_upstream(admin):
+    await admin("PUT", "/api/v1/upstreams/x.example", {"url": "https://x.example"})
+    reply = await admin("DELETE", "/api/v1/upstreams/x.example")
+    assert reply.code == 204
+    assert reply.body == b""
+    assert (await admin("GET", "/api/v1/upstreams/x.example")).code == 404
+    assert (await admin("DELETE", "/api/v1/upstreams/x.example")).code == 404
+    default = await admin("DELETE", "/api/v1/upstreams/docker.io")
+    assert default.code == 409
+    assert default.json()["error"]["code"] == "CONFLICT"
+
+
+# -- the OpenAPI document -----------------------------------------------------------
+
+
+def _served_operations() -> set[tuple[str, str]]:
+    """(method, OpenAPI path) for every rule of the Klein app."""
+    served = set()
+    for rule in AdminAPI.app.url_map.iter_rules():
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+        for method in rule.methods or ():
+            if method not in ("HEAD", "OPTIONS"):
+                served.add((method.lower(), path))
+    return served
+
+
+def test_openapi_lists_every_route_and_nothing_else():
+    document = openapi.document()
+    documented = {(method, path) for path, item in document["paths"].items() for method in item}
+    assert documented == _served_operations()
+
+
+def test_every_route_is_tested_for_the_token():
+    tested = {(m.lower(), p.split("?")[0]) for m, p in EVERY_ROUTE}
+    for method, template in _served_operations() - {("get", "/healthz")}:
+        pattern = re.sub(r"\\\{(\w+)\\\}", ".+", re.escape(template))
+        assert any(m == method and re.fullmatch(pattern, p) for m, p in tested), template
+
+
+def test_openapi_path_parameters_match_the_routes():
+    for path, item in openapi.document()["paths"].items():
+        in_path = set(re.findall(r"\{(\w+)\}", path))
+        for method, operation in item.items():
+            declared = {p["name"] for p in operation.get("parameters", ()) if p["in"] == "path"}
+            assert declared == in_path, (method, path)
+
+
+def test_openapi_document_shape():
+    document = openapi.document()
+    assert document["openapi"].startswith("3.")
+    assert document["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "admin.token from regproxy's config",
+    }
+    assert document["security"] == [{"bearer": []}]
+    assert document["paths"]["/healthz"]["get"]["security"] == []
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            assert "500" in operation["responses"], (method, path)
+            if path != "/healthz":
+                assert "401" in operation["responses"], (method, path)
+            body = operation.get("requestBody")
+            if body:
+                ref = body["content"]["application/json"]["schema"]["$ref"]
+                schema = document["components"]["schemas"][ref.rsplit("/", 1)[1]]
+                assert schema["additionalProperties"] is False
+
+
+def test_upstream_settings_schema_follows_the_config():
+    from registryproxy.config import UpstreamConfig
+
+    schema = openapi.SCHEMAS["UpstreamSettings"]
+    assert set(schema["properties"]) == {f.name for f in attrs.fields(UpstreamConfig)}
+    assert schema["properties"]["tag_ttl"] == {"type": ["number", "null"], "minimum": 0}
+    assert schema["properties"]["aliases"] == {"type": "array", "items": {"type": "string"}}
+
+
+@pytest.mark.parametrize(
+    "pattern,valid,samples",
+    [
+        (
+            openapi.NAME_PATTERN,
+            names.is_valid_name,
+            ["a", "library/alpine", "a__b/c-d", "A", "a/", "/a", "a//b", "a\n", "a..b"],
+        ),
+        (openapi.TAG_PATTERN, names.is_valid_tag, ["1.0", "_x", ".x", "-x", "a" * 129, "x\n"]),
+        (
+            openapi.DIGEST_PATTERN,
+            names.is_valid_digest,
+            [DIGEST, DIGEST.upper(), "sha256:abc", "sha512:" + "b" * 128, DIGEST + "\n"],
+        ),
+        (
+            openapi.HOST_PATTERN,
+            names.is_valid_registry_host,
+            ["docker.io", "localhost:5000", "-a.io", "a_b.io", "a.io:", "a.io\n"],
+        ),
+    ],
+)
+def test_openapi_patterns_agree_with_names(pattern, valid, samples):
+    for sample in samples:
+        assert openapi.matches(pattern, sample) == valid(sample), sample
+
+
+# -- image references ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("nginx", ImageReference("docker.io", "library/nginx")),
+        ("nginx:1.27", ImageReference("docker.io", "library/nginx", "1.27")),
+        ("owner/name", ImageReference("docker.io", "owner/name")),
+        ("docker.io/nginx", ImageReference("docker.io", "library/nginx")),
+        ("docker.io/library/alpine", ImageReference("docker.io", "library/alpine")),
+        ("index.docker.io/library/alpine:3", ImageReference("docker.io", "library/alpine", "3")),
+        ("ghcr.io/owner/name:1.0", ImageReference("ghcr.io", "owner/name", "1.0")),
+        ("ghcr.io/name", ImageReference("ghcr.io", "name")),
+        ("localhost:5000/x:1", ImageReference("localhost:5000", "x", "1")),
+        ("localhost:5000/x", ImageReference("localhost:5000", "x")),
+        ("localhost/x/y", ImageReference("localhost", "x/y")),
+        (f"nginx@{DIGEST}", ImageReference("docker.io", "library/nginx", None, DIGEST)),
+        (f"a.io:1/b/c:2@{DIGEST}", ImageReference("a.io:1", "b/c", "2", DIGEST)),
+    ],
+)
+def test_parse_image(text, expected):
+    assert parse_image(text) == expected
+
+
+def test_image_reference_defaults_to_latest():
+    assert parse_image("nginx").reference == "latest"
+    assert parse_image("nginx:1").reference == "1"
+    assert parse_image(f"nginx:1@{DIGEST}").reference == DIGEST
+    assert str(parse_image("nginx:1")) == "docker.io/library/nginx:1"
+
+
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("", "empty image name"),
+        ("Nginx", "not a repository name"),
+        ("nginx:", "not a tag"),
+        ("nginx:a/b", "not a registry host"),
+        ("nginx@sha256:12", "not a digest"),
+        ("nginx@", "not a digest"),
+        ("ghcr.io/", "not a repository name"),
+        ("-bad.io/x", "not a registry host"),
+        ("a//b", "not a repository name"),
+    ],
+)
+def test_parse_image_refuses(text, words):
+    with pytest.raises(ValueError, match=words):
+        parse_image(text)
+
+
+# -- the body checker ---------------------------------------------------------------
+
+
+def test_check_accepts_a_valid_body():
+    openapi.check("PrefetchRequest", {"image": "nginx", "platforms": None})
+    openapi.check("UpstreamSettings", {"url": "https://x", "tag_ttl": 0, "aliases": ["a"]})
+    openapi.check("UpstreamSettings", {})
+
+
+def test_check_booleans_are_not_numbers():
+    with pytest.raises(ValueError, match="body.tag_ttl: expected a number or null, got a boolean"):
+        openapi.check("UpstreamSettings", {"tag_ttl": True})
+    with pytest.raises(ValueError, match="expected a boolean, got an integer"):
+        openapi.check("UpstreamSettings", {"library_prefix": 1})
