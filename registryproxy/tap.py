@@ -18,7 +18,7 @@ from twisted.web.server import Site
 from .admin.app import AdminAPI
 from .admin.control import Control, SavedUpstreams
 from .cache.blobs import BlobCache
-from .cache.eviction import Evictor, Pin
+from .cache.eviction import Evictor
 from .cache.index import Index
 from .cache.manifests import ManifestCache
 from .cache.store import FileStore
@@ -26,7 +26,6 @@ from .config import Config, ConfigError, load_config
 from .metrics import Metrics
 from .proxy.plaintext import PlainHTTPFactory
 from .proxy.resource import RegistryResource
-from .reference import parse_image
 from .upstream.registry import Upstreams
 
 _FLUSH_SECONDS = 10.0
@@ -115,26 +114,16 @@ def build_proxy(config: Config, reactor: Any) -> Proxy:
         metrics=metrics,
     )
     manifests = ManifestCache(store, index, reactor, config.cache.tag_ttl, config.cache.max_stale)
+    # pins come from the config and the admin API: Control sets them
     evictor = Evictor(
-        index,
-        store,
-        reactor,
-        config.cache.max_bytes,
-        config.cache.low_water,
-        config.cache.max_idle,
-        [_pin(text) for text in config.cache.pinned],
+        index, store, reactor, config.cache.max_bytes, config.cache.low_water, config.cache.max_idle
     )
     blobs = BlobCache(store, index, reactor, stored=evictor.soon, max_bytes=config.cache.max_bytes)
     resource = RegistryResource(upstreams, manifests, blobs, metrics)
     control = Control(
-        config, store.root, store, index, manifests, blobs, upstreams, metrics, reactor
+        config, store.root, store, index, manifests, blobs, upstreams, metrics, reactor, evictor
     )
     return Proxy(Site(resource), control, pool, index, evictor)
-
-
-def _pin(text: str) -> Pin:
-    image = parse_image(text)
-    return (image.upstream, image.repository, image.tag, image.digest)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

@@ -109,6 +109,26 @@ class PrefetchJob:
     finished_at: float | None
 
 
+@attrs.frozen
+class FsckResult:
+    checked: int
+    bytes_checked: int
+    #: blobs whose bytes did not match their digest, moved to quarantine/
+    quarantined: tuple[str, ...]
+    #: files in the store the index did not know, now indexed
+    indexed: tuple[str, ...]
+    #: index entries whose file was gone, now forgotten
+    forgotten: tuple[str, ...]
+
+
+@attrs.frozen
+class Pin:
+    #: the image as given, normalised: "docker.io/library/alpine:3.19"
+    image: str
+    #: "config" (cache.pinned in the YAML) or "api"
+    source: str
+
+
 class AdminError(Exception):
     """A request the backend refuses; ``status`` 400 (bad input), 404 (no such
     thing) or 409 (conflicts with the current state). The message says what
@@ -150,6 +170,19 @@ class AdminBackend(Protocol):
         """Start warming the cache in the background; returns at once."""
 
     def prefetch_jobs(self) -> list[PrefetchJob]: ...
+
+    async def fsck(self) -> FsckResult:
+        """Re-hash every stored blob; quarantine those that do not match."""
+
+    def pins(self) -> list[Pin]:
+        """Images eviction never removes."""
+
+    def pin(self, image: str) -> Pin:
+        """Pin an image (as users type it); AdminError(400) if it is not one.
+        Persisted; pinning again is not an error."""
+
+    def unpin(self, image: str) -> None:
+        """AdminError(404) if not pinned, 409 if pinned by the config file."""
 
     def upstreams(self) -> dict[str, dict[str, Any]]:
         """Every upstream's settings as in the YAML, secrets replaced by

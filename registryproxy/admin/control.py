@@ -14,19 +14,25 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..cache.blobs import BlobCache
+from ..cache.eviction import Evictor
+from ..cache.eviction import Pin as EvictionPin
+from ..cache.fsck import fsck
 from ..cache.index import Index
 from ..cache.manifests import ManifestCache, references
-from ..cache.store import BlobStore
+from ..cache.store import BlobStore, FileStore
 from ..config import PRESETS, Config, ConfigError, settings_of, upstream_from_settings
 from ..errors import RegistryError
 from ..metrics import Metrics
 from ..names import Digest, is_valid_digest
+from ..reference import parse_image
 from ..upstream.client import DEFAULT_MANIFEST_ACCEPT
 from ..upstream.registry import Upstreams
 from .backend import (
     AdminError,
     BlobInfo,
+    FsckResult,
     ManifestInfo,
+    Pin,
     PrefetchJob,
     PurgeResult,
     PurgeSelector,
@@ -54,6 +60,7 @@ class Control:
         upstreams: Upstreams,
         metrics: Metrics,
         clock: IReactorTime,
+        evictor: Evictor,
     ) -> None:
         self._config = config
         self._cache_dir = cache_dir
@@ -64,8 +71,12 @@ class Control:
         self._upstreams = upstreams
         self._metrics = metrics
         self._clock = clock
+        self._evictor = evictor
         self._jobs: dict[str, _Job] = {}
         self._saved = SavedUpstreams(os.path.join(cache_dir, "upstreams.json"))
+        self._saved_pins = SavedPins(os.path.join(cache_dir, "pins.json"))
+        self._fscking = False
+        self._apply_pins()
 
     # -- stats -----------------------------------------------------------------
 
@@ -123,8 +134,16 @@ class Control:
 
     # -- what is cached --------------------------------------------------------
 
+    def _canonical(self, name: str) -> str:
+        """An upstream's own name for one of its aliases (registry-1.docker.io -> docker.io)."""
+        if name in self._upstreams.configs:
+            return name
+        client = self._upstreams.get(name)
+        return client.name if client is not None else name
+
     def repositories(self, upstream: str | None = None) -> list[RepositorySummary]:
         if upstream is not None:
+            upstream = self._canonical(upstream)
             self._known_upstream(upstream, status=404)
         out = []
         for row in self._index.repositories(upstream):
@@ -144,6 +163,7 @@ class Control:
         return out
 
     def repository(self, upstream: str, repository: str) -> RepositoryDetail:
+        upstream = self._canonical(upstream)
         manifests = self._index.repo_manifests(upstream, repository)
         if not manifests:
             raise AdminError(404, f"nothing of {upstream}/{repository} is cached")
@@ -184,6 +204,8 @@ class Control:
 
     def purge(self, selector: PurgeSelector) -> PurgeResult:
         s = selector
+        if s.upstream is not None:
+            s = attrs.evolve(s, upstream=self._canonical(s.upstream))
         narrowed = any(
             v is not None
             for v in (s.upstream, s.repository, s.tag, s.digest, s.older_than, s.unused_since)
@@ -291,6 +313,51 @@ class Control:
             job.state, job.error = "failed", f"internal error: {type(e).__name__}"
         job.finished_at = self._clock.seconds()
 
+    # -- integrity and pins ----------------------------------------------------
+
+    async def fsck(self) -> FsckResult:
+        if not isinstance(self._store, FileStore):
+            raise AdminError(409, "fsck works on the local file store only")
+        if self._fscking:
+            raise AdminError(409, "an fsck is already running")
+        self._fscking = True
+        try:
+            report = await fsck(self._store, self._index)
+        finally:
+            self._fscking = False
+        return FsckResult(**attrs.asdict(report))
+
+    def pins(self) -> list[Pin]:
+        pins = [Pin(_normal(p), "config") for p in self._config.cache.pinned]
+        return pins + [Pin(p, "api") for p in self._saved_pins.load()]
+
+    def pin(self, image: str) -> Pin:
+        try:
+            text = _normal(image)
+        except ValueError as e:
+            raise AdminError(400, str(e)) from None
+        saved = self._saved_pins.load()
+        if text not in saved and all(p.image != text for p in self.pins()):
+            self._saved_pins.save([*saved, text])
+        self._apply_pins()
+        return Pin(text, "api" if text in self._saved_pins.load() else "config")
+
+    def unpin(self, image: str) -> None:
+        try:
+            text = _normal(image)
+        except ValueError as e:
+            raise AdminError(400, str(e)) from None
+        saved = self._saved_pins.load()
+        if text not in saved:
+            if any(p.image == text for p in self.pins()):
+                raise AdminError(409, f"{text} is pinned in the config file (cache.pinned)")
+            raise AdminError(404, f"{text} is not pinned")
+        self._saved_pins.save([p for p in saved if p != text])
+        self._apply_pins()
+
+    def _apply_pins(self) -> None:
+        self._evictor.pins = [as_pin(p.image) for p in self.pins()]
+
     # -- upstreams -------------------------------------------------------------
 
     def upstreams(self) -> dict[str, dict[str, Any]]:
@@ -386,6 +453,51 @@ class _Job:
         return PrefetchJob(**attrs.asdict(self))
 
 
+def _normal(image: str) -> str:
+    """An image reference as users type it, in its one normal form."""
+    return str(parse_image(image))
+
+
+def as_pin(image: str) -> EvictionPin:
+    parsed = parse_image(image)
+    return (parsed.upstream, parsed.repository, parsed.tag, parsed.digest)
+
+
+class SavedPins:
+    """Pins added through the admin API, in a JSON list beside the cache."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def load(self) -> list[str]:
+        data = _load_json(self.path)
+        return [p for p in data if isinstance(p, str)] if isinstance(data, list) else []
+
+    def save(self, pins: list[str]) -> None:
+        _save_json(self.path, pins)
+
+
+def _load_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.error("ignoring unreadable {path}: {why}", path=path, why=e)
+        return None
+
+
+def _save_json(path: str, data: Any) -> None:
+    """Atomically, durably, readable by the owner only (it may hold passwords)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".saving.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class SavedUpstreams:
     """Upstream changes made through the admin API, in a JSON file beside
     the cache (mode 0600: it may hold passwords), so they survive restarts."""
@@ -394,25 +506,13 @@ class SavedUpstreams:
         self.path = path
 
     def load(self) -> dict[str, dict[str, Any] | None]:
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as e:
-            log.error("ignoring unreadable {path}: {why}", path=self.path, why=e)
-            return {}
+        data = _load_json(self.path)
         return data if isinstance(data, dict) else {}
 
     def put(self, name: str, settings: dict[str, Any] | None) -> None:
         data = self.load()
         data[name] = settings
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".upstreams.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        _save_json(self.path, data)
 
     def apply(self, config: Config) -> Config:
         """*config* with the saved changes on top; a saved entry that no

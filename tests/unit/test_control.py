@@ -262,3 +262,57 @@ async def test_readiness(fake_registry, make_proxy, tmp_path):
     assert ready["ready"] is False
     assert ready["checks"]["storage"]["ok"] is True
     assert "docker.io" in ready["checks"]["upstream"]["error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_pins_from_config_and_api_keep_images_from_eviction(
+    fake_registry, make_proxy, tmp_path
+):
+    for name in ("config", "api", "other", "last"):
+        fake_registry.add_image(f"library/{name}", "1", [(name.encode() * 40_000)[:40_000]])
+    cache = tmp_path / "cache"
+    proxy = await make_proxy(
+        fake_registry.url,
+        cache_dir=cache,
+        cache={"max_size": 150_000, "pinned": ["config:1"]},
+    )
+    control = proxy.proxy.control
+    pin = control.pin("api:1")
+    assert (pin.image, pin.source) == ("docker.io/library/api:1", "api")
+    assert [p.image for p in control.pins()] == [
+        "docker.io/library/config:1",
+        "docker.io/library/api:1",
+    ]
+    for name in ("config", "api", "other", "last"):
+        reply = await proxy.get(f"/v2/{name}/manifests/1")
+        for layer in layers(reply.body):
+            await proxy.get(f"/v2/{name}/blobs/{layer}")
+        await deferLater(reactor, 0.05, lambda: None)  # eviction runs just after
+    cached = {r.repository for r in control.repositories()}
+    assert cached == {"library/config", "library/api", "library/last"}
+    with pytest.raises(AdminError) as e:
+        control.unpin("config:1")
+    assert e.value.status == 409
+    with pytest.raises(AdminError) as e:
+        control.unpin("nope:1")
+    assert e.value.status == 404
+    with pytest.raises(AdminError) as e:
+        control.pin("Not An Image")
+    assert e.value.status == 400
+    # pins added through the API survive a restart
+    await proxy.stop()
+    again = await make_proxy(fake_registry.url, cache_dir=cache, cache={"pinned": ["config:1"]})
+    assert [p.source for p in again.proxy.control.pins()] == ["config", "api"]
+    again.proxy.control.unpin("docker.io/library/api:1")
+    assert [p.source for p in again.proxy.control.pins()] == ["config"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_fsck_through_the_backend(fake_registry, make_proxy):
+    digest = fake_registry.add_blob(b"will rot")
+    proxy = await make_proxy(fake_registry.url)
+    await proxy.get(f"/v2/library/x/blobs/{digest}")
+    proxy.blob_path(digest).write_bytes(b"has rotted")
+    result = await proxy.proxy.control.fsck()
+    assert result.quarantined == (digest,)
+    assert result.checked == 1
