@@ -27,9 +27,6 @@ from .store import BlobStore, BlobWriter, VerificationError, verify
 
 log = Logger()
 
-#: free bytes left alone on the cache's file system
-_RESERVE = 64 * 1024 * 1024
-
 
 class BlobFetch:
     """A download in progress. Readers poll :attr:`written`, :attr:`verified`
@@ -342,7 +339,7 @@ class BlobCache:
     def _writer(self, digest: Digest, size: int | None) -> BlobWriter:
         """Where a download goes: the store, or (no room there) only memory,
         so the client still gets its bytes."""
-        room = self.store.free_bytes() - _RESERVE
+        room = self.store.room()
         budget = self._max_bytes
         if size is not None and (size > room or (budget is not None and size > budget)):
             log.error(

@@ -22,6 +22,9 @@ from ..names import Digest
 
 log = Logger()
 
+#: free space left alone on the cache's file system (at most 5% of it)
+_RESERVE = 64 * 1024 * 1024
+
 
 class VerificationError(Exception):
     """The bytes written do not match the digest or size they were promised."""
@@ -60,8 +63,8 @@ class BlobStore(Protocol):
 
     def begin(self, digest: Digest, size: int | None) -> BlobWriter: ...
     def delete(self, digest: Digest) -> bool: ...
-    def free_bytes(self) -> int:
-        """Room left for new blobs."""
+    def room(self) -> int:
+        """Bytes a new blob may take, keeping some free space in reserve."""
 
 
 class FileStore:
@@ -94,9 +97,10 @@ class FileStore:
     def begin(self, digest: Digest, size: int | None) -> _FileWriter:
         return _FileWriter(self, digest, size)
 
-    def free_bytes(self) -> int:
+    def room(self) -> int:
         disk = os.statvfs(self._tmp)
-        return disk.f_bavail * disk.f_frsize
+        reserve = min(_RESERVE, disk.f_blocks * disk.f_frsize // 20)
+        return disk.f_bavail * disk.f_frsize - reserve
 
     def delete(self, digest: Digest) -> bool:
         try:

@@ -177,3 +177,41 @@ async def test_restart_keeps_cache_and_drops_interrupted_writes(
     reply = await second.get(f"/v2/library/x/blobs/{digest}")
     assert (reply.body, reply.header("X-Cache")) == (data, "HIT")
     assert fake_registry.count("GET", "/blobs/") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_room_passes_the_blob_through_uncached(fake_registry, make_proxy):
+    data = os.urandom(20 * 1024 * 1024 + 1)
+    digest = fake_registry.add_blob(data)
+    proxy = await make_proxy(fake_registry.url)
+    proxy.proxy.control._store.room = lambda: 1000  # the disk is (nearly) full
+    status, body, short = await get(proxy, f"/v2/library/x/blobs/{digest}")
+    assert (status, short) == (200, False)
+    assert body == data
+    assert_nothing_kept(proxy, digest)
+    # a second client gets it again from upstream, intact
+    status, body, short = await get(proxy, f"/v2/library/x/blobs/{digest}")
+    assert (status, body) == (200, data)
+    assert fake_registry.count("GET", "/blobs/") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_room_still_never_serves_wrong_bytes_whole(fake_registry, make_proxy):
+    data = os.urandom(SIZE)
+    digest = fake_registry.add_blob(data)
+    fake_registry.blob_faults[digest] = Fault.wrong_bytes()
+    proxy = await make_proxy(fake_registry.url)
+    proxy.proxy.control._store.room = lambda: 0
+    status, body, short = await get(proxy, f"/v2/library/x/blobs/{digest}")
+    assert short or status != 200
+    assert len(body) < SIZE
+
+
+@pytest_twisted.ensureDeferred
+async def test_blob_larger_than_the_budget_is_not_cached(fake_registry, make_proxy):
+    data = os.urandom(SIZE)
+    digest = fake_registry.add_blob(data)
+    proxy = await make_proxy(fake_registry.url, cache={"max_size": SIZE // 2})
+    status, body, _ = await get(proxy, f"/v2/library/x/blobs/{digest}")
+    assert (status, body) == (200, data)
+    assert_nothing_kept(proxy, digest)
