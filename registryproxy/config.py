@@ -32,6 +32,8 @@ class ConfigError(Exception):
 class ProxyConfig:
     #: twisted endpoint string for the /v2/ registry API
     listen: str = "tcp:5000"
+    #: send cached blobs with the kernel's sendfile over plain TCP (zero copy)
+    sendfile: bool = True
 
 
 @attrs.frozen

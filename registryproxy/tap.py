@@ -119,7 +119,7 @@ def build_proxy(config: Config, reactor: Any) -> Proxy:
         index, store, reactor, config.cache.max_bytes, config.cache.low_water, config.cache.max_idle
     )
     blobs = BlobCache(store, index, reactor, stored=evictor.soon, max_bytes=config.cache.max_bytes)
-    resource = RegistryResource(upstreams, manifests, blobs, metrics)
+    resource = RegistryResource(upstreams, manifests, blobs, metrics, config.proxy.sendfile)
     control = Control(
         config, store.root, store, index, manifests, blobs, upstreams, metrics, reactor, evictor
     )

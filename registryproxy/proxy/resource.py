@@ -25,6 +25,7 @@ from ..upstream.client import RegistryClient
 from ..upstream.registry import Upstreams
 from .ranges import parse_range
 from .sender import BlobSender
+from .sendfile import SendfileSender, socket_transport
 
 log = Logger()
 
@@ -87,13 +88,19 @@ class RegistryResource(Resource):
     isLeaf = True
 
     def __init__(
-        self, upstreams: Upstreams, manifests: ManifestCache, blobs: BlobCache, metrics: Metrics
+        self,
+        upstreams: Upstreams,
+        manifests: ManifestCache,
+        blobs: BlobCache,
+        metrics: Metrics,
+        sendfile: bool = True,
     ) -> None:
         super().__init__()
         self._upstreams = upstreams
         self._manifests = manifests
         self._blobs = blobs
         self._metrics = metrics
+        self._sendfile = sendfile
 
     def render(self, request: Request) -> int:  # type: ignore[override]
         request.setHeader(*_API_VERSION)
@@ -235,4 +242,8 @@ class RegistryResource(Resource):
             return
         with store.open(digest) as f:
             fd = os.dup(f.fileno())
-        BlobSender(request, start, end, fd=fd, counted=counted).start()
+        transport = socket_transport(request) if self._sendfile else None
+        if transport is not None and end is not None:
+            SendfileSender(request, transport, fd, start, end, counted).start()
+        else:
+            BlobSender(request, start, end, fd=fd, counted=counted).start()

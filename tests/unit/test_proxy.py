@@ -429,3 +429,45 @@ async def test_basic_auth_upstream_without_credentials_is_a_clear_401(
     reply = await proxy.get("/v2/private/x/manifests/1")
     assert (reply.code, error_code(reply)) == (401, "UNAUTHORIZED")
     assert "username and a password" in json.loads(reply.body)["errors"][0]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_cache_hits_go_out_with_sendfile(fake_registry, make_proxy, monkeypatch):
+    data = os.urandom(12 * 1024 * 1024 + 5)
+    digest = fake_registry.add_blob(data)
+    proxy = await make_proxy(fake_registry.url)
+    path = f"/v2/library/x/blobs/{digest}"
+    await proxy.get(path)
+    sent = []
+    real = os.sendfile
+
+    def counting(out_fd, in_fd, offset, count):
+        n = real(out_fd, in_fd, offset, count)
+        sent.append(n)
+        return n
+
+    monkeypatch.setattr(os, "sendfile", counting)
+    reply = await proxy.get(path)
+    assert (reply.code, reply.header("X-Cache"), reply.body) == (200, "HIT", data)
+    assert sum(sent) == len(data)
+    sent.clear()
+    reply = await proxy.get(path, Range=["bytes=1000-2000999"])
+    assert (reply.code, reply.body) == (206, data[1000:2001000])
+    assert sum(sent) == 2_000_000
+    stats = proxy.proxy.control.stats()
+    assert stats["bytes_from_cache"] == len(data) + 2_000_000
+
+
+@pytest_twisted.ensureDeferred
+async def test_sendfile_can_be_turned_off(fake_registry, make_proxy, monkeypatch):
+    data = os.urandom(100_000)
+    digest = fake_registry.add_blob(data)
+    proxy = await make_proxy(fake_registry.url, top={"proxy": {"sendfile": False}})
+    await proxy.get(f"/v2/library/x/blobs/{digest}")
+
+    def refuse(*args):
+        raise AssertionError("sendfile used although turned off")
+
+    monkeypatch.setattr(os, "sendfile", refuse)
+    reply = await proxy.get(f"/v2/library/x/blobs/{digest}")
+    assert (reply.code, reply.body) == (200, data)
