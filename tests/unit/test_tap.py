@@ -69,6 +69,11 @@ def test_an_upstream_can_point_at_a_local_registry():
         ("default_upstream: my.registry", "default_upstream: 'my.registry' is not one of"),
         ("cache: {}\ncache: {}", "key 'cache' is given twice"),
         ("proxy: [", "not valid YAML at line 1"),
+        ("admin: {listen: 'tcp:5001'}", "the admin API needs a token"),
+        ("admin: {listen: 'tcp:5001:interface=0.0.0.0'}", "needs a token"),
+        ("admin: {token: a, token_file: /etc/hostname}", "token or token_file, not both"),
+        ("cache: {low_water: 0}", "low_water"),
+        ("cache: {pinned: ['UPPER:1']}", "pinned: image"),
         ("- 1", "config: expected a mapping"),
     ],
 )
@@ -155,3 +160,16 @@ def test_runs_on_embedded_defaults(tmp_path):
         process.terminate()
         process.wait(timeout=30)
     assert os.listdir(tmp_path / "regproxy-cache" / "tmp") == []
+
+
+def test_admin_token_sources(tmp_path, monkeypatch):
+    monkeypatch.delenv("REGPROXY_ADMIN_TOKEN", raising=False)
+    assert parse_config("").admin.secret() is None
+    assert parse_config("admin: {listen: 'tcp:1', token: t0k}").admin.secret() == "t0k"
+    (tmp_path / "token").write_text("from-file\n")
+    config = parse_config(f"admin: {{listen: 'tcp:1', token_file: {str(tmp_path / 'token')!r}}}")
+    assert config.admin.secret() == "from-file"
+    monkeypatch.setenv("REGPROXY_ADMIN_TOKEN", "from-env")
+    config = parse_config("admin: {listen: 'tcp:1:interface=0.0.0.0'}")
+    assert config.admin.secret() == "from-env"
+    assert "t0k" not in repr(parse_config("admin: {token: t0k}"))
