@@ -21,9 +21,6 @@ class SingleFlight(Generic[K, V]):
     def __init__(self) -> None:
         self._waiting: dict[K, list[Deferred[V]]] = {}
 
-    def __contains__(self, key: K) -> bool:
-        return key in self._waiting
-
     async def run(self, key: K, start: Callable[[], Coroutine[Any, Any, V]]) -> V:
         mine: Deferred[V] = Deferred()
         if key in self._waiting:

@@ -28,10 +28,6 @@ class CircuitBreaker:
         self._open_until: float | None = None
         self._trial = False
 
-    @property
-    def is_open(self) -> bool:
-        return self._open_until is not None
-
     def check(self) -> None:
         """Raise :class:`CircuitOpen` unless a request may go out now."""
         if self._open_until is None or self._threshold == 0:
