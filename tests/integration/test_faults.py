@@ -211,6 +211,10 @@ def test_a_minute_of_load(
 
     time.sleep(2)  # let connections close
     fds_after, rss_after = process_numbers(pid)
+    print(
+        f"\nload: {CLIENTS} clients, {LOAD_SECONDS:g}s, {pulls[0]} pulls; "
+        f"fds {fds_before} -> {fds_after}; RSS {rss_before} -> {rss_after} KiB"
+    )
     assert fds_after <= fds_before + 20, (fds_before, fds_after)
     assert rss_after <= rss_before + 100 * 1024, (rss_before, rss_after)
     stats = json.loads(
