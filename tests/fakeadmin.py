@@ -18,13 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from registryproxy.admin.backend import (  # noqa: E402
     AdminError,
     BlobInfo,
+    FsckResult,
     ManifestInfo,
+    Pin,
     PrefetchJob,
     PurgeResult,
     PurgeSelector,
@@ -40,6 +43,7 @@ from registryproxy.config import (  # noqa: E402
     settings_of,
     upstream_from_settings,
 )
+from registryproxy.reference import parse_image  # noqa: E402
 
 NOW = 1_700_000_000.0
 TTL = 3600.0
@@ -93,6 +97,22 @@ class FakeAdmin:
         self.default = "docker.io"
         self.jobs: dict[str, PrefetchJob] = {}
         self._ids = itertools.count(1)
+        blobs = {
+            b.digest: b.size or 0
+            for d in self.cached.values()
+            for m in d.manifests
+            for b in m.blobs
+        }
+        #: what fsck finds
+        self.fsck_result = FsckResult(len(blobs), sum(blobs.values()), (), (), ())
+        #: when set, fsck waits for it (to test one that takes a while)
+        self.fsck_gate: Deferred[None] | None = None
+        #: fsck runs that ran to their end
+        self.fscks_done = 0
+        self._fscking = False
+        #: normalised images pinned by the config file, and through the API
+        self.config_pins = ["docker.io/library/alpine:3.19"]
+        self.api_pins: list[str] = []
 
     def _call(self, name: str, *args: Any) -> None:
         self.calls.append((name, args))
@@ -246,6 +266,51 @@ class FakeAdmin:
     def prefetch_jobs(self) -> list[PrefetchJob]:
         self._call("prefetch_jobs")
         return list(self.jobs.values())
+
+    # -- the store and pins --------------------------------------------------
+
+    async def fsck(self) -> FsckResult:
+        self._call("fsck")
+        if self._fscking:
+            raise AdminError(409, "an fsck is already running")
+        self._fscking = True
+        try:
+            if self.fsck_gate is not None:
+                await self.fsck_gate
+        finally:
+            self._fscking = False
+        self.fscks_done += 1
+        return self.fsck_result
+
+    def pins(self) -> list[Pin]:
+        self._call("pins")
+        return [Pin(p, "config") for p in self.config_pins] + [Pin(p, "api") for p in self.api_pins]
+
+    @staticmethod
+    def _normal(image: str) -> str:
+        try:
+            return str(parse_image(image))
+        except ValueError as e:
+            raise AdminError(400, str(e)) from None
+
+    def pin(self, image: str) -> Pin:
+        self._call("pin", image)
+        text = self._normal(image)
+        if text in self.config_pins:
+            return Pin(text, "config")
+        if text not in self.api_pins:
+            self.api_pins.append(text)
+        return Pin(text, "api")
+
+    def unpin(self, image: str) -> None:
+        self._call("unpin", image)
+        text = self._normal(image)
+        if text in self.api_pins:
+            self.api_pins.remove(text)
+        elif text in self.config_pins:
+            raise AdminError(409, f"{text} is pinned in the config file (cache.pinned)")
+        else:
+            raise AdminError(404, f"{text} is not pinned")
 
     # -- upstreams ------------------------------------------------------------
 

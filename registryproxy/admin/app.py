@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import attrs
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -27,7 +28,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from ..names import is_valid_digest, is_valid_name, is_valid_registry_host, is_valid_tag
 from ..reference import parse_image
 from . import openapi
-from .backend import AdminBackend, AdminError, PurgeSelector
+from .backend import AdminBackend, AdminError, FsckResult, PurgeSelector
 
 log = Logger()
 
@@ -133,6 +134,17 @@ def _repository(name: str) -> str:
             "letters, digits and single separators (. _ __ -), e.g. library/alpine",
         )
     return name
+
+
+def _image(text: str, where: str) -> str:
+    """*text* if it names an image as ``docker pull`` takes it (AdminError 400 if not)."""
+    if len(text) > openapi.IMAGE_MAX_LENGTH:
+        raise AdminError(400, f"{where}: longer than {openapi.IMAGE_MAX_LENGTH} characters")
+    try:
+        parse_image(text)
+    except ValueError as e:
+        raise AdminError(400, f"{where}: {e}") from None
+    return text
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -457,5 +469,78 @@ class AdminAPI:
         _query(request)
         self._backend.remove_upstream(_upstream(name))
         log.info("admin API: upstream {name} removed", name=name)
+        request.setResponseCode(204)
+        return b""
+
+    # -- the store -------------------------------------------------------
+
+    @app.route("/api/v1/fsck", methods=["POST"])
+    async def fsck(self, request: IRequest) -> bytes:
+        _query(request)
+        log.info("admin API: fsck started")
+        result = await self._shielded_fsck()
+        return _json(request, _record(result))
+
+    def _shielded_fsck(self) -> Deferred[FsckResult]:
+        """The backend's fsck, run to its end even if the client goes away.
+
+        Klein cancels a route's Deferred when its connection is lost; passed
+        on, that would abandon the fsck between hashing the store (in a
+        thread that goes on regardless) and quarantining what did not match.
+        The outcome is logged either way."""
+        running = Deferred.fromCoroutine(self._backend.fsck())
+        answer: Deferred[FsckResult] = Deferred()
+
+        def done(result: FsckResult | Failure) -> None:
+            if isinstance(result, Failure):
+                if isinstance(result.value, AdminError):
+                    log.info("admin API: fsck refused: {message}", message=result.value.message)
+                elif answer.called:
+                    log.failure("admin API: fsck failed", result)
+                if not answer.called:
+                    answer.errback(result)
+                return
+            log.info(
+                "admin API: fsck done: {checked} blobs, {bytes} bytes checked, "
+                "{quarantined} quarantined, {indexed} indexed, {forgotten} forgotten",
+                checked=result.checked,
+                bytes=result.bytes_checked,
+                quarantined=len(result.quarantined),
+                indexed=len(result.indexed),
+                forgotten=len(result.forgotten),
+            )
+            if not answer.called:
+                answer.callback(result)
+
+        running.addBoth(done)
+        return answer
+
+    # -- pins ------------------------------------------------------------
+
+    @app.route("/api/v1/pins", methods=["GET"])
+    def list_pins(self, request: IRequest) -> bytes:
+        _query(request)
+        return _json(request, {"pins": [_record(p) for p in self._backend.pins()]})
+
+    @app.route("/api/v1/pins", methods=["PUT"])
+    def put_pin(self, request: IRequest) -> bytes:
+        _query(request)
+        image = _image(_body(request, "PinRequest")["image"], "image")
+        before = {p.image for p in self._backend.pins()}
+        pin = self._backend.pin(image)
+        existed = pin.image in before
+        if not existed:
+            log.info("admin API: pinned {image}", image=pin.image)
+        return _json(request, _record(pin), 200 if existed else 201)
+
+    @app.route("/api/v1/pins", methods=["DELETE"])
+    def delete_pin(self, request: IRequest) -> bytes:
+        image = _query(request, "image").get("image")
+        if image is None:
+            raise AdminError(
+                400, "say what to unpin: DELETE /api/v1/pins?image=<image>, e.g. image=nginx:1.27"
+            )
+        self._backend.unpin(_image(image, "image"))
+        log.info("admin API: unpinned {image}", image=image)
         request.setResponseCode(204)
         return b""

@@ -4,7 +4,8 @@ not write curl lines.
 Standard library only (urllib, argparse), and nothing of Twisted, so it
 starts fast anywhere regproxy is installed.  Images are named as ``docker
 pull`` takes them.  Exit status: 0 done, 1 the API refused (its message is
-printed), 2 bad command line, 3 the API could not be reached.
+printed), 2 bad command line, 3 the API could not be reached or did not answer
+in time, 4 ``fsck`` quarantined blobs whose bytes did not match their digest.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..reference import is_registry_host, parse_image
 
 PROG = "regproxy-admin"
 DEFAULT_URL = "http://127.0.0.1:5001"
-EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_QUARANTINED = 1, 2, 3, 4
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdw])")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -35,6 +36,10 @@ class CliError(Exception):
         super().__init__(message)
         self.message = message
         self.status = status
+
+
+class TimedOut(CliError):
+    """The admin API took the request but did not answer in time."""
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -47,12 +52,16 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 class Client:
     """JSON over HTTP to the admin API, errors turned into :class:`CliError`."""
 
-    def __init__(self, url: str, token: str | None, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, token: str | None, timeout: float | None = 30.0) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
         # no proxies from the environment: the admin port is local or tunnelled
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
+
+    def waiting(self, timeout: float | None) -> Client:
+        """This client, waiting *timeout* seconds for an answer (None: as long as it takes)."""
+        return Client(self.url, self.token, timeout)
 
     def call(
         self,
@@ -75,6 +84,12 @@ class Client:
                 raw = response.read()
         except urllib.error.HTTPError as e:
             raise CliError(self._refusal(e)) from None
+        except TimeoutError:
+            # connected and sent, but no answer (a connect timeout is a URLError)
+            raise TimedOut(
+                f"no answer from the admin API at {self.url} within {self.timeout:g} s",
+                EXIT_UNREACHABLE,
+            ) from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", None) or e
             reason = getattr(reason, "strerror", None) or reason
@@ -388,6 +403,68 @@ def cmd_prefetch(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     return status
 
 
+def cmd_fsck(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        result = client.waiting(args.timeout).call("POST", "/api/v1/fsck")
+    except TimedOut as e:
+        raise TimedOut(
+            f"{e.message}; the fsck goes on in regproxy and logs its outcome", e.status
+        ) from None
+    status = EXIT_QUARANTINED if result["quarantined"] else 0
+    if args.json:
+        _dump(result, out)
+        return status
+    out.write(
+        f"checked {_plural(result['checked'], 'blob')}, {size(result['bytes_checked'])}: "
+        f"{len(result['quarantined'])} quarantined, {len(result['indexed'])} indexed, "
+        f"{len(result['forgotten'])} forgotten\n"
+    )
+    for key, what in (
+        ("quarantined", "bytes did not match the digest; moved to quarantine/, pulled again"),
+        ("indexed", "in the store but not in the index; now indexed"),
+        ("forgotten", "in the index but its file was gone; now forgotten"),
+    ):
+        if result[key]:
+            out.write(f"{key} ({what}):\n")
+            for digest in result[key]:
+                out.write(f"  {digest}\n")
+    return status
+
+
+def cmd_pins(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    found = client.call("GET", "/api/v1/pins")
+    if args.json:
+        return _dump(found, out)
+    if not found["pins"]:
+        out.write("nothing pinned\n")
+        return 0
+    table(out, ["IMAGE", "SOURCE"], [(p["image"], p["source"]) for p in found["pins"]])
+    return 0
+
+
+def cmd_pin(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    for text in args.images:
+        _image(text)  # refuse a typo before pinning anything
+    for text in args.images:
+        pin = client.call("PUT", "/api/v1/pins", body={"image": text})
+        if args.json:
+            _dump(pin, out)
+        else:
+            by = " (by the config file, cache.pinned)" if pin["source"] == "config" else ""
+            out.write(f"pinned {pin['image']}{by}\n")
+    return 0
+
+
+def cmd_unpin(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    for text in args.images:
+        _image(text)
+    for text in args.images:
+        client.call("DELETE", "/api/v1/pins", {"image": text})
+        if not args.json:
+            out.write(f"unpinned {_image(text)}\n")
+    return 0
+
+
 def _settings(pairs: Sequence[str]) -> dict[str, Any]:
     """``KEY=VALUE`` pairs; a VALUE that reads as JSON (60, true, null,
     ["a.io"]) is taken as such, any other as a string."""
@@ -484,7 +561,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog=(
             "Images as docker pull takes them: nginx, nginx:1.27, ghcr.io/owner/name:1.0, "
             "nginx@sha256:... . Exit status: 0 done, 1 the API refused, 2 bad command "
-            "line, 3 the API could not be reached."
+            "line, 3 the API could not be reached or did not answer in time, 4 fsck "
+            "quarantined corrupt blobs."
         ),
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -533,6 +611,44 @@ def _parser() -> argparse.ArgumentParser:
     )
     prefetch.add_argument("--wait", action="store_true", help="wait until the jobs end")
     prefetch.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
+
+    fsck = command(
+        "fsck",
+        cmd_fsck,
+        "re-hash every cached blob and quarantine those that do not match their digest",
+    )
+    fsck.description = (
+        "Re-hash every cached blob; move those whose bytes do not match their digest to "
+        "quarantine/ (with the manifests listing them: the next pull fetches them again), "
+        "index files the index did not know and forget entries whose file is gone. "
+        "Reads every byte, so it takes a while on a large cache; this waits for the end. "
+        "Exit status 4 if anything was quarantined (with --json too), 0 if not; "
+        "indexing and forgetting are repairs, not findings."
+    )
+    fsck.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="stop waiting after this long (exit 3); the fsck goes on in regproxy and logs "
+        "its outcome (default: wait until it ends)",
+    )
+
+    command("pins", cmd_pins, "list pinned images (eviction never removes them)")
+    pin = command("pin", cmd_pin, "pin images so that eviction never removes them")
+    pin.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="nginx pins the whole repository, nginx:1.27 what that tag points to (every "
+        "platform), nginx@sha256:... that manifest; pinning again is not an error",
+    )
+    unpin = command("unpin", cmd_unpin, "unpin images pinned with pin")
+    unpin.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="as pinned (images pinned in the config file, cache.pinned, are unpinned there)",
+    )
 
     upstreams = command("upstreams", cmd_upstreams, "list, show, add, change or remove upstreams")
     actions = upstreams.add_subparsers(dest="action", metavar="ACTION")

@@ -73,6 +73,18 @@ def _upstream_settings() -> dict[str, Any]:
 
 
 _TIME = {"type": "number", "description": "Unix epoch seconds"}
+#: the longest image reference taken
+IMAGE_MAX_LENGTH = 1024
+_IMAGE = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": IMAGE_MAX_LENGTH,
+    "description": (
+        "An image as docker pull takes it: nginx, nginx:1.27, "
+        "ghcr.io/owner/name:1.0, nginx@sha256:..."
+    ),
+}
+_DIGESTS = {"type": "array", "items": {"type": "string"}}
 _ERROR = {
     "type": "object",
     "properties": {
@@ -256,15 +268,7 @@ SCHEMAS: dict[str, Any] = {
     "PrefetchRequest": {
         "type": "object",
         "properties": {
-            "image": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": 1024,
-                "description": (
-                    "An image as docker pull takes it: nginx, nginx:1.27, "
-                    "ghcr.io/owner/name:1.0, nginx@sha256:..."
-                ),
-            },
+            "image": _IMAGE,
             "platforms": {
                 "type": ["array", "null"],
                 "minItems": 1,
@@ -281,6 +285,47 @@ SCHEMAS: dict[str, Any] = {
     },
     "PrefetchJob": _JOB,
     "PrefetchJobList": _object({"jobs": {"type": "array", "items": _ref("PrefetchJob")}}),
+    "FsckResult": _object(
+        {
+            "checked": {"type": "integer", "description": "blobs re-hashed"},
+            "bytes_checked": {"type": "integer"},
+            "quarantined": {
+                **_DIGESTS,
+                "description": (
+                    "digests of the blobs whose bytes did not match, moved to quarantine/ "
+                    "(with the manifests listing them; the next pull fetches them again)"
+                ),
+            },
+            "indexed": {
+                **_DIGESTS,
+                "description": "blobs in the store that the index did not know, now indexed",
+            },
+            "forgotten": {
+                **_DIGESTS,
+                "description": "index entries whose file was gone, now forgotten",
+            },
+        }
+    ),
+    "Pin": _object(
+        {
+            "image": {
+                "type": "string",
+                "description": "the image, normalised: docker.io/library/alpine:3.19",
+            },
+            "source": {
+                "type": "string",
+                "enum": ["config", "api"],
+                "description": "config: cache.pinned in the YAML; api: pinned through this API",
+            },
+        }
+    ),
+    "PinList": _object({"pins": {"type": "array", "items": _ref("Pin")}}),
+    "PinRequest": {
+        "type": "object",
+        "properties": {"image": _IMAGE},
+        "required": ["image"],
+        "additionalProperties": False,
+    },
     "UpstreamSettings": _upstream_settings(),
     "Upstream": _UPSTREAM_SHOWN,
     "UpstreamList": _object(
@@ -525,6 +570,54 @@ def _paths() -> dict[str, Any]:
                 errors=(404,),
                 parameters=(_path("id", {"type": "string", "maxLength": 200}, "The job's id"),),
             )
+        },
+        "/api/v1/fsck": {
+            "post": _operation(
+                "fsck",
+                "Re-hash every stored blob; quarantine those that do not match their digest",
+                {200: "FsckResult"},
+                errors=(409,),
+                description=(
+                    "Answers when done, which on a large store takes a while (it reads "
+                    "every byte). The fsck runs to its end even if the client goes away; "
+                    "its outcome is in regproxy's log. 409 if one is already running, or "
+                    "if the store is not the local file store."
+                ),
+            )
+        },
+        "/api/v1/pins": {
+            "get": _operation(
+                "list_pins",
+                "Pinned images: those eviction never removes",
+                {200: "PinList"},
+            ),
+            "put": _operation(
+                "put_pin",
+                "Pin an image",
+                {200: "Pin", 201: "Pin"},
+                body="PinRequest",
+                description=(
+                    "Persisted, used at once. Idempotent: 201 when newly pinned, 200 when "
+                    "it already was (by the config file or this API). 400 if the image is "
+                    "not one docker would pull."
+                ),
+            ),
+            "delete": _operation(
+                "delete_pin",
+                "Unpin an image",
+                {204: None},
+                errors=(404, 409),
+                parameters=(
+                    {
+                        **_query("image", _IMAGE, "The image to unpin, as pinned or as typed"),
+                        "required": True,
+                    },
+                ),
+                description=(
+                    "404 if it is not pinned; 409 if the config file (cache.pinned) pins "
+                    "it: take it out there."
+                ),
+            ),
         },
         "/api/v1/upstreams": {
             "get": _operation(

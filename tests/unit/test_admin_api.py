@@ -6,18 +6,20 @@ import json
 import re
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import attrs
 import pytest
 import pytest_twisted
 from fakeadmin import FakeAdmin, digest_of
 from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
 from twisted.logger import globalLogPublisher
 
 from registryproxy import names
 from registryproxy.admin import openapi
 from registryproxy.admin.app import AdminAPI
-from registryproxy.admin.backend import AdminError, PurgeSelector
+from registryproxy.admin.backend import AdminError, FsckResult, PurgeSelector
 from registryproxy.reference import ImageReference, parse_image
 
 TOKEN = "s3cret-token"
@@ -100,6 +102,10 @@ EVERY_ROUTE = [
     ("GET", "/api/v1/prefetch"),
     ("POST", "/api/v1/prefetch"),
     ("GET", "/api/v1/prefetch/job1"),
+    ("POST", "/api/v1/fsck"),
+    ("GET", "/api/v1/pins"),
+    ("PUT", "/api/v1/pins"),
+    ("DELETE", "/api/v1/pins?image=nginx"),
     ("GET", "/api/v1/upstreams"),
     ("GET", "/api/v1/upstreams/ghcr.io"),
     ("PUT", "/api/v1/upstreams/ghcr.io"),
@@ -518,6 +524,168 @@ async def test_prefetch_body_too_large_is_413(admin):
     reply = await admin("POST", "/api/v1/prefetch", data=big)
     assert reply.code == 413
     assert reply.json()["error"]["code"] == "REQUEST_ENTITY_TOO_LARGE"
+
+
+# -- fsck ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_fsck(admin):
+    admin.backend.fsck_result = FsckResult(
+        8, 12_002_000, (digest_of("rotten"),), (digest_of("stray"),), ()
+    )
+    reply = await admin("POST", "/api/v1/fsck")
+    assert reply.code == 200, reply.body
+    assert reply.json() == {
+        "checked": 8,
+        "bytes_checked": 12_002_000,
+        "quarantined": [digest_of("rotten")],
+        "indexed": [digest_of("stray")],
+        "forgotten": [],
+    }
+    assert admin.backend.fscks_done == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_fsck_refusals(admin):
+    assert (await admin("GET", "/api/v1/fsck")).code == 405
+    reply = await admin("POST", "/api/v1/fsck?full=true")
+    assert reply.code == 400
+    assert "unknown query parameter 'full'" in reply.message
+    admin.backend.failures["fsck"] = AdminError(409, "fsck works on the local file store only")
+    reply = await admin("POST", "/api/v1/fsck")
+    assert reply.code == 409
+    assert reply.json()["error"] == {
+        "code": "CONFLICT",
+        "message": "fsck works on the local file store only",
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_fsck_answers_when_done_and_one_at_a_time(admin):
+    gate: Deferred[None] = Deferred()
+    admin.backend.fsck_gate = gate
+    first = Deferred.fromCoroutine(admin("POST", "/api/v1/fsck"))
+    assert not first.called
+    second = await admin("POST", "/api/v1/fsck")
+    assert second.code == 409
+    assert "already running" in second.message
+    # the API still answers meanwhile
+    assert (await admin("GET", "/api/v1/pins")).code == 200
+    gate.callback(None)
+    admin.treq.flush()  # StubTreq pumps an answer given later only when told
+    reply = await first
+    assert reply.code == 200
+    assert reply.json()["checked"] == 8
+    assert admin.backend.fscks_done == 1
+
+
+def test_fsck_goes_on_when_the_client_goes_away():
+    """Klein cancels a route when its connection drops; the fsck must not be cut short."""
+    backend = FakeAdmin()
+    gate: Deferred[None] = Deferred()
+    backend.fsck_gate = gate
+    answer = AdminAPI(backend, None)._shielded_fsck()
+    answer.cancel()
+    answer.addErrback(lambda _: None)
+    assert not gate.called
+    gate.callback(None)
+    assert backend.fscks_done == 1
+
+
+# -- pins ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_pins_list_pin_unpin(admin):
+    reply = await admin("GET", "/api/v1/pins")
+    assert reply.code == 200
+    assert reply.json() == {
+        "pins": [{"image": "docker.io/library/alpine:3.19", "source": "config"}]
+    }
+    added = await admin("PUT", "/api/v1/pins", {"image": "nginx:1.27"})
+    assert added.code == 201, added.body
+    assert added.json() == {"image": "docker.io/library/nginx:1.27", "source": "api"}
+    assert admin.backend.last("pin") == ("nginx:1.27",)
+    # idempotent, however it is spelled
+    again = await admin("PUT", "/api/v1/pins", {"image": "docker.io/library/nginx:1.27"})
+    assert again.code == 200
+    assert again.json() == added.json()
+    by_config = await admin("PUT", "/api/v1/pins", {"image": "alpine:3.19"})
+    assert by_config.code == 200
+    assert by_config.json()["source"] == "config"
+    listed = (await admin("GET", "/api/v1/pins")).json()["pins"]
+    assert [p["image"] for p in listed] == [
+        "docker.io/library/alpine:3.19",
+        "docker.io/library/nginx:1.27",
+    ]
+    removed = await admin("DELETE", "/api/v1/pins?image=nginx:1.27")
+    assert removed.code == 204
+    assert removed.body == b""
+    assert admin.backend.last("unpin") == ("nginx:1.27",)
+    assert len((await admin("GET", "/api/v1/pins")).json()["pins"]) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_unpin_takes_slashes_colons_and_digests(admin):
+    image = f"localhost:5000/team/app:1@{DIGEST}"
+    assert (await admin("PUT", "/api/v1/pins", {"image": image})).code == 201
+    reply = await admin("DELETE", "/api/v1/pins?image=" + quote(image, safe=""))
+    assert reply.code == 204, reply.body
+    assert admin.backend.last("unpin") == (image,)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unpin_not_pinned_is_404_and_config_pin_409(admin):
+    missing = await admin("DELETE", "/api/v1/pins?image=nginx")
+    assert missing.code == 404
+    assert missing.json()["error"] == {
+        "code": "NOT_FOUND",
+        "message": "docker.io/library/nginx is not pinned",
+    }
+    config = await admin("DELETE", "/api/v1/pins?image=alpine:3.19")
+    assert config.code == 409
+    assert "cache.pinned" in config.message
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "body,words",
+    [
+        (b"", "send a JSON object"),
+        (b'{"image": "nginx", "tag": "1"}', "unknown field 'tag'"),
+        (b"{}", "required field 'image' is missing"),
+        (b'{"image": 5}', "body.image: expected a string"),
+        (b'{"image": ""}', "body.image: must not be empty"),
+        (b'{"image": "Nginx"}', "image: image 'Nginx': 'library/Nginx' is not a repository name"),
+        (b'{"image": "nginx:-1"}', "not a tag"),
+        (b'{"image": "nginx@sha256:00"}', "not a digest"),
+    ],
+)
+async def test_pin_bad_input_is_400(admin, body, words):
+    reply = await admin("PUT", "/api/v1/pins", data=body)
+    assert reply.code == 400, reply.body
+    assert words in reply.message
+    assert not [c for c in admin.backend.calls if c[0] == "pin"]
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "query,words",
+    [
+        ("", "say what to unpin"),
+        ("?image=", "empty image name"),
+        ("?image=Nginx", "not a repository name"),
+        ("?image=a&image=b", "given 2 times"),
+        ("?tag=1", "unknown query parameter 'tag'"),
+        ("?image=" + "a" * 1025, "longer than 1024 characters"),
+    ],
+)
+async def test_unpin_bad_input_is_400(admin, query, words):
+    reply = await admin("DELETE", "/api/v1/pins" + query)
+    assert reply.code == 400, reply.body
+    assert words in reply.message
+    assert not [c for c in admin.backend.calls if c[0] == "unpin"]
 
 
 # -- upstreams ---------------------------------------------------------------------

@@ -16,7 +16,9 @@ import pytest
 import pytest_twisted
 from fakeadmin import FakeAdmin, digest_of
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
@@ -24,7 +26,7 @@ from twisted.web.server import Site
 from twisted.web.util import Redirect
 
 from registryproxy.admin.app import AdminAPI
-from registryproxy.admin.backend import PurgeSelector
+from registryproxy.admin.backend import AdminError, FsckResult, PurgeSelector
 from registryproxy.admin.cli import main
 
 TOKEN = "cli-token"
@@ -275,6 +277,118 @@ async def test_prefetch_checks_every_image_before_starting(server):
     unknown = await server.run("prefetch", "unknown.example/x")
     assert unknown.status == 1
     assert "unknown upstream 'unknown.example'" in unknown.err
+
+
+# -- fsck ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_fsck_clean_is_exit_0(server):
+    result = await server.run("fsck")
+    assert result.status == 0, result.err
+    assert result.out == "checked 8 blobs, 11.4 MiB: 0 quarantined, 0 indexed, 0 forgotten\n"
+    assert server.backend.fscks_done == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_fsck_quarantined_is_exit_4_and_listed(server):
+    rotten, stray = digest_of("rotten"), digest_of("stray")
+    server.backend.fsck_result = FsckResult(8, 12_002_000, (rotten,), (stray,), ())
+    result = await server.run("fsck")
+    assert result.status == 4
+    assert result.out.splitlines() == [
+        "checked 8 blobs, 11.4 MiB: 1 quarantined, 1 indexed, 0 forgotten",
+        "quarantined (bytes did not match the digest; moved to quarantine/, pulled again):",
+        f"  {rotten}",
+        "indexed (in the store but not in the index; now indexed):",
+        f"  {stray}",
+    ]
+    as_json = await server.run("fsck", "--json")
+    assert as_json.status == 4
+    assert as_json.json()["quarantined"] == [rotten]
+    # repairs of the index alone are no finding
+    server.backend.fsck_result = FsckResult(8, 12_002_000, (), (stray,), (rotten,))
+    assert (await server.run("fsck")).status == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_fsck_refused(server):
+    server.backend.failures["fsck"] = AdminError(409, "an fsck is already running")
+    result = await server.run("fsck")
+    assert result.status == 1
+    assert result.err == "regproxy-admin: an fsck is already running (HTTP 409)\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_fsck_timeout_leaves_it_running(server):
+    gate: Deferred[None] = Deferred()
+    server.backend.fsck_gate = gate
+    result = await server.run("fsck", "--timeout", "0.3")
+    assert result.status == 3
+    assert "no answer from the admin API" in result.err
+    assert "within 0.3 s; the fsck goes on in regproxy and logs its outcome" in result.err
+    # the server notices the client gone, and does not cut the fsck short
+    await deferLater(reactor, 0.2, lambda: None)
+    assert not gate.called
+    gate.callback(None)
+    assert server.backend.fscks_done == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_fsck_help_says_the_exit_status(server):
+    result = await server.run("fsck", "--help")
+    assert result.status == 0
+    assert "Exit status 4 if anything was quarantined" in " ".join(result.out.split())
+
+
+# -- pins ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_pins_pin_unpin(server):
+    listed = await server.run("pins")
+    assert listed.status == 0
+    assert listed.out.splitlines() == [
+        "IMAGE                          SOURCE",
+        "docker.io/library/alpine:3.19  config",
+    ]
+    pinned = await server.run("pin", "nginx:1.27", "ghcr.io/owner/name")
+    assert pinned.status == 0, pinned.err
+    assert pinned.out == "pinned docker.io/library/nginx:1.27\npinned ghcr.io/owner/name\n"
+    again = await server.run("pin", "alpine:3.19")
+    assert again.out == "pinned docker.io/library/alpine:3.19 (by the config file, cache.pinned)\n"
+    as_json = await server.run("pins", "--json")
+    assert [p["source"] for p in as_json.json()["pins"]] == ["config", "api", "api"]
+    unpinned = await server.run("unpin", "docker.io/library/nginx:1.27")
+    assert unpinned.status == 0, unpinned.err
+    assert unpinned.out == "unpinned docker.io/library/nginx:1.27\n"
+    assert server.backend.last("unpin") == ("docker.io/library/nginx:1.27",)
+    pin_json = await server.run("--json", "pin", f"nginx@{DIGEST}")
+    assert pin_json.json() == {"image": f"docker.io/library/nginx@{DIGEST}", "source": "api"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_pinned(server):
+    server.backend.config_pins = []
+    result = await server.run("pins")
+    assert result.out == "nothing pinned\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_pin_errors(server):
+    bad = await server.run("pin", "alpine", "Bad:Name")
+    assert bad.status == 2
+    assert "not a repository name" in bad.err
+    assert not [c for c in server.backend.calls if c[0] == "pin"]
+    missing = await server.run("unpin", "nginx")
+    assert missing.status == 1
+    assert missing.err == "regproxy-admin: docker.io/library/nginx is not pinned (HTTP 404)\n"
+    config = await server.run("unpin", "alpine:3.19")
+    assert config.status == 1
+    assert "cache.pinned" in config.err
+    assert "(HTTP 409)" in config.err
+    nothing = await server.run("unpin")
+    assert nothing.status == 2
 
 
 # -- upstreams ----------------------------------------------------------------------
