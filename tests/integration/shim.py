@@ -53,6 +53,9 @@ class TCPShim:
         self.response_bytes: list[int] = []
         #: responses flow at most this fast (bytes/s) per connection; None: no limit
         self.rate: float | None = None
+        self._mode: str | None = None
+        self._flowing = threading.Event()
+        self._flowing.set()
 
     # -- lifecycle ------------------------------------------------------------
     def up(self) -> None:
@@ -75,6 +78,7 @@ class TCPShim:
         with self._lock:
             listener, self._listener = self._listener, None
             conns, self._conns = self._conns, []
+            self._flowing.set()
         if listener is not None:
             try:
                 listener.shutdown(socket.SHUT_RDWR)
@@ -104,9 +108,28 @@ class TCPShim:
             self._threshold, self._action, self._cut = nbytes, action, False
             self.fired.clear()
 
+    def corrupt_at(self, nbytes: int) -> None:
+        """Flip one bit of the next response at byte *nbytes*: the body
+        arrives whole but wrong (the headers are well under *nbytes*)."""
+        with self._lock:
+            self._threshold, self._action, self._cut = nbytes, None, False
+            self._mode = "corrupt"
+            self.fired.clear()
+
+    def stall_at(self, nbytes: int) -> None:
+        """The next response to pass *nbytes* stops flowing, the connection
+        held open, until :meth:`disarm` or :meth:`down`."""
+        with self._lock:
+            self._threshold, self._action, self._cut = nbytes, None, False
+            self._mode = "stall"
+            self._flowing.clear()
+            self.fired.clear()
+
     def disarm(self) -> None:
         with self._lock:
             self._threshold, self._action, self._cut = None, None, False
+            self._mode = None
+            self._flowing.set()
 
     # -- plumbing ---------------------------------------------------------------
     def _accept_loop(self, listener: socket.socket) -> None:
@@ -145,19 +168,32 @@ class TCPShim:
     def _pump_response(self, upstream: socket.socket, client: socket.socket, index: int) -> None:
         try:
             while data := upstream.recv(_CHUNK):
-                client.sendall(data)
-                if self.rate:
-                    time.sleep(len(data) / self.rate)
                 fire = None
                 with self._lock:
+                    before = self.response_bytes[index]
                     self.response_bytes[index] += len(data)
                     if (
                         self._threshold is not None
                         and self.response_bytes[index] >= self._threshold
                     ):
-                        fire = "cut" if self._cut else "action"
+                        fire = self._mode or ("cut" if self._cut else "action")
                         action = self._action
+                        at = self._threshold - before
                         self._threshold = self._action = None
+                        self._mode = None
+                if fire == "corrupt":
+                    flipped = data[at - 1] ^ 0x01 if at > 0 else data[0] ^ 0x01
+                    position = max(at - 1, 0)
+                    data = data[:position] + bytes([flipped]) + data[position + 1 :]
+                    self.fired.set()
+                if fire == "stall":
+                    client.sendall(data[: max(at - 1, 0)])
+                    self.fired.set()
+                    self._flowing.wait()
+                    data = data[max(at - 1, 0) :]
+                client.sendall(data)
+                if self.rate:
+                    time.sleep(len(data) / self.rate)
                 if fire == "cut":
                     self.fired.set()
                     self.down()

@@ -66,6 +66,48 @@ def test_regproxy_killed_mid_download_then_restarted(
     store_is_sound(proxy)
 
 
+@pytest.mark.parametrize("fault", ["corrupt", "stall"])
+def test_upstream_sends_wrong_bytes_or_stalls(
+    fault: str,
+    test_images: dict[str, Image],
+    upstream_pull: Callable[..., Path],
+    regproxy: Callable[..., harness.RegProxy],
+    tcp_shim: Callable[..., TCPShim],
+    skopeo: harness.Skopeo,
+    workdir: Path,
+) -> None:
+    """Through a shim in front of the real registry: one flipped bit in the
+    110 MiB layer, or a connection that goes silent halfway. The pull fails,
+    nothing is cached, and the next pull is whole."""
+    image = test_images["big"]
+    layer = image.biggest_layer
+    reference = upstream_pull(image)
+    shim = tcp_shim()
+    proxy = regproxy(shim.url, extra_config={"upstreams": {"docker.io": {"read_timeout": 2}}})
+    if fault == "corrupt":
+        shim.corrupt_at(64 * MiB)
+    else:
+        shim.stall_at(16 * MiB)
+    started = time.monotonic()
+    result = skopeo.pull(image.docker_ref(proxy.host_port), workdir / "broken", check=False)
+    assert result.returncode != 0, "a pull of broken bytes succeeded"
+    assert shim.fired.is_set()
+    assert time.monotonic() - started < 60
+    wait_tmp_empty(proxy)
+    assert not proxy.blob_path(layer.digest).exists()
+    assert (
+        "does not match its digest" in proxy.log_text()
+        if fault == "corrupt"
+        else ("upstream sent nothing for 2s" in proxy.log_text())
+    )
+
+    shim.disarm()
+    skopeo.pull(image.docker_ref(proxy.host_port), workdir / "whole")
+    assert_pulled(workdir / "whole", image, reference, False)
+    assert_stored(proxy, {layer.digest: layer})
+    store_is_sound(proxy)
+
+
 @pytest.fixture
 def small_disk(workdir: Path):
     """A 48 MiB tmpfs: too small for the 110 MiB layer."""
