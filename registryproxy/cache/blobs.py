@@ -59,6 +59,21 @@ class BlobFetch:
         """Whether the bytes only pass through memory (no room to store them)."""
         return isinstance(self._writer, MemoryRelay)
 
+    def fileno(self) -> int | None:
+        """The file the download goes to, for sendfile; None when relayed."""
+        return self._writer.fileno()
+
+    def readable(self, end: int | None) -> int:
+        """How far a reader whose range ends at *end* (None: the whole blob)
+        may read now.  Until the digest checks out it is held back from the
+        last byte of its range, so no client ever receives a complete body
+        with wrong bytes."""
+        if self.verified:
+            return self.written if end is None else end
+        if end is None:
+            return self.written
+        return min(self.written, end - 1)
+
     def listen(self, listener: Callable[[], None], position: int = 0) -> None:
         """Follow this fetch from *position* until :meth:`unlisten`."""
         self._listeners[listener] = position
@@ -179,6 +194,9 @@ class MemoryRelay:
 
     def close(self) -> None:
         self._chunks.clear()
+
+    def fileno(self) -> int | None:
+        return None
 
 
 class _Receiver(Protocol):

@@ -46,6 +46,9 @@ class BlobWriter(Protocol):
     def close(self) -> None:
         """Release what :meth:`read` needs."""
 
+    def fileno(self) -> int | None:
+        """A descriptor to read the bytes written from (for sendfile), if any."""
+
 
 def verify(digest: Digest, expected_size: int | None, written: int, actual_hex: str) -> None:
     if expected_size is not None and written != expected_size:
@@ -133,6 +136,9 @@ class _FileWriter:
         if self._read_fd is None:
             raise ValueError("read after close")
         return os.pread(self._read_fd, size, offset)
+
+    def fileno(self) -> int | None:
+        return self._read_fd
 
     def close(self) -> None:
         if self._read_fd is not None:

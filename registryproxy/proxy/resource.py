@@ -237,12 +237,16 @@ class RegistryResource(Resource):
             request.finish()
             return
         counted = self._metrics.served_bytes.labels("upstream" if fetch else "cache").inc
+        transport = socket_transport(request) if self._sendfile else None
         if fetch is not None:
-            BlobSender(request, start, end, fetch=fetch, counted=counted).start()
+            fd = fetch.fileno()
+            if transport is not None and fd is not None and end is not None:
+                SendfileSender(request, transport, fd, start, end, counted, fetch).start()
+            else:
+                BlobSender(request, start, end, fetch=fetch, counted=counted).start()
             return
         with store.open(digest) as f:
             fd = os.dup(f.fileno())
-        transport = socket_transport(request) if self._sendfile else None
         if transport is not None and end is not None:
             SendfileSender(request, transport, fd, start, end, counted).start()
         else:

@@ -68,12 +68,10 @@ class BlobSender:
         self._close()
 
     def _limit(self) -> int:
-        fetch = self._fetch
-        if fetch is None or fetch.verified:
-            return self._end if self._end is not None else fetch.written  # type: ignore[union-attr]
-        if self._end is None:
-            return fetch.written
-        return min(fetch.written, self._end - 1)
+        if self._fetch is None:
+            assert self._end is not None
+            return self._end
+        return self._fetch.readable(self._end)
 
     def _complete(self) -> bool:
         if self._fetch is not None and not self._fetch.verified:

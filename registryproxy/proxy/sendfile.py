@@ -1,12 +1,14 @@
-"""Zero-copy cache hits: ``os.sendfile`` from the blob file to the client's socket.
+"""Zero-copy blob bodies: ``os.sendfile`` from the blob file to the client's socket.
 
-Twisted has no sendfile.  For a stored blob over plain TCP this producer
-writes the response headers the usual way, then moves the body from the
-page cache to the socket in the kernel, never through Python.  It lets the
-transport tell it when the socket can take more: it marks itself paused and
-asks the transport to watch for writability; the transport resumes its
-producer (the HTTP channel, which resumes this) once its own buffer is empty.
-Anything else (TLS, a fetch still downloading) uses :class:`BlobSender`.
+Twisted has no sendfile.  Over plain TCP this producer writes the response
+headers the usual way, then moves the body from the page cache to the socket
+in the kernel, never through Python: a stored blob, or one still downloading
+(up to what has been written and checked, as :meth:`BlobFetch.readable`
+says).  It lets the transport say when the socket can take more: it marks
+itself paused and asks the transport to watch for writability; the
+transport resumes its producer (the HTTP channel, which resumes this) once
+its own buffer is empty.  Anything else (TLS, a download relayed through
+memory, an unknown length) uses :class:`BlobSender`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.server import Request
 from zope.interface import implementer
+
+from ..cache.blobs import BlobFetch
 
 log = Logger()
 
@@ -51,21 +55,28 @@ class SendfileSender:
         start: int,
         end: int,
         counted: Callable[[int], None] = lambda n: None,
+        fetch: BlobFetch | None = None,
     ) -> None:
-        """Send ``[start, end)`` of the open file *fd* (which this closes)."""
+        """Send ``[start, end)`` of *fd*: a stored blob's file (which this
+        closes) or the file of a *fetch* still downloading (which it owns)."""
         self._request = request
         self._transport = transport
         self._fd = fd
         self._pos = start
         self._end = end
         self._counted = counted
+        self._fetch = fetch
         self._done = False
+        #: at the end of what the fetch has so far: woken by the fetch, not the socket
+        self._starved = False
 
     def start(self) -> None:
         # a deeper socket buffer: fewer trips through the reactor per blob
         self._transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
         self._request.registerProducer(self, True)
         self._request.notifyFinish().addErrback(lambda _: self._close())
+        if self._fetch is not None:
+            self._fetch.listen(self._more, self._pos)
         self._request.write(b"")  # the status line and headers, through the buffer
         self._wait_writable()
 
@@ -75,6 +86,16 @@ class SendfileSender:
         self._transport.producerPaused = True
         self._transport.startWriting()
 
+    def _more(self) -> None:
+        """The fetch wrote more, checked out, or failed."""
+        if self._done:
+            return
+        if self._fetch is not None and self._fetch.error is not None:
+            self._abort()
+        elif self._starved:
+            self._starved = False
+            self.resumeProducing()
+
     # IPushProducer
     def pauseProducing(self) -> None:
         pass  # nothing goes through the transport's buffer
@@ -83,9 +104,16 @@ class SendfileSender:
         if self._done:
             return
         sock = self._transport.socket.fileno()
-        while self._pos < self._end:
+        while True:
+            limit = self._end if self._fetch is None else self._fetch.readable(self._end)
+            if self._pos >= limit:
+                if self._pos >= self._end and (self._fetch is None or self._fetch.verified):
+                    self._finish()
+                else:
+                    self._starved = True
+                return
             try:
-                sent = os.sendfile(sock, self._fd, self._pos, min(self._end - self._pos, _MAX_CALL))
+                sent = os.sendfile(sock, self._fd, self._pos, min(limit - self._pos, _MAX_CALL))
             except BlockingIOError:
                 self._wait_writable()
                 return
@@ -103,12 +131,13 @@ class SendfileSender:
             self._counted(sent)
             self._request.sentLength += sent
 
+    def stopProducing(self) -> None:
+        self._close()
+
+    def _finish(self) -> None:
         self._close()
         self._request.unregisterProducer()
         self._request.finish()
-
-    def stopProducing(self) -> None:
-        self._close()
 
     def _abort(self) -> None:
         self._close()
@@ -116,6 +145,10 @@ class SendfileSender:
         self._transport.abortConnection()
 
     def _close(self) -> None:
-        if not self._done:
-            self._done = True
+        if self._done:
+            return
+        self._done = True
+        if self._fetch is not None:
+            self._fetch.unlisten(self._more)
+        else:
             os.close(self._fd)
