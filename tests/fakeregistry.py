@@ -261,6 +261,8 @@ class FakeRegistry:
     anonymous_tokens: bool = True
     #: Per digest, or ``"*"`` for every blob.
     blob_faults: dict[str, Fault] = attrs.field(factory=dict)
+    #: Seconds blob responses wait before their headers, by method ("GET", "HEAD").
+    blob_delay: dict[str, float] = attrs.field(factory=dict)
     #: Per manifest digest, or ``"*"``; applies to tag fetches too.
     manifest_faults: dict[str, Fault] = attrs.field(factory=dict)
     #: Regex (``re.search`` on the path) -> Override or (status, headers, body).
@@ -696,6 +698,18 @@ class FakeRegistry:
         return self._serve(request, body, self._fault(self.manifest_faults, digest, request))
 
     def _blob(self, request: Request, record: RecordedRequest, name: str, digest: str) -> int:
+        delay = self.blob_delay.get(request.method.decode("ascii"))
+        if delay:
+
+            def answer() -> None:
+                if not request._disconnected and not self._stopped:  # type: ignore[attr-defined]
+                    self._blob_now(request, record, name, digest)
+
+            self._later(delay, answer)
+            return NOT_DONE_YET
+        return self._blob_now(request, record, name, digest)
+
+    def _blob_now(self, request: Request, record: RecordedRequest, name: str, digest: str) -> int:
         data = self._blobs.get(digest)
         if data is None:
             return self._error(request, 404, "BLOB_UNKNOWN", f"blob {digest} unknown to registry")

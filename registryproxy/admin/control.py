@@ -301,9 +301,13 @@ class Control:
                 parsed = Digest.parse(digest)
                 if self._store.stat(parsed) is None:
                     fetch = await self._blobs.fetch(client, job.repository, parsed)
-                    await self._blobs.confirm(client, job.repository, parsed)
-                    await fetch.when_done()
-                    job.bytes_fetched += fetch.written
+                    try:
+                        if fetch.relayed:
+                            raise RuntimeError(f"no room in the cache for {digest}")
+                        await fetch.when_done()
+                        job.bytes_fetched += fetch.written
+                    finally:
+                        fetch.release()
                 job.blobs_done += 1
             job.state = "done"
         except (RegistryError, RuntimeError) as e:

@@ -40,6 +40,8 @@ class BlobFetch:
         self.error: str | None = None
         self._writer = writer
         self._listeners: dict[Callable[[], None], int] = {}
+        #: callers holding the fetch open until they listen (see :meth:`hold`)
+        self._holds = 0
         self._ended = False
         self._done: list[Deferred[None]] = []
         #: the upstream body, to pause while a memory relay is full
@@ -74,15 +76,31 @@ class BlobFetch:
             return self.written
         return min(self.written, end - 1)
 
+    def hold(self) -> None:
+        """Keep the bytes readable (even after the download ended) until
+        :meth:`release`: for a caller between getting the fetch and listening."""
+        self._holds += 1
+
+    def release(self) -> None:
+        self._holds -= 1
+        self._abandon_if_unwanted()
+        self._maybe_close()
+
     def listen(self, listener: Callable[[], None], position: int = 0) -> None:
         """Follow this fetch from *position* until :meth:`unlisten`."""
         self._listeners[listener] = position
 
     def unlisten(self, listener: Callable[[], None]) -> None:
         self._listeners.pop(listener, None)
-        if self.relayed and not self._listeners and self.running:
-            self._fail("every client left a download that is not being stored")
+        self._abandon_if_unwanted()
         self._maybe_close()
+
+    def _abandon_if_unwanted(self) -> None:
+        """A relayed download nobody reads any more is of no use to anyone."""
+        if self.relayed and not self._listeners and not self._holds and self.running:
+            self._fail("every client left a download that is not being stored")
+            if self.upstream is not None:
+                self.upstream.stopProducing()
 
     def read(self, listener: Callable[[], None], offset: int, size: int) -> bytes:
         data = self._writer.read(offset, size)
@@ -103,7 +121,12 @@ class BlobFetch:
 
     def _notify(self) -> None:
         for listener in list(self._listeners):
-            listener()
+            try:
+                listener()
+            except Exception:
+                # one broken reader must not stall the others
+                log.failure("a reader of {digest} failed", digest=str(self.digest))
+                self._listeners.pop(listener, None)
         if not self.running:
             done, self._done = self._done, []
             for d in done:
@@ -113,7 +136,7 @@ class BlobFetch:
                     d.errback(RuntimeError(self.error))
 
     def _maybe_close(self) -> None:
-        if self._ended and not self._listeners:
+        if self._ended and not self._listeners and not self._holds:
             self._writer.close()
 
     # -- driven by the upstream body --------------------------------------
@@ -199,6 +222,13 @@ class MemoryRelay:
         return None
 
 
+class _Hangup(Protocol):
+    """Drops a response body we do not want, closing its connection."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
+
 class _Receiver(Protocol):
     """Writes the upstream body into a fetch, aborting it on silence."""
 
@@ -268,7 +298,9 @@ class BlobCache:
         self._stored = stored
         self._max_bytes = max_bytes
         self._active: dict[Digest, BlobFetch] = {}
-        self._starting: SingleFlight[Digest, BlobFetch] = SingleFlight()
+        # keyed by repository too: a request for a repository the upstream
+        # refuses must not hand its error to another repository's request
+        self._starting: SingleFlight[tuple[str, str, Digest], BlobFetch] = SingleFlight()
 
     def active(self, digest: Digest) -> BlobFetch | None:
         return self._active.get(digest)
@@ -293,15 +325,28 @@ class BlobCache:
         return size
 
     async def fetch(self, client: RegistryClient, repo: str, digest: Digest) -> BlobFetch:
-        """The running download of *digest*, starting one if needed."""
+        """A download of *digest* that *repo* may read, started by this call
+        (the upstream's 200 says the repository may read it) or running
+        already for the same repository.  The caller gets it held (see
+        :meth:`BlobFetch.hold`) and must release it."""
         running = self._active.get(digest)
-        if running is not None:
+        if running is not None and self._index.has_blob(client.name, repo, str(digest)):
+            running.hold()
             return running
-        return await self._starting.run(digest, lambda: self._start(client, repo, digest))
+        fetch = await self._starting.run(
+            (client.name, repo, digest), lambda: self._start(client, repo, digest)
+        )
+        fetch.hold()  # synchronously on resuming: before anything can end it
+        return fetch
 
     async def _start(self, client: RegistryClient, repo: str, digest: Digest) -> BlobFetch:
         response = await client.get_blob(repo, str(digest))
         self._index.link_blobs(client.name, repo, [str(digest)])
+        running = self._active.get(digest)
+        if running is not None:
+            # another repository's download of the same bytes got there first
+            response.deliverBody(_Hangup())
+            return running
         size = content_length(response)
         writer = self._writer(digest, size)
         fetch = BlobFetch(digest, size, writer, client.name)
@@ -346,11 +391,17 @@ class BlobCache:
                 # Waiting for the store first means a client that has its
                 # whole blob will find it cached on its next request.
                 fetch.verified = True
-                fetch._notify()
-                self._finish(fetch)
+                try:
+                    fetch._notify()
+                finally:
+                    self._finish(fetch)
 
             published.addBoth(release)
 
+        # held until the callers waiting for this start have taken their own
+        # holds: the body may end (a relay: be released) inside deliverBody
+        fetch.hold()
+        self._clock.callLater(0, fetch.release)
         response.deliverBody(_Receiver(fetch, self._clock, client.config.read_timeout, done))
         return fetch
 

@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from ..cache.blobs import BlobCache
+from ..cache.blobs import BlobCache, BlobFetch
 from ..cache.manifests import CachedManifest, ManifestCache
 from ..errors import RegistryError, digest_invalid, name_invalid, unsupported
 from ..mediatypes import parse_accept
@@ -106,7 +106,7 @@ class RegistryResource(Resource):
         request.setHeader(*_API_VERSION)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
-        d = Deferred.fromCoroutine(self._handle(request))
+        d = Deferred.fromCoroutine(self._handle(request, gone))
         d.addErrback(self._failed, request, gone)
         return NOT_DONE_YET
 
@@ -136,7 +136,7 @@ class RegistryResource(Resource):
         request.write(body)
         request.finish()
 
-    async def _handle(self, request: Request) -> None:
+    async def _handle(self, request: Request, gone: list[bool]) -> None:
         path = request.path.decode("latin-1")
         kind, match = _route(path)
         method = request.method
@@ -158,12 +158,13 @@ class RegistryResource(Resource):
                 raise RegistryError(400, "TAG_INVALID", f"invalid tag {reference!r}")
             accept = parse_accept(request.requestHeaders.getRawHeaders(b"Accept", []))
             manifest = await self._manifests.get(client, repo, reference, accept)
-            self._manifest(request, manifest)
+            if not gone:
+                self._manifest(request, manifest)
         elif kind == "blob":
             digest = match.group("digest")
             if not is_valid_digest(digest):
                 raise digest_invalid(digest)
-            await self._blob(request, client, repo, Digest.parse(digest))
+            await self._blob(request, client, repo, Digest.parse(digest), gone)
         else:
             query = {
                 key.decode(): values[-1].decode()
@@ -171,6 +172,8 @@ class RegistryResource(Resource):
                 if key in (b"n", b"last")
             }
             body, link = await client.get_tags(repo, query)
+            if gone:
+                return
             if link:
                 request.setHeader(b"Link", link.encode("latin-1"))
             self._json(request, body)
@@ -195,47 +198,70 @@ class RegistryResource(Resource):
         request.finish()
 
     async def _blob(
-        self, request: Request, client: RegistryClient, repo: str, digest: Digest
+        self, request: Request, client: RegistryClient, repo: str, digest: Digest, gone: list[bool]
     ) -> None:
-        store = self._blobs.store
-        size = store.stat(digest)
-        fetch = None
-        if size is not None:
-            cache = "HIT"
+        if self._blobs.store.stat(digest) is not None:
+            # cached: may this repository read it? (a HEAD upstream unless it lists it)
             await self._blobs.confirm(client, repo, digest)
+            if gone:
+                return
+        fd = self._open_stored(digest)  # after the await: it may have been purged meanwhile
+        fetch = None
+        size: int | None
+        if fd is not None:
+            cache, size = "HIT", os.fstat(fd).st_size
             self._blobs.served(digest)
+        elif request.method == b"HEAD":
+            cache, size = "MISS", await client.head_blob(repo, str(digest))
+            if gone:
+                return
         else:
             cache = "MISS"
-            fetch = self._blobs.active(digest)
-            if fetch is None and request.method == b"HEAD":
-                size = await client.head_blob(repo, str(digest))
-            else:
-                if fetch is None:
-                    fetch = await self._blobs.fetch(client, repo, digest)
-                await self._blobs.confirm(client, repo, digest)
-                if fetch.error is not None:
-                    raise RegistryError(
-                        502,
-                        "UNAVAILABLE",
-                        f"download from upstream {fetch.source} failed: {fetch.error}",
-                    )
-                size = fetch.size
-        start, end = 0, size
-        if size is not None:
-            span = parse_range(request.getHeader("Range"), size)
-            if span is not None:
-                start, end = span
-                request.setResponseCode(206)
-                request.setHeader(b"Content-Range", f"bytes {start}-{end - 1}/{size}".encode())
-            request.setHeader(b"Content-Length", b"%d" % (end - start))  # type: ignore[operator]
-        request.setHeader(b"Content-Type", b"application/octet-stream")
-        request.setHeader(b"Docker-Content-Digest", str(digest).encode())
-        request.setHeader(b"Accept-Ranges", b"bytes")
-        request.setHeader(b"X-Cache", cache.encode())
-        self._metrics.requests.labels("blob", cache.lower()).inc()
-        if request.method == b"HEAD":
-            request.finish()
-            return
+            fetch = await self._blobs.fetch(client, repo, digest)
+            size = fetch.size
+        try:
+            if gone:
+                return
+            if fetch is not None and fetch.error is not None:
+                raise RegistryError(
+                    502,
+                    "UNAVAILABLE",
+                    f"download from upstream {fetch.source} failed: {fetch.error}",
+                )
+            start, end = 0, size
+            if size is not None:
+                span = parse_range(request.getHeader("Range"), size)
+                if span is not None:
+                    start, end = span
+                    request.setResponseCode(206)
+                    request.setHeader(b"Content-Range", f"bytes {start}-{end - 1}/{size}".encode())
+                request.setHeader(b"Content-Length", b"%d" % (end - start))  # type: ignore[operator]
+            request.setHeader(b"Content-Type", b"application/octet-stream")
+            request.setHeader(b"Docker-Content-Digest", str(digest).encode())
+            request.setHeader(b"Accept-Ranges", b"bytes")
+            request.setHeader(b"X-Cache", cache.encode())
+            self._metrics.requests.labels("blob", cache.lower()).inc()
+            if request.method == b"HEAD":
+                request.finish()
+                return
+            self._send(request, fd, fetch, start, end)
+            fd = None  # the sender owns it now
+        finally:
+            if fd is not None:
+                os.close(fd)
+            if fetch is not None:
+                fetch.release()  # the sender (if any) listens now
+
+    def _open_stored(self, digest: Digest) -> int | None:
+        try:
+            with self._blobs.store.open(digest) as f:
+                return os.dup(f.fileno())
+        except FileNotFoundError:
+            return None
+
+    def _send(
+        self, request: Request, fd: int | None, fetch: BlobFetch | None, start: int, end: int | None
+    ) -> None:
         counted = self._metrics.served_bytes.labels("upstream" if fetch else "cache").inc
         transport = socket_transport(request) if self._sendfile else None
         if fetch is not None:
@@ -244,10 +270,8 @@ class RegistryResource(Resource):
                 SendfileSender(request, transport, fd, start, end, counted, fetch).start()
             else:
                 BlobSender(request, start, end, fetch=fetch, counted=counted).start()
-            return
-        with store.open(digest) as f:
-            fd = os.dup(f.fileno())
-        if transport is not None and end is not None:
+        elif transport is not None and end is not None:
+            assert fd is not None
             SendfileSender(request, transport, fd, start, end, counted).start()
         else:
             BlobSender(request, start, end, fd=fd, counted=counted).start()

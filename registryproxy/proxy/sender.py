@@ -45,8 +45,6 @@ class BlobSender:
         self._fetch = fetch
         self._counted = counted
         self._fd = fd
-        if fetch is not None:
-            fetch.listen(self._pump, start)
         self._paused = False
         self._pumping = False
         self._done = False
@@ -54,6 +52,8 @@ class BlobSender:
     def start(self) -> None:
         self._request.registerProducer(self, True)
         self._request.notifyFinish().addErrback(lambda _: self._close())
+        if self._fetch is not None:
+            self._fetch.listen(self._pump, self._pos)
         self._pump()
 
     # IPushProducer
@@ -115,15 +115,17 @@ class BlobSender:
 
     def _finish(self) -> None:
         self._close()
-        self._request.unregisterProducer()
-        self._request.finish()
+        if self._request.channel is not None:  # None: the client already left
+            self._request.unregisterProducer()
+            self._request.finish()
 
     def _abort(self) -> None:
         self._close()
-        self._request.unregisterProducer()
-        transport = self._request.channel.transport if self._request.channel else None
-        if transport is not None:
-            transport.abortConnection()  # type: ignore[attr-defined]
+        if self._request.channel is not None:
+            self._request.unregisterProducer()
+            transport = self._request.channel.transport
+            if transport is not None:
+                transport.abortConnection()  # type: ignore[attr-defined]
 
     def _close(self) -> None:
         if self._done:

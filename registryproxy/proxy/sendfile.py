@@ -136,12 +136,14 @@ class SendfileSender:
 
     def _finish(self) -> None:
         self._close()
-        self._request.unregisterProducer()
-        self._request.finish()
+        if self._request.channel is not None:  # None: the client already left
+            self._request.unregisterProducer()
+            self._request.finish()
 
     def _abort(self) -> None:
         self._close()
-        self._request.unregisterProducer()
+        if self._request.channel is not None:
+            self._request.unregisterProducer()
         self._transport.abortConnection()
 
     def _close(self) -> None:
