@@ -135,6 +135,8 @@ class UpstreamConfig:
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"url: expected http(s)://host[:port], got {self.url!r}")
+        if parts.username or parts.password:
+            raise ValueError("url: give credentials as username and a password, not in the URL")
         if parts.path.rstrip("/").endswith("/v2") or parts.query or parts.fragment:
             raise ValueError(f"url: give the registry's base URL, without /v2/, not {self.url!r}")
         sources = [self.password, self.password_env, self.password_file]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -11,6 +12,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
@@ -28,7 +30,22 @@ from .proxy.plaintext import PlainHTTPFactory
 from .proxy.resource import RegistryResource
 from .upstream.registry import Upstreams
 
+log = Logger()
 _FLUSH_SECONDS = 10.0
+
+
+def _logged(task: Callable[[], object]) -> Callable[[], None]:
+    """A periodic task whose failure is logged, not the end of its timer."""
+
+    def run() -> None:
+        try:
+            task()
+        except Exception:
+            log.failure("periodic {task} failed", task=getattr(task, "__qualname__", task))
+
+    return run
+
+
 _SWEEP_SECONDS = 60.0
 
 
@@ -134,9 +151,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     proxy = build_proxy(config, reactor)
     _Closing(proxy).setServiceParent(service)
     # access times are gathered in memory and written in batches
-    TimerService(_FLUSH_SECONDS, proxy.index.flush).setServiceParent(service)
+    TimerService(_FLUSH_SECONDS, _logged(proxy.index.flush)).setServiceParent(service)
     # idle images and a budget overrun are swept away in the background too
-    TimerService(_SWEEP_SECONDS, proxy.evictor.sweep).setServiceParent(service)
+    TimerService(_SWEEP_SECONDS, _logged(proxy.evictor.sweep)).setServiceParent(service)
     admin = Site(AdminAPI(proxy.control, config.admin.secret()).resource())
     for key, description, factory in [
         ("proxy.listen", config.proxy.listen, PlainHTTPFactory(proxy.site)),

@@ -383,6 +383,19 @@ class Control:
             raise AdminError(404, f"unknown upstream {name!r}: PUT it to add it")
         if not isinstance(settings, dict):
             raise AdminError(400, "upstream settings must be a JSON object")
+        local = sorted(set(settings) & _LOCAL_REFERENCES)
+        if local:
+            # they would let an API caller read the daemon's files and environment
+            raise AdminError(
+                400,
+                f"{', '.join(local)} can be set in the config file only; "
+                "through the API give the password itself",
+            )
+        if merge and current is not None and "url" in settings and settings["url"] != current.url:
+            # credentials stay with the host they were given for
+            if not {"username", "password"} & set(settings):
+                settings = {**settings, "username": None, "password": None}
+            settings = {**settings, "password_env": None, "password_file": None}
         if merge:
             given = {**settings_of(current, redact=False), **settings}  # type: ignore[arg-type]
             given = {k: v for k, v in given.items() if v is not None}
@@ -455,6 +468,10 @@ class _Job:
 
     def snapshot(self) -> PrefetchJob:
         return PrefetchJob(**attrs.asdict(self))
+
+
+#: settings that name files or environment variables of the machine regproxy runs on
+_LOCAL_REFERENCES = {"password_file", "password_env", "ca_file"}
 
 
 def _normal(image: str) -> str:

@@ -49,10 +49,13 @@ def _scan(root: str) -> list[tuple[str, int, bool]]:
                     continue
                 hasher = ALGORITHMS[algorithm]()
                 size = 0
-                with open(os.path.join(dirpath, name), "rb") as f:
-                    while chunk := f.read(_CHUNK):
-                        hasher.update(chunk)
-                        size += len(chunk)
+                try:
+                    with open(os.path.join(dirpath, name), "rb") as f:
+                        while chunk := f.read(_CHUNK):
+                            hasher.update(chunk)
+                            size += len(chunk)
+                except FileNotFoundError:
+                    continue  # evicted or purged meanwhile
                 found.append((digest, size, hasher.hexdigest() == name))
     return found
 
@@ -67,15 +70,18 @@ async def fsck(store: FileStore, index: Index) -> FsckReport:
     for digest, size, matches in found:
         if matches:
             on_disk.add(digest)
-            if digest not in known:
+            if digest not in known and store.stat(Digest.parse(digest)) is not None:
                 index.put_blob(digest, size, time.time())
                 indexed.append(digest)
             continue
         os.makedirs(quarantine, exist_ok=True)
-        os.replace(
-            store.path(Digest.parse(digest)),
-            os.path.join(quarantine, f"{digest.replace(':', '-')}.{int(time.time())}"),
-        )
+        try:
+            os.replace(
+                store.path(Digest.parse(digest)),
+                os.path.join(quarantine, f"{digest.replace(':', '-')}.{int(time.time())}"),
+            )
+        except FileNotFoundError:
+            pass  # gone meanwhile: nothing left to serve
         # any manifest with these bytes is gone too, with the blobs only it
         # listed; the next pull fetches them again
         for orphan, _ in index.purge(digest=digest).blobs:

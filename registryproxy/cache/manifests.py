@@ -142,6 +142,13 @@ class ManifestCache:
             expected = Digest.parse(manifest.digest)
         else:
             expected = Digest.of(manifest.body)
+        if not _json_object(manifest.body):
+            raise RegistryError(
+                502,
+                "MANIFEST_INVALID",
+                f"upstream {client.name} answered {repo}:{reference} with something that is "
+                "not a manifest (not a JSON object)",
+            )
         actual = Digest.of(manifest.body, expected.algorithm)
         if actual != expected:
             raise RegistryError(
@@ -155,9 +162,14 @@ class ManifestCache:
         try:
             if self._store.stat(actual) is None:
                 writer = self._store.begin(actual, len(manifest.body))
-                writer.write(manifest.body)
-                await writer.commit()
-                writer.close()
+                try:
+                    writer.write(manifest.body)
+                    await writer.commit()
+                except BaseException:
+                    writer.abort()
+                    raise
+                finally:
+                    writer.close()
             self._index.put_blob(digest, len(manifest.body), now)
             entry = ManifestEntry(digest, manifest.media_type, len(manifest.body))
             self._index.put_manifest(client.name, repo, entry, now, references(manifest.body))
@@ -195,3 +207,10 @@ def references(body: bytes) -> list[tuple[str, str]]:
         ]
     except (ValueError, TypeError, AttributeError):
         return []
+
+
+def _json_object(body: bytes) -> bool:
+    try:
+        return isinstance(json.loads(body), dict)
+    except ValueError:
+        return False

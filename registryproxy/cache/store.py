@@ -125,7 +125,12 @@ class _FileWriter:
         self._file = os.fdopen(fd, "wb", buffering=0)
         # One descriptor for every follower, opened now: it stays valid after
         # the temp file is renamed into place (or unlinked).
-        self._read_fd: int | None = os.open(self._path, os.O_RDONLY)
+        try:
+            self._read_fd: int | None = os.open(self._path, os.O_RDONLY)
+        except OSError:
+            self._file.close()
+            os.unlink(self._path)
+            raise
 
     def write(self, data: bytes) -> None:
         self._file.write(data)

@@ -167,10 +167,14 @@ class RegistryResource(Resource):
             await self._blob(request, client, repo, Digest.parse(digest), gone)
         else:
             query = {
-                key.decode(): values[-1].decode()
+                key.decode(): values[-1].decode("latin-1")
                 for key, values in request.args.items()
                 if key in (b"n", b"last")
             }
+            if not query.get("n", "0").isdigit():
+                raise RegistryError(
+                    400, "PAGINATION_NUMBER_INVALID", f"n must be a number, not {query['n']!r}"
+                )
             body, link = await client.get_tags(repo, query)
             if gone:
                 return

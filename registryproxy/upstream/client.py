@@ -8,6 +8,7 @@ that names the upstream.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Callable, Sequence
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -102,7 +103,7 @@ class RegistryClient:
         #: when this upstream last answered at all (any HTTP status), for readiness
         self.last_answer: float | None = None
         self._base = config.url.rstrip("/")
-        self._host = urlsplit(self._base).netloc
+        self._origin = _origin(self._base)
 
     # -- the registry API -------------------------------------------------
 
@@ -218,7 +219,7 @@ class RegistryClient:
         """Send, following redirects; ``Authorization`` never leaves the upstream's host."""
         for _ in range(_MAX_REDIRECTS + 1):
             sent = dict(headers)
-            if authorization and urlsplit(url).netloc == self._host:
+            if authorization and _origin(url) == self._origin:
                 sent["Authorization"] = authorization
             response = await self._send(method, url, sent)
             location = _header(response, "Location")
@@ -226,8 +227,14 @@ class RegistryClient:
                 return response
             await self._discard(response)
             url = urljoin(url, location)
-            if urlsplit(url).scheme not in ("http", "https"):
+            if urlsplit(url).scheme not in ("http", "https") or not url.isascii():
                 break
+            if internal_host(urlsplit(url).hostname) and not internal_host(self._origin[1]):
+                raise RegistryError(
+                    502,
+                    "UNAVAILABLE",
+                    f"upstream {self.name} redirected to an internal address; refused",
+                )
             if response.code == 303:
                 method = b"GET"
             log.debug(
@@ -347,6 +354,25 @@ class RegistryClient:
             return await self._read(response)
         except RegistryError:
             return b""
+
+
+def internal_host(host: str | None) -> bool:
+    """Loopback, private, link-local and other non-public IP literals, and localhost."""
+    if not host:
+        return True
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return not ipaddress.ip_address(host).is_global
+    except ValueError:
+        return False
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), port
 
 
 def _kind(method: bytes, url: str) -> str:

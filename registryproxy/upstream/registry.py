@@ -26,6 +26,9 @@ from .client import RegistryClient
 
 log = Logger()
 
+#: clients kept for registries that are not configured (allow_any_registry)
+_MAX_UNLISTED = 64
+
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
@@ -86,6 +89,9 @@ class Upstreams:
         client = self._clients.get(name)
         if client is None:
             client = self._clients[name] = self._make(name, config)
+            unlisted = [n for n in self._clients if n not in self._configs]
+            if len(unlisted) > _MAX_UNLISTED:
+                del self._clients[unlisted[0]]  # the oldest: an open proxy stays bounded
         return client
 
     def by_virtual_host(self, host_header: str) -> RegistryClient | None:

@@ -86,8 +86,6 @@ def test_upstream_added_through_the_api_serves_at_once_and_after_restart(
     ref = f"docker://{proxy.host_port}/private.example/{image.repository}:{image.tag}"
     assert skopeo.pull(ref, workdir / "before", check=False).returncode != 0
 
-    secret = workdir / "ghcr-password"
-    secret.write_text(GHCR_CREDS[1] + "\n")
     added = admin(
         proxy,
         "upstreams",
@@ -95,7 +93,7 @@ def test_upstream_added_through_the_api_serves_at_once_and_after_restart(
         "private.example",
         f"url={ghcr_registry.url}",
         f"username={GHCR_CREDS[0]}",
-        f"password_file={secret}",
+        f"password={GHCR_CREDS[1]}",
     )
     assert added.returncode == 0, added.stderr
     skopeo.pull(ref, workdir / "after")

@@ -248,8 +248,16 @@ async def test_upstream_changes_are_validated(fake_registry, make_proxy):
             control.remove_upstream(name)
         assert e.value.status == status, name
     # a preset changes only what is given
-    view = control.set_upstream("ghcr.io", {"username": "me", "password_env": "HOME"})
+    view = control.set_upstream("ghcr.io", {"username": "me", "password": "s3cret"})
     assert view["url"] == "https://ghcr.io" and view["preset"] is True
+    # files and environment variables of the machine are the config file's business
+    for key in ("password_file", "password_env", "ca_file"):
+        with pytest.raises(AdminError) as e:
+            control.set_upstream("ghcr.io", {"username": "me", key: "/etc/shadow"})
+        assert (e.value.status, key in e.value.message) == (400, True)
+    # moving an upstream elsewhere does not take its credentials along
+    view = control.set_upstream("ghcr.io", {"url": "https://elsewhere.example"}, merge=True)
+    assert (view["username"], view["password"]) == (None, None)
 
 
 @pytest_twisted.ensureDeferred

@@ -471,3 +471,38 @@ async def test_sendfile_can_be_turned_off(fake_registry, make_proxy, monkeypatch
     monkeypatch.setattr(os, "sendfile", refuse)
     reply = await proxy.get(f"/v2/library/x/blobs/{digest}")
     assert (reply.code, reply.body) == (200, data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_tag_list_page_size_is_a_400(fake_registry, make_proxy):
+    proxy = await make_proxy(fake_registry.url)
+    for query in ("n=%ff", "n=lots", "n=-1"):
+        reply = await proxy.get(f"/v2/x/tags/list?{query}")
+        assert (reply.code, error_code(reply)) == (400, "PAGINATION_NUMBER_INVALID"), query
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_non_manifest_body_is_not_cached_as_a_manifest(fake_registry, make_proxy):
+    fake_registry.add_manifest("library/x", b"<html>not a manifest</html>", DOCKER_MANIFEST, ["1"])
+    proxy = await make_proxy(fake_registry.url)
+    reply = await proxy.get("/v2/x/manifests/1")
+    assert (reply.code, error_code(reply)) == (502, "MANIFEST_INVALID")
+
+
+def test_internal_hosts():
+    from registryproxy.upstream.client import internal_host
+
+    for host in (
+        "127.0.0.1",
+        "10.1.2.3",
+        "169.254.169.254",
+        "::1",
+        "[::1]",
+        "localhost",
+        "a.localhost",
+        "0.0.0.0",
+        None,
+    ):
+        assert internal_host(host), host
+    for host in ("8.8.8.8", "registry-1.docker.io", "2606:4700::1111"):
+        assert not internal_host(host), host

@@ -69,6 +69,7 @@ def test_an_upstream_can_point_at_a_local_registry():
         ("default_upstream: my.registry", "default_upstream: 'my.registry' is not one of"),
         ("cache: {}\ncache: {}", "key 'cache' is given twice"),
         ("proxy: [", "not valid YAML at line 1"),
+        ("upstreams: {x.io: {url: 'https://u:p@x.io'}}", "not in the URL"),
         ("admin: {listen: 'tcp:5001'}", "the admin API needs a token"),
         ("admin: {listen: 'tcp:5001:interface=0.0.0.0'}", "needs a token"),
         ("admin: {token: a, token_file: /etc/hostname}", "token or token_file, not both"),
