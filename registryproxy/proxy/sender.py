@@ -25,93 +25,21 @@ log = Logger()
 CHUNK = 256 * 1024
 
 
-@implementer(IPushProducer)
-class BlobSender:
-    def __init__(
-        self,
-        request: Request,
-        start: int,
-        end: int | None,
-        fd: int | None = None,
-        fetch: BlobFetch | None = None,
-        counted: Callable[[int], None] = lambda n: None,
-    ) -> None:
-        """Send ``[start, end)`` of a stored blob's open *fd* (which this
-        closes) or of a running *fetch*; ``end=None`` means until the fetch ends."""
-        assert (fd is None) != (fetch is None)
-        self._request = request
-        self._pos = start
-        self._end = end
-        self._fetch = fetch
-        self._counted = counted
-        self._fd = fd
-        self._paused = False
-        self._pumping = False
-        self._done = False
+class BodySender:
+    """How a response body ends, for both senders: finished, aborted (the
+    client's download fails rather than ending short), or stopped because
+    the client left; the file or the fetch it reads is let go once."""
 
-    def start(self) -> None:
-        self._request.registerProducer(self, True)
-        self._request.notifyFinish().addErrback(lambda _: self._close())
-        if self._fetch is not None:
-            self._fetch.listen(self._pump, self._pos)
-        self._pump()
+    _request: Request
+    _fd: int | None
+    _fetch: BlobFetch | None
+    _done: bool = False
 
-    # IPushProducer
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._pump()
+    def _follow(self) -> None:
+        """Called by the fetch when it has more, checked out, or failed."""
 
     def stopProducing(self) -> None:
         self._close()
-
-    def _limit(self) -> int:
-        if self._fetch is None:
-            assert self._end is not None
-            return self._end
-        return self._fetch.readable(self._end)
-
-    def _complete(self) -> bool:
-        if self._fetch is not None and not self._fetch.verified:
-            return False
-        return self._pos >= self._limit()
-
-    def _pump(self) -> None:
-        if self._done or self._pumping:
-            return
-        if self._fetch is not None and self._fetch.error is not None:
-            self._abort()
-            return
-        self._pumping = True
-        try:
-            while not self._paused and not self._done:
-                limit = self._limit()
-                if self._pos >= limit:
-                    if self._complete():
-                        self._finish()
-                    return
-                try:
-                    data = self._read(min(CHUNK, limit - self._pos))
-                except (OSError, ValueError) as e:
-                    log.error("cannot read blob at {pos}: {why}", pos=self._pos, why=e)
-                    data = b""
-                if not data:
-                    log.error("blob file shorter than expected at {pos}", pos=self._pos)
-                    self._abort()
-                    return
-                self._pos += len(data)
-                self._counted(len(data))
-                self._request.write(data)
-        finally:
-            self._pumping = False
-
-    def _read(self, size: int) -> bytes:
-        if self._fetch is not None:
-            return self._fetch.read(self._pump, self._pos, size)
-        assert self._fd is not None
-        return os.pread(self._fd, size, self._pos)
 
     def _finish(self) -> None:
         self._close()
@@ -132,6 +60,92 @@ class BlobSender:
             return
         self._done = True
         if self._fetch is not None:
-            self._fetch.unlisten(self._pump)
+            self._fetch.unlisten(self._follow)
         elif self._fd is not None:
             os.close(self._fd)
+
+
+@implementer(IPushProducer)
+class BlobSender(BodySender):
+    def __init__(
+        self,
+        request: Request,
+        start: int,
+        end: int | None,
+        fd: int | None = None,
+        fetch: BlobFetch | None = None,
+        counted: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        """Send ``[start, end)`` of a stored blob's open *fd* (which this
+        closes) or of a running *fetch*; ``end=None`` means until the fetch ends."""
+        assert (fd is None) != (fetch is None)
+        self._request = request
+        self._pos = start
+        self._end = end
+        self._fetch = fetch
+        self._counted = counted
+        self._fd = fd
+        self._paused = False
+        self._following = False
+        self._done = False
+
+    def start(self) -> None:
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addErrback(lambda _: self._close())
+        if self._fetch is not None:
+            self._fetch.listen(self._follow, self._pos)
+        self._follow()
+
+    # IPushProducer
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._follow()
+
+    def _limit(self) -> int:
+        if self._fetch is None:
+            assert self._end is not None
+            return self._end
+        return self._fetch.readable(self._end)
+
+    def _complete(self) -> bool:
+        if self._fetch is not None and not self._fetch.verified:
+            return False
+        return self._pos >= self._limit()
+
+    def _follow(self) -> None:
+        if self._done or self._following:
+            return
+        if self._fetch is not None and self._fetch.error is not None:
+            self._abort()
+            return
+        self._following = True
+        try:
+            while not self._paused and not self._done:
+                limit = self._limit()
+                if self._pos >= limit:
+                    if self._complete():
+                        self._finish()
+                    return
+                try:
+                    data = self._read(min(CHUNK, limit - self._pos))
+                except (OSError, ValueError) as e:
+                    log.error("cannot read blob at {pos}: {why}", pos=self._pos, why=e)
+                    data = b""
+                if not data:
+                    log.error("blob file shorter than expected at {pos}", pos=self._pos)
+                    self._abort()
+                    return
+                self._pos += len(data)
+                self._counted(len(data))
+                self._request.write(data)
+        finally:
+            self._following = False
+
+    def _read(self, size: int) -> bytes:
+        if self._fetch is not None:
+            return self._fetch.read(self._follow, self._pos, size)
+        assert self._fd is not None
+        return os.pread(self._fd, size, self._pos)

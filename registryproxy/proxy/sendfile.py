@@ -27,6 +27,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from ..cache.blobs import BlobFetch
+from .sender import BodySender
 
 log = Logger()
 
@@ -46,7 +47,7 @@ def socket_transport(request: Request) -> tcp.Server | None:
 
 
 @implementer(IPushProducer)
-class SendfileSender:
+class SendfileSender(BodySender):
     def __init__(
         self,
         request: Request,
@@ -58,7 +59,7 @@ class SendfileSender:
         fetch: BlobFetch | None = None,
     ) -> None:
         """Send ``[start, end)`` of *fd*: a stored blob's file (which this
-        closes) or the file of a *fetch* still downloading (which it owns)."""
+        closes) or the file of a *fetch* still downloading (which stays the fetch's)."""
         self._request = request
         self._transport = transport
         self._fd = fd
@@ -76,7 +77,7 @@ class SendfileSender:
         self._request.registerProducer(self, True)
         self._request.notifyFinish().addErrback(lambda _: self._close())
         if self._fetch is not None:
-            self._fetch.listen(self._more, self._pos)
+            self._fetch.listen(self._follow, self._pos)
         self._request.write(b"")  # the status line and headers, through the buffer
         self._wait_writable()
 
@@ -86,7 +87,7 @@ class SendfileSender:
         self._transport.producerPaused = True
         self._transport.startWriting()
 
-    def _more(self) -> None:
+    def _follow(self) -> None:
         """The fetch wrote more, checked out, or failed."""
         if self._done:
             return
@@ -104,6 +105,8 @@ class SendfileSender:
         if self._done:
             return
         sock = self._transport.socket.fileno()
+        fd = self._fd
+        assert fd is not None
         while True:
             limit = self._end if self._fetch is None else self._fetch.readable(self._end)
             if self._pos >= limit:
@@ -113,7 +116,7 @@ class SendfileSender:
                     self._starved = True
                 return
             try:
-                sent = os.sendfile(sock, self._fd, self._pos, min(limit - self._pos, _MAX_CALL))
+                sent = os.sendfile(sock, fd, self._pos, min(limit - self._pos, _MAX_CALL))
             except BlockingIOError:
                 self._wait_writable()
                 return
@@ -130,27 +133,3 @@ class SendfileSender:
             self._pos += sent
             self._counted(sent)
             self._request.sentLength += sent
-
-    def stopProducing(self) -> None:
-        self._close()
-
-    def _finish(self) -> None:
-        self._close()
-        if self._request.channel is not None:  # None: the client already left
-            self._request.unregisterProducer()
-            self._request.finish()
-
-    def _abort(self) -> None:
-        self._close()
-        if self._request.channel is not None:
-            self._request.unregisterProducer()
-        self._transport.abortConnection()
-
-    def _close(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        if self._fetch is not None:
-            self._fetch.unlisten(self._more)
-        else:
-            os.close(self._fd)
