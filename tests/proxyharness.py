@@ -13,6 +13,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from registryproxy.config import parse_config
@@ -109,3 +110,17 @@ async def start_proxy(
     )
     url = f"http://127.0.0.1:{port.getHost().port}"
     return RunningProxy(url, cache_dir, proxy, port)
+
+
+async def settle(seconds: float = 0.1) -> None:
+    """Let the reactor run for a moment (callLater(0) work, eviction, closes)."""
+    await deferLater(reactor, seconds, lambda: None)
+
+
+async def until(predicate: Any, timeout: float = 10.0) -> None:
+    """Wait, letting the reactor run, until *predicate()* is true."""
+    for _ in range(int(timeout / 0.02)):
+        if predicate():
+            return
+        await settle(0.02)
+    raise AssertionError("condition not reached in time")

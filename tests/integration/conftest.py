@@ -55,6 +55,8 @@ A second upstream, for routing (see ``test_routing.py``):
     (``library/multilayer:1``, other content than ``test_images``' one).
 ``hub_twin_image`` (session) -> ``images.Image``: ``owner/image:1`` on
     ``upstream_registry`` (docker.io), other content than ghcr's.
+``proxy`` (function) -> regproxy with docker.io (default) and ghcr.io,
+    every routing test image pushed (``test_routing.py``, ``test_clients.py``).
 ``containerd`` (function) -> a running :class:`containerd.Containerd`
     (``.pull(ref, hosts_dir)``, ``.images()``, ``.content()``, ``.ctr(...)``),
     stopped after the test; on failure its log tail is printed.
@@ -393,3 +395,15 @@ def containerd(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Contai
     daemon.stop()
     if _failed(request):
         print(f"\n--- {daemon.log_path} (last 30 lines) ---\n{harness.tail(daemon.log_path, 30)}")
+
+
+@pytest.fixture
+def proxy(
+    regproxy: Callable[..., harness.RegProxy],
+    ghcr_upstream: dict[str, Any],
+    test_images: dict[str, images.Image],
+    ghcr_images: dict[str, images.Image],
+    hub_twin_image: images.Image,
+) -> harness.RegProxy:
+    """regproxy with docker.io (default) and ghcr.io, every image pushed."""
+    return regproxy(extra_config={"upstreams": {"ghcr.io": ghcr_upstream}})

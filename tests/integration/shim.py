@@ -47,7 +47,8 @@ class TCPShim:
         self._threshold: int | None = None
         self._action: Callable[[], None] | None = None
         self._cut = False
-        #: set once the armed threshold has fired
+        #: set once the armed threshold has fired (after its action ran: a client
+        #: may see the effect first, so wait on it rather than test it)
         self.fired = threading.Event()
         #: total response bytes forwarded per connection, in accept order
         self.response_bytes: list[int] = []

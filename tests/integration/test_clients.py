@@ -18,9 +18,7 @@ regproxy fetch the image and that regproxy's cache holds it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -33,18 +31,6 @@ from .podman import Podman
 pytestmark = pytest.mark.integration
 
 ETC = Path(__file__).resolve().parents[2] / "etc"
-
-
-@pytest.fixture
-def proxy(
-    regproxy: Callable[..., harness.RegProxy],
-    ghcr_upstream: dict[str, Any],
-    test_images: dict[str, Image],
-    ghcr_images: dict[str, Image],
-    hub_twin_image: Image,
-) -> harness.RegProxy:
-    """regproxy with docker.io (default) and ghcr.io, every image pushed."""
-    return regproxy(extra_config={"upstreams": {"ghcr.io": ghcr_upstream}})
 
 
 def example(name: str, proxy: harness.RegProxy, dest: Path) -> Path:

@@ -51,7 +51,7 @@ def test_regproxy_killed_mid_download_then_restarted(
     shim.on_response_bytes(16 * MiB, proxy.kill)
     result = skopeo.pull(image.docker_ref(proxy.host_port), workdir / "broken", check=False)
     assert result.returncode != 0
-    assert shim.fired.is_set() and not proxy.running
+    assert shim.fired.wait(10) and not proxy.running
     partial = proxy.tmp_files()
     assert partial, "the kill should have caught a download half-written"
 
@@ -91,7 +91,7 @@ def test_upstream_sends_wrong_bytes_or_stalls(
     started = time.monotonic()
     result = skopeo.pull(image.docker_ref(proxy.host_port), workdir / "broken", check=False)
     assert result.returncode != 0, "a pull of broken bytes succeeded"
-    assert shim.fired.is_set()
+    assert shim.fired.wait(10)
     assert time.monotonic() - started < 60
     wait_tmp_empty(proxy)
     assert not proxy.blob_path(layer.digest).exists()

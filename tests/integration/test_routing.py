@@ -35,18 +35,6 @@ pytestmark = pytest.mark.integration
 ACCEPT = {"Accept": ", ".join(images.MANIFEST_TYPES)}
 
 
-@pytest.fixture
-def proxy(
-    regproxy: Callable[..., harness.RegProxy],
-    ghcr_upstream: dict[str, Any],
-    test_images: dict[str, Image],
-    ghcr_images: dict[str, Image],
-    hub_twin_image: Image,
-) -> harness.RegProxy:
-    """regproxy with docker.io (default) and ghcr.io, every image pushed."""
-    return regproxy(extra_config={"upstreams": {"ghcr.io": ghcr_upstream}})
-
-
 def get(
     proxy: harness.RegProxy, path: str, method: str = "GET", **headers: str
 ) -> regclient.Response:

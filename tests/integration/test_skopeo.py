@@ -326,7 +326,7 @@ def test_upstream_connection_cut_mid_blob(
 
     shim.cut_after(CUT_AT)
     _pull_fails(skopeo, proxy, image, workdir / "broken")
-    assert shim.fired.is_set(), "the shim never saw the big layer: did the pull fail earlier?"
+    assert shim.fired.wait(10), "the shim never saw the big layer: did the pull fail earlier?"
     _assert_nothing_cached(proxy, layer)
     # While upstream is down, the proxy must not hand out the blob either.
     resp = proxy.client().blob(image.repository, layer.digest, method="HEAD")
@@ -339,7 +339,7 @@ def test_upstream_connection_cut_mid_blob(
     shim.up()
     shim.cut_after(CUT_AT)
     outcome = _raw_blob_get(proxy, image, layer)
-    assert shim.fired.is_set()
+    assert shim.fired.wait(10)
     assert outcome.startswith(("broken", "status")), f"blob GET through the proxy: {outcome}"
     _assert_nothing_cached(proxy, layer)
 
@@ -370,7 +370,7 @@ def test_upstream_killed_mid_blob(
 
     shim.on_response_bytes(CUT_AT, upstream_registry.kill)
     _pull_fails(skopeo, proxy, image, workdir / "broken")
-    assert shim.fired.is_set() and not upstream_registry.running
+    assert shim.fired.wait(10) and not upstream_registry.running
     _assert_nothing_cached(proxy, layer)
 
     upstream_registry.start()

@@ -8,9 +8,8 @@ from urllib.parse import urlsplit
 
 import pytest_twisted
 from fakeregistry import Fault
-from twisted.internet import reactor
+from proxyharness import until
 from twisted.internet.defer import gatherResults
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 SIZE = 2 * 1024 * 1024 + 3
@@ -44,14 +43,6 @@ def get(proxy, path, first=None):
 def assert_nothing_kept(proxy, digest):
     assert not proxy.blob_path(digest).exists()
     assert os.listdir(proxy.cache_dir / "tmp") == []
-
-
-async def until(predicate, timeout=10.0):
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return
-        await deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError("condition not reached in time")
 
 
 async def check_fault_then_recovery(fake_registry, make_proxy, fault, **upstream):

@@ -10,20 +10,13 @@ from urllib.parse import urlsplit
 import pytest
 import pytest_twisted
 from fakeregistry import Fault
+from proxyharness import until
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 
 from registryproxy.admin.backend import AdminError, PurgeSelector
 from registryproxy.names import Digest
-
-
-async def until(predicate, timeout=10.0):
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return
-        await deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError("condition not reached in time")
 
 
 def layers(body: bytes) -> list[str]:

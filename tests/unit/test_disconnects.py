@@ -8,8 +8,7 @@ import socket
 from urllib.parse import urlsplit
 
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from proxyharness import settle
 from twisted.internet.threads import deferToThread
 
 from registryproxy.admin.backend import PurgeSelector
@@ -44,10 +43,6 @@ def cache_fds(proxy) -> int:
             str(proxy.cache_dir / "tmp")
         )
     return count
-
-
-async def settle(seconds: float = 0.2) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 @pytest_twisted.ensureDeferred

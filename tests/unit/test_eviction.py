@@ -5,17 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from proxyharness import settle
 
 from registryproxy.config import ConfigError, parse_config, parse_size
 
 KB = 1000
-
-
-async def settle():
-    for _ in range(5):
-        await deferLater(reactor, 0.02, lambda: None)
 
 
 async def pull(proxy, repo, tag="1"):
