@@ -135,7 +135,14 @@ def build_proxy(config: Config, reactor: Any) -> Proxy:
     evictor = Evictor(
         index, store, reactor, config.cache.max_bytes, config.cache.low_water, config.cache.max_idle
     )
-    blobs = BlobCache(store, index, reactor, stored=evictor.soon, max_bytes=config.cache.max_bytes)
+    blobs = BlobCache(
+        store,
+        index,
+        reactor,
+        stored=evictor.soon,
+        max_bytes=config.cache.max_bytes,
+        make_room=evictor.make_room,
+    )
     resource = RegistryResource(upstreams, manifests, blobs, metrics, config.proxy.sendfile)
     control = Control(
         config, store.root, store, index, manifests, blobs, upstreams, metrics, reactor, evictor

@@ -291,12 +291,14 @@ class BlobCache:
         clock: IReactorTime,
         stored: Callable[[], None] = lambda: None,
         max_bytes: int | None = None,
+        make_room: Callable[[int], int] = lambda needed: 0,
     ) -> None:
         self.store = store
         self._index = index
         self._clock = clock
         self._stored = stored
         self._max_bytes = max_bytes
+        self._make_room = make_room
         self._active: dict[Digest, BlobFetch] = {}
         # keyed by repository too: a request for a repository the upstream
         # refuses must not hand its error to another repository's request
@@ -406,34 +408,38 @@ class BlobCache:
         return fetch
 
     def _writer(self, digest: Digest, size: int | None) -> BlobWriter:
-        """Where a download goes: the store, or (no room there) only memory,
-        so the client still gets its bytes."""
-        room = self.store.room()
-        budget = self._max_bytes
-        if size is not None and (size > room or (budget is not None and size > budget)):
-            log.error(
-                "no room to store {digest} ({size} bytes; {room} free, budget {budget}): "
-                "passing it through uncached",
-                digest=str(digest),
-                size=size,
-                room=room,
-                budget=budget,
-            )
-            return MemoryRelay(digest, size)
+        """Where a download goes: the store (making room on a full disk), or
+        only memory when it cannot go there, so the client still gets its bytes."""
+        if size is not None:
+            budget = self._max_bytes
+            if budget is not None and size > budget:
+                return _relay(digest, size, f"larger than the cache budget of {budget} bytes")
+            # the downloads still running will take what they announced
+            reserved = sum(f.size - f.written for f in self._active.values() if f.size is not None)
+            if size > self.store.room() - reserved:
+                self._make_room(size + reserved)
+            room = self.store.room() - reserved
+            if size > room:
+                return _relay(digest, size, f"{max(room, 0)} bytes free for new blobs")
         try:
             return self.store.begin(digest, size)
         except OSError as e:
-            log.error(
-                "cannot write {digest} to the cache ({why}): passing it through uncached",
-                digest=str(digest),
-                why=e.strerror,
-            )
-            return MemoryRelay(digest, size)
+            return _relay(digest, size, e.strerror or str(e))
 
     def _finish(self, fetch: BlobFetch) -> None:
         if self._active.get(fetch.digest) is fetch:
             del self._active[fetch.digest]
         fetch._end()
+
+
+def _relay(digest: Digest, size: int | None, why: str) -> MemoryRelay:
+    log.error(
+        "cannot store {digest} ({size} bytes): {why}; passing it through uncached",
+        digest=str(digest),
+        size=size,
+        why=why,
+    )
+    return MemoryRelay(digest, size)
 
 
 def _why(failure: Failure) -> str:

@@ -67,6 +67,19 @@ class Evictor:
             freed += self._evict_loose(self._index.total_size() - target)
         return freed
 
+    def make_room(self, needed: int) -> int:
+        """Evict least recently used images until a new blob of *needed*
+        bytes fits on the disk, so that with no budget set (or a disk shared
+        with others) a full disk still caches what is pulled now instead of
+        freezing with what was pulled first.  Bytes freed."""
+        if needed > self._store.room() + self._index.total_size():
+            return 0  # it would not fit with the whole cache gone
+        freed = self._evict(lambda _: self._store.room() < needed, "disk full")
+        room = self._store.room()
+        if room < needed:
+            freed += self._evict_loose(needed - room)
+        return freed
+
     def _evict(self, wanted: Callable[[float], bool], why: str) -> int:
         """Evict least recently used first, while *wanted* says so of the next one."""
         freed = 0

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import pytest_twisted
 from fakeregistry import Fault
-from proxyharness import until
+from proxyharness import settle, until
 from twisted.internet.defer import gatherResults
 from twisted.internet.threads import deferToThread
 
@@ -184,6 +184,23 @@ async def test_no_room_passes_the_blob_through_uncached(fake_registry, make_prox
     status, body, short = await get(proxy, f"/v2/library/x/blobs/{digest}")
     assert (status, body) == (200, data)
     assert fake_registry.count("GET", "/blobs/") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_running_downloads_keep_the_room_they_need(fake_registry, make_proxy):
+    # Each blob fits in the free space, both together do not: the second
+    # download, started while the first runs, must not count the first's
+    # space as free (both would then fail half-way with ENOSPC).
+    blobs = [os.urandom(1024 * 1024) for _ in range(2)]
+    digests = [fake_registry.add_blob(data) for data in blobs]
+    for digest in digests:
+        fake_registry.blob_faults[digest] = Fault.slow(chunk=64 * 1024, delay=0.05)
+    proxy = await make_proxy(fake_registry.url)
+    proxy.proxy.control._store.room = lambda: 1536 * 1024
+    replies = await gatherResults([get(proxy, f"/v2/library/x/blobs/{d}") for d in digests])
+    assert [(status, body) for status, body, _ in replies] == [(200, data) for data in blobs]
+    await settle()
+    assert sorted(proxy.blob_path(d).exists() for d in digests) == [False, True]
 
 
 @pytest_twisted.ensureDeferred

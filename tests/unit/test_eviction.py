@@ -72,6 +72,49 @@ async def test_idle_images_are_swept(fake_registry, make_proxy):
     assert proxy.proxy.index.totals()["manifests"] == 0
 
 
+def small_disk(proxy, capacity):
+    """Make the store's disk *capacity* bytes, of which what it holds is used."""
+
+    def room():
+        files = [*(proxy.cache_dir / "blobs").rglob("*"), *(proxy.cache_dir / "tmp").iterdir()]
+        return capacity - sum(f.stat().st_size for f in files if f.is_file())
+
+    proxy.proxy.control._store.room = room
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_disk_makes_room_for_new_images(fake_registry, make_proxy):
+    # no max_size: only the disk limits the cache
+    for name in ("one", "two", "three"):
+        fake_registry.add_image(f"library/{name}", "1", [(name.encode() * 40 * KB)[: 40 * KB]])
+    proxy = await make_proxy(fake_registry.url)
+    small_disk(proxy, 100 * KB)
+    one = await pull(proxy, "one")
+    two = await pull(proxy, "two")
+    three = await pull(proxy, "three")  # 20 KB free: "one" makes way
+    assert cached(proxy, one + two + three) == [False, True, True]
+    assert (await proxy.get("/v2/one/manifests/1")).header("X-Cache") == "MISS"
+    assert (await proxy.get("/v2/two/manifests/1")).header("X-Cache") == "HIT"
+
+
+@pytest_twisted.ensureDeferred
+async def test_making_room_spares_pins_and_never_empties_the_cache_in_vain(
+    fake_registry, make_proxy
+):
+    fake_registry.add_image("library/pinned", "1", [b"p" * 40 * KB])
+    fake_registry.add_image("library/other", "1", [b"o" * 40 * KB])
+    fake_registry.add_image("library/huge", "1", [b"h" * 150 * KB])
+    fake_registry.add_image("library/new", "1", [b"n" * 40 * KB])
+    proxy = await make_proxy(fake_registry.url, cache={"pinned": ["docker.io/library/pinned"]})
+    small_disk(proxy, 100 * KB)
+    pinned = await pull(proxy, "pinned")
+    other = await pull(proxy, "other")
+    huge = await pull(proxy, "huge")  # cannot fit even with the cache gone: relayed
+    assert cached(proxy, pinned + other + huge) == [True, True, False]
+    new = await pull(proxy, "new")  # fits once "other" is gone; the pin stays
+    assert cached(proxy, pinned + other + new) == [True, False, True]
+
+
 def test_sizes_and_their_errors():
     assert parse_size("250MB") == 250_000_000
     assert parse_size("50GiB") == 50 * 1024**3
