@@ -305,6 +305,8 @@ class Control:
                         if fetch.relayed:
                             raise RuntimeError(f"no room in the cache for {digest}")
                         await fetch.when_done()
+                        if fetch.relayed:  # the disk filled up during the download
+                            raise RuntimeError(f"no room left in the cache for {digest}")
                         job.bytes_fetched += fetch.written
                     finally:
                         fetch.release()

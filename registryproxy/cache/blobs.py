@@ -9,6 +9,7 @@ the others, and the fetch is published only once its digest checks out.
 from __future__ import annotations
 
 import collections
+import errno
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
@@ -32,10 +33,18 @@ class BlobFetch:
     """A download in progress. Readers poll :attr:`written`, :attr:`verified`
     and :attr:`error` whenever a listener is called, and :meth:`read` from it."""
 
-    def __init__(self, digest: Digest, size: int | None, writer: BlobWriter, source: str) -> None:
+    def __init__(
+        self,
+        digest: Digest,
+        size: int | None,
+        writer: BlobWriter,
+        source: str,
+        make_room: Callable[[int], int] = lambda needed: 0,
+    ) -> None:
         self.digest = digest
         self.size = size
         self.source = source
+        self._make_room = make_room
         self.verified = False
         self.error: str | None = None
         self._writer = writer
@@ -142,7 +151,13 @@ class BlobFetch:
     # -- driven by the upstream body --------------------------------------
 
     def _data(self, data: bytes) -> None:
-        self._writer.write(data)
+        start = self.written
+        try:
+            self._writer.write(data)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            self._disk_full(data, start)
         if self.size is not None and self.written > self.size:
             raise VerificationError(f"upstream sent more than the announced {self.size} bytes")
         if (
@@ -154,6 +169,31 @@ class BlobFetch:
             self._paused = True
             self.upstream.pauseProducing()
         self._notify()
+
+    def _disk_full(self, data: bytes, start: int) -> None:
+        """The disk filled up under this download (*data* was to go at
+        *start*): evict to make room if the cache can, or else go on through
+        memory for the clients following it, keeping nothing."""
+        needed = self.size - self.written if self.size is not None else len(data)
+        if self._make_room(needed) > 0:
+            try:
+                self._writer.write(data[self.written - start :])
+                return
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+        if not self._listeners:
+            raise OSError(errno.ENOSPC, "the disk is full and no client is following")
+        log.error(
+            "the disk filled up while storing {digest}: passing the rest through uncached",
+            digest=str(self.digest),
+        )
+        self._writer = MemoryRelay(self.digest, self.size, on_disk=self._writer)
+        self._writer.write(data[self.written - start :])
+
+    def _commit(self) -> Deferred[None]:
+        """Verify the bytes (raising VerificationError) and store them if they are kept."""
+        return self._writer.commit()
 
     def _fail(self, why: str) -> None:
         if self.error is None and not self.verified:
@@ -175,18 +215,22 @@ class BlobFetch:
 class MemoryRelay:
     """A :class:`BlobWriter` that keeps nothing: bytes pass through memory to
     the clients following the fetch, the upstream paused while they lag, for
-    when the disk has no room.  Still verified before the last byte goes out."""
+    when the disk has no room.  Still verified before the last byte goes out.
+
+    It may take over from a writer the disk filled up under (*on_disk*): the
+    bytes that writer has stay readable from it, and are discarded at the end."""
 
     HIGH = 8 * 1024 * 1024
     LOW = 2 * 1024 * 1024
 
-    def __init__(self, digest: Digest, size: int | None) -> None:
+    def __init__(self, digest: Digest, size: int | None, on_disk: BlobWriter | None = None) -> None:
         self.digest = digest
         self.size = size
-        self.written = 0
-        self._hasher = digest.hasher()
+        self._on_disk = on_disk
+        self.written = on_disk.written if on_disk is not None else 0
+        self.hasher = on_disk.hasher if on_disk is not None else digest.hasher()
         self._chunks: collections.deque[tuple[int, bytes]] = collections.deque()
-        self._base = 0
+        self._base = self.written
 
     @property
     def buffered(self) -> int:
@@ -194,10 +238,12 @@ class MemoryRelay:
 
     def write(self, data: bytes) -> None:
         self._chunks.append((self.written, data))
-        self._hasher.update(data)
+        self.hasher.update(data)
         self.written += len(data)
 
     def read(self, offset: int, size: int) -> bytes:
+        if self._on_disk is not None and offset < self._on_disk.written:
+            return self._on_disk.read(offset, min(size, self._on_disk.written - offset))
         for start, chunk in self._chunks:
             if start <= offset < start + len(chunk):
                 return chunk[offset - start : offset - start + size]
@@ -209,14 +255,20 @@ class MemoryRelay:
             self._base = start + len(chunk)
 
     def commit(self) -> Deferred[None]:
-        verify(self.digest, self.size, self.written, self._hasher.hexdigest())
+        if self._on_disk is not None:
+            self._on_disk.abort()
+        verify(self.digest, self.size, self.written, self.hasher.hexdigest())
         return succeed(None)
 
     def abort(self) -> None:
         self._chunks.clear()
+        if self._on_disk is not None:
+            self._on_disk.abort()
 
     def close(self) -> None:
         self._chunks.clear()
+        if self._on_disk is not None:
+            self._on_disk.close()
 
     def fileno(self) -> int | None:
         return None
@@ -305,7 +357,9 @@ class BlobCache:
         self._starting: SingleFlight[tuple[str, str, Digest], BlobFetch] = SingleFlight()
 
     def active(self, digest: Digest) -> BlobFetch | None:
-        return self._active.get(digest)
+        """The download of *digest* being stored, to join: from its first byte."""
+        fetch = self._active.get(digest)
+        return fetch if fetch is not None and not fetch.relayed else None
 
     @property
     def in_flight(self) -> int:
@@ -331,7 +385,7 @@ class BlobCache:
         (the upstream's 200 says the repository may read it) or running
         already for the same repository.  The caller gets it held (see
         :meth:`BlobFetch.hold`) and must release it."""
-        running = self._active.get(digest)
+        running = self.active(digest)
         if running is not None and self._index.has_blob(client.name, repo, str(digest)):
             running.hold()
             return running
@@ -344,14 +398,13 @@ class BlobCache:
     async def _start(self, client: RegistryClient, repo: str, digest: Digest) -> BlobFetch:
         response = await client.get_blob(repo, str(digest))
         self._index.link_blobs(client.name, repo, [str(digest)])
-        running = self._active.get(digest)
+        running = self.active(digest)
         if running is not None:
             # another repository's download of the same bytes got there first
             response.deliverBody(_Hangup())
             return running
         size = content_length(response)
-        writer = self._writer(digest, size)
-        fetch = BlobFetch(digest, size, writer, client.name)
+        fetch = BlobFetch(digest, size, self._writer(digest, size), client.name, self._make_room)
         if not fetch.relayed:
             self._active[digest] = fetch
         log.info(
@@ -368,7 +421,7 @@ class BlobCache:
                 self._finish(fetch)
                 return
             try:
-                published = writer.commit()
+                published = fetch._commit()
             except VerificationError as e:
                 fetch._fail(f"upstream content does not match its digest: {e}")
                 self._finish(fetch)
@@ -377,7 +430,7 @@ class BlobCache:
             def stored(_: object) -> None:
                 if fetch.relayed:
                     return
-                self._index.put_blob(str(digest), writer.written, self._clock.seconds())
+                self._index.put_blob(str(digest), fetch.written, self._clock.seconds())
                 log.info("stored {digest}", digest=str(digest))
                 self._stored()
 
@@ -415,7 +468,11 @@ class BlobCache:
             if budget is not None and size > budget:
                 return _relay(digest, size, f"larger than the cache budget of {budget} bytes")
             # the downloads still running will take what they announced
-            reserved = sum(f.size - f.written for f in self._active.values() if f.size is not None)
+            reserved = sum(
+                f.size - f.written
+                for f in self._active.values()
+                if f.size is not None and not f.relayed
+            )
             if size > self.store.room() - reserved:
                 self._make_room(size + reserved)
             room = self.store.room() - reserved

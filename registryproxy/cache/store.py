@@ -9,6 +9,7 @@ crash or cut connection can never leave a half-written entry to be served.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -33,6 +34,8 @@ class VerificationError(Exception):
 class BlobWriter(Protocol):
     digest: Digest
     written: int
+    #: the digest's hash of what was written so far
+    hasher: hashlib._Hash
 
     def write(self, data: bytes) -> None: ...
     def read(self, offset: int, size: int) -> bytes:
@@ -119,7 +122,7 @@ class _FileWriter:
         self.size = size
         self.written = 0
         self._store = store
-        self._hasher = digest.hasher()
+        self.hasher = digest.hasher()
         fd, self._path = tempfile.mkstemp(dir=store._tmp, prefix=digest.hex[:16] + ".")
         # Unbuffered, so readers following the file see every byte at once.
         self._file = os.fdopen(fd, "wb", buffering=0)
@@ -133,9 +136,15 @@ class _FileWriter:
             raise
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
-        self._hasher.update(data)
-        self.written += len(data)
+        # An unbuffered write may take only part of the data (a disk nearly
+        # full): hash and count only what is on disk, and write the rest
+        # again, which raises ENOSPC if nothing more fits.
+        view = memoryview(data)
+        while view:
+            taken = self._file.write(view)
+            self.hasher.update(view[:taken])
+            self.written += taken
+            view = view[taken:]
 
     def read(self, offset: int, size: int) -> bytes:
         if self._read_fd is None:
@@ -152,7 +161,7 @@ class _FileWriter:
 
     def commit(self) -> Deferred[None]:
         try:
-            verify(self.digest, self.size, self.written, self._hasher.hexdigest())
+            verify(self.digest, self.size, self.written, self.hasher.hexdigest())
         except VerificationError:
             self.abort()
             raise
@@ -160,6 +169,9 @@ class _FileWriter:
 
     def _publish(self) -> None:
         try:
+            on_disk = os.fstat(self._file.fileno()).st_size
+            if on_disk != self.written:  # never publish a file that is not what was hashed
+                raise VerificationError(f"{on_disk} bytes on disk, {self.written} written")
             os.fsync(self._file.fileno())
             self._file.close()
             final = self._store.path(self.digest)

@@ -27,7 +27,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from ..cache.blobs import BlobFetch
-from .sender import BodySender
+from .sender import BlobSender, BodySender
 
 log = Logger()
 
@@ -81,6 +81,21 @@ class SendfileSender(BodySender):
         self._request.write(b"")  # the status line and headers, through the buffer
         self._wait_writable()
 
+    def _hand_over(self, fetch: BlobFetch) -> None:
+        """The download goes on through memory now (the disk filled up), out
+        of sendfile's reach: a producer reading from the fetch takes over
+        the rest of the body."""
+        fetch.hold()  # between this one leaving and the next listening
+        try:
+            self._done = True
+            fetch.unlisten(self._follow)
+            self._request.unregisterProducer()
+            BlobSender(
+                self._request, self._pos, self._end, fetch=fetch, counted=self._counted
+            ).start()
+        finally:
+            fetch.release()
+
     def _wait_writable(self) -> None:
         # Once the transport's buffer (the headers, at first) is flushed and
         # the socket is writable, the transport resumes its paused producer.
@@ -103,6 +118,9 @@ class SendfileSender(BodySender):
 
     def resumeProducing(self) -> None:
         if self._done:
+            return
+        if self._fetch is not None and self._fetch.relayed:
+            self._hand_over(self._fetch)
             return
         sock = self._transport.socket.fileno()
         fd = self._fd

@@ -106,15 +106,28 @@ def test_upstream_sends_wrong_bytes_or_stalls(
 
 
 @pytest.fixture
-def small_disk(workdir: Path):
-    """A 48 MiB tmpfs: too small for the 110 MiB layer."""
-    mountpoint = workdir / "small-disk"
-    mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mountpoint)], check=True)
-    try:
-        yield mountpoint
-    finally:
+def tmpfs(workdir: Path):
+    """``tmpfs(mib)``: a fresh tmpfs of that size, unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(mib: int) -> Path:
+        mountpoint = workdir / f"disk-{len(mounted)}"
+        mountpoint.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(mountpoint)], check=True
+        )
+        mounted.append(mountpoint)
+        return mountpoint
+
+    yield mount
+    for mountpoint in mounted:
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmpfs: Callable[[int], Path]) -> Path:
+    """A 48 MiB tmpfs: too small for the 110 MiB layer."""
+    return tmpfs(48)
 
 
 def test_full_disk_still_serves_every_byte(
@@ -143,6 +156,49 @@ def test_full_disk_still_serves_every_byte(
     # the small blobs did fit, and are served from the cache
     small = {d: b for d, b in image.blobs.items() if d != layer.digest}
     assert_stored(proxy, small)
+
+
+def test_disk_filling_up_mid_download_still_serves_every_byte(
+    test_images: dict[str, Image],
+    upstream_pull: Callable[..., Path],
+    regproxy: Callable[..., harness.RegProxy],
+    tcp_shim: Callable[..., TCPShim],
+    skopeo: harness.Skopeo,
+    tmpfs: Callable[[int], Path],
+    workdir: Path,
+) -> None:
+    """The disk has room for the layer when its download starts, then
+    something else fills it up: the pull still gets every byte, nothing
+    partial is kept, and once there is room again the layer is cached."""
+    image = test_images["big"]
+    layer = image.biggest_layer
+    reference = upstream_pull(image)
+    disk = tmpfs(192)
+    filler = disk / "filler"
+
+    def fill_up() -> None:
+        with open(filler, "wb") as f:
+            free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+            os.posix_fallocate(f.fileno(), 0, free - 2 * MiB)
+
+    shim = tcp_shim()
+    shim.rate = 20 * MiB
+    proxy = regproxy(shim.url, cache_dir=disk / "cache")
+    shim.on_response_bytes(32 * MiB, fill_up)
+    skopeo.pull(image.docker_ref(proxy.host_port), workdir / "first")
+    assert shim.fired.is_set()
+    assert_pulled(workdir / "first", image, reference, False)
+    assert not proxy.blob_path(layer.digest).exists()
+    store_is_sound(proxy)
+    assert "the disk filled up while storing" in proxy.log_text()
+
+    filler.unlink()
+    shim.disarm()
+    shim.rate = None
+    skopeo.pull(image.docker_ref(proxy.host_port), workdir / "second")
+    assert_pulled(workdir / "second", image, reference, False)
+    assert_stored(proxy, {layer.digest: layer})
+    store_is_sound(proxy)
 
 
 # ---------------------------------------------------------------------------

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import http.client
+import json
 import os
 from urllib.parse import urlsplit
 
+import pytest
 import pytest_twisted
 from fakeregistry import Fault
 from proxyharness import settle, until
@@ -201,6 +204,86 @@ async def test_running_downloads_keep_the_room_they_need(fake_registry, make_pro
     assert [(status, body) for status, body, _ in replies] == [(200, data) for data in blobs]
     await settle()
     assert sorted(proxy.blob_path(d).exists() for d in digests) == [False, True]
+
+
+class SharedDisk:
+    """The cache's disk, *capacity* bytes, which something else fills up
+    behind regproxy's back: until a write finds it full, ``room()`` reports
+    plenty; from then on the truth, and writes past it fail with ENOSPC."""
+
+    def __init__(self, proxy, capacity: int) -> None:
+        self._root = proxy.cache_dir
+        self._capacity = capacity
+        self.full = False
+        store = proxy.proxy.control._store
+        begin = store.begin
+
+        def begin_here(digest, size):
+            writer = begin(digest, size)
+            writer._file = _OnDisk(writer._file, self)
+            return writer
+
+        store.begin = begin_here
+        store.room = lambda: self.free() if self.full else 10**12
+
+    def free(self) -> int:
+        files = [*(self._root / "blobs").rglob("*"), *(self._root / "tmp").iterdir()]
+        return self._capacity - sum(f.stat().st_size for f in files if f.is_file())
+
+
+class _OnDisk:
+    def __init__(self, file, disk: SharedDisk) -> None:
+        self._file = file
+        self._disk = disk
+
+    def write(self, data) -> int:
+        free = self._disk.free()
+        if free <= 0:
+            self._disk.full = True
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self._file.write(data[:free])
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+@pytest.mark.parametrize("sendfile", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_disk_filling_up_mid_download_still_serves_every_byte(
+    fake_registry, make_proxy, sendfile
+):
+    data = os.urandom(4 * 1024 * 1024)
+    digest = fake_registry.add_blob(data)
+    fake_registry.blob_faults[digest] = Fault.slow(chunk=256 * 1024, delay=0.05)
+    proxy = await make_proxy(fake_registry.url, top={"proxy": {"sendfile": sendfile}})
+    disk = SharedDisk(proxy, capacity=1024 * 1024)  # nothing cached to evict
+    path = f"/v2/library/x/blobs/{digest}"
+    replies = await gatherResults([get(proxy, path), get(proxy, path)])
+    assert disk.full
+    assert [(status, body == data, short) for status, body, short in replies] == [
+        (200, True, False)
+    ] * 2
+    await settle()
+    assert_nothing_kept(proxy, digest)
+    assert fake_registry.count("GET", "/blobs/") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_disk_filling_up_mid_download_evicts_to_go_on(fake_registry, make_proxy):
+    fake_registry.add_image("library/old", "1", [os.urandom(1024 * 1024)])
+    data = os.urandom(2 * 1024 * 1024)
+    digest = fake_registry.add_blob(data)
+    proxy = await make_proxy(fake_registry.url)
+    old = json.loads((await proxy.get("/v2/old/manifests/1")).body)["layers"][0]["digest"]
+    assert (await proxy.get(f"/v2/old/blobs/{old}")).code == 200
+    await settle()
+    SharedDisk(proxy, capacity=int(2.5 * 1024 * 1024))
+    status, body, short = await get(proxy, f"/v2/library/x/blobs/{digest}")
+    assert (status, body == data, short) == (200, True, False)
+    await settle()
+    assert not proxy.blob_path(old).exists()
+    reply = await proxy.get(f"/v2/library/x/blobs/{digest}")
+    assert (reply.header("X-Cache"), reply.body == data) == ("HIT", True)
 
 
 @pytest_twisted.ensureDeferred

@@ -1,0 +1,83 @@
+"""The blob store publishes exactly the bytes it hashed, or nothing."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+
+import pytest
+import pytest_twisted
+
+from registryproxy.cache.store import FileStore, VerificationError
+from registryproxy.names import Digest
+
+
+def digest_of(data: bytes) -> Digest:
+    return Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+
+
+class Dribble:
+    """A file that takes at most *most* bytes per write, as a nearly full
+    disk does; after *room* bytes in all it fails with ENOSPC."""
+
+    def __init__(self, file, most: int, room: int | None = None) -> None:
+        self._file = file
+        self._most = most
+        self._room = room
+        self.taken = 0
+
+    def write(self, data) -> int:
+        if self._room is not None and self.taken >= self._room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        most = self._most if self._room is None else min(self._most, self._room - self.taken)
+        taken = self._file.write(data[:most])
+        self.taken += taken
+        return taken
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_short_writes_are_completed(tmp_path):
+    store = FileStore(str(tmp_path))
+    data = os.urandom(10_000)
+    writer = store.begin(digest_of(data), len(data))
+    writer._file = Dribble(writer._file, most=999)
+    writer.write(data[:6000])
+    writer.write(data[6000:])
+    assert writer.written == len(data)
+    assert writer.read(0, len(data)) == data
+    await writer.commit()
+    assert (tmp_path / "blobs" / "sha256").exists()
+    with store.open(digest_of(data)) as f:
+        assert f.read() == data
+
+
+def test_a_full_disk_counts_only_what_was_written(tmp_path):
+    store = FileStore(str(tmp_path))
+    data = os.urandom(10_000)
+    writer = store.begin(digest_of(data), len(data))
+    writer._file = Dribble(writer._file, most=4096, room=5000)
+    with pytest.raises(OSError) as raised:
+        writer.write(data)
+    assert raised.value.errno == errno.ENOSPC
+    assert writer.written == 5000
+    assert writer.read(0, 10_000) == data[:5000]
+    with pytest.raises(VerificationError):
+        writer.commit()
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_that_is_not_what_was_hashed_is_never_published(tmp_path):
+    store = FileStore(str(tmp_path))
+    data = os.urandom(10_000)
+    writer = store.begin(digest_of(data), len(data))
+    writer.write(data)
+    os.ftruncate(writer._file.fileno(), 9_000)  # the file lost bytes behind our back
+    with pytest.raises(VerificationError):
+        await writer.commit()
+    assert store.stat(digest_of(data)) is None
+    assert os.listdir(tmp_path / "tmp") == []
