@@ -23,6 +23,7 @@ from ..config import UpstreamConfig
 from ..metrics import Metrics
 from .auth import Authenticator
 from .client import RegistryClient
+from .public import PublicEndpoints
 
 log = Logger()
 
@@ -102,12 +103,20 @@ class Upstreams:
 
     def _make(self, name: str, config: UpstreamConfig) -> RegistryClient:
         policy = _tls_policy(config.ca_file) if config.ca_file else BrowserLikePolicyForHTTPS()
-        agent = Agent(
-            self._reactor,
-            contextFactory=policy,
-            pool=self._pool,
-            connectTimeout=config.connect_timeout,
-        )
+        if name in self._configs:
+            agent = Agent(
+                self._reactor,
+                contextFactory=policy,
+                pool=self._pool,
+                connectTimeout=config.connect_timeout,
+            )
+        else:
+            # Named by a client, not by the operator: public addresses only,
+            # and no connection shared with the pool, which is keyed by host
+            # name alone and may hold one to a configured internal registry.
+            endpoints = PublicEndpoints(self._reactor, policy, config.connect_timeout)
+            own = HTTPConnectionPool(self._reactor, persistent=False)
+            agent = Agent.usingEndpointFactory(self._reactor, endpoints, pool=own)
         credentials = config.credentials()
         auth = Authenticator(
             config.url,
