@@ -73,6 +73,7 @@ _V2_BASE = re.compile(r"/v2/?")
 _MANIFEST = re.compile(r"/v2/(?P<name>.+)/manifests/(?P<ref>[^/]+)")
 _BLOB = re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)")
 _TAGS = re.compile(r"/v2/(?P<name>.+)/tags/list")
+_REFERRERS = re.compile(r"/v2/(?P<name>.+)/referrers/(?P<digest>[^/]+)")
 _CDN_BLOB = re.compile(r"/blobs/(?P<digest>[^/]+)")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -259,6 +260,8 @@ class FakeRegistry:
     honour_ranges: bool = True
     #: Bearer mode: /token issues tokens without credentials (public repos).
     anonymous_tokens: bool = True
+    #: Serves the OCI 1.1 referrers API (else 404, as registries before it do).
+    referrers_api: bool = True
     #: Per digest, or ``"*"`` for every blob.
     blob_faults: dict[str, Fault] = attrs.field(factory=dict)
     #: Seconds blob responses wait before their headers, by method ("GET", "HEAD").
@@ -584,6 +587,7 @@ class FakeRegistry:
             (_MANIFEST, self._manifest),
             (_BLOB, self._blob),
             (_TAGS, self._tags_list),
+            (_REFERRERS, self._referrers),
         ):
             match = pattern.fullmatch(path)
             if match:
@@ -719,6 +723,30 @@ class FakeRegistry:
             return self._send(request, b"")
         request.setHeader(b"Docker-Content-Digest", digest.encode())
         return self._serve_blob(request, record, digest, data)
+
+    def _referrers(self, request: Request, record: RecordedRequest, name: str, digest: str) -> int:
+        """The manifests of *name* whose ``subject`` is *digest*, as an OCI index."""
+        if not self.referrers_api:
+            return self._error(request, 404, "NOT_FOUND", f"no route for {request.path!r}")
+        wanted = record.query.get("artifactType", [None])[0]
+        found = []
+        for child, (body, media_type) in self._manifests.get(name, {}).items():
+            document = json.loads(body)
+            if document.get("subject", {}).get("digest") != digest:
+                continue
+            kind = document.get("artifactType") or document.get("config", {}).get("mediaType")
+            if wanted is not None and kind != wanted:
+                continue
+            descriptor = {"mediaType": media_type, "digest": child, "size": len(body)}
+            descriptor["artifactType"] = kind
+            if "annotations" in document:
+                descriptor["annotations"] = document["annotations"]
+            found.append(descriptor)
+        if wanted is not None:
+            request.setHeader(b"OCI-Filters-Applied", b"artifactType")
+        request.setHeader(b"Content-Type", OCI_INDEX.encode())
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
+        return self._send(request, json.dumps(index).encode())
 
     def _tags_list(self, request: Request, record: RecordedRequest, name: str) -> int:
         if name not in self._tags and name not in self._manifests:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -36,6 +37,7 @@ _ROUTES = [
     (re.compile(r"/v2/(?P<name>.+)/blobs/uploads(?:/.*)?"), "upload"),
     (re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]*)"), "blob"),
     (re.compile(r"/v2/(?P<name>.+)/tags/list"), "tags"),
+    (re.compile(r"/v2/(?P<name>.+)/referrers/(?P<digest>[^/]*)"), "referrers"),
 ]
 
 
@@ -82,6 +84,27 @@ def _named(upstreams: Upstreams, host: str, how: str) -> RegistryClient:
             "add it under upstreams: in its config",
         )
     return client
+
+
+_LINK = re.compile(r"\s*<([^>]*)>(.*)", re.DOTALL)
+
+
+def _relink(link: str, repo: str, name: str, request: Request) -> str | None:
+    """An upstream's pagination ``Link``, made to lead back through regproxy
+    the way the client came: its name for the repository (a registry prefix,
+    no ``library/``), and its ``ns=``.  None if it points elsewhere."""
+    match = _LINK.fullmatch(link)
+    if match is None:
+        return None
+    target = urlsplit(match.group(1))
+    prefix = f"/v2/{repo}/"
+    if not target.path.startswith(prefix):
+        return None
+    query = parse_qsl(target.query, keep_blank_values=True)
+    if ns := request.args.get(b"ns"):
+        query.append(("ns", ns[-1].decode("latin-1")))
+    path = f"/v2/{name}/{target.path[len(prefix) :]}"
+    return f"<{path}{'?' + urlencode(query) if query else ''}>{match.group(2)}"
 
 
 class RegistryResource(Resource):
@@ -142,7 +165,7 @@ class RegistryResource(Resource):
         method = request.method
         if method not in (b"GET", b"HEAD"):
             raise unsupported(f"{method.decode('latin-1')} {path}")
-        if kind in ("base", "tags"):
+        if kind in ("base", "tags", "referrers"):
             self._metrics.requests.labels(kind, "none").inc()
         if kind == "base":
             self._json(request, b"{}")
@@ -166,24 +189,49 @@ class RegistryResource(Resource):
                 raise digest_invalid(digest)
             await self._blob(request, client, repo, Digest.parse(digest), gone)
         else:
-            query = {
-                key.decode(): values[-1].decode("latin-1")
-                for key, values in request.args.items()
-                if key in (b"n", b"last")
-            }
-            if not query.get("n", "0").isdigit():
-                raise RegistryError(
-                    400, "PAGINATION_NUMBER_INVALID", f"n must be a number, not {query['n']!r}"
-                )
-            body, link = await client.get_tags(repo, query)
-            if gone:
-                return
-            if link:
-                request.setHeader(b"Link", link.encode("latin-1"))
-            self._json(request, body)
+            await self._listing(request, kind, match, client, repo, gone)
 
-    def _json(self, request: Request, body: bytes) -> None:
-        request.setHeader(b"Content-Type", b"application/json")
+    async def _listing(
+        self,
+        request: Request,
+        kind: str,
+        match: re.Match[str],
+        client: RegistryClient,
+        repo: str,
+        gone: list[bool],
+    ) -> None:
+        """The tag list, or the referrers of a manifest (OCI 1.1): passed
+        through, not cached.  An upstream without the referrers API answers
+        404, and so does regproxy: clients then look for referrers by tag."""
+        keys: tuple[bytes, ...]
+        if kind == "tags":
+            path, unknown, keys = "tags/list", "NAME_UNKNOWN", (b"n", b"last")
+        else:
+            digest = match.group("digest")
+            if not is_valid_digest(digest):
+                raise digest_invalid(digest)
+            path, unknown, keys = f"referrers/{digest}", "MANIFEST_UNKNOWN", (b"artifactType",)
+        query = {
+            key.decode(): values[-1].decode("latin-1")
+            for key, values in request.args.items()
+            if key in keys
+        }
+        if not query.get("n", "0").isdigit():
+            raise RegistryError(
+                400, "PAGINATION_NUMBER_INVALID", f"n must be a number, not {query['n']!r}"
+            )
+        body, headers = await client.get_listing(repo, path, query, unknown)
+        if gone:
+            return
+        link = headers.pop("Link", None)
+        if link and (link := _relink(link, repo, match.group("name"), request)):
+            request.setHeader(b"Link", link.encode("latin-1"))
+        for name, value in headers.items():
+            request.setHeader(name.encode(), value.encode("latin-1"))
+        self._json(request, body, headers.get("Content-Type", "application/json"))
+
+    def _json(self, request: Request, body: bytes, content_type: str = "application/json") -> None:
+        request.setHeader(b"Content-Type", content_type.encode("latin-1"))
         request.setHeader(b"Content-Length", b"%d" % len(body))
         request.write(body)
         request.finish()

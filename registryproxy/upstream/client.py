@@ -138,13 +138,22 @@ class RegistryClient:
         )
         return content_length(response)
 
-    async def get_tags(self, repo: str, query: dict[str, str]) -> tuple[bytes, str | None]:
-        """The tag list body and its pagination ``Link`` header."""
-        path = f"/v2/{repo}/tags/list"
+    async def get_listing(
+        self, repo: str, path: str, query: dict[str, str], unknown: str
+    ) -> tuple[bytes, dict[str, str]]:
+        """A JSON answer passed through as it is (``tags/list``, ``referrers/<digest>``
+        under the repository): its body and the headers that go with it."""
+        url = f"/v2/{repo}/{path}"
         if query:
-            path += "?" + urlencode(query)
-        response = await self._checked(b"GET", repo, path, {}, "NAME_UNKNOWN")
-        return await self._read(response), _header(response, "Link")
+            url += "?" + urlencode(query)
+        response = await self._checked(b"GET", repo, url, {}, unknown)
+        body = await self._read(response)
+        headers = {
+            name: value
+            for name in ("Content-Type", "Link", "OCI-Filters-Applied")
+            if (value := _header(response, name))
+        }
+        return body, headers
 
     async def ping(self) -> int:
         """``GET /v2/``: the status the upstream answers (401 is a fine answer)."""

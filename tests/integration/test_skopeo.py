@@ -424,6 +424,10 @@ def test_media_types_pass_unchanged(
         assert head.header("Content-Type") == media_type
         assert head.header("Docker-Content-Digest") == digest
         assert head.header("Content-Length") == str(len(manifest))
+        # Distribution 2.8 has no referrers API: its 404 must reach the client,
+        # which then looks for referrers by tag (sha256-<hex>)
+        referrers = client.get(f"/v2/{image.repository}/referrers/{digest}")
+        assert referrers.status == 404, referrers.body[:200]
 
 
 # ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from urllib.parse import quote
 
 import pytest_twisted
 from fakeregistry import Fault, Override
@@ -362,6 +363,72 @@ async def test_tags_list_passes_through(fake_registry, make_proxy):
     assert "last=b" in (reply.header("Link") or "")
     reply = await proxy.get("/v2/x/tags/list?n=2&last=b")
     assert json.loads(reply.body)["tags"] == ["c"]
+
+
+SIGNATURE = "application/vnd.dev.cosign.artifact.sig.v1+json"
+SBOM = "application/spdx+json"
+
+
+def referrer(subject: str, subject_body: bytes, artifact_type: str) -> bytes:
+    """An OCI 1.1 artifact manifest about *subject* (a signature, an SBOM)."""
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": artifact_type,
+            "config": {
+                "mediaType": "application/vnd.oci.empty.v1+json",
+                "digest": sha(b"{}"),
+                "size": 2,
+            },
+            "layers": [],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": subject, "size": len(subject_body)},
+            "annotations": {"kind": artifact_type},
+        }
+    ).encode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_referrers_pass_through(fake_registry, make_proxy):
+    digest, body = fake_registry.add_image("library/app", "1", [b"app"], media="oci")
+    signature = fake_registry.add_manifest(
+        "library/app", referrer(digest, body, SIGNATURE), OCI_MANIFEST
+    )
+    sbom = fake_registry.add_manifest("library/app", referrer(digest, body, SBOM), OCI_MANIFEST)
+    proxy = await make_proxy(fake_registry.url)
+
+    reply = await proxy.get(f"/v2/app/referrers/{digest}")
+    assert reply.code == 200
+    assert reply.header("Content-Type") == OCI_INDEX
+    index = json.loads(reply.body)
+    assert {(m["digest"], m["artifactType"]) for m in index["manifests"]} == {
+        (signature, SIGNATURE),
+        (sbom, SBOM),
+    }
+    assert reply.header("OCI-Filters-Applied") is None
+
+    reply = await proxy.get(f"/v2/app/referrers/{digest}?artifactType={quote(SBOM, safe='')}")
+    assert [m["digest"] for m in json.loads(reply.body)["manifests"]] == [sbom]
+    assert reply.header("OCI-Filters-Applied") == "artifactType"
+    assert fake_registry.count("GET", f"/v2/library/app/referrers/{digest}") == 2
+
+    # the referrer itself is a manifest like any other, cached by digest
+    for cache in ("MISS", "HIT"):
+        reply = await proxy.get(f"/v2/app/manifests/{signature}", Accept=[OCI_MANIFEST])
+        assert (reply.code, reply.header("X-Cache")) == (200, cache)
+
+
+@pytest_twisted.ensureDeferred
+async def test_referrers_of_a_registry_without_the_api_are_404(make_fake_registry, make_proxy):
+    # 404 (not 502 or 500) is what tells clients to look for the sha256-<hex> tag instead
+    registry = await make_fake_registry()
+    registry.referrers_api = False
+    digest, _ = registry.add_image("library/app", "1", [b"app"], media="oci")
+    proxy = await make_proxy(registry.url)
+    reply = await proxy.get(f"/v2/app/referrers/{digest}")
+    assert reply.code == 404
+    reply = await proxy.get("/v2/app/referrers/sha256:nothex")
+    assert (reply.code, error_code(reply)) == (400, "DIGEST_INVALID")
 
 
 @pytest_twisted.ensureDeferred

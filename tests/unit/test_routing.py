@@ -205,3 +205,25 @@ async def test_tag_ttl_per_upstream(make_fake_registry, make_proxy):
         await proxy.get("/v2/ghcr.io/team/app/manifests/1")
     assert hub.count("HEAD", "/manifests/") == 0
     assert ghcr.count("HEAD", "/manifests/") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_tag_list_pages_lead_back_the_way_the_client_came(make_fake_registry, make_proxy):
+    hub, ghcr, proxy = await two_registries(make_fake_registry, make_proxy)
+    for tag in ("a", "b", "c"):
+        ghcr.add_image("owner/app", tag, [tag.encode()])
+        hub.add_image("library/app", tag, [tag.encode()])
+    for first, expected in [
+        ("/v2/ghcr.io/owner/app/tags/list?n=2", "</v2/ghcr.io/owner/app/tags/list?n=2&last=b>"),
+        (
+            "/v2/owner/app/tags/list?n=2&ns=ghcr.io",
+            "</v2/owner/app/tags/list?n=2&last=b&ns=ghcr.io>",
+        ),
+        ("/v2/app/tags/list?n=2", "</v2/app/tags/list?n=2&last=b>"),  # no library/ added
+    ]:
+        reply = await proxy.get(first)
+        assert json.loads(reply.body)["tags"] == ["a", "b"], first
+        link = reply.header("Link")
+        assert link == expected + '; rel="next"', first
+        reply = await proxy.get(link[1 : link.index(">")])
+        assert (reply.code, json.loads(reply.body)["tags"]) == (200, ["c"]), first
