@@ -143,6 +143,7 @@ def build_proxy(config: Config, reactor: Any) -> Proxy:
         max_bytes=config.cache.max_bytes,
         make_room=evictor.make_room,
     )
+    evictor.in_use = blobs.in_use
     resource = RegistryResource(upstreams, manifests, blobs, metrics, config.proxy.sendfile)
     control = Control(
         config, store.root, store, index, manifests, blobs, upstreams, metrics, reactor, evictor

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -124,3 +125,32 @@ async def until(predicate: Any, timeout: float = 10.0) -> None:
             return
         await settle(0.02)
     raise AssertionError("condition not reached in time")
+
+
+def partial_get(
+    url: str, path: str, first: int | None = None, lag: float = 0.0, rest: bool = False
+) -> tuple[int, bytes, bool]:
+    """GET in a thread: (status, body read, whether the body ended short).
+
+    With *first*, read only that many bytes, wait *lag* seconds, then hang
+    up, or with *rest* read on."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    status, body = 0, b""
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        status = response.status
+        if first is not None:
+            body = response.read(first)
+            time.sleep(lag)
+            if not rest:
+                return status, body, False
+        try:
+            return status, body + response.read(), False
+        except http.client.IncompleteRead as e:
+            return status, body + e.partial, True
+    except (TimeoutError, ConnectionError):
+        return status, body, True
+    finally:
+        conn.close()

@@ -304,9 +304,7 @@ class Control:
                     try:
                         if fetch.relayed:
                             raise RuntimeError(f"no room in the cache for {digest}")
-                        await fetch.when_done()
-                        if fetch.relayed:  # the disk filled up during the download
-                            raise RuntimeError(f"no room left in the cache for {digest}")
+                        await fetch.when_stored()
                         job.bytes_fetched += fetch.written
                     finally:
                         fetch.release()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import collections
 import errno
+import os
+import sqlite3
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
@@ -51,6 +53,8 @@ class BlobFetch:
         self._listeners: dict[Callable[[], None], int] = {}
         #: callers holding the fetch open until they listen (see :meth:`hold`)
         self._holds = 0
+        #: readers cut off (see :meth:`abandoned`)
+        self._cut: set[Callable[[], None]] = set()
         self._ended = False
         self._done: list[Deferred[None]] = []
         #: the upstream body, to pause while a memory relay is full
@@ -99,10 +103,26 @@ class BlobFetch:
         """Follow this fetch from *position* until :meth:`unlisten`."""
         self._listeners[listener] = position
 
+    def moved(self, listener: Callable[[], None], position: int) -> None:
+        """*listener* has the bytes up to *position* (sent them without :meth:`read`)."""
+        if listener in self._listeners:
+            self._listeners[listener] = position
+
     def unlisten(self, listener: Callable[[], None]) -> None:
         self._listeners.pop(listener, None)
         self._abandon_if_unwanted()
+        self._drain()
         self._maybe_close()
+
+    def abandoned(self, listener: Callable[[], None]) -> bool:
+        """Whether *listener* must give up (its client's download failing):
+        the fetch failed, or the reader was cut off for holding up the others."""
+        return self.error is not None or listener in self._cut
+
+    @property
+    def holding_upstream(self) -> bool:
+        """Whether the upstream is paused for a reader that lags (a relay)."""
+        return self._paused
 
     def _abandon_if_unwanted(self) -> None:
         """A relayed download nobody reads any more is of no use to anyone."""
@@ -113,16 +133,48 @@ class BlobFetch:
 
     def read(self, listener: Callable[[], None], offset: int, size: int) -> bytes:
         data = self._writer.read(offset, size)
-        self._listeners[listener] = offset + len(data)
-        if isinstance(self._writer, MemoryRelay):
-            self._writer.trim(min(self._listeners.values()))
-            if self._paused and self._writer.buffered < MemoryRelay.LOW and self.upstream:
-                self._paused = False
-                self.upstream.resumeProducing()
+        if listener in self._listeners:
+            self._listeners[listener] = offset + len(data)
+            self._drain()
         return data
 
-    def when_done(self) -> Deferred[None]:
-        """Fires when the fetch is verified, or fails with RuntimeError(why)."""
+    def _drain(self) -> None:
+        """Let a relay drop what every reader has had, and its upstream go
+        on once the buffer has room again."""
+        if not isinstance(self._writer, MemoryRelay):
+            return
+        if self._listeners:
+            self._writer.trim(min(self._listeners.values()))
+        if self._paused and self._writer.buffered < MemoryRelay.LOW and self.upstream:
+            self._paused = False
+            self.upstream.resumeProducing()
+
+    def _cut_slowest(self) -> None:
+        """A relay's slowest reader kept its buffer full for a whole read
+        timeout: cut that client off, so that the others go on."""
+        if not self._listeners:
+            return
+        slowest = min(self._listeners, key=self._listeners.__getitem__)
+        log.warn(
+            "cutting off a client {behind} bytes behind the download of {digest}",
+            behind=self.written - self._listeners[slowest],
+            digest=str(self.digest),
+        )
+        self._cut.add(slowest)
+        self._drop(slowest)
+
+    def _drop(self, listener: Callable[[], None]) -> None:
+        self._listeners.pop(listener, None)
+        try:
+            listener()  # it sees abandoned() and aborts its client's download
+        except Exception:
+            log.failure("a reader of {digest} failed", digest=str(self.digest))
+        self._abandon_if_unwanted()
+        self._drain()
+
+    def when_stored(self) -> Deferred[None]:
+        """Fires when the blob is verified and kept; fails with
+        RuntimeError(why) if the download fails or cannot be kept."""
         d: Deferred[None] = Deferred()
         self._done.append(d)
         self._notify()
@@ -135,14 +187,20 @@ class BlobFetch:
             except Exception:
                 # one broken reader must not stall the others
                 log.failure("a reader of {digest} failed", digest=str(self.digest))
-                self._listeners.pop(listener, None)
-        if not self.running:
-            done, self._done = self._done, []
-            for d in done:
-                if self.error is None:
-                    d.callback(None)
-                else:
-                    d.errback(RuntimeError(self.error))
+                self._cut.add(listener)
+                self._drop(listener)
+        if self.relayed:  # nothing will be kept: who waits for that (a prefetch) lets go
+            self._settle(self.error or "no room in the cache")
+        elif not self.running:
+            self._settle(self.error)
+
+    def _settle(self, error: str | None) -> None:
+        done, self._done = self._done, []
+        for d in done:
+            if error is None:
+                d.callback(None)
+            else:
+                d.errback(RuntimeError(error))
 
     def _maybe_close(self) -> None:
         if self._ended and not self._listeners and not self._holds:
@@ -182,7 +240,7 @@ class BlobFetch:
             except OSError as e:
                 if e.errno != errno.ENOSPC:
                     raise
-        if not self._listeners:
+        if not self._listeners and not self._holds:
             raise OSError(errno.ENOSPC, "the disk is full and no client is following")
         log.error(
             "the disk filled up while storing {digest}: passing the rest through uncached",
@@ -304,6 +362,11 @@ class _Receiver(Protocol):
 
     def _stalled(self) -> None:
         self._timer = None
+        if self._fetch.holding_upstream:
+            # not the upstream's silence: a reader holds the relay up
+            self._fetch._cut_slowest()
+            self._timer = self._clock.callLater(self._timeout, self._stalled)
+            return
         self._stop(f"upstream sent nothing for {self._timeout:g}s")
 
     def _stop(self, why: str) -> None:
@@ -352,9 +415,30 @@ class BlobCache:
         self._max_bytes = max_bytes
         self._make_room = make_room
         self._active: dict[Digest, BlobFetch] = {}
+        #: descriptors of stored blobs being read, and their digests
+        self._reading: dict[int, str] = {}
         # keyed by repository too: a request for a repository the upstream
         # refuses must not hand its error to another repository's request
         self._starting: SingleFlight[tuple[str, str, Digest], BlobFetch] = SingleFlight()
+
+    def open_stored(self, digest: Digest) -> int | None:
+        """A descriptor of the stored blob, or None; let go with :meth:`close_stored`."""
+        try:
+            with self.store.open(digest) as f:
+                fd = os.dup(f.fileno())
+        except FileNotFoundError:
+            return None
+        self._reading[fd] = str(digest)
+        return fd
+
+    def close_stored(self, fd: int) -> None:
+        self._reading.pop(fd, None)
+        os.close(fd)
+
+    def in_use(self) -> set[str]:
+        """The blobs being read or downloaded now: evicting them frees no
+        space until their readers finish."""
+        return {*self._reading.values(), *(str(d) for d in self._active)}
 
     def active(self, digest: Digest) -> BlobFetch | None:
         """The download of *digest* being stored, to join: from its first byte."""
@@ -377,8 +461,25 @@ class BlobCache:
         if self._index.has_blob(client.name, repo, str(digest)):
             return None
         size = await client.head_blob(repo, str(digest))
-        self._index.link_blobs(client.name, repo, [str(digest)])
+        self._link(client, repo, digest)
         return size
+
+    def _link(self, client: RegistryClient, repo: str, digest: Digest) -> None:
+        """Remember that *repo* may read *digest*: spares a HEAD next time,
+        so a full disk that refuses the index write costs only that."""
+        try:
+            self._index.link_blobs(client.name, repo, [str(digest)])
+        except sqlite3.Error as e:
+            log.error("cannot write the cache index: {why}", why=e)
+
+    def _room_made(self, needed: int) -> int:
+        """Evict to give a new blob *needed* bytes; 0 if that fails (the
+        index may not be writable on a full disk either)."""
+        try:
+            return self._make_room(needed)
+        except Exception:
+            log.failure("could not evict to make room for a new blob")
+            return 0
 
     async def fetch(self, client: RegistryClient, repo: str, digest: Digest) -> BlobFetch:
         """A download of *digest* that *repo* may read, started by this call
@@ -397,14 +498,19 @@ class BlobCache:
 
     async def _start(self, client: RegistryClient, repo: str, digest: Digest) -> BlobFetch:
         response = await client.get_blob(repo, str(digest))
-        self._index.link_blobs(client.name, repo, [str(digest)])
+        self._link(client, repo, digest)
         running = self.active(digest)
         if running is not None:
             # another repository's download of the same bytes got there first
             response.deliverBody(_Hangup())
             return running
         size = content_length(response)
-        fetch = BlobFetch(digest, size, self._writer(digest, size), client.name, self._make_room)
+        try:
+            writer = self._writer(digest, size)
+        except BaseException:
+            response.deliverBody(_Hangup())  # else its connection stays paused for good
+            raise
+        fetch = BlobFetch(digest, size, writer, client.name, self._room_made)
         if not fetch.relayed:
             self._active[digest] = fetch
         log.info(
@@ -474,7 +580,7 @@ class BlobCache:
                 if f.size is not None and not f.relayed
             )
             if size > self.store.room() - reserved:
-                self._make_room(size + reserved)
+                self._room_made(size + reserved)
             room = self.store.room() - reserved
             if size > room:
                 return _relay(digest, size, f"{max(room, 0)} bytes free for new blobs")

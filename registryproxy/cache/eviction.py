@@ -8,7 +8,7 @@ readers keep their open descriptor until they finish.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -40,6 +40,9 @@ class Evictor:
         self._low_water = low_water
         self._max_idle = max_idle
         self.pins: list[Pin] = list(pins)
+        #: the blobs being read or downloaded now (set by the blob cache):
+        #: an image with one of them is not evicted, as that frees nothing yet
+        self.in_use: Callable[[], Collection[str]] = frozenset
         self._scheduled = False
 
     def soon(self) -> None:
@@ -72,7 +75,8 @@ class Evictor:
         bytes fits on the disk, so that with no budget set (or a disk shared
         with others) a full disk still caches what is pulled now instead of
         freezing with what was pulled first.  Bytes freed."""
-        if needed > self._store.room() + self._index.total_size():
+        busy = self._index.blob_sizes(self.in_use())
+        if needed > self._store.room() + self._index.total_size() - sum(busy.values()):
             return 0  # it would not fit with the whole cache gone
         freed = self._evict(lambda _: self._store.room() < needed, "disk full")
         room = self._store.room()
@@ -84,6 +88,7 @@ class Evictor:
         """Evict least recently used first, while *wanted* says so of the next one."""
         freed = 0
         pinned = self._index.pinned(self.pins)
+        busy = set(self.in_use())
         gone: set[tuple[str, str, str]] = set()
         for upstream, repo, digest, used in self._index.least_recently_used():
             if (upstream, repo, digest) in pinned or (upstream, repo, digest) in gone:
@@ -92,6 +97,8 @@ class Evictor:
                 break
             family = self._index.family(upstream, repo, [digest])
             if any((upstream, repo, d) in pinned for d in family):
+                continue
+            if busy and any(child in busy for d in family for child, _ in self._index.refs(d)):
                 continue
             removed = self._index.purge(upstream=upstream, repo=repo, digest=digest)
             gone.update((upstream, repo, d) for d in family)
@@ -109,9 +116,12 @@ class Evictor:
 
     def _evict_loose(self, excess: float) -> int:
         freed = 0
+        busy = set(self.in_use())
         for digest, size in self._index.loose_blobs():
             if excess - freed <= 0:
                 break
+            if digest in busy:
+                continue
             self._index.forget_blob(digest)
             freed += self._delete([(digest, size)])
         return freed

@@ -257,7 +257,7 @@ class RegistryResource(Resource):
             await self._blobs.confirm(client, repo, digest)
             if gone:
                 return
-        fd = self._open_stored(digest)  # after the await: it may have been purged meanwhile
+        fd = self._blobs.open_stored(digest)  # after the await: it may have been purged meanwhile
         fetch = None
         size: int | None
         if fd is not None:
@@ -300,16 +300,9 @@ class RegistryResource(Resource):
             fd = None  # the sender owns it now
         finally:
             if fd is not None:
-                os.close(fd)
+                self._blobs.close_stored(fd)
             if fetch is not None:
                 fetch.release()  # the sender (if any) listens now
-
-    def _open_stored(self, digest: Digest) -> int | None:
-        try:
-            with self._blobs.store.open(digest) as f:
-                return os.dup(f.fileno())
-        except FileNotFoundError:
-            return None
 
     def _send(
         self, request: Request, fd: int | None, fetch: BlobFetch | None, start: int, end: int | None
@@ -324,6 +317,8 @@ class RegistryResource(Resource):
                 BlobSender(request, start, end, fetch=fetch, counted=counted).start()
         elif transport is not None and end is not None:
             assert fd is not None
-            SendfileSender(request, transport, fd, start, end, counted).start()
+            close = self._blobs.close_stored
+            SendfileSender(request, transport, fd, start, end, counted, close_fd=close).start()
         else:
-            BlobSender(request, start, end, fd=fd, counted=counted).start()
+            close = self._blobs.close_stored
+            BlobSender(request, start, end, fd=fd, counted=counted, close_fd=close).start()

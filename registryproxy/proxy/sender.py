@@ -34,6 +34,8 @@ class BodySender:
     _fd: int | None
     _fetch: BlobFetch | None
     _done: bool = False
+    #: lets go of a stored blob's descriptor (the cache counts its readers)
+    _close_fd: Callable[[int], None] = staticmethod(os.close)
 
     def _follow(self) -> None:
         """Called by the fetch when it has more, checked out, or failed."""
@@ -62,7 +64,7 @@ class BodySender:
         if self._fetch is not None:
             self._fetch.unlisten(self._follow)
         elif self._fd is not None:
-            os.close(self._fd)
+            self._close_fd(self._fd)
 
 
 @implementer(IPushProducer)
@@ -75,11 +77,14 @@ class BlobSender(BodySender):
         fd: int | None = None,
         fetch: BlobFetch | None = None,
         counted: Callable[[int], None] = lambda n: None,
+        close_fd: Callable[[int], None] = os.close,
     ) -> None:
         """Send ``[start, end)`` of a stored blob's open *fd* (which this
-        closes) or of a running *fetch*; ``end=None`` means until the fetch ends."""
+        closes with *close_fd*) or of a running *fetch*; ``end=None`` means
+        until the fetch ends."""
         assert (fd is None) != (fetch is None)
         self._request = request
+        self._close_fd = close_fd
         self._pos = start
         self._end = end
         self._fetch = fetch
@@ -118,7 +123,7 @@ class BlobSender(BodySender):
     def _follow(self) -> None:
         if self._done or self._following:
             return
-        if self._fetch is not None and self._fetch.error is not None:
+        if self._fetch is not None and self._fetch.abandoned(self._follow):
             self._abort()
             return
         self._following = True

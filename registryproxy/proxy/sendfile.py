@@ -57,10 +57,13 @@ class SendfileSender(BodySender):
         end: int,
         counted: Callable[[int], None] = lambda n: None,
         fetch: BlobFetch | None = None,
+        close_fd: Callable[[int], None] = os.close,
     ) -> None:
         """Send ``[start, end)`` of *fd*: a stored blob's file (which this
-        closes) or the file of a *fetch* still downloading (which stays the fetch's)."""
+        closes with *close_fd*) or the file of a *fetch* still downloading
+        (which stays the fetch's)."""
         self._request = request
+        self._close_fd = close_fd
         self._transport = transport
         self._fd = fd
         self._pos = start
@@ -85,16 +88,14 @@ class SendfileSender(BodySender):
         """The download goes on through memory now (the disk filled up), out
         of sendfile's reach: a producer reading from the fetch takes over
         the rest of the body."""
-        fetch.hold()  # between this one leaving and the next listening
-        try:
-            self._done = True
-            fetch.unlisten(self._follow)
-            self._request.unregisterProducer()
-            BlobSender(
-                self._request, self._pos, self._end, fetch=fetch, counted=self._counted
-            ).start()
-        finally:
-            fetch.release()
+        successor = BlobSender(
+            self._request, self._pos, self._end, fetch=fetch, counted=self._counted
+        )
+        fetch.listen(successor._follow, self._pos)  # holds this place in the relay meanwhile
+        self._done = True
+        fetch.unlisten(self._follow)
+        self._request.unregisterProducer()
+        successor.start()
 
     def _wait_writable(self) -> None:
         # Once the transport's buffer (the headers, at first) is flushed and
@@ -106,7 +107,7 @@ class SendfileSender(BodySender):
         """The fetch wrote more, checked out, or failed."""
         if self._done:
             return
-        if self._fetch is not None and self._fetch.error is not None:
+        if self._fetch is not None and self._fetch.abandoned(self._follow):
             self._abort()
         elif self._starved:
             self._starved = False
@@ -149,5 +150,7 @@ class SendfileSender(BodySender):
                 self._abort()
                 return
             self._pos += sent
+            if self._fetch is not None:
+                self._fetch.moved(self._follow, self._pos)
             self._counted(sent)
             self._request.sentLength += sent

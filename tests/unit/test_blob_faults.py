@@ -3,44 +3,25 @@
 from __future__ import annotations
 
 import errno
-import http.client
+import hashlib
 import json
 import os
-from urllib.parse import urlsplit
+import sqlite3
 
 import pytest
 import pytest_twisted
 from fakeregistry import Fault
-from proxyharness import settle, until
+from proxyharness import partial_get, settle, until
 from twisted.internet.defer import gatherResults
 from twisted.internet.threads import deferToThread
+
+from registryproxy.cache.blobs import MemoryRelay
 
 SIZE = 2 * 1024 * 1024 + 3
 
 
-def partial_get(url: str, path: str, first: int | None = None) -> tuple[int, bytes, bool]:
-    """GET in a thread: (status, body read, whether the body ended short).
-
-    With *first*, read only that many bytes and hang up."""
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        if first is not None:
-            return response.status, response.read(first), False
-        try:
-            return response.status, response.read(), False
-        except http.client.IncompleteRead as e:
-            return response.status, e.partial, True
-    except (TimeoutError, ConnectionError):
-        return 0, b"", True
-    finally:
-        conn.close()
-
-
-def get(proxy, path, first=None):
-    return deferToThread(partial_get, proxy.url, path, first)
+def get(proxy, path, first=None, lag=0.0, rest=False):
+    return deferToThread(partial_get, proxy.url, path, first, lag, rest)
 
 
 def assert_nothing_kept(proxy, digest):
@@ -268,16 +249,100 @@ async def test_disk_filling_up_mid_download_still_serves_every_byte(
     assert fake_registry.count("GET", "/blobs/") == 1
 
 
+async def relayed_to_two(fake_registry, make_proxy, monkeypatch, sendfile, lagger):
+    """A download the disk fills up under, followed by a client that lags
+    (``lagger``: get()'s keywords) and one that reads as fast as it can."""
+    monkeypatch.setattr(MemoryRelay, "HIGH", 512 * 1024)
+    monkeypatch.setattr(MemoryRelay, "LOW", 128 * 1024)
+    data = os.urandom(8 * 1024 * 1024)
+    digest = fake_registry.add_blob(data)
+    fake_registry.blob_faults[digest] = Fault.slow(chunk=256 * 1024, delay=0.02)
+    proxy = await make_proxy(
+        fake_registry.url, read_timeout=1, top={"proxy": {"sendfile": sendfile}}
+    )
+    disk = SharedDisk(proxy, capacity=1024 * 1024)
+    path = f"/v2/library/x/blobs/{digest}"
+    lagging, fast = await gatherResults([get(proxy, path, **lagger), get(proxy, path)])
+    assert disk.full
+    assert fast == (200, data, False)  # read_timeout passed, and it never noticed
+    await settle()
+    assert_nothing_kept(proxy, digest)
+    return data, lagging
+
+
+@pytest.mark.parametrize("sendfile", [True, False])
 @pytest_twisted.ensureDeferred
-async def test_disk_filling_up_mid_download_evicts_to_go_on(fake_registry, make_proxy):
+async def test_a_client_leaving_a_relay_lets_the_others_go_on(
+    fake_registry, make_proxy, monkeypatch, sendfile
+):
+    await relayed_to_two(fake_registry, make_proxy, monkeypatch, sendfile, {"first": 1, "lag": 2.0})
+
+
+@pytest.mark.parametrize("sendfile", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_a_client_holding_up_a_relay_is_cut_off_not_the_others(
+    fake_registry, make_proxy, monkeypatch, sendfile
+):
+    data, (status, body, short) = await relayed_to_two(
+        fake_registry, make_proxy, monkeypatch, sendfile, {"first": 1, "lag": 3.0, "rest": True}
+    )
+    assert (status, short) == (200, True)
+    assert len(body) < len(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_eviction_failing_on_a_full_disk_still_serves_every_byte(fake_registry, make_proxy):
+    # the index is on the full disk too: its writes fail, and so does eviction
+    proxy, _, data, digest = await old_image_on_shared_disk(fake_registry, make_proxy, 1.5)
+
+    def index_full(needed):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    proxy.proxy.control._blobs._make_room = index_full
+    status, body, short = await get(proxy, f"/v2/library/x/blobs/{digest}")
+    assert (status, body == data, short) == (200, True, False)
+    await settle()
+    assert_nothing_kept(proxy, digest)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_prefetch_the_disk_fills_up_under_fails_at_once(fake_registry, make_proxy):
+    layer = os.urandom(4 * 1024 * 1024)
+    fake_registry.add_image("library/big", "1", [layer])
+    fake_registry.blob_faults["*"] = Fault.slow(chunk=256 * 1024, delay=0.05)
+    proxy = await make_proxy(fake_registry.url)
+    SharedDisk(proxy, capacity=1024 * 1024)
+    control = proxy.proxy.control
+    control.prefetch("docker.io", "library/big", "1", None)
+    digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    await until(lambda: control._blobs.in_flight > 0)
+    # a client pulls the layer meanwhile: the download goes on for it alone
+    status, body, short = await get(proxy, f"/v2/big/blobs/{digest}")
+    (job,) = control.prefetch_jobs()
+    assert (job.state, job.error) == ("failed", "no room in the cache")
+    assert (status, body == layer, short) == (200, True, False)
+    await until(lambda: not os.listdir(proxy.cache_dir / "tmp"))
+    assert control._blobs.in_flight == 0
+
+
+async def old_image_on_shared_disk(fake_registry, make_proxy, capacity_mib):
+    """A proxy with library/old:1 cached (a 1 MiB layer: something to evict)
+    on a SharedDisk, and a 2 MiB blob upstream: (proxy, old layer, data, digest)."""
     fake_registry.add_image("library/old", "1", [os.urandom(1024 * 1024)])
     data = os.urandom(2 * 1024 * 1024)
     digest = fake_registry.add_blob(data)
     proxy = await make_proxy(fake_registry.url)
-    old = json.loads((await proxy.get("/v2/old/manifests/1")).body)["layers"][0]["digest"]
+    manifest = json.loads((await proxy.get("/v2/old/manifests/1")).body)
+    old = manifest["layers"][0]["digest"]
     assert (await proxy.get(f"/v2/old/blobs/{old}")).code == 200
     await settle()
-    SharedDisk(proxy, capacity=int(2.5 * 1024 * 1024))
+    SharedDisk(proxy, capacity=int(capacity_mib * 1024 * 1024))
+    return proxy, old, data, digest
+
+
+@pytest_twisted.ensureDeferred
+async def test_disk_filling_up_mid_download_evicts_to_go_on(fake_registry, make_proxy):
+    proxy, old, data, digest = await old_image_on_shared_disk(fake_registry, make_proxy, 2.5)
     status, body, short = await get(proxy, f"/v2/library/x/blobs/{digest}")
     assert (status, body == data, short) == (200, True, False)
     await settle()

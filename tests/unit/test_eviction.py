@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest_twisted
-from proxyharness import settle
+from proxyharness import partial_get, settle, until
+from twisted.internet.threads import deferToThread
 
 from registryproxy.config import ConfigError, parse_config, parse_size
 
@@ -113,6 +115,24 @@ async def test_making_room_spares_pins_and_never_empties_the_cache_in_vain(
     assert cached(proxy, pinned + other + huge) == [True, True, False]
     new = await pull(proxy, "new")  # fits once "other" is gone; the pin stays
     assert cached(proxy, pinned + other + new) == [True, False, True]
+
+
+@pytest_twisted.ensureDeferred
+async def test_making_room_passes_over_images_being_read(fake_registry, make_proxy):
+    MiB = 1024 * 1024
+    for name in ("one", "two", "three"):
+        fake_registry.add_image(f"library/{name}", "1", [os.urandom(16 * MiB)])
+    proxy = await make_proxy(fake_registry.url)
+    small_disk(proxy, 40 * MiB)
+    one = await pull(proxy, "one")
+    two = await pull(proxy, "two")
+    # a slow client is reading one's layer: evicting it would free nothing yet
+    reading = deferToThread(partial_get, proxy.url, f"/v2/one/blobs/{one[0]}", 1, 2.0, True)
+    await until(lambda: proxy.proxy.control._blobs.in_use())
+    three = await pull(proxy, "three")
+    assert cached(proxy, one + two + three) == [True, False, True]
+    status, body, short = await reading
+    assert (status, len(body), short) == (200, 16 * MiB, False)
 
 
 def test_sizes_and_their_errors():
