@@ -30,7 +30,10 @@ def is_valid_name(name: str) -> bool:
 
 def is_valid_registry_host(host: str) -> bool:
     """``docker.io``, ``ghcr.io``, ``localhost:5000``: how clients name a registry."""
-    return _REGISTRY_HOST.fullmatch(host) is not None
+    if _REGISTRY_HOST.fullmatch(host) is None:
+        return False
+    _, colon, port = host.partition(":")
+    return not colon or 0 < int(port) < 65536
 
 
 def is_valid_tag(tag: str) -> bool:

@@ -77,9 +77,11 @@ class Proxy:
     pool: HTTPConnectionPool
     index: Index
     evictor: Evictor
+    upstreams: Upstreams
 
     async def close(self) -> None:
         await self.pool.closeCachedConnections()
+        self.upstreams.close()
         self.index.close()
 
 
@@ -148,7 +150,7 @@ def build_proxy(config: Config, reactor: Any) -> Proxy:
     control = Control(
         config, store.root, store, index, manifests, blobs, upstreams, metrics, reactor, evictor
     )
-    return Proxy(Site(resource), control, pool, index, evictor)
+    return Proxy(Site(resource), control, pool, index, evictor, upstreams)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

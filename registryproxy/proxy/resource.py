@@ -6,6 +6,7 @@ manifest and blob caches, which go upstream when they must.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -86,25 +87,49 @@ def _named(upstreams: Upstreams, host: str, how: str) -> RegistryClient:
     return client
 
 
-_LINK = re.compile(r"\s*<([^>]*)>(.*)", re.DOTALL)
+_LINK = re.compile(r"<([^>]*)>([^<]*)")
+_REL_NEXT = re.compile(r'\brel\s*=\s*"?next"?(?:[\s;,]|$)', re.IGNORECASE)
+_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
-def _relink(link: str, repo: str, name: str, request: Request) -> str | None:
-    """An upstream's pagination ``Link``, made to lead back through regproxy
-    the way the client came: its name for the repository (a registry prefix,
-    no ``library/``), and its ``ns=``.  None if it points elsewhere."""
-    match = _LINK.fullmatch(link)
-    if match is None:
-        return None
-    target = urlsplit(match.group(1))
-    prefix = f"/v2/{repo}/"
-    if not target.path.startswith(prefix):
-        return None
-    query = parse_qsl(target.query, keep_blank_values=True)
-    if ns := request.args.get(b"ns"):
-        query.append(("ns", ns[-1].decode("latin-1")))
-    path = f"/v2/{name}/{target.path[len(prefix) :]}"
-    return f"<{path}{'?' + urlencode(query) if query else ''}>{match.group(2)}"
+def _relink(links: str, prefix: str, name: str, ns: str | None) -> str | None:
+    """The next page of an upstream's pagination ``Link``, made to lead back
+    through regproxy the way the client came: its name for the repository
+    (a registry prefix, no ``library/``) and its ``ns=``.  None if there is
+    none, or it leads somewhere else than *prefix* (``/v2/<repo>/``)."""
+    for url, params in _LINK.findall(links):
+        if not _REL_NEXT.search(params):
+            continue
+        target = urlsplit(url)
+        if not target.path.startswith(prefix):
+            return None
+        query = [(k, v) for k, v in parse_qsl(target.query, keep_blank_values=True) if k != "ns"]
+        if ns is not None:
+            query.append(("ns", ns))
+        path = f"/v2/{name}/{target.path[len(prefix) :]}"
+        return f'<{path}{"?" + urlencode(query) if query else ""}>; rel="next"'
+    return None
+
+
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9][\w!#$&^.+-]{0,126}/[A-Za-z0-9][\w!#$&^.+-]{0,126}")
+
+
+def _query(request: Request, keys: tuple[str, ...]) -> dict[str, str]:
+    """The last value of each of *keys* in the query string, checked."""
+    query = {}
+    for key in keys:
+        values = request.args.get(key.encode())
+        if values:
+            query[key] = values[-1].decode("utf-8", "replace")
+    if not re.fullmatch(r"[0-9]{1,9}", query.get("n", "0")):
+        raise RegistryError(
+            400, "PAGINATION_NUMBER_INVALID", f"n must be a number, not {query['n']!r}"
+        )
+    if not _MEDIA_TYPE.fullmatch(query.get("artifactType", "a/b")):
+        raise RegistryError(
+            400, "UNSUPPORTED", f"artifactType must be a media type, not {query['artifactType']!r}"
+        )
+    return query
 
 
 class RegistryResource(Resource):
@@ -203,35 +228,50 @@ class RegistryResource(Resource):
         """The tag list, or the referrers of a manifest (OCI 1.1): passed
         through, not cached.  An upstream without the referrers API answers
         404, and so does regproxy: clients then look for referrers by tag."""
-        keys: tuple[bytes, ...]
+        keys: tuple[str, ...]
         if kind == "tags":
-            path, unknown, keys = "tags/list", "NAME_UNKNOWN", (b"n", b"last")
+            path, unknown, keys, media_type = "tags/list", "NAME_UNKNOWN", ("n", "last"), None
         else:
             digest = match.group("digest")
             if not is_valid_digest(digest):
                 raise digest_invalid(digest)
-            path, unknown, keys = f"referrers/{digest}", "MANIFEST_UNKNOWN", (b"artifactType",)
-        query = {
-            key.decode(): values[-1].decode("latin-1")
-            for key, values in request.args.items()
-            if key in keys
-        }
-        if not query.get("n", "0").isdigit():
-            raise RegistryError(
-                400, "PAGINATION_NUMBER_INVALID", f"n must be a number, not {query['n']!r}"
-            )
+            path, unknown, keys = f"referrers/{digest}", "MANIFEST_UNKNOWN", ("artifactType",)
+            media_type = _OCI_INDEX
+        query = _query(request, keys)
         body, headers = await client.get_listing(repo, path, query, unknown)
+        try:
+            if not isinstance(json.loads(body), dict):
+                raise ValueError("not an object")
+        except ValueError:  # no HTML or script from upstream served under our name
+            raise RegistryError(
+                502, "UNAVAILABLE", f"upstream {client.name} answered {path} with no JSON object"
+            ) from None
         if gone:
             return
-        link = headers.pop("Link", None)
-        if link and (link := _relink(link, repo, match.group("name"), request)):
-            request.setHeader(b"Link", link.encode("latin-1"))
-        for name, value in headers.items():
-            request.setHeader(name.encode(), value.encode("latin-1"))
-        self._json(request, body, headers.get("Content-Type", "application/json"))
+        if "Link" in headers:
+            ns = request.args.get(b"ns")
+            base = urlsplit(client.config.url).path.rstrip("/")
+            link = _relink(
+                headers["Link"],
+                f"{base}/v2/{repo}/",
+                match.group("name"),
+                ns[-1].decode("latin-1") if ns else None,
+            )
+            if link is not None:
+                request.setHeader(b"Link", link.encode())
+            else:
+                log.warn(
+                    "upstream {upstream} gave a Link regproxy cannot follow: {link}",
+                    upstream=client.name,
+                    link=headers["Link"],
+                )
+        if headers.get("OCI-Filters-Applied") == "artifactType" and "artifactType" in query:
+            request.setHeader(b"OCI-Filters-Applied", b"artifactType")
+        self._json(request, body, media_type)
 
-    def _json(self, request: Request, body: bytes, content_type: str = "application/json") -> None:
-        request.setHeader(b"Content-Type", content_type.encode("latin-1"))
+    def _json(self, request: Request, body: bytes, media_type: str | None = None) -> None:
+        request.setHeader(b"Content-Type", (media_type or "application/json").encode())
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
         request.setHeader(b"Content-Length", b"%d" % len(body))
         request.write(body)
         request.finish()

@@ -8,7 +8,6 @@ that names the upstream.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Callable, Sequence
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -33,6 +32,7 @@ from ..errors import UPSTREAM_TROUBLE, RegistryError
 from ..metrics import Metrics
 from .auth import Authenticator, AuthError, parse_www_authenticate
 from .breaker import CircuitBreaker, CircuitOpen
+from .public import Refused, is_public
 
 log = Logger()
 
@@ -66,8 +66,9 @@ class ManifestHead:
 
 
 def _header(response: IResponse, name: str) -> str | None:
-    values = response.headers.getRawHeaders(name)
-    return values[-1] if values else None
+    """The last value of a response header, as Latin-1 (whatever its bytes)."""
+    values = response.headers.getRawHeaders(name.encode("ascii"))
+    return values[-1].decode("latin-1") if values else None
 
 
 def content_length(response: IResponse) -> int | None:
@@ -150,7 +151,7 @@ class RegistryClient:
         body = await self._read(response)
         headers = {
             name: value
-            for name in ("Content-Type", "Link", "OCI-Filters-Applied")
+            for name in ("Link", "OCI-Filters-Applied")
             if (value := _header(response, name))
         }
         return body, headers
@@ -270,7 +271,8 @@ class RegistryClient:
                 if e.status == 502 and delay is not None:
                     await deferLater(self._clock, delay, lambda: None)
                     continue
-                self.breaker.failed()
+                if e.status >= 500:
+                    self.breaker.failed()
                 raise
             if response.code >= 500:
                 self.breaker.failed()
@@ -283,10 +285,10 @@ class RegistryClient:
         h = Headers({"User-Agent": ["regproxy/0.1"]})
         for key, value in headers.items():
             h.setRawHeaders(key, [value])
-        d: Deferred[IResponse] = self._agent.request(method, url.encode("ascii"), h)
-        d.addTimeout(self.config.read_timeout, self._clock)
         self._metrics.upstream_requests.labels(self.name, _kind(method, url)).inc()
         try:
+            d: Deferred[IResponse] = self._agent.request(method, url.encode("ascii"), h)
+            d.addTimeout(self.config.read_timeout, self._clock)
             response = await d
             self.last_answer = self._clock.seconds()
             remaining = _header(response, "RateLimit-Remaining")
@@ -302,9 +304,15 @@ class RegistryClient:
                 f"upstream {self.name} ({self._base}) did not answer within "
                 f"{self.config.read_timeout:g}s",
             ) from None
+        except Refused as e:
+            raise RegistryError(403, "DENIED", f"upstream {self.name}: {_why(e)}") from None
         except (ConnectError, DNSLookupError, ResponseFailed) as e:
             raise RegistryError(
                 502, "UNAVAILABLE", f"upstream {self.name} ({self._base}) is unreachable: {_why(e)}"
+            ) from None
+        except ValueError as e:  # a host name no connection can be made to (IDNA)
+            raise RegistryError(
+                502, "UNAVAILABLE", f"upstream {self.name}: bad host name in {url!r}: {e}"
             ) from None
 
     async def _read(self, response: IResponse) -> bytes:
@@ -373,7 +381,7 @@ def internal_host(host: str | None) -> bool:
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
-        return not ipaddress.ip_address(host).is_global
+        return not is_public(host)
     except ValueError:
         return False
 

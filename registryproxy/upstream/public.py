@@ -14,14 +14,20 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 from twisted.web.client import URI
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
+
+
+class Refused(ConnectError):
+    """The host is not on the public internet: regproxy will not connect."""
 
 
 def resolve(host: str, port: int) -> list[str]:
@@ -30,8 +36,29 @@ def resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(sockaddr[0]) for *_, sockaddr in answers))
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_UNICAST6 = ipaddress.IPv6Network("2000::/3")
+#: IPv6 forms that carry or reach IPv4 addresses in ways we do not unpack
+_REFUSED6 = [
+    ipaddress.IPv6Network(net)
+    for net in ("::/96", "::ffff:0:0:0/96", "64:ff9b:1::/48", "2001::/32", "fec0::/10")
+]
+
+
 def is_public(address: str) -> bool:
-    return ipaddress.ip_address(address.split("%", 1)[0]).is_global
+    """Whether *address* is a unicast address on the public internet: not
+    loopback, private, link-local, shared, multicast or reserved, also when
+    an IPv4 address hides in an IPv6 one (mapped, NAT64, 6to4)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = ip.ipv4_mapped or ip.sixtofour
+        if inner is None and ip in _NAT64:
+            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if inner is not None:
+            return is_public(str(inner))
+        if ip not in _UNICAST6 or any(ip in net for net in _REFUSED6):
+            return False
+    return ip.is_global and not ip.is_multicast and not ip.is_reserved
 
 
 @implementer(IAgentEndpointFactory)
@@ -43,11 +70,16 @@ class PublicEndpoints:
         reactor: Any,
         policy: IPolicyForHTTPS,
         connect_timeout: float,
+        lookups: ThreadPool,
         allowed: Callable[[str], bool] = is_public,
     ) -> None:
+        """*lookups* is a pool of their own for the name lookups, so that
+        names whose DNS hangs hold up only each other, not the reactor's
+        threads (configured upstreams resolve there, and blobs are published)."""
         self._reactor = reactor
         self._policy = policy
         self._timeout = connect_timeout
+        self._lookups = lookups
         self._allowed = allowed
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
@@ -70,18 +102,21 @@ class _Resolved:
 
     async def _connect(self, protocolFactory: IProtocolFactory) -> IProtocol:
         e = self._endpoints
+        lookup = deferToThreadPool(e._reactor, e._lookups, resolve, self._host, self._port)
+        lookup.addTimeout(e._timeout, e._reactor)
         try:
-            addresses = await deferToThreadPool(
-                e._reactor, e._reactor.getThreadPool(), resolve, self._host, self._port
-            )
-        except OSError as error:
+            addresses = await lookup
+        except defer.TimeoutError:
+            raise DNSLookupError(f"{self._host}: no answer within {e._timeout:g}s") from None
+        except (OSError, ValueError) as error:  # UnicodeError too: a bad IDNA name
             raise DNSLookupError(f"{self._host}: {error}") from None
         public = [address for address in addresses if e._allowed(address)]
         if not public:
-            raise ConnectError(string=f"{self._host} resolves only to internal addresses; refused")
+            raise Refused(string=f"{self._host} resolves only to internal addresses; refused")
         failure: Exception | None = None
         for address in public:
-            endpoint = HostnameEndpoint(e._reactor, address, self._port, timeout=e._timeout)
+            tcp = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
+            endpoint = tcp(e._reactor, address, self._port, timeout=e._timeout)
             try:
                 return await endpoint.connect(protocolFactory)
             except ConnectError as error:

@@ -15,6 +15,7 @@ from typing import Any
 import treq
 from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -51,6 +52,8 @@ class Upstreams:
         self._metrics = metrics
         self._clients: dict[str, RegistryClient] = {}
         self._hosts: dict[str, str] = {}
+        #: threads for looking up the hosts clients name (allow_any_registry)
+        self._lookups: ThreadPool | None = None
         self.update(configs, default)
 
     @property
@@ -70,6 +73,11 @@ class Upstreams:
         for name, client in list(self._clients.items()):
             if self._configs.get(name) != client.config:
                 del self._clients[name]
+
+    def close(self) -> None:
+        if self._lookups is not None:
+            self._lookups.stop()
+            self._lookups = None
 
     def default_client(self) -> RegistryClient:
         client = self.get(self.default)
@@ -114,7 +122,12 @@ class Upstreams:
             # Named by a client, not by the operator: public addresses only,
             # and no connection shared with the pool, which is keyed by host
             # name alone and may hold one to a configured internal registry.
-            endpoints = PublicEndpoints(self._reactor, policy, config.connect_timeout)
+            if self._lookups is None:
+                self._lookups = ThreadPool(minthreads=0, maxthreads=4, name="regproxy-lookups")
+                self._lookups.start()
+            endpoints = PublicEndpoints(
+                self._reactor, policy, config.connect_timeout, self._lookups
+            )
             own = HTTPConnectionPool(self._reactor, persistent=False)
             agent = Agent.usingEndpointFactory(self._reactor, endpoints, pool=own)
         credentials = config.credentials()

@@ -432,6 +432,46 @@ async def test_referrers_of_a_registry_without_the_api_are_404(make_fake_registr
 
 
 @pytest_twisted.ensureDeferred
+async def test_listings_are_json_whatever_the_upstream_sends(fake_registry, make_proxy):
+    proxy = await make_proxy(fake_registry.url)
+    page = b"<html><script>alert(1)</script></html>"
+    fake_registry.status_override["/tags/list"] = (200, {"Content-Type": "text/html"}, page)
+    reply = await proxy.get("/v2/x/tags/list")
+    assert (reply.code, error_code(reply)) == (502, "UNAVAILABLE")
+    assert reply.body != page
+
+    links = (
+        '<https://elsewhere.example/v2/library/x/tags/list?n=1>; rel="prev", '
+        '</v2/library/x/tags/list?n=1&last=a&ns=evil.example.com>; rel="next"'
+    )
+    headers = {"Content-Type": "text/html", "Link": links, "OCI-Filters-Applied": "€"}
+    fake_registry.status_override["/tags/list"] = (200, headers, b'{"tags": ["a"]}')
+    reply = await proxy.get("/v2/x/tags/list?n=1")
+    assert reply.code == 200
+    assert reply.header("Content-Type") == "application/json"
+    assert reply.header("X-Content-Type-Options") == "nosniff"
+    assert reply.header("OCI-Filters-Applied") is None
+    # the next page, through regproxy, by the client's name, without the upstream's ns=
+    assert reply.header("Link") == '</v2/x/tags/list?n=1&last=a>; rel="next"'
+
+
+@pytest_twisted.ensureDeferred
+async def test_listing_queries_are_checked(fake_registry, make_proxy):
+    digest, _ = fake_registry.add_image("library/app", "1", [b"app"], media="oci")
+    proxy = await make_proxy(fake_registry.url)
+    for path in (
+        "/v2/app/tags/list?n=%C2%B2",  # a superscript two is no number
+        "/v2/app/tags/list?n=1234567890123",
+        f"/v2/app/referrers/{digest}?artifactType=not-a-type",
+        f"/v2/app/referrers/{digest}?artifactType=%FF/x",
+    ):
+        reply = await proxy.get(path)
+        assert reply.code == 400, path
+    assert fake_registry.count("GET", "/tags/list") == 0
+    assert fake_registry.count("GET", "/referrers/") == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_unknown_route_is_json_404(fake_registry, make_proxy):
     proxy = await make_proxy(fake_registry.url)
     for path in ["/", "/v1/", "/v2/x/other/thing"]:
