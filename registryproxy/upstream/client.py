@@ -92,8 +92,12 @@ class RegistryClient:
         clock: IReactorTime,
         fallbacks: Callable[[], Sequence[RegistryClient]] = lambda: (),
         metrics: Metrics | None = None,
+        https_only: bool = False,
     ) -> None:
+        """*https_only*: for a registry a client named (allow_any_registry),
+        whose redirects must not lead to plain http services."""
         self.name = name
+        self._https_only = https_only
         self.config = config
         self._agent = agent
         self._auth = auth
@@ -239,6 +243,10 @@ class RegistryClient:
             url = urljoin(url, location)
             if urlsplit(url).scheme not in ("http", "https") or not url.isascii():
                 break
+            if self._https_only and urlsplit(url).scheme != "https":
+                raise RegistryError(
+                    502, "UNAVAILABLE", f"upstream {self.name} redirected to plain http; refused"
+                )
             if internal_host(urlsplit(url).hostname) and not internal_host(self._origin[1]):
                 raise RegistryError(
                     502,

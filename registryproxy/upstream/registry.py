@@ -149,6 +149,7 @@ class Upstreams:
                 client for other in config.fallbacks if (client := self.get(other)) is not None
             ],
             metrics=self._metrics,
+            https_only=name not in self._configs,
         )
 
 

@@ -20,7 +20,11 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from registryproxy.config import UpstreamConfig
+from registryproxy.errors import RegistryError
 from registryproxy.upstream import public
+from registryproxy.upstream.auth import Authenticator
+from registryproxy.upstream.client import RegistryClient
 from registryproxy.upstream.public import PublicEndpoints, Refused
 
 
@@ -195,3 +199,21 @@ async def test_hanging_lookups_do_not_hold_up_the_reactors_threads(
     for response in await stuck:
         assert response.code == 403
         await response.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_named_registry_may_not_redirect_to_plain_http(make_fake_registry):
+    registry = await make_fake_registry()
+    registry.redirect_blobs = True  # to its CDN, on http://
+    digest = registry.add_blob(b"layer")
+    agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+
+    def client(https_only: bool) -> RegistryClient:
+        auth = Authenticator(registry.url, None, None, treq.client.HTTPClient(agent), reactor)
+        config = UpstreamConfig(url=registry.url)
+        return RegistryClient("x", config, agent, auth, reactor, https_only=https_only)
+
+    response = await client(https_only=False).get_blob("team/app", digest)
+    assert await treq.content(response) == b"layer"
+    with pytest.raises(RegistryError, match="redirected to plain http; refused"):
+        await client(https_only=True).get_blob("team/app", digest)
