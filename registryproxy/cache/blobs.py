@@ -104,9 +104,10 @@ class BlobFetch:
         self._listeners[listener] = position
 
     def moved(self, listener: Callable[[], None], position: int) -> None:
-        """*listener* has the bytes up to *position* (sent them without :meth:`read`)."""
+        """*listener* has had the bytes up to *position* (a relay may let go of them)."""
         if listener in self._listeners:
             self._listeners[listener] = position
+            self._drain()
 
     def unlisten(self, listener: Callable[[], None]) -> None:
         self._listeners.pop(listener, None)
@@ -133,9 +134,7 @@ class BlobFetch:
 
     def read(self, listener: Callable[[], None], offset: int, size: int) -> bytes:
         data = self._writer.read(offset, size)
-        if listener in self._listeners:
-            self._listeners[listener] = offset + len(data)
-            self._drain()
+        self.moved(listener, offset + len(data))
         return data
 
     def _drain(self) -> None:
