@@ -275,7 +275,7 @@ async def relayed_to_two(fake_registry, make_proxy, monkeypatch, sendfile, lagge
 async def test_a_client_leaving_a_relay_lets_the_others_go_on(
     fake_registry, make_proxy, monkeypatch, sendfile
 ):
-    await relayed_to_two(fake_registry, make_proxy, monkeypatch, sendfile, {"first": 1, "lag": 2.0})
+    await relayed_to_two(fake_registry, make_proxy, monkeypatch, sendfile, {"first": 1, "lag": 0.5})
 
 
 @pytest.mark.parametrize("sendfile", [True, False])
