@@ -685,7 +685,12 @@ class FakeRegistry:
                 return self._error(
                     request, 404, "MANIFEST_UNKNOWN", f"manifest tagged by {ref!r} is not found"
                 )
-            found = _negotiate(_accepted(record), [(d, stored[d][1]) for d in variants])
+            accepted = _accepted(record)
+            found = _negotiate(accepted, [(d, stored[d][1]) for d in variants])
+            if found is None:
+                # as Distribution and Docker Hub: a client that takes no
+                # list gets the list's linux/amd64 manifest
+                found = self._platform_fallback(accepted, [stored[d] for d in variants], stored)
             if found is None:
                 media_type = stored[variants[0]][1]
                 return self._error(
@@ -700,6 +705,25 @@ class FakeRegistry:
         request.setHeader(b"Docker-Content-Digest", digest.encode())
         request.setHeader(b"ETag", f'"{digest}"'.encode())
         return self._serve(request, body, self._fault(self.manifest_faults, digest, request))
+
+    @staticmethod
+    def _platform_fallback(
+        accepted: set[str] | None,
+        variants: list[tuple[bytes, str]],
+        stored: dict[str, tuple[bytes, str]],
+    ) -> str | None:
+        for body, media_type in variants:
+            if media_type not in _LIST_TYPES:
+                continue
+            for d in json.loads(body)["manifests"]:
+                platform = d.get("platform", {})
+                if (platform.get("os"), platform.get("architecture")) != ("linux", "amd64"):
+                    continue
+                if d["digest"] in stored and _negotiate(
+                    accepted, [(d["digest"], stored[d["digest"]][1])]
+                ):
+                    return str(d["digest"])
+        return None
 
     def _blob(self, request: Request, record: RecordedRequest, name: str, digest: str) -> int:
         delay = self.blob_delay.get(request.method.decode("ascii"))
@@ -911,6 +935,12 @@ def _diff_id(layer: bytes) -> str:
         return sha256(gzip.decompress(layer))
     except (OSError, EOFError, zlib.error):
         return sha256(layer)
+
+
+_LIST_TYPES = (
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.index.v1+json",
+)
 
 
 def _accepted(record: RecordedRequest) -> set[str] | None:

@@ -22,10 +22,10 @@ from ..cache.manifests import ManifestCache, references
 from ..cache.store import BlobStore, FileStore
 from ..config import PRESETS, Config, ConfigError, settings_of, upstream_from_settings
 from ..errors import RegistryError
+from ..mediatypes import MODERN
 from ..metrics import Metrics
 from ..names import Digest, is_valid_digest
 from ..reference import parse_image
-from ..upstream.client import DEFAULT_MANIFEST_ACCEPT
 from ..upstream.registry import Upstreams
 from .backend import (
     AdminError,
@@ -283,16 +283,12 @@ class Control:
     async def _run(self, job: _Job, client: Any) -> None:
         job.state = "running"
         try:
-            top = await self._manifests.get(
-                client, job.repository, job.reference, DEFAULT_MANIFEST_ACCEPT
-            )
+            top = await self._manifests.get(client, job.repository, job.reference, MODERN)
             job.manifests_done += 1
             images = [top.body]
             children = _platform_children(top.body, job.platforms)
             for child in children:
-                manifest = await self._manifests.get(
-                    client, job.repository, child, DEFAULT_MANIFEST_ACCEPT
-                )
+                manifest = await self._manifests.get(client, job.repository, child, MODERN)
                 job.manifests_done += 1
                 images.append(manifest.body)
             wanted = [d for body in images for d, kind in references(body) if kind == "blob"]

@@ -2,10 +2,10 @@
 
 Manifest bytes live in the blob store by digest like any blob; this index
 remembers which upstream repository a manifest was fetched for, its media
-type, which digest a tag pointed to when (per media type: a client that
-accepts only single-platform manifests gets another answer than one that
-takes an index), which blobs and child manifests each manifest lists, and
-sizes and access times for the admin API and eviction.
+type, which digest a tag pointed to when (one per tag: what the registry
+stores, never a conversion asked for by one client), which blobs and child
+manifests each manifest lists, and sizes and access times for the admin API
+and eviction.
 
 Access times are kept in memory and written in batches (:meth:`flush`), so a
 cache hit never waits for a disk write.
@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS manifests (
 CREATE TABLE IF NOT EXISTS tags (
     upstream TEXT NOT NULL, repo TEXT NOT NULL, tag TEXT NOT NULL,
     media_type TEXT NOT NULL, digest TEXT NOT NULL, checked_at REAL NOT NULL,
-    PRIMARY KEY (upstream, repo, tag, media_type)
+    PRIMARY KEY (upstream, repo, tag)
 );
 -- what a manifest lists: blobs (config, layers) and, for an index, manifests
 CREATE TABLE IF NOT EXISTS refs (
@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS repo_blobs (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS repo_blobs_digest ON repo_blobs (digest);
 """
-_VERSION = 1
+_VERSION = 2
 
 
 @attrs.frozen
@@ -129,7 +129,13 @@ class Index:
             name
             for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")
         ]
-        if version < _VERSION and tables:
+        if version == 1:
+            # Version 1 kept a digest per tag and media type, so one client's
+            # narrow Accept could cache a platform fallback as the tag; tags
+            # are cheap to learn again, manifests and blobs stay.
+            log.info("index {path}: forgetting tags of schema 1", path=path)
+            self._db.execute("DROP TABLE IF EXISTS tags")
+        elif version < _VERSION and tables:
             # an index from before the schema was versioned: it is only a
             # cache of what the store holds, so start it afresh
             log.warn("index {path} has an old schema; starting a new one", path=path)
@@ -212,13 +218,12 @@ class Index:
                 [(upstream, repo, child) for child, kind in refs if kind == "blob"],
             )
 
-    def tags(self, upstream: str, repo: str, tag: str) -> list[TagEntry]:
-        rows = self._db.execute(
-            "SELECT digest, media_type, checked_at FROM tags"
-            " WHERE upstream=? AND repo=? AND tag=? ORDER BY checked_at DESC",
+    def tag(self, upstream: str, repo: str, tag: str) -> TagEntry | None:
+        row = self._db.execute(
+            "SELECT digest, media_type, checked_at FROM tags WHERE upstream=? AND repo=? AND tag=?",
             (upstream, repo, tag),
-        ).fetchall()
-        return [TagEntry(*row) for row in rows]
+        ).fetchone()
+        return TagEntry(*row) if row else None
 
     def put_tag(self, upstream: str, repo: str, tag: str, entry: TagEntry) -> None:
         self._db.execute(
@@ -300,7 +305,7 @@ class Index:
 
     def repo_tags(self, upstream: str, repo: str) -> list[TagRow]:
         rows = self._db.execute(
-            "SELECT * FROM tags WHERE upstream=? AND repo=? ORDER BY tag, media_type",
+            "SELECT * FROM tags WHERE upstream=? AND repo=? ORDER BY tag",
             (upstream, repo),
         ).fetchall()
         return [TagRow(*row) for row in rows]
@@ -342,7 +347,8 @@ class Index:
             if digest is not None:
                 roots = [digest]
             elif tag is not None:
-                roots = [t.digest for t in self.tags(upstream, repo, tag)]
+                entry = self.tag(upstream, repo, tag)
+                roots = [entry.digest] if entry else []
             else:
                 roots = [m.digest for m in self.repo_manifests(upstream, repo)]
             kept.update((upstream, repo, d) for d in self.family(upstream, repo, roots))

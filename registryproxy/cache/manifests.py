@@ -3,8 +3,8 @@
 A tag inside its TTL is answered from the cache.  After the TTL an upstream
 ``HEAD`` (free on Docker Hub's pull limit) tells whether the digest moved;
 only then is the manifest fetched again.  Requests by digest never
-revalidate.  A stored manifest is served only to a client whose ``Accept``
-takes its media type; anyone else gets the variant they asked for.
+revalidate.  A tag's entry is always what the registry stores for it: see
+:mod:`registryproxy.mediatypes` for how each client's ``Accept`` is met.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..errors import UPSTREAM_TROUBLE, RegistryError
-from ..mediatypes import acceptable
+from ..mediatypes import LISTS, acceptable, default_platform, upstream_accept
 from ..names import Digest, is_valid_digest
 from ..singleflight import SingleFlight
 from ..upstream.client import RegistryClient
@@ -51,54 +51,74 @@ class ManifestCache:
         self._clock = clock
         self._tag_ttl = tag_ttl
         self._max_stale = max_stale
-        self._flight: SingleFlight[tuple[str, str, str, tuple[str, ...]], CachedManifest] = (
-            SingleFlight()
-        )
+        self._flight: SingleFlight[tuple[str, str, str], CachedManifest] = SingleFlight()
 
     async def get(
         self, client: RegistryClient, repo: str, reference: str, accept: Sequence[str]
     ) -> CachedManifest:
-        key = (client.name, repo, reference, tuple(accept))
+        """The manifest a client that sent *accept* gets for *reference*.
+
+        What is cached and asked upstream does not depend on *accept*: by
+        digest, the bytes of that digest; by tag, what the registry stores
+        for the tag, or for a client that takes no lists, the linux/amd64
+        manifest of the stored list (as Distribution picks).  A tag whose
+        stored type the client does not take is ``404 MANIFEST_UNKNOWN``."""
+        manifest = await self._stored(client, repo, reference, accept)
+        if is_valid_digest(reference) or acceptable(manifest.media_type, accept):
+            return manifest
+        if manifest.media_type in LISTS:
+            child = default_platform(manifest.body)
+            if child is not None and is_valid_digest(child):
+                platform = await self._stored(client, repo, child, accept)
+                if acceptable(platform.media_type, accept):
+                    return platform
+        raise RegistryError(
+            404,
+            "MANIFEST_UNKNOWN",
+            f"{repo}:{reference} is a {manifest.media_type}, which the Accept header does not "
+            f"take (it takes {', '.join(accept)})",
+        )
+
+    async def _stored(
+        self, client: RegistryClient, repo: str, reference: str, accept: Sequence[str]
+    ) -> CachedManifest:
+        """What the registry stores under *reference*: from the cache, or
+        revalidated or fetched once however many clients ask at once."""
+        key = (client.name, repo, reference)
         if is_valid_digest(reference):
             cached = self._by_digest(client.name, repo, reference)
             if cached is not None:
                 return cached
             return await self._flight.run(key, lambda: self._fetch(client, repo, reference, accept))
-        for entry in self._index.tags(client.name, repo, reference):
-            if not acceptable(entry.media_type, accept):
-                continue
-            cached = self._by_digest(client.name, repo, entry.digest)
-            if cached is None:
-                break
-            ttl = client.config.tag_ttl
-            expired_for = (
-                self._clock.seconds() - entry.checked_at - (self._tag_ttl if ttl is None else ttl)
+        entry = self._index.tag(client.name, repo, reference)
+        cached = self._by_digest(client.name, repo, entry.digest) if entry else None
+        if entry is None or cached is None:
+            return await self._flight.run(key, lambda: self._fetch(client, repo, reference, accept))
+        ttl = client.config.tag_ttl
+        expired_for = (
+            self._clock.seconds() - entry.checked_at - (self._tag_ttl if ttl is None else ttl)
+        )
+        if expired_for < 0:
+            return cached
+        try:
+            return await self._flight.run(
+                key, lambda: self._revalidate(client, repo, reference, accept, entry, cached)
             )
-            if expired_for < 0:
-                return cached
-            try:
-                return await self._flight.run(
-                    key,
-                    lambda entry=entry, cached=cached: self._revalidate(  # type: ignore[misc]
-                        client, repo, reference, accept, entry, cached
-                    ),
-                )
-            except RegistryError as e:
-                # stale-if-error: an old answer beats none while the upstream is in trouble
-                if e.status not in UPSTREAM_TROUBLE:
-                    raise
-                if self._max_stale is not None and expired_for > self._max_stale:
-                    raise
-                log.warn(
-                    "serving {upstream}/{repo}:{tag} stale by {age:.0f}s: {why}",
-                    upstream=client.name,
-                    repo=repo,
-                    tag=reference,
-                    age=expired_for,
-                    why=e.message,
-                )
-                return attrs.evolve(cached, cache="STALE")
-        return await self._flight.run(key, lambda: self._fetch(client, repo, reference, accept))
+        except RegistryError as e:
+            # stale-if-error: an old answer beats none while the upstream is in trouble
+            if e.status not in UPSTREAM_TROUBLE:
+                raise
+            if self._max_stale is not None and expired_for > self._max_stale:
+                raise
+            log.warn(
+                "serving {upstream}/{repo}:{tag} stale by {age:.0f}s: {why}",
+                upstream=client.name,
+                repo=repo,
+                tag=reference,
+                age=expired_for,
+                why=e.message,
+            )
+            return attrs.evolve(cached, cache="STALE")
 
     def _by_digest(self, upstream: str, repo: str, digest: str) -> CachedManifest | None:
         entry = self._index.manifest(upstream, repo, digest)
@@ -123,7 +143,7 @@ class ManifestCache:
         entry: TagEntry,
         cached: CachedManifest,
     ) -> CachedManifest:
-        head = await client.head_manifest(repo, tag, accept)
+        head = await client.head_manifest(repo, tag, upstream_accept(accept))
         if head.digest == entry.digest:
             log.debug("{upstream}/{repo}:{tag} unchanged", upstream=client.name, repo=repo, tag=tag)
             self._index.put_tag(
@@ -135,7 +155,7 @@ class ManifestCache:
     async def _fetch(
         self, client: RegistryClient, repo: str, reference: str, accept: Sequence[str]
     ) -> CachedManifest:
-        manifest = await client.get_manifest(repo, reference, accept)
+        manifest = await client.get_manifest(repo, reference, upstream_accept(accept))
         if is_valid_digest(reference):
             expected = Digest.parse(reference)
         elif manifest.digest and is_valid_digest(manifest.digest):

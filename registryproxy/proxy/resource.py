@@ -201,9 +201,10 @@ class RegistryResource(Resource):
         if kind == "manifest":
             reference = match.group("reference")
             if not (is_valid_tag(reference) or is_valid_digest(reference)):
-                if ":" in reference:
-                    raise digest_invalid(reference)
-                raise RegistryError(400, "TAG_INVALID", f"invalid tag {reference!r}")
+                # a reference no tag or digest can be names no manifest (as Distribution)
+                raise RegistryError(
+                    404, "MANIFEST_UNKNOWN", f"{reference!r} is neither a tag nor a digest"
+                )
             accept = parse_accept(request.requestHeaders.getRawHeaders(b"Accept", []))
             manifest = await self._manifests.get(client, repo, reference, accept)
             if not gone:

@@ -29,6 +29,7 @@ from twisted.web.iweb import IAgent, IResponse
 
 from ..config import UpstreamConfig
 from ..errors import UPSTREAM_TROUBLE, RegistryError
+from ..mediatypes import MODERN
 from ..metrics import Metrics
 from .auth import Authenticator, AuthError, parse_www_authenticate
 from .breaker import CircuitBreaker, CircuitOpen
@@ -36,14 +37,6 @@ from .public import Refused, is_public
 
 log = Logger()
 
-#: every manifest type a modern client understands; sent when a client gives
-#: no Accept, so the upstream never falls back to a schema1 conversion
-DEFAULT_MANIFEST_ACCEPT = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-)
 _REDIRECTS = (301, 302, 303, 307, 308)
 #: seconds to wait before each retry of a request whose connection failed
 _RETRY_DELAYS = (0.2, 0.8)
@@ -409,7 +402,7 @@ def _kind(method: bytes, url: str) -> str:
 
 
 def _accept(accept: Sequence[str]) -> dict[str, str]:
-    return {"Accept": ", ".join(accept or DEFAULT_MANIFEST_ACCEPT)}
+    return {"Accept": ", ".join(accept or MODERN)}
 
 
 def _media_type(response: IResponse) -> str:

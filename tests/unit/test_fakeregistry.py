@@ -155,7 +155,10 @@ async def test_accept_picks_the_variant(fake_registry: FakeRegistry) -> None:
     accept = [f"{DOCKER_MANIFEST}; q=0.5, text/plain", f"{OCI_INDEX};q=0.9"]
     assert header(await get(url, {"Accept": accept}), "Docker-Content-Digest") == index
     assert header(await get(url, {"Accept": [DOCKER_MANIFEST]}), "Docker-Content-Digest") == single
+    # no variant taken: a list's linux/amd64 manifest, as registries answer
     response = await get(url, {"Accept": [DOCKER_MANIFEST_LIST, OCI_MANIFEST]})
+    assert header(response, "Docker-Content-Digest") == amd
+    response = await get(url, {"Accept": [DOCKER_MANIFEST_LIST]})
     assert (response.code, await errors(response)) == (404, ["MANIFEST_UNKNOWN"])
     # by digest, Accept does not matter
     response = await get(f"{registry.url}/v2/library/alpine/manifests/{index}", {"Accept": ["x/y"]})

@@ -66,7 +66,7 @@ def test_tag_purge_keeps_a_manifest_another_tag_still_names(index):
     index.put_tag("docker.io", "library/a", "latest", TagEntry(d("m"), "m", 100.0))
     removed = index.purge(upstream="docker.io", repo="library/a", tag="1")
     assert (removed.tags, removed.manifests, removed.blobs) == (1, 0, [])
-    assert index.tags("docker.io", "library/a", "latest")
+    assert index.tag("docker.io", "library/a", "latest")
 
 
 def test_digest_purge_removes_its_tags_too(index):
@@ -75,7 +75,7 @@ def test_digest_purge_removes_its_tags_too(index):
     removed = index.purge(upstream="docker.io", repo="library/a", digest=d("m1"))
     assert (removed.tags, removed.manifests) == (1, 1)
     assert {digest for digest, _ in removed.blobs} == {d("m1"), d("l1")}
-    assert index.tags("docker.io", "library/a", "2")
+    assert index.tag("docker.io", "library/a", "2")
 
 
 def test_same_manifest_in_two_upstreams_survives_purge_of_one(index):
