@@ -430,6 +430,36 @@ def test_media_types_pass_unchanged(
         assert referrers.status == 404, referrers.body[:200]
 
 
+def test_a_narrow_accept_does_not_poison_a_multi_arch_tag(
+    test_images: dict[str, Image],
+    regproxy: Callable[..., harness.RegProxy],
+    skopeo: harness.Skopeo,
+    workdir: Path,
+) -> None:
+    """One client that takes no lists, first on a cold cache: Distribution
+    answers it with the amd64 manifest, which must not become the tag."""
+    image = test_images["dockerlist"]
+    proxy = regproxy()
+    client = proxy.client()
+    single = "application/vnd.docker.distribution.manifest.v2+json"
+    amd64 = image.children["linux/amd64"].manifest_digest
+    first = client.manifest(image.repository, image.tag, [single])
+    assert (first.status, first.header("Docker-Content-Digest")) == (200, amd64)
+
+    dest = workdir / "arm64"
+    skopeo.run(
+        "--override-arch",
+        "arm64",
+        "--override-variant",
+        "v8",
+        *skopeo.copy_args(image.docker_ref(proxy.host_port), f"dir:{dest}"),
+    )
+    arm64 = image.children["linux/arm64/v8"]
+    assert (dest / "manifest.json").read_bytes() == arm64.manifest
+    listed = client.manifest(image.repository, image.tag, images.MANIFEST_TYPES)
+    assert listed.header("Docker-Content-Digest") == image.manifest_digest
+
+
 # ---------------------------------------------------------------------------
 # private repositories: the proxy's upstream credentials
 # ---------------------------------------------------------------------------
