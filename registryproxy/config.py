@@ -130,6 +130,9 @@ class UpstreamConfig:
     fallbacks: tuple[str, ...] = ()
     #: Docker Hub's rule that a one-part name is an official image: nginx -> library/nginx
     library_prefix: bool = False
+    #: serve what regproxy pulls with its credentials to every client, also
+    #: repositories the upstream serves to nobody without credentials
+    share_private: bool = False
 
     def __attrs_post_init__(self) -> None:
         parts = urlsplit(self.url)

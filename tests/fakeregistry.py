@@ -260,6 +260,8 @@ class FakeRegistry:
     honour_ranges: bool = True
     #: Bearer mode: /token issues tokens without credentials (public repos).
     anonymous_tokens: bool = True
+    #: Bearer mode: repositories an anonymous token grants no pull of.
+    private_repos: set[str] = attrs.field(factory=set)
     #: Serves the OCI 1.1 referrers API (else 404, as registries before it do).
     referrers_api: bool = True
     #: Per digest, or ``"*"`` for every blob.
@@ -649,7 +651,8 @@ class FakeRegistry:
                 kind, _, rest = one.partition(":")
                 name, _, actions = rest.rpartition(":")
                 if kind == "repository" and name and "pull" in actions.split(","):
-                    repositories.add(name)
+                    if credentials is not None or name not in self.private_repos:
+                        repositories.add(name)
         token = secrets.token_urlsafe(24)
         now = self.clock.seconds()
         self._tokens[token] = _Token(frozenset(repositories), now + self.token_expires_in)

@@ -205,6 +205,7 @@ class RegistryResource(Resource):
                 raise RegistryError(
                     404, "MANIFEST_UNKNOWN", f"{reference!r} is neither a tag nor a digest"
                 )
+            await client.check_shareable(repo, f"manifests/{reference}")
             accept = parse_accept(request.requestHeaders.getRawHeaders(b"Accept", []))
             manifest = await self._manifests.get(client, repo, reference, accept)
             if not gone:
@@ -213,6 +214,7 @@ class RegistryResource(Resource):
             digest = match.group("digest")
             if not is_valid_digest(digest):
                 raise digest_invalid(digest)
+            await client.check_shareable(repo, f"blobs/{digest}")
             await self._blob(request, client, repo, Digest.parse(digest), gone)
         else:
             await self._listing(request, kind, match, client, repo, gone)
@@ -239,6 +241,7 @@ class RegistryResource(Resource):
             path, unknown, keys = f"referrers/{digest}", "MANIFEST_UNKNOWN", ("artifactType",)
             media_type = _OCI_INDEX
         query = _query(request, keys)
+        await client.check_shareable(repo, "tags/list")
         body, headers = await client.get_listing(repo, path, query, unknown)
         try:
             if not isinstance(json.loads(body), dict):

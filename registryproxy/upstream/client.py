@@ -33,6 +33,7 @@ from ..mediatypes import MODERN
 from ..metrics import Metrics
 from .auth import Authenticator, AuthError, parse_www_authenticate
 from .breaker import CircuitBreaker, CircuitOpen
+from .privacy import Privacy
 from .public import Refused, is_public
 
 log = Logger()
@@ -86,9 +87,12 @@ class RegistryClient:
         fallbacks: Callable[[], Sequence[RegistryClient]] = lambda: (),
         metrics: Metrics | None = None,
         https_only: bool = False,
+        anonymous: Authenticator | None = None,
     ) -> None:
         """*https_only*: for a registry a client named (allow_any_registry),
-        whose redirects must not lead to plain http services."""
+        whose redirects must not lead to plain http services.  *anonymous*:
+        an authenticator without credentials, to find out what the upstream
+        serves to anyone (see :meth:`check_shareable`); None shares all."""
         self.name = name
         self._https_only = https_only
         self.config = config
@@ -102,6 +106,8 @@ class RegistryClient:
         self.last_answer: float | None = None
         self._base = config.url.rstrip("/")
         self._origin = _origin(self._base)
+        self._anonymous = anonymous
+        self._privacy = Privacy(name, clock)
 
     # -- the registry API -------------------------------------------------
 
@@ -153,6 +159,42 @@ class RegistryClient:
         }
         return body, headers
 
+    async def check_shareable(self, repo: str, what: str) -> None:
+        """Raise what an anonymous client of the upstream would get for
+        *what* (``manifests/<ref>``, ``blobs/<digest>``, ``tags/list``) in
+        *repo*, unless the upstream serves the repository to anyone: content
+        regproxy pulls with its own credentials is not for everyone."""
+        if self._anonymous is None:
+            return
+        await self._privacy.check(repo, what, lambda: self._probe(repo, what))
+
+    async def _probe(self, repo: str, what: str) -> RegistryError | None:
+        kind = what.split("/", 1)[0]
+        method, headers, unknown = {
+            "manifests": (b"HEAD", _accept(()), "MANIFEST_UNKNOWN"),
+            "blobs": (b"HEAD", {}, "BLOB_UNKNOWN"),
+        }.get(kind, (b"GET", {}, "NAME_UNKNOWN"))
+        url = (
+            f"{self._base}/v2/{repo}/{what if kind in ('manifests', 'blobs') else 'tags/list?n=1'}"
+        )
+        refused = RegistryError(
+            401, "UNAUTHORIZED", f"authentication required: {repo} on {self.name} is not public"
+        )
+        assert self._anonymous is not None
+        try:
+            response = await self._authorized(method, repo, url, headers, self._anonymous)
+        except RegistryError as e:
+            if e.status in UPSTREAM_TROUBLE:
+                raise
+            return refused
+        if response.code == 200:
+            await self._discard(response)
+            return None
+        error = await self._error(response, repo, unknown)
+        if error.status in UPSTREAM_TROUBLE:
+            raise error
+        return refused if error.status in (401, 403) else error
+
     async def ping(self) -> int:
         """``GET /v2/``: the status the upstream answers (401 is a fine answer)."""
         response = await self._send(b"GET", self._base + "/v2/", {})
@@ -194,18 +236,25 @@ class RegistryClient:
         raise await self._error(response, repo, unknown)
 
     async def _authorized(
-        self, method: bytes, repo: str, url: str, headers: dict[str, str]
+        self,
+        method: bytes,
+        repo: str,
+        url: str,
+        headers: dict[str, str],
+        auth: Authenticator | None = None,
     ) -> IResponse:
+        """*auth*: regproxy's own credentials unless another is given."""
+        auth = auth or self._auth
         scope = f"repository:{repo}:pull"
-        authorization = self._auth.cached(scope)
+        authorization = auth.cached(scope)
         response = await self._follow(method, url, headers, authorization)
         if response.code != 401:
             return response
         await self._discard(response)
-        self._auth.invalidate(scope)
+        auth.invalidate(scope)
         challenges = parse_www_authenticate(response.headers.getRawHeaders("WWW-Authenticate", []))
         try:
-            authorization = await self._auth.authorize(challenges, scope)
+            authorization = await auth.authorize(challenges, scope)
         except AuthError as e:
             raise RegistryError(
                 502, "UNAVAILABLE", f"upstream {self.name}: token service failed: {e}"

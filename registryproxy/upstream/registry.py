@@ -138,6 +138,11 @@ class Upstreams:
             http=treq.client.HTTPClient(agent),
             clock=self._reactor,
         )
+        anonymous = None
+        if credentials and not config.share_private:
+            anonymous = Authenticator(
+                config.url, None, None, http=treq.client.HTTPClient(agent), clock=self._reactor
+            )
         log.info("upstream {name} is {url}", name=name, url=config.url)
         return RegistryClient(
             name,
@@ -150,6 +155,7 @@ class Upstreams:
             ],
             metrics=self._metrics,
             https_only=name not in self._configs,
+            anonymous=anonymous,
         )
 
 

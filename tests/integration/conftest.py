@@ -313,6 +313,9 @@ def ghcr_upstream(ghcr_registry: harness.HtpasswdRegistry) -> dict[str, Any]:
         "username": GHCR_CREDS[0],
         "password": GHCR_CREDS[1],
         "aliases": [GHCR_ALIAS],
+        # a private registry: nothing is public there, so share what
+        # regproxy's credentials pull (the operator's choice)
+        "share_private": True,
     }
 
 

@@ -94,6 +94,7 @@ def test_upstream_added_through_the_api_serves_at_once_and_after_restart(
         f"url={ghcr_registry.url}",
         f"username={GHCR_CREDS[0]}",
         f"password={GHCR_CREDS[1]}",
+        "share_private=true",
     )
     assert added.returncode == 0, added.stderr
     skopeo.pull(ref, workdir / "after")

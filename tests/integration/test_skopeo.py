@@ -479,8 +479,22 @@ def test_private_repository_needs_upstream_credentials(
         "a private image came through a proxy without upstream credentials"
     )
 
+    # with credentials, regproxy can pull it, but serves it to nobody...
     user, password = upstream_registry.read_creds
     authed = regproxy(username=user, password=password)
-    skopeo.pull(image.docker_ref(authed.host_port), workdir / "allowed")
+    result = skopeo.pull(image.docker_ref(authed.host_port), workdir / "kept", check=False)
+    assert result.returncode != 0, "a private image was served to an anonymous client"
+    client = authed.client()
+    assert client.manifest(image.repository, image.tag, images.MANIFEST_TYPES).status == 401
+    public = test_images["multilayer"]
+    skopeo.pull(public.docker_ref(authed.host_port), workdir / "public")
+
+    # ...unless the operator says it may be shared
+    shared = regproxy(
+        username=user,
+        password=password,
+        extra_config={"upstreams": {"docker.io": {"share_private": True}}},
+    )
+    skopeo.pull(image.docker_ref(shared.host_port), workdir / "allowed")
     assert image.layout is not None
     assert_same_tree(workdir / "allowed", image.layout)

@@ -201,7 +201,8 @@ async def test_upstream_added_at_run_time_serves_at_once_and_survives_restart(
     assert (await proxy.get("/v2/extra.example/team/app/manifests/1")).code == 404
 
     view = control.set_upstream(
-        "extra.example", {"url": extra.url, "username": "u", "password": "s3cret"}
+        "extra.example",
+        {"url": extra.url, "username": "u", "password": "s3cret", "share_private": True},
     )
     assert view["password"] == "<set>" and "s3cret" not in json.dumps(control.upstreams())
     reply = await proxy.get("/v2/extra.example/team/app/manifests/1")

@@ -233,7 +233,7 @@ async def test_token_is_reused_across_requests(make_fake_registry, make_proxy):
 async def test_basic_auth_upstream_with_credentials(make_fake_registry, make_proxy):
     registry = await make_fake_registry(auth="basic", username="u", password="p")
     digest, body = registry.add_image("private/x", "1", [b"a"])
-    proxy = await make_proxy(registry.url, username="u", password="p")
+    proxy = await make_proxy(registry.url, username="u", password="p", share_private=True)
     reply = await proxy.get("/v2/private/x/manifests/1")
     assert (reply.code, reply.body) == (200, body)
 

@@ -179,11 +179,13 @@ async def test_credentials_from_environment_and_file(
         by_env.url,
         username="envuser",
         password_env="REGPROXY_TEST_PASSWORD",
+        share_private=True,
         upstreams={
             "files.example": {
                 "url": by_file.url,
                 "username": "fileuser",
                 "password_file": str(secret),
+                "share_private": True,
             }
         },
     )
