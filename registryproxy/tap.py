@@ -21,7 +21,7 @@ from .admin.app import AdminAPI
 from .admin.control import Control, SavedUpstreams
 from .cache.blobs import BlobCache
 from .cache.eviction import Evictor
-from .cache.index import Index
+from .cache.index import Index, IndexUnusable, set_aside
 from .cache.manifests import ManifestCache
 from .cache.store import FileStore
 from .config import Config, ConfigError, load_config
@@ -57,6 +57,14 @@ class Options(usage.Options):
         "mirrors Docker Hub."
     )
     optParameters = [["config", "c", None, "YAML configuration file (see etc/regproxy.yaml)"]]
+    optFlags = [
+        [
+            "rebuild-index",
+            None,
+            "move a damaged index.db aside (index.db.corrupt-<time>) and rebuild it from "
+            "the blobs on disk (tags and manifests are fetched again on the next pull)",
+        ]
+    ]
 
     config: Config
 
@@ -94,6 +102,34 @@ class _Closing(Service):
         return Deferred.fromCoroutine(self._proxy.close())
 
 
+class _Rebuild(Service):
+    """Indexes the blobs on disk once regproxy runs (``--rebuild-index``).
+
+    Only the blob rows come back: which upstream repository a manifest was
+    fetched for, its tags, and which repositories may read which blobs are
+    not on disk, so each image's next pull asks its upstream for the
+    manifests again, and finds the layers on disk."""
+
+    def __init__(self, control: Control) -> None:
+        self._control = control
+
+    def startService(self) -> None:
+        super().startService()
+        Deferred.fromCoroutine(self._run())
+
+    async def _run(self) -> None:
+        try:
+            result = await self._control.fsck()
+        except Exception:
+            log.failure("rebuilding the index failed; try POST /api/v1/fsck")
+            return
+        log.info(
+            "index rebuilt: {indexed} blobs indexed, {quarantined} rotten ones quarantined",
+            indexed=len(result.indexed),
+            quarantined=len(result.quarantined),
+        )
+
+
 class _Listener(StreamServerEndpointService):
     """Fails start-up with one line if the port cannot be bound, rather than run deaf."""
 
@@ -110,11 +146,31 @@ class _Listener(StreamServerEndpointService):
             raise SystemExit(f"regproxy: cannot listen on {self.description}: {why}") from None
 
 
-def build_proxy(config: Config, reactor: Any) -> Proxy:
-    """The /v2/ proxy and everything behind it, wired from *config*."""
+def _open_index(path: str, rebuild: bool, now: float) -> Index:
+    """The index at *path*; with *rebuild*, a new one in place of a damaged one."""
+    try:
+        return Index(path)
+    except IndexUnusable as e:
+        if not rebuild:
+            raise SystemExit(
+                f"regproxy: {e}: start once with 'twistd regproxy --rebuild-index' to move it "
+                "aside and rebuild it from the blobs on disk (or delete it)"
+            ) from None
+        aside = set_aside(path, now)
+        log.warn(
+            "{why}: moved to {aside}; rebuilding it from the blobs on disk", why=e, aside=aside
+        )
+    return Index(path)
+
+
+def build_proxy(config: Config, reactor: Any, rebuild_index: bool = False) -> Proxy:
+    """The /v2/ proxy and everything behind it, wired from *config*.
+
+    *rebuild_index* moves a damaged index aside and starts an empty one; the
+    caller then runs fsck (:class:`_Rebuild`), which indexes the blobs on disk."""
     try:
         store = FileStore(config.cache.directory)
-        index = Index(os.path.join(store.root, "index.db"))
+        index = _open_index(os.path.join(store.root, "index.db"), rebuild_index, reactor.seconds())
     except OSError as e:
         raise SystemExit(
             f"regproxy: cannot use cache.directory {config.cache.directory!r}: {e.strerror}"
@@ -158,8 +214,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor
     config = options.config
     service = MultiService()
-    proxy = build_proxy(config, reactor)
+    proxy = build_proxy(config, reactor, rebuild_index=bool(options["rebuild-index"]))
     _Closing(proxy).setServiceParent(service)
+    if options["rebuild-index"]:
+        _Rebuild(proxy.control).setServiceParent(service)
     # access times are gathered in memory and written in batches
     TimerService(_FLUSH_SECONDS, _logged(proxy.index.flush)).setServiceParent(service)
     # idle images and a budget overrun are swept away in the background too
