@@ -15,7 +15,6 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.server import Site
 
 from .admin.app import AdminAPI
 from .admin.control import Control, SavedUpstreams
@@ -26,6 +25,8 @@ from .cache.manifests import ManifestCache
 from .cache.store import FileStore
 from .config import Config, ConfigError, load_config
 from .metrics import Metrics
+from .proxy.bodies import no_bodies
+from .proxy.connections import GuardedSite, Limits, fitting_connections, open_files_limit
 from .proxy.plaintext import PlainHTTPFactory
 from .proxy.resource import RegistryResource
 from .upstream.registry import Upstreams
@@ -80,7 +81,7 @@ class Options(usage.Options):
 class Proxy:
     """The /v2/ site, the admin backend, and what must be closed when they stop."""
 
-    site: Site
+    site: GuardedSite
     control: Control
     pool: HTTPConnectionPool
     index: Index
@@ -163,11 +164,43 @@ def _open_index(path: str, rebuild: bool, now: float) -> Index:
     return Index(path)
 
 
-def build_proxy(config: Config, reactor: Any, rebuild_index: bool = False) -> Proxy:
+def limits(config: Config, max_connections: int | None = None) -> tuple[Limits, Limits]:
+    """What the proxy's and the admin port's clients may hold; *max_connections*
+    overrides ``proxy.max_connections``."""
+    proxy = Limits(
+        max_connections or config.proxy.max_connections,
+        config.proxy.header_timeout,
+        config.proxy.idle_timeout,
+        config.proxy.send_timeout,
+    )
+    return proxy, attrs.evolve(proxy, max_connections=config.admin.max_connections)
+
+
+def _fitted_connections(config: Config) -> int:
+    """``proxy.max_connections``, lowered to what the open-file limit (raised
+    as far as it goes) holds."""
+    open_files = open_files_limit()
+    wanted = config.proxy.max_connections
+    fitted = fitting_connections(wanted, config.admin.max_connections, open_files)
+    if fitted < wanted:
+        log.warn(
+            "proxy.max_connections {wanted} lowered to {fitted}: the open-file limit is "
+            "{open_files} (raise it with ulimit -n or LimitNOFILE=)",
+            wanted=wanted,
+            fitted=fitted,
+            open_files=open_files,
+        )
+    return fitted
+
+
+def build_proxy(
+    config: Config, reactor: Any, rebuild_index: bool = False, max_connections: int | None = None
+) -> Proxy:
     """The /v2/ proxy and everything behind it, wired from *config*.
 
     *rebuild_index* moves a damaged index aside and starts an empty one; the
-    caller then runs fsck (:class:`_Rebuild`), which indexes the blobs on disk."""
+    caller then runs fsck (:class:`_Rebuild`), which indexes the blobs on disk.
+    *max_connections* overrides ``proxy.max_connections``."""
     try:
         store = FileStore(config.cache.directory)
         index = _open_index(os.path.join(store.root, "index.db"), rebuild_index, reactor.seconds())
@@ -206,7 +239,8 @@ def build_proxy(config: Config, reactor: Any, rebuild_index: bool = False) -> Pr
     control = Control(
         config, store.root, store, index, manifests, blobs, upstreams, metrics, reactor, evictor
     )
-    return Proxy(Site(resource), control, pool, index, evictor, upstreams)
+    site = GuardedSite(resource, limits(config, max_connections)[0], no_bodies, reactor, "proxy")
+    return Proxy(site, control, pool, index, evictor, upstreams)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -214,7 +248,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor
     config = options.config
     service = MultiService()
-    proxy = build_proxy(config, reactor, rebuild_index=bool(options["rebuild-index"]))
+    proxy = build_proxy(
+        config,
+        reactor,
+        rebuild_index=bool(options["rebuild-index"]),
+        max_connections=_fitted_connections(config),
+    )
     _Closing(proxy).setServiceParent(service)
     if options["rebuild-index"]:
         _Rebuild(proxy.control).setServiceParent(service)
@@ -222,7 +261,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     TimerService(_FLUSH_SECONDS, _logged(proxy.index.flush)).setServiceParent(service)
     # idle images and a budget overrun are swept away in the background too
     TimerService(_SWEEP_SECONDS, _logged(proxy.evictor.sweep)).setServiceParent(service)
-    admin = Site(AdminAPI(proxy.control, config.admin.secret()).resource())
+    api = AdminAPI(proxy.control, config.admin.secret(), config.admin.max_body)
+    admin = GuardedSite(api.resource(), limits(config)[1], api.body_policy, reactor, "admin API")
     for key, description, factory in [
         ("proxy.listen", config.proxy.listen, PlainHTTPFactory(proxy.site)),
         ("admin.listen", config.admin.listen, admin),
