@@ -34,6 +34,24 @@ class ProxyConfig:
     listen: str = "tcp:5000"
     #: send cached blobs with the kernel's sendfile over plain TCP (zero copy)
     sendfile: bool = True
+    #: most client connections at once; more are closed at once (lowered at
+    #: start-up to what the open-file limit holds)
+    max_connections: int = 1024
+    #: seconds a client has to send a whole request, from its first byte
+    header_timeout: float = 10.0
+    #: seconds a connection may sit idle between requests
+    idle_timeout: float = 60.0
+    #: seconds a response waits for a client that takes in none of it
+    send_timeout: float = 30.0
+
+    def __attrs_post_init__(self) -> None:
+        _positive(self, "max_connections", "header_timeout", "idle_timeout", "send_timeout")
+
+
+def _positive(config: Any, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name}: expected a number > 0, got {getattr(config, name)!r}")
 
 
 @attrs.frozen
@@ -198,8 +216,13 @@ class AdminConfig:
     #: file; REGPROXY_ADMIN_TOKEN in the environment also works
     token: str | None = attrs.field(default=None, repr=False)
     token_file: str | None = None
+    #: most connections at once, apart from the proxy's
+    max_connections: int = 64
+    #: bytes: a larger request body is refused before it is read
+    max_body: int = 64 * 1024
 
     def __attrs_post_init__(self) -> None:
+        _positive(self, "max_connections", "max_body")
         if self.token is not None and self.token_file is not None:
             raise ValueError("give token or token_file, not both")
         if self.token_file is not None and not os.access(self.token_file, os.R_OK):

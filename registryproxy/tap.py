@@ -15,17 +15,18 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.server import Site
 
 from .admin.app import AdminAPI
 from .admin.control import Control, SavedUpstreams
 from .cache.blobs import BlobCache
 from .cache.eviction import Evictor
-from .cache.index import Index
+from .cache.index import Index, IndexUnusable, set_aside
 from .cache.manifests import ManifestCache
 from .cache.store import FileStore
 from .config import Config, ConfigError, load_config
 from .metrics import Metrics
+from .proxy.bodies import no_bodies
+from .proxy.connections import GuardedSite, Limits, fitting_connections, open_files_limit
 from .proxy.plaintext import PlainHTTPFactory
 from .proxy.resource import RegistryResource
 from .upstream.registry import Upstreams
@@ -57,6 +58,14 @@ class Options(usage.Options):
         "mirrors Docker Hub."
     )
     optParameters = [["config", "c", None, "YAML configuration file (see etc/regproxy.yaml)"]]
+    optFlags = [
+        [
+            "rebuild-index",
+            None,
+            "move a damaged index.db aside (index.db.corrupt-<time>) and rebuild it from "
+            "the blobs on disk (tags and manifests are fetched again on the next pull)",
+        ]
+    ]
 
     config: Config
 
@@ -72,7 +81,7 @@ class Options(usage.Options):
 class Proxy:
     """The /v2/ site, the admin backend, and what must be closed when they stop."""
 
-    site: Site
+    site: GuardedSite
     control: Control
     pool: HTTPConnectionPool
     index: Index
@@ -94,6 +103,34 @@ class _Closing(Service):
         return Deferred.fromCoroutine(self._proxy.close())
 
 
+class _Rebuild(Service):
+    """Indexes the blobs on disk once regproxy runs (``--rebuild-index``).
+
+    Only the blob rows come back: which upstream repository a manifest was
+    fetched for, its tags, and which repositories may read which blobs are
+    not on disk, so each image's next pull asks its upstream for the
+    manifests again, and finds the layers on disk."""
+
+    def __init__(self, control: Control) -> None:
+        self._control = control
+
+    def startService(self) -> None:
+        super().startService()
+        Deferred.fromCoroutine(self._run())
+
+    async def _run(self) -> None:
+        try:
+            result = await self._control.fsck()
+        except Exception:
+            log.failure("rebuilding the index failed; try POST /api/v1/fsck")
+            return
+        log.info(
+            "index rebuilt: {indexed} blobs indexed, {quarantined} rotten ones quarantined",
+            indexed=len(result.indexed),
+            quarantined=len(result.quarantined),
+        )
+
+
 class _Listener(StreamServerEndpointService):
     """Fails start-up with one line if the port cannot be bound, rather than run deaf."""
 
@@ -110,11 +147,63 @@ class _Listener(StreamServerEndpointService):
             raise SystemExit(f"regproxy: cannot listen on {self.description}: {why}") from None
 
 
-def build_proxy(config: Config, reactor: Any) -> Proxy:
-    """The /v2/ proxy and everything behind it, wired from *config*."""
+def _open_index(path: str, rebuild: bool, now: float) -> Index:
+    """The index at *path*; with *rebuild*, a new one in place of a damaged one."""
+    try:
+        return Index(path)
+    except IndexUnusable as e:
+        if not rebuild:
+            raise SystemExit(
+                f"regproxy: {e}: start once with 'twistd regproxy --rebuild-index' to move it "
+                "aside and rebuild it from the blobs on disk (or delete it)"
+            ) from None
+        aside = set_aside(path, now)
+        log.warn(
+            "{why}: moved to {aside}; rebuilding it from the blobs on disk", why=e, aside=aside
+        )
+    return Index(path)
+
+
+def limits(config: Config, max_connections: int | None = None) -> tuple[Limits, Limits]:
+    """What the proxy's and the admin port's clients may hold; *max_connections*
+    overrides ``proxy.max_connections``."""
+    proxy = Limits(
+        max_connections or config.proxy.max_connections,
+        config.proxy.header_timeout,
+        config.proxy.idle_timeout,
+        config.proxy.send_timeout,
+    )
+    return proxy, attrs.evolve(proxy, max_connections=config.admin.max_connections)
+
+
+def _fitted_connections(config: Config) -> int:
+    """``proxy.max_connections``, lowered to what the open-file limit (raised
+    as far as it goes) holds."""
+    open_files = open_files_limit()
+    wanted = config.proxy.max_connections
+    fitted = fitting_connections(wanted, config.admin.max_connections, open_files)
+    if fitted < wanted:
+        log.warn(
+            "proxy.max_connections {wanted} lowered to {fitted}: the open-file limit is "
+            "{open_files} (raise it with ulimit -n or LimitNOFILE=)",
+            wanted=wanted,
+            fitted=fitted,
+            open_files=open_files,
+        )
+    return fitted
+
+
+def build_proxy(
+    config: Config, reactor: Any, rebuild_index: bool = False, max_connections: int | None = None
+) -> Proxy:
+    """The /v2/ proxy and everything behind it, wired from *config*.
+
+    *rebuild_index* moves a damaged index aside and starts an empty one; the
+    caller then runs fsck (:class:`_Rebuild`), which indexes the blobs on disk.
+    *max_connections* overrides ``proxy.max_connections``."""
     try:
         store = FileStore(config.cache.directory)
-        index = Index(os.path.join(store.root, "index.db"))
+        index = _open_index(os.path.join(store.root, "index.db"), rebuild_index, reactor.seconds())
     except OSError as e:
         raise SystemExit(
             f"regproxy: cannot use cache.directory {config.cache.directory!r}: {e.strerror}"
@@ -150,7 +239,8 @@ def build_proxy(config: Config, reactor: Any) -> Proxy:
     control = Control(
         config, store.root, store, index, manifests, blobs, upstreams, metrics, reactor, evictor
     )
-    return Proxy(Site(resource), control, pool, index, evictor, upstreams)
+    site = GuardedSite(resource, limits(config, max_connections)[0], no_bodies, reactor, "proxy")
+    return Proxy(site, control, pool, index, evictor, upstreams)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -158,13 +248,21 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor
     config = options.config
     service = MultiService()
-    proxy = build_proxy(config, reactor)
+    proxy = build_proxy(
+        config,
+        reactor,
+        rebuild_index=bool(options["rebuild-index"]),
+        max_connections=_fitted_connections(config),
+    )
     _Closing(proxy).setServiceParent(service)
+    if options["rebuild-index"]:
+        _Rebuild(proxy.control).setServiceParent(service)
     # access times are gathered in memory and written in batches
     TimerService(_FLUSH_SECONDS, _logged(proxy.index.flush)).setServiceParent(service)
     # idle images and a budget overrun are swept away in the background too
     TimerService(_SWEEP_SECONDS, _logged(proxy.evictor.sweep)).setServiceParent(service)
-    admin = Site(AdminAPI(proxy.control, config.admin.secret()).resource())
+    api = AdminAPI(proxy.control, config.admin.secret(), config.admin.max_body)
+    admin = GuardedSite(api.resource(), limits(config)[1], api.body_policy, reactor, "admin API")
     for key, description, factory in [
         ("proxy.listen", config.proxy.listen, PlainHTTPFactory(proxy.site)),
         ("admin.listen", config.admin.listen, admin),

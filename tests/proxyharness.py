@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -154,3 +155,17 @@ def partial_get(
         return status, body, True
     finally:
         conn.close()
+
+
+def cache_fds(proxy: RunningProxy) -> int:
+    """Descriptors of this process open on files of the proxy's cache."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        count += target.startswith(str(proxy.cache_dir / "blobs")) or target.startswith(
+            str(proxy.cache_dir / "tmp")
+        )
+    return count

@@ -21,11 +21,13 @@ from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from ..names import is_valid_digest, is_valid_name, is_valid_registry_host, is_valid_tag
+from ..proxy.connections import Refusal
 from ..reference import parse_image
 from . import openapi
 from .backend import AdminBackend, AdminError, FsckResult, PurgeSelector
@@ -44,11 +46,15 @@ def _show(value: str, limit: int = 80) -> str:
 
 
 def _error(request: IRequest, status: int, message: str) -> bytes:
+    return _json_bytes(request, _error_body(status, message), status)
+
+
+def _error_body(status: int, message: str) -> bytes:
     try:
         code = HTTPStatus(status).name
     except ValueError:
         code = "ERROR"
-    return _json(request, {"error": {"code": code, "message": message}}, status)
+    return json.dumps({"error": {"code": code, "message": message}}).encode() + b"\n"
 
 
 def _json(request: IRequest, value: Any, status: int = 200) -> bytes:
@@ -160,11 +166,11 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _body(request: IRequest, schema: str) -> dict[str, Any]:
+def _body(request: IRequest, schema: str, limit: int) -> dict[str, Any]:
     """The JSON body, checked against the OpenAPI document's *schema*."""
-    data = request.content.read(MAX_BODY + 1) if request.content is not None else b""
-    if len(data) > MAX_BODY:
-        raise AdminError(413, f"the request body is larger than {MAX_BODY} bytes")
+    data = request.content.read(limit + 1) if request.content is not None else b""
+    if len(data) > limit:
+        raise AdminError(413, _too_large(limit))
     if not data.strip():
         raise AdminError(400, "send a JSON object as the request body")
     try:
@@ -179,9 +185,45 @@ def _body(request: IRequest, schema: str) -> dict[str, Any]:
     return value
 
 
+def _refusal(status: int, message: str, headers: dict[bytes, bytes] | None = None) -> Refusal:
+    return Refusal(
+        status,
+        _error_body(status, message),
+        {b"Content-Type": b"application/json", b"Cache-Control": b"no-store", **(headers or {})},
+    )
+
+
 def _record(value: Any) -> dict[str, Any]:
     """An attrs value as dicts, lists and tuples (which json writes as lists)."""
     return attrs.asdict(value)
+
+
+def _too_large(limit: int) -> str:
+    return f"the request body is larger than {limit} bytes (admin.max_body)"
+
+
+#: what a request without the right token is told
+_UNAUTHORIZED = (
+    "missing or wrong bearer token: send 'Authorization: Bearer <token>' with "
+    "regproxy's admin.token (regproxy-admin reads REGPROXY_ADMIN_TOKEN)"
+)
+_CHALLENGE = (b"WWW-Authenticate", b'Bearer realm="regproxy-admin"')
+
+
+def _authorized(headers: Headers, token: bytes) -> bool:
+    header = headers.getRawHeaders(b"Authorization", [b""])[0]
+    scheme, _, given = header.partition(b" ")
+    # constant time: how long it takes says nothing of how much of the token matched
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
+
+
+def _refused(method: bytes, path: bytes, client: str) -> None:
+    log.warn(
+        "admin API: refused {method} {path} from {client}: missing or wrong bearer token",
+        method=method.decode("latin-1"),
+        path=path.decode("latin-1"),
+        client=client,
+    )
 
 
 class _Guard(Resource):
@@ -200,28 +242,16 @@ class _Guard(Resource):
                 part.decode("utf-8")
         except UnicodeDecodeError:
             return _error(request, 400, "the URL or Host header is not UTF-8")
-        if self._token is not None and request.path != OPEN_PATH and not self._authorized(request):
-            log.warn(
-                "admin API: refused {method} {path} from {client}: missing or wrong bearer token",
-                method=request.method.decode("latin-1"),
-                path=request.path.decode("latin-1"),
-                client=getattr(request.getClientAddress(), "host", "?"),
-            )
-            request.setHeader(b"WWW-Authenticate", b'Bearer realm="regproxy-admin"')
-            return _error(
-                request,
-                401,
-                "missing or wrong bearer token: send 'Authorization: Bearer <token>' with "
-                "regproxy's admin.token (regproxy-admin reads REGPROXY_ADMIN_TOKEN)",
-            )
+        if (
+            self._token is not None
+            and request.path != OPEN_PATH
+            and not _authorized(request.requestHeaders, self._token)
+        ):
+            client = getattr(request.getClientAddress(), "host", "?")
+            _refused(request.method, request.path, client)
+            request.setHeader(*_CHALLENGE)
+            return _error(request, 401, _UNAUTHORIZED)
         return self._app.render(request)
-
-    def _authorized(self, request: IRequest) -> bool:
-        assert self._token is not None
-        header = request.getHeader(b"Authorization") or b""
-        scheme, _, given = header.partition(b" ")
-        # constant time: how long it takes says nothing of how much of the token matched
-        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self._token)
 
 
 class AdminAPI:
@@ -234,13 +264,30 @@ class AdminAPI:
     # /api//v1/stats is a 404, not werkzeug's redirect to /api/v1/stats
     app.url_map.merge_slashes = False
 
-    def __init__(self, backend: AdminBackend, token: str | None) -> None:
+    def __init__(self, backend: AdminBackend, token: str | None, max_body: int = MAX_BODY) -> None:
         self._backend = backend
         self._token = token
+        self._max_body = max_body
         self._openapi = json.dumps(openapi.document()).encode()
 
     def resource(self) -> IResource:
         return _Guard(self.app.resource(), self._token)
+
+    def body_policy(
+        self, method: bytes, path: bytes, headers: Headers, length: int | None
+    ) -> Refusal | None:
+        """Whether to read a request body: only with the token (whatever the
+        route), a Content-Length, and at most max_body bytes.  Asked when
+        the headers are in, before any of the body is read."""
+        token = self._token.encode("utf-8") if self._token else None
+        if token is not None and not _authorized(headers, token):
+            _refused(method, path, "a client sending a body")
+            return _refusal(401, _UNAUTHORIZED, dict([_CHALLENGE]))
+        if length is None:
+            return _refusal(411, "send the request body with a Content-Length")
+        if length > self._max_body:
+            return _refusal(413, _too_large(self._max_body))
+        return None
 
     # -- errors ---------------------------------------------------------
 
@@ -402,7 +449,7 @@ class AdminAPI:
     @app.route("/api/v1/prefetch", methods=["POST"])
     def prefetch(self, request: IRequest) -> bytes:
         _query(request)
-        body = _body(request, "PrefetchRequest")
+        body = _body(request, "PrefetchRequest", self._max_body)
         try:
             image = parse_image(body["image"])
         except ValueError as e:
@@ -447,7 +494,7 @@ class AdminAPI:
     @app.route("/api/v1/upstreams/<name>", methods=["PUT"])
     def put_upstream(self, request: IRequest, name: str) -> bytes:
         _query(request)
-        settings = _body(request, "UpstreamSettings")
+        settings = _body(request, "UpstreamSettings", self._max_body)
         existed = _upstream(name) in self._backend.upstreams()
         shown = self._backend.set_upstream(name, settings, merge=False)
         log.info(
@@ -458,7 +505,7 @@ class AdminAPI:
     @app.route("/api/v1/upstreams/<name>", methods=["PATCH"])
     def patch_upstream(self, request: IRequest, name: str) -> bytes:
         _query(request)
-        settings = _body(request, "UpstreamSettings")
+        settings = _body(request, "UpstreamSettings", self._max_body)
         self._known_upstream(name)
         shown = self._backend.set_upstream(name, settings, merge=True)
         log.info("admin API: upstream {name} changed ({keys})", name=name, keys=", ".join(settings))
@@ -525,7 +572,7 @@ class AdminAPI:
     @app.route("/api/v1/pins", methods=["PUT"])
     def put_pin(self, request: IRequest) -> bytes:
         _query(request)
-        image = _image(_body(request, "PinRequest")["image"], "image")
+        image = _image(_body(request, "PinRequest", self._max_body)["image"], "image")
         before = {p.image for p in self._backend.pins()}
         pin = self._backend.pin(image)
         existed = pin.image in before

@@ -388,10 +388,9 @@ class Control:
                 "through the API give the password itself",
             )
         if merge and current is not None and "url" in settings and settings["url"] != current.url:
-            # credentials stay with the host they were given for
-            if not {"username", "password"} & set(settings):
-                settings = {**settings, "username": None, "password": None}
-            settings = {**settings, "password_env": None, "password_file": None}
+            # credentials stay with the host they were given for: the new one
+            # gets only those this request gives again
+            settings = {**dict.fromkeys(_CREDENTIALS), **settings}
         if merge:
             given = {**settings_of(current, redact=False), **settings}  # type: ignore[arg-type]
             given = {k: v for k, v in given.items() if v is not None}
@@ -466,6 +465,8 @@ class _Job:
         return PrefetchJob(**attrs.asdict(self))
 
 
+#: every setting that is (or leads to) an upstream's credentials
+_CREDENTIALS = ("username", "password", "password_env", "password_file")
 #: settings that name files or environment variables of the machine regproxy runs on
 _LOCAL_REFERENCES = {"password_file", "password_env", "ca_file"}
 

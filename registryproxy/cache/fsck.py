@@ -60,10 +60,22 @@ def _scan(root: str) -> list[tuple[str, int, bool]]:
     return found
 
 
+def _quarantine(store: FileStore, digest: str) -> None:
+    """Move a rotten file to quarantine/, named by its digest and the time."""
+    quarantine = os.path.join(store.root, "quarantine")
+    os.makedirs(quarantine, exist_ok=True)
+    try:
+        os.replace(
+            store.path(Digest.parse(digest)),
+            os.path.join(quarantine, f"{digest.replace(':', '-')}.{int(time.time())}"),
+        )
+    except FileNotFoundError:
+        pass  # gone meanwhile: nothing left to serve
+
+
 async def fsck(store: FileStore, index: Index) -> FsckReport:
     started = time.time()
     found = await deferToThread(_scan, store.root)
-    quarantine = os.path.join(store.root, "quarantine")
     quarantined, indexed = [], []
     on_disk = set()
     known = index.blob_sizes(digest for digest, _, _ in found)
@@ -73,15 +85,12 @@ async def fsck(store: FileStore, index: Index) -> FsckReport:
             if digest not in known and store.stat(Digest.parse(digest)) is not None:
                 index.put_blob(digest, size, time.time())
                 indexed.append(digest)
-            continue
-        os.makedirs(quarantine, exist_ok=True)
-        try:
-            os.replace(
-                store.path(Digest.parse(digest)),
-                os.path.join(quarantine, f"{digest.replace(':', '-')}.{int(time.time())}"),
-            )
-        except FileNotFoundError:
-            pass  # gone meanwhile: nothing left to serve
+    rotten = [digest for digest, _, matches in found if not matches]
+    # every rotten file is kept before any is purged: purging a manifest
+    # deletes the blobs only it lists, rotten ones among them
+    for digest in rotten:
+        _quarantine(store, digest)
+    for digest in rotten:
         # any manifest with these bytes is gone too, with the blobs only it
         # listed; the next pull fetches them again
         for orphan, _ in index.purge(digest=digest).blobs:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -116,11 +117,41 @@ class IndexUnusable(Exception):
     """The index file is unusable (corrupt, or written by a newer regproxy)."""
 
 
+def set_aside(path: str, now: float) -> str:
+    """Move an unusable index (with its WAL files) out of the way, to
+    ``<path>.corrupt-<UTC time>``; the name it now has."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    aside = f"{path}.corrupt-{stamp}"
+    for suffix in ("-wal", "-shm", ""):
+        try:
+            os.replace(path + suffix, aside + suffix)
+        except FileNotFoundError:
+            pass
+    return aside
+
+
 class Index:
     def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self._open(path)
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise IndexUnusable(f"{path} is damaged ({e})") from None
+        except IndexUnusable:
+            self._db.close()
+            raise
+        self._manifest_access: dict[tuple[str, str, str], float] = {}
+        self._blob_access: dict[str, float] = {}
+
+    def _open(self, path: str) -> None:
+        """Check the file and bring its schema up to date."""
         self._db.execute("PRAGMA journal_mode=WAL")
+        # pages and indexes, in a time that grows with the index (not the blobs)
+        problems = [row for (row,) in self._db.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            raise IndexUnusable(f"{path} is damaged ({'; '.join(problems)})")
         self._db.execute("PRAGMA synchronous=NORMAL")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > _VERSION:
@@ -143,8 +174,6 @@ class Index:
                 self._db.execute(f'DROP TABLE "{name}"')
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={_VERSION}")
-        self._manifest_access: dict[tuple[str, str, str], float] = {}
-        self._blob_access: dict[str, float] = {}
 
     def close(self) -> None:
         self.flush()

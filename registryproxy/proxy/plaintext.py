@@ -9,6 +9,8 @@ straight away, and so do we.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 _TLS_RECORD = 0x16
@@ -28,7 +30,12 @@ class _RejectTLS(ProtocolWrapper):
         super().dataReceived(data)
 
 
-class PlainHTTPFactory(WrappingFactory):
+class PlainHTTPFactory(WrappingFactory[_RejectTLS]):
     """Wraps an HTTP factory (a Site) so TLS clients learn fast that it is plain HTTP."""
 
     protocol = _RejectTLS
+
+    def buildProtocol(self, addr: Any) -> Any:
+        # the wrapped factory may refuse the connection (too many already)
+        wrapped = self.wrappedFactory.buildProtocol(addr)
+        return None if wrapped is None else self.protocol(self, wrapped)

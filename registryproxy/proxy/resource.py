@@ -66,7 +66,7 @@ def route(upstreams: Upstreams, request: Request, name: str) -> tuple[RegistryCl
     elif ns := request.args.get(b"ns"):
         client = _named(upstreams, ns[-1].decode("latin-1"), "ns=")
     else:
-        host = request.getHeader("Host") or ""
+        host = (request.getHeader(b"Host") or b"").decode("latin-1")
         client = upstreams.by_virtual_host(host) or upstreams.default_client()
     if not is_valid_name(name):
         raise name_invalid(name)
@@ -165,7 +165,7 @@ class RegistryResource(Resource):
             log.failure(
                 "error handling {method} {uri}",
                 failure,
-                method=request.method.decode(),
+                method=request.method.decode("latin-1"),
                 uri=request.uri.decode("latin-1"),
             )
             error = RegistryError(500, "UNKNOWN", "internal error in regproxy; see its log")
@@ -326,7 +326,7 @@ class RegistryResource(Resource):
                 )
             start, end = 0, size
             if size is not None:
-                span = parse_range(request.getHeader("Range"), size)
+                span = parse_range(request.getHeader(b"Range"), size)
                 if span is not None:
                     start, end = span
                     request.setResponseCode(206)

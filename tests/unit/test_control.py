@@ -318,3 +318,22 @@ async def test_fsck_through_the_backend(fake_registry, make_proxy):
     result = await proxy.proxy.control.fsck()
     assert result.quarantined == (digest,)
     assert result.checked == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_moving_an_upstream_drops_the_credentials_not_given_again(fake_registry, make_proxy):
+    proxy = await make_proxy(fake_registry.url)
+    control = proxy.proxy.control
+    control.set_upstream("ghcr.io", {"username": "me", "password": "s3cret"})
+    new = {"url": "https://elsewhere.example", "username": "me"}
+    # the old password is not sent to the new host: a username alone is not enough
+    with pytest.raises(AdminError) as e:
+        control.set_upstream("ghcr.io", new, merge=True)
+    assert e.value.status == 400 and "username and a password" in e.value.message
+    assert control.upstreams()["ghcr.io"]["url"] == "https://ghcr.io"
+    view = control.set_upstream("ghcr.io", {**new, "password": "other"}, merge=True)
+    assert (view["url"], view["username"]) == ("https://elsewhere.example", "me")
+    assert proxy.proxy.upstreams.configs["ghcr.io"].credentials() == ("me", "other")
+    # staying put keeps them
+    view = control.set_upstream("ghcr.io", {"tag_ttl": 5}, merge=True)
+    assert proxy.proxy.upstreams.configs["ghcr.io"].credentials() == ("me", "other")

@@ -8,7 +8,7 @@ import socket
 from urllib.parse import urlsplit
 
 import pytest_twisted
-from proxyharness import settle
+from proxyharness import cache_fds, settle
 from twisted.internet.threads import deferToThread
 
 from registryproxy.admin.backend import PurgeSelector
@@ -29,20 +29,6 @@ def hang_up_after(url: str, path: str, seconds: float) -> None:
             sock.recv(1)
         except TimeoutError:
             pass
-
-
-def cache_fds(proxy) -> int:
-    """Descriptors of this process open on files of the proxy's cache."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        count += target.startswith(str(proxy.cache_dir / "blobs")) or target.startswith(
-            str(proxy.cache_dir / "tmp")
-        )
-    return count
 
 
 @pytest_twisted.ensureDeferred

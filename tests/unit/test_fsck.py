@@ -47,3 +47,23 @@ async def test_fsck_forgets_files_that_vanished(fake_registry, make_proxy):
     report = await fsck(proxy.proxy.control._store, proxy.proxy.index)
     assert report.forgotten == (layer,)
     assert proxy.proxy.index.total_size() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_fsck_keeps_every_rotten_file(fake_registry, make_proxy):
+    digest, body = fake_registry.add_image("library/app", "1", [b"rotting layer"])
+    proxy = await make_proxy(fake_registry.url)
+    await proxy.get("/v2/app/manifests/1")
+    layer = json.loads(body)["layers"][0]["digest"]
+    await proxy.get(f"/v2/app/blobs/{layer}")
+    proxy.blob_path(layer).write_bytes(b"rotted layer!")
+    proxy.blob_path(digest).write_bytes(b"{rotten manifest}")
+
+    report = await fsck(proxy.proxy.control._store, proxy.proxy.index)
+    assert sorted(report.quarantined) == sorted([digest, layer])
+    kept = {p.read_bytes() for p in (proxy.cache_dir / "quarantine").iterdir()}
+    assert kept == {b"rotted layer!", b"{rotten manifest}"}
+    reply = await proxy.get("/v2/app/manifests/1")
+    assert (reply.code, reply.header("X-Cache"), reply.body) == (200, "MISS", body)
+    reply = await proxy.get(f"/v2/app/blobs/{layer}")
+    assert (reply.code, reply.header("X-Cache"), reply.body) == (200, "MISS", b"rotting layer")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -9,7 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytest_twisted
+from twisted.internet import reactor
 
+from registryproxy.cache.index import Index
 from registryproxy.config import Config, ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).parent.parent.parent
@@ -174,3 +178,62 @@ def test_admin_token_sources(tmp_path, monkeypatch):
     config = parse_config("admin: {listen: 'tcp:1:interface=0.0.0.0'}")
     assert config.admin.secret() == "from-env"
     assert "t0k" not in repr(parse_config("admin: {token: t0k}"))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda db: db.write_bytes(b"not a database at all" * 100),
+        # a real SQLite file with a page gone bad
+        lambda db: db.write_bytes(db.read_bytes()[:4096] + b"\xa5" * 8192),
+    ],
+)
+def test_corrupt_index_is_one_line_naming_the_way_out(tmp_path, damage):
+    cache = tmp_path / "cache"
+    Index(str(cache / "index.db")).close()
+    damage(cache / "index.db")
+    (tmp_path / "c.yaml").write_text(
+        f"proxy: {{listen: 'tcp:0:interface=127.0.0.1'}}\n"
+        f"admin: {{listen: 'tcp:0:interface=127.0.0.1'}}\n"
+        f"cache: {{directory: {str(cache)!r}}}\n"
+    )
+    result = twistd("regproxy", "--config", str(tmp_path / "c.yaml"), cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Traceback" not in output
+    assert "index.db" in output and "--rebuild-index" in output, output
+
+
+@pytest_twisted.ensureDeferred
+async def test_rebuild_index_from_the_blobs_on_disk(tmp_path, fake_registry, make_proxy):
+    from proxyharness import until
+
+    from registryproxy.tap import Options, makeService
+
+    _, body = fake_registry.add_image("library/app", "1", [b"layer one", b"layer two"])
+    cache = tmp_path / "cache"
+    proxy = await make_proxy(fake_registry.url, cache_dir=cache)
+    assert (await proxy.get("/v2/app/manifests/1")).code == 200
+    for layer in json.loads(body)["layers"]:
+        assert (await proxy.get(f"/v2/app/blobs/{layer['digest']}")).code == 200
+    await proxy.stop()
+    stored = sorted(p.name for p in (cache / "blobs").rglob("*") if p.is_file())
+    (cache / "index.db").write_bytes(b"garbage" * 1000)
+    (tmp_path / "c.yaml").write_text(
+        "proxy: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+        "admin: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+        f"cache: {{directory: {str(cache)!r}}}\n"
+        f"upstreams: {{docker.io: {{url: {fake_registry.url!r}}}}}\n"
+    )
+    options = Options()
+    options.parseOptions(["--config", str(tmp_path / "c.yaml"), "--rebuild-index"])
+    service = makeService(options, reactor)
+    service.privilegedStartService()
+    service.startService()
+    try:
+        index = Index(str(cache / "index.db"))
+        await until(lambda: len(index.blob_sizes(f"sha256:{n}" for n in stored)) == len(stored))
+        index.close()
+    finally:
+        await service.stopService()
+    assert len(list(cache.glob("index.db.corrupt-*"))) == 1

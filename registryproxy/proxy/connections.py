@@ -1,0 +1,276 @@
+"""What one client may hold: connections, time, request bodies, open files.
+
+:class:`GuardedSite` is a Site for either port that
+
+* refuses a connection past ``max_connections`` at once (closed unread),
+  so a flood on one port leaves room for the other and for blob files;
+* gives each request ``header_timeout`` seconds from its first byte to its
+  last (slowloris), and an idle connection ``idle_timeout`` seconds;
+* cuts off a response whose client has taken in nothing for
+  ``send_timeout`` seconds, which lets go of the blob file it was reading;
+* asks a body policy about a request body as soon as the headers say there
+  is one, before any of it is read: the refused request is answered at once
+  and the connection closed, after reading and dropping what the client
+  still sends for a moment (so that it sees the answer, not a reset).
+  Accepted bodies are bounded by the policy and kept in memory, never in a
+  temporary file.
+
+Connections that are refused or cut off are logged, at most once every
+:data:`LOG_EVERY` seconds per reason, with a count of the ones in between.
+"""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Callable
+from io import BytesIO
+from typing import Any
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+
+log = Logger()
+
+#: seconds between two log lines about the same kind of refusal
+LOG_EVERY = 10.0
+#: files a /v2/ connection may hold: its socket, a blob file, a download's
+#: upstream connection (shared by the clients of one download)
+FILES_PER_CONNECTION = 3
+#: files regproxy keeps for itself: listening sockets, the index, logs, threads
+RESERVED_FILES = 64
+
+
+@attrs.frozen
+class Limits:
+    max_connections: int
+    header_timeout: float
+    idle_timeout: float
+    send_timeout: float
+
+
+@attrs.frozen
+class Refusal:
+    """The answer to a request whose body is not read."""
+
+    status: int
+    body: bytes
+    headers: dict[bytes, bytes] = attrs.field(factory=dict)
+
+
+#: ``(method, path, headers, length)`` -> a Refusal, or None to read the
+#: body; *length* is None for a chunked body (no length given)
+BodyPolicy = Callable[[bytes, bytes, Headers, "int | None"], "Refusal | None"]
+
+
+def open_files_limit() -> int:
+    """Raise the soft limit on open files to the hard one; the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as e:
+            log.warn("cannot raise the open-file limit from {soft}: {why}", soft=soft, why=e)
+        else:
+            log.info("open-file limit raised from {soft} to {want}", soft=soft, want=want)
+            soft = want
+    return soft
+
+
+def fitting_connections(wanted: int, others: int, open_files: int) -> int:
+    """How many of *wanted* /v2/ connections fit in *open_files*, leaving
+    room for *others* (the admin port's) and regproxy's own files."""
+    room = (open_files - others - RESERVED_FILES) // FILES_PER_CONNECTION
+    return max(1, min(wanted, room))
+
+
+class _Throttled:
+    """A warning logged at most once every LOG_EVERY seconds."""
+
+    def __init__(self, clock: IReactorTime, format: str) -> None:
+        self._clock = clock
+        self._format = format
+        self._last: float | None = None
+        self._held = 0
+
+    def __call__(self, **kwargs: Any) -> None:
+        now = self._clock.seconds()
+        if self._last is not None and now - self._last < LOG_EVERY:
+            self._held += 1
+            return
+        log.warn(self._format, held=self._held, **kwargs)
+        self._last, self._held = now, 0
+
+
+class GuardedRequest(Request):
+    #: set when the body policy refused this request's body
+    refusal: Refusal | None = None
+
+    def gotLength(self, length: int | None) -> None:
+        # the body policy bounded it: in memory, never a temporary file
+        self.content = BytesIO()
+
+    def process(self) -> None:
+        if self.refusal is None:
+            super().process()
+            return
+        self.setResponseCode(self.refusal.status)
+        for name, value in self.refusal.headers.items():
+            self.setHeader(name, value)
+        self.setHeader(b"Content-Length", b"%d" % len(self.refusal.body))
+        self.setHeader(b"Connection", b"close")
+        self.write(self.refusal.body)
+        self.finish()
+
+
+class GuardedChannel(HTTPChannel):
+    site: GuardedSite
+    #: when the first byte of the request being received came
+    _began: float | None = None
+    #: the request's body is refused: what still comes is dropped
+    _dropping = False
+    #: times the transport took in all we gave it and asked for more
+    _drained = 0
+    _stalled_since: float | None = None
+    _stalled_mark = 0
+
+    def connectionMade(self) -> None:
+        self.site.connections.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.site.connections.discard(self)
+        super().connectionLost(reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._began is None and not self._handlingRequest:
+            self._began = self.site.clock.seconds()
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        request = self.requests[-1]
+        if self.length != 0:
+            refusal = self.site.body_policy(
+                self._command, self._path, request.requestHeaders, self.length
+            )
+            if refusal is not None:
+                request.refusal = refusal
+                request.gotLength(0)
+                self.persistent = False
+                self.length = 0  # answered now, without the body
+                self._transferDecoder = None
+                self._dropping = True
+                return
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        if not self._dropping:  # a refused request's header deadline bounds the dropping
+            self._began = None
+        super().allContentReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._dropping:
+            super().rawDataReceived(data)
+
+    def requestDone(self, request: Any) -> None:
+        if not self._dropping:
+            super().requestDone(request)
+            return
+        # The client may still be sending the body: closing now would reset
+        # the connection and lose the answer.  Send it, stop writing, drop
+        # what comes until the client closes or the header deadline passes.
+        del self.requests[0]
+        transport: Any = self.transport
+        transport.loseWriteConnection()
+
+    def resumeProducing(self) -> None:
+        self._drained += 1
+        super().resumeProducing()
+
+    def overdue(self, now: float, limits: Limits) -> str | None:
+        """Why this connection must go now, if it must."""
+        if self._began is not None and now - self._began > limits.header_timeout:
+            return f"sent no complete request in {limits.header_timeout:g} s"
+        transport: Any = self.transport
+        while isinstance(transport, ProtocolWrapper):
+            transport = transport.transport
+        if not getattr(transport, "producerPaused", False):
+            self._stalled_since = None
+            return None
+        # waiting for the client to take in what was sent: some progress?
+        mark = self._drained + _buffered(transport)
+        if self._stalled_since is None or mark != self._stalled_mark:
+            self._stalled_since, self._stalled_mark = now, mark
+        elif now - self._stalled_since > limits.send_timeout:
+            return f"took in nothing for {limits.send_timeout:g} s"
+        return None
+
+
+def _buffered(transport: Any) -> int:
+    """Bytes a TCP transport holds that the socket did not take yet."""
+    data = getattr(transport, "dataBuffer", b"")
+    return len(data) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
+
+
+class GuardedSite(Site):
+    """A Site whose clients are held to :class:`Limits` (see the module)."""
+
+    protocol = GuardedChannel  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        resource: IResource,
+        limits: Limits,
+        body_policy: BodyPolicy,
+        clock: IReactorTime,
+        name: str,
+    ) -> None:
+        super().__init__(
+            resource, requestFactory=GuardedRequest, timeout=limits.idle_timeout, reactor=clock
+        )
+        self.limits = limits
+        self.body_policy = body_policy
+        self.clock = clock
+        self.connections: set[GuardedChannel] = set()
+        self._sweeper = LoopingCall(self._sweep)
+        self._sweeper.clock = clock
+        self._full = _Throttled(
+            clock,
+            name + ": {limit} connections already, refused one from {client} "
+            "({held} more refused since the last line; proxy.max_connections "
+            "and admin.max_connections set the limits)",
+        )
+        self._cut = _Throttled(
+            clock, name + ": cut off {client}: it {why} ({held} more cut off since the last line)"
+        )
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if len(self.connections) >= self.limits.max_connections:
+            self._full(limit=self.limits.max_connections, client=getattr(addr, "host", addr))
+            return None  # the port closes it unread
+        return super().buildProtocol(addr)
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        every = min(1.0, self.limits.header_timeout / 4, self.limits.send_timeout / 4)
+        self._sweeper.start(every, now=False)
+
+    def stopFactory(self) -> None:
+        if self._sweeper.running:
+            self._sweeper.stop()
+        super().stopFactory()
+
+    def _sweep(self) -> None:
+        now = self.clock.seconds()
+        for channel in list(self.connections):
+            why = channel.overdue(now, self.limits)
+            if why is not None and channel.transport is not None:
+                self._cut(client=getattr(channel.transport.getPeer(), "host", "?"), why=why)
+                channel.transport.abortConnection()  # type: ignore[attr-defined]
