@@ -139,6 +139,11 @@ class UpstreamConfig:
     connect_timeout: float = 10.0
     #: seconds to wait for response headers, and the longest silence mid-body
     read_timeout: float = 60.0
+    #: seconds one exchange with the upstream may take in all: its token, its
+    #: redirects, retries of failed connections, and for a manifest, tag list
+    #: or referrers the whole body (a blob's body has read_timeout alone);
+    #: past it the client gets 504.  None: read_timeout
+    deadline: float | None = None
     #: failures in a row (no connection, no answer, 5xx) that open the circuit
     #: breaker: requests then fail at once (and stale content is served) for
     #: breaker_cooldown seconds before one request tries again; 0: never
@@ -174,9 +179,17 @@ class UpstreamConfig:
             with open(self.ca_file, "rb") as f:
                 if b"-----BEGIN CERTIFICATE-----" not in f.read():
                     raise ValueError(f"ca_file: {self.ca_file!r} holds no PEM certificate")
+        if self.deadline is not None and not self.deadline > 0:
+            raise ValueError(
+                f"deadline: expected a positive number of seconds, not {self.deadline!r}"
+            )
         for alias in self.aliases:
             if not is_valid_registry_host(alias):
                 raise ValueError(f"aliases: {alias!r} is not a host name")
+
+    @property
+    def deadline_seconds(self) -> float:
+        return self.read_timeout if self.deadline is None else self.deadline
 
     def credentials(self) -> tuple[str, str] | None:
         """(username, password), read now from wherever the config says."""

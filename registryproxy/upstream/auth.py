@@ -28,12 +28,13 @@ from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 import attrs
-import treq
 from publicsuffixlist import PublicSuffixList
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from .body import BodyTooLarge, read_body
 
 log = Logger()
 
@@ -196,10 +197,12 @@ def _skip_element(line: str, pos: int) -> int:
 class AuthError(Exception):
     """The token service failed; ``str()`` names the realm and what happened."""
 
-    def __init__(self, realm: str, problem: str) -> None:
+    def __init__(self, realm: str, problem: str, status: int | None = None) -> None:
         super().__init__(f"token service {realm}: {problem}")
         self.realm = realm
         self.problem = problem
+        #: the status it answered, if it answered and that is the problem
+        self.status = status
 
 
 class HTTPClient(Protocol):
@@ -448,15 +451,28 @@ class Authenticator:
         if request.with_credentials and self._basic is not None:
             headers["Authorization"] = [self._basic]
         try:
-            response = await self._http.get(realm, params=list(request.params), headers=headers)
-            body = await _read_bounded(response, realm)
-        except (CancelledError, AuthError):
+            # a redirect is not followed: it could lead anywhere, unchecked
+            response = await self._http.get(
+                realm, params=list(request.params), headers=headers, allow_redirects=False
+            )
+            body = await read_body(response, MAX_TOKEN_RESPONSE, self._timeout, self._clock)
+        except CancelledError:
             raise
+        except BodyTooLarge:
+            raise AuthError(realm, f"answered with more than {MAX_TOKEN_RESPONSE} bytes") from None
         except Exception as e:  # any connection-level failure
             raise AuthError(realm, f"could not fetch a token: {_describe(e)}") from None
 
+        if 300 <= response.code < 400:
+            location = response.headers.getRawHeaders("Location", [""])[-1]
+            raise AuthError(
+                realm,
+                f"answered {response.code}, a redirect to {location!r}, which regproxy does "
+                "not follow for a token; give the upstream's real token service",
+                response.code,
+            )
         if not 200 <= response.code < 300:
-            raise AuthError(realm, self._status_problem(response, body, request))
+            raise AuthError(realm, self._status_problem(response, body, request), response.code)
         try:
             data = json.loads(body)
         except ValueError:
@@ -504,18 +520,3 @@ class Authenticator:
                     "it is not on the upstream's own site (same domain, https)"
                 )
         return problem
-
-
-async def _read_bounded(response: Any, realm: str) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-
-    def collect(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        if size > MAX_TOKEN_RESPONSE:
-            raise AuthError(realm, f"answered with more than {MAX_TOKEN_RESPONSE} bytes")
-        chunks.append(data)
-
-    await treq.collect(response, collect)
-    return b"".join(chunks)

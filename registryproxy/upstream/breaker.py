@@ -37,6 +37,13 @@ class CircuitBreaker:
             raise CircuitOpen(max(0.0, self._open_until - now))
         self._trial = True  # half open: this request is the one try
 
+    def is_open(self) -> bool:
+        """Whether requests are being refused now (:meth:`check` would raise
+        for a new one); unlike it, this does not take the half-open trial."""
+        if self._open_until is None or self._threshold == 0:
+            return False
+        return self._clock.seconds() < self._open_until
+
     def succeeded(self) -> None:
         self._failures = 0
         self._open_until = None

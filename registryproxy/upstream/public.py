@@ -36,6 +36,20 @@ def resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(sockaddr[0]) for *_, sockaddr in answers))
 
 
+async def lookup(reactor: Any, pool: ThreadPool, host: str, port: int, timeout: float) -> list[str]:
+    """:func:`resolve` on a thread of *pool*, the way a socket would resolve
+    *host* (numeric forms such as ``2130706433`` or ``127.1`` included);
+    :class:`DNSLookupError` if it fails or takes longer than *timeout*."""
+    found = deferToThreadPool(reactor, pool, resolve, host, port)
+    found.addTimeout(timeout, reactor)
+    try:
+        return await found
+    except defer.TimeoutError:
+        raise DNSLookupError(f"{host}: no answer within {timeout:g}s") from None
+    except (OSError, ValueError) as error:  # UnicodeError too: a bad IDNA name
+        raise DNSLookupError(f"{host}: {error}") from None
+
+
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _UNICAST6 = ipaddress.IPv6Network("2000::/3")
 #: IPv6 forms that carry or reach IPv4 addresses in ways we do not unpack
@@ -102,14 +116,7 @@ class _Resolved:
 
     async def _connect(self, protocolFactory: IProtocolFactory) -> IProtocol:
         e = self._endpoints
-        lookup = deferToThreadPool(e._reactor, e._lookups, resolve, self._host, self._port)
-        lookup.addTimeout(e._timeout, e._reactor)
-        try:
-            addresses = await lookup
-        except defer.TimeoutError:
-            raise DNSLookupError(f"{self._host}: no answer within {e._timeout:g}s") from None
-        except (OSError, ValueError) as error:  # UnicodeError too: a bad IDNA name
-            raise DNSLookupError(f"{self._host}: {error}") from None
+        addresses = await lookup(e._reactor, e._lookups, self._host, self._port, e._timeout)
         public = [address for address in addresses if e._allowed(address)]
         if not public:
             raise Refused(string=f"{self._host} resolves only to internal addresses; refused")

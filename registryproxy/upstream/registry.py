@@ -24,7 +24,7 @@ from ..config import UpstreamConfig
 from ..metrics import Metrics
 from .auth import Authenticator
 from .client import RegistryClient
-from .public import PublicEndpoints
+from .public import PublicEndpoints, lookup
 
 log = Logger()
 
@@ -53,6 +53,7 @@ class Upstreams:
         self._clients: dict[str, RegistryClient] = {}
         self._hosts: dict[str, str] = {}
         #: threads for looking up the hosts clients name (allow_any_registry)
+        #: and where upstreams redirect to or get their tokens from
         self._lookups: ThreadPool | None = None
         self.update(configs, default)
 
@@ -111,6 +112,10 @@ class Upstreams:
 
     def _make(self, name: str, config: UpstreamConfig) -> RegistryClient:
         policy = _tls_policy(config.ca_file) if config.ca_file else BrowserLikePolicyForHTTPS()
+        if self._lookups is None:
+            self._lookups = ThreadPool(minthreads=0, maxthreads=4, name="regproxy-lookups")
+            self._lookups.start()
+        lookups = self._lookups
         if name in self._configs:
             agent = Agent(
                 self._reactor,
@@ -122,12 +127,7 @@ class Upstreams:
             # Named by a client, not by the operator: public addresses only,
             # and no connection shared with the pool, which is keyed by host
             # name alone and may hold one to a configured internal registry.
-            if self._lookups is None:
-                self._lookups = ThreadPool(minthreads=0, maxthreads=4, name="regproxy-lookups")
-                self._lookups.start()
-            endpoints = PublicEndpoints(
-                self._reactor, policy, config.connect_timeout, self._lookups
-            )
+            endpoints = PublicEndpoints(self._reactor, policy, config.connect_timeout, lookups)
             own = HTTPConnectionPool(self._reactor, persistent=False)
             agent = Agent.usingEndpointFactory(self._reactor, endpoints, pool=own)
         credentials = config.credentials()
@@ -137,11 +137,17 @@ class Upstreams:
             credentials[1] if credentials else None,
             http=treq.client.HTTPClient(agent),
             clock=self._reactor,
+            timeout=config.deadline_seconds,
         )
         anonymous = None
         if credentials and not config.share_private:
             anonymous = Authenticator(
-                config.url, None, None, http=treq.client.HTTPClient(agent), clock=self._reactor
+                config.url,
+                None,
+                None,
+                http=treq.client.HTTPClient(agent),
+                clock=self._reactor,
+                timeout=config.deadline_seconds,
             )
         log.info("upstream {name} is {url}", name=name, url=config.url)
         return RegistryClient(
@@ -156,6 +162,9 @@ class Upstreams:
             metrics=self._metrics,
             https_only=name not in self._configs,
             anonymous=anonymous,
+            resolve=lambda host, port: lookup(
+                self._reactor, lookups, host, port, config.connect_timeout
+            ),
         )
 
 

@@ -1,0 +1,437 @@
+"""Hostile upstreams: silent ones, huge bodies, stalled bodies, and redirects or
+token realms that spell an internal address some other way."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+import treq
+from fakeregistry import FakeRegistry, Fault, Override, _pending_bytes
+from proxyharness import settle, until
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
+
+from registryproxy.config import UpstreamConfig
+from registryproxy.errors import RegistryError
+from registryproxy.upstream import public
+from registryproxy.upstream.auth import Authenticator
+from registryproxy.upstream.client import RegistryClient
+
+# -- helpers ------------------------------------------------------------------
+
+
+class _Silent(Protocol):
+    def connectionMade(self) -> None:
+        self.factory.opened += 1  # type: ignore[attr-defined]
+        self.factory.open += 1  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.factory.open -= 1  # type: ignore[attr-defined]
+
+
+class SilentFactory(Factory):
+    """Accepts connections, reads what it is sent, never answers."""
+
+    protocol = _Silent
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.open = 0
+
+
+@pytest_twisted.async_yield_fixture()
+async def silent() -> Any:
+    factory = SilentFactory()
+    port: IListeningPort = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+        factory
+    )
+    factory.url = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
+    yield factory
+    await port.stopListening()
+
+
+@implementer(IAgentEndpointFactory)
+class _Hosts:
+    """Endpoints as the reactor would make them, but with some names mapped to
+    127.0.0.1 ports (an /etc/hosts of the test's own)."""
+
+    def __init__(self, names: dict[str, int]) -> None:
+        self._names = names
+
+    def endpointForURI(self, uri: Any) -> Any:
+        host = uri.host.decode("ascii")
+        if host in self._names:
+            return TCP4ClientEndpoint(reactor, "127.0.0.1", self._names[host])
+        return HostnameEndpoint(reactor, uri.host, uri.port)
+
+
+def make_client(
+    url: str, clock: Any = reactor, names: dict[str, int] | None = None, **config: Any
+) -> RegistryClient:
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    agent = Agent.usingEndpointFactory(reactor, _Hosts(names or {}), pool=pool)
+    upstream = UpstreamConfig(url=url, **config)
+    http = treq.client.HTTPClient(agent)
+    # as registry.Upstreams makes them: a token fetch has the exchange's deadline too
+    auth = Authenticator(url, None, None, http, clock, timeout=upstream.deadline_seconds)
+    return RegistryClient("docker.io", upstream, agent, auth, clock)
+
+
+def manifest(client: RegistryClient, reference: str = "1") -> Deferred[Any]:
+    return Deferred.fromCoroutine(client.get_manifest("library/x", reference, ()))
+
+
+def failure_of(d: Deferred[Any]) -> RegistryError:
+    box: list[Any] = []
+    d.addBoth(box.append)
+    assert box and isinstance(box[0], Failure), box
+    error = box[0].value
+    assert isinstance(error, RegistryError), box[0]
+    return error
+
+
+def error(reply: Any) -> tuple[int, str, str]:
+    (first,) = json.loads(reply.body)["errors"]
+    return reply.code, first["code"], first["message"]
+
+
+@pytest.fixture
+def logged() -> Iterator[list[LogEvent]]:
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def connections(registry: FakeRegistry) -> int:
+    return sum(
+        1
+        for site in registry._sites
+        for channel in site.channels
+        if getattr(getattr(channel, "transport", None), "connected", False)
+    )
+
+
+# -- item 4: a silent upstream, a silent token service ------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_silent_upstream_is_given_up_once_at_the_deadline(silent):
+    clock = Clock()
+    client = make_client(silent.url, clock, read_timeout=5, breaker_threshold=2)
+    for _ in range(2):
+        d = manifest(client)
+        await until(lambda: silent.open == 1)
+        clock.advance(5)
+        await until(lambda d=d: d.called, timeout=2)
+        e = failure_of(d)
+        assert (e.status, e.code) == (504, "UNAVAILABLE")
+        assert "upstream docker.io" in e.message and "within 5s" in e.message
+        assert "Cancelled" not in e.message
+        await until(lambda: silent.open == 0)
+    assert silent.opened == 2  # a silent answer is not retried
+    # the breaker is open: the next caller fails at once, without connecting
+    e = failure_of(manifest(client))
+    assert (e.status, e.code) == (503, "UNAVAILABLE")
+    assert "not asking it again" in e.message
+    await settle(0.05)
+    assert silent.opened == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_deadline_is_a_config_key(silent):
+    clock = Clock()
+    client = make_client(silent.url, clock, read_timeout=60, deadline=2)
+    d = manifest(client)
+    await until(lambda: silent.open == 1)
+    clock.advance(2)
+    await until(lambda: d.called, timeout=2)
+    assert "within 2s" in failure_of(d).message
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_silent_token_service_meets_the_deadline_and_opens_the_breaker(
+    fake_registry, silent
+):
+    challenge = f'Bearer realm="{silent.url}/token",service="fake"'
+    fake_registry.status_override["/manifests/"] = Override(401, {"WWW-Authenticate": challenge})
+    clock = Clock()
+    client = make_client(fake_registry.url, clock, read_timeout=5, breaker_threshold=2)
+    for attempt in (1, 2):
+        d = manifest(client)
+        await until(lambda attempt=attempt: silent.opened == attempt)
+        clock.advance(5)
+        await until(lambda d=d: d.called, timeout=2)
+        e = failure_of(d)
+        assert (e.status, e.code) == (504, "UNAVAILABLE")
+        assert "upstream docker.io" in e.message and "token service" in e.message
+        assert silent.url in e.message
+    asked = len(fake_registry.requests)
+    e = failure_of(manifest(client))
+    assert e.status == 503
+    assert len(fake_registry.requests) == asked
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_silent_upstream_costs_clients_one_deadline(silent, make_proxy):
+    proxy = await make_proxy(silent.url, read_timeout=0.5)
+    started = time.monotonic()
+    reply = await proxy.get("/v2/library/x/manifests/1")
+    took = time.monotonic() - started
+    status, code, message = error(reply)
+    assert (status, code) == (504, "UNAVAILABLE")
+    assert "docker.io" in message and "within 0.5s" in message
+    assert took < 1.4, took  # not three tries and the pauses between them
+    assert silent.opened == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_that_fail_are_retried():
+    # a port with nothing listening: refused at once, tried three times
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    clock = Clock()
+    client = make_client(f"http://127.0.0.1:{port}", clock, deadline=10)
+    d = manifest(client)
+    for _ in range(100):
+        if d.called:
+            break
+        await settle(0.05)
+        clock.advance(0.1)
+    e = failure_of(d)
+    assert e.status == 502 and "unreachable" in e.message and "docker.io" in e.message
+    assert clock.seconds() >= 1.0  # after the pauses of 0.2 and 0.8 s
+
+
+# -- item 5: bodies too large ---------------------------------------------------
+
+
+class Endless(Resource):
+    """A body with no Content-Length (unless *declared*): 64 KiB chunks while
+    the client reads, up to 100 MiB."""
+
+    isLeaf = True
+
+    def __init__(self, declared: int | None = None) -> None:
+        super().__init__()
+        self.sent = 0
+        self.closed = 0
+        self.declared = declared
+
+    def render_GET(self, request: Request) -> int:
+        request.setHeader(b"Content-Type", b"application/vnd.oci.image.manifest.v1+json")
+        if self.declared is not None:
+            request.setHeader(b"Content-Length", b"%d" % self.declared)
+        chunk = b" " * 65536
+
+        def more() -> None:
+            if request.channel is None or request._disconnected:
+                return
+            if self.sent >= 100 * 1024 * 1024:
+                request.finish()
+                return
+            if _pending_bytes(request.channel.transport) > 1024 * 1024:
+                reactor.callLater(0.001, more)  # the client is not reading: wait
+                return
+            request.write(chunk)
+            self.sent += len(chunk)
+            reactor.callLater(0, more)
+
+        def gone(_: object) -> None:
+            self.closed += 1
+
+        request.notifyFinish().addBoth(gone)
+        request.write(b"{")
+        more()
+        return NOT_DONE_YET
+
+
+@pytest_twisted.async_yield_fixture()
+async def endless() -> Any:
+    resource = Endless()
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Site(resource))
+    resource.url = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
+    yield resource
+    await port.stopListening()
+
+
+@pytest.mark.parametrize(
+    ("path", "limit"),
+    [
+        ("/v2/library/x/manifests/1", 4 * 1024 * 1024),
+        ("/v2/library/x/tags/list", 32 * 1024 * 1024),
+        ("/v2/library/x/referrers/sha256:" + "a" * 64, 32 * 1024 * 1024),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_an_endless_body_is_cut_off_at_its_cap(endless, make_proxy, path, limit):
+    proxy = await make_proxy(endless.url)
+    reply = await proxy.get(path)
+    status, code, message = error(reply)
+    assert (status, code) == (502, "UNAVAILABLE")
+    assert "docker.io" in message and f"more than {limit} bytes" in message
+    await until(lambda: endless.closed == 1)
+    assert endless.sent < limit + 8 * 1024 * 1024  # what the sockets' buffers hold
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_declared_length_past_the_cap_is_refused_unread(endless, make_proxy):
+    endless.declared = 1_500_000_000
+    proxy = await make_proxy(endless.url)
+    reply = await proxy.get("/v2/library/x/manifests/1")
+    status, code, message = error(reply)
+    assert (status, code) == (502, "UNAVAILABLE")
+    assert "docker.io" in message and "1500000000 bytes" in message
+    await until(lambda: endless.closed == 1)
+    assert endless.sent < 4 * 1024 * 1024
+
+
+# -- item 12 and issue 10: a manifest body that stalls ---------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stalled_manifest_body_frees_its_connection(
+    fake_registry, make_proxy, logged, recwarn
+):
+    fake_registry.add_image("library/x", "1", [b"layer"])
+    fake_registry.manifest_faults["*"] = Fault.stall(after=10)
+    proxy = await make_proxy(fake_registry.url, read_timeout=0.5)
+    started = time.monotonic()
+    reply = await proxy.get("/v2/library/x/manifests/1")
+    status, code, message = error(reply)
+    assert (status, code) == (504, "UNAVAILABLE")
+    assert "docker.io" in message and "0.5s" in message and "Deferred" not in message
+    assert time.monotonic() - started < 1.4
+    # the upstream's socket is closed at the read timeout, not kept until it hangs up
+    await until(lambda: connections(fake_registry) == 0, timeout=1)
+    await settle(0.2)
+    text = [formatEvent(e) + str(e.get("log_failure", "")) for e in logged]
+    assert not [t for t in text if "AlreadyCalled" in t or "Unhandled" in t]
+    assert not [w for w in recwarn if "abortConnection" in str(w.message)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_manifest_body_that_stalls_is_given_up_after_the_read_timeout():
+    clock = Clock()
+    registry = await FakeRegistry.start()
+    try:
+        registry.add_image("library/x", "1", [b"layer"])
+        registry.manifest_faults["*"] = Fault.stall(after=10)
+        client = make_client(registry.url, clock, read_timeout=5, deadline=60)
+        d = manifest(client)
+        await until(lambda: registry.count("GET", "/manifests/") == 1)
+        await settle(0.05)  # the headers arrive
+        clock.advance(5)
+        await until(lambda d=d: d.called, timeout=2)
+        e = failure_of(d)
+        assert (e.status, e.code) == (504, "UNAVAILABLE")
+        assert "docker.io" in e.message and "5s" in e.message
+        await until(lambda: connections(registry) == 0, timeout=1)
+    finally:
+        await registry.stop()
+
+
+# -- item 6: other spellings of internal addresses ------------------------------
+
+SPELLINGS = ["2130706433", "0x7f000001", "127.1", "0", "017700000001", "localhost"]
+
+
+@pytest.fixture
+def public_name(monkeypatch: pytest.MonkeyPatch) -> str:
+    """registry.example.test 'resolves' to a public address (and is reached on
+    the fake registry's port through the test's own hosts map)."""
+    real = public.resolve
+    name = "registry.example.test"
+    monkeypatch.setattr(
+        public, "resolve", lambda host, port: ["8.8.8.8"] if host == name else real(host, port)
+    )
+    return name
+
+
+def port_of(registry: FakeRegistry) -> int:
+    return int(registry.url.rsplit(":", 1)[1])
+
+
+async def refused(make_fake_registry: Any, public_name: str, answer: Override) -> RegistryError:
+    """The error of a manifest fetch from a public upstream answering *answer*."""
+    upstream = await make_fake_registry()
+    upstream.status_override["/manifests/"] = answer
+    port = port_of(upstream)
+    client = make_client(f"http://{public_name}:{port}", names={public_name: port})
+    with pytest.raises(RegistryError) as e:
+        await manifest(client)
+    return e.value
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+@pytest_twisted.ensureDeferred
+async def test_a_public_upstream_may_not_redirect_to_an_internal_address(
+    make_fake_registry, public_name, spelling
+):
+    internal = await make_fake_registry()
+    location = f"http://{spelling}:{port_of(internal)}/v2/library/x/manifests/1"
+    e = await refused(make_fake_registry, public_name, Override(302, {"Location": location}))
+    assert (e.status, e.code) == (502, "UNAVAILABLE")
+    assert "upstream docker.io redirected to" in e.message and "internal address" in e.message
+    assert internal.requests == []
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+@pytest_twisted.ensureDeferred
+async def test_a_public_upstream_may_not_send_us_to_an_internal_token_realm(
+    make_fake_registry, public_name, spelling
+):
+    internal = await make_fake_registry()
+    realm = f"http://{spelling}:{port_of(internal)}/token"
+    challenge = {"WWW-Authenticate": f'Bearer realm="{realm}",service="x"'}
+    e = await refused(make_fake_registry, public_name, Override(401, challenge))
+    assert (e.status, e.code) == (502, "UNAVAILABLE")
+    assert "upstream docker.io named as its token service" in e.message
+    assert "internal address" in e.message
+    assert internal.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_service_redirect_is_not_followed(make_fake_registry, public_name):
+    upstream, internal = await make_fake_registry(), await make_fake_registry()
+    port = int(upstream.url.rsplit(":", 1)[1])
+    realm = f"http://{public_name}:{port}/token"
+    upstream.status_override["/manifests/"] = Override(
+        401, {"WWW-Authenticate": f'Bearer realm="{realm}",service="x"'}
+    )
+    upstream.status_override["/token"] = Override(302, {"Location": internal.url + "/token"})
+    client = make_client(f"http://{public_name}:{port}", names={public_name: port})
+    with pytest.raises(RegistryError) as e:
+        await manifest(client)
+    assert "token service" in e.value.message and "redirect" in e.value.message
+    assert internal.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_loopback_upstream_may_still_redirect_to_loopback(make_fake_registry):
+    upstream, cdn = await make_fake_registry(), await make_fake_registry()
+    cdn_port = int(cdn.url.rsplit(":", 1)[1])
+    digest, _ = cdn.add_image("library/x", "1", [b"layer"])
+    upstream.status_override["/manifests/"] = Override(
+        307, {"Location": f"http://127.1:{cdn_port}/v2/library/x/manifests/1"}
+    )
+    got = await manifest(make_client(upstream.url))
+    assert got.digest == digest
