@@ -263,8 +263,9 @@ class S3Store:
     def get(self, key: str, start: int = 0, end: int | None = None) -> Deferred[bytes]:
         """Bytes ``[start, end)`` of the object (to its end if *end* is None),
         read whole in one thread call: for small objects and ranges; stream
-        big ones with :meth:`open_read`.  A range past the end raises
-        S3Error ``InvalidRange``; a missing object, :class:`NoSuchKey`."""
+        big ones with :meth:`open_read`.  An *end* past the object's end is
+        cut to it (S3's rule); a *start* past it raises S3Error
+        ``InvalidRange``; a missing object, :class:`NoSuchKey`."""
         bucket, full, byte_range = self.settings.bucket, self._key(key), _range(start, end)
 
         def get(client: Any) -> bytes:

@@ -62,6 +62,7 @@ async def test_s3_objects(s3_store: S3Store) -> None:
     assert await s3_store.get("blobs/a", 2, 5) == b"234"
     assert await s3_store.get("blobs/a", 7) == b"789"
     assert await s3_store.get("blobs/a", 9, 10) == b"9"
+    assert await s3_store.get("blobs/a", 8, 100) == b"89"  # cut to the end
     with pytest.raises(NoSuchKey):
         await s3_store.get("blobs/missing")
     with pytest.raises(S3Error) as raised:
