@@ -12,6 +12,8 @@ Fixture API:
 ``swift`` (session) -> :class:`engines.S3Endpoint`
     ``.url``, ``.access_key``, ``.secret_key``, ``.region`` of a Swift 2.30
     proxy with s3api (``Swift`` itself: ``swift_engine``).
+``swift_tls`` (session) -> :class:`engines.S3Endpoint` of a second proxy over
+    the same Swift, on https with a private CA (``.ca_file``).
 ``s3_settings`` (function) -> ``registryproxy.cluster.s3.S3Settings`` for
     ``swift`` with a bucket of the test's own (not yet created).
 ``s3_store`` (function) -> ``S3Store`` over ``s3_settings`` on ``threadpool``,
@@ -29,6 +31,7 @@ Fixture API:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import shutil
@@ -39,6 +42,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from tlscerts import make_ca_and_server_cert
 from twisted.internet import reactor
 from twisted.python.threadpool import ThreadPool
 
@@ -95,6 +99,22 @@ def swift_engine(cluster_dir: Path) -> Iterator[engines.Swift]:
 @pytest.fixture(scope="session")
 def swift(swift_engine: engines.Swift) -> engines.S3Endpoint:
     return swift_engine.endpoint
+
+
+@pytest.fixture(scope="session")
+def swift_tls(swift_engine: engines.Swift, cluster_dir: Path) -> engines.S3Endpoint:
+    ca_pem, server_pem = make_ca_and_server_cert(ips=["127.0.0.1"])
+    tls = cluster_dir / "tls"
+    tls.mkdir()
+    (tls / "ca.pem").write_bytes(ca_pem)
+    (tls / "server.pem").write_bytes(server_pem)
+    added: list[engines.S3Endpoint] = []
+    engines.timed(
+        "swift https proxy",
+        lambda: added.append(swift_engine.add_proxy(tls_pem=tls / "server.pem")),
+        START_TIMES,
+    )
+    return dataclasses.replace(added[0], ca_file=str(tls / "ca.pem"))
 
 
 @pytest.fixture(scope="session")

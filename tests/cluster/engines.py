@@ -22,7 +22,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +149,8 @@ class S3Endpoint:
     access_key: str
     secret_key: str
     region: str = "us-east-1"
+    #: the CA bundle to trust for an https url
+    ca_file: str | None = None
 
 
 # --------------------------------------------------------------------------
@@ -324,7 +326,10 @@ class Swift:
         for name in self.ports:
             _wait_for_port(self.ports[name], self.procs, self.logs, f"swift {name}")
 
-    def _start_server(self, name: str, user: str) -> None:
+    def _start_server(self, name: str, user: str, kind: str | None = None, extra: str = "") -> None:
+        """Start server *name*, a *kind* server (account, container, object,
+        proxy; *name* itself by default), *extra* added to its [DEFAULT]."""
+        kind = kind or name
         common = _SWIFT_COMMON.format(
             port=self.ports[name],
             devices=self.devices,
@@ -333,20 +338,33 @@ class Swift:
             name=name,
             log_level=self.log_level,
         )
-        if name == "proxy":
+        if kind == "proxy":
             rest = _SWIFT_PROXY.format(
                 pipeline=_SWIFT_PIPELINE,
                 secret_key=self.endpoint.secret_key,
                 memcached_port=self.ports["memcached"],
             )
         else:
-            rest = _SWIFT_BACKEND.format(swift_dir=self.swift_dir, name=name)
+            rest = _SWIFT_BACKEND.format(swift_dir=self.swift_dir, name=kind)
         conf = self.swift_dir / f"{name}-server.conf"
-        conf.write_text(common + rest)
+        conf.write_text(common + extra + rest)
         # -v: logs on stderr (into our log file) as well as to syslog.
         self.procs[name] = _spawn(
-            [f"swift-{name}-server", str(conf), "-v"], self.logs[name], env=self._server_env()
+            [f"swift-{kind}-server", str(conf), "-v"], self.logs[name], env=self._server_env()
         )
+
+    def add_proxy(self, tls_pem: Path | None = None) -> S3Endpoint:
+        """One more proxy server over the same rings and devices (Swift's own
+        scale-out shape): https with *tls_pem* (key and certificate) if given.
+        Its endpoint, with the same credentials."""
+        name = f"proxy{sum(1 for n in self.procs if n.startswith('proxy')) + 1}"
+        self.ports[name] = free_port()
+        self.logs[name] = self.workdir / f"{name}.log"
+        extra = f"cert_file = {tls_pem}\nkey_file = {tls_pem}\n" if tls_pem else ""
+        self._start_server(name, pwd.getpwuid(os.geteuid()).pw_name, "proxy", extra)
+        _wait_for_port(self.ports[name], self.procs, self.logs, f"swift {name}")
+        scheme = "https" if tls_pem else "http"
+        return replace(self.endpoint, url=f"{scheme}://127.0.0.1:{self.ports[name]}")
 
     def _server_env(self) -> dict[str, str]:
         """Two things that take three quarters of a server's start-up CPU and

@@ -15,6 +15,7 @@ import attrs
 import pytest
 import pytest_twisted
 import treq
+from botocore.exceptions import SSLError
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -201,6 +202,31 @@ async def test_s3_presigned_get(s3_store: S3Store) -> None:
     response = await treq.get(url.split("?")[0])
     assert 400 <= response.code < 500  # Swift: 400, AWS: 403
     await response.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_over_https_with_a_private_ca(
+    swift_tls: engines.S3Endpoint, s3_settings: S3Settings, threadpool: ThreadPool
+) -> None:
+    """Over https botocore sends uploads aws-chunked with trailing checksums
+    unless told to add checksums only when required, and Swift refuses those;
+    the CA comes from ca_file."""
+    settings = attrs.evolve(s3_settings, endpoint=swift_tls.url, ca_file=swift_tls.ca_file)
+    store = S3Store(settings, threadpool, reactor)
+    await store.ensure_bucket()
+    await store.put("blobs/small", b"over tls")
+    upload = await store.start_upload("blobs/big")
+    first = os.urandom(MIN_PART_SIZE)
+    await upload.upload_part(first)
+    await upload.upload_part(b"end")
+    await upload.complete()
+    assert await store.get("blobs/big", MIN_PART_SIZE - 2) == first[-2:] + b"end"
+    assert await store.get("blobs/small") == b"over tls"
+    assert await store.delete_many(["blobs/small", "blobs/big"]) == []
+
+    untrusting = S3Store(attrs.evolve(settings, ca_file=None), threadpool, reactor)
+    with pytest.raises(SSLError):
+        await untrusting.head("blobs/small")
 
 
 # --------------------------------------------------------------------------
