@@ -1,0 +1,58 @@
+"""The cluster mode's settings, without engines: what they refuse, what they show."""
+
+from __future__ import annotations
+
+import pytest
+
+from registryproxy.cluster.pg import PgSettings, lock_id
+from registryproxy.cluster.s3 import S3Settings
+
+
+def test_s3_settings_hide_the_secret_and_default_to_path_style_for_an_endpoint():
+    settings = S3Settings(
+        bucket="blobs", endpoint="http://127.0.0.1:8080", access_key="AK", secret_key="s3cr3t"
+    )
+    assert "s3cr3t" not in repr(settings)
+    assert "AK" in repr(settings)
+    assert settings.addressing_style == "path"
+    assert S3Settings(bucket="blobs").addressing_style == "virtual"  # AWS
+    assert S3Settings(bucket="b", endpoint="http://x", path_style=False).addressing_style == (
+        "virtual"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"access_key": "AK"}, "give both or neither"),
+        ({"prefix": "/abs"}, "prefix"),
+        ({"max_attempts": 0}, "max_attempts"),
+    ],
+)
+def test_s3_settings_refuse(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        S3Settings(bucket="blobs", **kwargs)
+
+
+def test_pg_settings_hide_the_password():
+    settings = PgSettings(dsn="host=db user=regproxy password=pgs3cr3t dbname=cache")
+    assert "pgs3cr3t" not in repr(settings)
+    assert "host=db" in repr(settings)
+    uri = PgSettings(dsn="postgresql://regproxy:pgs3cr3t@db/cache")
+    assert "pgs3cr3t" not in repr(uri)
+    assert PgSettings(dsn="host=db", connect_timeout=0.5).libpq_connect_timeout == 2
+    with pytest.raises(ValueError, match="min_size"):
+        PgSettings(dsn="host=db", min_size=3, max_size=2)
+
+
+def test_lock_ids_are_stable_signed_64_bit():
+    # the same on every node and release: changing it would let two nodes
+    # running different releases fetch the same blob at once
+    assert lock_id("blob:sha256:" + "0" * 64) == lock_id("blob:sha256:" + "0" * 64)
+    ids = {lock_id(f"k{i}") for i in range(1000)}
+    assert len(ids) == 1000
+    assert all(-(2**63) <= i < 2**63 for i in ids)
+    assert lock_id("regproxy") == STABLE_LOCK_ID
+
+
+STABLE_LOCK_ID = 7630469907212608055
