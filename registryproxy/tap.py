@@ -18,7 +18,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from .admin.app import AdminAPI
 from .admin.control import Control, SavedUpstreams
-from .cache.blobs import BlobCache
+from .cache.blobs import BlobCache, BlobSource
 from .cache.eviction import Evictor
 from .cache.index import Index, IndexUnusable, set_aside
 from .cache.manifests import ManifestCache
@@ -87,6 +87,8 @@ class Proxy:
     index: Index
     evictor: Evictor
     upstreams: Upstreams
+    #: the registry API for the other nodes of a cluster (behind their secret)
+    internal: RegistryResource
 
     async def close(self) -> None:
         await self.pool.closeCachedConnections()
@@ -194,13 +196,18 @@ def _fitted_connections(config: Config) -> int:
 
 
 def build_proxy(
-    config: Config, reactor: Any, rebuild_index: bool = False, max_connections: int | None = None
+    config: Config,
+    reactor: Any,
+    rebuild_index: bool = False,
+    max_connections: int | None = None,
+    peers: BlobSource | None = None,
 ) -> Proxy:
     """The /v2/ proxy and everything behind it, wired from *config*.
 
     *rebuild_index* moves a damaged index aside and starts an empty one; the
     caller then runs fsck (:class:`_Rebuild`), which indexes the blobs on disk.
-    *max_connections* overrides ``proxy.max_connections``."""
+    *max_connections* overrides ``proxy.max_connections``.  *peers*: the
+    other nodes of a cluster, which own some downloads."""
     try:
         store = FileStore(config.cache.directory)
         index = _open_index(os.path.join(store.root, "index.db"), rebuild_index, reactor.seconds())
@@ -233,14 +240,19 @@ def build_proxy(
         stored=evictor.soon,
         max_bytes=config.cache.max_bytes,
         make_room=evictor.make_room,
+        peers=peers,
     )
     evictor.in_use = blobs.in_use
     resource = RegistryResource(upstreams, manifests, blobs, metrics, config.proxy.sendfile)
+    # what other nodes of a cluster ask this one for: never passed on again
+    internal = RegistryResource(
+        upstreams, manifests, blobs, metrics, config.proxy.sendfile, forward=False
+    )
     control = Control(
         config, store.root, store, index, manifests, blobs, upstreams, metrics, reactor, evictor
     )
     site = GuardedSite(resource, limits(config, max_connections)[0], no_bodies, reactor, "proxy")
-    return Proxy(site, control, pool, index, evictor, upstreams)
+    return Proxy(site, control, pool, index, evictor, upstreams, internal)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

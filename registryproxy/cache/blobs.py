@@ -13,6 +13,7 @@ import errno
 import os
 import sqlite3
 from collections.abc import Callable
+from typing import Protocol as Interface
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -21,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IResponse
 
 from ..names import Digest
 from ..singleflight import SingleFlight
@@ -29,6 +31,19 @@ from .index import Index
 from .store import BlobStore, BlobWriter, VerificationError, verify
 
 log = Logger()
+
+
+class BlobSource(Interface):
+    """Where a cluster node gets a download another node owns."""
+
+    def owner_of(self, digest: Digest) -> str | None:
+        """The URL of the peer that downloads *digest*; None: this node."""
+
+    async def get_blob(
+        self, peer: str, client: RegistryClient, repo: str, digest: Digest
+    ) -> IResponse:
+        """The blob as *peer* sends it (a 200 whose body is the blob's
+        bytes, held back and cut off by the same rules as this node's)."""
 
 
 class BlobFetch:
@@ -406,8 +421,12 @@ class BlobCache:
         stored: Callable[[], None] = lambda: None,
         max_bytes: int | None = None,
         make_room: Callable[[int], int] = lambda needed: 0,
+        peers: BlobSource | None = None,
     ) -> None:
+        """*peers*: in a cluster, the other nodes, one of which may own a
+        download (see :mod:`registryproxy.cluster.peers`)."""
         self.store = store
+        self._peers = peers
         self._index = index
         self._clock = clock
         self._stored = stored
@@ -417,8 +436,12 @@ class BlobCache:
         #: descriptors of stored blobs being read, and their digests
         self._reading: dict[int, str] = {}
         # keyed by repository too: a request for a repository the upstream
-        # refuses must not hand its error to another repository's request
-        self._starting: SingleFlight[tuple[str, str, Digest], BlobFetch] = SingleFlight()
+        # refuses must not hand its error to another repository's request;
+        # and by the peer it comes from (None: the upstream), so a download
+        # never waits on a peer that waits on it
+        self._starting: SingleFlight[tuple[str, str, Digest, str | None], BlobFetch] = (
+            SingleFlight()
+        )
 
     def open_stored(self, digest: Digest) -> int | None:
         """A descriptor of the stored blob, or None; let go with :meth:`close_stored`."""
@@ -480,23 +503,33 @@ class BlobCache:
             log.failure("could not evict to make room for a new blob")
             return 0
 
-    async def fetch(self, client: RegistryClient, repo: str, digest: Digest) -> BlobFetch:
+    async def fetch(
+        self, client: RegistryClient, repo: str, digest: Digest, forward: bool = True
+    ) -> BlobFetch:
         """A download of *digest* that *repo* may read, started by this call
         (the upstream's 200 says the repository may read it) or running
         already for the same repository.  The caller gets it held (see
-        :meth:`BlobFetch.hold`) and must release it."""
+        :meth:`BlobFetch.hold`) and must release it.  In a cluster it comes
+        from the node that owns the digest, unless *forward* is false (a
+        peer's request: never passed on again)."""
         running = self.active(digest)
         if running is not None and self._index.has_blob(client.name, repo, str(digest)):
             running.hold()
             return running
+        peer = self._peers.owner_of(digest) if forward and self._peers is not None else None
         fetch = await self._starting.run(
-            (client.name, repo, digest), lambda: self._start(client, repo, digest)
+            (client.name, repo, digest, peer), lambda: self._start(client, repo, digest, peer)
         )
         fetch.hold()  # synchronously on resuming: before anything can end it
         return fetch
 
-    async def _start(self, client: RegistryClient, repo: str, digest: Digest) -> BlobFetch:
-        response = await client.get_blob(repo, str(digest))
+    async def _start(
+        self, client: RegistryClient, repo: str, digest: Digest, peer: str | None
+    ) -> BlobFetch:
+        if peer is not None and self._peers is not None:
+            response = await self._peers.get_blob(peer, client, repo, digest)
+        else:
+            response = await client.get_blob(repo, str(digest))
         self._link(client, repo, digest)
         running = self.active(digest)
         if running is not None:

@@ -142,8 +142,12 @@ class RegistryResource(Resource):
         blobs: BlobCache,
         metrics: Metrics,
         sendfile: bool = True,
+        forward: bool = True,
     ) -> None:
+        """*forward*: false for a cluster's internal port, whose requests come
+        from other nodes and are never passed on to another."""
         super().__init__()
+        self._forward = forward
         self._upstreams = upstreams
         self._manifests = manifests
         self._blobs = blobs
@@ -313,7 +317,7 @@ class RegistryResource(Resource):
                 return
         else:
             cache = "MISS"
-            fetch = await self._blobs.fetch(client, repo, digest)
+            fetch = await self._blobs.fetch(client, repo, digest, self._forward)
             size = fetch.size
         try:
             if gone:

@@ -1,0 +1,130 @@
+"""One upstream download per blob for the whole cluster.
+
+Each digest has an owner: the live node that rendezvous hashing picks for it
+(:mod:`.membership`).  The owner downloads the blob from the upstream once;
+every other node asked for it while it is not stored fetches it from the
+owner's internal port instead, as it arrives, and serves its own clients
+from that stream with the machinery it uses for an upstream download (the
+bytes checked against the digest, the last byte held back until they are,
+the clients' connections aborted if the stream fails).  The owner's
+internal port serves the same registry API as the proxy port, without
+passing anything on again, to the holders of the cluster's secret only.
+
+Why an owner per digest and not a lease in the database: the other nodes
+need the bytes while they arrive, so they must know where the download runs,
+and hashing tells every node that without a round trip to the database.  A
+node that cannot reach the owner (it just died, and the others have not yet
+seen its heartbeat stop) downloads from the upstream itself.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.client import ResponseNeverReceived
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request
+
+from ..errors import RegistryError
+from ..names import Digest
+from ..upstream.body import read_body
+from ..upstream.client import RegistryClient
+from .membership import Membership
+
+log = Logger()
+
+#: the largest error answer read from a peer
+_MAX_ERROR = 64 * 1024
+
+
+class Peers:
+    """The blob source of a cluster node (see ``cache.blobs.BlobSource``)."""
+
+    def __init__(
+        self, membership: Membership, agent: IAgent, clock: IReactorTime, timeout: float = 10.0
+    ) -> None:
+        self._membership = membership
+        self._agent = agent
+        self._clock = clock
+        self._timeout = timeout
+
+    def owner_of(self, digest: Digest) -> str | None:
+        owner = self._membership.owner(str(digest))
+        if owner is None or owner.name == self._membership.name:
+            return None
+        return owner.advertise
+
+    async def get_blob(
+        self, peer: str, client: RegistryClient, repo: str, digest: Digest
+    ) -> IResponse:
+        url = f"{peer.rstrip('/')}/v2/{client.name}/{repo}/blobs/{digest}"
+        headers = Headers({"Authorization": [f"Bearer {self._membership.secret}"]})
+        d: Deferred[IResponse] = self._agent.request(b"GET", url.encode("ascii"), headers)
+        d.addTimeout(self._timeout, self._clock)
+        try:
+            response = await d
+        except (
+            ConnectError,
+            ConnectingCancelledError,
+            DNSLookupError,
+            ResponseNeverReceived,
+            TimeoutError,
+        ) as e:
+            log.warn(
+                "peer {peer} does not answer ({why}); fetching {digest} from {upstream} here",
+                peer=peer,
+                why=type(e).__name__,
+                digest=str(digest),
+                upstream=client.name,
+            )
+            return await client.get_blob(repo, str(digest))
+        if response.code == 200:
+            return response
+        try:
+            body = await read_body(response, _MAX_ERROR, self._timeout, self._clock)
+        except Exception:
+            body = b""
+        raise _peer_error(response.code, body, peer)
+
+
+def _peer_error(status: int, body: bytes, peer: str) -> RegistryError:
+    """The peer's answer, which is the registry's (or the upstream's) error."""
+    try:
+        error = json.loads(body)["errors"][0]
+        return RegistryError(status, str(error["code"]), str(error["message"]))
+    except (ValueError, KeyError, IndexError, TypeError):
+        return RegistryError(502, "UNAVAILABLE", f"cluster peer {peer} answered HTTP {status}")
+
+
+class PeersOnly(Resource):
+    """The internal port: *inner* for the holders of the cluster's secret,
+    a 401 for anyone else."""
+
+    isLeaf = True
+
+    def __init__(self, inner: IResource, secret: str) -> None:
+        super().__init__()
+        self._inner = inner
+        self._expected = f"Bearer {secret}".encode()
+
+    def render(self, request: Request) -> Any:  # type: ignore[override]
+        given = request.getHeader(b"Authorization") or b""
+        if isinstance(given, str):
+            given = given.encode("latin-1")
+        if not hmac.compare_digest(given, self._expected):
+            body = RegistryError(
+                401, "UNAUTHORIZED", "this port is for the nodes of a regproxy cluster"
+            ).body()
+            request.setResponseCode(401)
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            return body
+        return self._inner.render(request)

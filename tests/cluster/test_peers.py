@@ -1,0 +1,202 @@
+"""One upstream download per blob for a whole cluster: three nodes in this
+process, their membership in a real PostgreSQL, and a fake upstream that
+counts its requests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import pytest_twisted
+from fakeregistry import FakeRegistry, Fault
+from proxyharness import http_request, partial_get
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.threads import deferToThread, deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from twisted.web.client import Agent
+from twisted.web.server import Site
+
+from registryproxy.cluster.membership import Membership
+from registryproxy.cluster.peers import Peers, PeersOnly
+from registryproxy.config import parse_config
+from registryproxy.names import Digest
+from registryproxy.proxy.plaintext import PlainHTTPFactory
+from registryproxy.tap import Proxy, build_proxy
+
+pytestmark = pytest.mark.cluster
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@attrs.define
+class Node:
+    name: str
+    url: str
+    internal: str
+    proxy: Proxy
+    membership: Membership
+    ports: list[IListeningPort]
+    cache_dir: Path
+
+    def stored(self, digest: str) -> Path:
+        d = Digest.parse(digest)
+        return self.cache_dir / "blobs" / d.algorithm / d.hex[:2] / d.hex
+
+    async def stop_internal(self) -> None:
+        await self.ports.pop(1).stopListening()
+
+    async def stop(self) -> None:
+        for port in self.ports:
+            await port.stopListening()
+        await self.membership.leave()
+        await self.proxy.close()
+
+
+async def start_node(name: str, db: Any, upstream: str, directory: Path) -> Node:
+    internal_port = free_port()
+    internal = f"http://127.0.0.1:{internal_port}"
+    membership = Membership(db, name, internal, reactor, interval=0.2, timeout=5.0)
+    await membership.join()
+    config = parse_config(
+        json.dumps(
+            {
+                "cache": {"directory": str(directory / name)},
+                "upstreams": {"docker.io": {"url": upstream, "read_timeout": 5}},
+            }
+        )
+    )
+    peers = Peers(membership, Agent(reactor), reactor, timeout=5.0)
+    proxy = build_proxy(config, reactor, peers=peers)
+    public = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+        PlainHTTPFactory(proxy.site)
+    )
+    inside = await serverFromString(reactor, f"tcp:{internal_port}:interface=127.0.0.1").listen(
+        Site(PeersOnly(proxy.internal, membership.secret))
+    )
+    url = f"http://127.0.0.1:{public.getHost().port}"
+    return Node(name, url, internal, proxy, membership, [public, inside], directory / name)
+
+
+@pytest_twisted.async_yield_fixture()
+async def cluster(make_database, tmp_path) -> AsyncIterator[tuple[FakeRegistry, list[Node]]]:
+    registry = await FakeRegistry.start()
+    nodes = []
+    for i in range(3):
+        db = await make_database()
+        nodes.append(await start_node(f"node-{i}", db, registry.url, tmp_path))
+    for node in nodes:
+        await node.membership.heartbeat()
+    yield registry, nodes
+    for node in nodes:
+        await node.stop()
+    await registry.stop()
+
+
+def image(registry: FakeRegistry, size: int) -> tuple[str, bytes]:
+    layer = os.urandom(size)
+    _, body = registry.add_image("library/big", "1", [layer])
+    digest = json.loads(body)["layers"][0]["digest"]
+    return digest, layer
+
+
+def owner_and_others(nodes: list[Node], digest: str) -> tuple[Node, list[Node]]:
+    name = nodes[0].membership.owner(digest).name  # type: ignore[union-attr]
+    owner = next(n for n in nodes if n.name == name)
+    return owner, [n for n in nodes if n is not owner]
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_clients_on_every_node_cause_one_upstream_download(cluster):
+    registry, nodes = cluster
+    digest, layer = image(registry, 3 * 1024 * 1024)
+    registry.blob_faults[digest] = Fault.slow(chunk=64 * 1024, delay=0.02)
+    path = f"/v2/library/big/blobs/{digest}"
+    pool = ThreadPool(minthreads=24, maxthreads=24, name="clients")
+    pool.start()
+    try:
+        replies = await gatherResults(
+            [
+                deferToThreadPool(reactor, pool, http_request, nodes[i % 3].url, "GET", path, {})
+                for i in range(24)
+            ]
+        )
+    finally:
+        pool.stop()
+    assert {r.code for r in replies} == {200}
+    assert all(r.body == layer for r in replies)
+    assert registry.count("GET", f"/blobs/{digest}") == 1
+    for node in nodes:  # each node keeps its copy (for now: a store per node)
+        assert node.stored(digest).read_bytes() == layer
+    owner, others = owner_and_others(nodes, digest)
+    for node in others:  # the others got theirs from the owner, and say so
+        reply = await deferToThread(http_request, node.url, "GET", path, {})
+        assert (reply.code, reply.header("X-Cache")) == (200, "HIT")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_internal_port_is_for_nodes_only(cluster):
+    registry, nodes = cluster
+    digest, _ = image(registry, 1000)
+    path = f"/v2/docker.io/library/big/blobs/{digest}"
+    for headers in ({}, {"Authorization": ["Bearer wrong"]}, {"Authorization": ["Basic eDp5"]}):
+        reply = await deferToThread(http_request, nodes[0].internal, "GET", path, headers)
+        assert reply.code == 401
+        assert json.loads(reply.body)["errors"][0]["code"] == "UNAUTHORIZED"
+    secret = {"Authorization": [f"Bearer {nodes[0].membership.secret}"]}
+    reply = await deferToThread(http_request, nodes[0].internal, "GET", path, secret)
+    assert reply.code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_owner_that_does_not_answer_is_done_without(cluster):
+    registry, nodes = cluster
+    digest, layer = image(registry, 100_000)
+    owner, others = owner_and_others(nodes, digest)
+    await owner.stop_internal()  # gone, though the others still see its heartbeat
+    reply = await deferToThread(
+        http_request, others[0].url, "GET", f"/v2/library/big/blobs/{digest}", {}
+    )
+    assert (reply.code, reply.body) == (200, layer)
+    assert registry.count("GET", f"/blobs/{digest}") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_download_fails_the_clients_of_every_node(cluster):
+    """Cut mid-blob at the owner: clients everywhere see their download fail
+    (never a complete 200 with wrong bytes), and nothing is kept."""
+    registry, nodes = cluster
+    digest, layer = image(registry, 2 * 1024 * 1024)
+    registry.blob_faults[digest] = Fault.truncate(after=1024 * 1024, times=1)
+    owner, others = owner_and_others(nodes, digest)
+    results = await gatherResults(
+        [
+            deferToThread(partial_get, node.url, f"/v2/library/big/blobs/{digest}")
+            for node in (owner, *others)
+        ]
+    )
+    for status, body, short in results:
+        assert short or status != 200, (status, len(body))
+        assert body != layer
+    hexpart = Digest.parse(digest).hex
+    for node in nodes:
+        assert not node.stored(digest).exists()
+    # and the next request gets it whole
+    reply = await deferToThread(
+        http_request, others[0].url, "GET", f"/v2/library/big/blobs/{digest}", {}
+    )
+    assert reply.body == layer
+    assert hashlib.sha256(reply.body).hexdigest() == hexpart
