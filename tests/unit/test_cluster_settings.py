@@ -9,7 +9,7 @@ from integration.harness import free_port
 from twisted.internet import reactor
 from twisted.python.threadpool import ThreadPool
 
-from registryproxy.cluster.pg import PgSettings, lock_id
+from registryproxy.cluster.pg import Database, PgSettings, Unavailable, lock_id
 from registryproxy.cluster.s3 import S3Error, S3Settings, S3Store
 
 
@@ -80,5 +80,21 @@ async def test_s3_unreachable_is_an_s3_error_naming_the_endpoint():
             await S3Store(settings, pool, reactor).head("k")
         assert raised.value.code == "EndpointConnectionError"
         assert settings.endpoint in str(raised.value)
+    finally:
+        pool.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pg_unreachable_says_where_and_what_to_check():
+    pool = ThreadPool(minthreads=0, maxthreads=2, name="test-pg-unreachable")
+    pool.start()
+    try:
+        dsn = f"host=127.0.0.1 port={free_port()} user=u password=pgs3cr3t dbname=d"
+        db = Database(PgSettings(dsn=dsn, connect_timeout=0.5), pool, reactor)
+        with pytest.raises(Unavailable) as raised:
+            await db.open()
+        message = str(raised.value)
+        assert "127.0.0.1" in message and "pgs3cr3t" not in message
+        assert "is it running" in message
     finally:
         pool.stop()
