@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import attrs
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -73,6 +73,10 @@ class PgSettings:
         return max(2, round(self.connect_timeout))
 
 
+class Unavailable(Exception):
+    """The database cannot be reached."""
+
+
 def lock_id(key: str) -> int:
     """The signed 64-bit advisory lock number of *key*: the first 8 bytes of
     its BLAKE2b hash, the same on every node and every Python version."""
@@ -110,9 +114,22 @@ class Database:
         return deferToThreadPool(self._reactor, self._threadpool, fn, *args)
 
     def open(self) -> Deferred[None]:
-        """Open the pool, failing (``psycopg_pool.PoolTimeout``) if its first
+        """Open the pool, failing with :class:`Unavailable` if its first
         ``min_size`` connections cannot be made within ``connect_timeout``."""
-        return self._in_thread(self._pool.open, True, max(self.settings.connect_timeout, 0.1))
+        settings = self.settings
+
+        def open_() -> None:
+            try:
+                self._pool.open(wait=True, timeout=max(settings.connect_timeout, 0.1))
+            except PoolTimeout as e:
+                self._pool.close()
+                raise Unavailable(
+                    f"cannot connect to PostgreSQL at {_redacted(settings.dsn)} within "
+                    f"{settings.connect_timeout}s ({e}): is it running, and does the DSN "
+                    "name the right host, port, database and credentials?"
+                ) from e
+
+        return self._in_thread(open_)
 
     def close(self) -> Deferred[None]:
         return self._in_thread(self._pool.close)

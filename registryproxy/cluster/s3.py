@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import attrs
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.threads import deferToThreadPool
@@ -111,7 +111,9 @@ class PendingUpload:
 
 
 class S3Error(Exception):
-    """An S3 call failed; ``code`` is S3's error code (``NoSuchBucket``...)."""
+    """An S3 call failed; ``code`` is S3's error code (``NoSuchBucket``...),
+    or botocore's name for a call that got no answer (``EndpointConnectionError``,
+    ``ConnectTimeoutError``, ``ReadTimeoutError``, ``SSLError``, ``NoCredentialsError``)."""
 
     def __init__(self, operation: str, key: str | None, code: str, message: str) -> None:
         where = f" on {key!r}" if key is not None else ""
@@ -212,6 +214,9 @@ class S3Store:
                 return fn(self._boto(), *args, **kwargs)
             except ClientError as e:
                 raise _error(operation, key, e) from None
+            except BotoCoreError as e:
+                # no answer: connection refused or timed out, TLS, credentials
+                raise S3Error(operation, key, type(e).__name__, str(e)) from e
 
         return deferToThreadPool(self._reactor, self._threadpool, work)
 

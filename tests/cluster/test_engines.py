@@ -15,7 +15,6 @@ import attrs
 import pytest
 import pytest_twisted
 import treq
-from botocore.exceptions import SSLError
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -225,8 +224,10 @@ async def test_s3_over_https_with_a_private_ca(
     assert await store.delete_many(["blobs/small", "blobs/big"]) == []
 
     untrusting = S3Store(attrs.evolve(settings, ca_file=None), threadpool, reactor)
-    with pytest.raises(SSLError):
+    with pytest.raises(S3Error) as raised:
         await untrusting.head("blobs/small")
+    assert raised.value.code == "SSLError"
+    assert "certificate verify failed" in str(raised.value)
 
 
 # --------------------------------------------------------------------------

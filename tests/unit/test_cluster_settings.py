@@ -1,11 +1,16 @@
-"""The cluster mode's settings, without engines: what they refuse, what they show."""
+"""The cluster mode's building blocks without engines: what their settings
+refuse and show, and what an unreachable endpoint looks like."""
 
 from __future__ import annotations
 
 import pytest
+import pytest_twisted
+from integration.harness import free_port
+from twisted.internet import reactor
+from twisted.python.threadpool import ThreadPool
 
-from registryproxy.cluster.pg import PgSettings, lock_id
-from registryproxy.cluster.s3 import S3Settings
+from registryproxy.cluster.pg import Database, PgSettings, Unavailable, lock_id
+from registryproxy.cluster.s3 import S3Error, S3Settings, S3Store
 
 
 def test_s3_settings_hide_the_secret_and_default_to_path_style_for_an_endpoint():
@@ -56,3 +61,40 @@ def test_lock_ids_are_stable_signed_64_bit():
 
 
 STABLE_LOCK_ID = 7630469907212608055
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_unreachable_is_an_s3_error_naming_the_endpoint():
+    pool = ThreadPool(minthreads=0, maxthreads=2, name="test-s3-unreachable")
+    pool.start()
+    try:
+        settings = S3Settings(
+            bucket="blobs",
+            endpoint=f"http://127.0.0.1:{free_port()}",
+            access_key="AK",
+            secret_key="SK",
+            max_attempts=1,
+            connect_timeout=1,
+        )
+        with pytest.raises(S3Error) as raised:
+            await S3Store(settings, pool, reactor).head("k")
+        assert raised.value.code == "EndpointConnectionError"
+        assert settings.endpoint in str(raised.value)
+    finally:
+        pool.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pg_unreachable_says_where_and_what_to_check():
+    pool = ThreadPool(minthreads=0, maxthreads=2, name="test-pg-unreachable")
+    pool.start()
+    try:
+        dsn = f"host=127.0.0.1 port={free_port()} user=u password=pgs3cr3t dbname=d"
+        db = Database(PgSettings(dsn=dsn, connect_timeout=0.5), pool, reactor)
+        with pytest.raises(Unavailable) as raised:
+            await db.open()
+        message = str(raised.value)
+        assert "127.0.0.1" in message and "pgs3cr3t" not in message
+        assert "is it running" in message
+    finally:
+        pool.stop()
