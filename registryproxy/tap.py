@@ -14,11 +14,13 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from .admin.app import AdminAPI
 from .admin.control import Control, SavedUpstreams
+from .cache.background import IndexThread
 from .cache.blobs import BlobCache
 from .cache.eviction import Evictor
 from .cache.index import Index
@@ -47,6 +49,21 @@ def _logged(task: Callable[[], object]) -> Callable[[], None]:
 
 
 _SWEEP_SECONDS = 60.0
+#: the index's WAL is copied into the database (the fsync) this often, in
+#: the index's worker thread, never by a commit on the reactor thread
+_CHECKPOINT_SECONDS = 2.0
+
+
+def _logged_async(task: Callable[[], Deferred[Any]]) -> Callable[[], Deferred[None]]:
+    """A periodic task returning a Deferred, whose failure is logged."""
+
+    def run() -> Deferred[None]:
+        name = getattr(task, "__qualname__", task)
+        return task().addCallbacks(
+            lambda _: None, lambda f: log.failure("periodic {task} failed", f, task=name)
+        )
+
+    return run
 
 
 class Options(usage.Options):
@@ -78,10 +95,15 @@ class Proxy:
     index: Index
     evictor: Evictor
     upstreams: Upstreams
+    #: the index's worker thread, and its pool
+    background: IndexThread
+    threads: ThreadPool
 
     async def close(self) -> None:
         await self.pool.closeCachedConnections()
         self.upstreams.close()
+        await self.background.close()
+        self.threads.stop()
         self.index.close()
 
 
@@ -133,9 +155,21 @@ def build_proxy(config: Config, reactor: Any) -> Proxy:
         metrics=metrics,
     )
     manifests = ManifestCache(store, index, reactor, config.cache.tag_ttl, config.cache.max_stale)
+    # eviction, purges, fsck and WAL checkpoints work on a connection and a
+    # thread of their own; the reactor thread's commits never checkpoint
+    threads = ThreadPool(minthreads=1, maxthreads=1, name="regproxy-index")
+    threads.start()
+    background = IndexThread(index, reactor, threads)
+    index.autocheckpoint(0)
     # pins come from the config and the admin API: Control sets them
     evictor = Evictor(
-        index, store, reactor, config.cache.max_bytes, config.cache.low_water, config.cache.max_idle
+        index,
+        store,
+        reactor,
+        background,
+        config.cache.max_bytes,
+        config.cache.low_water,
+        config.cache.max_idle,
     )
     blobs = BlobCache(
         store,
@@ -150,7 +184,7 @@ def build_proxy(config: Config, reactor: Any) -> Proxy:
     control = Control(
         config, store.root, store, index, manifests, blobs, upstreams, metrics, reactor, evictor
     )
-    return Proxy(Site(resource), control, pool, index, evictor, upstreams)
+    return Proxy(Site(resource), control, pool, index, evictor, upstreams, background, threads)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -163,7 +197,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # access times are gathered in memory and written in batches
     TimerService(_FLUSH_SECONDS, _logged(proxy.index.flush)).setServiceParent(service)
     # idle images and a budget overrun are swept away in the background too
-    TimerService(_SWEEP_SECONDS, _logged(proxy.evictor.sweep)).setServiceParent(service)
+    TimerService(_SWEEP_SECONDS, _logged_async(proxy.evictor.sweep)).setServiceParent(service)
+    TimerService(_CHECKPOINT_SECONDS, _logged_async(proxy.background.checkpoint)).setServiceParent(
+        service
+    )
     admin = Site(AdminAPI(proxy.control, config.admin.secret()).resource())
     for key, description, factory in [
         ("proxy.listen", config.proxy.listen, PlainHTTPFactory(proxy.site)),

@@ -367,52 +367,6 @@ class Index:
     # as a purge.  Each call is one short write transaction of at most
     # *limit* images, so the caller runs it in bounded steps.
 
-    def least_recently_used(self) -> list[tuple[str, str, str, float]]:
-        """Every manifest, least recently used (or fetched) first:
-        ``(upstream, repo, digest, last use)``."""
-        self.flush()
-        return self._db.execute(
-            "SELECT upstream, repo, digest, COALESCE(last_access, fetched_at) AS used"
-            " FROM manifests ORDER BY used, fetched_at"
-        ).fetchall()
-
-    def family(self, upstream: str, repo: str, digests: Iterable[str]) -> set[str]:
-        """*digests* and the child manifests they list that are cached in the repo."""
-        out: set[str] = set()
-        for digest in digests:
-            out.add(digest)
-            for child, kind in self.refs(digest):
-                if kind == "manifest" and self.manifest(upstream, repo, child):
-                    out.add(child)
-        return out
-
-    def pinned(
-        self, pins: Iterable[tuple[str, str, str | None, str | None]]
-    ) -> set[tuple[str, str, str]]:
-        """The manifests ``(upstream, repo, digest)`` that pins keep: a pin of a
-        repository keeps all of it, of a tag what the tag points to, of a
-        digest that manifest, each with its platform manifests."""
-        kept: set[tuple[str, str, str]] = set()
-        for upstream, repo, tag, digest in pins:
-            if digest is not None:
-                roots = [digest]
-            elif tag is not None:
-                roots = [t.digest for t in self.tags(upstream, repo, tag)]
-            else:
-                roots = [m.digest for m in self.repo_manifests(upstream, repo)]
-            kept.update((upstream, repo, d) for d in self.family(upstream, repo, roots))
-        return kept
-
-    def loose_blobs(self) -> list[tuple[str, int]]:
-        """Store files no cached manifest is or lists, least recently used first."""
-        return self._db.execute(
-            "SELECT b.digest, b.size FROM blobs b"
-            " WHERE NOT EXISTS (SELECT 1 FROM manifests m WHERE m.digest = b.digest)"
-            " AND NOT EXISTS (SELECT 1 FROM refs r JOIN manifests m ON m.digest = r.manifest"
-            "                 WHERE r.child = b.digest)"
-            " ORDER BY COALESCE(b.last_access, b.stored_at)"
-        ).fetchall()
-
     def evict(
         self,
         pins: Iterable[tuple[str, str, str | None, str | None]] = (),

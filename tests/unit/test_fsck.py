@@ -21,9 +21,8 @@ async def test_fsck_quarantines_rotten_blobs(fake_registry, make_proxy):
     stray = proxy.blob_path(fake_registry.add_blob(b"stray"))
     stray.parent.mkdir(parents=True, exist_ok=True)
     stray.write_bytes(b"stray")
-    index = proxy.proxy.index
 
-    report = await fsck(proxy.proxy.control._store, index)
+    report = await fsck(proxy.proxy.control._store, proxy.proxy.background)
     assert report.quarantined == (rotten,)
     assert report.checked == 4  # the manifest, two layers, the stray file
     assert report.indexed == ("sha256:" + stray.name,)
@@ -44,6 +43,6 @@ async def test_fsck_forgets_files_that_vanished(fake_registry, make_proxy):
     import time
 
     time.sleep(0.01)
-    report = await fsck(proxy.proxy.control._store, proxy.proxy.index)
+    report = await fsck(proxy.proxy.control._store, proxy.proxy.background)
     assert report.forgotten == (layer,)
     assert proxy.proxy.index.total_size() == 0
