@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from functools import partial
+from typing import TypeVar
 
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
@@ -30,6 +31,7 @@ from .store import BlobStore
 log = Logger()
 
 Pin = tuple[str, str, "str | None", "str | None"]
+T = TypeVar("T")
 
 #: images evicted per transaction of a sweep (the worker holds the index's
 #: write lock for that long)
@@ -69,16 +71,21 @@ class Evictor:
         self.in_use: Callable[[], Collection[str]] = frozenset
         self._scheduled = False
         self._sweeping = DeferredLock()
+        #: blobs were stored during a sweep: check again after it
+        self._again = False
 
     def soon(self) -> None:
         """Check the budget shortly (after a blob was stored), once however
-        many blobs arrive meanwhile."""
+        many blobs arrive meanwhile: once more after a sweep running now."""
         if self.max_bytes is None or self._scheduled:
             return
         self._scheduled = True
 
         def run() -> None:
             self._scheduled = False
+            if self._sweeping.locked:
+                self._again = True
+                return
             self.sweep().addErrback(lambda f: log.failure("eviction failed", f))
 
         self._clock.callLater(0, run)
@@ -86,7 +93,14 @@ class Evictor:
     def sweep(self) -> Deferred[int]:
         """Remove idle images, then evict until within budget: bytes freed.
         One sweep at a time; the index's work runs in its worker thread."""
-        return self._sweeping.run(lambda: Deferred.fromCoroutine(self._sweep()))
+
+        def done(result: T) -> T:
+            if self._again:
+                self._again = False
+                self.soon()
+            return result
+
+        return self._sweeping.run(lambda: Deferred.fromCoroutine(self._sweep())).addBoth(done)
 
     async def _sweep(self) -> int:
         freed = 0

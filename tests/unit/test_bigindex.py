@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest_twisted
 from proxyharness import settle
 from twisted.internet import reactor
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import LoopingCall
 
 from registryproxy.admin.backend import PurgeSelector
@@ -143,3 +143,30 @@ async def test_a_big_sweep_purge_and_fsck_leave_the_reactor_answering(
         ticker.stop()
     # generous for a busy CI machine: the old code stalled for tens of seconds
     assert max(lags) < 0.3, sorted(lags)[-5:]
+
+
+@pytest_twisted.ensureDeferred
+async def test_blobs_stored_during_a_sweep_ask_for_one_more(tmp_path, fake_registry, make_proxy):
+    plan = generate(str(tmp_path / "cache"), 300)
+    proxy = await make_proxy(fake_registry.url, cache_dir=tmp_path / "cache")
+    evictor = proxy.proxy.evictor
+    evictor.max_bytes = plan["max_bytes"]
+    sweeps = []
+    real = evictor._sweep
+    gate: Deferred[None] = Deferred()
+
+    async def counted():
+        sweeps.append(1)
+        if len(sweeps) == 1:
+            await gate  # the first sweep runs on until the blobs below are stored
+        return await real()
+
+    evictor._sweep = counted
+    running = evictor.sweep()
+    for _ in range(20):
+        evictor.soon()  # a blob stored
+        await settle(0.001)
+    gate.callback(None)
+    await running
+    await settle(0.2)
+    assert len(sweeps) == 2
