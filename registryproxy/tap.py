@@ -158,7 +158,6 @@ def build_proxy(config: Config, reactor: Any) -> Proxy:
     # eviction, purges, fsck and WAL checkpoints work on a connection and a
     # thread of their own; the reactor thread's commits never checkpoint
     threads = ThreadPool(minthreads=1, maxthreads=1, name="regproxy-index")
-    threads.start()
     background = IndexThread(index, reactor, threads)
     index.autocheckpoint(0)
     # pins come from the config and the admin API: Control sets them

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -28,7 +28,8 @@ T = TypeVar("T")
 class IndexThread:
     """Runs work on the index's second connection, one piece at a time, in
     *threadpool* (not the reactor's: DNS lookups and blob hashing are not
-    held up by it, nor it by them)."""
+    held up by it, nor it by them), which it starts on first use; its owner
+    stops it."""
 
     def __init__(self, index: Index, reactor: IReactorFromThreads, threadpool: ThreadPool) -> None:
         self._index = index.companion()
@@ -41,6 +42,10 @@ class IndexThread:
         """``work(index)`` in the worker thread, on its own connection."""
 
         def start() -> Deferred[T]:
+            if not self._threadpool.started:
+                # on first use: a process failing to start (a busy port) exits
+                # at once, with no thread of the pool's to wait for
+                self._threadpool.start()
             return deferToThreadPool(self._reactor, self._threadpool, work, self._index)
 
         return self._lock.run(start)
@@ -56,4 +61,7 @@ class IndexThread:
 
     def close(self) -> Deferred[None]:
         """Close the connection (after the work queued before)."""
+        if not self._threadpool.started:
+            self._index.close()  # no thread ever used it
+            return succeed(None)
         return self.run(Index.close)
