@@ -14,10 +14,12 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
 from twisted.web.client import HTTPConnectionPool
 
 from .admin.app import AdminAPI
 from .admin.control import Control, SavedUpstreams
+from .cache.background import IndexThread
 from .cache.blobs import BlobCache, BlobSource
 from .cache.eviction import Evictor
 from .cache.index import Index, IndexUnusable, set_aside
@@ -48,6 +50,21 @@ def _logged(task: Callable[[], object]) -> Callable[[], None]:
 
 
 _SWEEP_SECONDS = 60.0
+#: the index's WAL is copied into the database (the fsync) this often, in
+#: the index's worker thread, never by a commit on the reactor thread
+_CHECKPOINT_SECONDS = 2.0
+
+
+def _logged_async(task: Callable[[], Deferred[Any]]) -> Callable[[], Deferred[None]]:
+    """A periodic task returning a Deferred, whose failure is logged."""
+
+    def run() -> Deferred[None]:
+        name = getattr(task, "__qualname__", task)
+        return task().addCallbacks(
+            lambda _: None, lambda f: log.failure("periodic {task} failed", f, task=name)
+        )
+
+    return run
 
 
 class Options(usage.Options):
@@ -87,12 +104,17 @@ class Proxy:
     index: Index
     evictor: Evictor
     upstreams: Upstreams
+    #: the index's worker thread, and its pool
+    background: IndexThread
+    threads: ThreadPool
     #: the registry API for the other nodes of a cluster (behind their secret)
     internal: RegistryResource
 
     async def close(self) -> None:
         await self.pool.closeCachedConnections()
         self.upstreams.close()
+        await self.background.close()
+        self.threads.stop()
         self.index.close()
 
 
@@ -229,9 +251,20 @@ def build_proxy(
         metrics=metrics,
     )
     manifests = ManifestCache(store, index, reactor, config.cache.tag_ttl, config.cache.max_stale)
+    # eviction, purges, fsck and WAL checkpoints work on a connection and a
+    # thread of their own; the reactor thread's commits never checkpoint
+    threads = ThreadPool(minthreads=1, maxthreads=1, name="regproxy-index")
+    background = IndexThread(index, reactor, threads)
+    index.autocheckpoint(0)
     # pins come from the config and the admin API: Control sets them
     evictor = Evictor(
-        index, store, reactor, config.cache.max_bytes, config.cache.low_water, config.cache.max_idle
+        index,
+        store,
+        reactor,
+        background,
+        config.cache.max_bytes,
+        config.cache.low_water,
+        config.cache.max_idle,
     )
     blobs = BlobCache(
         store,
@@ -252,7 +285,7 @@ def build_proxy(
         config, store.root, store, index, manifests, blobs, upstreams, metrics, reactor, evictor
     )
     site = GuardedSite(resource, limits(config, max_connections)[0], no_bodies, reactor, "proxy")
-    return Proxy(site, control, pool, index, evictor, upstreams, internal)
+    return Proxy(site, control, pool, index, evictor, upstreams, background, threads, internal)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -272,7 +305,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # access times are gathered in memory and written in batches
     TimerService(_FLUSH_SECONDS, _logged(proxy.index.flush)).setServiceParent(service)
     # idle images and a budget overrun are swept away in the background too
-    TimerService(_SWEEP_SECONDS, _logged(proxy.evictor.sweep)).setServiceParent(service)
+    TimerService(_SWEEP_SECONDS, _logged_async(proxy.evictor.sweep)).setServiceParent(service)
+    TimerService(_CHECKPOINT_SECONDS, _logged_async(proxy.background.checkpoint)).setServiceParent(
+        service
+    )
     api = AdminAPI(proxy.control, config.admin.secret(), config.admin.max_body)
     admin = GuardedSite(api.resource(), limits(config)[1], api.body_policy, reactor, "admin API")
     for key, description, factory in [

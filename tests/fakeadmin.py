@@ -187,7 +187,7 @@ class FakeAdmin:
             raise AdminError(404, f"nothing of {upstream}/{repository} is cached")
         return detail
 
-    def purge(self, selector: PurgeSelector) -> PurgeResult:
+    async def purge(self, selector: PurgeSelector) -> PurgeResult:
         self._call("purge", selector)
         s = selector
         narrowed = any(

@@ -352,8 +352,8 @@ class AdminAPI:
         found = self._backend.repositories(upstream)
         return _json(request, {"repositories": [_record(r) for r in found]})
 
-    def _purge(self, request: IRequest, selector: PurgeSelector) -> bytes:
-        result = self._backend.purge(selector)
+    async def _purge(self, request: IRequest, selector: PurgeSelector) -> bytes:
+        result = await self._backend.purge(selector)
         log.info(
             "admin API: purged {selector}: {tags} tags, {manifests} manifests, "
             "{blobs} blobs, {bytes_freed} bytes freed",
@@ -371,7 +371,7 @@ class AdminAPI:
         return self._repositories(request, None)
 
     @app.route("/api/v1/cache", methods=["DELETE"])
-    def purge_cache(self, request: IRequest) -> bytes:
+    async def purge_cache(self, request: IRequest) -> bytes:
         args = _query(request, "all", "older_than", "unused_since")
         everything = _flag(args, "all")
         older_than, unused_since = _times(args)
@@ -392,7 +392,7 @@ class AdminAPI:
         selector = PurgeSelector(
             older_than=older_than, unused_since=unused_since, everything=everything
         )
-        return self._purge(request, selector)
+        return await self._purge(request, selector)
 
     @app.route("/api/v1/cache/<upstream>", methods=["GET"])
     def list_upstream_repositories(self, request: IRequest, upstream: str) -> bytes:
@@ -400,12 +400,12 @@ class AdminAPI:
         return self._repositories(request, _upstream(upstream))
 
     @app.route("/api/v1/cache/<upstream>", methods=["DELETE"])
-    def purge_upstream(self, request: IRequest, upstream: str) -> bytes:
+    async def purge_upstream(self, request: IRequest, upstream: str) -> bytes:
         older_than, unused_since = _times(_query(request, "older_than", "unused_since"))
         selector = PurgeSelector(
             upstream=_upstream(upstream), older_than=older_than, unused_since=unused_since
         )
-        return self._purge(request, selector)
+        return await self._purge(request, selector)
 
     @app.route("/api/v1/cache/<upstream>/<path:repository>", methods=["GET"])
     def show_repository(self, request: IRequest, upstream: str, repository: str) -> bytes:
@@ -414,7 +414,7 @@ class AdminAPI:
         return _json(request, _record(detail))
 
     @app.route("/api/v1/cache/<upstream>/<path:repository>", methods=["DELETE"])
-    def purge_repository(self, request: IRequest, upstream: str, repository: str) -> bytes:
+    async def purge_repository(self, request: IRequest, upstream: str, repository: str) -> bytes:
         args = _query(request, "tag", "digest", "older_than", "unused_since")
         tag, digest = args.get("tag"), args.get("digest")
         if tag is not None and digest is not None:
@@ -437,7 +437,7 @@ class AdminAPI:
             older_than=older_than,
             unused_since=unused_since,
         )
-        return self._purge(request, selector)
+        return await self._purge(request, selector)
 
     # -- prefetch --------------------------------------------------------
 

@@ -160,7 +160,7 @@ class AdminBackend(Protocol):
     def repository(self, upstream: str, repository: str) -> RepositoryDetail:
         """Raises AdminError(404) if nothing of it is cached."""
 
-    def purge(self, selector: PurgeSelector) -> PurgeResult:
+    async def purge(self, selector: PurgeSelector) -> PurgeResult:
         """Raises AdminError(400) for a selector that selects nothing sensible
         (e.g. tag without repository, nothing at all without everything=True)."""
 

@@ -202,7 +202,7 @@ class Control:
 
     # -- purging ---------------------------------------------------------------
 
-    def purge(self, selector: PurgeSelector) -> PurgeResult:
+    async def purge(self, selector: PurgeSelector) -> PurgeResult:
         s = selector
         if s.upstream is not None:
             s = attrs.evolve(s, upstream=self._canonical(s.upstream))
@@ -224,7 +224,9 @@ class Control:
             raise AdminError(400, f"invalid digest {s.digest!r}")
         if s.upstream is not None:
             self._known_upstream(s.upstream)
-        removed = self._index.purge(
+        # in the index's worker thread; readers already streaming keep their
+        # open file: never cut off
+        removed, freed = await self._evictor.purge(
             upstream=s.upstream,
             repo=s.repository,
             tag=s.tag,
@@ -232,13 +234,6 @@ class Control:
             fetched_before=s.older_than,
             unused_since=s.unused_since,
         )
-        freed = 0
-        for digest, recorded in removed.blobs:
-            parsed = Digest.parse(digest)
-            size = self._store.stat(parsed)
-            # readers already streaming keep their open file: never cut off
-            if self._store.delete(parsed):
-                freed += size if size is not None else recorded
         log.info(
             "purged {manifests} manifests, {tags} tags, {blobs} files ({bytes} bytes)",
             manifests=removed.manifests,
@@ -322,7 +317,7 @@ class Control:
             raise AdminError(409, "an fsck is already running")
         self._fscking = True
         try:
-            report = await fsck(self._store, self._index)
+            report = await fsck(self._store, self._evictor.background)
         finally:
             self._fscking = False
         return FsckResult(**attrs.asdict(report))

@@ -1,25 +1,48 @@
 """Keeping the store within its disk budget, least recently used first.
 
-The unit of eviction is a manifest (with the platform manifests of an index)
-and the blobs that only it lists: a blob another cached manifest lists stays.
-Pinned images are never evicted.  A file being served is unlinked, not cut:
-readers keep their open descriptor until they finish.
+The unit of eviction is an image: a manifest no other cached manifest of its
+repository lists (with its platform manifests, for an index), and the blobs
+that only it lists: a blob another cached manifest lists stays.  Pinned
+images, and images listing a blob being read, are never evicted.  A file
+being served is unlinked, not cut: readers keep their open descriptor until
+they finish.
+
+The index chooses in SQL (:meth:`Index.evict`), a bounded batch at a time.
+Sweeps and purges run it in the index's worker thread, and delete the files
+there too; :meth:`Evictor.make_room`, called in the middle of a download,
+runs a few small batches synchronously.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from functools import partial
+from typing import TypeVar
 
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..names import Digest
-from .index import Index
+from .background import IndexThread
+from .index import Evicted, Index, Removed
 from .store import BlobStore
 
 log = Logger()
 
 Pin = tuple[str, str, "str | None", "str | None"]
+T = TypeVar("T")
+
+#: images evicted per transaction of a sweep (the worker holds the index's
+#: write lock for that long)
+SWEEP_BATCH = 100
+#: make_room, synchronous: at most this many batches of this many images
+ROOM_STEPS = 4
+ROOM_BATCH = 16
+#: loose blobs (no cached manifest lists them) forgotten per transaction
+LOOSE_BATCH = 500
+#: manifests removed per transaction of a purge
+PURGE_BATCH = 200
 
 
 class Evictor:
@@ -28,6 +51,7 @@ class Evictor:
         index: Index,
         store: BlobStore,
         clock: IReactorTime,
+        background: IndexThread,
         max_bytes: int | None,
         low_water: float = 0.9,
         max_idle: float | None = None,
@@ -36,6 +60,8 @@ class Evictor:
         self._index = index
         self._store = store
         self._clock = clock
+        #: the index's worker thread (fsck uses it too)
+        self.background = background
         self.max_bytes = max_bytes
         self._low_water = low_water
         self._max_idle = max_idle
@@ -44,93 +70,184 @@ class Evictor:
         #: an image with one of them is not evicted, as that frees nothing yet
         self.in_use: Callable[[], Collection[str]] = frozenset
         self._scheduled = False
+        self._sweeping = DeferredLock()
+        #: blobs were stored during a sweep: check again after it
+        self._again = False
 
     def soon(self) -> None:
         """Check the budget shortly (after a blob was stored), once however
-        many blobs arrive meanwhile."""
+        many blobs arrive meanwhile: once more after a sweep running now."""
         if self.max_bytes is None or self._scheduled:
             return
         self._scheduled = True
 
         def run() -> None:
             self._scheduled = False
-            self.sweep()
+            if self._sweeping.locked:
+                self._again = True
+                return
+            self.sweep().addErrback(lambda f: log.failure("eviction failed", f))
 
         self._clock.callLater(0, run)
 
-    def sweep(self) -> int:
-        """Remove idle images, then evict until within budget; bytes freed."""
+    def sweep(self) -> Deferred[int]:
+        """Remove idle images, then evict until within budget: bytes freed.
+        One sweep at a time; the index's work runs in its worker thread."""
+
+        def done(result: T) -> T:
+            if self._again:
+                self._again = False
+                self.soon()
+            return result
+
+        return self._sweeping.run(lambda: Deferred.fromCoroutine(self._sweep())).addBoth(done)
+
+    async def _sweep(self) -> int:
         freed = 0
         if self._max_idle is not None:
             cutoff = self._clock.seconds() - self._max_idle
-            freed += self._evict(lambda used: used < cutoff, "idle")
-        if self.max_bytes is not None and self._index.total_size() > self.max_bytes:
-            target = self.max_bytes * self._low_water
-            freed += self._evict(lambda _: self._index.total_size() > target, "over budget")
-            freed += self._evict_loose(self._index.total_size() - target)
+            freed += await self._evict("idle", lambda ix: None, used_before=cutoff)
+        max_bytes = self.max_bytes
+        if max_bytes is not None:
+            target = max_bytes * self._low_water
+            total = await self.background.run(Index.total_size)
+            if total > max_bytes:
+                freed += await self._evict("over budget", lambda ix: ix.total_size() - target)
+                while True:
+                    count, just_freed = await self.background.run(
+                        partial(_loose, self._store, set(self.in_use()), target)
+                    )
+                    freed += just_freed
+                    if count < LOOSE_BATCH:
+                        break
         return freed
+
+    async def _evict(
+        self,
+        why: str,
+        excess: Callable[[Index], float | None],
+        used_before: float | None = None,
+    ) -> int:
+        """Evict in batches in the worker thread, least recently used first,
+        until *excess* (asked of the index before each batch) is freed."""
+        freed = 0
+        while True:
+            # access times gathered on the reactor are written before choosing
+            self._index.flush()
+            evicted, just_freed = await self.background.run(
+                partial(
+                    _batch, self._store, list(self.pins), set(self.in_use()), used_before, excess
+                )
+            )
+            freed += just_freed
+            self._log(evicted, why, just_freed)
+            if not evicted.more:
+                return freed
 
     def make_room(self, needed: int) -> int:
         """Evict least recently used images until a new blob of *needed*
         bytes fits on the disk, so that with no budget set (or a disk shared
         with others) a full disk still caches what is pulled now instead of
-        freezing with what was pulled first.  Bytes freed."""
-        busy = self._index.blob_sizes(self.in_use())
+        freezing with what was pulled first.  Bytes freed.
+
+        Synchronous (a download waits for it), so bounded: at most
+        ``ROOM_STEPS`` batches of ``ROOM_BATCH`` images, each chosen by one
+        indexed query; a blob that needs more goes through memory."""
+        in_use = set(self.in_use())
+        busy = self._index.blob_sizes(in_use)
         if needed > self._store.room() + self._index.total_size() - sum(busy.values()):
             return 0  # it would not fit with the whole cache gone
-        freed = self._evict(lambda _: self._store.room() < needed, "disk full")
-        room = self._store.room()
-        if room < needed:
-            freed += self._evict_loose(needed - room)
-        return freed
-
-    def _evict(self, wanted: Callable[[float], bool], why: str) -> int:
-        """Evict least recently used first, while *wanted* says so of the next one."""
         freed = 0
-        pinned = self._index.pinned(self.pins)
-        busy = set(self.in_use())
-        gone: set[tuple[str, str, str]] = set()
-        for upstream, repo, digest, used in self._index.least_recently_used():
-            if (upstream, repo, digest) in pinned or (upstream, repo, digest) in gone:
-                continue
-            if not wanted(used):
-                break
-            family = self._index.family(upstream, repo, [digest])
-            if any((upstream, repo, d) in pinned for d in family):
-                continue
-            if busy and any(child in busy for d in family for child, _ in self._index.refs(d)):
-                continue
-            removed = self._index.purge(upstream=upstream, repo=repo, digest=digest)
-            gone.update((upstream, repo, d) for d in family)
-            just_freed = self._delete(removed.blobs)
+        for _ in range(ROOM_STEPS):
+            short = needed - self._store.room()
+            if short <= 0:
+                return freed
+            evicted = self._index.evict(self.pins, in_use, ROOM_BATCH, excess=short)
+            just_freed = _unlink(self._store, evicted.removed.blobs)
             freed += just_freed
-            log.info(
-                "evicted {upstream}/{repo}@{digest} ({why}): {bytes} bytes",
-                upstream=upstream,
-                repo=repo,
-                digest=digest,
-                why=why,
-                bytes=just_freed,
-            )
-        return freed
-
-    def _evict_loose(self, excess: float) -> int:
-        freed = 0
-        busy = set(self.in_use())
-        for digest, size in self._index.loose_blobs():
-            if excess - freed <= 0:
+            self._log(evicted, "disk full", just_freed)
+            if not evicted.images:
                 break
-            if digest in busy:
-                continue
-            self._index.forget_blob(digest)
-            freed += self._delete([(digest, size)])
+        short = needed - self._store.room()
+        if short > 0:
+            freed += _unlink(self._store, self._index.evict_loose(in_use, short, ROOM_BATCH))
         return freed
 
-    def _delete(self, blobs: Sequence[tuple[str, int]]) -> int:
-        freed = 0
-        for digest, recorded in blobs:
-            parsed = Digest.parse(digest)
-            size = self._store.stat(parsed)
-            if self._store.delete(parsed):
-                freed += size if size is not None else recorded
-        return freed
+    async def purge(
+        self,
+        upstream: str | None = None,
+        repo: str | None = None,
+        tag: str | None = None,
+        digest: str | None = None,
+        fetched_before: float | None = None,
+        unused_since: float | None = None,
+    ) -> tuple[Removed, int]:
+        """:meth:`Index.purge` in the worker thread, and the files deleted
+        there: what went, and the bytes freed."""
+        self._index.flush()
+        store = self._store
+
+        def purge(index: Index) -> tuple[Removed, int]:
+            removed = index.purge(
+                upstream, repo, tag, digest, fetched_before, unused_since, batch=PURGE_BATCH
+            )
+            return removed, _reclaim(store, removed.blobs, index)
+
+        return await self.background.run(purge)
+
+    def _log(self, evicted: Evicted, why: str, freed: int) -> None:
+        if not evicted.images:
+            return
+        first, last = evicted.images[0], evicted.images[-1]
+        log.info(
+            "evicted {n} images ({why}), {first} to {last}: {bytes} bytes",
+            n=len(evicted.images),
+            why=why,
+            first="{}/{}@{}".format(*first[:3]),
+            last="{}/{}@{}".format(*last[:3]),
+            bytes=freed,
+        )
+
+
+# -- in the worker thread ------------------------------------------------------
+
+
+def _batch(
+    store: BlobStore,
+    pins: list[Pin],
+    busy: set[str],
+    used_before: float | None,
+    excess: Callable[[Index], float | None],
+    index: Index,
+) -> tuple[Evicted, int]:
+    """One batch of a sweep, and its files deleted: bytes freed."""
+    evicted = index.evict(pins, busy, SWEEP_BATCH, used_before, excess(index))
+    return evicted, _reclaim(store, evicted.removed.blobs, index)
+
+
+def _loose(store: BlobStore, busy: set[str], target: float, index: Index) -> tuple[int, int]:
+    """One batch of loose blobs down to *target* bytes: how many, bytes freed."""
+    loose = index.evict_loose(busy, index.total_size() - target, LOOSE_BATCH)
+    return len(loose), _reclaim(store, loose, index)
+
+
+def _reclaim(store: BlobStore, blobs: Sequence[tuple[str, int]], index: Index) -> int:
+    """Delete the files of *blobs* the index forgot, unless one was stored
+    again meanwhile (a new download): bytes freed."""
+    freed = 0
+    for start in range(0, len(blobs), 500):
+        chunk = blobs[start : start + 500]
+        back = index.blob_sizes(digest for digest, _ in chunk)
+        freed += _unlink(store, [(d, size) for d, size in chunk if d not in back])
+    return freed
+
+
+def _unlink(store: BlobStore, blobs: Sequence[tuple[str, int]]) -> int:
+    """Delete files (readers keep their open descriptor): bytes freed."""
+    freed = 0
+    for digest, recorded in blobs:
+        parsed = Digest.parse(digest)
+        size = store.stat(parsed)
+        if store.delete(parsed):
+            freed += size if size is not None else recorded
+    return freed

@@ -2,7 +2,7 @@
 
 Bytes on disk can rot (bad sectors, an operator's editor, a restore gone
 wrong) long after they were verified.  The hashing runs in a thread; the
-index is updated afterwards in the reactor thread.
+index is updated afterwards in the index's worker thread, in batches.
 """
 
 from __future__ import annotations
@@ -15,12 +15,15 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from ..names import ALGORITHMS, Digest, is_valid_digest
+from .background import IndexThread
 from .index import Index
 from .store import FileStore
 
 log = Logger()
 
 _CHUNK = 1 << 20
+#: index rows written per transaction
+_BATCH = 500
 
 
 @attrs.frozen
@@ -73,18 +76,25 @@ def _quarantine(store: FileStore, digest: str) -> None:
         pass  # gone meanwhile: nothing left to serve
 
 
-async def fsck(store: FileStore, index: Index) -> FsckReport:
+async def fsck(store: FileStore, background: IndexThread) -> FsckReport:
     started = time.time()
     found = await deferToThread(_scan, store.root)
-    quarantined, indexed = [], []
+    return await background.run(lambda index: _reconcile(store, index, found, started))
+
+
+def _reconcile(
+    store: FileStore, index: Index, found: list[tuple[str, int, bool]], started: float
+) -> FsckReport:
+    """Bring the index in line with what the scan *found* (in the worker thread)."""
+    quarantined: list[str] = []
+    indexed: list[tuple[str, int, float]] = []
     on_disk = set()
     known = index.blob_sizes(digest for digest, _, _ in found)
     for digest, size, matches in found:
         if matches:
             on_disk.add(digest)
             if digest not in known and store.stat(Digest.parse(digest)) is not None:
-                index.put_blob(digest, size, time.time())
-                indexed.append(digest)
+                indexed.append((digest, size, time.time()))
     rotten = [digest for digest, _, matches in found if not matches]
     # every rotten file is kept before any is purged: purging a manifest
     # deletes the blobs only it lists, rotten ones among them
@@ -99,14 +109,17 @@ async def fsck(store: FileStore, index: Index) -> FsckReport:
         index.forget_blob(digest)
         quarantined.append(digest)
         log.error("quarantined {digest}: its bytes do not match", digest=digest)
+    for start in range(0, len(indexed), _BATCH):
+        index.put_blobs(indexed[start : start + _BATCH])
     # entries stored after the scan began were not scanned: leave them be
-    forgotten = [d for d in index.all_blobs(started) if d not in on_disk and d not in quarantined]
-    for digest in forgotten:
-        index.forget_blob(digest)
+    gone = on_disk.union(quarantined)
+    forgotten = [d for d in index.all_blobs(started) if d not in gone]
+    for start in range(0, len(forgotten), _BATCH):
+        index.forget_blobs(forgotten[start : start + _BATCH])
     return FsckReport(
         checked=len(found),
         bytes_checked=sum(size for _, size, _ in found),
         quarantined=tuple(quarantined),
-        indexed=tuple(indexed),
+        indexed=tuple(d for d, _, _ in indexed),
         forgotten=tuple(forgotten),
     )

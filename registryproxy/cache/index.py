@@ -55,8 +55,17 @@ CREATE TABLE IF NOT EXISTS repo_blobs (
     PRIMARY KEY (upstream, repo, digest)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS repo_blobs_digest ON repo_blobs (digest);
+-- for eviction and purges: manifests by digest and in LRU order, tags by
+-- what they point to, blobs in LRU order
+CREATE INDEX IF NOT EXISTS manifests_digest ON manifests (digest);
+CREATE INDEX IF NOT EXISTS manifests_used
+    ON manifests (COALESCE(last_access, fetched_at), fetched_at);
+CREATE INDEX IF NOT EXISTS tags_digest ON tags (upstream, repo, digest);
+CREATE INDEX IF NOT EXISTS blobs_used ON blobs (COALESCE(last_access, stored_at), digest);
 """
 _VERSION = 2
+#: how long a write waits for another connection's transaction (ms)
+_BUSY_MS = 10_000
 
 
 @attrs.frozen
@@ -111,6 +120,17 @@ class Removed:
     manifests: int
     #: (digest, size) of store files nothing cached lists any more
     blobs: list[tuple[str, int]]
+
+
+@attrs.frozen
+class Evicted:
+    """What :meth:`Index.evict` took out: the images ``(upstream, repo,
+    digest, last use)``, and the store files for the caller to delete."""
+
+    images: list[tuple[str, str, str, float]]
+    removed: Removed
+    #: there may be more to evict: as many images as asked for went
+    more: bool
 
 
 class IndexUnusable(Exception):
@@ -344,54 +364,109 @@ class Index:
             "SELECT child, kind FROM refs WHERE manifest=? ORDER BY position", (manifest,)
         ).fetchall()
 
+    # -- a second connection, and checkpoints -------------------------------
+
+    def companion(self) -> Index:
+        """Another connection to the same file, for a worker thread of its
+        own (heavy reads and batched writes off the reactor thread: WAL
+        lets it read while this one writes, and the other way round)."""
+        path = self._db.execute("PRAGMA database_list").fetchone()[2]
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
+        db.execute("PRAGMA synchronous=NORMAL")
+        other = Index.__new__(Index)
+        other._db = db
+        other._manifest_access = {}
+        other._blob_access = {}
+        return other
+
+    def autocheckpoint(self, pages: int) -> None:
+        """Checkpoint the WAL after commits that leave it *pages* long
+        (SQLite's default: 1000); 0 leaves checkpoints to :meth:`checkpoint`,
+        called from another thread, so that the fsync they do never holds
+        up this connection's commits."""
+        self._db.execute(f"PRAGMA wal_autocheckpoint={int(pages)}")
+
+    def checkpoint(self) -> tuple[int, int, int]:
+        """Copy the WAL into the database as far as no reader needs it
+        (PASSIVE: never waits): ``(busy, WAL pages, pages checkpointed)``."""
+        busy, log_pages, done = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return busy, log_pages, done
+
     # -- eviction ------------------------------------------------------------
+    #
+    # The selection is SQL over scratch tables of this connection (temp.*):
+    # pins, the blobs being read, the candidate images in LRU order with the
+    # bytes each would free, cut where enough is freed; then the same removal
+    # as a purge.  Each call is one short write transaction of at most
+    # *limit* images, so the caller runs it in bounded steps.
 
-    def least_recently_used(self) -> list[tuple[str, str, str, float]]:
-        """Every manifest, least recently used (or fetched) first:
-        ``(upstream, repo, digest, last use)``."""
+    def evict(
+        self,
+        pins: Iterable[tuple[str, str, str | None, str | None]] = (),
+        busy: Iterable[str] = (),
+        limit: int = 100,
+        used_before: float | None = None,
+        excess: float | None = None,
+    ) -> Evicted:
+        """Evict up to *limit* images, least recently used (or fetched) first:
+        a manifest no other cached manifest of its repository lists, with
+        its platform manifests, passing over pinned images and those listing
+        a *busy* blob.  With *used_before*, only images last used before
+        then; with *excess*, only as many as free that many bytes (counting
+        the blobs nothing else lists any more)."""
+        if excess is not None and excess <= 0:
+            return Evicted([], Removed(0, 0, []), more=False)
         self.flush()
-        return self._db.execute(
-            "SELECT upstream, repo, digest, COALESCE(last_access, fetched_at) AS used"
-            " FROM manifests ORDER BY used, fetched_at"
-        ).fetchall()
+        db = self._db
+        self._scratch()
+        with self._transaction():
+            self._fill_pins(pins)
+            db.execute("DELETE FROM temp.busy")
+            db.executemany("INSERT OR IGNORE INTO temp.busy VALUES (?)", [(d,) for d in busy])
+            db.execute("DELETE FROM temp.cand")
+            db.execute("DELETE FROM temp.fam")
+            when = "" if used_before is None else "AND COALESCE(m.last_access, m.fetched_at) < ?"
+            args: list[object] = [] if used_before is None else [used_before]
+            db.execute(_CANDIDATES.format(when=when), [*args, limit])
+            found = db.execute("SELECT COUNT(*) FROM temp.cand").fetchone()[0]
+            if not found:
+                return Evicted([], Removed(0, 0, []), more=False)
+            db.execute("INSERT INTO temp.fam SELECT upstream, repo, digest, rank FROM temp.cand")
+            db.execute(_PLATFORMS)
+            cut = found
+            if excess is not None:
+                row = db.execute(_CUT, (excess,)).fetchone()
+                if row[0] is not None:
+                    cut = row[0]
+            db.execute("DELETE FROM temp.fam WHERE rank > ?", (cut,))
+            db.execute("DELETE FROM temp.doomed")
+            db.execute("INSERT INTO temp.doomed SELECT upstream, repo, digest FROM temp.fam")
+            images = [
+                (u, r, d, used)
+                for u, r, d, used in db.execute(
+                    "SELECT upstream, repo, digest, used FROM temp.cand"
+                    " WHERE rank <= ? ORDER BY rank",
+                    (cut,),
+                )
+            ]
+            removed = self._remove_doomed()
+        return Evicted(images, removed, more=cut == found == limit)
 
-    def family(self, upstream: str, repo: str, digests: Iterable[str]) -> set[str]:
-        """*digests* and the child manifests they list that are cached in the repo."""
-        out: set[str] = set()
-        for digest in digests:
-            out.add(digest)
-            for child, kind in self.refs(digest):
-                if kind == "manifest" and self.manifest(upstream, repo, child):
-                    out.add(child)
-        return out
-
-    def pinned(
-        self, pins: Iterable[tuple[str, str, str | None, str | None]]
-    ) -> set[tuple[str, str, str]]:
-        """The manifests ``(upstream, repo, digest)`` that pins keep: a pin of a
-        repository keeps all of it, of a tag what the tag points to, of a
-        digest that manifest, each with its platform manifests."""
-        kept: set[tuple[str, str, str]] = set()
-        for upstream, repo, tag, digest in pins:
-            if digest is not None:
-                roots = [digest]
-            elif tag is not None:
-                entry = self.tag(upstream, repo, tag)
-                roots = [entry.digest] if entry else []
-            else:
-                roots = [m.digest for m in self.repo_manifests(upstream, repo)]
-            kept.update((upstream, repo, d) for d in self.family(upstream, repo, roots))
-        return kept
-
-    def loose_blobs(self) -> list[tuple[str, int]]:
-        """Store files no cached manifest is or lists, least recently used first."""
-        return self._db.execute(
-            "SELECT b.digest, b.size FROM blobs b"
-            " WHERE NOT EXISTS (SELECT 1 FROM manifests m WHERE m.digest = b.digest)"
-            " AND NOT EXISTS (SELECT 1 FROM refs r JOIN manifests m ON m.digest = r.manifest"
-            "                 WHERE r.child = b.digest)"
-            " ORDER BY COALESCE(b.last_access, b.stored_at)"
-        ).fetchall()
+    def evict_loose(
+        self, busy: Iterable[str], excess: float, limit: int = 500
+    ) -> list[tuple[str, int]]:
+        """Forget up to *limit* store files no cached manifest is or lists,
+        least recently used first, until *excess* bytes: ``(digest, size)``
+        for the caller to delete."""
+        db = self._db
+        self._scratch()
+        with self._transaction():
+            db.execute("DELETE FROM temp.busy")
+            db.executemany("INSERT OR IGNORE INTO temp.busy VALUES (?)", [(d,) for d in busy])
+            loose = db.execute(_LOOSE, (limit, excess)).fetchall()
+            self._forget(db, [d for d, _ in loose])
+        return loose
 
     def all_blobs(self, stored_before: float) -> list[str]:
         return [
@@ -402,9 +477,21 @@ class Index:
         ]
 
     def forget_blob(self, digest: str) -> None:
+        self.forget_blobs([digest])
+
+    def forget_blobs(self, digests: Iterable[str]) -> None:
         with self._transaction() as db:
-            db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
-            db.execute("DELETE FROM repo_blobs WHERE digest=?", (digest,))
+            self._forget(db, list(digests))
+
+    @staticmethod
+    def _forget(db: sqlite3.Connection, digests: list[str]) -> None:
+        db.executemany("DELETE FROM blobs WHERE digest=?", [(d,) for d in digests])
+        db.executemany("DELETE FROM repo_blobs WHERE digest=?", [(d,) for d in digests])
+
+    def put_blobs(self, blobs: Iterable[tuple[str, int, float]]) -> None:
+        """:meth:`put_blob` for many ``(digest, size, stored_at)``, in one transaction."""
+        with self._transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, NULL)", list(blobs))
 
     # -- purging -------------------------------------------------------------
 
@@ -416,113 +503,288 @@ class Index:
         digest: str | None = None,
         fetched_before: float | None = None,
         unused_since: float | None = None,
+        batch: int = 500,
     ) -> Removed:
         """Remove the selected manifests (and the tags that pointed to them)
         and report the store files nothing cached lists any more.
 
         With *tag*, the tag's mappings go, and the manifests only that tag
         kept (an index and its platform manifests); with *digest*, one
-        manifest and the platform manifests only it listed."""
+        manifest and the platform manifests only it listed.  The selection
+        is one transaction, the removal one per *batch* manifests, so that
+        other connections' writes never wait long."""
         self.flush()
+        self._scratch()
         with self._transaction() as db:
             where, args = _manifest_filter(upstream, repo, digest, fetched_before, unused_since)
+            db.execute("DELETE FROM temp.doomed")
             tags_removed = 0
             if tag is not None:
-                roots = db.execute(
-                    "SELECT DISTINCT upstream, repo, digest FROM tags"
+                db.execute("DELETE FROM temp.roots")
+                db.execute(
+                    "INSERT INTO temp.roots SELECT DISTINCT upstream, repo, digest FROM tags"
                     " WHERE upstream=? AND repo=? AND tag=?",
                     (upstream, repo, tag),
-                ).fetchall()
+                )
                 tags_removed = db.execute(
                     "DELETE FROM tags WHERE upstream=? AND repo=? AND tag=?", (upstream, repo, tag)
                 ).rowcount
-                doomed = self._unkept(db, roots)
-            else:
-                doomed = db.execute(
-                    f"SELECT upstream, repo, digest FROM manifests WHERE {where}", args
-                ).fetchall()
-                if digest is not None:
-                    doomed = self._unkept(db, doomed, keep_tagged=False)
-            doomed_set = set(doomed)
-            for up, rp, dg in doomed_set:
+                self._unkept(keep_tagged=True)
+            elif digest is not None:
+                db.execute("DELETE FROM temp.roots")
                 db.execute(
-                    "DELETE FROM manifests WHERE upstream=? AND repo=? AND digest=?", (up, rp, dg)
+                    "INSERT INTO temp.roots"
+                    f" SELECT upstream, repo, digest FROM manifests WHERE {where}",
+                    args,
                 )
-                tags_removed += db.execute(
-                    "DELETE FROM tags WHERE upstream=? AND repo=? AND digest=?", (up, rp, dg)
-                ).rowcount
-            # repositories left with no manifest lose their read permissions
-            for up, rp in {(up, rp) for up, rp, _ in doomed_set}:
-                left = db.execute(
-                    "SELECT 1 FROM manifests WHERE upstream=? AND repo=? LIMIT 1", (up, rp)
-                ).fetchone()
-                if left is None:
-                    db.execute("DELETE FROM repo_blobs WHERE upstream=? AND repo=?", (up, rp))
-            orphans = self._orphans(db, {dg for _, _, dg in doomed_set})
-        return Removed(tags_removed, len(doomed_set), orphans)
+                self._unkept(keep_tagged=False)
+            else:
+                db.execute(
+                    "INSERT OR IGNORE INTO temp.doomed"
+                    f" SELECT upstream, repo, digest FROM manifests WHERE {where}",
+                    args,
+                )
+            db.execute("DELETE FROM temp.purging")
+            db.execute("INSERT INTO temp.purging SELECT upstream, repo, digest FROM temp.doomed")
+        manifests, orphans = 0, []
+        while True:
+            with self._transaction() as db:
+                db.execute("DELETE FROM temp.doomed")
+                db.execute(
+                    "INSERT INTO temp.doomed SELECT upstream, repo, digest FROM temp.purging"
+                    " ORDER BY rowid LIMIT ?",
+                    (batch,),
+                )
+                if not db.execute("SELECT COUNT(*) FROM temp.doomed").fetchone()[0]:
+                    break
+                db.execute(
+                    "DELETE FROM temp.purging WHERE rowid IN"
+                    " (SELECT rowid FROM temp.purging ORDER BY rowid LIMIT ?)",
+                    (batch,),
+                )
+                removed = self._remove_doomed()
+            tags_removed += removed.tags
+            manifests += removed.manifests
+            orphans += removed.blobs
+        return Removed(tags_removed, manifests, sorted(orphans))
 
-    def _unkept(
-        self, db: sqlite3.Connection, roots: list[tuple[str, str, str]], keep_tagged: bool = True
-    ) -> list[tuple[str, str, str]]:
-        """*roots* and the child manifests they list in the same repository,
-        less those another remaining tag (or manifest) of the repository still keeps."""
-        doomed: set[tuple[str, str, str]] = set()
-        for up, rp, root in roots:
-            family = {root} | {child for child, kind in self.refs(root) if kind == "manifest"}
-            for dg in family:
-                if db.execute(
-                    "SELECT 1 FROM manifests WHERE upstream=? AND repo=? AND digest=?",
-                    (up, rp, dg),
-                ).fetchone():
-                    doomed.add((up, rp, dg))
-        kept: set[tuple[str, str, str]] = set()
-        for up, rp, dg in doomed:
-            if (
-                keep_tagged
-                and db.execute(
-                    "SELECT 1 FROM tags WHERE upstream=? AND repo=? AND digest=? LIMIT 1",
-                    (up, rp, dg),
-                ).fetchone()
-            ):
-                kept.add((up, rp, dg))
-                continue
-            # a platform manifest still listed by a remaining index of the repo
-            parents = db.execute(
-                "SELECT m.digest FROM refs r JOIN manifests m ON m.digest = r.manifest"
-                " WHERE r.child=? AND m.upstream=? AND m.repo=?",
-                (dg, up, rp),
-            ).fetchall()
-            if any((up, rp, parent) not in doomed for (parent,) in parents):
-                kept.add((up, rp, dg))
-        return sorted(doomed - kept)
+    def _scratch(self) -> None:
+        """This connection's scratch tables (temp.*: never shared, never on disk for long)."""
+        if getattr(self, "_scratched", False):
+            return
+        for statement in _SCRATCH.split(";"):
+            if statement.strip():
+                self._db.execute(statement)
+        self._scratched = True
 
-    def _orphans(self, db: sqlite3.Connection, removed: set[str]) -> list[tuple[str, int]]:
-        candidates = set(removed)
-        for manifest in removed:
-            candidates.update(child for child, _ in self.refs(manifest))
-        orphans: list[tuple[str, int]] = []
-        for digest in sorted(candidates):
-            still_manifest = db.execute(
-                "SELECT 1 FROM manifests WHERE digest=? LIMIT 1", (digest,)
-            ).fetchone()
-            still_listed = db.execute(
-                "SELECT 1 FROM refs r JOIN manifests m ON m.digest = r.manifest"
-                " WHERE r.child=? LIMIT 1",
-                (digest,),
-            ).fetchone()
-            if still_manifest or still_listed:
-                continue
-            row = db.execute("SELECT size FROM blobs WHERE digest=?", (digest,)).fetchone()
-            db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
-            db.execute("DELETE FROM repo_blobs WHERE digest=?", (digest,))
-            orphans.append((digest, row[0] if row else 0))
+    def _fill_pins(self, pins: Iterable[tuple[str, str, str | None, str | None]]) -> None:
+        """temp.kept: the manifests pins keep (see :meth:`evict`): a pin of a
+        repository keeps all of it, of a tag what the tag points to, of a
+        digest that manifest, each with its platform manifests."""
+        db = self._db
+        db.execute("DELETE FROM temp.pins")
+        db.executemany("INSERT INTO temp.pins VALUES (?, ?, ?, ?)", list(pins))
+        db.execute("DELETE FROM temp.kept")
+        db.execute(
+            "INSERT OR IGNORE INTO temp.kept SELECT upstream, repo, digest FROM temp.pins"
+            " WHERE digest IS NOT NULL"
+        )
+        db.execute(
+            "INSERT OR IGNORE INTO temp.kept SELECT t.upstream, t.repo, t.digest"
+            " FROM temp.pins pin CROSS JOIN tags t ON t.upstream=pin.upstream AND t.repo=pin.repo"
+            " AND t.tag=pin.tag WHERE pin.digest IS NULL AND pin.tag IS NOT NULL"
+        )
+        db.execute(
+            "INSERT OR IGNORE INTO temp.kept SELECT m.upstream, m.repo, m.digest"
+            " FROM temp.pins pin CROSS JOIN manifests m"
+            " ON m.upstream=pin.upstream AND m.repo=pin.repo"
+            " WHERE pin.digest IS NULL AND pin.tag IS NULL"
+        )
+        db.execute(
+            "INSERT OR IGNORE INTO temp.kept SELECT m.upstream, m.repo, m.digest"
+            " FROM temp.kept k CROSS JOIN refs r ON r.manifest=k.digest AND r.kind='manifest'"
+            " CROSS JOIN manifests m"
+            " ON m.upstream=k.upstream AND m.repo=k.repo AND m.digest=r.child"
+        )
+
+    def _unkept(self, keep_tagged: bool) -> None:
+        """temp.doomed: temp.roots and the platform manifests they list in the
+        same repository (those cached there), less those another remaining
+        tag (with *keep_tagged*) or manifest of the repository still keeps."""
+        db = self._db
+        db.execute("DELETE FROM temp.fam")
+        db.execute(
+            "INSERT OR IGNORE INTO temp.fam SELECT m.upstream, m.repo, m.digest, 0"
+            " FROM temp.roots x CROSS JOIN manifests m"
+            " ON m.upstream=x.upstream AND m.repo=x.repo AND m.digest=x.digest"
+        )
+        db.execute(
+            "INSERT OR IGNORE INTO temp.fam SELECT m.upstream, m.repo, m.digest, 0"
+            " FROM temp.roots x CROSS JOIN refs r ON r.manifest=x.digest AND r.kind='manifest'"
+            " CROSS JOIN manifests m"
+            " ON m.upstream=x.upstream AND m.repo=x.repo AND m.digest=r.child"
+        )
+        db.execute(
+            "INSERT INTO temp.doomed SELECT f.upstream, f.repo, f.digest FROM temp.fam f"
+            " WHERE NOT ("
+            " (? AND EXISTS (SELECT 1 FROM tags t"
+            "   WHERE t.upstream=f.upstream AND t.repo=f.repo AND t.digest=f.digest))"
+            " OR EXISTS (SELECT 1 FROM refs r CROSS JOIN manifests p"
+            "   ON p.upstream=f.upstream AND p.repo=f.repo AND p.digest=r.manifest"
+            "   WHERE r.child=f.digest AND NOT EXISTS (SELECT 1 FROM temp.fam g"
+            "     WHERE g.upstream=p.upstream AND g.repo=p.repo AND g.digest=p.digest)))",
+            (keep_tagged,),
+        )
+
+    def _remove_doomed(self) -> Removed:
+        """Remove the manifests in temp.doomed and their tags, and the blobs
+        nothing cached is or lists any more (in a transaction)."""
+        db = self._db
+        manifests = db.execute(
+            "DELETE FROM manifests WHERE (upstream, repo, digest) IN"
+            " (SELECT upstream, repo, digest FROM temp.doomed)"
+        ).rowcount
+        tags = db.execute(
+            "DELETE FROM tags WHERE (upstream, repo, digest) IN"
+            " (SELECT upstream, repo, digest FROM temp.doomed)"
+        ).rowcount
+        # repositories left with no manifest lose their read permissions
+        db.execute(
+            "DELETE FROM repo_blobs WHERE (upstream, repo) IN"
+            " (SELECT DISTINCT d.upstream, d.repo FROM temp.doomed d WHERE NOT EXISTS"
+            "  (SELECT 1 FROM manifests m WHERE m.upstream=d.upstream AND m.repo=d.repo))"
+        )
+        db.execute("DELETE FROM temp.orphans")
+        db.execute(_ORPHANS)
+        orphans = db.execute("SELECT digest, size FROM temp.orphans ORDER BY digest").fetchall()
+        db.execute("DELETE FROM blobs WHERE digest IN (SELECT digest FROM temp.orphans)")
+        db.execute("DELETE FROM repo_blobs WHERE digest IN (SELECT digest FROM temp.orphans)")
         # refs of manifests no longer cached anywhere are dead weight
-        for manifest in removed:
-            if not db.execute(
-                "SELECT 1 FROM manifests WHERE digest=? LIMIT 1", (manifest,)
-            ).fetchone():
-                db.execute("DELETE FROM refs WHERE manifest=?", (manifest,))
-        return orphans
+        db.execute(
+            "DELETE FROM refs WHERE manifest IN (SELECT d.digest FROM temp.doomed d"
+            " WHERE NOT EXISTS (SELECT 1 FROM manifests m WHERE m.digest=d.digest))"
+        )
+        return Removed(tags, manifests, orphans)
+
+
+#: scratch tables of one connection, for eviction and purges
+_SCRATCH = """
+CREATE TEMP TABLE IF NOT EXISTS busy (digest TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TEMP TABLE IF NOT EXISTS pins (upstream TEXT, repo TEXT, tag TEXT, digest TEXT);
+CREATE TEMP TABLE IF NOT EXISTS kept (
+    upstream TEXT, repo TEXT, digest TEXT, PRIMARY KEY (upstream, repo, digest)
+) WITHOUT ROWID;
+CREATE TEMP TABLE IF NOT EXISTS cand (
+    rank INTEGER PRIMARY KEY, upstream TEXT, repo TEXT, digest TEXT, used REAL
+);
+CREATE INDEX IF NOT EXISTS temp.cand_key ON cand (upstream, repo, digest);
+CREATE TEMP TABLE IF NOT EXISTS fam (
+    upstream TEXT, repo TEXT, digest TEXT, rank INTEGER, PRIMARY KEY (upstream, repo, digest)
+) WITHOUT ROWID;
+CREATE TEMP TABLE IF NOT EXISTS roots (upstream TEXT, repo TEXT, digest TEXT);
+CREATE TEMP TABLE IF NOT EXISTS doomed (
+    upstream TEXT, repo TEXT, digest TEXT, PRIMARY KEY (upstream, repo, digest)
+) WITHOUT ROWID;
+CREATE TEMP TABLE IF NOT EXISTS purging (upstream TEXT, repo TEXT, digest TEXT);
+CREATE TEMP TABLE IF NOT EXISTS orphans (digest TEXT PRIMARY KEY, size INTEGER) WITHOUT ROWID
+"""
+
+#: temp.cand: up to ? evictable images, least recently used first: manifests
+#: no cached manifest of their repository lists, neither pinned (nor any of
+#: their platform manifests) nor listing a blob being read
+_CANDIDATES = """
+INSERT INTO temp.cand (upstream, repo, digest, used)
+SELECT m.upstream, m.repo, m.digest, COALESCE(m.last_access, m.fetched_at)
+FROM manifests m
+WHERE 1=1 {when}
+AND NOT EXISTS (SELECT 1 FROM refs r CROSS JOIN manifests p
+    ON p.upstream=m.upstream AND p.repo=m.repo AND p.digest=r.manifest
+    WHERE r.child=m.digest)
+AND NOT EXISTS (SELECT 1 FROM temp.kept k
+    WHERE k.upstream=m.upstream AND k.repo=m.repo AND k.digest=m.digest)
+AND NOT EXISTS (SELECT 1 FROM refs r CROSS JOIN temp.kept k
+    ON k.upstream=m.upstream AND k.repo=m.repo AND k.digest=r.child
+    CROSS JOIN manifests c ON c.upstream=m.upstream AND c.repo=m.repo AND c.digest=r.child
+    WHERE r.manifest=m.digest AND r.kind='manifest')
+AND NOT EXISTS (SELECT 1 FROM refs r CROSS JOIN temp.busy b ON b.digest=r.child
+    WHERE r.manifest=m.digest)
+AND NOT EXISTS (SELECT 1 FROM refs r
+    CROSS JOIN manifests c ON c.upstream=m.upstream AND c.repo=m.repo AND c.digest=r.child
+    CROSS JOIN refs rc ON rc.manifest=c.digest CROSS JOIN temp.busy b ON b.digest=rc.child
+    WHERE r.manifest=m.digest AND r.kind='manifest')
+ORDER BY COALESCE(m.last_access, m.fetched_at), m.fetched_at
+LIMIT ?
+"""
+
+#: temp.fam gets the candidates' platform manifests that no manifest but
+#: candidates lists, each going with the last of its candidates to go
+_PLATFORMS = """
+INSERT OR IGNORE INTO temp.fam
+SELECT upstream, repo, digest, MAX(rank) FROM (
+    SELECT c.upstream, c.repo, c.digest, x.rank
+    FROM temp.cand x CROSS JOIN refs r ON r.manifest=x.digest AND r.kind='manifest'
+    CROSS JOIN manifests c ON c.upstream=x.upstream AND c.repo=x.repo AND c.digest=r.child
+) c
+GROUP BY upstream, repo, digest
+HAVING NOT EXISTS (SELECT 1 FROM refs r2 CROSS JOIN manifests p
+    ON p.upstream=c.upstream AND p.repo=c.repo AND p.digest=r2.manifest
+    WHERE r2.child=c.digest AND NOT EXISTS (SELECT 1 FROM temp.cand y
+        WHERE y.upstream=p.upstream AND y.repo=p.repo AND y.digest=p.digest))
+"""
+
+#: the rank of the first candidate by which the blobs freed (those all of
+#: whose cached holders are in temp.fam, freed with the last of them to go)
+#: add up to ? bytes, or NULL
+_CUT = """
+WITH listed(digest) AS (
+    SELECT digest FROM temp.fam
+    UNION SELECT r.child FROM temp.fam f JOIN refs r ON r.manifest=f.digest
+), holders(blob, rank) AS (
+    SELECT l.digest, f.rank FROM listed l JOIN manifests m ON m.digest=l.digest
+    LEFT JOIN temp.fam f ON f.upstream=m.upstream AND f.repo=m.repo AND f.digest=m.digest
+    UNION ALL
+    SELECT l.digest, f.rank FROM listed l JOIN refs r ON r.child=l.digest
+    JOIN manifests m ON m.digest=r.manifest
+    LEFT JOIN temp.fam f ON f.upstream=m.upstream AND f.repo=m.repo AND f.digest=m.digest
+), freed(blob, rank) AS (
+    SELECT blob, MAX(rank) FROM holders GROUP BY blob HAVING COUNT(*) = COUNT(rank)
+), per_rank(rank, bytes) AS (
+    SELECT f.rank, SUM(COALESCE(b.size, 0)) FROM freed f LEFT JOIN blobs b ON b.digest=f.blob
+    GROUP BY f.rank
+)
+SELECT MIN(rank) FROM (
+    SELECT rank, SUM(bytes) OVER (ORDER BY rank ROWS UNBOUNDED PRECEDING) AS total FROM per_rank
+) WHERE total >= ?
+"""
+
+#: temp.orphans: what temp.doomed was and listed, that no cached manifest is or lists
+_ORPHANS = """
+INSERT OR IGNORE INTO temp.orphans
+SELECT l.digest, COALESCE(b.size, 0) FROM (
+    SELECT digest FROM temp.doomed
+    UNION SELECT r.child FROM temp.doomed d JOIN refs r ON r.manifest=d.digest
+) l LEFT JOIN blobs b ON b.digest=l.digest
+WHERE NOT EXISTS (SELECT 1 FROM manifests m WHERE m.digest=l.digest)
+AND NOT EXISTS (SELECT 1 FROM refs r JOIN manifests m ON m.digest=r.manifest
+    WHERE r.child=l.digest)
+"""
+
+#: store files no cached manifest is or lists, least recently used first,
+#: none being read: the first ? of them, as far as needed to free ? bytes
+_LOOSE = """
+SELECT digest, size FROM (
+    SELECT digest, size, SUM(size) OVER (ORDER BY used, digest ROWS UNBOUNDED PRECEDING) AS total
+    FROM (
+        SELECT b.digest, b.size, COALESCE(b.last_access, b.stored_at) AS used FROM blobs b
+        WHERE NOT EXISTS (SELECT 1 FROM manifests m WHERE m.digest=b.digest)
+        AND NOT EXISTS (SELECT 1 FROM refs r CROSS JOIN manifests m ON m.digest=r.manifest
+            WHERE r.child=b.digest)
+        AND NOT EXISTS (SELECT 1 FROM temp.busy x WHERE x.digest=b.digest)
+        ORDER BY COALESCE(b.last_access, b.stored_at), b.digest
+        LIMIT ?
+    )
+) WHERE total - size < ? ORDER BY total
+"""
 
 
 def _manifest_filter(

@@ -85,7 +85,9 @@ async def test_purge_a_tag_frees_its_blobs_and_the_next_pull_misses(fake_registr
         await proxy.get(f"/v2/app/manifests/{tag}")
         for layer in layers(body):
             await proxy.get(f"/v2/app/blobs/{layer}")
-    result = control.purge(PurgeSelector(upstream="docker.io", repository="library/app", tag="1"))
+    result = await control.purge(
+        PurgeSelector(upstream="docker.io", repository="library/app", tag="1")
+    )
     assert result.manifests == 1 and result.tags == 1
     only_one = layers(one)[1]
     assert only_one in result.blobs
@@ -113,9 +115,9 @@ async def test_purge_selectors_are_checked(fake_registry, make_proxy):
         PurgeSelector(everything=True, upstream="docker.io"),
     ]:
         with pytest.raises(AdminError) as e:
-            control.purge(selector)
+            await control.purge(selector)
         assert e.value.status == 400, selector
-    assert control.purge(PurgeSelector(everything=True)).manifests == 0
+    assert (await control.purge(PurgeSelector(everything=True))).manifests == 0
 
 
 def read_around(url: str, path: str, between) -> bytes:

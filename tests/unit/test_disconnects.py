@@ -89,7 +89,7 @@ async def test_purged_during_the_permission_check_is_fetched_again(fake_registry
     slow_blobs(fake_registry, 0.5, methods=("HEAD",))
     pending = proxy.get(f"/v2/library/b/blobs/{layer}")
     await settle(0.1)
-    proxy.proxy.control.purge(PurgeSelector(upstream="docker.io", repository="library/a"))
+    await proxy.proxy.control.purge(PurgeSelector(upstream="docker.io", repository="library/a"))
     assert not proxy.blob_path(layer).exists()
     reply = await pending
     assert (reply.code, reply.body, reply.header("X-Cache")) == (200, b"layer bytes", "MISS")

@@ -69,7 +69,7 @@ async def test_idle_images_are_swept(fake_registry, make_proxy):
     proxy = await make_proxy(fake_registry.url, cache={"max_idle": 0})
     layers = await pull(proxy, "app")
     assert cached(proxy, layers) == [True]
-    assert proxy.proxy.evictor.sweep() > 0
+    assert await proxy.proxy.evictor.sweep() > 0
     assert cached(proxy, layers) == [False]
     assert proxy.proxy.index.totals()["manifests"] == 0
 

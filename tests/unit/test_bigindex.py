@@ -1,0 +1,172 @@
+"""A big cache stays responsive: the index's heavy work runs in its own
+thread, the reactor thread's commits never checkpoint, and a sweep, a purge
+and an fsck of thousands of images leave the reactor answering."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest_twisted
+from proxyharness import settle
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import LoopingCall
+
+from registryproxy.admin.backend import PurgeSelector
+from registryproxy.cache import eviction
+from registryproxy.cache.index import Index, ManifestEntry
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.bigindex import generate  # noqa: E402
+
+
+def spy(monkeypatch, target, names, calls):
+    """Record the thread each of *target*'s *names* is called in."""
+    for name in names:
+        real = getattr(target, name)
+
+        def recorded(*args, _real=real, _name=name, **kwargs):
+            calls.append((_name, threading.current_thread().name))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(target, name, recorded)
+
+
+async def two_images(fake_registry, make_proxy, **cache):
+    for name in ("one", "two"):
+        fake_registry.add_image(f"library/{name}", "1", [name.encode() * 1000])
+    proxy = await make_proxy(fake_registry.url, cache=cache)
+    for name in ("one", "two"):
+        reply = await proxy.get(f"/v2/{name}/manifests/1")
+        for layer in json.loads(reply.body)["layers"]:
+            await proxy.get(f"/v2/{name}/blobs/{layer['digest']}")
+    await settle()
+    return proxy
+
+
+@pytest_twisted.ensureDeferred
+async def test_sweeps_purges_fsck_and_checkpoints_run_in_the_index_thread(
+    fake_registry, make_proxy, monkeypatch
+):
+    proxy = await two_images(fake_registry, make_proxy, max_idle=3600)
+    calls: list[tuple[str, str]] = []
+    heavy = ["evict", "evict_loose", "purge", "checkpoint", "all_blobs", "forget_blobs"]
+    spy(monkeypatch, Index, heavy, calls)
+    spy(monkeypatch, proxy.proxy.control._store, ["delete"], calls)
+    evictor = proxy.proxy.evictor
+    evictor._max_idle = 0
+    assert await evictor.sweep() > 0
+    assert proxy.proxy.index.totals()["manifests"] == 0
+    await proxy.proxy.control.fsck()
+    await proxy.proxy.control.purge(PurgeSelector(everything=True))
+    await proxy.proxy.background.checkpoint()
+    assert {name for name, _ in calls} >= {"evict", "purge", "all_blobs", "checkpoint", "delete"}
+    assert all(thread.startswith("PoolThread-regproxy-index") for _, thread in calls), calls
+
+
+@pytest_twisted.ensureDeferred
+async def test_making_room_stays_bounded(tmp_path, fake_registry, make_proxy, monkeypatch):
+    generate(str(tmp_path / "cache"), 300)
+    proxy = await make_proxy(fake_registry.url, cache_dir=tmp_path / "cache")
+    batches: list[int] = []
+    real = Index.evict
+
+    def evict(self, pins, busy, limit, *args, **kwargs):
+        batches.append(limit)
+        return real(self, pins, busy, limit, *args, **kwargs)
+
+    monkeypatch.setattr(Index, "evict", evict)
+    monkeypatch.setattr(proxy.proxy.control._store, "room", lambda: 0)  # never frees up
+    proxy.proxy.evictor.make_room(10)
+    # a few small batches, synchronously, then the download goes through memory
+    assert batches == [eviction.ROOM_BATCH] * eviction.ROOM_STEPS
+    assert proxy.proxy.index.totals()["manifests"] >= 300 - len(batches) * eviction.ROOM_BATCH
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_reactor_threads_commits_never_checkpoint(fake_registry, make_proxy):
+    proxy = await make_proxy(fake_registry.url)
+    index = proxy.proxy.index
+    assert index._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    await proxy.proxy.background.run(Index.checkpoint)
+    for i in range(300):
+        digest = f"sha256:{i:064x}"
+        index.put_blob(digest, 10, time.time())
+        index.put_manifest(
+            "docker.io",
+            "library/app",
+            ManifestEntry(digest, "application/vnd.oci.image.manifest.v1+json", 10),
+            time.time(),
+            [(f"sha256:{i + 10**6:064x}", "blob")],
+        )
+    # SQLite's default would have checkpointed at 1000 pages, on this thread
+    busy, pages, copied = await proxy.proxy.background.run(Index.checkpoint)
+    assert (busy, copied) == (0, pages)
+    assert pages > 1000
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_big_sweep_purge_and_fsck_leave_the_reactor_answering(
+    tmp_path, fake_registry, make_proxy
+):
+    plan = generate(str(tmp_path / "cache"), 1500)
+    proxy = await make_proxy(fake_registry.url, cache_dir=tmp_path / "cache")
+    evictor, control, index = proxy.proxy.evictor, proxy.proxy.control, proxy.proxy.index
+    evictor.max_bytes = plan["max_bytes"]
+    evictor.pins = [("docker.io", plan["pinned_repo"], None, None)]
+    lags: list[float] = []
+    last = [time.monotonic()]
+
+    def tick():
+        now = time.monotonic()
+        lags.append(now - last[0] - 0.01)
+        last[0] = now
+
+    ticker = LoopingCall(tick)
+    ticker.clock = reactor
+    ticker.start(0.01, now=False)
+    try:
+        # maybeDeferred: so that this fails on the lag, not the API, on the old code
+        await maybeDeferred(evictor.sweep)
+        assert index.totals()["manifests"] == 1500 - 1500 // 4
+        result = await maybeDeferred(
+            control.purge, PurgeSelector(upstream="docker.io", repository="library/big")
+        )
+        assert result.tags == plan["big_tags"]
+        await control.fsck()
+        await settle(0.05)
+    finally:
+        ticker.stop()
+    # generous for a busy CI machine: the old code stalled for tens of seconds
+    assert max(lags) < 0.3, sorted(lags)[-5:]
+
+
+@pytest_twisted.ensureDeferred
+async def test_blobs_stored_during_a_sweep_ask_for_one_more(tmp_path, fake_registry, make_proxy):
+    plan = generate(str(tmp_path / "cache"), 300)
+    proxy = await make_proxy(fake_registry.url, cache_dir=tmp_path / "cache")
+    evictor = proxy.proxy.evictor
+    evictor.max_bytes = plan["max_bytes"]
+    sweeps = []
+    real = evictor._sweep
+    gate: Deferred[None] = Deferred()
+
+    async def counted():
+        sweeps.append(1)
+        if len(sweeps) == 1:
+            await gate  # the first sweep runs on until the blobs below are stored
+        return await real()
+
+    evictor._sweep = counted
+    running = evictor.sweep()
+    for _ in range(20):
+        evictor.soon()  # a blob stored
+        await settle(0.001)
+    gate.callback(None)
+    await running
+    await settle(0.2)
+    assert len(sweeps) == 2

@@ -1,0 +1,213 @@
+"""The index's SQL selection for eviction and purges gives the old per-row
+code's answers (random small indexes), and its queries use indexes."""
+
+from __future__ import annotations
+
+import random
+import re
+import sqlite3
+
+import pytest
+from old_eviction import OldIndex, old_evict, old_evict_loose
+
+from registryproxy.cache.index import Index, ManifestEntry, TagEntry
+
+UPSTREAMS = ("docker.io", "ghcr.io")
+
+
+def d(name: str) -> str:
+    return "sha256:" + name.encode().hex().ljust(64, "0")[:64]
+
+
+def fill(index: Index, seed: int) -> dict:
+    """A random small cache: images sharing layers, indexes (some sharing a
+    platform manifest), one manifest in two repositories, tags, untagged
+    manifests, loose blobs, distinct access times.  What it made, to pick
+    pins, busy blobs and purges from."""
+    rng = random.Random(seed)
+    clock = iter(rng.sample(range(1, 10_000), 1000))
+    layers = [f"layer{i}" for i in range(rng.randint(3, 12))]
+    made: dict = {"manifests": [], "tags": [], "layers": layers, "repos": set()}
+    for i in range(rng.randint(2, 14)):
+        upstream, repo = rng.choice(UPSTREAMS), f"r{rng.randint(0, 3)}"
+        made["repos"].add((upstream, repo))
+        platforms = []
+        for p in range(rng.choice([1, 1, 2, 3])):
+            name = f"m{i}.{p}" if rng.random() < 0.9 or not made["manifests"] else None
+            if name is None:  # a manifest cached for another repository too
+                name = rng.choice(made["manifests"])[2]
+            listed = rng.sample(layers, rng.randint(1, min(3, len(layers))))
+            for layer in listed:
+                index.put_blob(d(layer), rng.randint(1, 500), next(clock))
+            index.put_blob(d(name), rng.randint(1, 50), next(clock))
+            index.put_manifest(
+                upstream,
+                repo,
+                ManifestEntry(d(name), "application/vnd.oci.image.manifest.v1+json", 10),
+                next(clock),
+                [(d(layer), "blob") for layer in listed],
+            )
+            platforms.append(name)
+            made["manifests"].append((upstream, repo, name))
+        top = platforms[0]
+        if len(platforms) > 1:
+            top = f"i{i}"
+            children = list(platforms)
+            shared = [m for u, r, m in made["manifests"] if (u, r) == (upstream, repo)]
+            if rng.random() < 0.3 and shared:
+                children.append(rng.choice(shared))  # a platform another index lists too
+            index.put_blob(d(top), 20, next(clock))
+            index.put_manifest(
+                upstream,
+                repo,
+                ManifestEntry(d(top), "application/vnd.oci.image.index.v1+json", 20),
+                next(clock),
+                [(d(child), "manifest") for child in dict.fromkeys(children)],
+            )
+            made["manifests"].append((upstream, repo, top))
+        for _ in range(rng.choice([0, 1, 1, 2])):
+            tag = f"t{rng.randint(0, 4)}"
+            index.put_tag(upstream, repo, tag, TagEntry(d(top), "m", next(clock)))
+            made["tags"].append((upstream, repo, tag))
+        for u, r, m in rng.sample(made["manifests"], min(3, len(made["manifests"]))):
+            index.touch_manifest(u, r, d(m), next(clock))
+    for i in range(rng.randint(0, 3)):
+        index.put_blob(d(f"loose{i}"), rng.randint(1, 300), next(clock))
+        if rng.random() < 0.5:
+            index.touch_blob(d(f"loose{i}"), next(clock))
+    index.flush()
+    return made
+
+
+def pick_pins(rng: random.Random, made: dict) -> list:
+    pins = []
+    for _ in range(rng.choice([0, 0, 1, 2])):
+        kind = rng.choice(["repo", "tag", "digest"])
+        if kind == "repo":
+            upstream, repo = rng.choice(sorted(made["repos"]))
+            pins.append((upstream, repo, None, None))
+        elif kind == "tag" and made["tags"]:
+            pins.append((*rng.choice(made["tags"]), None))
+        else:
+            upstream, repo, name = rng.choice(made["manifests"])
+            pins.append((upstream, repo, None, d(name)))
+    return pins
+
+
+def state(index: Index) -> dict:
+    db = index._db
+    return {
+        table: sorted(db.execute(f"SELECT * FROM {table}").fetchall())
+        for table in ("manifests", "tags", "refs", "blobs", "repo_blobs")
+    }
+
+
+def twins(tmp_path, seed: int, salt: int):
+    """The same random cache under the old code and the new, a random
+    generator for the rest of the case, and random pins and busy blobs."""
+    old, new = OldIndex(str(tmp_path / "old.db")), Index(str(tmp_path / "new.db"))
+    made = fill(old, seed)
+    assert fill(new, seed) == made
+    rng = random.Random(seed * salt + 1)
+    pins = pick_pins(rng, made)
+    busy = set(rng.sample([d(x) for x in made["layers"]], rng.randint(0, 2)))
+    return old, new, made, rng, pins, busy
+
+
+def agree(old: OldIndex, new: Index, old_freed: list, freed: list) -> None:
+    assert sorted(freed) == sorted(old_freed)
+    assert state(new) == state(old)
+    old.close()
+    new.close()
+
+
+def evict_all(new: Index, pins, busy, limit, used_before=None, target=None):
+    """Batches of *limit* until done, as the sweep does."""
+    images, freed = [], []
+    while True:
+        excess = None if target is None else new.total_size() - target
+        evicted = new.evict(pins, busy, limit, used_before, excess)
+        images += [image[:3] for image in evicted.images]
+        freed += evicted.removed.blobs
+        if not evicted.more:
+            return images, freed
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_over_budget_selection_matches_the_old_loop(tmp_path, seed):
+    old, new, made, rng, pins, busy = twins(tmp_path, seed, 7)
+    target = old.total_size() * rng.choice([0.0, 0.3, 0.6, 0.9, 1.0])
+    old_images, old_freed = old_evict(old, pins, busy, lambda _: old.total_size() > target)
+    old_freed += old_evict_loose(old, busy, old.total_size() - target)
+    images, freed = evict_all(new, pins, busy, rng.choice([1, 2, 3, 100]), target=target)
+    while loose := new.evict_loose(busy, new.total_size() - target, 2):
+        freed += loose
+    assert set(images) >= set(old_images)  # the new one also names images of no row left
+    agree(old, new, old_freed, freed)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_idle_selection_matches_the_old_loop(tmp_path, seed):
+    old, new, made, rng, pins, busy = twins(tmp_path, seed, 11)
+    cutoff = rng.randint(0, 10_000)
+    _, old_freed = old_evict(old, pins, busy, lambda used: used < cutoff)
+    _, freed = evict_all(new, pins, busy, rng.choice([1, 2, 100]), used_before=cutoff)
+    agree(old, new, old_freed, freed)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_purges_match_the_old_loop(tmp_path, seed):
+    old, new, made, rng, _, _ = twins(tmp_path, seed, 13)
+    upstream, repo, name = rng.choice(made["manifests"])
+    selector = rng.choice(
+        [
+            {"upstream": upstream, "repo": repo},
+            {"upstream": upstream},
+            {"upstream": upstream, "repo": repo, "digest": d(name)},
+            {"unused_since": rng.randint(0, 10_000)},
+            {"fetched_before": rng.randint(0, 10_000)},
+            {},
+        ]
+        + [dict(zip(("upstream", "repo", "tag"), tag, strict=True)) for tag in made["tags"][:2]]
+    )
+    expected = old.purge(**selector)
+    removed = new.purge(**selector, batch=rng.choice([1, 2, 500]))
+    assert (removed.tags, removed.manifests) == (expected.tags, expected.manifests)
+    assert removed.blobs == expected.blobs  # in the same order, too
+    agree(old, new, expected.blobs, removed.blobs)
+
+
+#: scans of these (or of these aliases of them in the SQL) read a whole table
+_TABLES = r"(manifests|refs|tags|blobs|repo_blobs|m|p|c|r|r2|rc|t|b)"
+#: walked in order, as far as the LIMIT needs
+_ORDERED = ("USING INDEX manifests_used", "USING INDEX blobs_used")
+
+
+def test_the_selection_uses_indexes(tmp_path):
+    index = Index(str(tmp_path / "index.db"))
+    made = fill(index, 3)
+    statements: list[str] = []
+    index._db.set_trace_callback(statements.append)
+    pins = [("docker.io", "r1", None, None), (*made["tags"][0], None)]
+    index.evict(pins, {d("layer1")}, 2, excess=100)
+    index.evict(pins, {d("layer1")}, 2, used_before=5000)
+    index.evict_loose({d("layer1")}, 100, 10)
+    upstream, repo, name = made["manifests"][-1]
+    index.purge(upstream=upstream, repo=repo, digest=d(name))
+    index.purge(*made["tags"][-1])
+    index.purge(upstream=upstream, repo=repo)
+    index._db.set_trace_callback(None)
+    checked = 0
+    for sql in statements:
+        if not re.match(r"\s*(SELECT|INSERT|DELETE|WITH)", sql, re.I):
+            continue
+        try:
+            plan = [row[3] for row in index._db.execute(f"EXPLAIN QUERY PLAN {sql}")]
+        except sqlite3.ProgrammingError:
+            continue  # executemany's statement, traced with its values bound
+        checked += 1
+        for line in plan:
+            if re.match(rf"SCAN {_TABLES}\b", line) and not line.endswith(_ORDERED):
+                raise AssertionError(f"{line!r} in the plan of {sql}")
+    assert checked > 20
+    index.close()
