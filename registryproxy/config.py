@@ -72,10 +72,20 @@ class CacheConfig:
     #: images never evicted: "docker.io/library/alpine:3.19", "ghcr.io/owner/app",
     #: "nginx@sha256:..." (a repository pins all of it, a tag what it points to)
     pinned: tuple[str, ...] = ()
+    #: seconds after its last check that a stored blob is hashed again
+    #: before it is served (it is on its first read after a restart too);
+    #: None: only after a restart
+    verify_after: float | None = 604800.0
+    #: bytes a second the background scrub reads to re-hash the whole store
+    #: (a size like "20MiB"); 0: no scrub
+    scrub_rate: int | str = "20MiB"
 
     def __attrs_post_init__(self) -> None:
         if self.max_size is not None:
-            parse_size(self.max_size)
+            parse_size(self.max_size, "max_size")
+        parse_size(self.scrub_rate, "scrub_rate")
+        if self.verify_after is not None and self.verify_after < 0:
+            raise ValueError(f"verify_after: expected seconds >= 0, got {self.verify_after!r}")
         if not 0 < self.low_water <= 1:
             raise ValueError(f"low_water: expected a fraction in (0, 1], got {self.low_water!r}")
         for pin in self.pinned:
@@ -86,7 +96,11 @@ class CacheConfig:
 
     @property
     def max_bytes(self) -> int | None:
-        return None if self.max_size is None else parse_size(self.max_size)
+        return None if self.max_size is None else parse_size(self.max_size, "max_size")
+
+    @property
+    def scrub_bytes(self) -> int:
+        return parse_size(self.scrub_rate, "scrub_rate")
 
 
 _UNITS = {
@@ -107,13 +121,15 @@ _UNITS = {
 }
 
 
-def parse_size(size: int | str) -> int:
+def parse_size(size: int | str, key: str = "max_size") -> int:
     """Bytes from ``1000``, ``"250MB"``, ``"1.5 GiB"`` (SI units are powers of 1000)."""
     if isinstance(size, int):
+        if size < 0:
+            raise ValueError(f"{key}: expected bytes >= 0, got {size!r}")
         return size
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", size)
     if match is None or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"max_size: expected bytes or a size like 250MB or 50GiB, got {size!r}")
+        raise ValueError(f"{key}: expected bytes or a size like 250MB or 50GiB, got {size!r}")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 

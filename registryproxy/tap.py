@@ -24,6 +24,7 @@ from .cache.blobs import BlobCache, BlobSource
 from .cache.eviction import Evictor
 from .cache.index import Index, IndexUnusable, set_aside
 from .cache.manifests import ManifestCache
+from .cache.scrub import Scrubber, Verifier
 from .cache.store import FileStore
 from .config import Config, ConfigError, load_config
 from .metrics import Metrics
@@ -109,10 +110,13 @@ class Proxy:
     threads: ThreadPool
     #: the registry API for the other nodes of a cluster (behind their secret)
     internal: RegistryResource
+    #: hashes stored blobs again when due, and scrubs the store
+    verifier: Verifier
 
     async def close(self) -> None:
         await self.pool.closeCachedConnections()
         self.upstreams.close()
+        self.verifier.close()
         await self.background.close()
         self.threads.stop()
         self.index.close()
@@ -266,6 +270,15 @@ def build_proxy(
         config.cache.low_water,
         config.cache.max_idle,
     )
+    # stored bytes are hashed again before they are trusted again (scrub.py)
+    verifier = Verifier(
+        store,
+        background,
+        reactor,
+        ThreadPool(minthreads=0, maxthreads=2, name="regproxy-verify"),
+        reactor,
+        config.cache.verify_after,
+    )
     blobs = BlobCache(
         store,
         index,
@@ -274,6 +287,7 @@ def build_proxy(
         max_bytes=config.cache.max_bytes,
         make_room=evictor.make_room,
         peers=peers,
+        verifier=verifier,
     )
     evictor.in_use = blobs.in_use
     resource = RegistryResource(upstreams, manifests, blobs, metrics, config.proxy.sendfile)
@@ -285,7 +299,9 @@ def build_proxy(
         config, store.root, store, index, manifests, blobs, upstreams, metrics, reactor, evictor
     )
     site = GuardedSite(resource, limits(config, max_connections)[0], no_bodies, reactor, "proxy")
-    return Proxy(site, control, pool, index, evictor, upstreams, background, threads, internal)
+    return Proxy(
+        site, control, pool, index, evictor, upstreams, background, threads, internal, verifier
+    )
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -309,6 +325,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     TimerService(_CHECKPOINT_SECONDS, _logged_async(proxy.background.checkpoint)).setServiceParent(
         service
     )
+    if config.cache.scrub_bytes:
+        Scrubber(
+            proxy.verifier, proxy.background, reactor, config.cache.scrub_bytes
+        ).setServiceParent(service)
     api = AdminAPI(proxy.control, config.admin.secret(), config.admin.max_body)
     admin = GuardedSite(api.resource(), limits(config)[1], api.body_policy, reactor, "admin API")
     for key, description, factory in [

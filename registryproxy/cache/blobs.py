@@ -28,6 +28,7 @@ from ..names import Digest
 from ..singleflight import SingleFlight
 from ..upstream.client import RegistryClient, content_length
 from .index import Index
+from .scrub import Verifier
 from .store import BlobStore, BlobWriter, VerificationError, verify
 
 log = Logger()
@@ -422,11 +423,13 @@ class BlobCache:
         max_bytes: int | None = None,
         make_room: Callable[[int], int] = lambda needed: 0,
         peers: BlobSource | None = None,
+        verifier: Verifier | None = None,
     ) -> None:
         """*peers*: in a cluster, the other nodes, one of which may own a
         download (see :mod:`registryproxy.cluster.peers`)."""
         self.store = store
         self._peers = peers
+        self._verifier = verifier
         self._index = index
         self._clock = clock
         self._stored = stored
@@ -452,6 +455,12 @@ class BlobCache:
             return None
         self._reading[fd] = str(digest)
         return fd
+
+    async def sound(self, digest: Digest, fd: int) -> bool:
+        """Whether the stored blob open as *fd* may be served: hashed again
+        first when its last check is due (see :mod:`.scrub`); a rotten one
+        is quarantined, and the caller fetches it again."""
+        return self._verifier is None or await self._verifier.check(digest, fd)
 
     def close_stored(self, fd: int) -> None:
         self._reading.pop(fd, None)
@@ -569,6 +578,8 @@ class BlobCache:
                 if fetch.relayed:
                     return
                 self._index.put_blob(str(digest), fetch.written, self._clock.seconds())
+                if self._verifier is not None:
+                    self._verifier.mark(str(digest))
                 log.info("stored {digest}", digest=str(digest))
                 self._stored()
 

@@ -63,17 +63,21 @@ def _scan(root: str) -> list[tuple[str, int, bool]]:
     return found
 
 
-def _quarantine(store: FileStore, digest: str) -> None:
-    """Move a rotten file to quarantine/, named by its digest and the time."""
-    quarantine = os.path.join(store.root, "quarantine")
-    os.makedirs(quarantine, exist_ok=True)
-    try:
-        os.replace(
-            store.path(Digest.parse(digest)),
-            os.path.join(quarantine, f"{digest.replace(':', '-')}.{int(time.time())}"),
-        )
-    except FileNotFoundError:
-        pass  # gone meanwhile: nothing left to serve
+def condemn(store: FileStore, index: Index, digest: str) -> None:
+    """A stored file whose bytes do not match *digest*: into quarantine/,
+    and out of the index (in the index's worker thread)."""
+    store.quarantine(Digest.parse(digest))
+    forget_rotten(store, index, digest)
+
+
+def forget_rotten(store: FileStore, index: Index, digest: str) -> None:
+    """Forget a quarantined file: any manifest with these bytes is gone
+    too, with the blobs only it listed; the next pull fetches them again."""
+    for orphan, _ in index.purge(digest=digest).blobs:
+        if orphan != digest:
+            store.delete(Digest.parse(orphan))
+    index.forget_blob(digest)
+    log.error("quarantined {digest}: its bytes do not match", digest=digest)
 
 
 async def fsck(store: FileStore, background: IndexThread) -> FsckReport:
@@ -99,16 +103,10 @@ def _reconcile(
     # every rotten file is kept before any is purged: purging a manifest
     # deletes the blobs only it lists, rotten ones among them
     for digest in rotten:
-        _quarantine(store, digest)
+        store.quarantine(Digest.parse(digest))
     for digest in rotten:
-        # any manifest with these bytes is gone too, with the blobs only it
-        # listed; the next pull fetches them again
-        for orphan, _ in index.purge(digest=digest).blobs:
-            if orphan != digest:
-                store.delete(Digest.parse(orphan))
-        index.forget_blob(digest)
+        forget_rotten(store, index, digest)
         quarantined.append(digest)
-        log.error("quarantined {digest}: its bytes do not match", digest=digest)
     for start in range(0, len(indexed), _BATCH):
         index.put_blobs(indexed[start : start + _BATCH])
     # entries stored after the scan began were not scanned: leave them be

@@ -468,6 +468,14 @@ class Index:
             self._forget(db, [d for d, _ in loose])
         return loose
 
+    def blobs_after(self, digest: str, limit: int) -> list[tuple[str, int]]:
+        """Up to *limit* store files after *digest* in digest order:
+        ``(digest, size)``, a page of a walk through the whole store."""
+        return self._db.execute(
+            "SELECT digest, size FROM blobs WHERE digest > ? ORDER BY digest LIMIT ?",
+            (digest, limit),
+        ).fetchall()
+
     def all_blobs(self, stored_before: float) -> list[str]:
         return [
             digest

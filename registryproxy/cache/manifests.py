@@ -124,10 +124,17 @@ class ManifestCache:
         entry = self._index.manifest(upstream, repo, digest)
         if entry is None:
             return None
+        parsed = Digest.parse(digest)
         try:
-            with self._store.open(Digest.parse(digest)) as f:
+            with self._store.open(parsed) as f:
                 body = f.read()
         except FileNotFoundError:
+            return None
+        if Digest.of(body, parsed.algorithm) != parsed:
+            # rotten on disk: never served; the caller fetches it again,
+            # which writes the file and its index rows anew
+            log.error("quarantined manifest {digest}: its bytes do not match", digest=digest)
+            self._store.quarantine(parsed)
             return None
         now = self._clock.seconds()
         self._index.touch_manifest(upstream, repo, digest, now)

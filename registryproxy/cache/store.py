@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from typing import BinaryIO, Protocol
 
 from twisted.internet.defer import Deferred
@@ -69,6 +70,9 @@ class BlobStore(Protocol):
 
     def begin(self, digest: Digest, size: int | None) -> BlobWriter: ...
     def delete(self, digest: Digest) -> bool: ...
+    def quarantine(self, digest: Digest) -> None:
+        """Set a stored file found rotten aside, where nothing serves it."""
+
     def room(self) -> int:
         """Bytes a new blob may take, keeping some free space in reserve."""
 
@@ -114,6 +118,18 @@ class FileStore:
             return True
         except FileNotFoundError:
             return False
+
+    def quarantine(self, digest: Digest) -> None:
+        """Into ``quarantine/``, named by the digest and the time, for a look."""
+        quarantine = os.path.join(self.root, "quarantine")
+        os.makedirs(quarantine, exist_ok=True)
+        try:
+            os.replace(
+                self.path(digest),
+                os.path.join(quarantine, f"{digest.algorithm}-{digest.hex}.{int(time.time())}"),
+            )
+        except FileNotFoundError:
+            pass  # gone meanwhile: nothing left to serve
 
 
 class _FileWriter:

@@ -306,6 +306,13 @@ class RegistryResource(Resource):
             if gone:
                 return
         fd = self._blobs.open_stored(digest)  # after the await: it may have been purged meanwhile
+        if fd is not None and not await self._blobs.sound(digest, fd):
+            self._blobs.close_stored(fd)  # rotten: quarantined; fetched again below
+            fd = None
+        if gone:
+            if fd is not None:
+                self._blobs.close_stored(fd)
+            return
         fetch = None
         size: int | None
         if fd is not None:

@@ -1,0 +1,216 @@
+"""Stored bytes can rot: check them before trusting them again.
+
+A blob is verified when its download checks out.  After that its file may
+still change under regproxy (a bad sector, an operator's editor, a restore
+gone wrong), so a stored blob is hashed again before it is served on its
+first read after a restart, or once its last check is older than
+``cache.verify_after``; a verified blob is served as it is (sendfile), and a
+rotten one goes to quarantine/ and is fetched again.  In the background a
+scrub walks the whole store at ``cache.scrub_rate`` bytes a second, so that
+rot is found in blobs nobody reads too.  Manifests are small and hashed on
+every read (:mod:`.manifests`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from ..names import Digest
+from ..singleflight import SingleFlight
+from .background import IndexThread
+from .fsck import condemn
+from .index import Index
+from .store import FileStore
+
+log = Logger()
+
+_CHUNK = 1024 * 1024
+#: store files asked of the index per page of the scrub's walk
+_PAGE = 200
+#: seconds the scrub rests after a whole walk of the store
+_REST = 600.0
+
+
+class Verifier:
+    """When each stored blob was last hashed, and hashing it again when due."""
+
+    def __init__(
+        self,
+        store: FileStore,
+        background: IndexThread,
+        clock: IReactorTime,
+        threads: ThreadPool,
+        reactor: object,
+        verify_after: float | None,
+    ) -> None:
+        self._store = store
+        self._background = background
+        self._clock = clock
+        self._threads = threads
+        self._reactor = reactor
+        self._verify_after = verify_after
+        #: digest -> when its bytes were last known good (this process only)
+        self._checked: dict[str, float] = {}
+        self._flight: SingleFlight[str, bool] = SingleFlight()
+        #: set when the process stops: hashing in threads gives up
+        self.stopping = threading.Event()
+
+    def close(self) -> None:
+        """Stop hashing (threads give up between chunks) and the threads."""
+        self.stopping.set()
+        if self._threads.started:
+            self._threads.stop()
+
+    def mark(self, digest: str) -> None:
+        """*digest*'s file was just written from bytes that checked out."""
+        self._checked[digest] = self._clock.seconds()
+
+    def forget(self, digest: str) -> None:
+        self._checked.pop(digest, None)
+
+    def due(self, digest: str) -> bool:
+        checked = self._checked.get(digest)
+        if checked is None:
+            return True
+        return self._verify_after is not None and (
+            self._clock.seconds() - checked >= self._verify_after
+        )
+
+    async def check(self, digest: Digest, fd: int) -> bool:
+        """Whether the file open as *fd* holds *digest*'s bytes; hashed when
+        due, once however many readers ask.  A rotten file is quarantined,
+        and False tells the caller to fetch the blob again."""
+        key = str(digest)
+        if not self.due(key):
+            return True
+        return await self._flight.run(key, lambda: self._verify(digest, fd, None))
+
+    async def scrub_one(self, digest: Digest, rate: int) -> bool:
+        """Hash one stored file at most *rate* bytes a second (the scrub)."""
+        try:
+            fd = os.open(self._store.path(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            return True  # evicted meanwhile
+        try:
+            return await self._flight.run(str(digest), lambda: self._verify(digest, fd, rate))
+        finally:
+            os.close(fd)
+
+    async def condemn(self, digest: Digest) -> None:
+        """Quarantine *digest*'s file and forget it (found rotten elsewhere)."""
+        self.forget(str(digest))
+        store = self._store
+        await self._background.run(lambda index: condemn(store, index, str(digest)))
+
+    async def _verify(self, digest: Digest, fd: int, rate: int | None) -> bool:
+        if not self._threads.started:
+            self._threads.start()  # on first use, like the index's thread
+        started = self._clock.seconds()
+        matches = await deferToThreadPool(
+            self._reactor,  # type: ignore[arg-type]
+            self._threads,
+            _hashes_to,
+            digest,
+            fd,
+            rate,
+            self.stopping.is_set,
+        )
+        if matches is None:
+            return True  # stopping: no verdict
+        if matches:
+            self._checked[str(digest)] = started
+            return True
+        await self.condemn(digest)
+        return False
+
+
+def _hashes_to(
+    digest: Digest, fd: int, rate: int | None, stopping: Callable[[], bool]
+) -> bool | None:
+    """Whether the file's bytes hash to *digest*, read at most *rate* bytes
+    a second; None if *stopping* said so first.  In a worker thread."""
+    hasher = digest.hasher()
+    offset = 0
+    started = time.monotonic()
+    while chunk := os.pread(fd, _CHUNK, offset):
+        if stopping():
+            return None
+        hasher.update(chunk)
+        offset += len(chunk)
+        if rate:
+            ahead = offset / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(min(ahead, 1.0))
+    return hasher.hexdigest() == digest.hex
+
+
+def _page(after: str, index: Index) -> list[tuple[str, int]]:
+    return index.blobs_after(after, _PAGE)
+
+
+class Scrubber(Service):
+    """Walks the store in the background, hashing every file whose check
+    is due at a bounded rate, quarantining the rotten ones."""
+
+    def __init__(
+        self, verifier: Verifier, background: IndexThread, clock: IReactorTime, rate: int
+    ) -> None:
+        self._verifier = verifier
+        self._background = background
+        self._clock = clock
+        self._rate = rate
+        self._walk: Deferred[None] | None = None
+        #: files hashed and found rotten since start, for tests and logs
+        self.scrubbed = 0
+        self.rotten = 0
+
+    def startService(self) -> None:
+        super().startService()
+        self._verifier.stopping.clear()
+        self._walk = Deferred.fromCoroutine(self._run())
+        self._walk.addErrback(
+            lambda f: None if f.check(CancelledError) else log.failure("the scrub stopped", f)
+        )
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        self._verifier.stopping.set()
+        walk, self._walk = self._walk, None
+        if walk is not None:
+            walk.cancel()
+        return None
+
+    async def _run(self) -> None:
+        cursor = ""
+        while self.running:
+            page = await self._background.run(partial(_page, cursor))
+            if not page:
+                log.info(
+                    "scrub walked the store: {n} files hashed, {bad} rotten",
+                    n=self.scrubbed,
+                    bad=self.rotten,
+                )
+                cursor = ""
+                await deferLater(self._clock, _REST, lambda: None)
+                continue
+            for digest, _ in page:
+                cursor = digest
+                if not self.running:
+                    return
+                if not self._verifier.due(digest):
+                    continue
+                good = await self._verifier.scrub_one(Digest.parse(digest), self._rate)
+                self.scrubbed += 1
+                self.rotten += not good
