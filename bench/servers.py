@@ -70,6 +70,11 @@ class Registry(harness.UpstreamRegistry):
     def pid(self) -> int | None:
         return self.proc.pid if self.running and self.proc is not None else None
 
+    def restart(self) -> None:
+        """Stop and start again, keeping what is stored."""
+        self.stop()
+        self.start()
+
     def restart_empty(self) -> None:
         """Stop, forget everything stored, start again."""
         self.stop()
@@ -99,6 +104,10 @@ class RegProxy(harness.RegProxy):
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.running and self.proc is not None else None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
 
     def restart_empty(self) -> None:
         self.stop()
