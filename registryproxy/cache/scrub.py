@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -64,6 +65,8 @@ class Verifier:
         #: digest -> when its bytes were last known good (this process only)
         self._checked: dict[str, float] = {}
         self._flight: SingleFlight[str, bool] = SingleFlight()
+        #: the scrub's hashes under way, which a client asking lifts to full speed
+        self._throttles: dict[str, _Throttle] = {}
         #: set when the process stops: hashing in threads gives up
         self.stopping = threading.Event()
 
@@ -95,7 +98,10 @@ class Verifier:
         key = str(digest)
         if not self.due(key):
             return True
-        return await self._flight.run(key, lambda: self._verify(digest, fd, None))
+        throttle = self._throttles.get(key)
+        if throttle is not None:
+            throttle.rate = None  # the scrub is on it: a client waits, so at full speed
+        return await self._flight.run(key, lambda: self._verify(digest, fd, _Throttle(None)))
 
     async def scrub_one(self, digest: Digest, rate: int) -> bool:
         """Hash one stored file at most *rate* bytes a second (the scrub)."""
@@ -103,10 +109,14 @@ class Verifier:
             fd = os.open(self._store.path(digest), os.O_RDONLY)
         except FileNotFoundError:
             return True  # evicted meanwhile
+        key = str(digest)
+        throttle = self._throttles[key] = _Throttle(rate)
         try:
-            return await self._flight.run(str(digest), lambda: self._verify(digest, fd, rate))
+            return await self._flight.run(key, lambda: self._verify(digest, fd, throttle))
         finally:
             os.close(fd)
+            if self._throttles.get(key) is throttle:
+                del self._throttles[key]
 
     async def condemn(self, digest: Digest) -> None:
         """Quarantine *digest*'s file and forget it (found rotten elsewhere)."""
@@ -114,7 +124,7 @@ class Verifier:
         store = self._store
         await self._background.run(lambda index: condemn(store, index, str(digest)))
 
-    async def _verify(self, digest: Digest, fd: int, rate: int | None) -> bool:
+    async def _verify(self, digest: Digest, fd: int, throttle: _Throttle) -> bool:
         if not self._threads.started:
             self._threads.start()  # on first use, like the index's thread
         started = self._clock.seconds()
@@ -124,7 +134,7 @@ class Verifier:
             _hashes_to,
             digest,
             fd,
-            rate,
+            throttle,
             self.stopping.is_set,
         )
         if matches is None:
@@ -136,11 +146,18 @@ class Verifier:
         return False
 
 
+@attrs.define
+class _Throttle:
+    #: bytes a second a hash may read; None: as fast as it can
+    rate: int | None
+
+
 def _hashes_to(
-    digest: Digest, fd: int, rate: int | None, stopping: Callable[[], bool]
+    digest: Digest, fd: int, throttle: _Throttle, stopping: Callable[[], bool]
 ) -> bool | None:
-    """Whether the file's bytes hash to *digest*, read at most *rate* bytes
-    a second; None if *stopping* said so first.  In a worker thread."""
+    """Whether the file's bytes hash to *digest*, read no faster than
+    *throttle* says (it may change meanwhile); None if *stopping* said so
+    first.  In a worker thread."""
     hasher = digest.hasher()
     offset = 0
     started = time.monotonic()
@@ -149,10 +166,12 @@ def _hashes_to(
             return None
         hasher.update(chunk)
         offset += len(chunk)
-        if rate:
+        # behind the rate: wait, looking up now and then (a client may lift it)
+        while (rate := throttle.rate) and not stopping():
             ahead = offset / rate - (time.monotonic() - started)
-            if ahead > 0:
-                time.sleep(min(ahead, 1.0))
+            if ahead <= 0:
+                break
+            time.sleep(min(ahead, 0.1))
     return hasher.hexdigest() == digest.hex
 
 

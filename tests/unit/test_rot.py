@@ -105,3 +105,29 @@ async def test_the_scrub_finds_rot_in_blobs_nobody_reads(fake_registry, make_pro
     # the rotten layer is fetched again on its next pull
     reply = await again.get(f"/v2/app/blobs/{bad}")
     assert (reply.body, reply.header("X-Cache")) == (b"bad layer", "MISS")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_does_not_wait_for_the_scrubs_pace(fake_registry, make_proxy, tmp_path):
+    """The scrub hashes slowly; a client asking for the same blob meanwhile
+    lifts it to full speed rather than waiting at 64 KiB a second."""
+    layer_bytes = b"z" * (3 * 1024 * 1024)
+    _, body = fake_registry.add_image("library/app", "1", [layer_bytes])
+    layer = json.loads(body)["layers"][0]["digest"]
+    cache = tmp_path / "cache"
+    first = await make_proxy(fake_registry.url, cache_dir=cache)
+    await first.get(f"/v2/app/blobs/{layer}")
+    await first.stop()
+
+    again = await make_proxy(fake_registry.url, cache_dir=cache)
+    scrub = Scrubber(again.proxy.verifier, again.proxy.background, reactor, 64 * 1024)
+    scrub.startService()
+    try:
+        await until(lambda: bool(again.proxy.verifier._throttles), timeout=5)
+        started = reactor.seconds()
+        reply = await again.get(f"/v2/app/blobs/{layer}")
+        assert (reply.code, reply.header("X-Cache")) == (200, "HIT")
+        assert reply.body == layer_bytes
+        assert reactor.seconds() - started < 10  # 48 s at the scrub's pace
+    finally:
+        scrub.stopService()
