@@ -43,9 +43,14 @@ class ProxyConfig:
     idle_timeout: float = 60.0
     #: seconds a response waits for a client that takes in none of it
     send_timeout: float = 30.0
+    #: where a line per request goes: "twistd" (its log), "off", or a file
+    #: (written buffered, flushed every second: cheaper on a busy mirror)
+    access_log: str = "twistd"
 
     def __attrs_post_init__(self) -> None:
         _positive(self, "max_connections", "header_timeout", "idle_timeout", "send_timeout")
+        if not self.access_log:
+            raise ValueError('access_log: expected "twistd", "off" or a file name')
 
 
 def _positive(config: Any, *names: str) -> None:

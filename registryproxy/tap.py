@@ -298,7 +298,14 @@ def build_proxy(
     control = Control(
         config, store.root, store, index, manifests, blobs, upstreams, metrics, reactor, evictor
     )
-    site = GuardedSite(resource, limits(config, max_connections)[0], no_bodies, reactor, "proxy")
+    site = GuardedSite(
+        resource,
+        limits(config, max_connections)[0],
+        no_bodies,
+        reactor,
+        "proxy",
+        config.proxy.access_log,
+    )
     return Proxy(
         site, control, pool, index, evictor, upstreams, background, threads, internal, verifier
     )

@@ -231,10 +231,23 @@ class GuardedSite(Site):
         body_policy: BodyPolicy,
         clock: IReactorTime,
         name: str,
+        access_log: str = "twistd",
     ) -> None:
+        """*access_log*: ``"twistd"`` (a line per request in twistd's log),
+        ``"off"``, or a file to write the lines to, buffered (flushed every
+        second): a tenth of a cached manifest's cost goes to logging it
+        through twistd's log."""
+        log_path = None if access_log in ("twistd", "off") else access_log
         super().__init__(
-            resource, requestFactory=GuardedRequest, timeout=limits.idle_timeout, reactor=clock
+            resource,
+            requestFactory=GuardedRequest,
+            timeout=limits.idle_timeout,
+            reactor=clock,
+            logPath=log_path,
         )
+        self._access_log = access_log
+        self._flusher = LoopingCall(self._flush_log)
+        self._flusher.clock = clock
         self.limits = limits
         self.body_policy = body_policy
         self.clock = clock
@@ -261,11 +274,26 @@ class GuardedSite(Site):
         super().startFactory()
         every = min(1.0, self.limits.header_timeout / 4, self.limits.send_timeout / 4)
         self._sweeper.start(every, now=False)
+        if self.logPath is not None:
+            self._flusher.start(1.0, now=False)
 
     def stopFactory(self) -> None:
         if self._sweeper.running:
             self._sweeper.stop()
+        if self._flusher.running:
+            self._flusher.stop()
         super().stopFactory()
+
+    def _openLogFile(self, path: str | bytes) -> Any:
+        return open(path, "a", buffering=64 * 1024, newline="\n")  # noqa: SIM115
+
+    def _flush_log(self) -> None:
+        if self._logFile is not None:
+            self._logFile.flush()  # type: ignore[attr-defined]
+
+    def log(self, request: Any) -> None:
+        if self._access_log != "off":
+            super().log(request)
 
     def _sweep(self) -> None:
         now = self.clock.seconds()

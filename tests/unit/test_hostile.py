@@ -316,3 +316,14 @@ def test_the_open_file_limit_is_raised_to_the_hard_one():
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     ).stdout.split()
     assert out[0] == out[1] == out[2]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_access_log_can_go_to_a_file(fake_registry, make_proxy, tmp_path):
+    fake_registry.add_image("library/app", "1", [b"x"])
+    log_file = tmp_path / "access.log"
+    proxy = await make_proxy(fake_registry.url, top={"proxy": {"access_log": str(log_file)}})
+    assert (await proxy.get("/v2/app/manifests/1", User_Agent=["probe/1"])).code == 200
+    proxy.proxy.site._flush_log()
+    line = log_file.read_text()
+    assert '"GET /v2/app/manifests/1 HTTP/1.1" 200' in line and "probe/1" in line
