@@ -19,6 +19,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from .admin.app import AdminAPI
 from .admin.control import Control, SavedUpstreams
+from .cache.access import LocalIndex
 from .cache.background import IndexThread
 from .cache.blobs import BlobCache, BlobSource
 from .cache.eviction import Evictor
@@ -259,6 +260,7 @@ def build_proxy(
     # thread of their own; the reactor thread's commits never checkpoint
     threads = ThreadPool(minthreads=1, maxthreads=1, name="regproxy-index")
     background = IndexThread(index, reactor, threads)
+    access = LocalIndex(index, background)
     index.autocheckpoint(0)
     # pins come from the config and the admin API: Control sets them
     evictor = Evictor(
@@ -296,7 +298,7 @@ def build_proxy(
         upstreams, manifests, blobs, metrics, config.proxy.sendfile, forward=False
     )
     control = Control(
-        config, store.root, store, index, manifests, blobs, upstreams, metrics, reactor, evictor
+        config, store.root, store, access, manifests, blobs, upstreams, metrics, reactor, evictor
     )
     site = GuardedSite(
         resource,

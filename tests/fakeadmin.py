@@ -125,7 +125,7 @@ class FakeAdmin:
 
     # -- numbers ------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
         self._call("stats")
         return {
             "requests": 120,
@@ -149,7 +149,7 @@ class FakeAdmin:
             "prefetch": [attrs.asdict(j) for j in self.jobs.values()],
         }
 
-    def metrics(self) -> tuple[bytes, str]:
+    async def metrics(self) -> tuple[bytes, str]:
         self._call("metrics")
         body = b"# HELP regproxy_requests_total Requests.\n# TYPE regproxy_requests_total counter\n"
         return body + b"regproxy_requests_total 120.0\n", "text/plain; version=0.0.4; charset=utf-8"
@@ -163,7 +163,7 @@ class FakeAdmin:
 
     # -- the cache ------------------------------------------------------------
 
-    def repositories(self, upstream: str | None = None) -> list[RepositorySummary]:
+    async def repositories(self, upstream: str | None = None) -> list[RepositorySummary]:
         self._call("repositories", upstream)
         if upstream is not None and upstream not in self.configs:
             raise AdminError(404, f"unknown upstream {upstream!r}")
@@ -180,7 +180,7 @@ class FakeAdmin:
             if upstream is None or d.upstream == upstream
         ]
 
-    def repository(self, upstream: str, repository: str) -> RepositoryDetail:
+    async def repository(self, upstream: str, repository: str) -> RepositoryDetail:
         self._call("repository", upstream, repository)
         detail = self.cached.get((upstream, repository))
         if detail is None:

@@ -330,9 +330,9 @@ class AdminAPI:
         return _json(request, result, 200 if result.get("ready") else 503)
 
     @app.route("/metrics", methods=["GET"])
-    def metrics(self, request: IRequest) -> bytes:
+    async def metrics(self, request: IRequest) -> bytes:
         _query(request)
-        body, content_type = self._backend.metrics()
+        body, content_type = await self._backend.metrics()
         request.setHeader(b"Content-Type", content_type.encode())
         return body
 
@@ -342,14 +342,14 @@ class AdminAPI:
         return _json_bytes(request, self._openapi)
 
     @app.route("/api/v1/stats", methods=["GET"])
-    def stats(self, request: IRequest) -> bytes:
+    async def stats(self, request: IRequest) -> bytes:
         _query(request)
-        return _json(request, self._backend.stats())
+        return _json(request, await self._backend.stats())
 
     # -- the cache -------------------------------------------------------
 
-    def _repositories(self, request: IRequest, upstream: str | None) -> bytes:
-        found = self._backend.repositories(upstream)
+    async def _repositories(self, request: IRequest, upstream: str | None) -> bytes:
+        found = await self._backend.repositories(upstream)
         return _json(request, {"repositories": [_record(r) for r in found]})
 
     async def _purge(self, request: IRequest, selector: PurgeSelector) -> bytes:
@@ -366,9 +366,9 @@ class AdminAPI:
         return _json(request, _record(result))
 
     @app.route("/api/v1/cache", methods=["GET"])
-    def list_repositories(self, request: IRequest) -> bytes:
+    async def list_repositories(self, request: IRequest) -> bytes:
         _query(request)
-        return self._repositories(request, None)
+        return await self._repositories(request, None)
 
     @app.route("/api/v1/cache", methods=["DELETE"])
     async def purge_cache(self, request: IRequest) -> bytes:
@@ -395,9 +395,9 @@ class AdminAPI:
         return await self._purge(request, selector)
 
     @app.route("/api/v1/cache/<upstream>", methods=["GET"])
-    def list_upstream_repositories(self, request: IRequest, upstream: str) -> bytes:
+    async def list_upstream_repositories(self, request: IRequest, upstream: str) -> bytes:
         _query(request)
-        return self._repositories(request, _upstream(upstream))
+        return await self._repositories(request, _upstream(upstream))
 
     @app.route("/api/v1/cache/<upstream>", methods=["DELETE"])
     async def purge_upstream(self, request: IRequest, upstream: str) -> bytes:
@@ -408,9 +408,9 @@ class AdminAPI:
         return await self._purge(request, selector)
 
     @app.route("/api/v1/cache/<upstream>/<path:repository>", methods=["GET"])
-    def show_repository(self, request: IRequest, upstream: str, repository: str) -> bytes:
+    async def show_repository(self, request: IRequest, upstream: str, repository: str) -> bytes:
         _query(request)
-        detail = self._backend.repository(_upstream(upstream), _repository(repository))
+        detail = await self._backend.repository(_upstream(upstream), _repository(repository))
         return _json(request, _record(detail))
 
     @app.route("/api/v1/cache/<upstream>/<path:repository>", methods=["DELETE"])

@@ -141,23 +141,23 @@ class AdminError(Exception):
 
 
 class AdminBackend(Protocol):
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
         """JSON-ready counters: requests, hits, misses, hit_ratio,
         bytes_from_cache, bytes_from_upstream, upstream_requests
         {upstream: {kind: n}}, errors {status: n}, fetches_in_flight,
         cache {size_bytes, blobs, manifests, tags, repositories, free_disk_bytes},
         ratelimit_remaining {upstream: value as last seen}, prefetch [jobs]."""
 
-    def metrics(self) -> tuple[bytes, str]:
+    async def metrics(self) -> tuple[bytes, str]:
         """Prometheus text exposition and its content type."""
 
     async def ready(self) -> dict[str, Any]:
         """``{"ready": bool, "checks": {"storage": {...}, "upstream": {...}}}``."""
 
-    def repositories(self, upstream: str | None = None) -> list[RepositorySummary]:
+    async def repositories(self, upstream: str | None = None) -> list[RepositorySummary]:
         """Raises AdminError(404) for an unknown upstream."""
 
-    def repository(self, upstream: str, repository: str) -> RepositoryDetail:
+    async def repository(self, upstream: str, repository: str) -> RepositoryDetail:
         """Raises AdminError(404) if nothing of it is cached."""
 
     async def purge(self, selector: PurgeSelector) -> PurgeResult:

@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import tempfile
+from functools import partial
 from typing import Any
 
 import attrs
@@ -13,6 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from ..cache.access import IndexAccess
 from ..cache.blobs import BlobCache
 from ..cache.eviction import Evictor
 from ..cache.eviction import Pin as EvictionPin
@@ -54,7 +56,7 @@ class Control:
         config: Config,
         cache_dir: str,
         store: BlobStore,
-        index: Index,
+        access: IndexAccess,
         manifests: ManifestCache,
         blobs: BlobCache,
         upstreams: Upstreams,
@@ -65,7 +67,7 @@ class Control:
         self._config = config
         self._cache_dir = cache_dir
         self._store = store
-        self._index = index
+        self._access = access
         self._manifests = manifests
         self._blobs = blobs
         self._upstreams = upstreams
@@ -80,8 +82,8 @@ class Control:
 
     # -- stats -----------------------------------------------------------------
 
-    def _refresh_gauges(self) -> dict[str, int]:
-        totals = self._index.totals()
+    async def _refresh_gauges(self) -> dict[str, int]:
+        totals = await self._access.heavy(Index.totals)
         disk = os.statvfs(self._cache_dir)
         free = disk.f_bavail * disk.f_frsize
         self._metrics.fetches_in_flight.set(self._blobs.in_flight)
@@ -91,8 +93,8 @@ class Control:
         self._metrics.free_disk_bytes.set(free)
         return {**totals, "free_disk_bytes": free}
 
-    def stats(self) -> dict[str, Any]:
-        cache = self._refresh_gauges()
+    async def stats(self) -> dict[str, Any]:
+        cache = await self._refresh_gauges()
         return {
             **self._metrics.summary(),
             "fetches_in_flight": self._blobs.in_flight,
@@ -100,8 +102,8 @@ class Control:
             "prefetch": [attrs.asdict(job.snapshot()) for job in self._jobs.values()],
         }
 
-    def metrics(self) -> tuple[bytes, str]:
-        self._refresh_gauges()
+    async def metrics(self) -> tuple[bytes, str]:
+        await self._refresh_gauges()
         return self._metrics.render()
 
     async def ready(self) -> dict[str, Any]:
@@ -141,54 +143,19 @@ class Control:
         client = self._upstreams.get(name)
         return client.name if client is not None else name
 
-    def repositories(self, upstream: str | None = None) -> list[RepositorySummary]:
+    async def repositories(self, upstream: str | None = None) -> list[RepositorySummary]:
         if upstream is not None:
             upstream = self._canonical(upstream)
-            self._known_upstream(upstream, status=404)
-        out = []
-        for row in self._index.repositories(upstream):
-            manifests = self._index.repo_manifests(row.upstream, row.repo)
-            blobs = {
-                child
-                for m in manifests
-                for child, kind in self._index.refs(m.digest)
-                if kind == "blob"
-            }
-            size = sum(m.size for m in manifests) + sum(self._index.blob_sizes(blobs).values())
-            out.append(
-                RepositorySummary(
-                    row.upstream, row.repo, row.tags, row.manifests, size, row.last_access
-                )
-            )
-        return out
+            await self._known_upstream(upstream, status=404)
+        return await self._access.heavy(partial(_summaries, upstream))
 
-    def repository(self, upstream: str, repository: str) -> RepositoryDetail:
+    async def repository(self, upstream: str, repository: str) -> RepositoryDetail:
         upstream = self._canonical(upstream)
-        manifests = self._index.repo_manifests(upstream, repository)
-        if not manifests:
-            raise AdminError(404, f"nothing of {upstream}/{repository} is cached")
         ttl = self._tag_ttl(upstream)
-        tags = tuple(
-            TagInfo(t.tag, t.digest, t.media_type, t.checked_at, t.checked_at + ttl)
-            for t in self._index.repo_tags(upstream, repository)
-        )
-        infos = []
-        for m in manifests:
-            refs = self._index.refs(m.digest)
-            blob_digests = [child for child, kind in refs if kind == "blob"]
-            sizes = self._index.blob_sizes(blob_digests)
-            infos.append(
-                ManifestInfo(
-                    m.digest,
-                    m.media_type,
-                    m.size,
-                    m.fetched_at,
-                    m.last_access,
-                    tuple(BlobInfo(b, sizes.get(b), b in sizes) for b in blob_digests),
-                    tuple(child for child, kind in refs if kind == "manifest"),
-                )
-            )
-        return RepositoryDetail(upstream, repository, tags, tuple(infos))
+        detail = await self._access.heavy(partial(_detail, upstream, repository, ttl))
+        if detail is None:
+            raise AdminError(404, f"nothing of {upstream}/{repository} is cached")
+        return detail
 
     def _tag_ttl(self, upstream: str) -> float:
         config = self._upstreams.configs.get(upstream)
@@ -196,8 +163,10 @@ class Control:
             return config.tag_ttl
         return self._config.cache.tag_ttl
 
-    def _known_upstream(self, name: str, status: int = 400) -> None:
-        if name not in self._upstreams.configs and not self._index.repositories(name):
+    async def _known_upstream(self, name: str, status: int = 400) -> None:
+        if name in self._upstreams.configs:
+            return
+        if not await self._access.heavy(lambda index: bool(index.repositories(name))):
             raise AdminError(status, f"unknown upstream {name!r}")
 
     # -- purging ---------------------------------------------------------------
@@ -223,7 +192,7 @@ class Control:
         if s.digest is not None and not is_valid_digest(s.digest):
             raise AdminError(400, f"invalid digest {s.digest!r}")
         if s.upstream is not None:
-            self._known_upstream(s.upstream)
+            await self._known_upstream(s.upstream)
         # in the index's worker thread; readers already streaming keep their
         # open file: never cut off
         removed, freed = await self._evictor.purge(
@@ -544,3 +513,47 @@ class SavedUpstreams:
         except ValueError as e:
             log.error("ignoring saved upstream changes: {why}", why=e)
             return config
+
+
+# -- in the index's worker thread ----------------------------------------------
+
+
+def _summaries(upstream: str | None, index: Index) -> list[RepositorySummary]:
+    out = []
+    for row in index.repositories(upstream):
+        manifests = index.repo_manifests(row.upstream, row.repo)
+        blobs = {child for m in manifests for child, kind in index.refs(m.digest) if kind == "blob"}
+        size = sum(m.size for m in manifests) + sum(index.blob_sizes(blobs).values())
+        out.append(
+            RepositorySummary(
+                row.upstream, row.repo, row.tags, row.manifests, size, row.last_access
+            )
+        )
+    return out
+
+
+def _detail(upstream: str, repository: str, ttl: float, index: Index) -> RepositoryDetail | None:
+    manifests = index.repo_manifests(upstream, repository)
+    if not manifests:
+        return None
+    tags = tuple(
+        TagInfo(t.tag, t.digest, t.media_type, t.checked_at, t.checked_at + ttl)
+        for t in index.repo_tags(upstream, repository)
+    )
+    infos = []
+    for m in manifests:
+        refs = index.refs(m.digest)
+        blob_digests = [child for child, kind in refs if kind == "blob"]
+        sizes = index.blob_sizes(blob_digests)
+        infos.append(
+            ManifestInfo(
+                m.digest,
+                m.media_type,
+                m.size,
+                m.fetched_at,
+                m.last_access,
+                tuple(BlobInfo(b, sizes.get(b), b in sizes) for b in blob_digests),
+                tuple(child for child, kind in refs if kind == "manifest"),
+            )
+        )
+    return RepositoryDetail(upstream, repository, tags, tuple(infos))

@@ -32,7 +32,7 @@ async def test_stats_count_hits_misses_and_bytes(fake_registry, make_proxy):
         await proxy.get("/v2/app/manifests/1")
         await proxy.get(f"/v2/app/blobs/{layers(body)[0]}")
     await proxy.get("/v2/app/manifests/nope")
-    stats = control.stats()
+    stats = await control.stats()
     assert (stats["hits"], stats["misses"]) == (2, 2)
     assert stats["hit_ratio"] == 0.5
     assert stats["bytes_from_upstream"] == len(body) + 1000
@@ -43,7 +43,7 @@ async def test_stats_count_hits_misses_and_bytes(fake_registry, make_proxy):
     assert stats["cache"]["manifests"] == 1 and stats["cache"]["blobs"] == 2
     assert stats["cache"]["size_bytes"] == len(body) + 1000
     assert stats["cache"]["free_disk_bytes"] > 0
-    text, content_type = control.metrics()
+    text, content_type = await control.metrics()
     assert content_type.startswith("text/plain")
     assert b'regproxy_requests_total{cache="hit",kind="blob"} 1.0' in text
 
@@ -55,7 +55,7 @@ async def test_inspect_a_repository(fake_registry, make_proxy):
     control = proxy.proxy.control
     await proxy.get("/v2/app/manifests/1")
     await proxy.get(f"/v2/app/blobs/{layers(body)[0]}")
-    (summary,) = control.repositories()
+    (summary,) = await control.repositories()
     assert (summary.upstream, summary.repository, summary.tags, summary.manifests) == (
         "docker.io",
         "library/app",
@@ -63,16 +63,16 @@ async def test_inspect_a_repository(fake_registry, make_proxy):
         1,
     )
     assert summary.size == len(body) + 10
-    detail = control.repository("docker.io", "library/app")
+    detail = await control.repository("docker.io", "library/app")
     assert [t.digest for t in detail.tags] == [digest]
     assert detail.tags[0].expires_at == detail.tags[0].checked_at + 3600
     (manifest,) = detail.manifests
     assert [(b.size, b.cached) for b in manifest.blobs][1:] == [(10, True), (None, False)]
     with pytest.raises(AdminError) as e:
-        control.repository("docker.io", "library/none")
+        await control.repository("docker.io", "library/none")
     assert e.value.status == 404
     with pytest.raises(AdminError):
-        control.repositories("nope.example")
+        await control.repositories("nope.example")
 
 
 @pytest_twisted.ensureDeferred
@@ -173,7 +173,7 @@ async def test_prefetch_chosen_platforms(fake_registry, make_proxy):
     assert job.bytes_fetched > 0
     assert all(proxy.blob_path(d).exists() for d in layers(amd64_body))
     assert not any(proxy.blob_path(d).exists() for d in layers(arm64_body))
-    assert control.stats()["prefetch"][0]["state"] == "done"
+    assert (await control.stats())["prefetch"][0]["state"] == "done"
     reply = await proxy.get(f"/v2/multi/manifests/{amd64}")
     assert reply.header("X-Cache") == "HIT"
 
@@ -292,7 +292,7 @@ async def test_pins_from_config_and_api_keep_images_from_eviction(
         for layer in layers(reply.body):
             await proxy.get(f"/v2/{name}/blobs/{layer}")
         await deferLater(reactor, 0.05, lambda: None)  # eviction runs just after
-    cached = {r.repository for r in control.repositories()}
+    cached = {r.repository for r in await control.repositories()}
     assert cached == {"library/config", "library/api", "library/last"}
     with pytest.raises(AdminError) as e:
         control.unpin("config:1")

@@ -560,7 +560,7 @@ async def test_cache_hits_go_out_with_sendfile(fake_registry, make_proxy, monkey
     reply = await proxy.get(path, Range=["bytes=1000-2000999"])
     assert (reply.code, reply.body) == (206, data[1000:2001000])
     assert sum(sent) == 2_000_000
-    stats = proxy.proxy.control.stats()
+    stats = await proxy.proxy.control.stats()
     assert stats["bytes_from_cache"] == len(data) + 2_000_000
 
 

@@ -1,0 +1,64 @@
+"""How the cache reaches its index, whichever index it is.
+
+The cache logic is written once against :class:`IndexAccess`: it hands over
+a function of the synchronous :class:`~.index.Index` API and gets a
+Deferred of its result.  The embedded SQLite index runs quick work (a row or
+a few, the hot path) inline on the reactor thread, and heavy work (whose
+cost grows with the cache: listings, totals, sweeps, purges) on its own
+worker thread; a shared index in PostgreSQL runs both on threads of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+from twisted.internet.defer import Deferred, maybeDeferred
+
+from .background import IndexThread
+from .index import Index
+
+T = TypeVar("T")
+
+
+class IndexAccess(Protocol):
+    def quick(self, work: Callable[[Index], T]) -> Deferred[T]:
+        """*work* that reads or writes a row or a few (the hot path)."""
+
+    def heavy(self, work: Callable[[Index], T]) -> Deferred[T]:
+        """*work* whose cost grows with the size of the cache."""
+
+    def touch_manifest(self, upstream: str, repo: str, digest: str, when: float) -> None:
+        """Remember an access (in memory: written by the next flush)."""
+
+    def touch_blob(self, digest: str, when: float) -> None: ...
+
+    @property
+    def inline(self) -> Index | None:
+        """The index, to use synchronously on the reactor thread for the
+        bounded work that cannot wait (making room mid-download); None for
+        an index that cannot be used so."""
+
+
+class LocalIndex:
+    """The embedded SQLite index: quick work inline, heavy work in its thread."""
+
+    def __init__(self, index: Index, background: IndexThread) -> None:
+        self._index = index
+        self.background = background
+
+    def quick(self, work: Callable[[Index], T]) -> Deferred[T]:
+        return maybeDeferred(work, self._index)
+
+    def heavy(self, work: Callable[[Index], T]) -> Deferred[T]:
+        return self.background.run(work)
+
+    def touch_manifest(self, upstream: str, repo: str, digest: str, when: float) -> None:
+        self._index.touch_manifest(upstream, repo, digest, when)
+
+    def touch_blob(self, digest: str, when: float) -> None:
+        self._index.touch_blob(digest, when)
+
+    @property
+    def inline(self) -> Index | None:
+        return self._index
