@@ -255,12 +255,12 @@ def build_proxy(
         allow_any=config.allow_any_registry,
         metrics=metrics,
     )
-    manifests = ManifestCache(store, index, reactor, config.cache.tag_ttl, config.cache.max_stale)
     # eviction, purges, fsck and WAL checkpoints work on a connection and a
     # thread of their own; the reactor thread's commits never checkpoint
     threads = ThreadPool(minthreads=1, maxthreads=1, name="regproxy-index")
     background = IndexThread(index, reactor, threads)
     access = LocalIndex(index, background)
+    manifests = ManifestCache(store, access, reactor, config.cache.tag_ttl, config.cache.max_stale)
     index.autocheckpoint(0)
     # pins come from the config and the admin API: Control sets them
     evictor = Evictor(

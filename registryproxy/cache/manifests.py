@@ -10,8 +10,8 @@ revalidate.  A tag's entry is always what the registry stores for it: see
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
+from functools import partial
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -22,6 +22,7 @@ from ..mediatypes import LISTS, acceptable, default_platform, upstream_accept
 from ..names import Digest, is_valid_digest
 from ..singleflight import SingleFlight
 from ..upstream.client import RegistryClient
+from .access import IndexAccess
 from .index import Index, ManifestEntry, TagEntry
 from .store import BlobStore
 
@@ -41,7 +42,7 @@ class ManifestCache:
     def __init__(
         self,
         store: BlobStore,
-        index: Index,
+        index: IndexAccess,
         clock: IReactorTime,
         tag_ttl: float,
         max_stale: float | None = None,
@@ -86,12 +87,13 @@ class ManifestCache:
         revalidated or fetched once however many clients ask at once."""
         key = (client.name, repo, reference)
         if is_valid_digest(reference):
-            cached = self._by_digest(client.name, repo, reference)
+            known = await self._index.quick(partial(_by_digest, client.name, repo, reference))
+            cached = self._read(client.name, repo, known)
             if cached is not None:
                 return cached
             return await self._flight.run(key, lambda: self._fetch(client, repo, reference, accept))
-        entry = self._index.tag(client.name, repo, reference)
-        cached = self._by_digest(client.name, repo, entry.digest) if entry else None
+        entry, known = await self._index.quick(partial(_by_tag, client.name, repo, reference))
+        cached = self._read(client.name, repo, known)
         if entry is None or cached is None:
             return await self._flight.run(key, lambda: self._fetch(client, repo, reference, accept))
         ttl = client.config.tag_ttl
@@ -120,10 +122,12 @@ class ManifestCache:
             )
             return attrs.evolve(cached, cache="STALE")
 
-    def _by_digest(self, upstream: str, repo: str, digest: str) -> CachedManifest | None:
-        entry = self._index.manifest(upstream, repo, digest)
+    def _read(self, upstream: str, repo: str, entry: ManifestEntry | None) -> CachedManifest | None:
+        """The stored manifest the index knows as *entry*, if its file is
+        there and whole."""
         if entry is None:
             return None
+        digest = entry.digest
         parsed = Digest.parse(digest)
         try:
             with self._store.open(parsed) as f:
@@ -153,9 +157,8 @@ class ManifestCache:
         head = await client.head_manifest(repo, tag, upstream_accept(accept))
         if head.digest == entry.digest:
             log.debug("{upstream}/{repo}:{tag} unchanged", upstream=client.name, repo=repo, tag=tag)
-            self._index.put_tag(
-                client.name, repo, tag, attrs.evolve(entry, checked_at=self._clock.seconds())
-            )
+            checked = attrs.evolve(entry, checked_at=self._clock.seconds())
+            await self._index.quick(lambda index: index.put_tag(client.name, repo, tag, checked))
             return cached
         return await self._fetch(client, repo, tag, accept)
 
@@ -197,13 +200,16 @@ class ManifestCache:
                     raise
                 finally:
                     writer.close()
-            self._index.put_blob(digest, len(manifest.body), now)
             entry = ManifestEntry(digest, manifest.media_type, len(manifest.body))
-            self._index.put_manifest(client.name, repo, entry, now, references(manifest.body))
-            if not is_valid_digest(reference):
-                tag = TagEntry(digest, manifest.media_type, now)
-                self._index.put_tag(client.name, repo, reference, tag)
-        except (OSError, sqlite3.Error) as e:
+            tag = (
+                None
+                if is_valid_digest(reference)
+                else (reference, TagEntry(digest, entry.media_type, now))
+            )
+            await self._index.quick(
+                partial(_record, client.name, repo, entry, now, references(manifest.body), tag)
+            )
+        except Exception as e:  # the store's OSError, or the index's error
             # The client still gets its manifest; the next request tries again.
             log.error("could not cache manifest {digest}: {why}", digest=digest, why=e)
             return CachedManifest(manifest.body, manifest.media_type, digest, "MISS")
@@ -215,6 +221,34 @@ class ManifestCache:
             digest=digest,
         )
         return CachedManifest(manifest.body, manifest.media_type, digest, "MISS")
+
+
+def _by_digest(upstream: str, repo: str, digest: str, index: Index) -> ManifestEntry | None:
+    return index.manifest(upstream, repo, digest)
+
+
+def _by_tag(
+    upstream: str, repo: str, tag: str, index: Index
+) -> tuple[TagEntry | None, ManifestEntry | None]:
+    """The tag's entry and its manifest's, in one visit to the index."""
+    entry = index.tag(upstream, repo, tag)
+    return entry, (index.manifest(upstream, repo, entry.digest) if entry else None)
+
+
+def _record(
+    upstream: str,
+    repo: str,
+    entry: ManifestEntry,
+    now: float,
+    refs: list[tuple[str, str]],
+    tag: tuple[str, TagEntry] | None,
+    index: Index,
+) -> None:
+    """A fetched manifest into the index: its file, what it lists, its tag."""
+    index.put_blob(entry.digest, entry.size, now)
+    index.put_manifest(upstream, repo, entry, now, refs)
+    if tag is not None:
+        index.put_tag(upstream, repo, *tag)
 
 
 def references(body: bytes) -> list[tuple[str, str]]:
