@@ -327,8 +327,13 @@ class PgIndex:
                         conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (HEAVY,))
                     elif lock == "exclusive":
                         conn.execute("SELECT pg_advisory_xact_lock(%s)", (HEAVY,))
-                        # compiling the heavy queries costs more than it saves
+                        # compiling the heavy queries costs more than it saves;
+                        # they are written for index probes from a few scratch
+                        # rows (index.py's nested loops), which the default
+                        # cost of a random read (4, for spinning disks) turns
+                        # into scans of whole tables
                         conn.execute("SET LOCAL jit = off")
+                        conn.execute("SET LOCAL random_page_cost = 1.1")
                     return fn(conn)
             except psycopg.Error as e:
                 if not _retryable(e) or attempt == _RETRIES - 1:
@@ -548,6 +553,10 @@ class PgIndex:
             when = "" if used_before is None else "AND COALESCE(m.last_access, m.fetched_at) < %s"
             args: list[object] = [] if used_before is None else [used_before]
             cur.execute(_CANDIDATES.replace("{when}", when), [*args, limit])
+            # temporary tables have no statistics but those ANALYZE gives:
+            # without them the planner takes them for large and scans the
+            # manifests instead of probing them (SQLite's CROSS JOIN order)
+            cur.execute("ANALYZE pg_temp.cand")
             found = _one(cur.execute("SELECT COUNT(*) FROM pg_temp.cand"))
             if not found:
                 return Evicted([], Removed(0, 0, []), more=False)
@@ -555,6 +564,7 @@ class PgIndex:
                 "INSERT INTO pg_temp.fam SELECT upstream, repo, digest, rank FROM pg_temp.cand"
             )
             cur.execute(_PLATFORMS)
+            cur.execute("ANALYZE pg_temp.fam")
             cut = found
             if excess is not None:
                 row = _one(cur.execute(_CUT, (excess,)))
@@ -744,6 +754,7 @@ class PgIndex:
     def _remove_doomed(cur: psycopg.Cursor[Any]) -> Removed:
         """index.py's _remove_doomed, in the order every writer takes its
         rows: manifests (locked in key order first), tags, repo_blobs, blobs."""
+        cur.execute("ANALYZE pg_temp.doomed")
         cur.execute(
             "SELECT 1 FROM manifests WHERE (upstream, repo, digest) IN"
             " (SELECT upstream, repo, digest FROM pg_temp.doomed)"
