@@ -8,6 +8,8 @@ Two ways in:
 
 * :meth:`Database.run` ``(fn)``: *fn* gets a pooled connection inside a
   transaction, committed when it returns, rolled back when it raises;
+* :meth:`Database.transaction` and :meth:`Database.connection`: the same,
+  as context managers for code already running in a worker thread;
 * :meth:`Database.try_lease` ``(key)``: a cluster-wide lease on a key, for
   "one upstream fetch per blob for the whole cluster".
 """
@@ -15,7 +17,8 @@ Two ways in:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import attrs
@@ -140,10 +143,26 @@ class Database:
         what it needs before returning (rows, not cursors)."""
 
         def work() -> T:
-            with self._pool.connection() as conn, conn.transaction():
+            with self.transaction() as conn:
                 return fn(conn)
 
         return self._in_thread(work)
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection, for work already in a worker thread (never
+        the reactor's) that runs several transactions on it
+        (``with conn.transaction(): ...``); back to the pool at the end."""
+        with self._pool.connection() as conn:
+            yield conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection in a transaction, for work already in a worker
+        thread (never the reactor's): committed at the end of the block,
+        rolled back if it raises."""
+        with self._pool.connection() as conn, conn.transaction():
+            yield conn
 
     async def try_lease(self, key: str) -> Lease | None:
         """The lease on *key* if nobody in the cluster holds it, else None.
