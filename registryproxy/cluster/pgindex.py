@@ -603,6 +603,16 @@ class PgIndex:
 
         return self._write(work, "exclusive", scratch=True)
 
+    def blobs_after(self, digest: str, limit: int) -> list[tuple[str, int]]:
+        """:meth:`Index.blobs_after <..cache.index.Index.blobs_after>`."""
+        return [
+            (d, size)
+            for d, size in self._read(
+                "SELECT digest, size FROM blobs WHERE digest > %s ORDER BY digest LIMIT %s",
+                (digest, limit),
+            )
+        ]
+
     def all_blobs(self, stored_before: float) -> list[str]:
         return [
             digest

@@ -327,6 +327,8 @@ class Differ:
             self.call("refs", digest)
         self.call("blob_sizes", BLOBS + MANIFESTS)
         self.call("all_blobs", float("inf"), normalize=sorted)
+        self.call("blobs_after", "", 50)
+        self.call("blobs_after", "sha256:8", 10)
         self.tables()
 
 
