@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from .index import Index
@@ -39,7 +40,10 @@ class IndexThread:
         self._lock = DeferredLock()
 
     def run(self, work: Callable[[Index], T]) -> Deferred[T]:
-        """``work(index)`` in the worker thread, on its own connection."""
+        """``work(index)`` in the worker thread, on its own connection.
+
+        Cancelling the answer (Klein does when a client leaves) leaves the
+        work running to its end, and the next piece waiting for it."""
 
         def start() -> Deferred[T]:
             if not self._threadpool.started:
@@ -48,7 +52,20 @@ class IndexThread:
                 self._threadpool.start()
             return deferToThreadPool(self._reactor, self._threadpool, work, self._index)
 
-        return self._lock.run(start)
+        running = self._lock.run(start)
+        answer: Deferred[T] = Deferred()
+
+        def done(result: T | Failure) -> None:
+            if answer.called:  # cancelled: nobody waits for the result
+                if isinstance(result, Failure):
+                    log.failure("index work failed after its caller left", result)
+            elif isinstance(result, Failure):
+                answer.errback(result)
+            else:
+                answer.callback(result)
+
+        running.addBoth(done)
+        return answer
 
     def checkpoint(self) -> Deferred[None]:
         """Copy the WAL into the database (the fsync) in the worker thread."""

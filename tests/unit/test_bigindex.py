@@ -15,9 +15,11 @@ from proxyharness import settle
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import LoopingCall
+from twisted.python.threadpool import ThreadPool
 
 from registryproxy.admin.backend import PurgeSelector
 from registryproxy.cache import eviction
+from registryproxy.cache.background import IndexThread
 from registryproxy.cache.index import Index, ManifestEntry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -170,3 +172,32 @@ async def test_blobs_stored_during_a_sweep_ask_for_one_more(tmp_path, fake_regis
     await running
     await settle(0.2)
     assert len(sweeps) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_work_whose_caller_left_runs_to_its_end_before_the_next(fake_registry, make_proxy):
+    proxy = await make_proxy(fake_registry.url)
+    # two threads: only the lock keeps the pieces of work apart
+    threads = ThreadPool(minthreads=2, maxthreads=2, name="test-index")
+    background = IndexThread(proxy.proxy.index, reactor, threads)
+    spans: list[tuple[str, float]] = []
+
+    def slow(index):
+        spans.append(("slow", time.monotonic()))
+        time.sleep(0.2)
+        spans.append(("slow done", time.monotonic()))
+
+    def next_one(index):
+        spans.append(("next", time.monotonic()))
+        return index.total_size()
+
+    try:
+        left = background.run(slow)
+        left.addErrback(lambda _: None)
+        await settle(0.05)
+        left.cancel()  # Klein cancels a route's Deferred when its client leaves
+        assert await background.run(next_one) == 0
+        assert [name for name, _ in spans] == ["slow", "slow done", "next"]
+    finally:
+        await background.close()
+        threads.stop()
