@@ -38,8 +38,12 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadable import isInIOThread
+from twisted.python.threadpool import ThreadPool
 
 from ..cache import index as sqlite_index
 from ..cache.index import (
@@ -860,3 +864,34 @@ _UNKEPT = _pg(
     "   WHERE r.child=f.digest AND NOT EXISTS (SELECT 1 FROM temp.fam g"
     "     WHERE g.upstream=p.upstream AND g.repo=p.repo AND g.digest=p.digest)))"
 )
+
+
+class SharedIndex:
+    """The cluster's index as the cache reaches it (``cache.access.IndexAccess``):
+    quick work on a pool of threads, heavy work on a thread of its own (it
+    takes the cluster's heavy lock: one at a time is all it can use), never
+    the reactor thread."""
+
+    def __init__(
+        self, index: PgIndex, quick: ThreadPool, heavy: ThreadPool, reactor: IReactorFromThreads
+    ) -> None:
+        self._index = index
+        self._quick = quick
+        self._heavy = heavy
+        self._reactor = reactor
+
+    def quick(self, work: Callable[[PgIndex], T]) -> Deferred[T]:
+        return deferToThreadPool(self._reactor, self._quick, work, self._index)
+
+    def heavy(self, work: Callable[[PgIndex], T]) -> Deferred[T]:
+        return deferToThreadPool(self._reactor, self._heavy, work, self._index)
+
+    def touch_manifest(self, upstream: str, repo: str, digest: str, when: float) -> None:
+        self._index.touch_manifest(upstream, repo, digest, when)
+
+    def touch_blob(self, digest: str, when: float) -> None:
+        self._index.touch_blob(digest, when)
+
+    @property
+    def inline(self) -> None:
+        return None

@@ -19,11 +19,12 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadable import isInIOThread
 from twisted.python.threadpool import ThreadPool
 
 from registryproxy.cache.index import Index, IndexUnusable, ManifestEntry, TagEntry
 from registryproxy.cluster import pgindex
-from registryproxy.cluster.pgindex import PgIndex
+from registryproxy.cluster.pgindex import PgIndex, SharedIndex
 
 pytestmark = pytest.mark.cluster
 
@@ -697,3 +698,34 @@ async def test_two_nodes_write_purge_and_evict_at_once(make_database, threadpool
     assert counts["pulls"] > 50 and counts["heavy"] > 10, counts
     # writes in key order never deadlock, so nothing was tried again
     assert counts["retries"] == 0, counts
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_cache_reaches_it_off_the_reactor_thread(make_database, threadpool):
+    """SharedIndex, the seam the cache uses: quick and heavy work both run
+    on threads, and see what the other wrote."""
+    index = await pg_index(make_database)
+    await in_thread(threadpool, index.open)
+    heavy = ThreadPool(minthreads=1, maxthreads=1, name="test-heavy")
+    heavy.start()
+    try:
+        shared = SharedIndex(index, threadpool, heavy, reactor)
+        assert shared.inline is None
+        threads: list[bool] = []
+
+        def put(ix: PgIndex) -> None:
+            threads.append(isInIOThread())
+            ix.put_blob("sha256:" + "a" * 64, 10, 1.0)
+
+        await shared.quick(put)
+        assert (
+            await shared.heavy(lambda ix: (threads.append(isInIOThread()), ix.total_size())[1])
+            == 10
+        )
+        assert threads == [False, False]
+        shared.touch_blob("sha256:" + "a" * 64, 5.0)
+        await shared.heavy(lambda ix: ix.flush())
+        with pytest.raises(RuntimeError, match="reactor thread"):
+            index.total_size()  # called here, on the reactor thread: refused
+    finally:
+        heavy.stop()
