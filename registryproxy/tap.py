@@ -113,6 +113,8 @@ class Proxy:
     internal: RegistryResource
     #: hashes stored blobs again when due, and scrubs the store
     verifier: Verifier
+    #: the cache's way to its index
+    access: LocalIndex
 
     async def close(self) -> None:
         await self.pool.closeCachedConnections()
@@ -264,10 +266,9 @@ def build_proxy(
     index.autocheckpoint(0)
     # pins come from the config and the admin API: Control sets them
     evictor = Evictor(
-        index,
+        access,
         store,
         reactor,
-        background,
         config.cache.max_bytes,
         config.cache.low_water,
         config.cache.max_idle,
@@ -275,7 +276,7 @@ def build_proxy(
     # stored bytes are hashed again before they are trusted again (scrub.py)
     verifier = Verifier(
         store,
-        background,
+        access,
         reactor,
         ThreadPool(minthreads=0, maxthreads=2, name="regproxy-verify"),
         reactor,
@@ -309,7 +310,17 @@ def build_proxy(
         config.proxy.access_log,
     )
     return Proxy(
-        site, control, pool, index, evictor, upstreams, background, threads, internal, verifier
+        site,
+        control,
+        pool,
+        index,
+        evictor,
+        upstreams,
+        background,
+        threads,
+        internal,
+        verifier,
+        access,
     )
 
 
@@ -335,9 +346,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         service
     )
     if config.cache.scrub_bytes:
-        Scrubber(
-            proxy.verifier, proxy.background, reactor, config.cache.scrub_bytes
-        ).setServiceParent(service)
+        Scrubber(proxy.verifier, proxy.access, reactor, config.cache.scrub_bytes).setServiceParent(
+            service
+        )
     api = AdminAPI(proxy.control, config.admin.secret(), config.admin.max_body)
     admin = GuardedSite(api.resource(), limits(config)[1], api.body_policy, reactor, "admin API")
     for key, description, factory in [

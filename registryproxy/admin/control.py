@@ -286,7 +286,7 @@ class Control:
             raise AdminError(409, "an fsck is already running")
         self._fscking = True
         try:
-            report = await fsck(self._store, self._evictor.background)
+            report = await fsck(self._store, self._access)
         finally:
             self._fscking = False
         return FsckResult(**attrs.asdict(report))

@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..names import Digest
-from .background import IndexThread
+from .access import IndexAccess
 from .index import Evicted, Index, Removed
 from .store import BlobStore
 
@@ -48,20 +48,17 @@ PURGE_BATCH = 200
 class Evictor:
     def __init__(
         self,
-        index: Index,
+        access: IndexAccess,
         store: BlobStore,
         clock: IReactorTime,
-        background: IndexThread,
         max_bytes: int | None,
         low_water: float = 0.9,
         max_idle: float | None = None,
         pins: Sequence[Pin] = (),
     ) -> None:
-        self._index = index
+        self._access = access
         self._store = store
         self._clock = clock
-        #: the index's worker thread (fsck uses it too)
-        self.background = background
         self.max_bytes = max_bytes
         self._low_water = low_water
         self._max_idle = max_idle
@@ -110,11 +107,11 @@ class Evictor:
         max_bytes = self.max_bytes
         if max_bytes is not None:
             target = max_bytes * self._low_water
-            total = await self.background.run(Index.total_size)
+            total = await self._access.heavy(Index.total_size)
             if total > max_bytes:
                 freed += await self._evict("over budget", lambda ix: ix.total_size() - target)
                 while True:
-                    count, just_freed = await self.background.run(
+                    count, just_freed = await self._access.heavy(
                         partial(_loose, self._store, set(self.in_use()), target)
                     )
                     freed += just_freed
@@ -133,8 +130,8 @@ class Evictor:
         freed = 0
         while True:
             # access times gathered on the reactor are written before choosing
-            self._index.flush()
-            evicted, just_freed = await self.background.run(
+            await self._access.quick(Index.flush)
+            evicted, just_freed = await self._access.heavy(
                 partial(
                     _batch, self._store, list(self.pins), set(self.in_use()), used_before, excess
                 )
@@ -153,16 +150,19 @@ class Evictor:
         Synchronous (a download waits for it), so bounded: at most
         ``ROOM_STEPS`` batches of ``ROOM_BATCH`` images, each chosen by one
         indexed query; a blob that needs more goes through memory."""
+        index = self._access.inline
+        if index is None:
+            return 0  # a shared index is not for the reactor thread: relay it
         in_use = set(self.in_use())
-        busy = self._index.blob_sizes(in_use)
-        if needed > self._store.room() + self._index.total_size() - sum(busy.values()):
+        busy = index.blob_sizes(in_use)
+        if needed > self._store.room() + index.total_size() - sum(busy.values()):
             return 0  # it would not fit with the whole cache gone
         freed = 0
         for _ in range(ROOM_STEPS):
             short = needed - self._store.room()
             if short <= 0:
                 return freed
-            evicted = self._index.evict(self.pins, in_use, ROOM_BATCH, excess=short)
+            evicted = index.evict(self.pins, in_use, ROOM_BATCH, excess=short)
             just_freed = _unlink(self._store, evicted.removed.blobs)
             freed += just_freed
             self._log(evicted, "disk full", just_freed)
@@ -170,7 +170,7 @@ class Evictor:
                 break
         short = needed - self._store.room()
         if short > 0:
-            freed += _unlink(self._store, self._index.evict_loose(in_use, short, ROOM_BATCH))
+            freed += _unlink(self._store, index.evict_loose(in_use, short, ROOM_BATCH))
         return freed
 
     async def purge(
@@ -184,7 +184,7 @@ class Evictor:
     ) -> tuple[Removed, int]:
         """:meth:`Index.purge` in the worker thread, and the files deleted
         there: what went, and the bytes freed."""
-        self._index.flush()
+        await self._access.quick(Index.flush)
         store = self._store
 
         def purge(index: Index) -> tuple[Removed, int]:
@@ -193,7 +193,7 @@ class Evictor:
             )
             return removed, _reclaim(store, removed.blobs, index)
 
-        return await self.background.run(purge)
+        return await self._access.heavy(purge)
 
     def _log(self, evicted: Evicted, why: str, freed: int) -> None:
         if not evicted.images:

@@ -15,7 +15,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from ..names import ALGORITHMS, Digest, is_valid_digest
-from .background import IndexThread
+from .access import IndexAccess
 from .index import Index
 from .store import FileStore
 
@@ -80,10 +80,10 @@ def forget_rotten(store: FileStore, index: Index, digest: str) -> None:
     log.error("quarantined {digest}: its bytes do not match", digest=digest)
 
 
-async def fsck(store: FileStore, background: IndexThread) -> FsckReport:
+async def fsck(store: FileStore, access: IndexAccess) -> FsckReport:
     started = time.time()
     found = await deferToThread(_scan, store.root)
-    return await background.run(lambda index: _reconcile(store, index, found, started))
+    return await access.heavy(lambda index: _reconcile(store, index, found, started))
 
 
 def _reconcile(

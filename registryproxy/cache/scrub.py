@@ -30,7 +30,7 @@ from twisted.python.threadpool import ThreadPool
 
 from ..names import Digest
 from ..singleflight import SingleFlight
-from .background import IndexThread
+from .access import IndexAccess
 from .fsck import condemn
 from .index import Index
 from .store import FileStore
@@ -50,14 +50,14 @@ class Verifier:
     def __init__(
         self,
         store: FileStore,
-        background: IndexThread,
+        access: IndexAccess,
         clock: IReactorTime,
         threads: ThreadPool,
         reactor: object,
         verify_after: float | None,
     ) -> None:
         self._store = store
-        self._background = background
+        self._access = access
         self._clock = clock
         self._threads = threads
         self._reactor = reactor
@@ -122,7 +122,7 @@ class Verifier:
         """Quarantine *digest*'s file and forget it (found rotten elsewhere)."""
         self.forget(str(digest))
         store = self._store
-        await self._background.run(lambda index: condemn(store, index, str(digest)))
+        await self._access.heavy(lambda index: condemn(store, index, str(digest)))
 
     async def _verify(self, digest: Digest, fd: int, throttle: _Throttle) -> bool:
         if not self._threads.started:
@@ -184,10 +184,10 @@ class Scrubber(Service):
     is due at a bounded rate, quarantining the rotten ones."""
 
     def __init__(
-        self, verifier: Verifier, background: IndexThread, clock: IReactorTime, rate: int
+        self, verifier: Verifier, access: IndexAccess, clock: IReactorTime, rate: int
     ) -> None:
         self._verifier = verifier
-        self._background = background
+        self._access = access
         self._clock = clock
         self._rate = rate
         self._walk: Deferred[None] | None = None
@@ -214,7 +214,7 @@ class Scrubber(Service):
     async def _run(self) -> None:
         cursor = ""
         while self.running:
-            page = await self._background.run(partial(_page, cursor))
+            page = await self._access.heavy(partial(_page, cursor))
             if not page:
                 log.info(
                     "scrub walked the store: {n} files hashed, {bad} rotten",

@@ -91,7 +91,7 @@ async def test_the_scrub_finds_rot_in_blobs_nobody_reads(fake_registry, make_pro
     rotten = flip(first.blob_path(bad))
 
     again = await make_proxy(fake_registry.url, cache_dir=cache)
-    scrub = Scrubber(again.proxy.verifier, again.proxy.background, reactor, 50 * 1024 * 1024)
+    scrub = Scrubber(again.proxy.verifier, again.proxy.access, reactor, 50 * 1024 * 1024)
     scrub.startService()
     try:
         await until(lambda: scrub.rotten == 1 and scrub.scrubbed == 2, timeout=10)
@@ -120,7 +120,7 @@ async def test_a_client_does_not_wait_for_the_scrubs_pace(fake_registry, make_pr
     await first.stop()
 
     again = await make_proxy(fake_registry.url, cache_dir=cache)
-    scrub = Scrubber(again.proxy.verifier, again.proxy.background, reactor, 64 * 1024)
+    scrub = Scrubber(again.proxy.verifier, again.proxy.access, reactor, 64 * 1024)
     scrub.startService()
     try:
         await until(lambda: bool(again.proxy.verifier._throttles), timeout=5)
