@@ -568,7 +568,11 @@ class BlobCache:
             def stored(_: object) -> None:
                 if fetch.relayed:
                     return
-                self._index.put_blob(str(digest), fetch.written, self._clock.seconds())
+                try:
+                    self._index.put_blob(str(digest), fetch.written, self._clock.seconds())
+                except sqlite3.Error as e:
+                    self._unindexed(digest, e)
+                    return
                 log.info("stored {digest}", digest=str(digest))
                 self._stored()
 
@@ -579,10 +583,12 @@ class BlobCache:
                 ),
             )
 
-            def release(_: object) -> None:
+            def release(result: object) -> None:
                 # The bytes checked out, stored or not: let readers finish.
                 # Waiting for the store first means a client that has its
                 # whole blob will find it cached on its next request.
+                if isinstance(result, Failure):  # no failure goes unsaid
+                    log.failure("after storing {digest}", result, digest=str(digest))
                 fetch.verified = True
                 try:
                     fetch._notify()
@@ -597,6 +603,25 @@ class BlobCache:
         self._clock.callLater(0, fetch.release)
         response.deliverBody(_Receiver(fetch, self._clock, client.config.read_timeout, done))
         return fetch
+
+    def _unindexed(self, digest: Digest, why: sqlite3.Error) -> None:
+        """A blob just published that the index refused: outside the index it
+        would count toward no budget and never be evicted, so it goes.  Its
+        readers keep their open descriptors; the next request fetches again."""
+        log.error(
+            "stored {digest} but cannot write the cache index ({why}): "
+            "deleting it; it is fetched again on the next request",
+            digest=str(digest),
+            why=why,
+        )
+        try:
+            self.store.delete(digest)
+        except OSError as e:
+            log.error(
+                "cannot delete {digest} after the failed index write: {why}",
+                digest=str(digest),
+                why=e,
+            )
 
     def _writer(self, digest: Digest, size: int | None) -> BlobWriter:
         """Where a download goes: the store (making room on a full disk), or
