@@ -354,7 +354,10 @@ class _Hangup(Protocol):
 
 
 class _Receiver(Protocol):
-    """Writes the upstream body into a fetch, aborting it on silence."""
+    """Writes the upstream body into a fetch, aborting it on silence, or on
+    a trickle: fewer than *min_rate* bytes/s over a window of *read_timeout*
+    seconds (a window in which a relay paused the upstream for a lagging
+    reader does not count: that is not the upstream's fault)."""
 
     def __init__(
         self,
@@ -362,17 +365,41 @@ class _Receiver(Protocol):
         clock: IReactorTime,
         read_timeout: float,
         done: Callable[[Failure | None], None],
+        min_rate: int | None = None,
     ) -> None:
         self._fetch = fetch
         self._clock = clock
         self._timeout = read_timeout
+        self._min_rate = min_rate
         self._done = done
         self._timer: IDelayedCall | None = None
+        self._window: IDelayedCall | None = None
+        #: bytes received in this window, and whether a relay held the upstream in it
+        self._received = 0
+        self._held = False
         self._problem: str | None = None
 
     def connectionMade(self) -> None:
         self._fetch.upstream = self.transport  # type: ignore[assignment]
         self._timer = self._clock.callLater(self._timeout, self._stalled)
+        if self._min_rate is not None:
+            self._window = self._clock.callLater(self._timeout, self._check_rate)
+
+    def _check_rate(self) -> None:
+        assert self._min_rate is not None
+        if self._problem:
+            return
+        rate = self._received / self._timeout
+        held = self._held or self._fetch.holding_upstream
+        self._received, self._held = 0, False
+        if rate < self._min_rate and not held:
+            self._window = None
+            self._stop(
+                f"upstream sent {rate:.0f} bytes/s over the last {self._timeout:g}s, "
+                f"below its min_rate of {self._min_rate} bytes/s"
+            )
+            return
+        self._window = self._clock.callLater(self._timeout, self._check_rate)
 
     def _stalled(self) -> None:
         self._timer = None
@@ -393,15 +420,18 @@ class _Receiver(Protocol):
             return
         if self._timer is not None:
             self._timer.reset(self._timeout)
+        self._received += len(data)
         try:
             self._fetch._data(data)
         except (OSError, VerificationError) as e:
             self._stop(str(e))
+        self._held = self._held or self._fetch.holding_upstream
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for timer in (self._timer, self._window):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._window = None
         if self._problem:
             self._done(Failure(RuntimeError(self._problem)))
         elif reason.check(ResponseDone, PotentialDataLoss):
@@ -601,7 +631,10 @@ class BlobCache:
         # holds: the body may end (a relay: be released) inside deliverBody
         fetch.hold()
         self._clock.callLater(0, fetch.release)
-        response.deliverBody(_Receiver(fetch, self._clock, client.config.read_timeout, done))
+        config = client.config
+        response.deliverBody(
+            _Receiver(fetch, self._clock, config.read_timeout, done, config.min_rate)
+        )
         return fetch
 
     def _unindexed(self, digest: Digest, why: sqlite3.Error) -> None:

@@ -80,6 +80,14 @@ async def test_stalled_upstream_is_abandoned(fake_registry, make_proxy):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_trickling_upstream_is_abandoned(fake_registry, make_proxy):
+    """Never silent, but under min_rate (10 KiB/s by default) over a
+    read_timeout: the client's download fails, nothing is kept."""
+    fault = Fault.slow(chunk=1024, delay=0.2, times=1)
+    await check_fault_then_recovery(fake_registry, make_proxy, fault, read_timeout=1)
+
+
+@pytest_twisted.ensureDeferred
 async def test_bytes_flow_before_the_download_ends(fake_registry, make_proxy):
     data = os.urandom(SIZE)
     digest = fake_registry.add_blob(data)
