@@ -43,9 +43,14 @@ class ProxyConfig:
     idle_timeout: float = 60.0
     #: seconds a response waits for a client that takes in none of it
     send_timeout: float = 30.0
+    #: seconds a requested stop (SIGTERM) lets the downloads, prefetches and
+    #: responses in flight finish, the ports closed, before aborting the rest
+    shutdown_grace: float = 30.0
 
     def __attrs_post_init__(self) -> None:
         _positive(self, "max_connections", "header_timeout", "idle_timeout", "send_timeout")
+        if self.shutdown_grace < 0:
+            raise ValueError(f"shutdown_grace: expected seconds >= 0, got {self.shutdown_grace!r}")
 
 
 def _positive(config: Any, *names: str) -> None:

@@ -24,6 +24,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
+from ..errors import RegistryError
 from ..names import Digest
 from ..singleflight import SingleFlight
 from ..upstream.client import RegistryClient, content_length
@@ -463,6 +464,12 @@ class BlobCache:
         self._max_bytes = max_bytes
         self._make_room = make_room
         self._active: dict[Digest, BlobFetch] = {}
+        #: every download not yet finished (relays too), and those of them
+        #: still receiving their body (the others are being published)
+        self._downloads: set[BlobFetch] = set()
+        self._receiving: set[BlobFetch] = set()
+        #: why no download starts any more (a shutdown), if none does
+        self._refusing: str | None = None
         #: descriptors of stored blobs being read, and their digests
         self._reading: dict[int, str] = {}
         # keyed by repository too: a request for a repository the upstream
@@ -500,6 +507,26 @@ class BlobCache:
     @property
     def in_flight(self) -> int:
         return len(self._active)
+
+    @property
+    def downloading(self) -> int:
+        """Downloads not finished yet, relayed ones too: what a shutdown waits for."""
+        return len(self._downloads)
+
+    def abort_all(self, why: str) -> None:
+        """Shutting down: start no more downloads, and fail those still
+        receiving their body (their clients' connections aborted, their
+        temporary files removed, nothing published).  Those whose bytes are
+        all in and checked out finish publishing."""
+        self._refusing = why
+        for fetch in list(self._receiving):
+            fetch._fail(why)
+            if fetch.upstream is not None:
+                fetch.upstream.stopProducing()
+
+    def _refuse_if_closing(self) -> None:
+        if self._refusing is not None:
+            raise RegistryError(503, "UNAVAILABLE", f"{self._refusing}: try again shortly")
 
     def served(self, digest: Digest) -> None:
         """A cached blob was read: remember when, for eviction."""
@@ -556,10 +583,14 @@ class BlobCache:
     async def _start(
         self, client: RegistryClient, repo: str, digest: Digest, peer: str | None
     ) -> BlobFetch:
+        self._refuse_if_closing()
         if peer is not None and self._peers is not None:
             response = await self._peers.get_blob(peer, client, repo, digest)
         else:
             response = await client.get_blob(repo, str(digest))
+        if self._refusing is not None:
+            response.deliverBody(_Hangup())
+            self._refuse_if_closing()
         self._link(client, repo, digest)
         running = self.active(digest)
         if running is not None:
@@ -575,6 +606,8 @@ class BlobCache:
         fetch = BlobFetch(digest, size, writer, client.name, self._room_made)
         if not fetch.relayed:
             self._active[digest] = fetch
+        self._downloads.add(fetch)
+        self._receiving.add(fetch)
         log.info(
             "fetching {digest} ({size} bytes) from {upstream}/{repo}",
             digest=str(digest),
@@ -584,6 +617,7 @@ class BlobCache:
         )
 
         def done(failure: Failure | None) -> None:
+            self._receiving.discard(fetch)
             if failure is not None:
                 fetch._fail(_why(failure))
                 self._finish(fetch)
@@ -682,6 +716,8 @@ class BlobCache:
     def _finish(self, fetch: BlobFetch) -> None:
         if self._active.get(fetch.digest) is fetch:
             del self._active[fetch.digest]
+        self._downloads.discard(fetch)
+        self._receiving.discard(fetch)
         fetch._end()
 
 
