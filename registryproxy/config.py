@@ -46,11 +46,16 @@ class ProxyConfig:
     #: where a line per request goes: "twistd" (its log), "off", or a file
     #: (written buffered, flushed every second: cheaper on a busy mirror)
     access_log: str = "twistd"
+    #: seconds a requested stop (SIGTERM) lets the downloads, prefetches and
+    #: responses in flight finish, the ports closed, before aborting the rest
+    shutdown_grace: float = 30.0
 
     def __attrs_post_init__(self) -> None:
         _positive(self, "max_connections", "header_timeout", "idle_timeout", "send_timeout")
         if not self.access_log:
             raise ValueError('access_log: expected "twistd", "off" or a file name')
+        if self.shutdown_grace < 0:
+            raise ValueError(f"shutdown_grace: expected seconds >= 0, got {self.shutdown_grace!r}")
 
 
 def _positive(config: Any, *names: str) -> None:
@@ -165,6 +170,11 @@ class UpstreamConfig:
     #: or referrers the whole body (a blob's body has read_timeout alone);
     #: past it the client gets 504.  None: read_timeout
     deadline: float | None = None
+    #: bytes/s a blob download must average over each read_timeout seconds,
+    #: or it is abandoned (its clients' connections aborted, nothing kept):
+    #: an upstream trickling a byte now and then holds nobody for ever.
+    #: None: no minimum (read_timeout's silence alone ends a download)
+    min_rate: int | None = 10240
     #: failures in a row (no connection, no answer, 5xx) that open the circuit
     #: breaker: requests then fail at once (and stale content is served) for
     #: breaker_cooldown seconds before one request tries again; 0: never
@@ -203,6 +213,10 @@ class UpstreamConfig:
         if self.deadline is not None and not self.deadline > 0:
             raise ValueError(
                 f"deadline: expected a positive number of seconds, not {self.deadline!r}"
+            )
+        if self.min_rate is not None and not self.min_rate > 0:
+            raise ValueError(
+                f"min_rate: expected bytes per second > 0 (or null for none), not {self.min_rate!r}"
             )
         for alias in self.aliases:
             if not is_valid_registry_host(alias):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -12,6 +12,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -37,6 +38,11 @@ from .upstream.registry import Upstreams
 
 log = Logger()
 _FLUSH_SECONDS = 10.0
+#: how often a shutdown looks whether what it waits for is done
+_DRAIN_POLL_SECONDS = 0.05
+#: how long a shutdown waits, after aborting the rest, for downloads whose
+#: bytes are all in to be published
+_PUBLISH_SECONDS = 10.0
 
 
 def _logged(task: Callable[[], object]) -> Callable[[], None]:
@@ -115,6 +121,50 @@ class Proxy:
     verifier: Verifier
     #: the cache's way to its index
     access: LocalIndex
+    blobs: BlobCache
+
+    async def drain(self, grace: float, sites: Sequence[GuardedSite]) -> None:
+        """Shutting down, the ports closed: let the blob downloads, prefetches
+        and responses in flight on *sites* finish for *grace* seconds, then
+        abort the rest (clients get an aborted connection, never a short
+        body; nothing partial is kept)."""
+        for site in sites:
+            for channel in list(site.connections):
+                channel.persistent = False  # no request after the one it answers
+                if not channel.requests and channel.transport is not None:
+                    channel.transport.loseConnection()
+        if self._busy(sites):
+            self._say(log.info, "waiting up to {grace}s (proxy.shutdown_grace) for", grace, sites)
+            await self._wait(lambda: not self._busy(sites), grace)
+        if self._busy(sites):
+            self._say(log.warn, "aborting what is still running after {grace}s:", grace, sites)
+        self.blobs.abort_all("regproxy is shutting down")
+        for site in sites:
+            for channel in list(site.connections):
+                if channel.transport is not None:
+                    channel.transport.abortConnection()  # type: ignore[attr-defined]
+        # downloads whose bytes are all in finish publishing: a moment
+        await self._wait(lambda: not self.blobs.downloading, _PUBLISH_SECONDS)
+
+    def _say(
+        self, say: Callable[..., None], what: str, grace: float, sites: Sequence[GuardedSite]
+    ) -> None:
+        say(
+            "shutting down: " + what + " {downloads} downloads and {responses} responses",
+            grace=grace,
+            downloads=self.blobs.downloading,
+            responses=_responding(sites),
+        )
+
+    async def _wait(self, done: Callable[[], bool], seconds: float) -> None:
+        clock = self.site.clock
+        deadline = clock.seconds() + seconds
+        while not done() and clock.seconds() < deadline:
+            await deferLater(clock, _DRAIN_POLL_SECONDS, lambda: None)
+
+    def _busy(self, sites: Sequence[GuardedSite]) -> bool:
+        running = any(job.state in ("queued", "running") for job in self.control.prefetch_jobs())
+        return bool(self.blobs.downloading or running or _responding(sites))
 
     async def close(self) -> None:
         await self.pool.closeCachedConnections()
@@ -125,13 +175,30 @@ class Proxy:
         self.index.close()
 
 
+def _responding(sites: Sequence[GuardedSite]) -> int:
+    """Requests being answered on *sites*."""
+    return sum(len(channel.requests) for site in sites for channel in site.connections)
+
+
 class _Closing(Service):
-    def __init__(self, proxy: Proxy) -> None:
+    """Drains, then closes the proxy.  Added to the service before the
+    listeners, it is stopped after them (a MultiService stops its children
+    in reverse order): the ports take no new connection while it drains."""
+
+    def __init__(self, proxy: Proxy, grace: float = 0.0, sites: Sequence[GuardedSite] = ()) -> None:
         self._proxy = proxy
+        self._grace = grace
+        self._sites = sites
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return Deferred.fromCoroutine(self._proxy.close())
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        try:
+            await self._proxy.drain(self._grace, self._sites)
+        finally:
+            await self._proxy.close()
 
 
 class _Rebuild(Service):
@@ -321,6 +388,7 @@ def build_proxy(
         internal,
         verifier,
         access,
+        blobs,
     )
 
 
@@ -335,11 +403,16 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         rebuild_index=bool(options["rebuild-index"]),
         max_connections=_fitted_connections(config),
     )
-    _Closing(proxy).setServiceParent(service)
+    api = AdminAPI(proxy.control, config.admin.secret(), config.admin.max_body)
+    admin = GuardedSite(api.resource(), limits(config)[1], api.body_policy, reactor, "admin API")
+    # first: stopped last, once the ports below stop listening
+    _Closing(proxy, config.proxy.shutdown_grace, [proxy.site, admin]).setServiceParent(service)
     if options["rebuild-index"]:
         _Rebuild(proxy.control).setServiceParent(service)
     # access times are gathered in memory and written in batches
-    TimerService(_FLUSH_SECONDS, _logged(proxy.index.flush)).setServiceParent(service)
+    TimerService(
+        _FLUSH_SECONDS, _logged_async(lambda: proxy.access.quick(Index.flush))
+    ).setServiceParent(service)
     # idle images and a budget overrun are swept away in the background too
     TimerService(_SWEEP_SECONDS, _logged_async(proxy.evictor.sweep)).setServiceParent(service)
     TimerService(_CHECKPOINT_SECONDS, _logged_async(proxy.background.checkpoint)).setServiceParent(
@@ -349,8 +422,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         Scrubber(proxy.verifier, proxy.access, reactor, config.cache.scrub_bytes).setServiceParent(
             service
         )
-    api = AdminAPI(proxy.control, config.admin.secret(), config.admin.max_body)
-    admin = GuardedSite(api.resource(), limits(config)[1], api.body_policy, reactor, "admin API")
     for key, description, factory in [
         ("proxy.listen", config.proxy.listen, PlainHTTPFactory(proxy.site)),
         ("admin.listen", config.admin.listen, admin),

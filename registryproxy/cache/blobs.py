@@ -24,6 +24,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
+from ..errors import RegistryError
 from ..names import Digest
 from ..singleflight import SingleFlight
 from ..upstream.client import RegistryClient, content_length
@@ -355,7 +356,10 @@ class _Hangup(Protocol):
 
 
 class _Receiver(Protocol):
-    """Writes the upstream body into a fetch, aborting it on silence."""
+    """Writes the upstream body into a fetch, aborting it on silence, or on
+    a trickle: fewer than *min_rate* bytes/s over a window of *read_timeout*
+    seconds (a window in which a relay paused the upstream for a lagging
+    reader does not count: that is not the upstream's fault)."""
 
     def __init__(
         self,
@@ -363,17 +367,41 @@ class _Receiver(Protocol):
         clock: IReactorTime,
         read_timeout: float,
         done: Callable[[Failure | None], None],
+        min_rate: int | None = None,
     ) -> None:
         self._fetch = fetch
         self._clock = clock
         self._timeout = read_timeout
+        self._min_rate = min_rate
         self._done = done
         self._timer: IDelayedCall | None = None
+        self._window: IDelayedCall | None = None
+        #: bytes received in this window, and whether a relay held the upstream in it
+        self._received = 0
+        self._held = False
         self._problem: str | None = None
 
     def connectionMade(self) -> None:
         self._fetch.upstream = self.transport  # type: ignore[assignment]
         self._timer = self._clock.callLater(self._timeout, self._stalled)
+        if self._min_rate is not None:
+            self._window = self._clock.callLater(self._timeout, self._check_rate)
+
+    def _check_rate(self) -> None:
+        assert self._min_rate is not None
+        if self._problem:
+            return
+        rate = self._received / self._timeout
+        held = self._held or self._fetch.holding_upstream
+        self._received, self._held = 0, False
+        if rate < self._min_rate and not held:
+            self._window = None
+            self._stop(
+                f"upstream sent {rate:.0f} bytes/s over the last {self._timeout:g}s, "
+                f"below its min_rate of {self._min_rate} bytes/s"
+            )
+            return
+        self._window = self._clock.callLater(self._timeout, self._check_rate)
 
     def _stalled(self) -> None:
         self._timer = None
@@ -394,15 +422,18 @@ class _Receiver(Protocol):
             return
         if self._timer is not None:
             self._timer.reset(self._timeout)
+        self._received += len(data)
         try:
             self._fetch._data(data)
         except (OSError, VerificationError) as e:
             self._stop(str(e))
+        self._held = self._held or self._fetch.holding_upstream
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for timer in (self._timer, self._window):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._window = None
         if self._problem:
             self._done(Failure(RuntimeError(self._problem)))
         elif reason.check(ResponseDone, PotentialDataLoss):
@@ -436,6 +467,12 @@ class BlobCache:
         self._max_bytes = max_bytes
         self._make_room = make_room
         self._active: dict[Digest, BlobFetch] = {}
+        #: every download not yet finished (relays too), and those of them
+        #: still receiving their body (the others are being published)
+        self._downloads: set[BlobFetch] = set()
+        self._receiving: set[BlobFetch] = set()
+        #: why no download starts any more (a shutdown), if none does
+        self._refusing: str | None = None
         #: descriptors of stored blobs being read, and their digests
         self._reading: dict[int, str] = {}
         # keyed by repository too: a request for a repository the upstream
@@ -479,6 +516,26 @@ class BlobCache:
     @property
     def in_flight(self) -> int:
         return len(self._active)
+
+    @property
+    def downloading(self) -> int:
+        """Downloads not finished yet, relayed ones too: what a shutdown waits for."""
+        return len(self._downloads)
+
+    def abort_all(self, why: str) -> None:
+        """Shutting down: start no more downloads, and fail those still
+        receiving their body (their clients' connections aborted, their
+        temporary files removed, nothing published).  Those whose bytes are
+        all in and checked out finish publishing."""
+        self._refusing = why
+        for fetch in list(self._receiving):
+            fetch._fail(why)
+            if fetch.upstream is not None:
+                fetch.upstream.stopProducing()
+
+    def _refuse_if_closing(self) -> None:
+        if self._refusing is not None:
+            raise RegistryError(503, "UNAVAILABLE", f"{self._refusing}: try again shortly")
 
     def served(self, digest: Digest) -> None:
         """A cached blob was read: remember when, for eviction."""
@@ -535,10 +592,14 @@ class BlobCache:
     async def _start(
         self, client: RegistryClient, repo: str, digest: Digest, peer: str | None
     ) -> BlobFetch:
+        self._refuse_if_closing()
         if peer is not None and self._peers is not None:
             response = await self._peers.get_blob(peer, client, repo, digest)
         else:
             response = await client.get_blob(repo, str(digest))
+        if self._refusing is not None:
+            response.deliverBody(_Hangup())
+            self._refuse_if_closing()
         self._link(client, repo, digest)
         running = self.active(digest)
         if running is not None:
@@ -554,6 +615,8 @@ class BlobCache:
         fetch = BlobFetch(digest, size, writer, client.name, self._room_made)
         if not fetch.relayed:
             self._active[digest] = fetch
+        self._downloads.add(fetch)
+        self._receiving.add(fetch)
         log.info(
             "fetching {digest} ({size} bytes) from {upstream}/{repo}",
             digest=str(digest),
@@ -563,6 +626,7 @@ class BlobCache:
         )
 
         def done(failure: Failure | None) -> None:
+            self._receiving.discard(fetch)
             if failure is not None:
                 fetch._fail(_why(failure))
                 self._finish(fetch)
@@ -577,7 +641,11 @@ class BlobCache:
             def stored(_: object) -> None:
                 if fetch.relayed:
                     return
-                self._index.put_blob(str(digest), fetch.written, self._clock.seconds())
+                try:
+                    self._index.put_blob(str(digest), fetch.written, self._clock.seconds())
+                except sqlite3.Error as e:
+                    self._unindexed(digest, e)
+                    return
                 if self._verifier is not None:
                     self._verifier.mark(str(digest))
                 log.info("stored {digest}", digest=str(digest))
@@ -590,10 +658,12 @@ class BlobCache:
                 ),
             )
 
-            def release(_: object) -> None:
+            def release(result: object) -> None:
                 # The bytes checked out, stored or not: let readers finish.
                 # Waiting for the store first means a client that has its
                 # whole blob will find it cached on its next request.
+                if isinstance(result, Failure):  # no failure goes unsaid
+                    log.failure("after storing {digest}", result, digest=str(digest))
                 fetch.verified = True
                 try:
                     fetch._notify()
@@ -606,8 +676,30 @@ class BlobCache:
         # holds: the body may end (a relay: be released) inside deliverBody
         fetch.hold()
         self._clock.callLater(0, fetch.release)
-        response.deliverBody(_Receiver(fetch, self._clock, client.config.read_timeout, done))
+        config = client.config
+        response.deliverBody(
+            _Receiver(fetch, self._clock, config.read_timeout, done, config.min_rate)
+        )
         return fetch
+
+    def _unindexed(self, digest: Digest, why: sqlite3.Error) -> None:
+        """A blob just published that the index refused: outside the index it
+        would count toward no budget and never be evicted, so it goes.  Its
+        readers keep their open descriptors; the next request fetches again."""
+        log.error(
+            "stored {digest} but cannot write the cache index ({why}): "
+            "deleting it; it is fetched again on the next request",
+            digest=str(digest),
+            why=why,
+        )
+        try:
+            self.store.delete(digest)
+        except OSError as e:
+            log.error(
+                "cannot delete {digest} after the failed index write: {why}",
+                digest=str(digest),
+                why=e,
+            )
 
     def _writer(self, digest: Digest, size: int | None) -> BlobWriter:
         """Where a download goes: the store (making room on a full disk), or
@@ -635,6 +727,8 @@ class BlobCache:
     def _finish(self, fetch: BlobFetch) -> None:
         if self._active.get(fetch.digest) is fetch:
             del self._active[fetch.digest]
+        self._downloads.discard(fetch)
+        self._receiving.discard(fetch)
         fetch._end()
 
 

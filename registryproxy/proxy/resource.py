@@ -11,6 +11,7 @@ import os
 import re
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -90,6 +91,15 @@ def _named(upstreams: Upstreams, host: str, how: str) -> RegistryClient:
 _LINK = re.compile(r"<([^>]*)>([^<]*)")
 _REL_NEXT = re.compile(r'\brel\s*=\s*"?next"?(?:[\s;,]|$)', re.IGNORECASE)
 _OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+#: the spec's codes for a 404, and the one each route answers with when an
+#: upstream gave another
+_NOT_FOUND = frozenset({"NAME_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN"})
+_UNKNOWN = {
+    "manifest": "MANIFEST_UNKNOWN",
+    "blob": "BLOB_UNKNOWN",
+    "tags": "NAME_UNKNOWN",
+    "referrers": "MANIFEST_UNKNOWN",
+}
 
 
 def _relink(links: str, prefix: str, name: str, ns: str | None) -> str | None:
@@ -201,6 +211,17 @@ class RegistryResource(Resource):
             return
         if kind == "upload":
             raise unsupported("pushing")
+        try:
+            await self._serve(request, kind, match, gone)
+        except RegistryError as e:
+            if e.status == 404 and e.code not in _NOT_FOUND:
+                # an upstream's own code (NOT_FOUND, ...) means nothing to a client
+                raise attrs.evolve(e, code=_UNKNOWN[kind]) from None
+            raise
+
+    async def _serve(
+        self, request: Request, kind: str, match: re.Match[str], gone: list[bool]
+    ) -> None:
         client, repo = route(self._upstreams, request, match.group("name"))
         if kind == "manifest":
             reference = match.group("reference")

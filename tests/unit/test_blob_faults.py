@@ -80,6 +80,14 @@ async def test_stalled_upstream_is_abandoned(fake_registry, make_proxy):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_trickling_upstream_is_abandoned(fake_registry, make_proxy):
+    """Never silent, but under min_rate (10 KiB/s by default) over a
+    read_timeout: the client's download fails, nothing is kept."""
+    fault = Fault.slow(chunk=1024, delay=0.2, times=1)
+    await check_fault_then_recovery(fake_registry, make_proxy, fault, read_timeout=1)
+
+
+@pytest_twisted.ensureDeferred
 async def test_bytes_flow_before_the_download_ends(fake_registry, make_proxy):
     data = os.urandom(SIZE)
     digest = fake_registry.add_blob(data)
@@ -371,3 +379,40 @@ async def test_blob_larger_than_the_budget_is_not_cached(fake_registry, make_pro
     status, body, _ = await get(proxy, f"/v2/library/x/blobs/{digest}")
     assert (status, body) == (200, data)
     assert_nothing_kept(proxy, digest)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_index_write_failing_after_the_store_keeps_no_orphan(fake_registry, make_proxy):
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+    data = os.urandom(SIZE)
+    digest = fake_registry.add_blob(data)
+    fake_registry.blob_faults[digest] = Fault.slow(chunk=256 * 1024, delay=0.02)
+    proxy = await make_proxy(fake_registry.url)
+    index = proxy.proxy.control._blobs._index
+
+    def locked(*args):
+        raise sqlite3.OperationalError("database is locked")
+
+    index.put_blob = locked
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        path = f"/v2/library/x/blobs/{digest}"
+        replies = await gatherResults([get(proxy, path), get(proxy, path)])
+        await settle()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    # the clients following the download still get every byte
+    assert replies == [(200, data, False)] * 2
+    # nothing is left on disk outside the index and the budget
+    assert_nothing_kept(proxy, digest)
+    errors = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.error]
+    assert any(digest in text and "database is locked" in text for text in errors), errors
+    # the next request fetches it again (and stores it, the index working again)
+    del index.put_blob
+    reply = await proxy.get(f"/v2/library/x/blobs/{digest}")
+    assert (reply.code, reply.body == data) == (200, True)
+    await settle()
+    assert proxy.blob_path(digest).read_bytes() == data
+    assert fake_registry.count("GET", "/blobs/") == 2
