@@ -351,7 +351,7 @@ def build_proxy(
     )
     blobs = BlobCache(
         store,
-        index,
+        access,
         reactor,
         stored=evictor.soon,
         max_bytes=config.cache.max_bytes,

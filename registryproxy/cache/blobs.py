@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import errno
 import os
-import sqlite3
 from collections.abc import Callable
 from typing import Protocol as Interface
 
@@ -28,7 +27,7 @@ from ..errors import RegistryError
 from ..names import Digest
 from ..singleflight import SingleFlight
 from ..upstream.client import RegistryClient, content_length
-from .index import Index
+from .access import IndexAccess
 from .scrub import Verifier
 from .store import BlobStore, BlobWriter, VerificationError, verify
 
@@ -448,7 +447,7 @@ class BlobCache:
     def __init__(
         self,
         store: BlobStore,
-        index: Index,
+        index: IndexAccess,
         clock: IReactorTime,
         stored: Callable[[], None] = lambda: None,
         max_bytes: int | None = None,
@@ -546,7 +545,7 @@ class BlobCache:
         another repository fetched: one of its manifests lists the blob, or
         its upstream says so (HEAD, raising the upstream's error if not).
         Returns the size the upstream gave, if it was asked."""
-        if self._index.has_blob(client.name, repo, str(digest)):
+        if await self._index.quick(lambda index: index.has_blob(client.name, repo, str(digest))):
             return None
         size = await client.head_blob(repo, str(digest))
         self._link(client, repo, digest)
@@ -555,10 +554,11 @@ class BlobCache:
     def _link(self, client: RegistryClient, repo: str, digest: Digest) -> None:
         """Remember that *repo* may read *digest*: spares a HEAD next time,
         so a full disk that refuses the index write costs only that."""
-        try:
-            self._index.link_blobs(client.name, repo, [str(digest)])
-        except sqlite3.Error as e:
-            log.error("cannot write the cache index: {why}", why=e)
+        self._index.quick(
+            lambda index: index.link_blobs(client.name, repo, [str(digest)])
+        ).addErrback(
+            lambda f: log.error("cannot write the cache index: {why}", why=f.getErrorMessage())
+        )
 
     def _room_made(self, needed: int) -> int:
         """Evict to give a new blob *needed* bytes; 0 if that fails (the
@@ -579,9 +579,12 @@ class BlobCache:
         from the node that owns the digest, unless *forward* is false (a
         peer's request: never passed on again)."""
         running = self.active(digest)
-        if running is not None and self._index.has_blob(client.name, repo, str(digest)):
-            running.hold()
-            return running
+        if running is not None and await self._index.quick(
+            lambda index: index.has_blob(client.name, repo, str(digest))
+        ):
+            if self.active(digest) is running:  # still running after the index answered
+                running.hold()
+                return running
         peer = self._peers.owner_of(digest) if forward and self._peers is not None else None
         fetch = await self._starting.run(
             (client.name, repo, digest, peer), lambda: self._start(client, repo, digest, peer)
@@ -638,18 +641,19 @@ class BlobCache:
                 self._finish(fetch)
                 return
 
-            def stored(_: object) -> None:
+            def stored(_: object) -> Deferred[None] | None:
                 if fetch.relayed:
-                    return
-                try:
-                    self._index.put_blob(str(digest), fetch.written, self._clock.seconds())
-                except sqlite3.Error as e:
-                    self._unindexed(digest, e)
-                    return
-                if self._verifier is not None:
-                    self._verifier.mark(str(digest))
-                log.info("stored {digest}", digest=str(digest))
-                self._stored()
+                    return None
+                when, size = self._clock.seconds(), fetch.written
+
+                def indexed(_: object) -> None:
+                    if self._verifier is not None:
+                        self._verifier.mark(str(digest))
+                    log.info("stored {digest}", digest=str(digest))
+                    self._stored()
+
+                d = self._index.quick(lambda index: index.put_blob(str(digest), size, when))
+                return d.addCallbacks(indexed, lambda f: self._unindexed(digest, f.value))
 
             published.addCallbacks(
                 stored,
@@ -682,7 +686,7 @@ class BlobCache:
         )
         return fetch
 
-    def _unindexed(self, digest: Digest, why: sqlite3.Error) -> None:
+    def _unindexed(self, digest: Digest, why: BaseException | None) -> None:
         """A blob just published that the index refused: outside the index it
         would count toward no budget and never be evicted, so it goes.  Its
         readers keep their open descriptors; the next request fetches again."""

@@ -389,7 +389,7 @@ async def test_an_index_write_failing_after_the_store_keeps_no_orphan(fake_regis
     digest = fake_registry.add_blob(data)
     fake_registry.blob_faults[digest] = Fault.slow(chunk=256 * 1024, delay=0.02)
     proxy = await make_proxy(fake_registry.url)
-    index = proxy.proxy.control._blobs._index
+    index = proxy.proxy.index  # what the cache reaches through its seam
 
     def locked(*args):
         raise sqlite3.OperationalError("database is locked")

@@ -17,7 +17,10 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
+from registryproxy.cache.access import LocalIndex
+from registryproxy.cache.background import IndexThread
 from registryproxy.cache.blobs import BlobCache, BlobFetch, MemoryRelay
 from registryproxy.cache.index import Index
 from registryproxy.cache.store import FileStore
@@ -73,9 +76,10 @@ def log_events() -> Any:
 def start(tmp_path: Path, clock: Clock, max_bytes: int | None = None, **config: Any):
     """(the cache, its download of DIGEST, the upstream sending it)"""
     store = FileStore(str(tmp_path / "cache"))
-    cache = BlobCache(
-        store, Index(str(tmp_path / "cache" / "index.db")), clock, max_bytes=max_bytes
-    )
+    index = Index(str(tmp_path / "cache" / "index.db"))
+    # quick work only here: the index's own thread is never started
+    access = LocalIndex(index, IndexThread(index, clock, ThreadPool(name="unused")))
+    cache = BlobCache(store, access, clock, max_bytes=max_bytes)
     upstream = Upstream()
     fetched = cache.fetch(Client(upstream, **config), "library/x", DIGEST)  # type: ignore[arg-type]
     result: list[BlobFetch] = []
