@@ -24,7 +24,13 @@ import json
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
+from twisted.internet.defer import TimeoutError as NoAnswer
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    DNSLookupError,
+)
+from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import ResponseNeverReceived
@@ -76,7 +82,8 @@ class Peers:
             ConnectingCancelledError,
             DNSLookupError,
             ResponseNeverReceived,
-            TimeoutError,
+            NoAnswer,
+            ConnectTimeout,
         ) as e:
             log.warn(
                 "peer {peer} does not answer ({why}); fetching {digest} from {upstream} here",

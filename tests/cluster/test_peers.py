@@ -21,6 +21,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent
@@ -79,7 +80,7 @@ async def start_node(name: str, db: Any, upstream: str, directory: Path) -> Node
             }
         )
     )
-    peers = Peers(membership, Agent(reactor), reactor, timeout=5.0)
+    peers = Peers(membership, Agent(reactor), reactor, timeout=2.0)
     proxy = build_proxy(config, reactor, peers=peers)
     public = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
         PlainHTTPFactory(proxy.site)
@@ -170,6 +171,28 @@ async def test_an_owner_that_does_not_answer_is_done_without(cluster):
     reply = await deferToThread(
         http_request, others[0].url, "GET", f"/v2/library/big/blobs/{digest}", {}
     )
+    assert (reply.code, reply.body) == (200, layer)
+    assert registry.count("GET", f"/blobs/{digest}") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_owner_that_accepts_but_stays_silent_is_done_without(cluster):
+    """A peer that takes the connection and never answers (hung, not dead):
+    after the peer timeout the node fetches the blob itself."""
+    registry, nodes = cluster
+    digest, layer = image(registry, 100_000)
+    owner, others = owner_and_others(nodes, digest)
+    port = int(owner.internal.rsplit(":", 1)[1])
+    await owner.stop_internal()
+    silent = await serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1").listen(
+        Factory.forProtocol(Protocol)
+    )
+    try:
+        reply = await deferToThread(
+            http_request, others[0].url, "GET", f"/v2/library/big/blobs/{digest}", {}
+        )
+    finally:
+        await silent.stopListening()
     assert (reply.code, reply.body) == (200, layer)
     assert registry.count("GET", f"/blobs/{digest}") == 1
 
