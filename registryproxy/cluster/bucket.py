@@ -19,7 +19,7 @@ import os
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IConsumer, IProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -99,11 +99,12 @@ def _check_length(name: str, data: bytes, size: int) -> None:
         raise OSError(f"{name}: read {len(data)} bytes of the local file, expected {size}")
 
 
-@implementer(IPushProducer)
 class ObjectBody:
     """An object's bytes in the shape of a response body: :attr:`length`
     and :meth:`deliverBody`, whose protocol gets ``connectionLost`` with
-    ``ResponseDone`` at the end or the failure that cut it short."""
+    ``ResponseDone`` at the end or the failure that cut it short.  The
+    reader's own push producer is the protocol's transport (pause, resume,
+    stop)."""
 
     def __init__(self, reader: ObjectReader, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
         self._reader = reader
@@ -111,48 +112,34 @@ class ObjectBody:
         self.length = reader.length
         #: the whole object's size (the range may start later)
         self.total = reader.total
-        self._protocol: Protocol | None = None
-        self._resumed: Deferred[None] | None = None
-        self._stopped = False
 
     def deliverBody(self, protocol: Protocol) -> None:
+        def ended(result: int | Failure) -> None:
+            if isinstance(result, Failure):
+                protocol.connectionLost(result)
+            elif result < self.length:  # stopped by the protocol, or cut short
+                protocol.connectionLost(Failure(ConnectionAbortedError("body stopped short")))
+            else:
+                protocol.connectionLost(Failure(ResponseDone()))
+
+        self._reader.producer(_Delivery(protocol), self._chunk_size).addBoth(ended)
+
+
+@implementer(IConsumer)
+class _Delivery:
+    """A protocol as the consumer a producer writes to."""
+
+    def __init__(self, protocol: Protocol) -> None:
         self._protocol = protocol
-        protocol.makeConnection(self)  # type: ignore[arg-type]
-        Deferred.fromCoroutine(self._run())
 
-    async def _run(self) -> None:
-        assert self._protocol is not None
-        reason: Failure = Failure(ResponseDone())
-        try:
-            while not self._stopped:
-                if self._resumed is not None:
-                    await self._resumed
-                    continue
-                chunk = await self._reader.read(self._chunk_size)
-                if not chunk or self._stopped:
-                    break
-                self._protocol.dataReceived(chunk)
-            if self._stopped:
-                reason = Failure(ConnectionAbortedError("stopped by the reader"))
-        except Exception:
-            reason = Failure()
-        finally:
-            self._reader.close()
-        self._protocol.connectionLost(reason)
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        self._protocol.makeConnection(producer)  # type: ignore[arg-type]
 
-    # IPushProducer: the protocol's transport
-    def pauseProducing(self) -> None:
-        if self._resumed is None:
-            self._resumed = Deferred()
+    def unregisterProducer(self) -> None:
+        pass
 
-    def resumeProducing(self) -> None:
-        resumed, self._resumed = self._resumed, None
-        if resumed is not None:
-            resumed.callback(None)
-
-    def stopProducing(self) -> None:
-        self._stopped = True
-        self.resumeProducing()
+    def write(self, data: bytes) -> None:
+        self._protocol.dataReceived(data)
 
 
 __all__ = ["Bucket", "NoSuchKey", "ObjectBody", "key"]

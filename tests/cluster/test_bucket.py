@@ -94,12 +94,12 @@ async def test_a_stream_pauses_and_stops(s3_store, threadpool, tmp_path):
     body = await bucket.stream(digest)
     collect = Collect()
     body.deliverBody(collect)
-    body.pauseProducing()
+    collect.transport.pauseProducing()
     await deferLater(reactor, 0.3, lambda: None)
     paused_at = len(collect.data)
     await deferLater(reactor, 0.3, lambda: None)
     assert len(collect.data) == paused_at < len(data)  # at most one chunk in flight
-    body.resumeProducing()
+    collect.transport.resumeProducing()
     await collect.done
     assert bytes(collect.data) == data
 

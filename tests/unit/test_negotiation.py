@@ -10,22 +10,10 @@ import json
 
 import pytest
 import pytest_twisted
+from test_proxy import DOCKER_LIST, DOCKER_MANIFEST, DOCKERD_ACCEPT, OCI_INDEX, OCI_MANIFEST
 
 from registryproxy.cache.index import Index
 from registryproxy.mediatypes import MODERN, acceptable, default_platform, upstream_accept
-
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKERD_ACCEPT = [
-    DOCKER_MANIFEST,
-    DOCKER_LIST,
-    OCI_MANIFEST,
-    OCI_INDEX,
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
-    "application/json",
-]
 
 
 def multi_arch(registry, repo="library/nginx", tag="latest", media="docker"):
