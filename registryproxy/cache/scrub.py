@@ -13,6 +13,7 @@ every read (:mod:`.manifests`).
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
@@ -38,6 +39,8 @@ from .store import FileStore
 log = Logger()
 
 _CHUNK = 1024 * 1024
+#: blobs whose last check is remembered (about 100 bytes each)
+MAX_CHECKED = 200_000
 #: store files asked of the index per page of the scrub's walk
 _PAGE = 200
 #: seconds the scrub rests after a whole walk of the store
@@ -55,15 +58,18 @@ class Verifier:
         threads: ThreadPool,
         reactor: object,
         verify_after: float | None,
+        remember: int = MAX_CHECKED,
     ) -> None:
         self._store = store
+        self._remember = remember
         self._access = access
         self._clock = clock
         self._threads = threads
         self._reactor = reactor
         self._verify_after = verify_after
-        #: digest -> when its bytes were last known good (this process only)
-        self._checked: dict[str, float] = {}
+        #: digest -> when its bytes were last known good (this process only),
+        #: oldest first: bounded, as evicted blobs never come back to drop out
+        self._checked: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._flight: SingleFlight[str, bool] = SingleFlight()
         #: the scrub's hashes under way, which a client asking lifts to full speed
         self._throttles: dict[str, _Throttle] = {}
@@ -78,7 +84,13 @@ class Verifier:
 
     def mark(self, digest: str) -> None:
         """*digest*'s file was just written from bytes that checked out."""
-        self._checked[digest] = self._clock.seconds()
+        self._checked_now(digest, self._clock.seconds())
+
+    def _checked_now(self, digest: str, when: float) -> None:
+        self._checked[digest] = when
+        self._checked.move_to_end(digest)
+        while len(self._checked) > self._remember:
+            self._checked.popitem(last=False)  # forgotten: hashed again if read
 
     def forget(self, digest: str) -> None:
         self._checked.pop(digest, None)
@@ -140,7 +152,7 @@ class Verifier:
         if matches is None:
             return True  # stopping: no verdict
         if matches:
-            self._checked[str(digest)] = started
+            self._checked_now(str(digest), started)
             return True
         await self.condemn(digest)
         return False

@@ -131,3 +131,14 @@ async def test_a_client_does_not_wait_for_the_scrubs_pace(fake_registry, make_pr
         assert reactor.seconds() - started < 10  # 48 s at the scrub's pace
     finally:
         scrub.stopService()
+
+
+def test_the_checks_remembered_are_bounded():
+    from twisted.internet.task import Clock
+
+    from registryproxy.cache.scrub import Verifier
+
+    verifier = Verifier(None, None, Clock(), None, None, None, remember=3)  # type: ignore[arg-type]
+    for n in range(5):
+        verifier.mark(f"sha256:{n:064x}")
+    assert [verifier.due(f"sha256:{n:064x}") for n in range(5)] == [True, True, False, False, False]
