@@ -260,6 +260,11 @@ class GuardedSite(Site):
             "({held} more refused since the last line; proxy.max_connections "
             "and admin.max_connections set the limits)",
         )
+        self._lost = _Throttled(
+            clock,
+            name + ": cannot write the access log {path}: {why} "
+            "({held} more lines lost since the last line)",
+        )
         self._cut = _Throttled(
             clock, name + ": cut off {client}: it {why} ({held} more cut off since the last line)"
         )
@@ -289,11 +294,21 @@ class GuardedSite(Site):
 
     def _flush_log(self) -> None:
         if self._logFile is not None:
-            self._logFile.flush()  # type: ignore[attr-defined]
+            try:
+                self._logFile.flush()  # type: ignore[attr-defined]
+            except OSError as e:
+                self._log_failed(e)
 
     def log(self, request: Any) -> None:
-        if self._access_log != "off":
+        if self._access_log == "off":
+            return
+        try:
             super().log(request)
+        except OSError as e:  # a full disk loses log lines, never a response
+            self._log_failed(e)
+
+    def _log_failed(self, why: OSError) -> None:
+        self._lost(path=self._access_log, why=why.strerror or why)
 
     def _sweep(self) -> None:
         now = self.clock.seconds()

@@ -327,3 +327,38 @@ async def test_the_access_log_can_go_to_a_file(fake_registry, make_proxy, tmp_pa
     proxy.proxy.site._flush_log()
     line = log_file.read_text()
     assert '"GET /v2/app/manifests/1 HTTP/1.1" 200' in line and "probe/1" in line
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_access_log_that_cannot_be_written_loses_lines_not_responses(
+    fake_registry, make_proxy, tmp_path
+):
+    import errno
+
+    from twisted.logger import globalLogPublisher
+
+    class FullDisk:
+        def write(self, line: str) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self) -> None:
+            pass
+
+    fake_registry.add_image("library/app", "1", [b"x"])
+    proxy = await make_proxy(
+        fake_registry.url, top={"proxy": {"access_log": str(tmp_path / "a.log")}}
+    )
+    proxy.proxy.site._logFile = FullDisk()
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for _ in range(3):
+            assert (await proxy.get("/v2/app/manifests/1")).code == 200
+        proxy.proxy.site._flush_log()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    said = [e for e in events if "cannot write the access log" in e.get("log_format", "")]
+    assert len(said) == 1  # once, however many lines are lost
