@@ -123,7 +123,7 @@ class S3Error(Exception):
         self.code = code
 
 
-class NoSuchKey(S3Error):
+class NoSuchKey(S3Error, LookupError):
     """The object (or the multipart upload) does not exist."""
 
 
@@ -307,12 +307,19 @@ class S3Store:
 
     def delete(self, key: str) -> Deferred[None]:
         """Delete the object; deleting a missing object is no error."""
-        bucket, full = self.settings.bucket, self._key(key)
+        return self._call("DeleteObject", key, self._delete, key)
 
-        def delete(client: Any) -> None:
-            client.delete_object(Bucket=bucket, Key=full)
+    def delete_now(self, key: str) -> None:
+        """:meth:`delete` in the calling thread, which must not be the reactor's."""
+        try:
+            self._delete(self._boto(), key)
+        except ClientError as e:
+            raise _error("DeleteObject", key, e) from None
+        except BotoCoreError as e:
+            raise S3Error("DeleteObject", key, type(e).__name__, str(e)) from e
 
-        return self._call("DeleteObject", key, delete)
+    def _delete(self, client: Any, key: str) -> None:
+        client.delete_object(Bucket=self.settings.bucket, Key=self._key(key))
 
     def delete_many(self, keys: Sequence[str]) -> Deferred[list[str]]:
         """Delete up to 1000 objects in one request; the keys that failed
