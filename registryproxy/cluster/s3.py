@@ -29,6 +29,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import attrs
 import boto3
@@ -80,6 +81,14 @@ class S3Settings:
     max_attempts: int = 3
 
     def __attrs_post_init__(self) -> None:
+        if not self.bucket:
+            raise ValueError("bucket: is empty")
+        if self.endpoint is not None:
+            parts = urlsplit(self.endpoint)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    f"endpoint: expected http(s)://host[:port], got {self.endpoint!r}"
+                )
         if self.prefix.startswith("/"):
             raise ValueError(f"prefix: must not start with '/', got {self.prefix!r}")
         if (self.access_key is None) != (self.secret_key is None):
