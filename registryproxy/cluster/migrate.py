@@ -52,7 +52,7 @@ from twisted.python.threadpool import ThreadPool
 from ..admin.cli import size as human
 from ..cache import index as sqlite_index
 from ..cache.index import IndexUnusable
-from ..config import ConfigError, load_config
+from ..config import Config, ConfigError, load_config
 from ..names import ALGORITHMS, Digest
 from .bucket import PART_SIZE, key
 from .pg import Database, PgSettings, Unavailable
@@ -587,11 +587,10 @@ async def _prepare(
 # -- the command -----------------------------------------------------------------
 
 
-def cluster_settings(config: Any) -> tuple[S3Settings, PgSettings]:
+def cluster_settings(config: Config) -> tuple[S3Settings, PgSettings]:
     """The bucket and the database of a cluster node's config."""
-    # getattr: these keys are new in config.py; a config without them is not a node's
-    s3 = getattr(getattr(config.cache, "storage", None), "s3", None)
-    pg = getattr(getattr(config.cache, "index", None), "postgresql", None)
+    s3 = config.cache.storage.s3
+    pg = config.cache.index.postgresql
     missing = [
         name
         for name, value in (("cache.storage.s3", s3), ("cache.index.postgresql", pg))
@@ -602,7 +601,7 @@ def cluster_settings(config: Any) -> tuple[S3Settings, PgSettings]:
             f"{' and '.join(missing)} not set: give the config of a cluster node"
             " (README: Running a cluster)"
         )
-    assert isinstance(s3, S3Settings) and isinstance(pg, PgSettings)
+    assert s3 is not None and pg is not None
     return s3, pg
 
 
