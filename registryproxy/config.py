@@ -549,6 +549,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
+        given = [o for o in options if o is not type(None)]
+        if len(given) == 1 and attrs.has(given[0]):
+            return _build(given[0], value, path)  # its own errors, which name its keys
         errors = []
         for inner in (o for o in options if o is not type(None)):
             try:
