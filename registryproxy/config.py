@@ -376,6 +376,10 @@ class ClusterConfig:
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise ValueError(f"listen: {self.listen!r} is not an endpoint: {e}") from None
         parts = urlsplit(self.advertise)
+        try:
+            parts.port  # noqa: B018 (a port that is no number raises)
+        except ValueError:
+            parts = urlsplit("")
         if (
             parts.scheme not in ("http", "https")
             or not parts.hostname

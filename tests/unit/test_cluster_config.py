@@ -254,6 +254,7 @@ def test_refusals_name_the_key(text, message):
         ({"advertise": "ftp://a"}, "advertise: expected the URL"),
         ({"advertise": "http://a/v2/"}, "advertise: expected the URL"),
         ({"advertise": "http://u:p@a"}, "advertise: expected the URL"),
+        ({"advertise": "http://a:port"}, "advertise: expected the URL"),
         ({"advertise": "http://0.0.0.0:1"}, "advertise: 0.0.0.0 is no address to reach"),
         ({"listen": "bogus:1"}, "cluster: listen: 'bogus:1' is not an endpoint"),
         ({"listen": "tcp:port"}, "cluster: listen: 'tcp:port' is not an endpoint"),
