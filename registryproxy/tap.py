@@ -20,7 +20,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from .admin.app import AdminAPI
 from .admin.control import Control, SavedUpstreams
-from .cache.access import IndexAccess, LocalIndex
+from .cache.access import IndexAccess, LocalIndex, flush
 from .cache.background import IndexThread
 from .cache.blobs import BlobCache, BlobSource
 from .cache.eviction import Evictor
@@ -524,7 +524,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         _Rebuild(proxy.control).setServiceParent(service)
     # access times are gathered in memory and written in batches
     later.append(
-        TimerService(_FLUSH_SECONDS, _logged_async(lambda: proxy.access.quick(Index.flush)))
+        TimerService(_FLUSH_SECONDS, _logged_async(lambda: proxy.access.quick(flush)))
     )
     # idle images and a budget overrun are swept away in the background too
     later.append(TimerService(_SWEEP_SECONDS, _logged_async(proxy.evictor.sweep)))

@@ -68,3 +68,8 @@ class LocalIndex:
     @property
     def inline(self) -> Index | None:
         return self._index
+
+
+def flush(index: Index) -> None:
+    """Write the access times gathered in memory (by name: whichever index it is)."""
+    index.flush()

@@ -69,6 +69,9 @@ class BlobFetch:
         #: where the bytes come from: "upstream", "peer" (the cluster node
         #: downloading them) or "shared" (the cluster's store)
         self.origin = origin
+        #: the (upstream, repository) pairs known to may read these bytes,
+        #: so joining needs no index lookup (nor waits for its write)
+        self.readers: set[tuple[str, str]] = set()
         self._make_room = make_room
         self.verified = False
         self.error: str | None = None
@@ -630,8 +633,9 @@ class BlobCache:
         *repo* may read it), else from the node that owns the digest, unless
         *forward* is false (a peer's request: never passed on again)."""
         running = self.active(digest)
-        if running is not None and await self._index.quick(
-            lambda index: index.has_blob(client.name, repo, str(digest))
+        if running is not None and (
+            (client.name, repo) in running.readers
+            or await self._index.quick(lambda index: index.has_blob(client.name, repo, str(digest)))
         ):
             if self.active(digest) is running:  # still running after the index answered
                 running.hold()
@@ -685,6 +689,7 @@ class BlobCache:
             response.deliverBody(_Hangup())  # else its connection stays paused for good
             raise
         fetch = BlobFetch(digest, size, writer, client.name, self._room_made, origin)
+        fetch.readers.add((client.name, repo))
         if not fetch.relayed:
             self._active[digest] = fetch
         self._downloads.add(fetch)

@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..names import Digest
-from .access import IndexAccess
+from .access import IndexAccess, flush
 from .index import Evicted, Index, Removed
 
 
@@ -115,7 +115,7 @@ class Evictor:
         max_bytes = self.max_bytes
         if max_bytes is not None:
             target = max_bytes * self._low_water
-            total = await self._access.heavy(Index.total_size)
+            total = await self._access.heavy(lambda index: index.total_size())
             if total > max_bytes:
                 freed += await self._evict("over budget", lambda ix: ix.total_size() - target)
                 while True:
@@ -138,7 +138,7 @@ class Evictor:
         freed = 0
         while True:
             # access times gathered on the reactor are written before choosing
-            await self._access.quick(Index.flush)
+            await self._access.quick(flush)
             evicted, just_freed = await self._access.heavy(
                 partial(
                     _batch, self._store, list(self.pins), set(self.in_use()), used_before, excess
@@ -192,7 +192,7 @@ class Evictor:
     ) -> tuple[Removed, int]:
         """:meth:`Index.purge` in the worker thread, and the files deleted
         there: what went, and the bytes freed."""
-        await self._access.quick(Index.flush)
+        await self._access.quick(flush)
         store = self._store
 
         def purge(index: Index) -> tuple[Removed, int]:

@@ -1,0 +1,272 @@
+"""Cluster nodes as ``twistd regproxy`` builds them (``makeService``), in this
+process: their index in a real PostgreSQL, their blobs in a real bucket
+(Swift's S3 API), a fake upstream that counts what it is asked."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import boto3
+import pytest
+import pytest_twisted
+import yaml
+from fakeregistry import FakeRegistry, Fault
+from proxyharness import http_request, partial_get
+from twisted.application.service import IService
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from registryproxy.cluster.bucket import key
+from registryproxy.names import Digest
+from registryproxy.tap import Options, makeService
+
+from .test_peers import free_port
+
+pytestmark = pytest.mark.cluster
+
+
+@attrs.define
+class Node:
+    name: str
+    url: str
+    admin: str
+    service: IService
+    directory: Path
+
+    def local(self, digest: str) -> Path:
+        d = Digest.parse(digest)
+        return self.directory / "blobs" / d.algorithm / d.hex[:2] / d.hex
+
+
+@attrs.define
+class Cluster:
+    registry: FakeRegistry
+    nodes: list[Node]
+    s3: Any
+    bucket: str
+    start: Callable[..., Any]
+    clients: ThreadPool
+
+    def get(self, node: Node, path: str, method: str = "GET") -> Any:
+        return deferToThreadPool(reactor, self.clients, http_request, node.url, method, path, {})
+
+    def in_bucket(self, digest: str) -> bytes | None:
+        try:
+            answer = self.s3.get_object(Bucket=self.bucket, Key=key(Digest.parse(digest)))
+        except self.s3.exceptions.NoSuchKey:
+            return None
+        return bytes(answer["Body"].read())
+
+
+def _answers(url: str) -> bool:
+    try:
+        http_request(url, "GET", "/v2/", {})
+        return True
+    except OSError:
+        return False
+
+
+@pytest_twisted.async_yield_fixture()
+async def cluster(swift, s3_settings, pg_dsn, tmp_path) -> AsyncIterator[Cluster]:
+    registry = await FakeRegistry.start()
+    clients = ThreadPool(minthreads=0, maxthreads=32, name="test-clients")
+    clients.start()
+    nodes: list[Node] = []
+
+    async def start(name: str, **cache: Any) -> Node:
+        proxy, admin, internal = free_port(), free_port(), free_port()
+        directory = tmp_path / name
+        config = {
+            "proxy": {"listen": f"tcp:{proxy}:interface=127.0.0.1"},
+            "admin": {"listen": f"tcp:{admin}:interface=127.0.0.1"},
+            "cache": {
+                "directory": str(directory),
+                "storage": {
+                    "s3": {
+                        "endpoint": swift.url,
+                        "bucket": s3_settings.bucket,
+                        "region": swift.region,
+                        "access_key": swift.access_key,
+                        "secret_key": swift.secret_key,
+                    }
+                },
+                "index": {"postgresql": {"dsn": pg_dsn}},
+                **cache,
+            },
+            "upstreams": {"docker.io": {"url": registry.url, "read_timeout": 5}},
+            "cluster": {
+                "node": name,
+                "listen": f"tcp:{internal}:interface=127.0.0.1",
+                "advertise": f"http://127.0.0.1:{internal}",
+                "heartbeat": 0.2,
+                "node_timeout": 3,
+                "peer_timeout": 2,
+            },
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        options = Options()
+        options.parseOptions(["--config", str(path)])
+        service = makeService(options, reactor)
+        service.startService()
+        url = f"http://127.0.0.1:{proxy}"
+        node = Node(name, url, f"http://127.0.0.1:{admin}", service, directory)
+        nodes.append(node)
+        await _wait_for(
+            lambda: deferToThreadPool(reactor, clients, _answers, url), f"{name} to listen"
+        )
+        return node
+
+    for i in range(3):
+        await start(f"node-{i}")
+    # every node sees the others
+    await deferLater(reactor, 0.5, lambda: None)
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=swift.url,
+        region_name=swift.region,
+        aws_access_key_id=swift.access_key,
+        aws_secret_access_key=swift.secret_key,
+    )
+    yield Cluster(registry, nodes, s3, s3_settings.bucket, start, clients)
+    for node in nodes:
+        if node.service.running:
+            await node.service.stopService()
+    clients.stop()
+    await registry.stop()
+
+
+async def _wait_for(d_factory: Callable[[], Any], what: str) -> Any:
+    for _ in range(200):
+        if await d_factory():
+            return True
+        await deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def image(registry: FakeRegistry, size: int, repo: str = "library/app") -> tuple[str, bytes]:
+    layer = os.urandom(size)
+    _, body = registry.add_image(repo, "1", [layer])
+    return json.loads(body)["layers"][0]["digest"], layer
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_blob_one_node_fetched_is_a_hit_on_every_other_from_the_bucket(cluster):
+    registry = cluster.registry
+    digest, layer = image(registry, 300_000)
+    path = f"/v2/library/app/blobs/{digest}"
+    first = await cluster.get(cluster.nodes[0], path)
+    assert (first.code, first.body) == (200, layer)
+
+    # published: in the bucket (exact bytes), then in the index
+    async def indexed() -> bool:  # a HIT on every node: its row in the index
+        replies = await gatherResults([cluster.get(n, path, "HEAD") for n in cluster.nodes])
+        return all(r.header("X-Cache") == "HIT" for r in replies)
+
+    await _wait_for(indexed, "the index row")
+    assert cluster.in_bucket(digest) == layer  # the object went in first
+    for node in cluster.nodes[1:]:
+        assert not node.local(digest).exists() or node.local(digest).read_bytes() == layer
+        reply = await cluster.get(node, path)
+        assert (reply.code, reply.body, reply.header("X-Cache")) == (200, layer, "HIT")
+        assert node.local(digest).read_bytes() == layer  # now in its local tier
+    assert registry.count("GET", f"/blobs/{digest}") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_clients_over_every_node_cause_one_upstream_get(cluster):
+    registry = cluster.registry
+    digest, layer = image(registry, 4 * 1024 * 1024)
+    registry.blob_faults[digest] = Fault.slow(chunk=128 * 1024, delay=0.02)
+    path = f"/v2/library/app/blobs/{digest}"
+    replies = await gatherResults([cluster.get(cluster.nodes[i % 3], path) for i in range(30)])
+    assert [r.code for r in replies] == [200] * 30
+    assert all(r.body == layer for r in replies)
+    if os.environ.get("DEBUG_NODE"):
+        for r in registry.requests:
+            print(r)
+    assert registry.count("GET", f"/blobs/{digest}") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_manifest_cached_by_one_node_is_a_hit_on_the_others_and_a_purge_a_miss_on_all(
+    cluster,
+):
+    registry = cluster.registry
+    image(registry, 1000, repo="library/purged")
+    path = "/v2/library/purged/manifests/1"
+    first = await cluster.get(cluster.nodes[0], path)
+    assert (first.code, first.header("X-Cache")) == (200, "MISS")
+    for node in cluster.nodes[1:]:
+        reply = await cluster.get(node, path)
+        assert (reply.code, reply.header("X-Cache"), reply.body) == (200, "HIT", first.body)
+    assert registry.count("GET", "/library/purged/manifests/1") == 1
+    purge = await deferToThreadPool(
+        reactor,
+        cluster.clients,
+        http_request,
+        cluster.nodes[0].admin,
+        "DELETE",
+        "/api/v1/cache/docker.io/library/purged",
+        {},
+    )
+    assert purge.code == 200, purge.body
+    digest = first.header("Docker-Content-Digest")
+    assert cluster.in_bucket(digest) is None
+    # node 1 has a local copy, but the cluster forgot it: a MISS, fetched
+    # again once for everyone
+    expected = {"node-1": "MISS", "node-2": "HIT", "node-0": "HIT"}
+    for node in (cluster.nodes[1], cluster.nodes[2], cluster.nodes[0]):
+        reply = await cluster.get(node, path)
+        assert (reply.code, reply.header("X-Cache")) == (200, expected[node.name])
+    assert registry.count("GET", "/library/purged/manifests/1") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_unverified_reaches_the_bucket(cluster):
+    registry = cluster.registry
+    digest, layer = image(registry, 2 * 1024 * 1024)
+    registry.blob_faults[digest] = Fault.truncate(after=1024 * 1024, times=1)
+    results = await gatherResults(
+        [
+            deferToThreadPool(
+                reactor, cluster.clients, partial_get, node.url, f"/v2/library/app/blobs/{digest}"
+            )
+            for node in cluster.nodes
+        ]
+    )
+    # a client either sees its download fail, or (arriving after the cut, its
+    # node fetching again) gets every right byte: never a short or wrong 200
+    for status, body, short in results:
+        assert short or status != 200 or body == layer, (status, len(body))
+    assert any(short or status != 200 for status, _, short in results)
+    assert cluster.in_bucket(digest) in (None, layer)
+    again = await cluster.get(cluster.nodes[2], f"/v2/library/app/blobs/{digest}")
+    assert (again.code, again.body) == (200, layer)
+    await _wait_for(
+        lambda: deferToThreadPool(reactor, cluster.clients, cluster.in_bucket, digest),
+        "the object",
+    )
+    assert cluster.in_bucket(digest) == layer
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_stats_answer_for_the_cluster(cluster):
+    digest, _ = image(cluster.registry, 1000)
+    await cluster.get(cluster.nodes[1], f"/v2/library/app/blobs/{digest}")
+    await deferLater(reactor, 0.5, lambda: None)  # a heartbeat or two
+    reply = await deferToThreadPool(
+        reactor, cluster.clients, http_request, cluster.nodes[0].admin, "GET", "/api/v1/stats", {}
+    )
+    stats = json.loads(reply.body)["cluster"]
+    assert stats["node"] == "node-0"
+    assert sorted(n["name"] for n in stats["nodes"]) == ["node-0", "node-1", "node-2"]
+    assert stats["summed"]["requests"] >= 1
