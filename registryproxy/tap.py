@@ -340,8 +340,10 @@ def build_proxy(
         ) from None
     # the shared index has the embedded one's API (PgIndex for Index)
     access = cast(IndexAccess, local if local is not None else cluster.access)  # type: ignore[union-attr]
-    # Upstreams changed through the admin API win over the file.
-    config = SavedUpstreams(os.path.join(store.root, "upstreams.json")).apply(config)
+    # Upstreams changed through the admin API win over the file (a
+    # cluster's are read once the node has joined)
+    if cluster is None:
+        config = SavedUpstreams(os.path.join(store.root, "upstreams.json")).apply(config)
     metrics = Metrics()
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 16
@@ -414,6 +416,7 @@ def build_proxy(
         reactor,
         evictor,
         cluster.membership if cluster is not None else None,
+        (cluster.settings.upstreams, cluster.settings.pins) if cluster is not None else None,
     )
     site = GuardedSite(
         resource,
@@ -445,10 +448,18 @@ class _Joining(Service):
     timers and listeners, so no client reaches a node that is not ready.
     A node that cannot start says why and stops."""
 
-    def __init__(self, engines: Engines, then: Sequence[IService], secret: str | None) -> None:
+    def __init__(
+        self,
+        engines: Engines,
+        then: Sequence[IService],
+        secret: str | None,
+        joined: Callable[[], None],
+    ) -> None:
+        """*joined*: called once connected, before *then* starts."""
         self._engines = engines
         self._then = then
         self._secret = secret
+        self._joined = joined
 
     def startService(self) -> None:
         super().startService()
@@ -465,6 +476,7 @@ class _Joining(Service):
             return
         if self._secret is not None:
             self._engines.membership.secret = self._secret
+        self._joined()
         assert self.parent is not None
         try:
             for child in self._then:
@@ -518,14 +530,24 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         sites.append(inside)
         ports.append(("cluster.listen", config.cluster.listen, PlainHTTPFactory(inside)))
         later.append(membership)
+        settings, control = cluster.settings, proxy.control
+
+        async def shared_settings() -> None:
+            if await settings.refresh():
+                control.reload_saved()
+
+        later.append(
+            TimerService(
+                config.cluster.heartbeat,
+                _logged_async(lambda: Deferred.fromCoroutine(shared_settings())),
+            )
+        )
     # first: stopped last, once the ports below stop listening
     _Closing(proxy, config.proxy.shutdown_grace, sites).setServiceParent(service)
     if options["rebuild-index"]:
         _Rebuild(proxy.control).setServiceParent(service)
     # access times are gathered in memory and written in batches
-    later.append(
-        TimerService(_FLUSH_SECONDS, _logged_async(lambda: proxy.access.quick(flush)))
-    )
+    later.append(TimerService(_FLUSH_SECONDS, _logged_async(lambda: proxy.access.quick(flush))))
     # idle images and a budget overrun are swept away in the background too
     later.append(TimerService(_SWEEP_SECONDS, _logged_async(proxy.evictor.sweep)))
     if proxy.local is not None:
@@ -546,5 +568,5 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             child.setServiceParent(service)
     else:
         secret = config.cluster.secret if config.cluster is not None else None
-        _Joining(cluster, later, secret).setServiceParent(service)
+        _Joining(cluster, later, secret, proxy.control.reload_saved).setServiceParent(service)
     return service

@@ -47,6 +47,21 @@ from .backend import (
 log = Logger()
 
 
+class SavedUpstreamsStore(Protocol):
+    """Where upstream changes made through the API are kept."""
+
+    def load(self) -> dict[str, dict[str, Any] | None]: ...
+    def put(self, name: str, settings: dict[str, Any] | None) -> None: ...
+    def apply(self, config: Config) -> Config: ...
+
+
+class SavedPinsStore(Protocol):
+    """Where pins made through the API are kept."""
+
+    def load(self) -> list[str]: ...
+    def save(self, pins: list[str]) -> None: ...
+
+
 class ClusterView(Protocol):
     """The nodes of a cluster, as :class:`~..cluster.membership.Membership` sees them."""
 
@@ -76,8 +91,11 @@ class Control:
         clock: IReactorTime,
         evictor: Evictor,
         cluster: ClusterView | None = None,
+        saved: tuple[SavedUpstreamsStore, SavedPinsStore] | None = None,
     ) -> None:
-        """*cluster*: the live nodes, when this node is one of a cluster's."""
+        """*cluster*: the live nodes, when this node is one of a cluster's;
+        *saved*: where upstream changes and pins made through the API are
+        kept (default: JSON files beside the cache)."""
         self._config = config
         self._cache_dir = cache_dir
         self._store = store
@@ -90,8 +108,10 @@ class Control:
         self._evictor = evictor
         self._cluster = cluster
         self._jobs: dict[str, _Job] = {}
-        self._saved = SavedUpstreams(os.path.join(cache_dir, "upstreams.json"))
-        self._saved_pins = SavedPins(os.path.join(cache_dir, "pins.json"))
+        self._saved, self._saved_pins = saved or (
+            SavedUpstreams(os.path.join(cache_dir, "upstreams.json")),
+            SavedPins(os.path.join(cache_dir, "pins.json")),
+        )
         self._fscking = False
         self._apply_pins()
 
@@ -373,6 +393,15 @@ class Control:
         self._saved_pins.save([p for p in saved if p != text])
         self._apply_pins()
 
+    def reload_saved(self) -> None:
+        """Apply the saved upstreams and pins again (another node of a
+        cluster changed them)."""
+        configs = self._saved.apply(self._config).upstreams
+        if dict(configs) != dict(self._upstreams.configs):
+            self._upstreams.update(configs, self._upstreams.default)
+            log.info("upstreams changed by another node applied")
+        self._apply_pins()
+
     def _apply_pins(self) -> None:
         self._evictor.pins = [as_pin(p.image) for p in self.pins()]
 
@@ -551,22 +580,26 @@ class SavedUpstreams:
         _save_json(self.path, data)
 
     def apply(self, config: Config) -> Config:
-        """*config* with the saved changes on top; a saved entry that no
-        longer validates is logged and skipped."""
-        configs = dict(config.upstreams)
-        for name, settings in self.load().items():
-            if settings is None:
-                configs.pop(name, None)
-                continue
-            try:
-                configs[name] = upstream_from_settings(name, settings)
-            except ConfigError as e:
-                log.error("ignoring saved upstream {name}: {why}", name=name, why=e)
+        return apply_upstreams(config, self.load())
+
+
+def apply_upstreams(config: Config, saved: dict[str, dict[str, Any] | None]) -> Config:
+    """*config* with the *saved* changes on top; a saved entry that no
+    longer validates is logged and skipped."""
+    configs = dict(config.upstreams)
+    for name, settings in saved.items():
+        if settings is None:
+            configs.pop(name, None)
+            continue
         try:
-            return attrs.evolve(config, upstreams=configs)
-        except ValueError as e:
-            log.error("ignoring saved upstream changes: {why}", why=e)
-            return config
+            configs[name] = upstream_from_settings(name, settings)
+        except ConfigError as e:
+            log.error("ignoring saved upstream {name}: {why}", name=name, why=e)
+    try:
+        return attrs.evolve(config, upstreams=configs)
+    except ValueError as e:
+        log.error("ignoring saved upstream changes: {why}", why=e)
+        return config
 
 
 # -- in the index's worker thread ----------------------------------------------

@@ -26,6 +26,7 @@ from .peers import Peers
 from .pg import Database
 from .pgindex import PgIndex, SharedIndex
 from .s3 import S3Store
+from .settings import ClusterSettings
 
 log = Logger()
 
@@ -47,6 +48,8 @@ class Engines:
     #: for the local tier's trims
     tier_threads: ThreadPool
     clock: IReactorTime
+    #: upstreams and pins changed through the admin API, for every node
+    settings: ClusterSettings
 
     async def start(self) -> None:
         """Connect: the database (and its schema), the bucket (created if
@@ -58,6 +61,7 @@ class Engines:
         if await self.s3.ensure_bucket():
             log.info("created the bucket {bucket}", bucket=self.s3.settings.bucket)
         await self._join()
+        await self.settings.refresh()
 
     async def _join(self) -> None:
         """Join; a node restarted after a crash finds its own last heartbeat
@@ -132,4 +136,5 @@ def engines(
         agent_pool=agent_pool,
         tier_threads=tier_threads,
         clock=reactor,
+        settings=ClusterSettings(database),
     )

@@ -1,0 +1,127 @@
+"""Upstreams and pins changed through any node's admin API, for every node.
+
+A single node keeps them in JSON files beside its cache
+(:class:`~registryproxy.admin.control.SavedUpstreams` and ``SavedPins``); a
+cluster keeps them in the shared database, one row per upstream and per pin
+(so two nodes changing different ones at once lose neither), and each node
+reads them back every few seconds.  The same two small APIs face the admin
+backend, over a copy in memory: a change is seen at once on the node that
+made it, and written to the database in the background.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from ..config import Config
+from .pg import Database
+
+log = Logger()
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS regproxy_shared (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+_UPSTREAM = "upstream:"
+_PIN = "pin:"
+
+
+class ClusterSettings:
+    """The rows, in memory, and the writes to the database."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._rows: dict[str, Any] = {}
+        #: writes not yet done: a refresh must not undo them meanwhile
+        self._pending: dict[str, Any] = {}
+        self.upstreams = SharedUpstreams(self)
+        self.pins = SharedPins(self)
+
+    async def refresh(self) -> bool:
+        """Read the rows again: whether they changed."""
+
+        def read(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+            conn.execute(SCHEMA)
+            rows = conn.execute("SELECT key, value FROM regproxy_shared").fetchall()
+            return {key: json.loads(value) for key, value in rows}
+
+        rows = await self._db.run(read)
+        rows.update(self._pending)
+        rows = {k: v for k, v in rows.items() if not (k.startswith(_PIN) and v is None)}
+        changed = rows != self._rows
+        self._rows = rows
+        return changed
+
+    def _write(self, key: str, value: Any, delete: bool = False) -> None:
+        self._pending[key] = None if delete else value
+
+        def write(conn: psycopg.Connection[Any]) -> None:
+            if delete:
+                conn.execute("DELETE FROM regproxy_shared WHERE key = %s", (key,))
+            else:
+                conn.execute(
+                    "INSERT INTO regproxy_shared VALUES (%s, %s)"
+                    " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                    (key, json.dumps(value, sort_keys=True)),
+                )
+
+        def done(result: Any) -> Any:
+            if self._pending.get(key, object()) == (None if delete else value):
+                self._pending.pop(key, None)
+            return result
+
+        d: Deferred[None] = self._db.run(write)
+        d.addBoth(done).addErrback(
+            lambda f: log.error(
+                "could not save {key} for the cluster: {why}", key=key, why=f.getErrorMessage()
+            )
+        )
+
+    def rows(self, prefix: str) -> dict[str, Any]:
+        return {k[len(prefix) :]: v for k, v in self._rows.items() if k.startswith(prefix)}
+
+
+class SharedUpstreams:
+    """``SavedUpstreams`` for a cluster."""
+
+    def __init__(self, settings: ClusterSettings) -> None:
+        self._settings = settings
+
+    def load(self) -> dict[str, dict[str, Any] | None]:
+        return self._settings.rows(_UPSTREAM)
+
+    def put(self, name: str, settings: dict[str, Any] | None) -> None:
+        self._settings._rows[_UPSTREAM + name] = settings
+        self._settings._write(_UPSTREAM + name, settings)
+
+    def apply(self, config: Config) -> Config:
+        from ..admin.control import apply_upstreams
+
+        return apply_upstreams(config, self.load())
+
+
+class SharedPins:
+    """``SavedPins`` for a cluster: one row per pin."""
+
+    def __init__(self, settings: ClusterSettings) -> None:
+        self._settings = settings
+
+    def load(self) -> list[str]:
+        return sorted(self._settings.rows(_PIN))
+
+    def save(self, pins: list[str]) -> None:
+        before = set(self.load())
+        for image in set(pins) - before:
+            self._settings._rows[_PIN + image] = True
+            self._settings._write(_PIN + image, True)
+        for image in before - set(pins):
+            self._settings._rows.pop(_PIN + image, None)
+            self._settings._write(_PIN + image, None, delete=True)
