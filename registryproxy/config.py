@@ -19,7 +19,10 @@ from urllib.parse import urlsplit
 
 import attrs
 import yaml
+from twisted.internet.endpoints import serverFromString
 
+from .cluster.pg import PgSettings
+from .cluster.s3 import S3Settings
 from .names import is_valid_registry_host
 from .reference import parse_image
 
@@ -64,55 +67,6 @@ def _positive(config: Any, *names: str) -> None:
             raise ValueError(f"{name}: expected a number > 0, got {getattr(config, name)!r}")
 
 
-@attrs.frozen
-class CacheConfig:
-    #: where blobs and the index live; created if missing
-    directory: str = "regproxy-cache"
-    #: seconds a tag -> digest answer is trusted before an upstream HEAD
-    tag_ttl: float = 3600.0
-    #: how long past its TTL a tag may still be served (X-Cache: STALE) while
-    #: its upstream is down, failing or rate-limiting; None: without limit
-    max_stale: float | None = None
-    #: disk budget: bytes, or a size with a unit ("250MB", "50GiB"); None: no limit
-    max_size: int | str | None = None
-    #: when the store grows past max_size, evict down to this fraction of it
-    low_water: float = 0.9
-    #: seconds an image may go unused before the periodic sweep removes it; None: never
-    max_idle: float | None = None
-    #: images never evicted: "docker.io/library/alpine:3.19", "ghcr.io/owner/app",
-    #: "nginx@sha256:..." (a repository pins all of it, a tag what it points to)
-    pinned: tuple[str, ...] = ()
-    #: seconds after its last check that a stored blob is hashed again
-    #: before it is served (it is on its first read after a restart too);
-    #: None: only after a restart
-    verify_after: float | None = 604800.0
-    #: bytes a second the background scrub reads to re-hash the whole store
-    #: (a size like "20MiB"); 0: no scrub
-    scrub_rate: int | str = "20MiB"
-
-    def __attrs_post_init__(self) -> None:
-        if self.max_size is not None:
-            parse_size(self.max_size, "max_size")
-        parse_size(self.scrub_rate, "scrub_rate")
-        if self.verify_after is not None and self.verify_after < 0:
-            raise ValueError(f"verify_after: expected seconds >= 0, got {self.verify_after!r}")
-        if not 0 < self.low_water <= 1:
-            raise ValueError(f"low_water: expected a fraction in (0, 1], got {self.low_water!r}")
-        for pin in self.pinned:
-            try:
-                parse_image(pin)
-            except ValueError as e:
-                raise ValueError(f"pinned: {e}") from None
-
-    @property
-    def max_bytes(self) -> int | None:
-        return None if self.max_size is None else parse_size(self.max_size, "max_size")
-
-    @property
-    def scrub_bytes(self) -> int:
-        return parse_size(self.scrub_rate, "scrub_rate")
-
-
 _UNITS = {
     "": 1,
     "b": 1,
@@ -141,6 +95,89 @@ def parse_size(size: int | str, key: str = "max_size") -> int:
     if match is None or match.group(2).lower() not in _UNITS:
         raise ValueError(f"{key}: expected bytes or a size like 250MB or 50GiB, got {size!r}")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@attrs.frozen
+class StorageConfig:
+    """Where the blobs live: under cache.directory, or (a cluster) in S3."""
+
+    #: an S3 bucket shared by the nodes of a cluster; None: the filesystem
+    s3: S3Settings | None = None
+    #: with s3: the bounded local disk tier under cache.directory (bytes, or
+    #: a size like "10GiB"); ignored without s3
+    local_max_size: int | str = "10GiB"
+    #: with s3: answer blob GETs with a redirect to a presigned URL (an
+    #: optional feature, not implemented yet)
+    redirect: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        parse_size(self.local_max_size, "local_max_size")
+        if self.redirect and self.s3 is None:
+            raise ValueError("redirect: redirects go to presigned S3 URLs: it needs s3")
+
+    @property
+    def local_max_bytes(self) -> int:
+        return parse_size(self.local_max_size, "local_max_size")
+
+
+@attrs.frozen
+class IndexConfig:
+    """Where the index lives: SQLite under cache.directory, or (a cluster) PostgreSQL."""
+
+    #: a PostgreSQL database shared by the nodes of a cluster; None: SQLite
+    postgresql: PgSettings | None = None
+
+
+@attrs.frozen
+class CacheConfig:
+    #: where blobs and the index live (a cluster node: its spool and local
+    #: tier); created if missing
+    directory: str = "regproxy-cache"
+    #: seconds a tag -> digest answer is trusted before an upstream HEAD
+    tag_ttl: float = 3600.0
+    #: how long past its TTL a tag may still be served (X-Cache: STALE) while
+    #: its upstream is down, failing or rate-limiting; None: without limit
+    max_stale: float | None = None
+    #: disk budget: bytes, or a size with a unit ("250MB", "50GiB"); None: no limit
+    max_size: int | str | None = None
+    #: when the store grows past max_size, evict down to this fraction of it
+    low_water: float = 0.9
+    #: seconds an image may go unused before the periodic sweep removes it; None: never
+    max_idle: float | None = None
+    #: images never evicted: "docker.io/library/alpine:3.19", "ghcr.io/owner/app",
+    #: "nginx@sha256:..." (a repository pins all of it, a tag what it points to)
+    pinned: tuple[str, ...] = ()
+    #: seconds after its last check that a stored blob is hashed again
+    #: before it is served (it is on its first read after a restart too);
+    #: None: only after a restart
+    verify_after: float | None = 604800.0
+    #: bytes a second the background scrub reads to re-hash the whole store
+    #: (a size like "20MiB"); 0: no scrub
+    scrub_rate: int | str = "20MiB"
+    storage: StorageConfig = StorageConfig()
+    index: IndexConfig = IndexConfig()
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_size is not None:
+            parse_size(self.max_size, "max_size")
+        parse_size(self.scrub_rate, "scrub_rate")
+        if self.verify_after is not None and self.verify_after < 0:
+            raise ValueError(f"verify_after: expected seconds >= 0, got {self.verify_after!r}")
+        if not 0 < self.low_water <= 1:
+            raise ValueError(f"low_water: expected a fraction in (0, 1], got {self.low_water!r}")
+        for pin in self.pinned:
+            try:
+                parse_image(pin)
+            except ValueError as e:
+                raise ValueError(f"pinned: {e}") from None
+
+    @property
+    def max_bytes(self) -> int | None:
+        return None if self.max_size is None else parse_size(self.max_size, "max_size")
+
+    @property
+    def scrub_bytes(self) -> int:
+        return parse_size(self.scrub_rate, "scrub_rate")
 
 
 @attrs.frozen
@@ -305,6 +342,71 @@ def loopback_only(endpoint: str) -> bool:
         return interface == "localhost"
 
 
+_NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,63}")
+
+
+@attrs.frozen
+class ClusterConfig:
+    """This node's place in a cluster: nodes sharing cache.storage.s3 and
+    cache.index.postgresql, each fetching a blob for all of them."""
+
+    #: this node's name, unique in the cluster
+    node: str
+    #: Twisted endpoint string of the internal port the other nodes use
+    listen: str
+    #: the URL the other nodes reach that port at
+    advertise: str
+    #: seconds between this node's heartbeats
+    heartbeat: float = 2.0
+    #: seconds without a heartbeat after which a node is taken for gone
+    node_timeout: float = 10.0
+    #: seconds a request to another node may wait for its answer
+    peer_timeout: float = 10.0
+    #: what the nodes show each other on their internal ports; None: one
+    #: made once and kept in the database
+    secret: str | None = attrs.field(default=None, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if not _NODE_NAME.fullmatch(self.node):
+            raise ValueError(
+                f"node: expected 1 to 63 letters, digits, '.', '_' or '-', got {self.node!r}"
+            )
+        try:
+            serverFromString(None, self.listen)
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise ValueError(f"listen: {self.listen!r} is not an endpoint: {e}") from None
+        parts = urlsplit(self.advertise)
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.username
+            or parts.password
+            or parts.path.strip("/")
+            or parts.query
+            or parts.fragment
+        ):
+            raise ValueError(
+                f"advertise: expected the URL other nodes reach cluster.listen at, "
+                f"like http://10.0.0.5:5002, got {self.advertise!r}"
+            )
+        try:
+            unspecified = ipaddress.ip_address(parts.hostname).is_unspecified
+        except ValueError:
+            unspecified = False  # a host name
+        if unspecified:
+            raise ValueError(
+                f"advertise: {parts.hostname} is no address to reach: give this node's own"
+            )
+        _positive(self, "heartbeat", "peer_timeout")
+        if self.node_timeout <= self.heartbeat:
+            raise ValueError(
+                f"node_timeout: expected more seconds than heartbeat ({self.heartbeat:g}), "
+                f"got {self.node_timeout:g}"
+            )
+        if self.secret == "":
+            raise ValueError("secret: is empty")
+
+
 @attrs.frozen
 class Config:
     proxy: ProxyConfig = ProxyConfig()
@@ -318,8 +420,11 @@ class Config:
     #: let clients name any registry host (path prefix or ns=), not only the
     #: configured ones and the presets: an open proxy, off by default
     allow_any_registry: bool = False
+    #: this node's place in a cluster; None: a single node
+    cluster: ClusterConfig | None = None
 
     def __attrs_post_init__(self) -> None:
+        self._check_cluster()
         if self.default_upstream not in self.upstreams:
             raise ValueError(
                 f"default_upstream: {self.default_upstream!r} is not one of the "
@@ -337,6 +442,28 @@ class Config:
                     raise ValueError(
                         f"upstreams.{name}.aliases: {host!r} already names {owner[host]}"
                     )
+
+    def _check_cluster(self) -> None:
+        shared = {
+            "cache.storage.s3": self.cache.storage.s3,
+            "cache.index.postgresql": self.cache.index.postgresql,
+        }
+        if self.cluster is None:
+            if any(v is not None for v in shared.values()):
+                raise ValueError(
+                    "cache.storage.s3 and cache.index.postgresql are for a cluster: "
+                    "add a cluster section (node, listen, advertise)"
+                )
+            return
+        missing = [key for key, value in shared.items() if value is None]
+        if missing:
+            raise ValueError(
+                "cluster: the nodes of a cluster share cache.storage.s3 (the blobs) and "
+                f"cache.index.postgresql (the index): add {' and '.join(missing)}"
+            )
+        for key in ("proxy", "admin"):
+            if getattr(self, key).listen == self.cluster.listen:
+                raise ValueError(f"cluster.listen: {key}.listen is the same endpoint")
 
 
 T = TypeVar("T")
@@ -473,22 +600,82 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     raise TypeError(f"no config conversion for {tp!r}")  # pragma: no cover
 
 
+#: secrets that the file gives inline (``secret_key``), as an environment
+#: variable's name (``secret_key_env``) or as a file's path
+#: (``secret_key_file``): read once, at loading, into the field
+_SECRET_SOURCES: Mapping[type, str] = {
+    S3Settings: "secret_key",
+    PgSettings: "dsn",
+    ClusterConfig: "secret",
+}
+
+
+def _resolve_secret(cls: type, data: dict[Any, Any], path: str) -> dict[Any, Any]:
+    """*data* with its secret's ``_env`` or ``_file`` form replaced by the secret."""
+    field = _SECRET_SOURCES[cls]
+    forms = (field, f"{field}_env", f"{field}_file")
+    given = [form for form in forms if form in data]
+    if len(given) > 1:
+        raise ConfigError(f"{path}: give only one of {', '.join(forms)}")
+    if not given or given[0] == field:
+        return data
+    form = given[0]
+    key = _key(path, form)
+    source = _convert(str, data[form], key)
+    if form.endswith("_env"):
+        if source not in os.environ:
+            raise ConfigError(f"{key}: environment variable {source} is not set")
+        secret = os.environ[source]
+    else:
+        try:
+            with open(source, encoding="utf-8") as f:
+                secret = f.read().strip()
+        except OSError as e:
+            raise ConfigError(f"{key}: cannot read {source!r}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{key}: {source!r} is not UTF-8 text") from None
+    if not secret:
+        raise ConfigError(f"{key}: {source!r} is empty")
+    rest = {name: value for name, value in data.items() if name != form}
+    return {**rest, field: secret}
+
+
+def _hidden(f: attrs.Attribute[Any]) -> bool:
+    """Whether a field holds a secret: its repr hides or redacts it."""
+    return f.repr is not True
+
+
 def _build(cls: type[T], data: Any, path: str, base: Any = None) -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {_describe(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in attrs.fields(cls)}  # type: ignore[arg-type]
+    secret = _SECRET_SOURCES.get(cls)
+    forms = (f"{secret}_env", f"{secret}_file") if secret else ()
     for name in data:
-        if name not in fields:
-            known = ", ".join(sorted(fields))
+        if name not in fields and name not in forms:
+            known = ", ".join(sorted([*fields, *forms]))
             raise ConfigError(f"{_key(path, str(name))}: unknown key (known here: {known})")
+    if secret:
+        data = _resolve_secret(cls, data, path)
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _convert(hints[name], data[name], _key(path, name))
+            try:
+                kwargs[name] = _convert(hints[name], data[name], _key(path, name))
+            except ConfigError:
+                if not _hidden(f):
+                    raise
+                # never echo a secret, even a mistyped one
+                raise ConfigError(
+                    f"{_key(path, name)}: expected a string, got {type(data[name]).__name__} "
+                    "(not shown)"
+                ) from None
         elif base is not None:
             kwargs[name] = getattr(base, name)
         elif f.default is attrs.NOTHING:
+            if name == secret:
+                raise ConfigError(f"{path}: give one of {name}, {', '.join(forms)}")
             raise ConfigError(f"{_key(path, name)}: required key is missing")
     try:
         return cls(**kwargs)

@@ -20,14 +20,17 @@ from twisted.web.client import HTTPConnectionPool
 
 from .admin.app import AdminAPI
 from .admin.control import Control, SavedUpstreams
-from .cache.access import LocalIndex
+from .cache.access import IndexAccess, LocalIndex
 from .cache.background import IndexThread
 from .cache.blobs import BlobCache, BlobSource
 from .cache.eviction import Evictor
 from .cache.index import Index, IndexUnusable, set_aside
 from .cache.manifests import ManifestCache
 from .cache.scrub import Scrubber, Verifier
+from .cache.shared import LocalTier, SharedDeletion
 from .cache.store import FileStore
+from .cluster.node import Engines, engines
+from .cluster.peers import PeersOnly
 from .config import Config, ConfigError, load_config
 from .metrics import Metrics
 from .proxy.bodies import no_bodies
@@ -109,19 +112,31 @@ class Proxy:
     site: GuardedSite
     control: Control
     pool: HTTPConnectionPool
-    index: Index
     evictor: Evictor
     upstreams: Upstreams
-    #: the index's worker thread, and its pool
-    background: IndexThread
-    threads: ThreadPool
     #: the registry API for the other nodes of a cluster (behind their secret)
     internal: RegistryResource
     #: hashes stored blobs again when due, and scrubs the store
     verifier: Verifier
     #: the cache's way to its index
-    access: LocalIndex
+    access: IndexAccess
     blobs: BlobCache
+    #: the embedded index and its worker thread; None in a cluster
+    local: LocalIndex | None = None
+    #: a cluster node's engines and local tier; None on a single node
+    cluster: Engines | None = None
+    tier: LocalTier | None = None
+
+    @property
+    def index(self) -> Index:
+        """A single node's embedded index."""
+        assert self.local is not None, "a cluster node's index is in PostgreSQL"
+        return self.local.index
+
+    @property
+    def background(self) -> IndexThread:
+        assert self.local is not None, "a cluster node has no embedded index"
+        return self.local.background
 
     async def drain(self, grace: float, sites: Sequence[GuardedSite]) -> None:
         """Shutting down, the ports closed: let the blob downloads, prefetches
@@ -170,9 +185,10 @@ class Proxy:
         await self.pool.closeCachedConnections()
         self.upstreams.close()
         self.verifier.close()
-        await self.background.close()
-        self.threads.stop()
-        self.index.close()
+        if self.local is not None:
+            await self.local.close()
+        if self.cluster is not None:
+            await self.cluster.stop()
 
 
 def _responding(sites: Sequence[GuardedSite]) -> int:
@@ -297,20 +313,32 @@ def build_proxy(
     rebuild_index: bool = False,
     max_connections: int | None = None,
     peers: BlobSource | None = None,
+    cluster: Engines | None = None,
 ) -> Proxy:
     """The /v2/ proxy and everything behind it, wired from *config*.
 
     *rebuild_index* moves a damaged index aside and starts an empty one; the
     caller then runs fsck (:class:`_Rebuild`), which indexes the blobs on disk.
     *max_connections* overrides ``proxy.max_connections``.  *peers*: the
-    other nodes of a cluster, which own some downloads."""
+    other nodes of a cluster, which own some downloads.  *cluster*: a
+    cluster node's engines (not started yet): the index in PostgreSQL, the
+    blobs in the bucket, and ``cache.directory`` a local tier of them."""
     try:
         store = FileStore(config.cache.directory)
-        index = _open_index(os.path.join(store.root, "index.db"), rebuild_index, reactor.seconds())
+        local = None
+        if cluster is None:
+            path = os.path.join(store.root, "index.db")
+            index = _open_index(path, rebuild_index, reactor.seconds())
+            # eviction, purges, fsck and WAL checkpoints work on a connection
+            # and a thread of their own; the reactor thread's commits never checkpoint
+            threads = ThreadPool(minthreads=1, maxthreads=1, name="regproxy-index")
+            local = LocalIndex(index, IndexThread(index, reactor, threads))
+            index.autocheckpoint(0)
     except OSError as e:
         raise SystemExit(
             f"regproxy: cannot use cache.directory {config.cache.directory!r}: {e.strerror}"
         ) from None
+    access: IndexAccess = local if local is not None else cluster.access  # type: ignore[union-attr]
     # Upstreams changed through the admin API win over the file.
     config = SavedUpstreams(os.path.join(store.root, "upstreams.json")).apply(config)
     metrics = Metrics()
@@ -324,17 +352,18 @@ def build_proxy(
         allow_any=config.allow_any_registry,
         metrics=metrics,
     )
-    # eviction, purges, fsck and WAL checkpoints work on a connection and a
-    # thread of their own; the reactor thread's commits never checkpoint
-    threads = ThreadPool(minthreads=1, maxthreads=1, name="regproxy-index")
-    background = IndexThread(index, reactor, threads)
-    access = LocalIndex(index, background)
-    manifests = ManifestCache(store, access, reactor, config.cache.tag_ttl, config.cache.max_stale)
-    index.autocheckpoint(0)
+    shared = cluster.bucket if cluster is not None else None
+    tier = None
+    if cluster is not None:
+        peers = cluster.peers
+        tier = LocalTier(store, config.cache.storage.local_max_bytes, cluster.tier_threads, reactor)
+    manifests = ManifestCache(
+        store, access, reactor, config.cache.tag_ttl, config.cache.max_stale, shared
+    )
     # pins come from the config and the admin API: Control sets them
     evictor = Evictor(
         access,
-        store,
+        store if shared is None else SharedDeletion(shared, store),
         reactor,
         config.cache.max_bytes,
         config.cache.low_water,
@@ -348,6 +377,7 @@ def build_proxy(
         ThreadPool(minthreads=0, maxthreads=2, name="regproxy-verify"),
         reactor,
         config.cache.verify_after,
+        local_tier=shared is not None,
     )
     blobs = BlobCache(
         store,
@@ -358,15 +388,31 @@ def build_proxy(
         make_room=evictor.make_room,
         peers=peers,
         verifier=verifier,
+        shared=shared,
+        tier=tier,
     )
-    evictor.in_use = blobs.in_use
+    if cluster is None:
+        evictor.in_use = blobs.in_use
+    else:  # nor what the other nodes read or download
+        membership = cluster.membership
+        evictor.in_use = lambda: blobs.in_use() | membership.busy_elsewhere()
     resource = RegistryResource(upstreams, manifests, blobs, metrics, config.proxy.sendfile)
     # what other nodes of a cluster ask this one for: never passed on again
     internal = RegistryResource(
         upstreams, manifests, blobs, metrics, config.proxy.sendfile, forward=False
     )
     control = Control(
-        config, store.root, store, access, manifests, blobs, upstreams, metrics, reactor, evictor
+        config,
+        store.root,
+        store,
+        access,
+        manifests,
+        blobs,
+        upstreams,
+        metrics,
+        reactor,
+        evictor,
+        cluster.membership if cluster is not None else None,
     )
     site = GuardedSite(
         resource,
@@ -380,16 +426,51 @@ def build_proxy(
         site,
         control,
         pool,
-        index,
         evictor,
         upstreams,
-        background,
-        threads,
         internal,
         verifier,
         access,
         blobs,
+        local=local,
+        cluster=cluster,
+        tier=tier,
     )
+
+
+class _Joining(Service):
+    """Starts a cluster node: connects its engines and joins the cluster
+    (off the reactor thread), and only then starts *then*: its heartbeats,
+    timers and listeners, so no client reaches a node that is not ready.
+    A node that cannot start says why and stops."""
+
+    def __init__(self, engines: Engines, then: Sequence[IService], secret: str | None) -> None:
+        self._engines = engines
+        self._then = then
+        self._secret = secret
+
+    def startService(self) -> None:
+        super().startService()
+        Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        from twisted.internet import reactor
+
+        try:
+            await self._engines.start()
+        except Exception as e:
+            log.critical("regproxy: this cluster node cannot start: {why}", why=e)
+            reactor.stop()  # type: ignore[attr-defined]
+            return
+        if self._secret is not None:
+            self._engines.membership.secret = self._secret
+        assert self.parent is not None
+        try:
+            for child in self._then:
+                child.setServiceParent(self.parent)
+        except SystemExit as e:  # a port that cannot be bound
+            log.critical("{why}", why=str(e))
+            reactor.stop()  # type: ignore[attr-defined]
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -397,38 +478,76 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor
     config = options.config
     service = MultiService()
+    cluster = None
+    if config.cluster is not None:
+        if options["rebuild-index"]:
+            raise SystemExit("regproxy: --rebuild-index is for a single node's embedded index")
+        cluster = engines(
+            config,
+            reactor,
+            busy=lambda: proxy.blobs.in_use(),
+            status=lambda: proxy.control.status(),
+        )
     proxy = build_proxy(
         config,
         reactor,
         rebuild_index=bool(options["rebuild-index"]),
         max_connections=_fitted_connections(config),
+        cluster=cluster,
     )
     api = AdminAPI(proxy.control, config.admin.secret(), config.admin.max_body)
     admin = GuardedSite(api.resource(), limits(config)[1], api.body_policy, reactor, "admin API")
+    sites = [proxy.site, admin]
+    ports = [
+        ("proxy.listen", config.proxy.listen, PlainHTTPFactory(proxy.site)),
+        ("admin.listen", config.admin.listen, admin),
+    ]
+    later: list[IService] = []
+    if cluster is not None:
+        assert config.cluster is not None
+        membership = cluster.membership
+        # the other nodes' way in: their secret, and nothing passed on again
+        inside = GuardedSite(
+            PeersOnly(proxy.internal, lambda: membership.secret),
+            limits(config)[0],
+            no_bodies,
+            reactor,
+            "cluster port",
+        )
+        sites.append(inside)
+        ports.append(("cluster.listen", config.cluster.listen, PlainHTTPFactory(inside)))
+        later.append(membership)
     # first: stopped last, once the ports below stop listening
-    _Closing(proxy, config.proxy.shutdown_grace, [proxy.site, admin]).setServiceParent(service)
+    _Closing(proxy, config.proxy.shutdown_grace, sites).setServiceParent(service)
     if options["rebuild-index"]:
         _Rebuild(proxy.control).setServiceParent(service)
     # access times are gathered in memory and written in batches
-    TimerService(
-        _FLUSH_SECONDS, _logged_async(lambda: proxy.access.quick(Index.flush))
-    ).setServiceParent(service)
-    # idle images and a budget overrun are swept away in the background too
-    TimerService(_SWEEP_SECONDS, _logged_async(proxy.evictor.sweep)).setServiceParent(service)
-    TimerService(_CHECKPOINT_SECONDS, _logged_async(proxy.background.checkpoint)).setServiceParent(
-        service
+    later.append(
+        TimerService(_FLUSH_SECONDS, _logged_async(lambda: proxy.access.quick(Index.flush)))
     )
-    if config.cache.scrub_bytes:
-        Scrubber(proxy.verifier, proxy.access, reactor, config.cache.scrub_bytes).setServiceParent(
-            service
+    # idle images and a budget overrun are swept away in the background too
+    later.append(TimerService(_SWEEP_SECONDS, _logged_async(proxy.evictor.sweep)))
+    if proxy.local is not None:
+        later.append(TimerService(_CHECKPOINT_SECONDS, _logged_async(proxy.background.checkpoint)))
+        if config.cache.scrub_bytes:
+            later.append(
+                Scrubber(proxy.verifier, proxy.access, reactor, config.cache.scrub_bytes)
+            )
+    if proxy.tier is not None:
+        tier, blobs = proxy.tier, proxy.blobs
+        later.append(
+            TimerService(_SWEEP_SECONDS, _logged_async(lambda: tier.trim(blobs.in_use())))
         )
-    for key, description, factory in [
-        ("proxy.listen", config.proxy.listen, PlainHTTPFactory(proxy.site)),
-        ("admin.listen", config.admin.listen, admin),
-    ]:
+    for key, description, factory in ports:
         try:
             endpoint = serverFromString(reactor, description)
         except (ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"regproxy: {key} {description!r} is not an endpoint: {e}") from None
-        _Listener(f"{key} {description!r}", endpoint, factory).setServiceParent(service)
+        later.append(_Listener(f"{key} {description!r}", endpoint, factory))
+    if cluster is None:
+        for child in later:
+            child.setServiceParent(service)
+    else:
+        secret = config.cluster.secret if config.cluster is not None else None
+        _Joining(cluster, later, secret).setServiceParent(service)
     return service

@@ -7,7 +7,8 @@ import os
 import secrets
 import tempfile
 from functools import partial
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -45,6 +46,15 @@ from .backend import (
 
 log = Logger()
 
+
+class ClusterView(Protocol):
+    """The nodes of a cluster, as :class:`~..cluster.membership.Membership` sees them."""
+
+    name: str
+
+    @property
+    def live(self) -> Sequence[Any]: ...
+
 #: how long an upstream answer counts as "recent" for /readyz
 _RECENT = 300.0
 _KEEP_JOBS = 100
@@ -63,7 +73,9 @@ class Control:
         metrics: Metrics,
         clock: IReactorTime,
         evictor: Evictor,
+        cluster: ClusterView | None = None,
     ) -> None:
+        """*cluster*: the live nodes, when this node is one of a cluster's."""
         self._config = config
         self._cache_dir = cache_dir
         self._store = store
@@ -74,6 +86,7 @@ class Control:
         self._metrics = metrics
         self._clock = clock
         self._evictor = evictor
+        self._cluster = cluster
         self._jobs: dict[str, _Job] = {}
         self._saved = SavedUpstreams(os.path.join(cache_dir, "upstreams.json"))
         self._saved_pins = SavedPins(os.path.join(cache_dir, "pins.json"))
@@ -100,7 +113,42 @@ class Control:
             "fetches_in_flight": self._blobs.in_flight,
             "cache": cache,
             "prefetch": [attrs.asdict(job.snapshot()) for job in self._jobs.values()],
+            **({} if self._cluster is None else {"cluster": self._cluster_stats()}),
         }
+
+    def _cluster_stats(self) -> dict[str, Any]:
+        """The live nodes as their last heartbeats told, and their counters summed."""
+        assert self._cluster is not None
+        nodes = []
+        for node in self._cluster.live:
+            try:
+                status = json.loads(node.status)
+            except ValueError:
+                status = {}
+            nodes.append(
+                {
+                    "name": node.name,
+                    "advertise": node.advertise,
+                    "up_for": node.up_for,
+                    "silent_for": node.silent_for,
+                    **(status if isinstance(status, dict) else {}),
+                }
+            )
+        summed = {
+            key: sum(int(n.get(key) or 0) for n in nodes)
+            for key in ("requests", "hits", "misses", "bytes_from_cache", "bytes_from_upstream")
+        }
+        looked_up = summed["hits"] + summed["misses"]
+        summed["hit_ratio"] = summed["hits"] / looked_up if looked_up else None  # type: ignore[assignment]
+        return {"node": self._cluster.name, "nodes": nodes, "summed": summed}
+
+    def status(self) -> dict[str, Any]:
+        """What this node tells the others of a cluster at each heartbeat."""
+        summary = self._metrics.summary()
+        return {
+            key: summary[key]
+            for key in ("requests", "hits", "misses", "bytes_from_cache", "bytes_from_upstream")
+        } | {"fetching": self._blobs.fetching()[:50]}
 
     async def metrics(self) -> tuple[bytes, str]:
         await self._refresh_gauges()
@@ -259,7 +307,7 @@ class Control:
             job.blobs_total = len(set(wanted))
             for digest in dict.fromkeys(wanted):
                 parsed = Digest.parse(digest)
-                if self._store.stat(parsed) is None:
+                if await self._blobs.stored_size(parsed) is None:
                     fetch = await self._blobs.fetch(client, job.repository, parsed)
                     try:
                         if fetch.relayed:
@@ -280,8 +328,12 @@ class Control:
     # -- integrity and pins ----------------------------------------------------
 
     async def fsck(self) -> FsckResult:
-        if not isinstance(self._store, FileStore):
-            raise AdminError(409, "fsck works on the local file store only")
+        if not isinstance(self._store, FileStore) or self._cluster is not None:
+            raise AdminError(
+                409,
+                "fsck checks a single node's file store; a cluster node's disk is only a "
+                "local copy of the bucket",
+            )
         if self._fscking:
             raise AdminError(409, "an fsck is already running")
         self._fscking = True

@@ -44,8 +44,14 @@ class LocalIndex:
     """The embedded SQLite index: quick work inline, heavy work in its thread."""
 
     def __init__(self, index: Index, background: IndexThread) -> None:
-        self._index = index
+        self.index = self._index = index
         self.background = background
+
+    async def close(self) -> None:
+        """Let the worker finish, stop its thread, close the index."""
+        await self.background.close()
+        self.background.threadpool.stop()
+        self._index.close()
 
     def quick(self, work: Callable[[Index], T]) -> Deferred[T]:
         return maybeDeferred(work, self._index)

@@ -35,7 +35,7 @@ class IndexThread:
     def __init__(self, index: Index, reactor: IReactorFromThreads, threadpool: ThreadPool) -> None:
         self._index = index.companion()
         self._reactor = reactor
-        self._threadpool = threadpool
+        self._threadpool = self.threadpool = threadpool
         # one connection: one piece of work at a time, whatever the pool's size
         self._lock = DeferredLock()
 

@@ -12,6 +12,7 @@ import collections
 import errno
 import os
 from collections.abc import Callable
+from typing import Any
 from typing import Protocol as Interface
 
 from twisted.internet.defer import Deferred, succeed
@@ -29,6 +30,7 @@ from ..singleflight import SingleFlight
 from ..upstream.client import RegistryClient, content_length
 from .access import IndexAccess
 from .scrub import Verifier
+from .shared import LocalTier, SharedStore
 from .store import BlobStore, BlobWriter, VerificationError, verify
 
 log = Logger()
@@ -42,9 +44,10 @@ class BlobSource(Interface):
 
     async def get_blob(
         self, peer: str, client: RegistryClient, repo: str, digest: Digest
-    ) -> IResponse:
+    ) -> IResponse | None:
         """The blob as *peer* sends it (a 200 whose body is the blob's
-        bytes, held back and cut off by the same rules as this node's)."""
+        bytes, held back and cut off by the same rules as this node's);
+        None if the peer does not answer (this node then fetches it)."""
 
 
 class BlobFetch:
@@ -58,10 +61,14 @@ class BlobFetch:
         writer: BlobWriter,
         source: str,
         make_room: Callable[[int], int] = lambda needed: 0,
+        origin: str = "upstream",
     ) -> None:
         self.digest = digest
         self.size = size
         self.source = source
+        #: where the bytes come from: "upstream", "peer" (the cluster node
+        #: downloading them) or "shared" (the cluster's store)
+        self.origin = origin
         self._make_room = make_room
         self.verified = False
         self.error: str | None = None
@@ -454,11 +461,21 @@ class BlobCache:
         make_room: Callable[[int], int] = lambda needed: 0,
         peers: BlobSource | None = None,
         verifier: Verifier | None = None,
+        shared: SharedStore | None = None,
+        tier: LocalTier | None = None,
     ) -> None:
         """*peers*: in a cluster, the other nodes, one of which may own a
-        download (see :mod:`registryproxy.cluster.peers`)."""
+        download (see :mod:`registryproxy.cluster.peers`); *shared*: the
+        cluster's store, of which *store* is this node's local tier (see
+        :mod:`.shared`), and *tier* keeps that within its budget."""
         self.store = store
         self._peers = peers
+        self._shared = shared
+        #: blobs stored here and being published to the shared store: local
+        #: copies this node may serve before the index has their rows
+        self._publishing: set[str] = set()
+        #: the local tier's bookkeeping, in a cluster
+        self.tier = tier
         self._verifier = verifier
         self._index = index
         self._clock = clock
@@ -503,14 +520,39 @@ class BlobCache:
         os.close(fd)
 
     def in_use(self) -> set[str]:
-        """The blobs being read or downloaded now: evicting them frees no
-        space until their readers finish."""
-        return {*self._reading.values(), *(str(d) for d in self._active)}
+        """The blobs being read, downloaded or published now: evicting them
+        frees no space until their readers finish."""
+        return {*self._reading.values(), *(str(d) for d in self._active), *self._publishing}
+
+    @property
+    def shared(self) -> bool:
+        """Whether this is a cluster node's cache (a shared store behind it)."""
+        return self._shared is not None
+
+    async def stored_size(self, digest: Digest) -> int | None:
+        """The size of *digest* if the cache holds it, else None.  A single
+        node's cache is its disk; a cluster's is its index (whose rows name
+        what the shared store holds): a local copy the index no longer has
+        (purged or evicted by another node) is not the cache's any more."""
+        if self._shared is None:
+            return self.store.stat(digest)
+        name = str(digest)
+        if name in self._publishing:
+            return self.store.stat(digest)
+        sizes = await self._index.quick(lambda index: index.blob_sizes([name]))
+        return sizes.get(name)
 
     def active(self, digest: Digest) -> BlobFetch | None:
         """The download of *digest* being stored, to join: from its first byte."""
         fetch = self._active.get(digest)
         return fetch if fetch is not None and not fetch.relayed else None
+
+    def fetching(self) -> list[dict[str, Any]]:
+        """The downloads under way: digest, bytes so far, expected size, source."""
+        return [
+            {"digest": str(f.digest), "written": f.written, "size": f.size, "origin": f.origin}
+            for f in self._downloads
+        ]
 
     @property
     def in_flight(self) -> int:
@@ -538,7 +580,10 @@ class BlobCache:
 
     def served(self, digest: Digest) -> None:
         """A cached blob was read: remember when, for eviction."""
-        self._index.touch_blob(str(digest), self._clock.seconds())
+        when = self._clock.seconds()
+        self._index.touch_blob(str(digest), when)
+        if self.tier is not None:
+            self.tier.served(str(digest), when)
 
     async def confirm(self, client: RegistryClient, repo: str, digest: Digest) -> int | None:
         """Make sure *repo* may read *digest* before it is served from what
@@ -570,14 +615,20 @@ class BlobCache:
             return 0
 
     async def fetch(
-        self, client: RegistryClient, repo: str, digest: Digest, forward: bool = True
+        self,
+        client: RegistryClient,
+        repo: str,
+        digest: Digest,
+        forward: bool = True,
+        shared: bool = False,
     ) -> BlobFetch:
         """A download of *digest* that *repo* may read, started by this call
         (the upstream's 200 says the repository may read it) or running
         already for the same repository.  The caller gets it held (see
         :meth:`BlobFetch.hold`) and must release it.  In a cluster it comes
-        from the node that owns the digest, unless *forward* is false (a
-        peer's request: never passed on again)."""
+        from the cluster's store if *shared* (the caller confirmed that
+        *repo* may read it), else from the node that owns the digest, unless
+        *forward* is false (a peer's request: never passed on again)."""
         running = self.active(digest)
         if running is not None and await self._index.quick(
             lambda index: index.has_blob(client.name, repo, str(digest))
@@ -585,21 +636,39 @@ class BlobCache:
             if self.active(digest) is running:  # still running after the index answered
                 running.hold()
                 return running
-        peer = self._peers.owner_of(digest) if forward and self._peers is not None else None
+        source: str | None = "shared" if shared and self._shared is not None else None
+        if source is None and forward and self._peers is not None:
+            source = self._peers.owner_of(digest)
         fetch = await self._starting.run(
-            (client.name, repo, digest, peer), lambda: self._start(client, repo, digest, peer)
+            (client.name, repo, digest, source), lambda: self._start(client, repo, digest, source)
         )
         fetch.hold()  # synchronously on resuming: before anything can end it
         return fetch
 
+    async def _response(
+        self, client: RegistryClient, repo: str, digest: Digest, source: str | None
+    ) -> tuple[Any, str]:
+        """The body of *digest* from *source* ("shared", a peer's URL, or
+        None: the upstream), and where it really came from."""
+        if source == "shared" and self._shared is not None:
+            try:
+                return await self._shared.stream(digest), "shared"
+            except LookupError:
+                # its row outlived its object: forget it, fetch it again
+                log.warn("{digest} is in the index but not the shared store", digest=str(digest))
+                await self._index.quick(lambda index: index.forget_blob(str(digest)))
+                source = self._peers.owner_of(digest) if self._peers is not None else None
+        if source is not None and self._peers is not None:
+            response = await self._peers.get_blob(source, client, repo, digest)
+            if response is not None:
+                return response, "peer"
+        return await client.get_blob(repo, str(digest)), "upstream"
+
     async def _start(
-        self, client: RegistryClient, repo: str, digest: Digest, peer: str | None
+        self, client: RegistryClient, repo: str, digest: Digest, source: str | None
     ) -> BlobFetch:
         self._refuse_if_closing()
-        if peer is not None and self._peers is not None:
-            response = await self._peers.get_blob(peer, client, repo, digest)
-        else:
-            response = await client.get_blob(repo, str(digest))
+        response, origin = await self._response(client, repo, digest, source)
         if self._refusing is not None:
             response.deliverBody(_Hangup())
             self._refuse_if_closing()
@@ -609,23 +678,24 @@ class BlobCache:
             # another repository's download of the same bytes got there first
             response.deliverBody(_Hangup())
             return running
-        size = content_length(response)
+        size = response.length if origin == "shared" else content_length(response)
         try:
             writer = self._writer(digest, size)
         except BaseException:
             response.deliverBody(_Hangup())  # else its connection stays paused for good
             raise
-        fetch = BlobFetch(digest, size, writer, client.name, self._room_made)
+        fetch = BlobFetch(digest, size, writer, client.name, self._room_made, origin)
         if not fetch.relayed:
             self._active[digest] = fetch
         self._downloads.add(fetch)
         self._receiving.add(fetch)
         log.info(
-            "fetching {digest} ({size} bytes) from {upstream}/{repo}",
+            "fetching {digest} ({size} bytes) from {upstream}/{repo} ({origin})",
             digest=str(digest),
             size=size,
             upstream=client.name,
             repo=repo,
+            origin=origin,
         )
 
         def done(failure: Failure | None) -> None:
@@ -643,6 +713,14 @@ class BlobCache:
 
             def stored(_: object) -> Deferred[None] | None:
                 if fetch.relayed:
+                    return None
+                if self._shared is not None:
+                    # a local copy; the node that got it from the upstream
+                    # publishes it, its clients not waiting for that
+                    if fetch.origin == "upstream":
+                        self._publish(fetch)
+                    elif self._verifier is not None:
+                        self._verifier.mark(str(digest))
                     return None
                 when, size = self._clock.seconds(), fetch.written
 
@@ -685,6 +763,36 @@ class BlobCache:
             _Receiver(fetch, self._clock, config.read_timeout, done, config.min_rate)
         )
         return fetch
+
+    def _publish(self, fetch: BlobFetch) -> None:
+        """Into the shared store, then the index: until both are done this
+        node serves its local copy itself (see :meth:`stored_size`)."""
+        digest, size, name = fetch.digest, fetch.written, str(fetch.digest)
+        self._publishing.add(name)
+        assert self._shared is not None
+        shared = self._shared
+
+        async def publish() -> None:
+            try:
+                await shared.upload(digest, self.store.path(digest), size)
+                when = self._clock.seconds()
+                await self._index.quick(lambda index: index.put_blob(name, size, when))
+            except Exception as e:
+                log.error(
+                    "could not publish {digest} to the cluster: {why}; it is fetched "
+                    "again on the next request",
+                    digest=name,
+                    why=e,
+                )
+                return
+            finally:
+                self._publishing.discard(name)
+            if self._verifier is not None:
+                self._verifier.mark(name)
+            log.info("stored {digest} in the cluster", digest=name)
+            self._stored()
+
+        Deferred.fromCoroutine(publish())
 
     def _unindexed(self, digest: Digest, why: BaseException | None) -> None:
         """A blob just published that the index refused: outside the index it

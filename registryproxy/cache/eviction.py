@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from functools import partial
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
@@ -26,7 +26,14 @@ from twisted.logger import Logger
 from ..names import Digest
 from .access import IndexAccess
 from .index import Evicted, Index, Removed
-from .store import BlobStore
+
+
+class Deletes(Protocol):
+    """Where eviction deletes what the index forgot: the store, or a cluster's."""
+
+    def stat(self, digest: Digest) -> int | None: ...
+    def delete(self, digest: Digest) -> bool: ...
+    def room(self) -> int: ...
 
 log = Logger()
 
@@ -49,7 +56,7 @@ class Evictor:
     def __init__(
         self,
         access: IndexAccess,
-        store: BlobStore,
+        store: Deletes,
         clock: IReactorTime,
         max_bytes: int | None,
         low_water: float = 0.9,
@@ -213,7 +220,7 @@ class Evictor:
 
 
 def _batch(
-    store: BlobStore,
+    store: Deletes,
     pins: list[Pin],
     busy: set[str],
     used_before: float | None,
@@ -225,13 +232,13 @@ def _batch(
     return evicted, _reclaim(store, evicted.removed.blobs, index)
 
 
-def _loose(store: BlobStore, busy: set[str], target: float, index: Index) -> tuple[int, int]:
+def _loose(store: Deletes, busy: set[str], target: float, index: Index) -> tuple[int, int]:
     """One batch of loose blobs down to *target* bytes: how many, bytes freed."""
     loose = index.evict_loose(busy, index.total_size() - target, LOOSE_BATCH)
     return len(loose), _reclaim(store, loose, index)
 
 
-def _reclaim(store: BlobStore, blobs: Sequence[tuple[str, int]], index: Index) -> int:
+def _reclaim(store: Deletes, blobs: Sequence[tuple[str, int]], index: Index) -> int:
     """Delete the files of *blobs* the index forgot, unless one was stored
     again meanwhile (a new download): bytes freed."""
     freed = 0
@@ -242,7 +249,7 @@ def _reclaim(store: BlobStore, blobs: Sequence[tuple[str, int]], index: Index) -
     return freed
 
 
-def _unlink(store: BlobStore, blobs: Sequence[tuple[str, int]]) -> int:
+def _unlink(store: Deletes, blobs: Sequence[tuple[str, int]]) -> int:
     """Delete files (readers keep their open descriptor): bytes freed."""
     freed = 0
     for digest, recorded in blobs:

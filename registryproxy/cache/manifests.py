@@ -24,6 +24,7 @@ from ..singleflight import SingleFlight
 from ..upstream.client import RegistryClient
 from .access import IndexAccess
 from .index import Index, ManifestEntry, TagEntry
+from .shared import SharedStore
 from .store import BlobStore
 
 log = Logger()
@@ -46,8 +47,12 @@ class ManifestCache:
         clock: IReactorTime,
         tag_ttl: float,
         max_stale: float | None = None,
+        shared: SharedStore | None = None,
     ) -> None:
+        """*shared*: in a cluster, the store all nodes share, of which
+        *store* is this node's local tier (see :mod:`.shared`)."""
         self._store = store
+        self._shared = shared
         self._index = index
         self._clock = clock
         self._tag_ttl = tag_ttl
@@ -88,12 +93,12 @@ class ManifestCache:
         key = (client.name, repo, reference)
         if is_valid_digest(reference):
             known = await self._index.quick(partial(_by_digest, client.name, repo, reference))
-            cached = self._read(client.name, repo, known)
+            cached = await self._read(client.name, repo, known)
             if cached is not None:
                 return cached
             return await self._flight.run(key, lambda: self._fetch(client, repo, reference, accept))
         entry, known = await self._index.quick(partial(_by_tag, client.name, repo, reference))
-        cached = self._read(client.name, repo, known)
+        cached = await self._read(client.name, repo, known)
         if entry is None or cached is None:
             return await self._flight.run(key, lambda: self._fetch(client, repo, reference, accept))
         ttl = client.config.tag_ttl
@@ -122,9 +127,11 @@ class ManifestCache:
             )
             return attrs.evolve(cached, cache="STALE")
 
-    def _read(self, upstream: str, repo: str, entry: ManifestEntry | None) -> CachedManifest | None:
+    async def _read(
+        self, upstream: str, repo: str, entry: ManifestEntry | None
+    ) -> CachedManifest | None:
         """The stored manifest the index knows as *entry*, if its file is
-        there and whole."""
+        there (in a cluster: here, or in the shared store) and whole."""
         if entry is None:
             return None
         digest = entry.digest
@@ -133,7 +140,11 @@ class ManifestCache:
             with self._store.open(parsed) as f:
                 body = f.read()
         except FileNotFoundError:
-            return None
+            if self._shared is None:
+                return None
+            body = await self._from_shared(parsed)
+            if body is None:
+                return None
         if Digest.of(body, parsed.algorithm) != parsed:
             # rotten on disk: never served; the caller fetches it again,
             # which writes the file and its index rows anew
@@ -144,6 +155,37 @@ class ManifestCache:
         self._index.touch_manifest(upstream, repo, digest, now)
         self._index.touch_blob(digest, now)
         return CachedManifest(body, entry.media_type, digest, "HIT")
+
+    async def _from_shared(self, digest: Digest) -> bytes | None:
+        """A manifest another node cached, from the shared store, and a
+        local copy of it for next time (only if its bytes check out)."""
+        assert self._shared is not None
+        try:
+            body = await self._shared.get(digest)
+        except Exception as e:
+            log.warn("cannot read manifest {digest} from the cluster: {why}", digest=str(digest), why=e)
+            return None
+        if body is None or Digest.of(body, digest.algorithm) != digest:
+            return None
+        try:
+            await self._keep(digest, body)
+        except Exception as e:  # the local copy is a convenience
+            log.warn("cannot keep a local copy of {digest}: {why}", digest=str(digest), why=e)
+        return body
+
+    async def _keep(self, digest: Digest, body: bytes) -> None:
+        """Write *body* into the local store, unless it is there."""
+        if self._store.stat(digest) is not None:
+            return
+        writer = self._store.begin(digest, len(body))
+        try:
+            writer.write(body)
+            await writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            writer.close()
 
     async def _revalidate(
         self,
@@ -190,16 +232,9 @@ class ManifestCache:
         digest = str(actual)
         now = self._clock.seconds()
         try:
-            if self._store.stat(actual) is None:
-                writer = self._store.begin(actual, len(manifest.body))
-                try:
-                    writer.write(manifest.body)
-                    await writer.commit()
-                except BaseException:
-                    writer.abort()
-                    raise
-                finally:
-                    writer.close()
+            await self._keep(actual, manifest.body)
+            if self._shared is not None:  # in the shared store before the index says so
+                await self._shared.upload(actual, self._store.path(actual), len(manifest.body))
             entry = ManifestEntry(digest, manifest.media_type, len(manifest.body))
             tag = (
                 None

@@ -59,8 +59,13 @@ class Verifier:
         reactor: object,
         verify_after: float | None,
         remember: int = MAX_CHECKED,
+        local_tier: bool = False,
     ) -> None:
+        """*local_tier*: the store is a cluster node's local copy of a shared
+        store, so a rotten file is only a bad copy: set aside, not forgotten
+        by the (shared) index."""
         self._store = store
+        self._local_tier = local_tier
         self._remember = remember
         self._access = access
         self._clock = clock
@@ -134,6 +139,10 @@ class Verifier:
         """Quarantine *digest*'s file and forget it (found rotten elsewhere)."""
         self.forget(str(digest))
         store = self._store
+        if self._local_tier:
+            store.quarantine(digest)
+            log.error("quarantined the local copy of {digest}: its bytes do not match", digest=str(digest))
+            return
         await self._access.heavy(lambda index: condemn(store, index, str(digest)))
 
     async def _verify(self, digest: Digest, fd: int, throttle: _Throttle) -> bool:

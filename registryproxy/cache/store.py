@@ -62,6 +62,9 @@ def verify(digest: Digest, expected_size: int | None, written: int, actual_hex: 
 
 
 class BlobStore(Protocol):
+    def path(self, digest: Digest) -> str:
+        """Where the stored blob's file is (to upload or hash it whole)."""
+
     def stat(self, digest: Digest) -> int | None:
         """The size of a stored blob, or None."""
 

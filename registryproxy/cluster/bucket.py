@@ -60,6 +60,17 @@ class Bucket:
     def delete(self, digest: Digest) -> Deferred[None]:
         return self._s3.delete(key(digest))
 
+    def delete_now(self, digest: Digest) -> None:
+        """:meth:`delete`, in the calling thread (eviction's worker, never the reactor's)."""
+        self._s3.delete_now(key(digest))
+
+    async def get(self, digest: Digest) -> bytes | None:
+        """A small object whole (a manifest); None if absent."""
+        try:
+            return await self._s3.get(key(digest))
+        except NoSuchKey:
+            return None
+
     def _read(self, path: str, offset: int, size: int) -> Deferred[bytes]:
         def read() -> bytes:
             with open(path, "rb") as f:

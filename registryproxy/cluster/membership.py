@@ -19,7 +19,9 @@ port) is made once, by whichever node is first, and kept in the database.
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
+from collections.abc import Callable, Collection
 from typing import Any
 
 import attrs
@@ -42,6 +44,8 @@ CREATE TABLE IF NOT EXISTS regproxy_nodes (
     started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     last_seen TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+ALTER TABLE regproxy_nodes ADD COLUMN IF NOT EXISTS busy TEXT[] NOT NULL DEFAULT '{}';
+ALTER TABLE regproxy_nodes ADD COLUMN IF NOT EXISTS status TEXT NOT NULL DEFAULT '{}';
 CREATE TABLE IF NOT EXISTS regproxy_settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -61,6 +65,10 @@ class Node:
     #: seconds since it started, and since its last heartbeat (database clock)
     up_for: float
     silent_for: float
+    #: the blobs it was reading or downloading at its last heartbeat
+    busy: frozenset[str] = frozenset()
+    #: what it said of itself at its last heartbeat (see Membership.status)
+    status: str = "{}"
 
 
 def rendezvous(key: str, nodes: list[Node]) -> Node | None:
@@ -83,7 +91,12 @@ class Membership(Service):
         clock: IReactorTime,
         interval: float = 2.0,
         timeout: float = 10.0,
+        busy: Callable[[], Collection[str]] = frozenset,
+        status: Callable[[], dict[str, Any]] = dict,
     ) -> None:
+        """*busy*: the blobs this node reads or downloads now, which no
+        node evicts; *status*: what this node tells the others about itself
+        (for the admin API's cluster view)."""
         if timeout <= interval:
             raise ValueError("the node timeout must be longer than the heartbeat interval")
         self._db = db
@@ -92,6 +105,8 @@ class Membership(Service):
         self._clock = clock
         self._interval = interval
         self._timeout = timeout
+        self._busy = busy
+        self._status = status
         #: tells this process's rows from an earlier one's of the same name
         self._instance = secrets.token_hex(8)
         self._loop: LoopingCall | None = None
@@ -130,29 +145,40 @@ class Membership(Service):
         assert found is not None
         return str(found[0])
 
-    def _beat(self, conn: psycopg.Connection[Any]) -> None:
+    def _beat(
+        self, conn: psycopg.Connection[Any], busy: list[str] | None = None, status: str = "{}"
+    ) -> None:
         conn.execute(
-            "INSERT INTO regproxy_nodes (name, advertise, instance) VALUES (%s, %s, %s)"
+            "INSERT INTO regproxy_nodes (name, advertise, instance, busy, status)"
+            " VALUES (%s, %s, %s, %s, %s)"
             " ON CONFLICT (name) DO UPDATE SET advertise = EXCLUDED.advertise,"
-            " instance = EXCLUDED.instance, last_seen = now(),"
+            " instance = EXCLUDED.instance, last_seen = now(), busy = EXCLUDED.busy,"
+            " status = EXCLUDED.status,"
             " started_at = CASE WHEN regproxy_nodes.instance = EXCLUDED.instance"
             "   THEN regproxy_nodes.started_at ELSE now() END",
-            (self.name, self.advertise, self._instance),
+            (self.name, self.advertise, self._instance, busy or [], status),
         )
 
     async def heartbeat(self) -> None:
         """Say this node is alive, and read back who else is."""
 
+        busy = sorted(self._busy())
+        status = json.dumps(self._status())
+
         def beat(conn: psycopg.Connection[Any]) -> list[Node]:
-            self._beat(conn)
+            self._beat(conn, busy, status)
             rows = conn.execute(
                 "SELECT name, advertise,"
-                " extract(epoch FROM now() - started_at), extract(epoch FROM now() - last_seen)"
+                " extract(epoch FROM now() - started_at), extract(epoch FROM now() - last_seen),"
+                " busy, status"
                 " FROM regproxy_nodes WHERE last_seen > now() - make_interval(secs => %s)"
                 " ORDER BY name",
                 (self._timeout,),
             ).fetchall()
-            return [Node(name, url, float(up), float(silent)) for name, url, up, silent in rows]
+            return [
+                Node(name, url, float(up), float(silent), frozenset(busy), status)
+                for name, url, up, silent, busy, status in rows
+            ]
 
         live = await self._db.run(beat)
         before, after = {n.name for n in self.live}, {n.name for n in live}
@@ -161,6 +187,11 @@ class Membership(Service):
         for name in sorted(before - after):
             log.warn("node {name} left the cluster (or fell silent)", name=name)
         self.live = live
+
+    def busy_elsewhere(self) -> set[str]:
+        """The blobs the other live nodes were reading or downloading at
+        their last heartbeat."""
+        return {d for node in self.live if node.name != self.name for d in node.busy}
 
     def owner(self, key: str) -> Node | None:
         """The live node that owns *key*, by rendezvous hashing."""

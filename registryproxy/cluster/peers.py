@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -70,7 +71,7 @@ class Peers:
 
     async def get_blob(
         self, peer: str, client: RegistryClient, repo: str, digest: Digest
-    ) -> IResponse:
+    ) -> IResponse | None:
         url = f"{peer.rstrip('/')}/v2/{client.name}/{repo}/blobs/{digest}"
         headers = Headers({"Authorization": [f"Bearer {self._membership.secret}"]})
         d: Deferred[IResponse] = self._agent.request(b"GET", url.encode("ascii"), headers)
@@ -92,7 +93,7 @@ class Peers:
                 digest=str(digest),
                 upstream=client.name,
             )
-            return await client.get_blob(repo, str(digest))
+            return None
         if response.code == 200:
             return response
         try:
@@ -117,16 +118,18 @@ class PeersOnly(Resource):
 
     isLeaf = True
 
-    def __init__(self, inner: IResource, secret: str) -> None:
+    def __init__(self, inner: IResource, secret: str | Callable[[], str]) -> None:
+        """*secret*, or where to find it (a node learns it when it joins)."""
         super().__init__()
         self._inner = inner
-        self._expected = f"Bearer {secret}".encode()
+        self._secret = secret if callable(secret) else lambda: secret
 
     def render(self, request: Request) -> Any:  # type: ignore[override]
         given = request.getHeader(b"Authorization") or b""
         if isinstance(given, str):
             given = given.encode("latin-1")
-        if not hmac.compare_digest(given, self._expected):
+        secret = self._secret()
+        if not secret or not hmac.compare_digest(given, f"Bearer {secret}".encode()):
             body = RegistryError(
                 401, "UNAUTHORIZED", "this port is for the nodes of a regproxy cluster"
             ).body()

@@ -66,6 +66,14 @@ class PgSettings:
     keepalive_interval: int = 5
 
     def __attrs_post_init__(self) -> None:
+        try:
+            conninfo_to_dict(self.dsn)
+        except psycopg.ProgrammingError:
+            # psycopg's message quotes the DSN, password and all
+            raise ValueError(
+                "dsn: expected a libpq connection string (host=... dbname=...) or a "
+                "postgresql:// URI; the value is not shown, as it may hold a password"
+            ) from None
         if not 0 <= self.min_size <= self.max_size or self.max_size < 1:
             raise ValueError("min_size, max_size: need 0 <= min_size <= max_size, max_size >= 1")
         if self.max_leases < 1:

@@ -29,6 +29,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import attrs
 import boto3
@@ -80,6 +81,14 @@ class S3Settings:
     max_attempts: int = 3
 
     def __attrs_post_init__(self) -> None:
+        if not self.bucket:
+            raise ValueError("bucket: is empty")
+        if self.endpoint is not None:
+            parts = urlsplit(self.endpoint)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    f"endpoint: expected http(s)://host[:port], got {self.endpoint!r}"
+                )
         if self.prefix.startswith("/"):
             raise ValueError(f"prefix: must not start with '/', got {self.prefix!r}")
         if (self.access_key is None) != (self.secret_key is None):
@@ -123,7 +132,7 @@ class S3Error(Exception):
         self.code = code
 
 
-class NoSuchKey(S3Error):
+class NoSuchKey(S3Error, LookupError):
     """The object (or the multipart upload) does not exist."""
 
 
@@ -307,12 +316,19 @@ class S3Store:
 
     def delete(self, key: str) -> Deferred[None]:
         """Delete the object; deleting a missing object is no error."""
-        bucket, full = self.settings.bucket, self._key(key)
+        return self._call("DeleteObject", key, self._delete, key)
 
-        def delete(client: Any) -> None:
-            client.delete_object(Bucket=bucket, Key=full)
+    def delete_now(self, key: str) -> None:
+        """:meth:`delete` in the calling thread, which must not be the reactor's."""
+        try:
+            self._delete(self._boto(), key)
+        except ClientError as e:
+            raise _error("DeleteObject", key, e) from None
+        except BotoCoreError as e:
+            raise S3Error("DeleteObject", key, type(e).__name__, str(e)) from e
 
-        return self._call("DeleteObject", key, delete)
+    def _delete(self, client: Any, key: str) -> None:
+        client.delete_object(Bucket=self.settings.bucket, Key=self._key(key))
 
     def delete_many(self, keys: Sequence[str]) -> Deferred[list[str]]:
         """Delete up to 1000 objects in one request; the keys that failed

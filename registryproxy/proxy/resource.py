@@ -321,12 +321,14 @@ class RegistryResource(Resource):
     async def _blob(
         self, request: Request, client: RegistryClient, repo: str, digest: Digest, gone: list[bool]
     ) -> None:
-        if self._blobs.store.stat(digest) is not None:
+        stored = await self._blobs.stored_size(digest)
+        if stored is not None:
             # cached: may this repository read it? (a HEAD upstream unless it lists it)
             await self._blobs.confirm(client, repo, digest)
             if gone:
                 return
-        fd = self._blobs.open_stored(digest)  # after the await: it may have been purged meanwhile
+        # after the awaits: it may have been purged meanwhile
+        fd = self._blobs.open_stored(digest) if stored is not None else None
         if fd is not None and not await self._blobs.sound(digest, fd):
             self._blobs.close_stored(fd)  # rotten: quarantined; fetched again below
             fd = None
@@ -336,16 +338,22 @@ class RegistryResource(Resource):
             return
         fetch = None
         size: int | None
+        # in a cluster, a blob stored but not on this node's disk is a HIT
+        # streamed from the cluster's store
+        shared = stored is not None and self._blobs.shared
         if fd is not None:
             cache, size = "HIT", os.fstat(fd).st_size
             self._blobs.served(digest)
         elif request.method == b"HEAD":
-            cache, size = "MISS", await client.head_blob(repo, str(digest))
+            if shared:
+                cache, size = "HIT", stored
+            else:
+                cache, size = "MISS", await client.head_blob(repo, str(digest))
             if gone:
                 return
         else:
-            cache = "MISS"
-            fetch = await self._blobs.fetch(client, repo, digest, self._forward)
+            cache = "HIT" if shared else "MISS"
+            fetch = await self._blobs.fetch(client, repo, digest, self._forward, shared)
             size = fetch.size
         try:
             if gone:

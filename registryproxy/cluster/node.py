@@ -1,0 +1,116 @@
+"""A cluster node's engines: the shared bucket, the shared index, its peers.
+
+:func:`engines` builds them from the config, unconnected; :meth:`Engines.start`
+connects them (in threads: never on the reactor) before the node opens its
+ports, and :meth:`Engines.stop` lets go of them.  Each engine has thread pools
+of its own, bounded, so a slow bucket or database never takes the threads
+the other one (or the reactor's own work) needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from typing import Any
+
+import attrs
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from ..config import Config
+from .bucket import Bucket
+from .membership import Membership
+from .peers import Peers
+from .pg import Database
+from .pgindex import PgIndex, SharedIndex
+from .s3 import S3Store
+
+log = Logger()
+
+#: S3 calls (uploads, streams, deletes) at once
+S3_THREADS = 16
+
+
+@attrs.define
+class Engines:
+    database: Database
+    index: PgIndex
+    access: SharedIndex
+    s3: S3Store
+    bucket: Bucket
+    membership: Membership
+    peers: Peers
+    pools: list[ThreadPool]
+    agent_pool: HTTPConnectionPool
+    #: for the local tier's trims
+    tier_threads: ThreadPool
+
+    async def start(self) -> None:
+        """Connect: the database (and its schema), the bucket (created if
+        missing), and join the cluster.  Raises what stops the node."""
+        for pool in self.pools:
+            pool.start()
+        await self.database.open()
+        await self.access.heavy(PgIndex.open)
+        if await self.s3.ensure_bucket():
+            log.info("created the bucket {bucket}", bucket=self.s3.settings.bucket)
+        await self.membership.join()
+
+    async def stop(self) -> None:
+        await self.agent_pool.closeCachedConnections()
+        try:
+            await self.access.quick(PgIndex.flush)
+        except Exception as e:
+            log.warn("could not write the last access times: {why}", why=e)
+        await self.database.close()
+        for pool in self.pools:
+            if pool.started:
+                pool.stop()
+
+
+def engines(
+    config: Config,
+    reactor: Any,
+    busy: Callable[[], Collection[str]],
+    status: Callable[[], dict[str, Any]],
+) -> Engines:
+    """The engines *config* names (it must have a cluster section); *busy*
+    and *status* are what this node tells the others at each heartbeat."""
+    cluster = config.cluster
+    s3_settings = config.cache.storage.s3
+    pg_settings = config.cache.index.postgresql
+    assert cluster is not None and s3_settings is not None and pg_settings is not None
+    # queries wait for connections, not threads: as many threads as connections
+    db_threads = ThreadPool(minthreads=0, maxthreads=2, name="regproxy-cluster")
+    quick = ThreadPool(minthreads=0, maxthreads=pg_settings.max_size, name="regproxy-pg")
+    heavy = ThreadPool(minthreads=0, maxthreads=1, name="regproxy-pg-heavy")
+    s3_threads = ThreadPool(minthreads=0, maxthreads=S3_THREADS, name="regproxy-s3")
+    tier_threads = ThreadPool(minthreads=0, maxthreads=1, name="regproxy-tier")
+    database = Database(pg_settings, db_threads, reactor)
+    index = PgIndex(database)
+    s3 = S3Store(s3_settings, s3_threads, reactor)
+    membership = Membership(
+        database,
+        cluster.node,
+        cluster.advertise,
+        reactor,
+        interval=cluster.heartbeat,
+        timeout=cluster.node_timeout,
+        busy=busy,
+        status=status,
+    )
+    agent_pool = HTTPConnectionPool(reactor, persistent=True)
+    agent_pool.maxPersistentPerHost = 8
+    agent = Agent(reactor, connectTimeout=cluster.peer_timeout, pool=agent_pool)
+    return Engines(
+        database=database,
+        index=index,
+        access=SharedIndex(index, quick, heavy, reactor),
+        s3=s3,
+        bucket=Bucket(s3, s3_threads, reactor),
+        membership=membership,
+        peers=Peers(membership, agent, reactor, timeout=cluster.peer_timeout),
+        pools=[db_threads, quick, heavy, s3_threads, tier_threads],
+        agent_pool=agent_pool,
+        tier_threads=tier_threads,
+    )
