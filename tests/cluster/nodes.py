@@ -8,7 +8,7 @@ threads of their own.
 - :class:`UpstreamFront` stands between the nodes and the upstream registry:
   it counts every request as it starts (no access log to wait for), slows
   chosen blobs down so that a download is surely in flight, and tells which
-  node's socket asked (:meth:`Cluster.node_of`).
+  node's socket asked for each blob (:attr:`Exchange.node`).
 - :class:`ClusterNode` is one node: a :class:`RegProxy` with ``cache.storage``,
   ``cache.index`` and ``cluster`` keys.
 - :class:`Cluster` is the nodes, the haproxy in front of them and the bucket.
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import psycopg
 from integration.harness import RegProxy, free_port, tail, wait_until
 
 from registryproxy.cluster.bucket import key
@@ -49,6 +50,10 @@ _HOP_BY_HOP = {
     "upgrade",
 }
 _CHUNK = 64 * 1024
+#: the nodes' heartbeat interval, and the silence after which a node is gone
+#: (seconds; shorter than the defaults, 2 and 10, so that the tests wait less)
+HEARTBEAT = 1.0
+NODE_TIMEOUT = 5.0
 
 
 # --------------------------------------------------------------------------
@@ -65,6 +70,8 @@ class Exchange:
     headers: dict[str, str]
     #: the asking socket's port (the node's end of the connection)
     client_port: int
+    #: for a blob GET: the name of the node that asked, if known
+    node: str | None = None
     status: int = 0
     #: response body bytes sent on to the node so far
     sent: int = 0
@@ -89,10 +96,13 @@ class UpstreamFront:
     """A small HTTP reverse proxy in front of the upstream registry.
 
     Every request is recorded as an :class:`Exchange` the moment its response
-    starts; ``throttle[digest] = bytes_per_second`` slows that blob's bodies."""
+    starts; ``throttle[digest] = bytes_per_second`` slows that blob's bodies.
+    ``identify(port)``, if set, names the process whose socket on *port* asks
+    for a blob (:meth:`Cluster.identify`)."""
 
     def __init__(self, target: str) -> None:
         self.target = target  # host:port
+        self.identify: Callable[[int], str | None] | None = None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.exchanges: list[Exchange] = []
@@ -153,6 +163,8 @@ class _FrontHandler(http.server.BaseHTTPRequestHandler):
     def _forward(self) -> None:
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
         exchange = Exchange(self.command, self.path, headers, self.client_address[1])
+        if "/blobs/" in self.path and self.owner.identify is not None:
+            exchange.node = self.owner.identify(exchange.client_port)
         upstream = http.client.HTTPConnection(self.owner.target, timeout=60)
         try:
             upstream.request(self.command, self.path, headers=headers)
@@ -291,12 +303,17 @@ class ClusterNode(RegProxy):
             **shared,
             "cache": {**shared.get("cache", {}), "directory": str(workdir / "cache")},
             "cluster": {
+                **shared.get("cluster", {}),
                 "node": name,
                 "listen": f"tcp:{self.cluster_port}:interface=127.0.0.1",
                 "advertise": f"http://127.0.0.1:{self.cluster_port}",
             },
         }
         super().__init__(workdir, config)
+
+    def last_run_log(self) -> str:
+        """The log of this node's latest start, without the earlier ones'."""
+        return self.log_text().rsplit("\n=== ", 1)[-1]
 
     @property
     def pid(self) -> int | None:
@@ -364,6 +381,8 @@ class Cluster:
         self.workdir = workdir
         self.bucket = bucket
         self.s3 = make_client(s3_settings_of(s3, bucket), 4)
+        self.dsn = dsn
+        self.heartbeat = HEARTBEAT
         self.shared: dict[str, Any] = {
             "cache": {
                 "tag_ttl": 3600,
@@ -378,6 +397,7 @@ class Cluster:
                 },
                 "index": {"postgresql": {"dsn": dsn}},
             },
+            "cluster": {"heartbeat": HEARTBEAT, "node_timeout": NODE_TIMEOUT},
             "upstreams": {"docker.io": {"url": upstream_url}},
             "default_upstream": "docker.io",
             **(extra_config or {}),
@@ -411,6 +431,19 @@ class Cluster:
             raise errors[0]
         return new
 
+    def restart(self, node: ClusterNode, timeout: float = 30.0) -> None:
+        """Start *node* again, trying until it starts (while the heartbeat of
+        the process it replaces is fresh, its name is taken)."""
+
+        def started() -> bool:
+            try:
+                node.start()
+            except RuntimeError:
+                return False
+            return True
+
+        wait_until(started, timeout, f"{node.name} to start again", 1.0)
+
     def backends(self, nodes: Iterable[ClusterNode] | None = None) -> list[str]:
         return [n.host_port for n in (self.nodes if nodes is None else nodes)]
 
@@ -437,12 +470,35 @@ class Cluster:
         for node in self.nodes:
             node.kill()
 
-    def node_of(self, exchange: Exchange, front_port: int) -> ClusterNode | None:
-        """The node whose socket made *exchange* at the front (while it is open)."""
-        inode = _tcp_inode(exchange.client_port, front_port)
+    def identify(self, port: int, remote_port: int) -> str | None:
+        """The name of the node whose socket from *port* to *remote_port* is open."""
+        inode = _tcp_inode(port, remote_port)
         if inode is None:
             return None
-        return next((n for n in self.nodes if inode in n.socket_inodes()), None)
+        return next((n.name for n in self.nodes if inode in n.socket_inodes()), None)
+
+    def node(self, name: str | None) -> ClusterNode | None:
+        return next((n for n in self.nodes if n.name == name), None)
+
+    def wait_converged(self, timeout: float = 15.0) -> None:
+        """Until every running node has a fresh heartbeat in the database, and
+        then one heartbeat interval more, in which each node reads them all
+        back: the nodes pick the same owner for a digest only then."""
+        running = {n.name for n in self.nodes if n.running}
+
+        def fresh() -> set[str]:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                rows = conn.execute(
+                    "SELECT name FROM regproxy_nodes"
+                    " WHERE last_seen > now() - make_interval(secs => %s)",
+                    (2 * self.heartbeat,),
+                ).fetchall()
+            return {name for (name,) in rows}
+
+        wait_until(
+            lambda: running <= fresh(), timeout, f"fresh heartbeats of {sorted(running)}", 0.2
+        )
+        time.sleep(self.heartbeat + 0.2)
 
     # -- the bucket ----------------------------------------------------------
     def object_size(self, digest: str) -> int | None:

@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from integration import harness, images, regclient
 from integration.conftest import push_image
@@ -26,7 +25,7 @@ from integration.test_skopeo import assert_same_tree
 
 from . import engines
 from .conftest import _require
-from .nodes import Cluster, ClusterNode, Fetched, UpstreamFront, fetch
+from .nodes import Cluster, ClusterNode, Exchange, Fetched, UpstreamFront, fetch
 
 pytestmark = pytest.mark.cluster
 
@@ -116,7 +115,9 @@ def cluster(
         e2e_dir, swift, f"regproxy-e2e-{int(time.time())}", dsn, front.url, make_haproxy
     )
     try:
+        front.identify = lambda port: cluster.identify(port, front.port)
         cluster.add_nodes(3)
+        cluster.wait_converged()
         cluster.start_haproxy()
         yield cluster
     finally:
@@ -127,15 +128,24 @@ def cluster(
 
 
 @pytest.fixture(autouse=True)
-def node_logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
-    """On a failure, the tail of every node's log (and haproxy's)."""
+def whole_cluster(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every node running (a test that failed may have left one dead) and
+    seeing the others; on a failure, the tail of every node's log."""
+    for node in cluster.nodes:
+        if not node.running:
+            cluster.restart(node)
+    cluster.wait_converged(15)
     failed = request.session.testsfailed
     yield
-    if request.session.testsfailed > failed and "cluster" in request.fixturenames:
-        cluster: Cluster = request.getfixturevalue("cluster")
+    if request.session.testsfailed > failed:
         print(f"\n{cluster.log_tails(60)}")
         if cluster.haproxy is not None:
             print(f"--- haproxy\n{harness.tail(cluster.haproxy.log_path)}")
+
+
+def described(exchanges: list[Exchange]) -> list[tuple[Any, ...]]:
+    """What a failure message says of upstream requests."""
+    return [(e.node, e.status, e.sent, e.broken, e.headers.get("Range")) for e in exchanges]
 
 
 def host_port(url: str) -> str:
@@ -226,10 +236,7 @@ def test_fifty_clients_over_three_nodes_cause_one_upstream_get(
     del front.throttle[blob.digest]
 
     gets = front.blob_gets(blob.digest, mark)
-    assert len(gets) == 1, (
-        f"{len(gets)} upstream GETs of one blob for the cluster: "
-        f"{[(e.status, e.sent, e.headers.get('Range')) for e in gets]}"
-    )
+    assert len(gets) == 1, f"upstream GETs of one blob for the cluster: {described(gets)}"
     bad = [
         (r.url, r.status, r.length, r.error)
         for r in results
@@ -277,9 +284,9 @@ def test_sigkill_of_the_fetching_node_mid_blob(
         for _ in futures:
             assert headers_in.acquire(timeout=10), "a client got no response headers"
         gets = front.blob_gets(blob.digest, mark)
-        assert len(gets) == 1, f"{len(gets)} upstream GETs before the kill"
-        fetcher = cluster.node_of(gets[0], front.port)
-        assert fetcher is not None, "no node holds the upstream connection"
+        assert len(gets) == 1, f"upstream GETs before the kill: {described(gets)}"
+        fetcher = cluster.node(gets[0].node)
+        assert fetcher is not None, f"no node holds the upstream connection: {described(gets)}"
         assert cluster.object_size(blob.digest) is None, "an object in the bucket mid-download"
 
         fetcher.kill()
@@ -322,12 +329,19 @@ def test_sigkill_of_the_fetching_node_mid_blob(
     )
     assert cluster.object_sha256(blob.digest) == blob.digest
 
-    # a restart needs no repair step, and the node serves from the shared cache
-    fetcher.start()
+    # a restart needs no repair step (nor a wait), and the node serves the blob
+    # from the shared cache
+    try:
+        fetcher.start()
+        refused = ""
+    except RuntimeError:
+        refused = fetcher.last_run_log()
+        cluster.restart(fetcher)  # once its old self has timed out, for the next tests
     cluster.wait_haproxy_up(15)
     again = fetch(fetcher.url, path)
     assert again.is_whole(blob.digest, blob.size), (again.status, again.length, again.error)
     assert again.x_cache == "HIT"
+    assert not refused, f"{fetcher.name} did not start again at once after its SIGKILL:\n{refused}"
 
 
 # --------------------------------------------------------------------------
@@ -382,19 +396,6 @@ def test_purge_on_one_node_is_a_miss_on_the_others(
 # --------------------------------------------------------------------------
 
 
-def wait_for_member(dsn: str, name: str, settle: float) -> None:
-    """Until *name* heartbeats in the database, then *settle* seconds more for
-    the other nodes' next heartbeat to read it back."""
-
-    def seen() -> bool:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            row = conn.execute("SELECT 1 FROM regproxy_nodes WHERE name = %s", (name,))
-            return row.fetchone() is not None
-
-    harness.wait_until(seen, 10, f"{name} in regproxy_nodes", 0.2)
-    time.sleep(settle)
-
-
 def test_a_node_added_while_serving_takes_traffic(
     cluster: Cluster, front: UpstreamFront, test_images: dict[str, images.Image]
 ) -> None:
@@ -432,8 +433,7 @@ def test_a_node_added_while_serving_takes_traffic(
     )
 
     # the others know the new node: one upstream GET for a cold blob asked of all four
-    dsn = cluster.shared["cache"]["index"]["postgresql"]["dsn"]
-    wait_for_member(dsn, added.name, settle=3)
+    cluster.wait_converged()
     front.throttle[layer.digest] = 4 * MiB
     mark = front.mark()
     with ThreadPoolExecutor(12, thread_name_prefix="grown") as pool:
@@ -447,4 +447,4 @@ def test_a_node_added_while_serving_takes_traffic(
     bad = [(r.url, r.status, r.error) for r in results if not r.is_whole(layer.digest, layer.size)]
     assert not bad
     gets = front.blob_gets(layer.digest, mark)
-    assert len(gets) == 1, f"{len(gets)} upstream GETs of one blob by four nodes"
+    assert len(gets) == 1, f"upstream GETs of one blob by four nodes: {described(gets)}"
