@@ -376,6 +376,10 @@ class ClusterConfig:
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise ValueError(f"listen: {self.listen!r} is not an endpoint: {e}") from None
         parts = urlsplit(self.advertise)
+        try:
+            parts.port  # noqa: B018 (a port that is no number raises)
+        except ValueError:
+            parts = urlsplit("")
         if (
             parts.scheme not in ("http", "https")
             or not parts.hostname
@@ -549,6 +553,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
+        given = [o for o in options if o is not type(None)]
+        if len(given) == 1 and attrs.has(given[0]):
+            return _build(given[0], value, path)  # its own errors, which name its keys
         errors = []
         for inner in (o for o in options if o is not type(None)):
             try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService, TimerService
@@ -338,7 +338,8 @@ def build_proxy(
         raise SystemExit(
             f"regproxy: cannot use cache.directory {config.cache.directory!r}: {e.strerror}"
         ) from None
-    access: IndexAccess = local if local is not None else cluster.access  # type: ignore[union-attr]
+    # the shared index has the embedded one's API (PgIndex for Index)
+    access = cast(IndexAccess, local if local is not None else cluster.access)  # type: ignore[union-attr]
     # Upstreams changed through the admin API win over the file.
     config = SavedUpstreams(os.path.join(store.root, "upstreams.json")).apply(config)
     metrics = Metrics()
@@ -530,14 +531,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if proxy.local is not None:
         later.append(TimerService(_CHECKPOINT_SECONDS, _logged_async(proxy.background.checkpoint)))
         if config.cache.scrub_bytes:
-            later.append(
-                Scrubber(proxy.verifier, proxy.access, reactor, config.cache.scrub_bytes)
-            )
+            later.append(Scrubber(proxy.verifier, proxy.access, reactor, config.cache.scrub_bytes))
     if proxy.tier is not None:
         tier, blobs = proxy.tier, proxy.blobs
-        later.append(
-            TimerService(_SWEEP_SECONDS, _logged_async(lambda: tier.trim(blobs.in_use())))
-        )
+        later.append(TimerService(_SWEEP_SECONDS, _logged_async(lambda: tier.trim(blobs.in_use()))))
     for key, description, factory in ports:
         try:
             endpoint = serverFromString(reactor, description)

@@ -6,8 +6,8 @@ import json
 import os
 import secrets
 import tempfile
-from functools import partial
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Protocol
 
 import attrs
@@ -50,10 +50,12 @@ log = Logger()
 class ClusterView(Protocol):
     """The nodes of a cluster, as :class:`~..cluster.membership.Membership` sees them."""
 
-    name: str
+    @property
+    def name(self) -> str | None: ...
 
     @property
     def live(self) -> Sequence[Any]: ...
+
 
 #: how long an upstream answer counts as "recent" for /readyz
 _RECENT = 300.0

@@ -35,6 +35,7 @@ class Deletes(Protocol):
     def delete(self, digest: Digest) -> bool: ...
     def room(self) -> int: ...
 
+
 log = Logger()
 
 Pin = tuple[str, str, "str | None", "str | None"]

@@ -142,9 +142,10 @@ class ManifestCache:
         except FileNotFoundError:
             if self._shared is None:
                 return None
-            body = await self._from_shared(parsed)
-            if body is None:
+            shared = await self._from_shared(parsed)
+            if shared is None:
                 return None
+            body = shared
         if Digest.of(body, parsed.algorithm) != parsed:
             # rotten on disk: never served; the caller fetches it again,
             # which writes the file and its index rows anew
@@ -163,7 +164,9 @@ class ManifestCache:
         try:
             body = await self._shared.get(digest)
         except Exception as e:
-            log.warn("cannot read manifest {digest} from the cluster: {why}", digest=str(digest), why=e)
+            log.warn(
+                "cannot read manifest {digest} from the cluster: {why}", digest=str(digest), why=e
+            )
             return None
         if body is None or Digest.of(body, digest.algorithm) != digest:
             return None

@@ -141,7 +141,9 @@ class Verifier:
         store = self._store
         if self._local_tier:
             store.quarantine(digest)
-            log.error("quarantined the local copy of {digest}: its bytes do not match", digest=str(digest))
+            log.error(
+                "quarantined the local copy of {digest}: its bytes do not match", digest=str(digest)
+            )
             return
         await self._access.heavy(lambda index: condemn(store, index, str(digest)))
 

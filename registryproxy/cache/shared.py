@@ -66,7 +66,9 @@ class SharedDeletion:
         try:
             self._shared.delete_now(digest)
         except Exception as e:  # left behind: never served without its index row
-            log.error("cannot delete {digest} from the cluster's store: {why}", digest=str(digest), why=e)
+            log.error(
+                "cannot delete {digest} from the cluster's store: {why}", digest=str(digest), why=e
+            )
             return False
         return True
 

@@ -103,8 +103,8 @@ class Membership(Service):
         self.name = name
         self.advertise = advertise
         self._clock = clock
-        self._interval = interval
-        self._timeout = timeout
+        self.interval = self._interval = interval
+        self.timeout = self._timeout = timeout
         self._busy = busy
         self._status = status
         #: tells this process's rows from an earlier one's of the same name

@@ -13,13 +13,15 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from ..config import Config
 from .bucket import Bucket
-from .membership import Membership
+from .membership import Membership, NameTaken
 from .peers import Peers
 from .pg import Database
 from .pgindex import PgIndex, SharedIndex
@@ -44,6 +46,7 @@ class Engines:
     agent_pool: HTTPConnectionPool
     #: for the local tier's trims
     tier_threads: ThreadPool
+    clock: IReactorTime
 
     async def start(self) -> None:
         """Connect: the database (and its schema), the bucket (created if
@@ -54,7 +57,22 @@ class Engines:
         await self.access.heavy(PgIndex.open)
         if await self.s3.ensure_bucket():
             log.info("created the bucket {bucket}", bucket=self.s3.settings.bucket)
-        await self.membership.join()
+        await self._join()
+
+    async def _join(self) -> None:
+        """Join; a node restarted after a crash finds its own last heartbeat
+        still fresh, and waits for it to go stale (no repair step)."""
+        membership = self.membership
+        deadline = self.clock.seconds() + membership.timeout + membership.interval
+        while True:
+            try:
+                await membership.join()
+                return
+            except NameTaken as e:
+                if self.clock.seconds() >= deadline:
+                    raise
+                log.warn("{why}: waiting for its heartbeat to go stale", why=e)
+                await deferLater(self.clock, membership.interval, lambda: None)
 
     async def stop(self) -> None:
         await self.agent_pool.closeCachedConnections()
@@ -113,4 +131,5 @@ def engines(
         pools=[db_threads, quick, heavy, s3_threads, tier_threads],
         agent_pool=agent_pool,
         tier_threads=tier_threads,
+        clock=reactor,
     )

@@ -86,9 +86,7 @@ class S3Settings:
         if self.endpoint is not None:
             parts = urlsplit(self.endpoint)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(
-                    f"endpoint: expected http(s)://host[:port], got {self.endpoint!r}"
-                )
+                raise ValueError(f"endpoint: expected http(s)://host[:port], got {self.endpoint!r}")
         if self.prefix.startswith("/"):
             raise ValueError(f"prefix: must not start with '/', got {self.prefix!r}")
         if (self.access_key is None) != (self.secret_key is None):
