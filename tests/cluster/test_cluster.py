@@ -368,6 +368,10 @@ def test_purge_on_one_node_is_a_miss_on_the_others(
     first = manifest(one.url, image)
     assert (first.status, first.x_cache) == (200, "MISS")
     assert fetch(one.url, blob_path(image, layer.digest)).is_whole(layer.digest, layer.size)
+    # the node that fetched it publishes it to the bucket after its client had it
+    harness.wait_until(
+        lambda: cluster.object_size(layer.digest) is not None, 10, "the layer in the bucket"
+    )
     for node in (two, three):
         warm = manifest(node.url, image)
         assert (node.name, warm.status, warm.x_cache) == (node.name, 200, "HIT")
