@@ -27,6 +27,10 @@ Fixture API:
     -> engines.HAProxy`` running: ``.url``, ``.reload(backends)``,
     ``.server_states()``, ``.command(line)``; stopped after the test.
 ``threadpool`` (function) -> a started ``ThreadPool`` (max 8), stopped after.
+
+From ``tests/integration/conftest.py``, for the end-to-end tests
+(``test_cluster.py``): ``upstream_registry`` (session; a docker-registry with
+token auth), ``token_server`` and ``integration_dir``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from integration.conftest import (  # noqa: F401 (fixtures, shared with the integration tests)
+    integration_dir,
+    token_server,
+    upstream_registry,
+)
 from tlscerts import make_ca_and_server_cert
 from twisted.internet import reactor
 from twisted.python.threadpool import ThreadPool
@@ -50,6 +59,7 @@ from registryproxy.cluster.pg import Database, PgSettings
 from registryproxy.cluster.s3 import S3Settings, S3Store
 
 from . import engines
+from .nodes import s3_settings_of
 
 #: engine -> seconds it took to start, shown in the terminal summary
 START_TIMES: dict[str, float] = {}
@@ -136,15 +146,7 @@ _buckets = itertools.count(1)
 
 @pytest.fixture
 def s3_settings(swift: engines.S3Endpoint) -> S3Settings:
-    return S3Settings(
-        bucket=f"regproxy-test-{os.getpid()}-{next(_buckets)}",
-        endpoint=swift.url,
-        region=swift.region,
-        access_key=swift.access_key,
-        secret_key=swift.secret_key,
-        connect_timeout=2,
-        read_timeout=10,
-    )
+    return s3_settings_of(swift, f"regproxy-test-{os.getpid()}-{next(_buckets)}")
 
 
 @pytest_twisted.async_yield_fixture()

@@ -585,16 +585,21 @@ class HAProxy:
                 return int(line.split(":", 1)[1])
         return None
 
-    def server_states(self) -> dict[str, str]:
-        """``{"node1": "UP", ...}`` as the health checks see them."""
+    def server_stats(self) -> dict[str, dict[str, str]]:
+        """``{"node1": {"status": "UP", "stot": "12", ...}, ...}``: each
+        server's row of ``show stat`` (the counters start again at a reload)."""
         rows = self.command("show stat").splitlines()
         header = rows[0].lstrip("# ").split(",")
-        states = {}
+        stats = {}
         for row in rows[1:]:
             fields = dict(zip(header, row.split(","), strict=False))
             if fields.get("pxname") == "nodes" and fields.get("svname", "").startswith("node"):
-                states[fields["svname"]] = fields["status"]
-        return states
+                stats[fields["svname"]] = fields
+        return stats
+
+    def server_states(self) -> dict[str, str]:
+        """``{"node1": "UP", ...}`` as the health checks see them."""
+        return {name: fields["status"] for name, fields in self.server_stats().items()}
 
     def start(self, backends: Sequence[str]) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
