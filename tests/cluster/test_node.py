@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -270,3 +272,56 @@ async def test_admin_stats_answer_for_the_cluster(cluster):
     assert stats["node"] == "node-0"
     assert sorted(n["name"] for n in stats["nodes"]) == ["node-0", "node-1", "node-2"]
     assert stats["summed"]["requests"] >= 1
+
+
+def _admin(url: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            raw = answer.read()
+            return answer.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+@pytest_twisted.ensureDeferred
+async def test_pins_and_upstreams_changed_through_one_node_hold_on_every_node(cluster):
+    def admin(node: Node, method: str, path: str, body: Any = None) -> Any:
+        return deferToThreadPool(reactor, cluster.clients, _admin, node.admin, method, path, body)
+
+    first, second, third = cluster.nodes
+    status, _ = await admin(first, "PUT", "/api/v1/pins", {"image": "library/app:1"})
+    assert status == 201
+
+    async def pinned_on(node: Node) -> list[str]:
+        _, answer = await admin(node, "GET", "/api/v1/pins")
+        return [p["image"] for p in answer["pins"]]
+
+    async def pin_everywhere() -> bool:
+        pins = [await pinned_on(n) for n in cluster.nodes]
+        return pins == [["docker.io/library/app:1"]] * 3
+
+    await _wait_for(pin_everywhere, "the pin on every node")
+    status, _ = await admin(
+        second, "PUT", "/api/v1/upstreams/mirror.test", {"url": "http://127.0.0.1:9"}
+    )
+    assert status in (200, 201)
+
+    async def upstream_everywhere() -> bool:
+        for node in cluster.nodes:
+            status, _ = await admin(node, "GET", "/api/v1/upstreams/mirror.test")
+            if status != 200:
+                return False
+        return True
+
+    await _wait_for(upstream_everywhere, "the upstream on every node")
+    status, _ = await admin(third, "DELETE", "/api/v1/pins?image=library/app:1")
+    assert status == 204
+
+    async def unpinned_everywhere() -> bool:
+        return [await pinned_on(n) for n in cluster.nodes] == [[]] * 3
+
+    await _wait_for(unpinned_everywhere, "the pin gone on every node")
