@@ -61,6 +61,8 @@ def _logged(task: Callable[[], object]) -> Callable[[], None]:
 
 
 _SWEEP_SECONDS = 60.0
+#: how often a cluster node looks for multipart uploads a dead node left
+_STALE_UPLOADS_SECONDS = 3600.0
 #: the index's WAL is copied into the database (the fsync) this often, in
 #: the index's worker thread, never by a commit on the reactor thread
 _CHECKPOINT_SECONDS = 2.0
@@ -415,7 +417,7 @@ def build_proxy(
         metrics,
         reactor,
         evictor,
-        cluster.membership if cluster is not None else None,
+        cluster,
         (cluster.settings.upstreams, cluster.settings.pins) if cluster is not None else None,
     )
     site = GuardedSite(
@@ -554,6 +556,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         later.append(TimerService(_CHECKPOINT_SECONDS, _logged_async(proxy.background.checkpoint)))
         if config.cache.scrub_bytes:
             later.append(Scrubber(proxy.verifier, proxy.access, reactor, config.cache.scrub_bytes))
+    if cluster is not None:
+        later.append(
+            TimerService(_STALE_UPLOADS_SECONDS, _logged_async(cluster.abort_stale_uploads))
+        )
     if proxy.tier is not None:
         tier, blobs = proxy.tier, proxy.blobs
         later.append(TimerService(_SWEEP_SECONDS, _logged_async(lambda: tier.trim(blobs.in_use()))))

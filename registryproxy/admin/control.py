@@ -71,6 +71,9 @@ class ClusterView(Protocol):
     @property
     def live(self) -> Sequence[Any]: ...
 
+    async def check(self) -> dict[str, dict[str, Any]]:
+        """Whether the cluster's engines answer (for /readyz)."""
+
 
 #: how long an upstream answer counts as "recent" for /readyz
 _RECENT = 300.0
@@ -177,12 +180,10 @@ class Control:
         return self._metrics.render()
 
     async def ready(self) -> dict[str, Any]:
-        storage = self._storage_check()
-        upstream = await self._upstream_check()
-        return {
-            "ready": storage["ok"] and upstream["ok"],
-            "checks": {"storage": storage, "upstream": upstream},
-        }
+        checks = {"storage": self._storage_check(), "upstream": await self._upstream_check()}
+        if self._cluster is not None:
+            checks.update(await self._cluster.check())
+        return {"ready": all(check["ok"] for check in checks.values()), "checks": checks}
 
     def _storage_check(self) -> dict[str, Any]:
         try:

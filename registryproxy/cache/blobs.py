@@ -377,7 +377,10 @@ class _Receiver(Protocol):
         read_timeout: float,
         done: Callable[[Failure | None], None],
         min_rate: int | None = None,
+        skip: int = 0,
     ) -> None:
+        """*skip*: bytes at the start of the body that the fetch has already."""
+        self._skip = skip
         self._fetch = fetch
         self._clock = clock
         self._timeout = read_timeout
@@ -423,7 +426,8 @@ class _Receiver(Protocol):
 
     def _stop(self, why: str) -> None:
         self._problem = why
-        self._fetch._fail(why)
+        if self._fetch.origin != "peer":  # a peer's fault: the cache may go on without it
+            self._fetch._fail(why)
         self.transport.stopProducing()  # type: ignore[union-attr,attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
@@ -432,6 +436,12 @@ class _Receiver(Protocol):
         if self._timer is not None:
             self._timer.reset(self._timeout)
         self._received += len(data)
+        if self._skip:
+            skipped = min(self._skip, len(data))
+            self._skip -= skipped
+            data = data[skipped:]
+            if not data:
+                return
         try:
             self._fetch._data(data)
         except (OSError, VerificationError) as e:
@@ -705,6 +715,10 @@ class BlobCache:
 
         def done(failure: Failure | None) -> None:
             self._receiving.discard(fetch)
+            if failure is not None and self._may_resume(fetch):
+                # the node sending it died (or gave up): go on from the upstream
+                Deferred.fromCoroutine(self._resume(fetch, client, repo, done, _why(failure)))
+                return
             if failure is not None:
                 fetch._fail(_why(failure))
                 self._finish(fetch)
@@ -768,6 +782,54 @@ class BlobCache:
             _Receiver(fetch, self._clock, config.read_timeout, done, config.min_rate)
         )
         return fetch
+
+    def _may_resume(self, fetch: BlobFetch) -> bool:
+        """Whether a download cut short may go on from the upstream: one that
+        came from another node (its failure is that node's), nothing wrong
+        with what arrived so far, and no shutdown under way."""
+        return (
+            fetch.origin == "peer"
+            and fetch.error is None
+            and not fetch.relayed
+            and self._refusing is None
+            and (fetch.size is None or fetch.written < fetch.size)
+        )
+
+    async def _resume(
+        self,
+        fetch: BlobFetch,
+        client: RegistryClient,
+        repo: str,
+        done: Callable[[Failure | None], None],
+        why: str,
+    ) -> None:
+        """Take over a download whose sending node was lost: the rest of the
+        bytes from the upstream (a Range request; the whole blob again, its
+        start skipped, from an upstream without ranges), into the same
+        download, so that its clients get every byte, checked as before.
+        This node then publishes it."""
+        log.warn(
+            "the node sending {digest} was lost at byte {at} ({why}): "
+            "taking the download over from {upstream}",
+            digest=str(fetch.digest),
+            at=fetch.written,
+            why=why,
+            upstream=client.name,
+        )
+        fetch.origin = "upstream"
+        self._receiving.add(fetch)
+        try:
+            response = await client.get_blob(repo, str(fetch.digest), start=fetch.written)
+            skip = _resumed_at(response, fetch.written, fetch.size)
+        except Exception as e:
+            self._receiving.discard(fetch)
+            fetch._fail(f"taking over from a lost node failed: {e}")
+            self._finish(fetch)
+            return
+        config = client.config
+        response.deliverBody(
+            _Receiver(fetch, self._clock, config.read_timeout, done, config.min_rate, skip)
+        )
 
     def _publish(self, fetch: BlobFetch) -> None:
         """Into the shared store, then the index: until both are done this
@@ -847,6 +909,26 @@ class BlobCache:
         self._downloads.discard(fetch)
         self._receiving.discard(fetch)
         fetch._end()
+
+
+def _resumed_at(response: IResponse, written: int, size: int | None) -> int:
+    """How many bytes of *response* to skip to go on from byte *written*:
+    0 for a 206 that starts there, *written* for a 200 of the whole blob;
+    raises ValueError for anything else."""
+    if response.code == 200:
+        length = content_length(response)
+        if size is not None and length is not None and length != size:
+            response.deliverBody(_Hangup())
+            raise ValueError(f"the upstream now sends {length} bytes, not {size}")
+        return written
+    ranges = response.headers.getRawHeaders(b"Content-Range") or [b""]
+    unit, _, span = ranges[0].decode("latin-1").partition(" ")
+    first, _, rest = span.partition("-")
+    total = rest.partition("/")[2]
+    if unit != "bytes" or first != str(written) or (size is not None and total != str(size)):
+        response.deliverBody(_Hangup())
+        raise ValueError(f"the upstream answered the range with {ranges[0]!r}")
+    return 0
 
 
 def _relay(digest: Digest, size: int | None, why: str) -> MemoryRelay:

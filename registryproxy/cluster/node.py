@@ -13,6 +13,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -21,7 +22,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from ..config import Config
 from .bucket import Bucket
-from .membership import Membership, NameTaken
+from .membership import Membership, NameTaken, Node
 from .peers import Peers
 from .pg import Database
 from .pgindex import PgIndex, SharedIndex
@@ -32,6 +33,8 @@ log = Logger()
 
 #: S3 calls (uploads, streams, deletes) at once
 S3_THREADS = 16
+#: seconds after which an unfinished multipart upload is someone's leftover
+STALE_UPLOAD = 24 * 3600.0
 
 
 @attrs.define
@@ -77,6 +80,41 @@ class Engines:
                     raise
                 log.warn("{why}: waiting for its heartbeat to go stale", why=e)
                 await deferLater(self.clock, membership.interval, lambda: None)
+
+    @property
+    def name(self) -> str | None:
+        return self.membership.name
+
+    @property
+    def live(self) -> list[Node]:
+        return self.membership.live
+
+    async def check(self) -> dict[str, dict[str, Any]]:
+        """For /readyz: whether the database and the bucket answer now."""
+
+        def select(conn: Any) -> None:
+            conn.execute("SELECT 1").fetchone()
+
+        checks: dict[str, dict[str, Any]] = {}
+        for name, probe in (
+            ("index", lambda: self.database.run(select)),
+            ("bucket", lambda: self.s3.head("readyz")),
+        ):
+            try:
+                await probe()
+                checks[name] = {"ok": True}
+            except Exception as e:
+                checks[name] = {"ok": False, "error": str(e)}
+        live = self.membership.live
+        checks["cluster"] = {"ok": bool(live), "nodes": [node.name for node in live]}
+        return checks
+
+    def abort_stale_uploads(self) -> Deferred[Any]:
+        """Abort what a node that died mid-upload left in the bucket (S3
+        keeps, and bills, unfinished multipart uploads until aborted)."""
+        return Deferred.fromCoroutine(
+            self.s3.abort_stale_uploads(STALE_UPLOAD, self.clock.seconds())
+        )
 
     async def stop(self) -> None:
         await self.agent_pool.closeCachedConnections()

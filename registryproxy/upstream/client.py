@@ -173,11 +173,20 @@ class RegistryClient:
             size=content_length(response),
         )
 
-    async def get_blob(self, repo: str, digest: str) -> IResponse:
+    async def get_blob(self, repo: str, digest: str, start: int = 0) -> IResponse:
         """A 200 response whose body the caller must consume (deliverBody);
-        the deadline ends with its headers."""
+        the deadline ends with its headers.  From *start* on: a 206 whose
+        Content-Range starts there, or a 200 of the whole blob from an
+        upstream that does not take ranges."""
+        headers = {"Range": f"bytes={start}-"} if start else {}
         return await self._checked(
-            b"GET", repo, f"/v2/{repo}/blobs/{digest}", {}, "BLOB_UNKNOWN", _as_is
+            b"GET",
+            repo,
+            f"/v2/{repo}/blobs/{digest}",
+            headers,
+            "BLOB_UNKNOWN",
+            _as_is,
+            ok=(200, 206) if start else (200,),
         )
 
     async def head_blob(self, repo: str, digest: str) -> int | None:
@@ -270,6 +279,7 @@ class RegistryClient:
         headers: dict[str, str],
         unknown: str,
         consume: Callable[[RegistryClient, IResponse], Awaitable[T]],
+        ok: tuple[int, ...] = (200,),
     ) -> T:
         """What *consume* makes of a 200 response from this upstream or, while
         it is down or rate-limiting, from its fallbacks in order, each within
@@ -278,7 +288,7 @@ class RegistryClient:
         async def pull(client: RegistryClient, exchange: _Exchange) -> T:
             url = client._base + path
             response = await client._authorized(exchange, method, repo, url, headers)
-            if response.code != 200:
+            if response.code not in ok:
                 raise await client._error(response, repo, unknown)
             return await consume(client, response)
 

@@ -272,6 +272,13 @@ async def test_admin_stats_answer_for_the_cluster(cluster):
     assert stats["node"] == "node-0"
     assert sorted(n["name"] for n in stats["nodes"]) == ["node-0", "node-1", "node-2"]
     assert stats["summed"]["requests"] >= 1
+    reply = await deferToThreadPool(
+        reactor, cluster.clients, http_request, cluster.nodes[2].admin, "GET", "/readyz", {}
+    )
+    ready = json.loads(reply.body)
+    assert (reply.code, ready["ready"]) == (200, True), ready
+    assert {"index", "bucket", "cluster"} <= set(ready["checks"])
+    assert sorted(ready["checks"]["cluster"]["nodes"]) == ["node-0", "node-1", "node-2"]
 
 
 def _admin(url: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:

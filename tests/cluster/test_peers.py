@@ -198,9 +198,10 @@ async def test_an_owner_that_accepts_but_stays_silent_is_done_without(cluster):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_failing_download_fails_the_clients_of_every_node(cluster):
-    """Cut mid-blob at the owner: clients everywhere see their download fail
-    (never a complete 200 with wrong bytes), and nothing is kept."""
+async def test_a_failing_download_never_ends_in_a_wrong_200(cluster):
+    """Cut mid-blob at the owner: its clients see their download fail, the
+    other nodes' clients too or (their node taking the download over) get
+    every byte: never a complete 200 with wrong bytes."""
     registry, nodes = cluster
     digest, layer = image(registry, 2 * 1024 * 1024)
     registry.blob_faults[digest] = Fault.truncate(after=1024 * 1024, times=1)
@@ -211,15 +212,40 @@ async def test_a_failing_download_fails_the_clients_of_every_node(cluster):
             for node in (owner, *others)
         ]
     )
-    for status, body, short in results:
-        assert short or status != 200, (status, len(body))
-        assert body != layer
+    status, body, short = results[0]
+    assert short or status != 200, (status, len(body))
+    for status, body, short in results[1:]:
+        assert short or status != 200 or body == layer, (status, len(body))
     hexpart = Digest.parse(digest).hex
-    for node in nodes:
-        assert not node.stored(digest).exists()
+    assert not owner.stored(digest).exists()
     # and the next request gets it whole
     reply = await deferToThread(
         http_request, others[0].url, "GET", f"/v2/library/big/blobs/{digest}", {}
     )
     assert reply.body == layer
     assert hashlib.sha256(reply.body).hexdigest() == hexpart
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_other_nodes_take_over_a_download_whose_node_gave_out(cluster):
+    """The owner's download stalls and is given up mid-blob: the nodes that
+    followed it go on from the upstream with a Range request, and their
+    clients get every byte."""
+    registry, nodes = cluster
+    digest, layer = image(registry, 2 * 1024 * 1024)
+    registry.blob_faults[digest] = Fault.stall(after=1024 * 1024, times=1)
+    owner, others = owner_and_others(nodes, digest)
+    results = await gatherResults(
+        [
+            deferToThread(partial_get, node.url, f"/v2/library/big/blobs/{digest}")
+            for node in (owner, *others)
+        ]
+    )
+    status, body, short = results[0]
+    assert short or status != 200, (status, len(body))  # the owner gave up
+    for status, body, short in results[1:]:
+        assert (status, short, body == layer) == (200, False, True)
+    ranged = [r for r in registry.requests if r.path.endswith(digest) and r.header("range")]
+    assert sorted(r.header("range")[0] for r in ranged) == ["bytes=1048576-"] * len(others)
+    for node in others:  # the whole blob is where the clients' bytes came from
+        assert node.stored(digest).read_bytes() == layer
