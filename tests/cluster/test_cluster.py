@@ -314,6 +314,12 @@ def test_sigkill_of_the_fetching_node_mid_blob(
         for node, r in results
     ]
     print(f"\nfetching node {fetcher.name} killed; clients: {outcomes}")
+    # the goal: the surviving nodes take the download over (Range from the
+    # upstream), and their clients get every byte
+    survivors = [(node.name, r.error) for node, r in results if node is not fetcher]
+    assert all(
+        r.is_whole(blob.digest, blob.size) for node, r in results if node is not fetcher
+    ), f"clients of surviving nodes: {survivors}"
 
     size = cluster.object_size(blob.digest)
     if size is not None:  # a survivor took the download over and published it
