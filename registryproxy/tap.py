@@ -22,7 +22,7 @@ from .admin.app import AdminAPI
 from .admin.control import Control, SavedUpstreams
 from .cache.access import IndexAccess, LocalIndex, flush
 from .cache.background import IndexThread
-from .cache.blobs import BlobCache, BlobSource
+from .cache.blobs import BlobCache, PeerSource
 from .cache.eviction import Evictor
 from .cache.index import Index, IndexUnusable, set_aside
 from .cache.manifests import ManifestCache
@@ -314,7 +314,7 @@ def build_proxy(
     reactor: Any,
     rebuild_index: bool = False,
     max_connections: int | None = None,
-    peers: BlobSource | None = None,
+    peers: PeerSource | None = None,
     cluster: Engines | None = None,
 ) -> Proxy:
     """The /v2/ proxy and everything behind it, wired from *config*.
@@ -363,7 +363,7 @@ def build_proxy(
         peers = cluster.peers
         tier = LocalTier(store, config.cache.storage.local_max_bytes, cluster.tier_threads, reactor)
     manifests = ManifestCache(
-        store, access, reactor, config.cache.tag_ttl, config.cache.max_stale, shared
+        store, access, reactor, config.cache.tag_ttl, config.cache.max_stale, shared, peers
     )
     # pins come from the config and the admin API: Control sets them
     evictor = Evictor(

@@ -27,7 +27,7 @@ from twisted.web.iweb import IResponse
 from ..errors import RegistryError
 from ..names import Digest
 from ..singleflight import SingleFlight
-from ..upstream.client import RegistryClient, content_length
+from ..upstream.client import Manifest, RegistryClient, content_length
 from .access import IndexAccess
 from .scrub import Verifier
 from .shared import LocalTier, SharedStore
@@ -36,11 +36,21 @@ from .store import BlobStore, BlobWriter, VerificationError, verify
 log = Logger()
 
 
-class BlobSource(Interface):
-    """Where a cluster node gets a download another node owns."""
+class PeerSource(Interface):
+    """Where a cluster node gets what another node owns: a blob download,
+    a manifest (see :mod:`registryproxy.cluster.peers`)."""
 
     def owner_of(self, digest: Digest) -> str | None:
         """The URL of the peer that downloads *digest*; None: this node."""
+
+    def owner(self, key: str) -> str | None:
+        """The URL of the peer that fetches what *key* names; None: this node."""
+
+    async def get_manifest(
+        self, peer: str, client: RegistryClient, repo: str, reference: str
+    ) -> Manifest | None:
+        """What the registry stores under *reference*, as *peer* has it;
+        None if the peer does not answer."""
 
     async def get_blob(
         self, peer: str, client: RegistryClient, repo: str, digest: Digest
@@ -472,7 +482,7 @@ class BlobCache:
         stored: Callable[[], None] = lambda: None,
         max_bytes: int | None = None,
         make_room: Callable[[int], int] = lambda needed: 0,
-        peers: BlobSource | None = None,
+        peers: PeerSource | None = None,
         verifier: Verifier | None = None,
         shared: SharedStore | None = None,
         tier: LocalTier | None = None,

@@ -23,6 +23,7 @@ from ..names import Digest, is_valid_digest
 from ..singleflight import SingleFlight
 from ..upstream.client import RegistryClient
 from .access import IndexAccess
+from .blobs import PeerSource
 from .index import Index, ManifestEntry, TagEntry
 from .shared import SharedStore
 from .store import BlobStore
@@ -48,11 +49,14 @@ class ManifestCache:
         tag_ttl: float,
         max_stale: float | None = None,
         shared: SharedStore | None = None,
+        peers: PeerSource | None = None,
     ) -> None:
         """*shared*: in a cluster, the store all nodes share, of which
-        *store* is this node's local tier (see :mod:`.shared`)."""
+        *store* is this node's local tier (see :mod:`.shared`); *peers*:
+        the other nodes, one of which fetches each manifest."""
         self._store = store
         self._shared = shared
+        self._peers = peers
         self._index = index
         self._clock = clock
         self._tag_ttl = tag_ttl
@@ -60,7 +64,12 @@ class ManifestCache:
         self._flight: SingleFlight[tuple[str, str, str], CachedManifest] = SingleFlight()
 
     async def get(
-        self, client: RegistryClient, repo: str, reference: str, accept: Sequence[str]
+        self,
+        client: RegistryClient,
+        repo: str,
+        reference: str,
+        accept: Sequence[str],
+        forward: bool = True,
     ) -> CachedManifest:
         """The manifest a client that sent *accept* gets for *reference*.
 
@@ -68,14 +77,16 @@ class ManifestCache:
         digest, the bytes of that digest; by tag, what the registry stores
         for the tag, or for a client that takes no lists, the linux/amd64
         manifest of the stored list (as Distribution picks).  A tag whose
-        stored type the client does not take is ``404 MANIFEST_UNKNOWN``."""
-        manifest = await self._stored(client, repo, reference, accept)
+        stored type the client does not take is ``404 MANIFEST_UNKNOWN``.
+        In a cluster a manifest not cached is fetched by the node that owns
+        it, unless *forward* is false (a peer's request: never passed on)."""
+        manifest = await self._stored(client, repo, reference, accept, forward)
         if is_valid_digest(reference) or acceptable(manifest.media_type, accept):
             return manifest
         if manifest.media_type in LISTS:
             child = default_platform(manifest.body)
             if child is not None and is_valid_digest(child):
-                platform = await self._stored(client, repo, child, accept)
+                platform = await self._stored(client, repo, child, accept, forward)
                 if acceptable(platform.media_type, accept):
                     return platform
         raise RegistryError(
@@ -86,7 +97,12 @@ class ManifestCache:
         )
 
     async def _stored(
-        self, client: RegistryClient, repo: str, reference: str, accept: Sequence[str]
+        self,
+        client: RegistryClient,
+        repo: str,
+        reference: str,
+        accept: Sequence[str],
+        forward: bool = True,
     ) -> CachedManifest:
         """What the registry stores under *reference*: from the cache, or
         revalidated or fetched once however many clients ask at once."""
@@ -96,11 +112,15 @@ class ManifestCache:
             cached = await self._read(client.name, repo, known)
             if cached is not None:
                 return cached
-            return await self._flight.run(key, lambda: self._fetch(client, repo, reference, accept))
+            return await self._flight.run(
+                key, lambda: self._fetch(client, repo, reference, accept, forward)
+            )
         entry, known = await self._index.quick(partial(_by_tag, client.name, repo, reference))
         cached = await self._read(client.name, repo, known)
         if entry is None or cached is None:
-            return await self._flight.run(key, lambda: self._fetch(client, repo, reference, accept))
+            return await self._flight.run(
+                key, lambda: self._fetch(client, repo, reference, accept, forward)
+            )
         ttl = client.config.tag_ttl
         expired_for = (
             self._clock.seconds() - entry.checked_at - (self._tag_ttl if ttl is None else ttl)
@@ -109,7 +129,8 @@ class ManifestCache:
             return cached
         try:
             return await self._flight.run(
-                key, lambda: self._revalidate(client, repo, reference, accept, entry, cached)
+                key,
+                lambda: self._revalidate(client, repo, reference, accept, entry, cached, forward),
             )
         except RegistryError as e:
             # stale-if-error: an old answer beats none while the upstream is in trouble
@@ -198,6 +219,7 @@ class ManifestCache:
         accept: Sequence[str],
         entry: TagEntry,
         cached: CachedManifest,
+        forward: bool = True,
     ) -> CachedManifest:
         head = await client.head_manifest(repo, tag, upstream_accept(accept))
         if head.digest == entry.digest:
@@ -205,12 +227,25 @@ class ManifestCache:
             checked = attrs.evolve(entry, checked_at=self._clock.seconds())
             await self._index.quick(lambda index: index.put_tag(client.name, repo, tag, checked))
             return cached
-        return await self._fetch(client, repo, tag, accept)
+        return await self._fetch(client, repo, tag, accept, forward)
 
     async def _fetch(
-        self, client: RegistryClient, repo: str, reference: str, accept: Sequence[str]
+        self,
+        client: RegistryClient,
+        repo: str,
+        reference: str,
+        accept: Sequence[str],
+        forward: bool = True,
     ) -> CachedManifest:
-        manifest = await client.get_manifest(repo, reference, upstream_accept(accept))
+        manifest = None
+        if forward and self._peers is not None:
+            # one upstream fetch for the cluster: the owner's (checked here
+            # all the same); None if it does not answer
+            peer = self._peers.owner(f"manifest:{client.name}/{repo}:{reference}")
+            if peer is not None:
+                manifest = await self._peers.get_manifest(peer, client, repo, reference)
+        if manifest is None:
+            manifest = await client.get_manifest(repo, reference, upstream_accept(accept))
         if is_valid_digest(reference):
             expected = Digest.parse(reference)
         elif manifest.digest and is_valid_digest(manifest.digest):

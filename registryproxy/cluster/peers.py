@@ -41,9 +41,10 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from ..errors import RegistryError
+from ..mediatypes import MODERN
 from ..names import Digest
 from ..upstream.body import read_body
-from ..upstream.client import RegistryClient
+from ..upstream.client import MAX_MANIFEST, Manifest, RegistryClient
 from .membership import Membership
 
 log = Logger()
@@ -53,7 +54,7 @@ _MAX_ERROR = 64 * 1024
 
 
 class Peers:
-    """The blob source of a cluster node (see ``cache.blobs.BlobSource``)."""
+    """The blob source of a cluster node (see ``cache.blobs.PeerSource``)."""
 
     def __init__(
         self, membership: Membership, agent: IAgent, clock: IReactorTime, timeout: float = 10.0
@@ -64,16 +65,54 @@ class Peers:
         self._timeout = timeout
 
     def owner_of(self, digest: Digest) -> str | None:
-        owner = self._membership.owner(str(digest))
+        return self.owner(str(digest))
+
+    def owner(self, key: str) -> str | None:
+        owner = self._membership.owner(key)
         if owner is None or owner.name == self._membership.name:
             return None
         return owner.advertise
+
+    async def get_manifest(
+        self, peer: str, client: RegistryClient, repo: str, reference: str
+    ) -> Manifest | None:
+        url = f"{peer.rstrip('/')}/v2/{client.name}/{repo}/manifests/{reference}"
+        headers = Headers(
+            {
+                "Authorization": [f"Bearer {self._membership.secret}"],
+                "Accept": [", ".join(MODERN)],  # what the registry stores
+            }
+        )
+        response = await self._ask(peer, url, headers, reference)
+        if response is None:
+            return None
+        if response.code != 200:
+            raise await self._error(response, peer)
+        try:
+            body = await read_body(response, MAX_MANIFEST, self._timeout, self._clock)
+        except Exception as e:  # cut off (the peer died): this node asks itself
+            log.warn("peer {peer} failed mid-manifest: {why}", peer=peer, why=e)
+            return None
+        types = response.headers.getRawHeaders(b"Content-Type") or [b""]
+        digests = response.headers.getRawHeaders(b"Docker-Content-Digest") or [None]
+        return Manifest(
+            body,
+            types[0].decode("latin-1"),
+            digests[0].decode("latin-1") if digests[0] is not None else None,
+        )
 
     async def get_blob(
         self, peer: str, client: RegistryClient, repo: str, digest: Digest
     ) -> IResponse | None:
         url = f"{peer.rstrip('/')}/v2/{client.name}/{repo}/blobs/{digest}"
         headers = Headers({"Authorization": [f"Bearer {self._membership.secret}"]})
+        response = await self._ask(peer, url, headers, str(digest))
+        if response is None or response.code == 200:
+            return response
+        raise await self._error(response, peer)
+
+    async def _ask(self, peer: str, url: str, headers: Headers, what: str) -> IResponse | None:
+        """The peer's response; None if it does not answer in time."""
         d: Deferred[IResponse] = self._agent.request(b"GET", url.encode("ascii"), headers)
         d.addTimeout(self._timeout, self._clock)
         try:
@@ -87,20 +126,20 @@ class Peers:
             ConnectTimeout,
         ) as e:
             log.warn(
-                "peer {peer} does not answer ({why}); fetching {digest} from {upstream} here",
+                "peer {peer} does not answer ({why}); fetching {what} here",
                 peer=peer,
                 why=type(e).__name__,
-                digest=str(digest),
-                upstream=client.name,
+                what=what,
             )
             return None
-        if response.code == 200:
-            return response
+        return response
+
+    async def _error(self, response: IResponse, peer: str) -> RegistryError:
         try:
             body = await read_body(response, _MAX_ERROR, self._timeout, self._clock)
         except Exception:
             body = b""
-        raise _peer_error(response.code, body, peer)
+        return _peer_error(response.code, body, peer)
 
 
 def _peer_error(status: int, body: bytes, peer: str) -> RegistryError:

@@ -232,7 +232,7 @@ class RegistryResource(Resource):
                 )
             await client.check_shareable(repo, f"manifests/{reference}")
             accept = parse_accept(request.requestHeaders.getRawHeaders(b"Accept", []))
-            manifest = await self._manifests.get(client, repo, reference, accept)
+            manifest = await self._manifests.get(client, repo, reference, accept, self._forward)
             if not gone:
                 self._manifest(request, manifest)
         elif kind == "blob":

@@ -317,9 +317,9 @@ def test_sigkill_of_the_fetching_node_mid_blob(
     # the goal: the surviving nodes take the download over (Range from the
     # upstream), and their clients get every byte
     survivors = [(node.name, r.error) for node, r in results if node is not fetcher]
-    assert all(
-        r.is_whole(blob.digest, blob.size) for node, r in results if node is not fetcher
-    ), f"clients of surviving nodes: {survivors}"
+    assert all(r.is_whole(blob.digest, blob.size) for node, r in results if node is not fetcher), (
+        f"clients of surviving nodes: {survivors}"
+    )
 
     size = cluster.object_size(blob.digest)
     if size is not None:  # a survivor took the download over and published it

@@ -233,6 +233,23 @@ async def test_a_manifest_cached_by_one_node_is_a_hit_on_the_others_and_a_purge_
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_cold_manifest_asked_of_every_node_at_once_is_fetched_once(cluster):
+    registry = cluster.registry
+    image(registry, 1000, repo="library/cold")
+    # all of them ask while the first is fetching
+    registry.manifest_faults["*"] = Fault.slow(chunk=100, delay=0.05)
+    try:
+        replies = await gatherResults(
+            [cluster.get(cluster.nodes[i % 3], "/v2/library/cold/manifests/1") for i in range(9)]
+        )
+    finally:
+        del registry.manifest_faults["*"]
+    assert [r.code for r in replies] == [200] * 9
+    assert len({r.body for r in replies}) == 1
+    assert registry.count("GET", "/library/cold/manifests/1") == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_nothing_unverified_reaches_the_bucket(cluster):
     registry = cluster.registry
     digest, layer = image(registry, 2 * 1024 * 1024)
