@@ -106,8 +106,8 @@ class StorageConfig:
     #: with s3: the bounded local disk tier under cache.directory (bytes, or
     #: a size like "10GiB"); ignored without s3
     local_max_size: int | str = "10GiB"
-    #: with s3: answer blob GETs with a redirect to a presigned URL (an
-    #: optional feature, not implemented yet)
+    #: with s3: answer a blob GET the node has no local copy of with a
+    #: redirect to a presigned bucket URL (clients must reach the bucket)
     redirect: bool = False
 
     def __attrs_post_init__(self) -> None:

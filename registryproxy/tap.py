@@ -395,6 +395,7 @@ def build_proxy(
         verifier=verifier,
         shared=shared,
         tier=tier,
+        redirect=config.cache.storage.redirect,
     )
     if cluster is None:
         evictor.in_use = blobs.in_use

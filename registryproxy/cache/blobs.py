@@ -486,6 +486,7 @@ class BlobCache:
         verifier: Verifier | None = None,
         shared: SharedStore | None = None,
         tier: LocalTier | None = None,
+        redirect: bool = False,
     ) -> None:
         """*peers*: in a cluster, the other nodes, one of which may own a
         download (see :mod:`registryproxy.cluster.peers`); *shared*: the
@@ -494,6 +495,8 @@ class BlobCache:
         self.store = store
         self._peers = peers
         self._shared = shared
+        #: whether clients are sent to the shared store for blobs not here
+        self.redirects = redirect and shared is not None
         #: blobs stored here and being published to the shared store: local
         #: copies this node may serve before the index has their rows
         self._publishing: set[str] = set()
@@ -551,6 +554,11 @@ class BlobCache:
     def shared(self) -> bool:
         """Whether this is a cluster node's cache (a shared store behind it)."""
         return self._shared is not None
+
+    def presigned(self, digest: Digest) -> Deferred[str]:
+        """Where a client gets a stored blob straight from the shared store."""
+        assert self._shared is not None
+        return self._shared.presigned(digest)
 
     async def stored_size(self, digest: Digest) -> int | None:
         """The size of *digest* if the cache holds it, else None.  A single

@@ -44,6 +44,9 @@ class SharedStore(Protocol):
     async def upload(self, digest: Digest, path: str, size: int) -> None:
         """Publish the verified local file at *path* under *digest*."""
 
+    def presigned(self, digest: Digest) -> Deferred[str]:
+        """A URL that GETs the object without credentials, for a while."""
+
     def delete_now(self, digest: Digest) -> None:
         """Delete the object, synchronously: for eviction's worker thread."""
 

@@ -36,6 +36,8 @@ log = Logger()
 #: bytes per part of a multipart upload (S3 wants >= 5 MiB but the last);
 #: files up to this size go in one PUT
 PART_SIZE = 16 * 1024 * 1024
+#: how long a redirect to the bucket stays good
+PRESIGNED_SECONDS = 3600
 
 
 def key(digest: Digest) -> str:
@@ -63,6 +65,10 @@ class Bucket:
     def delete_now(self, digest: Digest) -> None:
         """:meth:`delete`, in the calling thread (eviction's worker, never the reactor's)."""
         self._s3.delete_now(key(digest))
+
+    def presigned(self, digest: Digest) -> Deferred[str]:
+        """A URL that GETs the object without credentials for an hour."""
+        return self._s3.presign_get(key(digest), PRESIGNED_SECONDS)
 
     async def get(self, digest: Digest) -> bytes | None:
         """A small object whole (a manifest); None if absent."""

@@ -351,6 +351,20 @@ class RegistryResource(Resource):
                 cache, size = "MISS", await client.head_blob(repo, str(digest))
             if gone:
                 return
+        elif shared and self._blobs.redirects and self._forward:
+            # the bucket serves it (cache.storage.redirect)
+            location = await self._blobs.presigned(digest)
+            if gone:
+                return
+            request.setResponseCode(307)
+            request.setHeader(b"Location", location.encode("ascii"))
+            request.setHeader(b"Docker-Content-Digest", str(digest).encode())
+            request.setHeader(b"X-Cache", b"HIT")
+            request.setHeader(b"Content-Length", b"0")
+            self._metrics.requests.labels("blob", "hit").inc()
+            self._blobs.served(digest)
+            request.finish()
+            return
         else:
             cache = "HIT" if shared else "MISS"
             fetch = await self._blobs.fetch(client, repo, digest, self._forward, shared)

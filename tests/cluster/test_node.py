@@ -83,7 +83,7 @@ async def cluster(swift, s3_settings, pg_dsn, tmp_path) -> AsyncIterator[Cluster
     clients.start()
     nodes: list[Node] = []
 
-    async def start(name: str, **cache: Any) -> Node:
+    async def start(name: str, redirect: bool = False) -> Node:
         proxy, admin, internal = free_port(), free_port(), free_port()
         directory = tmp_path / name
         config = {
@@ -98,10 +98,10 @@ async def cluster(swift, s3_settings, pg_dsn, tmp_path) -> AsyncIterator[Cluster
                         "region": swift.region,
                         "access_key": swift.access_key,
                         "secret_key": swift.secret_key,
-                    }
+                    },
+                    "redirect": redirect,
                 },
                 "index": {"postgresql": {"dsn": pg_dsn}},
-                **cache,
             },
             "upstreams": {"docker.io": {"url": registry.url, "read_timeout": 5}},
             "cluster": {
@@ -148,8 +148,9 @@ async def cluster(swift, s3_settings, pg_dsn, tmp_path) -> AsyncIterator[Cluster
 
 async def _wait_for(d_factory: Callable[[], Any], what: str) -> Any:
     for _ in range(200):
-        if await d_factory():
-            return True
+        result = await d_factory()
+        if result:
+            return result
         await deferLater(reactor, 0.05, lambda: None)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -349,3 +350,31 @@ async def test_pins_and_upstreams_changed_through_one_node_hold_on_every_node(cl
         return [await pinned_on(n) for n in cluster.nodes] == [[]] * 3
 
     await _wait_for(unpinned_everywhere, "the pin gone on every node")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_may_send_clients_to_the_bucket(cluster):
+    """cache.storage.redirect: a stored blob not on the node's disk is a 307
+    to a presigned URL, which gives the exact bytes without credentials."""
+    digest, layer = image(cluster.registry, 200_000)
+    path = f"/v2/library/app/blobs/{digest}"
+    assert (await cluster.get(cluster.nodes[0], path)).body == layer
+    await _wait_for(
+        lambda: deferToThreadPool(reactor, cluster.clients, cluster.in_bucket, digest),
+        "the object",
+    )
+    redirecting = await cluster.start("node-r", redirect=True)
+
+    async def redirected() -> Any:
+        reply = await cluster.get(redirecting, path)
+        return reply if reply.code == 307 else None
+
+    reply = await _wait_for(redirected, "a redirect")
+    assert reply.header("Docker-Content-Digest") == digest
+    location = reply.header("Location")
+    assert location.startswith(cluster.s3.meta.endpoint_url)
+    body = await deferToThreadPool(
+        reactor, cluster.clients, lambda: urllib.request.urlopen(location, timeout=10).read()
+    )
+    assert body == layer
+    assert not redirecting.local(digest).exists()
