@@ -46,6 +46,10 @@ CREATE TABLE IF NOT EXISTS regproxy_nodes (
 );
 ALTER TABLE regproxy_nodes ADD COLUMN IF NOT EXISTS busy TEXT[] NOT NULL DEFAULT '{}';
 ALTER TABLE regproxy_nodes ADD COLUMN IF NOT EXISTS status TEXT NOT NULL DEFAULT '{}';
+CREATE TABLE IF NOT EXISTS regproxy_shared (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS regproxy_settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL

@@ -4,7 +4,8 @@ A single node keeps them in JSON files beside its cache
 (:class:`~registryproxy.admin.control.SavedUpstreams` and ``SavedPins``); a
 cluster keeps them in the shared database, one row per upstream and per pin
 (so two nodes changing different ones at once lose neither), and each node
-reads them back every few seconds.  The same two small APIs face the admin
+reads them back every few seconds (the table, ``regproxy_shared``, is made
+when a node joins: :mod:`.membership`).  The same two small APIs face the admin
 backend, over a copy in memory: a change is seen at once on the node that
 made it, and written to the database in the background.
 """
@@ -22,13 +23,6 @@ from ..config import Config
 from .pg import Database
 
 log = Logger()
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS regproxy_shared (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-"""
 
 _UPSTREAM = "upstream:"
 _PIN = "pin:"
@@ -49,7 +43,6 @@ class ClusterSettings:
         """Read the rows again: whether they changed."""
 
         def read(conn: psycopg.Connection[Any]) -> dict[str, Any]:
-            conn.execute(SCHEMA)
             rows = conn.execute("SELECT key, value FROM regproxy_shared").fetchall()
             return {key: json.loads(value) for key, value in rows}
 
