@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
@@ -150,11 +150,54 @@ class Row:
     target: Callable[[dict[str, float]], tuple[str, bool]] | None = None
 
 
+def burst_rows(
+    plan: Plan,
+    subject: str,
+    wall_target: Callable[[dict[str, float]], tuple[str, bool]] | None = None,
+) -> list[Row]:
+    """The rows of many clients on one cold blob; *subject* copies it once."""
+    one_copy = plan.burst_bytes / MB * 1.05
+    return [
+        Row(
+            "burst_wall",
+            f"{plan.burst_clients} clients, same cold {_size(plan.burst_bytes)} blob: wall (s)",
+            "lower",
+            target=wall_target,
+        ),
+        Row(
+            "burst_upstream",
+            f"  ... bytes from upstream (MB; one copy = {plan.burst_bytes / MB:.0f})",
+            "lower",
+            0,
+            target=lambda v: ("one copy", v[subject] <= one_copy),
+        ),
+        Row("burst_cpu", "  ... server CPU (s per GB sent)", "lower"),
+    ]
+
+
+def manifest_rows(plan: Plan, subject: str, p99_ms: float) -> list[Row]:
+    """The rows of manifest requests by tag; *subject*'s p99 under *p99_ms*."""
+    rate = f"{plan.rate:g}/s"
+
+    def p99(v: dict[str, float]) -> tuple[str, bool]:
+        return (f"< {p99_ms:g} ms", v[subject] < p99_ms)
+
+    return [
+        Row("head_max", "manifest HEAD by tag, flat out (req/s)", "higher", 0),
+        Row("get_max", "manifest GET by tag, flat out (req/s)", "higher", 0),
+        Row("get_cpu", "  ... server CPU (ms per request)", "lower"),
+        Row("head_rate", f"manifest HEAD by tag at {rate}: achieved (req/s)", "higher", 0),
+        Row("head_p50", "  ... p50 (ms)", "lower"),
+        Row("head_p99", "  ... p99 (ms)", "lower", target=p99),
+        Row("get_rate", f"manifest GET by tag at {rate}: achieved (req/s)", "higher", 0),
+        Row("get_p50", "  ... p50 (ms)", "lower"),
+        Row("get_p99", "  ... p99 (ms)", "lower", target=p99),
+        Row("get_upstream", "  ... upstream requests per 1000 GETs", "lower", 1),
+    ]
+
+
 def _rows(plan: Plan) -> list[Row]:
     big = _size(plan.big_bytes)
-    burst = _size(plan.burst_bytes)
-    rate = f"{plan.rate:g}/s"
-    one_copy = plan.burst_bytes / MB * 1.05
     return [
         Row(
             "pull_cold",
@@ -180,39 +223,8 @@ def _rows(plan: Plan) -> list[Row]:
             "higher",
             0,
         ),
-        Row(
-            "burst_wall",
-            f"{plan.burst_clients} clients, same cold {burst} blob: wall (s)",
-            "lower",
-            target=lambda v: ("<= peer", v["regproxy"] <= v["peer"]),
-        ),
-        Row(
-            "burst_upstream",
-            f"  ... bytes from upstream (MB; one copy = {plan.burst_bytes / MB:.0f})",
-            "lower",
-            0,
-            target=lambda v: ("one copy", v["regproxy"] <= one_copy),
-        ),
-        Row("burst_cpu", "  ... server CPU (s per GB sent)", "lower"),
-        Row("head_max", "manifest HEAD by tag, flat out (req/s)", "higher", 0),
-        Row("get_max", "manifest GET by tag, flat out (req/s)", "higher", 0),
-        Row("head_rate", f"manifest HEAD by tag at {rate}: achieved (req/s)", "higher", 0),
-        Row("head_p50", "  ... p50 (ms)", "lower"),
-        Row(
-            "head_p99",
-            "  ... p99 (ms)",
-            "lower",
-            target=lambda v: ("< 5 ms", v["regproxy"] < 5),
-        ),
-        Row("get_rate", f"manifest GET by tag at {rate}: achieved (req/s)", "higher", 0),
-        Row("get_p50", "  ... p50 (ms)", "lower"),
-        Row(
-            "get_p99",
-            "  ... p99 (ms)",
-            "lower",
-            target=lambda v: ("< 5 ms", v["regproxy"] < 5),
-        ),
-        Row("get_upstream", "  ... upstream requests per 1000 GETs", "lower", 1),
+        *burst_rows(plan, "regproxy", lambda v: ("<= peer", v["regproxy"] <= v["peer"])),
+        *manifest_rows(plan, "regproxy", 5),
         Row(
             "many_big_rate",
             f"{plan.rss_clients} clients, warm {big} blob: total (MB/s)",
@@ -250,27 +262,33 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x"
 
 
-def table(plan: Plan, results: Results) -> str:
-    header = ["", "regproxy", "peer", "nginx", "rp/peer", "rp/nginx", "target", ""]
+def render(
+    rows: Iterable[Row],
+    results: Results,
+    systems: Sequence[str],
+    ratios: Sequence[tuple[str, str, str]],
+) -> str:
+    """The table: one column per system (the first is the one measured against
+    the targets), then *ratios* (label, numerator, denominator), target, verdict."""
+    subject = systems[0]
+    header = ["", *systems, *(label for label, _, _ in ratios), "target", ""]
+    numbers = len(systems) + len(ratios)
     lines = [header]
-    for row in _rows(plan):
-        v = {s: results.get(row.metric, s, row.how) for s in SYSTEMS}
+    for row in rows:
+        v = {s: results.get(row.metric, s, row.how) for s in systems}
         if all(math.isnan(x) for x in v.values()):
             continue
         target, verdict = "", ""
         if row.target is not None:
             target, met = row.target(v)
-            if not math.isnan(v["regproxy"]) and "(" not in target:
+            if not math.isnan(v[subject]) and "(" not in target:
                 verdict = "ok" if met else "MISS"
         arrow = "v" if row.better == "lower" else "^"
         lines.append(
             [
                 f"{row.label} {arrow}",
-                _fmt(v["regproxy"], row.digits),
-                _fmt(v["peer"], row.digits),
-                _fmt(v["nginx"], row.digits),
-                _ratio(v["regproxy"], v["peer"]),
-                _ratio(v["regproxy"], v["nginx"]),
+                *(_fmt(v[s], row.digits) for s in systems),
+                *(_ratio(v[a], v[b]) for _, a, b in ratios),
                 target,
                 verdict,
             ]
@@ -279,12 +297,19 @@ def table(plan: Plan, results: Results) -> str:
     out = []
     for n, line in enumerate(lines):
         cells = [line[0].ljust(widths[0])]
-        cells += [c.rjust(w) for c, w in zip(line[1:6], widths[1:6], strict=True)]
-        cells += [line[6].ljust(widths[6]), line[7]]
+        cells += [
+            c.rjust(w) for c, w in zip(line[1 : numbers + 1], widths[1 : numbers + 1], strict=True)
+        ]
+        cells += [line[numbers + 1].ljust(widths[numbers + 1]), line[numbers + 2]]
         out.append("  ".join(cells).rstrip())
         if n == 0:
             out.append("-" * len(out[0]))
     return "\n".join(out)
+
+
+def table(plan: Plan, results: Results) -> str:
+    ratios = [("rp/peer", "regproxy", "peer"), ("rp/nginx", "regproxy", "nginx")]
+    return render(_rows(plan), results, SYSTEMS, ratios)
 
 
 # -- the benchmark ---------------------------------------------------------------
@@ -298,24 +323,12 @@ class Bench:
         self.skopeo = harness.Skopeo(tmp / "skopeo")
         say("building images")
         self.images = build_images(plan, tmp / "layouts")
+        self.upstream = start_upstream(tmp, stack, self.skopeo, self.images.values())
+        self.start_systems(stack)
 
-        self.tokens = servers.token_server()
-        stack.callback(self.tokens.stop)
-        self.upstream = servers.Registry(_mkdir(tmp / "upstream"), tokens=self.tokens)
-        self.upstream.start()
-        stack.callback(self.upstream.stop)
-        say(f"upstream docker-registry on {self.upstream.url}; pushing images")
-        for image in self.images.values():
-            self.skopeo.run(
-                "copy",
-                "--quiet",
-                "--dest-tls-verify=false",
-                "--preserve-digests",
-                "--dest-creds=" + ":".join(servers.PUSH_CREDS),
-                f"dir:{image.layout}",
-                image.docker_ref(self.upstream.host_port),
-            )
-
+    def start_systems(self, stack: contextlib.ExitStack) -> None:
+        """Start the systems compared (stopped by *stack*)."""
+        tmp = self.tmp
         self.nginx = servers.Nginx(_mkdir(tmp / "nginx"), images.OCI_MANIFEST)
         for image in self.images.values():
             assert image.layout is not None
@@ -352,6 +365,10 @@ class Bench:
 
     def pid(self, system: str) -> int | None:
         return self.server(system).pid
+
+    def cpu_seconds(self, system: str) -> float:
+        """CPU time *system*'s processes have used so far."""
+        return servers.cpu_seconds(self.pid(system))
 
     def note_rss(self) -> None:
         for system in ("regproxy", "peer"):
@@ -400,9 +417,9 @@ class Bench:
         image = self.images["burst"]
         since = self.upstream.mark()
         clients = self.plan.burst_clients
-        cpu = servers.cpu_seconds(self.pid(system))
+        cpu = self.cpu_seconds(system)
         wall, downloads = load.download_many(self.url(system), blob_path(image), clients, 300)
-        cpu = servers.cpu_seconds(self.pid(system)) - cpu
+        cpu = self.cpu_seconds(system) - cpu
         sent = sum(d.size for d in downloads)
         self.results.add("burst_cpu", system, cpu / max(1, sent) * 1e9)
         bad = [d for d in downloads if not d.ok]
@@ -434,9 +451,9 @@ class Bench:
     def big_warm(self, system: str, metric: str = "blob_warm") -> None:
         image = self.images["big"]
         since = self.upstream.mark()
-        cpu = servers.cpu_seconds(self.pid(system))
+        cpu = self.cpu_seconds(system)
         got = load.download(self.url(system), blob_path(image), deadline=time.monotonic() + 300)
-        cpu = servers.cpu_seconds(self.pid(system)) - cpu
+        cpu = self.cpu_seconds(system) - cpu
         if not got.ok:
             self.results.warn(f"{system}: warm big blob download failed: {got}")
             return
@@ -456,10 +473,13 @@ class Bench:
         plan = self.plan
         for method in ("HEAD", "GET"):
             key = method.lower()
+            cpu = self.cpu_seconds(system)
             most = load.requests(url, method, path, ACCEPT, plan.max_seconds)
+            cpu = self.cpu_seconds(system) - cpu
             if most.errors:
                 self.results.warn(f"{system}: {method} flat out: {most.errors} errors/non-200")
             self.results.add(f"{key}_max", system, most.rate)
+            self.results.add(f"{key}_cpu", system, cpu / max(1, most.ok) * 1000)
             since = self.upstream.mark()
             r = load.requests(url, method, path, ACCEPT, plan.rate_seconds, rate=plan.rate)
             planned = int(plan.rate * plan.rate_seconds)
@@ -485,9 +505,9 @@ class Bench:
         image = self.images["big"]
         clients = self.plan.rss_clients
         servers.reset_peak_rss(self.pid(system))
-        cpu = servers.cpu_seconds(self.pid(system))
+        cpu = self.cpu_seconds(system)
         wall, downloads = load.download_many(self.url(system), blob_path(image), clients, 600)
-        cpu = servers.cpu_seconds(self.pid(system)) - cpu
+        cpu = self.cpu_seconds(system) - cpu
         bad = [d for d in downloads if not d.ok]
         if bad:
             self.results.warn(f"{system}: {len(bad)}/{clients} big downloads failed: {bad[0]}")
@@ -530,6 +550,30 @@ class Bench:
         for system in SYSTEMS:
             self.many_big(system)
         self.note_rss()
+
+
+def start_upstream(
+    tmp: Path, stack: contextlib.ExitStack, skopeo: harness.Skopeo, pushed: Iterable[images.Image]
+) -> servers.Registry:
+    """The upstream (docker-registry behind token auth, stopped by *stack*),
+    with the *pushed* images in it."""
+    tokens = servers.token_server()
+    stack.callback(tokens.stop)
+    upstream = servers.Registry(_mkdir(tmp / "upstream"), tokens=tokens)
+    upstream.start()
+    stack.callback(upstream.stop)
+    say(f"upstream docker-registry on {upstream.url}; pushing images")
+    for image in pushed:
+        skopeo.run(
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--preserve-digests",
+            "--dest-creds=" + ":".join(servers.PUSH_CREDS),
+            f"dir:{image.layout}",
+            image.docker_ref(upstream.host_port),
+        )
+    return upstream
 
 
 def _mkdir(path: Path) -> Path:
@@ -579,7 +623,9 @@ def _collapse(messages: list[str]) -> Iterator[str]:
         yield group[0] + (f" (and {len(group) - 1} more like it)" if len(group) > 1 else "")
 
 
-def _versions() -> str:
+def _versions(*tools: Sequence[str]) -> str:
+    """This checkout's revision, and the first line each of *tools* prints."""
+
     def out(*argv: str) -> str:
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=10)
@@ -589,7 +635,7 @@ def _versions() -> str:
         return lines[0] if lines else "?"
 
     rev = out("git", "-C", str(ROOT), "describe", "--always", "--dirty")
-    return f"regproxy {rev}; {out('docker-registry', '--version')}; {out('nginx', '-v')}"
+    return "; ".join([f"regproxy {rev}", *(out(*tool) for tool in tools)])
 
 
 @contextlib.contextmanager
@@ -604,21 +650,33 @@ def _tempdir(keep: bool) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def drive(
+    argv: list[str] | None,
+    doc: str,
+    plans: tuple[Plan, Plan],
+    bench_type: type[Bench],
+    show: Callable[[Plan, Results], str],
+    binaries: Sequence[tuple[str, str]],
+    tools: Sequence[Sequence[str]],
+) -> int:
+    """A benchmark's command line: parse *argv*, check the *binaries* (name,
+    Debian package) are there, run *bench_type* with the full or quick plan of
+    *plans* in a temporary directory, print *show*'s table and the warnings."""
+    full, quick = plans
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one run: a smoke check")
-    parser.add_argument("--runs", type=int, help="runs to take medians over (default 3; quick 1)")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        help=f"runs to take medians over (default {full.runs}; quick {quick.runs})",
+    )
     parser.add_argument("--json", type=Path, help="also write every measured value here")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir and logs")
     args = parser.parse_args(argv)
-    plan = QUICK if args.quick else FULL
+    plan = quick if args.quick else full
     if args.runs:
         plan = Plan(**{**asdict(plan), "runs": args.runs})
-    for binary, package in [
-        ("docker-registry", "docker-registry"),
-        ("skopeo", "skopeo"),
-        ("nginx", "nginx-light"),
-    ]:
+    for binary, package in binaries:
         harness.require_binary(binary, package)
 
     # Also when started with SIGINT ignored (in the background): a Ctrl-C
@@ -626,10 +684,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     cpu = CpuWatch()
-    versions = _versions()
+    versions = _versions(*tools)
     try:
         with _tempdir(args.keep) as tmp, contextlib.ExitStack() as stack:
-            bench = Bench(plan, tmp, stack)
+            bench = bench_type(plan, tmp, stack)
             bench.run()
             results = bench.results
             sizes = "; ".join(
@@ -646,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'quick' if args.quick else 'full'} mode, medians of {plan.runs} run(s); "
         f"MB = 10^6 bytes; {sizes}"
     )
-    print(table(plan, results))
+    print(show(plan, results))
     other, share = cpu.others()
     print(
         f"other processes on this machine meanwhile: {other:.0f} CPU-s, {share:.0%} of its CPU"
@@ -660,6 +718,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     say("done")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    assert __doc__ is not None
+    return drive(
+        argv,
+        __doc__,
+        (FULL, QUICK),
+        Bench,
+        table,
+        [("docker-registry", "docker-registry"), ("skopeo", "skopeo"), ("nginx", "nginx-light")],
+        [("docker-registry", "--version"), ("nginx", "-v")],
+    )
 
 
 if __name__ == "__main__":
