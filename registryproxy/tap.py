@@ -123,6 +123,7 @@ class Proxy:
     #: the cache's way to its index
     access: IndexAccess
     blobs: BlobCache
+    manifests: ManifestCache
     #: the embedded index and its worker thread; None in a cluster
     local: LocalIndex | None = None
     #: a cluster node's engines and local tier; None on a single node
@@ -309,6 +310,17 @@ def _fitted_connections(config: Config) -> int:
     return fitted
 
 
+def _removed_everywhere(manifests: ManifestCache, cluster: Engines) -> Callable[[], None]:
+    """What a cluster node does when it purged or evicted: forgets its own
+    answers in memory, and tells the other nodes to."""
+
+    def removed() -> None:
+        manifests.forget_hot()
+        cluster.settings.bump()
+
+    return removed
+
+
 def build_proxy(
     config: Config,
     reactor: Any,
@@ -373,6 +385,9 @@ def build_proxy(
         config.cache.max_bytes,
         config.cache.low_water,
         config.cache.max_idle,
+        removed=manifests.forget_hot
+        if cluster is None
+        else _removed_everywhere(manifests, cluster),
     )
     # stored bytes are hashed again before they are trusted again (scrub.py)
     verifier = Verifier(
@@ -439,6 +454,7 @@ def build_proxy(
         verifier,
         access,
         blobs,
+        manifests,
         local=local,
         cluster=cluster,
         tier=tier,
@@ -524,7 +540,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         membership = cluster.membership
         # the other nodes' way in: their secret, and nothing passed on again
         inside = GuardedSite(
-            PeersOnly(proxy.internal, lambda: membership.secret),
+            PeersOnly(proxy.internal, lambda: membership.secret, proxy.manifests.forget_hot),
             limits(config)[0],
             no_bodies,
             reactor,
@@ -535,8 +551,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         later.append(membership)
         settings, control = cluster.settings, proxy.control
 
+        manifests = proxy.manifests
+
         async def shared_settings() -> None:
-            if await settings.refresh():
+            if await settings.refresh():  # changed: settings, or a removal somewhere
+                manifests.forget_hot()
                 control.reload_saved()
 
         later.append(

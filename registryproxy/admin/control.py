@@ -74,6 +74,9 @@ class ClusterView(Protocol):
     async def check(self) -> dict[str, dict[str, Any]]:
         """Whether the cluster's engines answer (for /readyz)."""
 
+    async def forget_everywhere(self) -> None:
+        """Make every live node drop the answers it keeps in memory."""
+
 
 #: how long an upstream answer counts as "recent" for /readyz
 _RECENT = 300.0
@@ -274,6 +277,8 @@ class Control:
             fetched_before=s.older_than,
             unused_since=s.unused_since,
         )
+        if self._cluster is not None:  # a MISS on every node once this answers
+            await self._cluster.forget_everywhere()
         log.info(
             "purged {manifests} manifests, {tags} tags, {blobs} files ({bytes} bytes)",
             manifests=removed.manifests,

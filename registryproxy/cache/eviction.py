@@ -63,8 +63,12 @@ class Evictor:
         low_water: float = 0.9,
         max_idle: float | None = None,
         pins: Sequence[Pin] = (),
+        removed: Callable[[], None] = lambda: None,
     ) -> None:
+        """*removed* is told whenever images or blobs went (answers kept in
+        memory must be looked up again)."""
         self._access = access
+        self._removed = removed
         self._store = store
         self._clock = clock
         self.max_bytes = max_bytes
@@ -123,6 +127,8 @@ class Evictor:
                         partial(_loose, self._store, set(self.in_use()), target)
                     )
                     freed += just_freed
+                    if count:
+                        self._removed()
                     if count < LOOSE_BATCH:
                         break
         return freed
@@ -146,6 +152,8 @@ class Evictor:
             )
             freed += just_freed
             self._log(evicted, why, just_freed)
+            if evicted.images or just_freed:
+                self._removed()
             if not evicted.more:
                 return freed
 
@@ -173,12 +181,15 @@ class Evictor:
             evicted = index.evict(self.pins, in_use, ROOM_BATCH, excess=short)
             just_freed = _unlink(self._store, evicted.removed.blobs)
             freed += just_freed
+            if evicted.images:
+                self._removed()
             self._log(evicted, "disk full", just_freed)
             if not evicted.images:
                 break
         short = needed - self._store.room()
         if short > 0:
             freed += _unlink(self._store, index.evict_loose(in_use, short, ROOM_BATCH))
+            self._removed()
         return freed
 
     async def purge(
@@ -201,7 +212,10 @@ class Evictor:
             )
             return removed, _reclaim(store, removed.blobs, index)
 
-        return await self._access.heavy(purge)
+        try:
+            return await self._access.heavy(purge)
+        finally:
+            self._removed()
 
     def _log(self, evicted: Evicted, why: str, freed: int) -> None:
         if not evicted.images:

@@ -9,6 +9,7 @@ revalidate.  A tag's entry is always what the registry stores for it: see
 
 from __future__ import annotations
 
+import collections
 import json
 from collections.abc import Sequence
 from functools import partial
@@ -57,6 +58,8 @@ class ManifestCache:
         self._store = store
         self._shared = shared
         self._peers = peers
+        #: the answers served most often, without the index or the disk
+        self._hot = HotAnswers()
         self._index = index
         self._clock = clock
         self._tag_ttl = tag_ttl
@@ -107,10 +110,15 @@ class ManifestCache:
         """What the registry stores under *reference*: from the cache, or
         revalidated or fetched once however many clients ask at once."""
         key = (client.name, repo, reference)
+        hot = self._hot.get(key, self._clock.seconds())
+        if hot is not None:
+            self._touch(client.name, repo, hot.digest)
+            return hot
         if is_valid_digest(reference):
             known = await self._index.quick(partial(_by_digest, client.name, repo, reference))
             cached = await self._read(client.name, repo, known)
             if cached is not None:
+                self._hot.put(key, cached, None)
                 return cached
             return await self._flight.run(
                 key, lambda: self._fetch(client, repo, reference, accept, forward)
@@ -126,6 +134,7 @@ class ManifestCache:
             self._clock.seconds() - entry.checked_at - (self._tag_ttl if ttl is None else ttl)
         )
         if expired_for < 0:
+            self._hot.put(key, cached, self._clock.seconds() - expired_for)
             return cached
         try:
             return await self._flight.run(
@@ -173,10 +182,19 @@ class ManifestCache:
             log.error("quarantined manifest {digest}: its bytes do not match", digest=digest)
             self._store.quarantine(parsed)
             return None
+        self._touch(upstream, repo, digest)
+        return CachedManifest(body, entry.media_type, digest, "HIT")
+
+    def _touch(self, upstream: str, repo: str, digest: str) -> None:
+        """Remember a read, for eviction (in memory: written by the next flush)."""
         now = self._clock.seconds()
         self._index.touch_manifest(upstream, repo, digest, now)
         self._index.touch_blob(digest, now)
-        return CachedManifest(body, entry.media_type, digest, "HIT")
+
+    def forget_hot(self) -> None:
+        """Something was purged or evicted (here, or by another node of a
+        cluster): answers kept in memory are asked of the index again."""
+        self._hot.clear()
 
     async def _from_shared(self, digest: Digest) -> bytes | None:
         """A manifest another node cached, from the shared store, and a
@@ -294,6 +312,51 @@ class ManifestCache:
             digest=digest,
         )
         return CachedManifest(manifest.body, manifest.media_type, digest, "MISS")
+
+
+class HotAnswers:
+    """Cached manifests by (upstream, repository, reference), in memory, for
+    as long as the answer holds (a tag until its TTL runs out, a digest for
+    good), the least recently used dropped past :attr:`MAX_BYTES`.  Emptied
+    whenever anything is purged or evicted (:meth:`ManifestCache.forget_hot`)."""
+
+    MAX_BYTES = 64 * 1024 * 1024
+
+    def __init__(self, max_bytes: int = MAX_BYTES) -> None:
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._answers: collections.OrderedDict[
+            tuple[str, str, str], tuple[CachedManifest, float | None]
+        ] = collections.OrderedDict()
+
+    def get(self, key: tuple[str, str, str], now: float) -> CachedManifest | None:
+        found = self._answers.get(key)
+        if found is None:
+            return None
+        manifest, until = found
+        if until is not None and now >= until:
+            self._drop(key)
+            return None
+        self._answers.move_to_end(key)
+        return manifest
+
+    def put(self, key: tuple[str, str, str], manifest: CachedManifest, until: float | None) -> None:
+        if len(manifest.body) > self._max_bytes // 16:
+            return
+        self._drop(key)
+        self._answers[key] = (manifest, until)
+        self._bytes += len(manifest.body)
+        while self._bytes > self._max_bytes:
+            self._drop(next(iter(self._answers)))
+
+    def _drop(self, key: tuple[str, str, str]) -> None:
+        found = self._answers.pop(key, None)
+        if found is not None:
+            self._bytes -= len(found[0].body)
+
+    def clear(self) -> None:
+        self._answers.clear()
+        self._bytes = 0
 
 
 def _by_digest(upstream: str, repo: str, digest: str, index: Index) -> ManifestEntry | None:

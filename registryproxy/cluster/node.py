@@ -109,6 +109,9 @@ class Engines:
         checks["cluster"] = {"ok": bool(live), "nodes": [node.name for node in live]}
         return checks
 
+    async def forget_everywhere(self) -> None:
+        await self.peers.forget_everywhere()
+
     def abort_stale_uploads(self) -> Deferred[Any]:
         """Abort what a node that died mid-upload left in the bucket (S3
         keeps, and bills, unfinished multipart uploads until aborted)."""

@@ -24,7 +24,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.defer import TimeoutError as NoAnswer
 from twisted.internet.error import (
     ConnectError,
@@ -51,6 +51,8 @@ log = Logger()
 
 #: the largest error answer read from a peer
 _MAX_ERROR = 64 * 1024
+#: where a node tells another that it purged
+FORGET = b"/_regproxy/forget"
 
 
 class Peers:
@@ -72,6 +74,28 @@ class Peers:
         if owner is None or owner.name == self._membership.name:
             return None
         return owner.advertise
+
+    async def forget_everywhere(self) -> None:
+        """Tell every other live node that this one purged (each drops the
+        answers it keeps in memory), waiting for them at most the peer
+        timeout; a node that does not answer learns it at its next
+        refresh of the cluster's generation."""
+        others = [
+            node.advertise for node in self._membership.live if node.name != self._membership.name
+        ]
+        headers = Headers({"Authorization": [f"Bearer {self._membership.secret}"]})
+
+        async def tell(peer: str) -> None:
+            url = f"{peer.rstrip('/')}{FORGET.decode()}".encode("ascii")
+            d = self._agent.request(b"POST", url, headers)
+            d.addTimeout(self._timeout, self._clock)
+            try:
+                response = await d
+                await read_body(response, _MAX_ERROR, self._timeout, self._clock)
+            except Exception as e:
+                log.warn("could not tell {peer} of a purge: {why}", peer=peer, why=e)
+
+        await gatherResults([Deferred.fromCoroutine(tell(p)) for p in others])
 
     async def get_manifest(
         self, peer: str, client: RegistryClient, repo: str, reference: str
@@ -157,11 +181,19 @@ class PeersOnly(Resource):
 
     isLeaf = True
 
-    def __init__(self, inner: IResource, secret: str | Callable[[], str]) -> None:
-        """*secret*, or where to find it (a node learns it when it joins)."""
+    def __init__(
+        self,
+        inner: IResource,
+        secret: str | Callable[[], str],
+        forget: Callable[[], None] = lambda: None,
+    ) -> None:
+        """*secret*, or where to find it (a node learns it when it joins);
+        *forget*: what ``POST /_regproxy/forget`` does (another node purged:
+        drop the answers kept in memory)."""
         super().__init__()
         self._inner = inner
         self._secret = secret if callable(secret) else lambda: secret
+        self._forget = forget
 
     def render(self, request: Request) -> Any:  # type: ignore[override]
         given = request.getHeader(b"Authorization") or b""
@@ -176,4 +208,12 @@ class PeersOnly(Resource):
             request.setHeader(b"Content-Type", b"application/json")
             request.setHeader(b"Content-Length", b"%d" % len(body))
             return body
+        if request.path == FORGET:
+            if request.method != b"POST":
+                request.setResponseCode(405)
+                request.setHeader(b"Allow", b"POST")
+                return b""
+            self._forget()
+            request.setResponseCode(204)
+            return b""
         return self._inner.render(request)

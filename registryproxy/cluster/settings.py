@@ -26,6 +26,8 @@ log = Logger()
 
 _UPSTREAM = "upstream:"
 _PIN = "pin:"
+#: counts purges and evictions anywhere in the cluster
+_GENERATION = "generation"
 
 
 class ClusterSettings:
@@ -75,6 +77,24 @@ class ClusterSettings:
         d.addBoth(done).addErrback(
             lambda f: log.error(
                 "could not save {key} for the cluster: {why}", key=key, why=f.getErrorMessage()
+            )
+        )
+
+    def bump(self) -> None:
+        """Tell every node that something was purged or evicted: each reads
+        the generation at its next refresh, and looks its answers kept in
+        memory up again."""
+
+        def bump(conn: psycopg.Connection[Any]) -> None:
+            conn.execute(
+                "INSERT INTO regproxy_shared VALUES (%s, '1') ON CONFLICT (key)"
+                " DO UPDATE SET value = (regproxy_shared.value::bigint + 1)::text",
+                (_GENERATION,),
+            )
+
+        self._db.run(bump).addErrback(
+            lambda f: log.error(
+                "could not tell the cluster of a removal: {why}", why=f.getErrorMessage()
             )
         )
 

@@ -157,6 +157,8 @@ async def test_the_internal_port_is_for_nodes_only(cluster):
         reply = await deferToThread(http_request, nodes[0].internal, "GET", path, headers)
         assert reply.code == 401
         assert json.loads(reply.body)["errors"][0]["code"] == "UNAUTHORIZED"
+    forget = await deferToThread(http_request, nodes[0].internal, "POST", "/_regproxy/forget", {})
+    assert forget.code == 401
     secret = {"Authorization": [f"Bearer {nodes[0].membership.secret}"]}
     reply = await deferToThread(http_request, nodes[0].internal, "GET", path, secret)
     assert reply.code == 200
