@@ -591,8 +591,9 @@ class BlobCache:
 
     @property
     def downloading(self) -> int:
-        """Downloads not finished yet, relayed ones too: what a shutdown waits for."""
-        return len(self._downloads)
+        """Downloads not finished yet, relayed ones too, and blobs being
+        published to a cluster's store: what a shutdown waits for."""
+        return len(self._downloads) + len(self._publishing)
 
     def abort_all(self, why: str) -> None:
         """Shutting down: start no more downloads, and fail those still
