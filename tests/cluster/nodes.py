@@ -22,6 +22,7 @@ import hashlib
 import http.client
 import http.server
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -96,7 +97,9 @@ class UpstreamFront:
     """A small HTTP reverse proxy in front of the upstream registry.
 
     Every request is recorded as an :class:`Exchange` the moment its response
-    starts; ``throttle[digest] = bytes_per_second`` slows that blob's bodies.
+    starts; ``throttle[digest] = bytes_per_second`` slows that blob's bodies;
+    a request whose path contains a string in ``refuse`` is answered 404
+    here, the upstream not asked (to see whether a node still holds it).
     ``identify(port)``, if set, names the process whose socket on *port* asks
     for a blob (:meth:`Cluster.identify`)."""
 
@@ -107,6 +110,7 @@ class UpstreamFront:
         self.url = f"http://127.0.0.1:{self.port}"
         self.exchanges: list[Exchange] = []
         self.throttle: dict[str, float] = {}
+        self.refuse: set[str] = set()
         self._lock = threading.Lock()
         self._server: http.server.ThreadingHTTPServer | None = None
 
@@ -165,6 +169,18 @@ class _FrontHandler(http.server.BaseHTTPRequestHandler):
         exchange = Exchange(self.command, self.path, headers, self.client_address[1])
         if "/blobs/" in self.path and self.owner.identify is not None:
             exchange.node = self.owner.identify(exchange.client_port)
+        if any(part in self.path for part in self.owner.refuse):
+            exchange.status = 404
+            self.owner.record(exchange)
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            body = b'{"errors": [{"code": "MANIFEST_UNKNOWN", "message": "refused by the test"}]}'
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+            exchange.done = True
+            return
         upstream = http.client.HTTPConnection(self.owner.target, timeout=60)
         try:
             upstream.request(self.command, self.path, headers=headers)
@@ -254,12 +270,20 @@ def fetch(
     headers: dict[str, str] | None = None,
     timeout: float = 30.0,
     on_headers: Callable[[Fetched], None] | None = None,
+    receive_buffer: int | None = None,
 ) -> Fetched:
-    """One request, its body hashed as it arrives (never all in memory)."""
+    """One request, its body hashed as it arrives (never all in memory).
+    *receive_buffer*: this socket's (small) receive buffer, so that a client
+    that stops reading (in *on_headers*) soon stops the server sending too."""
     parts = urlsplit(url)
     got = Fetched(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
+        if receive_buffer is not None:
+            conn.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            conn.sock.settimeout(timeout)
+            conn.sock.connect((parts.hostname, parts.port))
         conn.request(method, path, headers=headers or {})
         response = conn.getresponse()
         got.status = response.status

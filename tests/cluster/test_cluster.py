@@ -1,7 +1,8 @@
 """The cluster end to end (issue 11): three regproxy nodes under twistd on
 one Swift bucket and one PostgreSQL database, behind haproxy, in front of a
 real docker-registry whose every request is counted (and chosen blobs
-slowed) by :class:`nodes.UpstreamFront`.
+slowed) by :class:`nodes.UpstreamFront`.  skopeo and dockerd pull through
+haproxy (dockerd with it as its Docker Hub mirror).
 
 One cluster serves the whole module; each test uses images of its own, so
 each starts cold.  The tests run in file order: the SIGKILL test restarts the
@@ -10,6 +11,7 @@ node it killed, and the last test adds a fourth node.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -21,6 +23,14 @@ from typing import Any
 import pytest
 from integration import harness, images, regclient
 from integration.conftest import push_image
+from integration.dockerd import DockerDaemon, DockerDaemonError
+from integration.test_dockerd import (
+    assert_pulled,
+    for_this_machine,
+    image_blobs,
+    pull_failure,
+    short_name,
+)
 from integration.test_skopeo import assert_same_tree
 
 from . import engines
@@ -47,9 +57,21 @@ def _one_layer(name: str, size: int) -> Callable[[images.LayoutWriter, Any], ima
     return build
 
 
+#: the integration tests' images that skopeo and dockerd pull through haproxy
+PULLED = ("multilayer", "multiarch")
+#: dockerd's copies of them, in repositories of their own so that its pull
+#: starts cold too (built from another seed: other bytes, but for the layers
+#: that are the same in every build, e.g. multiarch's shared one)
+DOCKERD_IMAGE_SPECS = [
+    dataclasses.replace(s, name=f"dockerd-{s.name}", repository=f"library/d{s.name}")
+    for s in images.IMAGE_SPECS
+    if s.name in PULLED
+]
+
 #: images of their own per test, beside two of the integration tests' ones
 CLUSTER_IMAGE_SPECS = [
-    *(s for s in images.IMAGE_SPECS if s.name in ("multilayer", "multiarch")),
+    *(s for s in images.IMAGE_SPECS if s.name in PULLED),
+    *DOCKERD_IMAGE_SPECS,
     images.ImageSpec("crowd", "library/crowd", "1", _one_layer("crowd", CROWD_BYTES)),
     images.ImageSpec("victim", "library/victim", "1", _one_layer("victim", VICTIM_BYTES)),
     images.ImageSpec("purgeme", "library/purgeme", "1", _one_layer("purgeme", 100_000)),
@@ -205,6 +227,103 @@ def test_skopeo_pulls_through_haproxy_cold_then_warm(
     mark = front.mark()
     skopeo.pull(image.docker_ref(via), pulls / "warm", all_images=all_images)
     assert_same_tree(pulls / "warm", reference)
+    blob_gets = [e.path for e in front.blob_gets(since=mark)]
+    assert blob_gets == [], "the warm pull fetched blobs from upstream again"
+    others = [f"{e.method} {e.path} {e.status}" for e in front.since(mark)]
+    assert others == [], "the warm pull asked the upstream again (the index is shared)"
+
+
+# --------------------------------------------------------------------------
+# 1b. dockerd through haproxy, cold then warm
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dockerd(e2e_dir: Path, cluster: Cluster) -> Iterator[DockerDaemon]:
+    """One dockerd with haproxy as its Docker Hub mirror."""
+    _require(engines.missing(["dockerd", "docker"], "docker.io"))
+    daemon = DockerDaemon(e2e_dir / "dockerd", cluster.url)
+    try:
+        daemon.start()
+    except DockerDaemonError as e:
+        _require(f"dockerd does not start here: {e}")
+    yield daemon
+    daemon.stop()
+
+
+def bytes_served(cluster: Cluster) -> int:
+    """Bytes the nodes served, summed (each node's own count: the heartbeats'
+    sums lag), from their cache or not: a node counts a blob it streams from
+    the bucket, a HIT, in bytes_from_upstream."""
+    total = 0
+    for node in cluster.nodes:
+        response = regclient.request(f"{node.admin_url}/api/v1/stats", timeout=10)
+        assert response.status == 200, (node.name, response.status, response.body)
+        stats = json.loads(response.body)
+        total += int(stats["bytes_from_cache"]) + int(stats["bytes_from_upstream"])
+    return total
+
+
+def diff_ids(layout: Path, config: images.Blob) -> list[str]:
+    """The layers' uncompressed digests, from the config as the upstream serves it."""
+    ids: list[str] = json.loads((layout / config.hex).read_bytes())["rootfs"]["diff_ids"]
+    return ids
+
+
+@pytest.mark.parametrize("name", [s.name for s in DOCKERD_IMAGE_SPECS], ids=list(PULLED))
+def test_dockerd_pulls_through_haproxy_cold_then_warm(
+    name: str,
+    cluster: Cluster,
+    front: UpstreamFront,
+    dockerd: DockerDaemon,
+    test_images: dict[str, images.Image],
+) -> None:
+    image = test_images[name]
+    pulled, arch = for_this_machine(image) if image.is_index else (image, "amd64")
+    assert image.layout is not None
+    blobs = {blob.digest for blob in image_blobs(pulled)}
+    # blobs the same in another test image (built alike): maybe cached already
+    elsewhere = {
+        digest for other, them in test_images.items() if other != name for digest in them.blobs
+    }
+    ref = f"{short_name(image.repository)}:{image.tag}"  # docker.io/library/dNAME:1
+
+    def pull() -> None:
+        result = dockerd.pull(ref, timeout=120)
+        assert result.returncode == 0, pull_failure(dockerd, result)
+        assert not dockerd.fell_back(), pull_failure(dockerd, result)
+        # the digests and ids the upstream has: image id = config digest,
+        # the repo digest, the layers' diff ids
+        assert_pulled(dockerd, ref, image, pulled, arch)
+        info = dockerd.image_inspect(ref)
+        assert info["RootFS"]["Layers"] == diff_ids(image.layout, pulled.config), info["RootFS"]
+
+    mark = front.mark()
+    pull()
+    fetched: dict[str, int] = {}
+    for exchange in front.blob_gets(since=mark):
+        fetched[exchange.digest] = fetched.get(exchange.digest, 0) + 1
+    assert set(fetched) <= blobs, f"blobs dockerd does not need fetched: {set(fetched) - blobs}"
+    assert blobs - elsewhere <= set(fetched), "the cold pull did not fetch its blobs upstream"
+    twice = {digest: n for digest, n in fetched.items() if n > 1}
+    assert not twice, f"blobs fetched from upstream more than once by the cluster: {twice}"
+    manifests = [e.path for e in front.since(mark) if "/manifests/" in e.path]
+    assert manifests, "the cold pull asked the upstream for no manifest"
+
+    dockerd.docker("image", "rm", ref, check=True)
+    assert dockerd.docker("image", "inspect", ref).returncode != 0, "the image is still there"
+    mark, before = front.mark(), bytes_served(cluster)
+    pull()
+    # dockerd downloaded every blob again, and the nodes served them (each
+    # counts a response once it has ended, maybe just after dockerd is done;
+    # with no upstream request, below, from the cluster's cache)
+    needed = sum(b.size for b in image_blobs(pulled))
+    harness.wait_until(
+        lambda: bytes_served(cluster) - before >= needed,
+        5,
+        f"the nodes to count {needed} bytes served for the warm pull",
+        0.2,
+    )
     blob_gets = [e.path for e in front.blob_gets(since=mark)]
     assert blob_gets == [], "the warm pull fetched blobs from upstream again"
     others = [f"{e.method} {e.path} {e.status}" for e in front.since(mark)]
