@@ -461,6 +461,12 @@ def build_proxy(
     )
 
 
+def _fail(reactor: Any) -> None:
+    """Stop, and exit non-zero once stopped (twistd itself would exit 0)."""
+    reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+    reactor.stop()
+
+
 class _Joining(Service):
     """Starts a cluster node: connects its engines and joins the cluster
     (off the reactor thread), and only then starts *then*: its heartbeats,
@@ -491,7 +497,7 @@ class _Joining(Service):
             await self._engines.start()
         except Exception as e:
             log.critical("regproxy: this cluster node cannot start: {why}", why=e)
-            reactor.stop()  # type: ignore[attr-defined]
+            _fail(reactor)
             return
         if self._secret is not None:
             self._engines.membership.secret = self._secret
@@ -502,7 +508,7 @@ class _Joining(Service):
                 child.setServiceParent(self.parent)
         except SystemExit as e:  # a port that cannot be bound
             log.critical("{why}", why=str(e))
-            reactor.stop()  # type: ignore[attr-defined]
+            _fail(reactor)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

@@ -92,6 +92,8 @@ class BlobFetch:
         #: readers cut off (see :meth:`abandoned`)
         self._cut: set[Callable[[], None]] = set()
         self._ended = False
+        #: ended, and nobody reads it any more
+        self.closed = False
         self._done: list[Deferred[None]] = []
         #: the upstream body, to pause while a memory relay is full
         self.upstream: IPushProducer | None = None
@@ -238,7 +240,8 @@ class BlobFetch:
                 d.errback(RuntimeError(error))
 
     def _maybe_close(self) -> None:
-        if self._ended and not self._listeners and not self._holds:
+        if self._ended and not self._listeners and not self._holds and not self.closed:
+            self.closed = True
             self._writer.close()
 
     # -- driven by the upstream body --------------------------------------
@@ -509,6 +512,9 @@ class BlobCache:
         self._max_bytes = max_bytes
         self._make_room = make_room
         self._active: dict[Digest, BlobFetch] = {}
+        #: downloads that ended but whose clients may still be reading them
+        #: (pruned as they close)
+        self._followed: set[BlobFetch] = set()
         #: every download not yet finished (relays too), and those of them
         #: still receiving their body (the others are being published)
         self._downloads: set[BlobFetch] = set()
@@ -548,7 +554,13 @@ class BlobCache:
     def in_use(self) -> set[str]:
         """The blobs being read, downloaded or published now: evicting them
         frees no space until their readers finish."""
-        return {*self._reading.values(), *(str(d) for d in self._active), *self._publishing}
+        followed = (str(f.digest) for f in self._followed if not f.closed)
+        return {
+            *self._reading.values(),
+            *(str(d) for d in self._active),
+            *self._publishing,
+            *followed,
+        }
 
     @property
     def shared(self) -> bool:
@@ -923,11 +935,14 @@ class BlobCache:
             return _relay(digest, size, e.strerror or str(e))
 
     def _finish(self, fetch: BlobFetch) -> None:
+        self._followed = {f for f in self._followed if not f.closed}
         if self._active.get(fetch.digest) is fetch:
             del self._active[fetch.digest]
         self._downloads.discard(fetch)
         self._receiving.discard(fetch)
         fetch._end()
+        if not fetch.closed:
+            self._followed.add(fetch)
 
 
 def _resumed_at(response: IResponse, written: int, size: int | None) -> int:

@@ -255,13 +255,14 @@ class ManifestCache:
         accept: Sequence[str],
         forward: bool = True,
     ) -> CachedManifest:
-        manifest = None
+        manifest, from_peer = None, False
         if forward and self._peers is not None:
             # one upstream fetch for the cluster: the owner's (checked here
             # all the same); None if it does not answer
             peer = self._peers.owner(f"manifest:{client.name}/{repo}:{reference}")
             if peer is not None:
                 manifest = await self._peers.get_manifest(peer, client, repo, reference)
+                from_peer = manifest is not None
         if manifest is None:
             manifest = await client.get_manifest(repo, reference, upstream_accept(accept))
         if is_valid_digest(reference):
@@ -286,6 +287,8 @@ class ManifestCache:
                 f"whose content is {actual}, not {expected}",
             )
         digest = str(actual)
+        if from_peer:  # the owner cached it (bucket and index): nothing to write here
+            return CachedManifest(manifest.body, manifest.media_type, digest, "MISS")
         now = self._clock.seconds()
         try:
             await self._keep(actual, manifest.body)

@@ -405,7 +405,8 @@ class RegistryResource(Resource):
     def _send(
         self, request: Request, fd: int | None, fetch: BlobFetch | None, start: int, end: int | None
     ) -> None:
-        counted = self._metrics.served_bytes.labels("upstream" if fetch else "cache").inc
+        source = "upstream" if fetch is not None and fetch.origin != "shared" else "cache"
+        counted = self._metrics.served_bytes.labels(source).inc
         transport = socket_transport(request) if self._sendfile else None
         if fetch is not None:
             fd = fetch.fileno()
