@@ -136,6 +136,29 @@ def check_patterns(patterns: Sequence[str] | None, key: str) -> None:
             raise ValueError(f"{key}[{i}]: {e}") from None
 
 
+def refused_by(
+    upstream: str,
+    allow: Sequence[str] | None,
+    deny: Sequence[str],
+    repository: str,
+    tag: str | None = None,
+    library_prefix: bool = False,
+) -> str | None:
+    """Why the rules of *upstream* refuse *repository* (and *tag*, for a
+    manifest by tag), naming the rule, or None if they let it through;
+    *library_prefix*: the upstream's (see :func:`compile_pattern`)."""
+    what = f"{upstream}/{repository}" + (f":{tag}" if tag is not None else "")
+    for pattern in deny:
+        if compile_pattern(pattern, library_prefix).matches(repository, tag):
+            return f"{what} is denied by upstreams.{upstream}.deny {_quote(pattern)}"
+    if allow is None or any(
+        compile_pattern(p, library_prefix).admits(repository, tag) for p in allow
+    ):
+        return None
+    listed = ", ".join(_quote(p) for p in allow) or "(empty)"
+    return f"{what} is not in upstreams.{upstream}.allow ({listed})"
+
+
 def refusal(
     upstream: str,
     allow: Sequence[str] | None,
@@ -144,29 +167,11 @@ def refusal(
     tag: str | None = None,
     library_prefix: bool = False,
 ) -> RegistryError | None:
-    """The ``403 DENIED`` for *repository* (and *tag*, for a manifest by tag)
-    on *upstream*, or None if its rules let it through; *library_prefix*:
-    the upstream's (see :func:`compile_pattern`)."""
-    what = f"{upstream}/{repository}" + (f":{tag}" if tag is not None else "")
-    for pattern in deny:
-        if compile_pattern(pattern, library_prefix).matches(repository, tag):
-            return RegistryError(
-                403,
-                "DENIED",
-                f"{what} is denied by upstreams.{upstream}.deny {_quote(pattern)} "
-                "on this regproxy: ask its operator",
-            )
-    if allow is None or any(
-        compile_pattern(p, library_prefix).admits(repository, tag) for p in allow
-    ):
+    """:func:`refused_by` as the ``403 DENIED`` a client gets, or None."""
+    why = refused_by(upstream, allow, deny, repository, tag, library_prefix)
+    if why is None:
         return None
-    listed = ", ".join(_quote(p) for p in allow) or "(empty)"
-    return RegistryError(
-        403,
-        "DENIED",
-        f"{what} is not in upstreams.{upstream}.allow ({listed}) on this regproxy: "
-        "ask its operator",
-    )
+    return RegistryError(403, "DENIED", f"{why} on this regproxy: ask its operator")
 
 
 def oversize(

@@ -104,6 +104,10 @@ async def test_deny_wins_over_allow(fake_registry, make_proxy):
     proxy = await make_proxy(fake_registry.url, allow=["library/*"], deny=["library/large"])
     assert (await proxy.get("/v2/library/alpine/manifests/1")).code == 200
     await refused(proxy, paths("library/large", "1", manifest, sha(b"b")), DENIED_BY)
+    # nor prefetched through the admin API: cached, it would never be served
+    with pytest.raises(AdminError) as e:
+        proxy.proxy.control.prefetch("docker.io", "large", "1", None)
+    assert e.value.status == 400 and DENIED_BY in e.value.message
     assert fake_registry.count(None, "library/large") == 0
 
 
