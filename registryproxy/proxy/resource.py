@@ -26,7 +26,7 @@ from ..metrics import Metrics
 from ..names import Digest, is_valid_digest, is_valid_name, is_valid_registry_host, is_valid_tag
 from ..upstream.client import RegistryClient
 from ..upstream.registry import Upstreams
-from ..upstream.rules import oversize, refusal
+from ..upstream.rules import oversize, refused_by
 from .ranges import parse_range
 from .sender import BlobSender
 from .sendfile import SendfileSender, socket_transport
@@ -146,9 +146,9 @@ def _query(request: Request, keys: tuple[str, ...]) -> dict[str, str]:
 def _admit(client: RegistryClient, repo: str, tag: str | None) -> None:
     """Raise the 403 DENIED of the upstream's allow and deny lists, if any."""
     config = client.config
-    error = refusal(client.name, config.allow, config.deny, repo, tag, config.library_prefix)
-    if error is not None:
-        raise error
+    why = refused_by(client.name, config.allow, config.deny, repo, tag, config.library_prefix)
+    if why is not None:
+        raise RegistryError(403, "DENIED", f"{why} on this regproxy: ask its operator")
 
 
 def _check_size(client: RegistryClient, digest: Digest | str, size: int | None) -> None:

@@ -159,21 +159,6 @@ def refused_by(
     return f"{what} is not in upstreams.{upstream}.allow ({listed})"
 
 
-def refusal(
-    upstream: str,
-    allow: Sequence[str] | None,
-    deny: Sequence[str],
-    repository: str,
-    tag: str | None = None,
-    library_prefix: bool = False,
-) -> RegistryError | None:
-    """:func:`refused_by` as the ``403 DENIED`` a client gets, or None."""
-    why = refused_by(upstream, allow, deny, repository, tag, library_prefix)
-    if why is None:
-        return None
-    return RegistryError(403, "DENIED", f"{why} on this regproxy: ask its operator")
-
-
 def oversize(
     upstream: str, limit: int | None, shown: object, digest: str, size: int | None
 ) -> RegistryError | None:
