@@ -25,6 +25,7 @@ from .cluster.pg import PgSettings
 from .cluster.s3 import S3Settings
 from .names import is_valid_registry_host
 from .reference import parse_image
+from .upstream.rules import check_patterns
 
 
 class ConfigError(Exception):
@@ -224,6 +225,17 @@ class UpstreamConfig:
     #: serve what regproxy pulls with its credentials to every client, also
     #: repositories the upstream serves to nobody without credentials
     share_private: bool = False
+    #: the repositories served, as patterns REPOSITORY[:TAG] ("library/*",
+    #: "myorg/**", "*/app:1.*"; see registryproxy.upstream.rules); anything
+    #: else answers 403 DENIED.  None: every repository; []: none
+    allow: tuple[str, ...] | None = None
+    #: repositories (and tags) refused with 403 DENIED, cached or not; wins
+    #: over allow
+    deny: tuple[str, ...] = ()
+    #: bytes (or a size like "2GiB"): a larger blob is refused with 403
+    #: DENIED before its download starts, and so is a manifest listing one;
+    #: None: no limit
+    max_blob_size: int | str | None = None
 
     def __attrs_post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -258,6 +270,16 @@ class UpstreamConfig:
         for alias in self.aliases:
             if not is_valid_registry_host(alias):
                 raise ValueError(f"aliases: {alias!r} is not a host name")
+        check_patterns(self.allow, "allow")
+        check_patterns(self.deny, "deny")
+        if self.max_blob_size is not None:
+            parse_size(self.max_blob_size, "max_blob_size")
+
+    @property
+    def max_blob_bytes(self) -> int | None:
+        return (
+            None if self.max_blob_size is None else parse_size(self.max_blob_size, "max_blob_size")
+        )
 
     @property
     def deadline_seconds(self) -> float:
@@ -554,8 +576,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if value is None and type(None) in options:
             return None
         given = [o for o in options if o is not type(None)]
-        if len(given) == 1 and attrs.has(given[0]):
-            return _build(given[0], value, path)  # its own errors, which name its keys
+        if len(given) == 1:
+            return _convert(given[0], value, path)  # its own errors, which name its keys
         errors = []
         for inner in (o for o in options if o is not type(None)):
             try:

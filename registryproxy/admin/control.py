@@ -27,9 +27,10 @@ from ..config import PRESETS, Config, ConfigError, settings_of, upstream_from_se
 from ..errors import RegistryError
 from ..mediatypes import MODERN
 from ..metrics import Metrics
-from ..names import Digest, is_valid_digest
+from ..names import Digest, is_valid_digest, is_valid_tag
 from ..reference import parse_image
 from ..upstream.registry import Upstreams
+from ..upstream.rules import refused_by
 from .backend import (
     AdminError,
     BlobInfo,
@@ -298,8 +299,15 @@ class Control:
         client = self._upstreams.get(upstream)
         if client is None:
             raise AdminError(400, f"unknown upstream {upstream!r}")
-        if client.config.library_prefix and "/" not in repository:
+        config = client.config
+        if config.library_prefix and "/" not in repository:
             repository = "library/" + repository
+        tag = reference if is_valid_tag(reference) else None
+        why = refused_by(
+            client.name, config.allow, config.deny, repository, tag, config.library_prefix
+        )
+        if why is not None:  # cached, it would never be served
+            raise AdminError(400, f"{why}: not prefetched")
         job = _Job(
             id=secrets.token_hex(8),
             upstream=client.name,

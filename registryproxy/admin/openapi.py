@@ -42,8 +42,14 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 def _setting_schema(tp: Any) -> dict[str, Any]:
     """JSON Schema for one UpstreamConfig field, from its type hint."""
     if typing.get_origin(tp) in (Union, types.UnionType):
-        (inner,) = [t for t in typing.get_args(tp) if t is not type(None)]
-        return _nullable(_setting_schema(inner))
+        options = [t for t in typing.get_args(tp) if t is not type(None)]
+        schema: dict[str, Any] = {}
+        for option in options:  # several: a size, bytes or "2GiB"
+            inner = _setting_schema(option)
+            schema = {**schema, **inner, "type": [*schema.get("type", []), inner["type"]]}
+        if type(None) in typing.get_args(tp):
+            schema["type"].append("null")
+        return schema if len(schema["type"]) > 1 else {**schema, "type": schema["type"][0]}
     if typing.get_origin(tp) is tuple:
         return {"type": "array", "items": _setting_schema(typing.get_args(tp)[0])}
     if tp is float:

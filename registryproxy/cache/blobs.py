@@ -28,6 +28,7 @@ from ..errors import RegistryError
 from ..names import Digest
 from ..singleflight import SingleFlight
 from ..upstream.client import Manifest, RegistryClient, content_length
+from ..upstream.rules import oversize
 from .access import IndexAccess
 from .scrub import Verifier
 from .shared import LocalTier, SharedStore
@@ -72,9 +73,13 @@ class BlobFetch:
         source: str,
         make_room: Callable[[int], int] = lambda needed: 0,
         origin: str = "upstream",
+        max_size: int | None = None,
     ) -> None:
+        """*max_size*: the upstream's max_blob_size, for a body whose size
+        was not announced: past it, the download fails."""
         self.digest = digest
         self.size = size
+        self.max_size = max_size
         self.source = source
         #: where the bytes come from: "upstream", "peer" (the cluster node
         #: downloading them) or "shared" (the cluster's store)
@@ -256,6 +261,10 @@ class BlobFetch:
             self._disk_full(data, start)
         if self.size is not None and self.written > self.size:
             raise VerificationError(f"upstream sent more than the announced {self.size} bytes")
+        if self.max_size is not None and self.written > self.max_size:
+            raise VerificationError(
+                f"upstream sent more than its max_blob_size of {self.max_size} bytes"
+            )
         if (
             isinstance(self._writer, MemoryRelay)
             and self._writer.buffered > MemoryRelay.HIGH
@@ -724,12 +733,18 @@ class BlobCache:
             response.deliverBody(_Hangup())
             return running
         size = response.length if origin == "shared" else content_length(response)
+        config = client.config
+        limit = config.max_blob_bytes
         try:
+            # refused on the size announced, before a byte is stored
+            too_large = oversize(client.name, limit, config.max_blob_size, str(digest), size)
+            if too_large is not None:
+                raise too_large
             writer = self._writer(digest, size)
         except BaseException:
             response.deliverBody(_Hangup())  # else its connection stays paused for good
             raise
-        fetch = BlobFetch(digest, size, writer, client.name, self._room_made, origin)
+        fetch = BlobFetch(digest, size, writer, client.name, self._room_made, origin, limit)
         fetch.readers.add((client.name, repo))
         if not fetch.relayed:
             self._active[digest] = fetch
@@ -808,7 +823,6 @@ class BlobCache:
         # holds: the body may end (a relay: be released) inside deliverBody
         fetch.hold()
         self._clock.callLater(0, fetch.release)
-        config = client.config
         response.deliverBody(
             _Receiver(fetch, self._clock, config.read_timeout, done, config.min_rate)
         )

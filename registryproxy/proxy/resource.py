@@ -26,6 +26,7 @@ from ..metrics import Metrics
 from ..names import Digest, is_valid_digest, is_valid_name, is_valid_registry_host, is_valid_tag
 from ..upstream.client import RegistryClient
 from ..upstream.registry import Upstreams
+from ..upstream.rules import oversize, refused_by
 from .ranges import parse_range
 from .sender import BlobSender
 from .sendfile import SendfileSender, socket_transport
@@ -142,6 +143,38 @@ def _query(request: Request, keys: tuple[str, ...]) -> dict[str, str]:
     return query
 
 
+def _admit(client: RegistryClient, repo: str, tag: str | None) -> None:
+    """Raise the 403 DENIED of the upstream's allow and deny lists, if any."""
+    config = client.config
+    why = refused_by(client.name, config.allow, config.deny, repo, tag, config.library_prefix)
+    if why is not None:
+        raise RegistryError(403, "DENIED", f"{why} on this regproxy: ask its operator")
+
+
+def _check_size(client: RegistryClient, digest: Digest | str, size: int | None) -> None:
+    """Raise the 403 DENIED for a blob over the upstream's max_blob_size."""
+    config = client.config
+    error = oversize(client.name, config.max_blob_bytes, config.max_blob_size, str(digest), size)
+    if error is not None:
+        raise error
+
+
+def _check_layers(client: RegistryClient, manifest: CachedManifest) -> None:
+    """Refuse an image manifest that lists a blob over max_blob_size: its
+    image could not be pulled whole, so the client learns it before any
+    download."""
+    if client.config.max_blob_size is None:
+        return
+    try:
+        body = json.loads(manifest.body)
+        listed = [body.get("config"), *body.get("layers", ())]
+    except (ValueError, TypeError, AttributeError):
+        return  # an index, or none of ours to judge: its blobs are checked when asked for
+    for descriptor in listed:
+        if isinstance(descriptor, dict) and isinstance(descriptor.get("size"), int):
+            _check_size(client, str(descriptor.get("digest")), descriptor["size"])
+
+
 class RegistryResource(Resource):
     isLeaf = True
 
@@ -223,6 +256,9 @@ class RegistryResource(Resource):
         self, request: Request, kind: str, match: re.Match[str], gone: list[bool]
     ) -> None:
         client, repo = route(self._upstreams, request, match.group("name"))
+        # before any upstream request and any cached answer
+        tag = match.group("reference") if kind == "manifest" else None
+        _admit(client, repo, tag if tag is not None and is_valid_tag(tag) else None)
         if kind == "manifest":
             reference = match.group("reference")
             if not (is_valid_tag(reference) or is_valid_digest(reference)):
@@ -233,6 +269,7 @@ class RegistryResource(Resource):
             await client.check_shareable(repo, f"manifests/{reference}")
             accept = parse_accept(request.requestHeaders.getRawHeaders(b"Accept", []))
             manifest = await self._manifests.get(client, repo, reference, accept, self._forward)
+            _check_layers(client, manifest)
             if not gone:
                 self._manifest(request, manifest)
         elif kind == "blob":
@@ -322,6 +359,7 @@ class RegistryResource(Resource):
         self, request: Request, client: RegistryClient, repo: str, digest: Digest, gone: list[bool]
     ) -> None:
         stored = await self._blobs.stored_size(digest)
+        _check_size(client, digest, stored)
         if stored is not None:
             # cached: may this repository read it? (a HEAD upstream unless it lists it)
             await self._blobs.confirm(client, repo, digest)
@@ -349,6 +387,7 @@ class RegistryResource(Resource):
                 cache, size = "HIT", stored
             else:
                 cache, size = "MISS", await client.head_blob(repo, str(digest))
+                _check_size(client, digest, size)
             if gone:
                 return
         elif shared and self._blobs.redirects and self._forward:
@@ -370,6 +409,8 @@ class RegistryResource(Resource):
             fetch = await self._blobs.fetch(client, repo, digest, self._forward, shared)
             size = fetch.size
         try:
+            # a download of the same bytes another upstream started, without the limit
+            _check_size(client, digest, size)
             if gone:
                 return
             if fetch is not None and fetch.error is not None:
