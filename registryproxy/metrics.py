@@ -148,13 +148,36 @@ class History:
         self._hour: deque[dict[str, Any]] = deque(maxlen=int(3600 / interval) + 1)
         self._day: deque[dict[str, Any]] = deque(maxlen=int(86400 / day_interval) + 1)
 
-    def sample(self) -> None:
-        """Take one sample now (a TimerService calls this every *interval*)."""
+    def sample(self) -> bool:
+        """Take one sample now (called every *interval*); whether it went
+        into the day's samples too."""
         summary = self._metrics.summary()
         point = {"time": self._clock.seconds(), **{key: summary[key] for key in SAMPLED}}
         self._hour.append(point)
         if not self._day or point["time"] - self._day[-1]["time"] >= self.day_interval:
             self._day.append(point)
+            return True
+        return False
+
+    @property
+    def day(self) -> list[dict[str, Any]]:
+        return list(self._day)
+
+    def restore(self, day: Any) -> None:
+        """The day's samples as :attr:`day` gave them before a restart: those
+        of the last day that are well formed are taken back."""
+        since = self._clock.seconds() - 86400
+        if not isinstance(day, list):
+            return
+        for point in day:
+            if (
+                isinstance(point, dict)
+                and all(isinstance(point.get(key), int) for key in SAMPLED)
+                and isinstance(point.get("time"), int | float)
+                and since <= point["time"] <= since + 86400
+                and (not self._day or point["time"] > self._day[-1]["time"])
+            ):
+                self._day.append({key: point[key] for key in ("time", *SAMPLED)})
 
     def snapshot(self) -> dict[str, Any]:
         return {

@@ -573,8 +573,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # access times are gathered in memory and written in batches
     later.append(TimerService(_FLUSH_SECONDS, _logged_async(lambda: proxy.access.quick(flush))))
     # the dashboard's chart: the counters over the last hour and day
-    history = proxy.metrics.history
-    later.append(TimerService(history.interval, history.sample))
+    later.append(TimerService(proxy.metrics.history.interval, proxy.control.sample_history))
     # idle images and a budget overrun are swept away in the background too
     later.append(TimerService(_SWEEP_SECONDS, _logged_async(proxy.evictor.sweep)))
     if proxy.local is not None:

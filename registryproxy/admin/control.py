@@ -120,6 +120,9 @@ class Control:
         )
         self._fscking = False
         self._apply_pins()
+        # the day's chart survives a restart; the hour's starts anew
+        self._saved_history = os.path.join(cache_dir, "history.json")
+        self._metrics.history.restore(_load_json(self._saved_history))
 
     # -- stats -----------------------------------------------------------------
 
@@ -160,6 +163,16 @@ class Control:
 
     def history(self) -> dict[str, Any]:
         return self._metrics.history.snapshot()
+
+    def sample_history(self) -> None:
+        """Sample the counters for the dashboard's charts (called every
+        ``history.interval``); a day's sample is saved beside the cache."""
+        history = self._metrics.history
+        if history.sample():
+            try:
+                _save_json(self._saved_history, history.day)
+            except OSError as e:
+                log.warn("could not save {path}: {why}", path=self._saved_history, why=e)
 
     def recent_errors(self) -> list[dict[str, Any]]:
         return list(self._metrics.recent_errors)

@@ -104,3 +104,21 @@ def test_history_keeps_an_hour_and_a_day():
     assert snapshot["hour"][0]["time"] == last["time"] - 3600
     times = [sample["time"] for sample in snapshot["day"]]
     assert {b - a for a, b in itertools.pairwise(times)} == {300}
+
+
+def test_history_restores_a_well_formed_recent_day():
+    clock = Clock()
+    clock.advance(100_000)
+    before = History(Metrics(clock), clock)
+    for _ in range(3):
+        assert before.sample() is True
+        clock.advance(300)
+    assert before.sample() is True and before.sample() is False
+    clock.advance(600)  # a restart
+    after = History(Metrics(clock), clock)
+    too_old = {**before.day[0], "time": clock.seconds() - 90_000}
+    broken = [{"time": "x"}, {**before.day[0], "hits": "1"}, None]
+    after.restore([too_old, *before.day, *broken, before.day[0]])
+    assert after.day == before.day
+    after.restore("not a list")
+    assert after.snapshot()["hour"] == []
