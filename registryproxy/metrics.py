@@ -7,15 +7,38 @@ the admin API's JSON stats read the same collectors.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Any
+import time
+from collections import defaultdict, deque
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+#: how many error responses :attr:`Metrics.recent_errors` keeps
+RECENT_ERRORS = 200
+#: the counters a :class:`History` sample holds
+SAMPLED = ("requests", "hits", "misses", "bytes_from_cache", "bytes_from_upstream")
+
+
+class Seconds(Protocol):
+    """What tells the time here: a reactor, a ``Clock`` in tests."""
+
+    def seconds(self) -> float: ...
+
+
+class _WallClock:
+    def seconds(self) -> float:
+        return time.time()
+
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, clock: Seconds | None = None) -> None:
+        """*clock*: what times the recent errors and the history (the wall clock if None)."""
+        self._clock: Seconds = clock or _WallClock()
+        #: the last error responses, oldest first: time, status, client, path
+        self.recent_errors: deque[dict[str, Any]] = deque(maxlen=RECENT_ERRORS)
+        #: the counters over the last hour and day, for the dashboard
+        self.history = History(self, self._clock)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -56,6 +79,19 @@ class Metrics:
             "regproxy_free_disk_bytes", "Free bytes on the cache's file system", registry=r
         )
 
+    def error(self, status: int, client: str, method: str, path: str) -> None:
+        """An error response to a client: counted, and kept among the recent ones."""
+        self.errors.labels(str(status)).inc()
+        self.recent_errors.append(
+            {
+                "time": self._clock.seconds(),
+                "status": status,
+                "client": client,
+                "method": method,
+                "path": path[:300],
+            }
+        )
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
@@ -90,4 +126,63 @@ class Metrics:
             "ratelimit_remaining": {
                 name: int(v) for (name,), v in self.values(self.ratelimit_remaining).items()
             },
+        }
+
+
+class History:
+    """The counters of :data:`SAMPLED`, sampled: every *interval* seconds for
+    the last hour, and every *day_interval* seconds for the last day.  In
+    memory, bounded; a restart starts it anew (the counters do too)."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        clock: Seconds,
+        interval: float = 10.0,
+        day_interval: float = 300.0,
+    ) -> None:
+        self._metrics = metrics
+        self._clock = clock
+        self.interval = interval
+        self.day_interval = day_interval
+        self._hour: deque[dict[str, Any]] = deque(maxlen=int(3600 / interval) + 1)
+        self._day: deque[dict[str, Any]] = deque(maxlen=int(86400 / day_interval) + 1)
+
+    def sample(self) -> bool:
+        """Take one sample now (called every *interval*); whether it went
+        into the day's samples too."""
+        summary = self._metrics.summary()
+        point = {"time": self._clock.seconds(), **{key: summary[key] for key in SAMPLED}}
+        self._hour.append(point)
+        if not self._day or point["time"] - self._day[-1]["time"] >= self.day_interval:
+            self._day.append(point)
+            return True
+        return False
+
+    @property
+    def day(self) -> list[dict[str, Any]]:
+        return list(self._day)
+
+    def restore(self, day: Any) -> None:
+        """The day's samples as :attr:`day` gave them before a restart: those
+        of the last day that are well formed are taken back."""
+        since = self._clock.seconds() - 86400
+        if not isinstance(day, list):
+            return
+        for point in day:
+            if (
+                isinstance(point, dict)
+                and all(isinstance(point.get(key), int) for key in SAMPLED)
+                and isinstance(point.get("time"), int | float)
+                and since <= point["time"] <= since + 86400
+                and (not self._day or point["time"] > self._day[-1]["time"])
+            ):
+                self._day.append({key: point[key] for key in ("time", *SAMPLED)})
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "interval": self.interval,
+            "day_interval": self.day_interval,
+            "hour": list(self._hour),
+            "day": list(self._day),
         }

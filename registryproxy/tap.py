@@ -124,6 +124,7 @@ class Proxy:
     access: IndexAccess
     blobs: BlobCache
     manifests: ManifestCache
+    metrics: Metrics
     #: the embedded index and its worker thread; None in a cluster
     local: LocalIndex | None = None
     #: a cluster node's engines and local tier; None on a single node
@@ -358,7 +359,7 @@ def build_proxy(
     # cluster's are read once the node has joined)
     if cluster is None:
         config = SavedUpstreams(os.path.join(store.root, "upstreams.json")).apply(config)
-    metrics = Metrics()
+    metrics = Metrics(reactor)
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 16
     upstreams = Upstreams(
@@ -455,6 +456,7 @@ def build_proxy(
         access,
         blobs,
         manifests,
+        metrics,
         local=local,
         cluster=cluster,
         tier=tier,
@@ -576,6 +578,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         _Rebuild(proxy.control).setServiceParent(service)
     # access times are gathered in memory and written in batches
     later.append(TimerService(_FLUSH_SECONDS, _logged_async(lambda: proxy.access.quick(flush))))
+    # the dashboard's chart: the counters over the last hour and day
+    later.append(TimerService(proxy.metrics.history.interval, proxy.control.sample_history))
     # idle images and a budget overrun are swept away in the background too
     later.append(TimerService(_SWEEP_SECONDS, _logged_async(proxy.evictor.sweep)))
     if proxy.local is not None:

@@ -137,7 +137,19 @@ class FakeAdmin:
             "upstream_requests": {"docker.io": {"manifest": 10, "blob": 20}},
             "errors": {"404": 2},
             "fetches_in_flight": 1,
+            "fetching": [
+                {
+                    "digest": digest_of("downloading"),
+                    "written": 2**20,
+                    "size": 3 * 2**20,
+                    "origin": "upstream",
+                    "clients": 2,
+                    "repositories": ["docker.io/library/alpine"],
+                }
+            ],
+            "upstreams": {"docker.io": {"breaker_open": False, "last_answer": NOW}},
             "cache": {
+                "max_bytes": 50 * 2**30,
                 "size_bytes": 6 * 2**20,
                 "blobs": 6,
                 "manifests": 4,
@@ -148,6 +160,30 @@ class FakeAdmin:
             "ratelimit_remaining": {"docker.io": 95},
             "prefetch": [attrs.asdict(j) for j in self.jobs.values()],
         }
+
+    def history(self) -> dict[str, Any]:
+        self._call("history")
+        sample = {
+            "requests": 120,
+            "hits": 90,
+            "misses": 30,
+            "bytes_from_cache": 5 * 2**20,
+            "bytes_from_upstream": 2**20,
+        }
+        hour = [{"time": NOW - 10, **sample}, {"time": NOW, **sample}]
+        return {"interval": 10.0, "day_interval": 300.0, "hour": hour, "day": hour[-1:]}
+
+    def recent_errors(self) -> list[dict[str, Any]]:
+        self._call("recent_errors")
+        return [
+            {
+                "time": NOW,
+                "status": 404,
+                "client": "127.0.0.1",
+                "method": "GET",
+                "path": "/v2/library/nope/manifests/latest",
+            }
+        ]
 
     async def metrics(self) -> tuple[bytes, str]:
         self._call("metrics")

@@ -31,12 +31,13 @@ from ..proxy.connections import Refusal
 from ..reference import parse_image
 from . import openapi
 from .backend import AdminBackend, AdminError, FsckResult, PurgeSelector
+from .dashboard import Dashboard
 
 log = Logger()
 
 #: the largest request body taken; an upstream's settings are a few hundred bytes
 MAX_BODY = 64 * 1024
-#: the only route answered without the token
+#: the only API route answered without the token (the dashboard's files are too)
 OPEN_PATH = b"/healthz"
 
 
@@ -235,6 +236,7 @@ class _Guard(Resource):
         super().__init__()
         self._app = app
         self._token = token.encode("utf-8") if token else None
+        self._dashboard = Dashboard()
 
     def render(self, request: IRequest) -> Any:
         try:
@@ -242,6 +244,9 @@ class _Guard(Resource):
                 part.decode("utf-8")
         except UnicodeDecodeError:
             return _error(request, 400, "the URL or Host header is not UTF-8")
+        if self._dashboard.serves(request):
+            # the page and its files hold no data: every call they make asks for the token
+            return self._dashboard.render(request)
         if (
             self._token is not None
             and request.path != OPEN_PATH
@@ -345,6 +350,16 @@ class AdminAPI:
     async def stats(self, request: IRequest) -> bytes:
         _query(request)
         return _json(request, await self._backend.stats())
+
+    @app.route("/api/v1/history", methods=["GET"])
+    def history(self, request: IRequest) -> bytes:
+        _query(request)
+        return _json(request, self._backend.history())
+
+    @app.route("/api/v1/errors", methods=["GET"])
+    def recent_errors(self, request: IRequest) -> bytes:
+        _query(request)
+        return _json(request, {"errors": self._backend.recent_errors()})
 
     # -- the cache -------------------------------------------------------
 

@@ -144,9 +144,20 @@ class AdminBackend(Protocol):
     async def stats(self) -> dict[str, Any]:
         """JSON-ready counters: requests, hits, misses, hit_ratio,
         bytes_from_cache, bytes_from_upstream, upstream_requests
-        {upstream: {kind: n}}, errors {status: n}, fetches_in_flight,
-        cache {size_bytes, blobs, manifests, tags, repositories, free_disk_bytes},
+        {upstream: {kind: n}}, errors {status: n}, fetches_in_flight, fetching
+        [downloads], upstreams {name: {breaker_open, last_answer}},
+        cache {size_bytes, blobs, manifests, tags, repositories, free_disk_bytes,
+        max_bytes},
         ratelimit_remaining {upstream: value as last seen}, prefetch [jobs]."""
+
+    def history(self) -> dict[str, Any]:
+        """The counters sampled: ``{"interval", "day_interval", "hour": [...],
+        "day": [...]}``, each sample ``{time, requests, hits, misses,
+        bytes_from_cache, bytes_from_upstream}``."""
+
+    def recent_errors(self) -> list[dict[str, Any]]:
+        """The last error responses to clients, oldest first:
+        ``{time, status, client, method, path}``."""
 
     async def metrics(self) -> tuple[bytes, str]:
         """Prometheus text exposition and its content type."""

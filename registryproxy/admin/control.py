@@ -121,6 +121,9 @@ class Control:
         )
         self._fscking = False
         self._apply_pins()
+        # the day's chart survives a restart; the hour's starts anew
+        self._saved_history = os.path.join(cache_dir, "history.json")
+        self._metrics.history.restore(_load_json(self._saved_history))
 
     # -- stats -----------------------------------------------------------------
 
@@ -140,10 +143,40 @@ class Control:
         return {
             **self._metrics.summary(),
             "fetches_in_flight": self._blobs.in_flight,
-            "cache": cache,
+            "fetching": self._blobs.fetching()[:50],
+            "upstreams": self._upstream_states(),
+            "cache": {**cache, "max_bytes": self._config.cache.max_bytes},
             "prefetch": [attrs.asdict(job.snapshot()) for job in self._jobs.values()],
             **({} if self._cluster is None else {"cluster": self._cluster_stats()}),
         }
+
+    def _upstream_states(self) -> dict[str, dict[str, Any]]:
+        """Each upstream's circuit breaker, and when it last answered."""
+        states = {}
+        for name in self._upstreams.configs:
+            client = self._upstreams.get(name)
+            if client is not None:
+                states[name] = {
+                    "breaker_open": client.breaker.is_open(),
+                    "last_answer": client.last_answer,
+                }
+        return states
+
+    def history(self) -> dict[str, Any]:
+        return self._metrics.history.snapshot()
+
+    def sample_history(self) -> None:
+        """Sample the counters for the dashboard's charts (called every
+        ``history.interval``); a day's sample is saved beside the cache."""
+        history = self._metrics.history
+        if history.sample():
+            try:
+                _save_json(self._saved_history, history.day)
+            except OSError as e:
+                log.warn("could not save {path}: {why}", path=self._saved_history, why=e)
+
+    def recent_errors(self) -> list[dict[str, Any]]:
+        return list(self._metrics.recent_errors)
 
     def _cluster_stats(self) -> dict[str, Any]:
         """The live nodes as their last heartbeats told, and their counters summed."""

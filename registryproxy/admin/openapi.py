@@ -181,18 +181,49 @@ SCHEMAS: dict[str, Any] = {
                 "additionalProperties": {"type": "integer"},
             },
             "fetches_in_flight": {"type": "integer"},
+            "fetching": {
+                "type": "array",
+                "description": "Blob downloads in progress on this node (at most 50)",
+                "items": _object(
+                    {
+                        "digest": {"type": "string"},
+                        "written": {"type": "integer", "description": "bytes so far"},
+                        "size": {"type": ["integer", "null"]},
+                        "origin": {"type": "string", "enum": ["upstream", "peer", "shared"]},
+                        "clients": {"type": "integer", "description": "readers following it"},
+                        "repositories": {
+                            "type": "array",
+                            "items": {"type": "string"},
+                            "description": "upstream/repository pairs it is read for (5 at most)",
+                        },
+                    }
+                ),
+            },
+            "upstreams": {
+                "type": "object",
+                "description": "{upstream: its circuit breaker, and when it last answered}",
+                "additionalProperties": _object(
+                    {"breaker_open": {"type": "boolean"}, "last_answer": _nullable(_TIME)}
+                ),
+            },
             "cache": {
                 "type": "object",
                 "properties": {
-                    name: {"type": "integer"}
-                    for name in (
-                        "size_bytes",
-                        "blobs",
-                        "manifests",
-                        "tags",
-                        "repositories",
-                        "free_disk_bytes",
-                    )
+                    **{
+                        name: {"type": "integer"}
+                        for name in (
+                            "size_bytes",
+                            "blobs",
+                            "manifests",
+                            "tags",
+                            "repositories",
+                            "free_disk_bytes",
+                        )
+                    },
+                    "max_bytes": {
+                        "type": ["integer", "null"],
+                        "description": "cache.max_size in bytes; null: no budget",
+                    },
                 },
             },
             "ratelimit_remaining": {
@@ -202,6 +233,46 @@ SCHEMAS: dict[str, Any] = {
             "prefetch": {"type": "array", "items": _ref("PrefetchJob")},
         },
     },
+    "History": _object(
+        {
+            "interval": {"type": "number", "description": "seconds between hour samples"},
+            "day_interval": {"type": "number", "description": "seconds between day samples"},
+            "hour": {"type": "array", "items": _ref("Sample")},
+            "day": {"type": "array", "items": _ref("Sample")},
+        }
+    ),
+    "Sample": _object(
+        {
+            "time": _TIME,
+            **{
+                name: {"type": "integer", "description": "counted since start-up"}
+                for name in (
+                    "requests",
+                    "hits",
+                    "misses",
+                    "bytes_from_cache",
+                    "bytes_from_upstream",
+                )
+            },
+        }
+    ),
+    "RecentErrors": _object(
+        {
+            "errors": {
+                "type": "array",
+                "description": "oldest first, the last 200 at most",
+                "items": _object(
+                    {
+                        "time": _TIME,
+                        "status": {"type": "integer"},
+                        "client": {"type": "string"},
+                        "method": {"type": "string"},
+                        "path": {"type": "string"},
+                    }
+                ),
+            }
+        }
+    ),
     "RepositorySummary": _object(
         {
             "upstream": {"type": "string"},
@@ -477,6 +548,20 @@ def _paths() -> dict[str, Any]:
         },
         "/api/v1/stats": {
             "get": _operation("stats", "Counters, cache size, rate limits", {200: "Stats"})
+        },
+        "/api/v1/history": {
+            "get": _operation(
+                "history",
+                "The counters sampled over the last hour and day (in memory, since start-up)",
+                {200: "History"},
+            )
+        },
+        "/api/v1/errors": {
+            "get": _operation(
+                "recent_errors",
+                "The last error responses to registry clients: time, status, client, request",
+                {200: "RecentErrors"},
+            )
         },
         "/api/v1/cache": {
             "get": _operation(

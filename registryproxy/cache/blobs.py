@@ -109,6 +109,11 @@ class BlobFetch:
         return self._writer.written
 
     @property
+    def clients(self) -> int:
+        """How many readers follow the download now."""
+        return len(self._listeners)
+
+    @property
     def running(self) -> bool:
         return not self.verified and self.error is None
 
@@ -602,7 +607,14 @@ class BlobCache:
     def fetching(self) -> list[dict[str, Any]]:
         """The downloads under way: digest, bytes so far, expected size, source."""
         return [
-            {"digest": str(f.digest), "written": f.written, "size": f.size, "origin": f.origin}
+            {
+                "digest": str(f.digest),
+                "written": f.written,
+                "size": f.size,
+                "origin": f.origin,
+                "clients": f.clients,
+                "repositories": sorted(f"{u}/{r}" for u, r in f.readers)[:5],
+            }
             for f in self._downloads
         ]
 

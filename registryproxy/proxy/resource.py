@@ -216,7 +216,12 @@ class RegistryResource(Resource):
                 uri=request.uri.decode("latin-1"),
             )
             error = RegistryError(500, "UNKNOWN", "internal error in regproxy; see its log")
-        self._metrics.errors.labels(str(error.status)).inc()
+        self._metrics.error(
+            error.status,
+            getattr(request.getClientAddress(), "host", "?"),
+            request.method.decode("latin-1"),
+            request.path.decode("utf-8", "replace"),
+        )
         if gone or request.finished:
             return
         if request.startedWriting:

@@ -93,6 +93,8 @@ EVERY_ROUTE = [
     ("GET", "/metrics"),
     ("GET", "/api/v1/openapi.json"),
     ("GET", "/api/v1/stats"),
+    ("GET", "/api/v1/history"),
+    ("GET", "/api/v1/errors"),
     ("GET", "/api/v1/cache"),
     ("DELETE", "/api/v1/cache?all=true"),
     ("GET", "/api/v1/cache/docker.io"),

@@ -339,3 +339,39 @@ async def test_moving_an_upstream_drops_the_credentials_not_given_again(fake_reg
     # staying put keeps them
     view = control.set_upstream("ghcr.io", {"tag_ttl": 5}, merge=True)
     assert proxy.proxy.upstreams.configs["ghcr.io"].credentials() == ("me", "other")
+
+
+@pytest_twisted.ensureDeferred
+async def test_dashboard_numbers_and_the_day_history_surviving_a_restart(
+    fake_registry, make_proxy, tmp_path
+):
+    _, body = fake_registry.add_image("library/app", "1", [b"x" * 1000])
+    cache = tmp_path / "cache"
+    proxy = await make_proxy(fake_registry.url, cache_dir=cache)
+    control = proxy.proxy.control
+    control.sample_history()  # the first sample is a day's too, and saved
+    await proxy.get("/v2/app/manifests/1")
+    await proxy.get("/v2/app/manifests/nope")
+    stats = await control.stats()
+    assert stats["fetching"] == []
+    assert stats["upstreams"]["docker.io"]["breaker_open"] is False
+    assert stats["upstreams"]["docker.io"]["last_answer"] is not None
+    assert stats["cache"]["max_bytes"] is None
+    (error,) = control.recent_errors()
+    assert (error["status"], error["method"], error["path"]) == (
+        404,
+        "GET",
+        "/v2/app/manifests/nope",
+    )
+    assert error["client"] == "127.0.0.1"
+    control.sample_history()  # an hour's sample only: 10 s later is not 5 min later
+    history = control.history()
+    assert [s["misses"] for s in history["hour"]] == [0, stats["misses"]] == [0, 1]
+    assert [s["misses"] for s in history["day"]] == [0]
+    assert json.loads((cache / "history.json").read_text()) == history["day"]
+
+    await proxy.stop()
+    again = await make_proxy(fake_registry.url, cache_dir=cache)
+    after = again.proxy.control.history()
+    assert after["day"] == history["day"] and after["hour"] == []
+    assert again.proxy.control.recent_errors() == []
