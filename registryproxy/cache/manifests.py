@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from functools import partial
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -288,7 +289,29 @@ class ManifestCache:
             )
         digest = str(actual)
         if from_peer:  # the owner cached it (bucket and index): nothing to write here
-            return CachedManifest(manifest.body, manifest.media_type, digest, "MISS")
+            return CachedManifest(manifest.body, manifest.media_type, digest, manifest.cache)
+        fetched = CachedManifest(manifest.body, manifest.media_type, digest, "MISS")
+        if self._shared is None:
+            await self._cache(client, repo, reference, fetched)
+            return fetched
+        # a cluster's store takes a while (an upload, then the index): this
+        # node answers from memory meanwhile, the client not waiting for it
+        ttl = client.config.tag_ttl
+        fresh = (
+            None
+            if is_valid_digest(reference)
+            else self._clock.seconds() + (self._tag_ttl if ttl is None else ttl)
+        )
+        self._hot.put((client.name, repo, reference), attrs.evolve(fetched, cache="HIT"), fresh)
+        Deferred.fromCoroutine(self._cache(client, repo, reference, fetched))
+        return fetched
+
+    async def _cache(
+        self, client: RegistryClient, repo: str, reference: str, manifest: CachedManifest
+    ) -> None:
+        """Keep a fetched manifest: its bytes in the store (and a cluster's
+        shared store), then its rows in the index."""
+        actual, digest = Digest.parse(manifest.digest), manifest.digest
         now = self._clock.seconds()
         try:
             await self._keep(actual, manifest.body)
@@ -306,7 +329,7 @@ class ManifestCache:
         except Exception as e:  # the store's OSError, or the index's error
             # The client still gets its manifest; the next request tries again.
             log.error("could not cache manifest {digest}: {why}", digest=digest, why=e)
-            return CachedManifest(manifest.body, manifest.media_type, digest, "MISS")
+            return
         log.info(
             "cached manifest {upstream}/{repo}:{reference} as {digest}",
             upstream=client.name,
@@ -314,7 +337,6 @@ class ManifestCache:
             reference=reference,
             digest=digest,
         )
-        return CachedManifest(manifest.body, manifest.media_type, digest, "MISS")
 
 
 class HotAnswers:

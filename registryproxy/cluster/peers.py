@@ -119,10 +119,12 @@ class Peers:
             return None
         types = response.headers.getRawHeaders(b"Content-Type") or [b""]
         digests = response.headers.getRawHeaders(b"Docker-Content-Digest") or [None]
+        cached = (response.headers.getRawHeaders(b"X-Cache") or [b"MISS"])[0]
         return Manifest(
             body,
             types[0].decode("latin-1"),
             digests[0].decode("latin-1") if digests[0] is not None else None,
+            "HIT" if cached in (b"HIT", b"STALE") else "MISS",
         )
 
     async def get_blob(

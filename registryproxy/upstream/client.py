@@ -58,6 +58,8 @@ class Manifest:
     media_type: str
     #: the upstream's Docker-Content-Digest header, if any (not yet verified)
     digest: str | None
+    #: "HIT" if a cluster peer answered it from its cache
+    cache: str = "MISS"
 
 
 @attrs.frozen
