@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..errors import describe_failure
 from ..singleflight import SingleFlight
 from .body import BodyTooLarge, read_body
 
@@ -272,18 +273,6 @@ def _lifetime(data: Mapping[str, Any]) -> float:
     return DEFAULT_TOKEN_LIFETIME
 
 
-def _describe(error: BaseException) -> str:
-    """A short human phrase for a connection-level failure."""
-    reasons = getattr(error, "reasons", None)  # ResponseFailed, ResponseNeverReceived
-    if reasons:
-        first = reasons[0]
-        if isinstance(first, Failure) and first.value is not None:
-            return _describe(first.value)
-    text = str(error).strip()
-    name = type(error).__name__
-    return f"{name}: {text}" if text and text != name else name
-
-
 class Authenticator:
     """Authorization header values for one upstream, with a token cache."""
 
@@ -445,7 +434,7 @@ class Authenticator:
         except BodyTooLarge:
             raise AuthError(realm, f"answered with more than {MAX_TOKEN_RESPONSE} bytes") from None
         except Exception as e:  # any connection-level failure
-            raise AuthError(realm, f"could not fetch a token: {_describe(e)}") from None
+            raise AuthError(realm, f"could not fetch a token: {describe_failure(e)}") from None
 
         if 300 <= response.code < 400:
             location = response.headers.getRawHeaders("Location", [""])[-1]
