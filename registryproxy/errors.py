@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 import attrs
+from twisted.python.failure import Failure
 
 
 @attrs.define
@@ -55,3 +56,28 @@ def unsupported(what: str) -> RegistryError:
     return RegistryError(
         405, "UNSUPPORTED", f"{what} is not supported: regproxy is a read-only pull-through cache"
     )
+
+
+def describe_failure(error: BaseException | Failure) -> str:
+    """A short phrase for what went wrong, for a log line or an error message.
+
+    A connection-level failure that only wraps others (``ResponseFailed``,
+    ``ResponseNeverReceived``: a list of ``reasons``) is described by its
+    first reason. The exception's type names the kind of failure
+    (``ConnectionRefusedError: ...``), except for a bare ``RuntimeError`` or
+    ``Exception``, whose message is ours and says it all.
+    """
+    if isinstance(error, Failure):
+        return describe_failure(error.value) if error.value is not None else "unknown failure"
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        first = reasons[0]
+        if isinstance(first, Failure):
+            first = first.value
+        if isinstance(first, BaseException):
+            return describe_failure(first)
+    text = str(error).strip()
+    name = type(error).__name__
+    if not text or text == name:
+        return name
+    return text if type(error) in (RuntimeError, Exception) else f"{name}: {text}"

@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 import attrs
 
+from ..cache.fsck import FsckReport
+
 
 @attrs.frozen
 class TagInfo:
@@ -109,16 +111,9 @@ class PrefetchJob:
     finished_at: float | None
 
 
-@attrs.frozen
-class FsckResult:
-    checked: int
-    bytes_checked: int
-    #: blobs whose bytes did not match their digest, moved to quarantine/
-    quarantined: tuple[str, ...]
-    #: files in the store the index did not know, now indexed
-    indexed: tuple[str, ...]
-    #: index entries whose file was gone, now forgotten
-    forgotten: tuple[str, ...]
+#: What an fsck found and did: the cache's own report, under the name the
+#: admin API (and its OpenAPI document) gives it.
+FsckResult = FsckReport
 
 
 @attrs.frozen

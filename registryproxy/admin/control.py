@@ -407,10 +407,9 @@ class Control:
             raise AdminError(409, "an fsck is already running")
         self._fscking = True
         try:
-            report = await fsck(self._store, self._access)
+            return await fsck(self._store, self._access)
         finally:
             self._fscking = False
-        return FsckResult(**attrs.asdict(report))
 
     def pins(self) -> list[Pin]:
         pins = [Pin(_normal(p), "config") for p in self._config.cache.pinned]

@@ -24,7 +24,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
-from ..errors import RegistryError
+from ..errors import RegistryError, describe_failure
 from ..names import Digest
 from ..singleflight import SingleFlight
 from ..upstream.client import Manifest, RegistryClient, content_length
@@ -775,10 +775,12 @@ class BlobCache:
             self._receiving.discard(fetch)
             if failure is not None and self._may_resume(fetch):
                 # the node sending it died (or gave up): go on from the upstream
-                Deferred.fromCoroutine(self._resume(fetch, client, repo, done, _why(failure)))
+                Deferred.fromCoroutine(
+                    self._resume(fetch, client, repo, done, describe_failure(failure))
+                )
                 return
             if failure is not None:
-                fetch._fail(_why(failure))
+                fetch._fail(describe_failure(failure))
                 self._finish(fetch)
                 return
             try:
@@ -999,10 +1001,3 @@ def _relay(digest: Digest, size: int | None, why: str) -> MemoryRelay:
         why=why,
     )
     return MemoryRelay(digest, size)
-
-
-def _why(failure: Failure) -> str:
-    reasons = getattr(failure.value, "reasons", None)
-    if reasons:
-        return f"connection lost: {reasons[0].getErrorMessage()}"
-    return failure.getErrorMessage()

@@ -34,6 +34,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..errors import describe_failure
+from ..singleflight import SingleFlight
 from .body import BodyTooLarge, read_body
 
 log = Logger()
@@ -271,18 +273,6 @@ def _lifetime(data: Mapping[str, Any]) -> float:
     return DEFAULT_TOKEN_LIFETIME
 
 
-def _describe(error: BaseException) -> str:
-    """A short human phrase for a connection-level failure."""
-    reasons = getattr(error, "reasons", None)  # ResponseFailed, ResponseNeverReceived
-    if reasons:
-        first = reasons[0]
-        if isinstance(first, Failure) and first.value is not None:
-            return _describe(first.value)
-    text = str(error).strip()
-    name = type(error).__name__
-    return f"{name}: {text}" if text and text != name else name
-
-
 class Authenticator:
     """Authorization header values for one upstream, with a token cache."""
 
@@ -310,7 +300,7 @@ class Authenticator:
         self._timeout = timeout
         self._wants_basic = False
         self._tokens: dict[str, _Token] = {}
-        self._flights: dict[_TokenRequest, list[Deferred[_Token]]] = {}
+        self._flights: SingleFlight[_TokenRequest, _Token] = SingleFlight()
 
     def __repr__(self) -> str:
         return f"<Authenticator for {self._upstream}>"
@@ -343,7 +333,9 @@ class Authenticator:
             if challenge.scheme == "bearer":
                 request = self._token_request(challenge, scope)
                 if request is not None:
-                    token = await self._shared_fetch(request)
+                    token = await self._flights.run(
+                        request, functools.partial(self._timed_fetch, request)
+                    )
                     if token.expires_at > self._now():
                         self._tokens[scope] = token
                     return token.header
@@ -402,18 +394,10 @@ class Authenticator:
             return False
         return True
 
-    def _shared_fetch(self, request: _TokenRequest) -> Deferred[_Token]:
-        """A Deferred for the token; one fetch serves every concurrent caller.
-
-        The fetch runs on its own, so a caller that gives up (is cancelled)
-        does not cancel it for the others.
-        """
-        waiter: Deferred[_Token] = Deferred()
-        waiters = self._flights.get(request)
-        if waiters is not None:
-            waiters.append(waiter)
-            return waiter
-        waiters = self._flights[request] = [waiter]
+    async def _timed_fetch(self, request: _TokenRequest) -> _Token:
+        """:meth:`_fetch`, given up after the timeout; run once for every
+        concurrent caller by :class:`SingleFlight`, so a caller that gives up
+        (is cancelled) does not cancel it for the others."""
 
         def timed_out(result: Any, timeout: float) -> Any:
             # Called only if the timeout fired; cancelling shows up as some
@@ -422,20 +406,9 @@ class Authenticator:
                 raise AuthError(request.realm, f"no answer within {timeout:g} s")
             return result
 
-        def land(result: _Token | Failure) -> None:
-            del self._flights[request]
-            # A waiter its caller cancelled (a Deferred with no canceller)
-            # silently ignores this one late result.
-            for each in waiters:
-                if isinstance(result, Failure):
-                    each.errback(result)
-                else:
-                    each.callback(result)
-
         fetch = Deferred.fromCoroutine(self._fetch(request))
         fetch.addTimeout(self._timeout, self._clock, onTimeoutCancel=timed_out)
-        fetch.addBoth(land)
-        return waiter
+        return await fetch
 
     async def _fetch(self, request: _TokenRequest) -> _Token:
         realm = request.realm
@@ -461,7 +434,7 @@ class Authenticator:
         except BodyTooLarge:
             raise AuthError(realm, f"answered with more than {MAX_TOKEN_RESPONSE} bytes") from None
         except Exception as e:  # any connection-level failure
-            raise AuthError(realm, f"could not fetch a token: {_describe(e)}") from None
+            raise AuthError(realm, f"could not fetch a token: {describe_failure(e)}") from None
 
         if 300 <= response.code < 400:
             location = response.headers.getRawHeaders("Location", [""])[-1]

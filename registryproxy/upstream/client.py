@@ -26,7 +26,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from ..config import UpstreamConfig
-from ..errors import UPSTREAM_TROUBLE, RegistryError
+from ..errors import UPSTREAM_TROUBLE, RegistryError, describe_failure
 from ..mediatypes import MODERN
 from ..metrics import Metrics
 from .auth import Authenticator, AuthError, parse_www_authenticate
@@ -514,20 +514,21 @@ class RegistryClient:
             d.addTimeout(timeout, self._clock, onTimeoutCancel=silent)
             response = await d
         except Refused as e:
-            raise RegistryError(403, "DENIED", f"upstream {self.name}: {_why(e)}") from None
+            raise RegistryError(403, "DENIED", f"upstream {self.name}: {e}") from None
         except (ConnectError, DNSLookupError) as e:
             raise _NoConnection(
                 RegistryError(
                     502,
                     "UNAVAILABLE",
-                    f"upstream {self.name} ({self._base}) is unreachable: {_why(e)}",
+                    f"upstream {self.name} ({self._base}) is unreachable: {describe_failure(e)}",
                 )
             ) from None
         except ResponseFailed as e:
+            why = describe_failure(e)
             raise RegistryError(
                 502,
                 "UNAVAILABLE",
-                f"upstream {self.name} ({self._base}) failed before answering: {_why(e)}",
+                f"upstream {self.name} ({self._base}) failed before answering: {why}",
             ) from None
         except ValueError as e:  # a host name no connection can be made to (IDNA)
             raise RegistryError(
@@ -561,7 +562,7 @@ class RegistryClient:
             ) from None
         except Exception as e:
             raise RegistryError(
-                502, "UNAVAILABLE", f"upstream {self.name}: {what} failed: {_why(e)}"
+                502, "UNAVAILABLE", f"upstream {self.name}: {what} failed: {describe_failure(e)}"
             ) from None
 
     async def _discard(self, response: IResponse) -> None:
@@ -662,9 +663,3 @@ def _upstream_error(body: bytes) -> tuple[str | None, str | None]:
         return str(error.get("code")), str(error.get("message"))
     except Exception:
         return None, None
-
-
-def _why(e: BaseException) -> str:
-    if isinstance(e, ResponseFailed) and e.reasons:
-        return str(e.reasons[0].value) or type(e.reasons[0].value).__name__
-    return str(e) or type(e).__name__
