@@ -7,8 +7,10 @@ the admin API's JSON stats read the same collectors.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import defaultdict, deque
+from operator import itemgetter
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -16,6 +18,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 #: how many error responses :attr:`Metrics.recent_errors` keeps
 RECENT_ERRORS = 200
+#: how many images :class:`PullCounts` keeps a count for
+PULLED_IMAGES = 10_000
+#: how many of the most pulled images the stats list
+TOP_PULLS = 20
 #: the counters a :class:`History` sample holds
 SAMPLED = ("requests", "hits", "misses", "bytes_from_cache", "bytes_from_upstream")
 
@@ -60,8 +66,13 @@ class Metrics:
             registry=r,
         )
         self.errors = Counter(
-            "regproxy_errors", "Error responses to clients, by status", ["status"], registry=r
+            "regproxy_errors",
+            "Error responses to clients, by status and upstream (none: not routed to one)",
+            ["status", "upstream"],
+            registry=r,
         )
+        #: manifest GETs per image, for the dashboard (not in /metrics: unbounded labels)
+        self.pulls = PullCounts()
         self.ratelimit_remaining = Gauge(
             "regproxy_upstream_ratelimit_remaining",
             "The upstream's ratelimit-remaining header as last seen (Docker Hub)",
@@ -79,9 +90,12 @@ class Metrics:
             "regproxy_free_disk_bytes", "Free bytes on the cache's file system", registry=r
         )
 
-    def error(self, status: int, client: str, method: str, path: str) -> None:
-        """An error response to a client: counted, and kept among the recent ones."""
-        self.errors.labels(str(status)).inc()
+    def error(
+        self, status: int, client: str, method: str, path: str, upstream: str | None = None
+    ) -> None:
+        """An error response to a client: counted, and kept among the recent
+        ones.  *upstream*: the one the request was routed to, if it got so far."""
+        self.errors.labels(str(status), upstream or "none").inc()
         self.recent_errors.append(
             {
                 "time": self._clock.seconds(),
@@ -114,6 +128,11 @@ class Metrics:
         upstream: dict[str, dict[str, int]] = defaultdict(dict)
         for (name, kind), value in self.values(self.upstream_requests).items():
             upstream[name][kind] = int(value)
+        errors: dict[str, int] = defaultdict(int)
+        upstream_errors: dict[str, int] = defaultdict(int)
+        for (status, name), value in self.values(self.errors).items():
+            errors[status] += int(value)
+            upstream_errors[name] += int(value)
         return {
             "requests": int(sum(requests.values())),
             "hits": int(hits),
@@ -122,11 +141,43 @@ class Metrics:
             "bytes_from_cache": int(served.get(("cache",), 0)),
             "bytes_from_upstream": int(served.get(("upstream",), 0)),
             "upstream_requests": dict(upstream),
-            "errors": {status: int(v) for (status,), v in self.values(self.errors).items()},
+            "errors": dict(errors),
+            "upstream_errors": dict(upstream_errors),
             "ratelimit_remaining": {
                 name: int(v) for (name,), v in self.values(self.ratelimit_remaining).items()
             },
         }
+
+
+class PullCounts:
+    """How many times each image's manifest was pulled (GET), by the name the
+    client asked for: ``upstream/repository:tag`` or ``...@digest``.
+
+    Bounded: past *keep* images, the least pulled are dropped (of equal
+    counts, the first counted), down to nine tenths of *keep* at once, so a
+    count is a dict increment and the sort comes once per *keep*/10 new
+    images.  In memory: a restart starts it anew."""
+
+    def __init__(self, keep: int = PULLED_IMAGES) -> None:
+        self.keep = keep
+        self._counts: dict[str, int] = {}
+
+    def pulled(self, image: str) -> None:
+        counts = self._counts
+        counts[image] = counts.get(image, 0) + 1
+        if len(counts) > self.keep:
+            # a stable sort of a dict in the order counted: of equal counts the oldest first
+            ranked = sorted(counts, key=counts.__getitem__)
+            dropped = set(ranked[: len(counts) - self.keep * 9 // 10])
+            self._counts = {k: v for k, v in counts.items() if k not in dropped}
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def top(self, n: int) -> list[dict[str, Any]]:
+        """The *n* most pulled, most first: ``[{"image", "pulls"}]``."""
+        most = heapq.nlargest(n, self._counts.items(), key=itemgetter(1))
+        return [{"image": image, "pulls": pulls} for image, pulls in most]
 
 
 class History:

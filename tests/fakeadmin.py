@@ -136,6 +136,8 @@ class FakeAdmin:
             "bytes_from_upstream": 2**20,
             "upstream_requests": {"docker.io": {"manifest": 10, "blob": 20}},
             "errors": {"404": 2},
+            "upstream_errors": {"docker.io": 2},
+            "top_pulls": [{"image": "docker.io/library/alpine:3.20", "pulls": 7}],
             "fetches_in_flight": 1,
             "fetching": [
                 {

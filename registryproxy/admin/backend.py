@@ -139,7 +139,8 @@ class AdminBackend(Protocol):
     async def stats(self) -> dict[str, Any]:
         """JSON-ready counters: requests, hits, misses, hit_ratio,
         bytes_from_cache, bytes_from_upstream, upstream_requests
-        {upstream: {kind: n}}, errors {status: n}, fetches_in_flight, fetching
+        {upstream: {kind: n}}, errors {status: n}, upstream_errors
+        {upstream or "none": n}, top_pulls [{image, pulls}], fetches_in_flight, fetching
         [downloads], upstreams {name: {breaker_open, last_answer}},
         cache {size_bytes, blobs, manifests, tags, repositories, free_disk_bytes,
         max_bytes},

@@ -26,7 +26,7 @@ from ..cache.store import BlobStore, FileStore
 from ..config import PRESETS, Config, ConfigError, settings_of, upstream_from_settings
 from ..errors import RegistryError
 from ..mediatypes import MODERN
-from ..metrics import Metrics
+from ..metrics import TOP_PULLS, Metrics
 from ..names import Digest, is_valid_digest, is_valid_tag
 from ..reference import parse_image
 from ..upstream.registry import Upstreams
@@ -142,6 +142,7 @@ class Control:
         cache = await self._refresh_gauges()
         return {
             **self._metrics.summary(),
+            "top_pulls": self._metrics.pulls.top(TOP_PULLS),
             "fetches_in_flight": self._blobs.in_flight,
             "fetching": self._blobs.fetching()[:50],
             "upstreams": self._upstream_states(),

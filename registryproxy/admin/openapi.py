@@ -180,6 +180,22 @@ SCHEMAS: dict[str, Any] = {
                 "description": "{HTTP status: count}",
                 "additionalProperties": {"type": "integer"},
             },
+            "upstream_errors": {
+                "type": "object",
+                "description": (
+                    "Error responses to clients {upstream: count}; "
+                    '"none": requests not routed to an upstream'
+                ),
+                "additionalProperties": {"type": "integer"},
+            },
+            "top_pulls": {
+                "type": "array",
+                "description": (
+                    "The most pulled images (manifest GETs) since start-up, most first "
+                    "(at most 20), as asked for: upstream/repository:tag or @digest"
+                ),
+                "items": _object({"image": {"type": "string"}, "pulls": {"type": "integer"}}),
+            },
             "fetches_in_flight": {"type": "integer"},
             "fetching": {
                 "type": "array",

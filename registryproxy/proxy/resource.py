@@ -201,11 +201,15 @@ class RegistryResource(Resource):
         request.setHeader(*_API_VERSION)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
-        d = Deferred.fromCoroutine(self._handle(request, gone))
-        d.addErrback(self._failed, request, gone)
+        # the upstream the request is routed to, once it is
+        routed: list[str] = []
+        d = Deferred.fromCoroutine(self._handle(request, gone, routed))
+        d.addErrback(self._failed, request, gone, routed)
         return NOT_DONE_YET
 
-    def _failed(self, failure: Failure, request: Request, gone: list[bool]) -> None:
+    def _failed(
+        self, failure: Failure, request: Request, gone: list[bool], routed: list[str]
+    ) -> None:
         if isinstance(failure.value, RegistryError):
             error = failure.value
         else:
@@ -221,6 +225,7 @@ class RegistryResource(Resource):
             getattr(request.getClientAddress(), "host", "?"),
             request.method.decode("latin-1"),
             request.path.decode("utf-8", "replace"),
+            routed[0] if routed else None,
         )
         if gone or request.finished:
             return
@@ -236,7 +241,7 @@ class RegistryResource(Resource):
         request.write(body)
         request.finish()
 
-    async def _handle(self, request: Request, gone: list[bool]) -> None:
+    async def _handle(self, request: Request, gone: list[bool], routed: list[str]) -> None:
         path = request.path.decode("latin-1")
         kind, match = _route(path)
         method = request.method
@@ -250,7 +255,7 @@ class RegistryResource(Resource):
         if kind == "upload":
             raise unsupported("pushing")
         try:
-            await self._serve(request, kind, match, gone)
+            await self._serve(request, kind, match, gone, routed)
         except RegistryError as e:
             if e.status == 404 and e.code not in _NOT_FOUND:
                 # an upstream's own code (NOT_FOUND, ...) means nothing to a client
@@ -258,9 +263,15 @@ class RegistryResource(Resource):
             raise
 
     async def _serve(
-        self, request: Request, kind: str, match: re.Match[str], gone: list[bool]
+        self,
+        request: Request,
+        kind: str,
+        match: re.Match[str],
+        gone: list[bool],
+        routed: list[str],
     ) -> None:
         client, repo = route(self._upstreams, request, match.group("name"))
+        routed.append(client.name)
         # before any upstream request and any cached answer
         tag = match.group("reference") if kind == "manifest" else None
         _admit(client, repo, tag if tag is not None and is_valid_tag(tag) else None)
@@ -277,6 +288,10 @@ class RegistryResource(Resource):
             _check_layers(client, manifest)
             if not gone:
                 self._manifest(request, manifest)
+                if request.method == b"GET" and self._forward:
+                    # a client's pull (a peer's asking is counted by the node it serves)
+                    at = "@" if is_valid_digest(reference) else ":"
+                    self._metrics.pulls.pulled(f"{client.name}/{repo}{at}{reference}")
         elif kind == "blob":
             digest = match.group("digest")
             if not is_valid_digest(digest):

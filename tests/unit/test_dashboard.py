@@ -12,7 +12,7 @@ from test_admin_api import TOKEN, Admin
 from twisted.internet.task import Clock
 
 from registryproxy.admin.dashboard import ASSETS
-from registryproxy.metrics import RECENT_ERRORS, History, Metrics
+from registryproxy.metrics import RECENT_ERRORS, History, Metrics, PullCounts
 
 
 @pytest.fixture
@@ -122,3 +122,50 @@ def test_history_restores_a_well_formed_recent_day():
     assert after.day == before.day
     after.restore("not a list")
     assert after.snapshot()["hour"] == []
+
+
+def test_pull_counts_keep_the_most_pulled_when_full():
+    pulls = PullCounts(keep=10)
+    for _ in range(3):
+        pulls.pulled("docker.io/library/a:1")
+    pulls.pulled("docker.io/library/old:1")
+    pulls.pulled("docker.io/library/b:1")
+    pulls.pulled("docker.io/library/b:1")
+    for i in range(7):
+        pulls.pulled(f"ghcr.io/x/once:{i}")
+    assert len(pulls) == 10
+    pulls.pulled("ghcr.io/x/new:1")  # the eleventh: pruned to nine, least pulled and oldest out
+    assert len(pulls) == 9
+    top = pulls.top(3)
+    assert top == [
+        {"image": "docker.io/library/a:1", "pulls": 3},
+        {"image": "docker.io/library/b:1", "pulls": 2},
+        top[2],
+    ]
+    kept = {p["image"] for p in pulls.top(20)}
+    assert "docker.io/library/old:1" not in kept and "ghcr.io/x/once:0" not in kept
+    assert "ghcr.io/x/once:1" in kept and "ghcr.io/x/new:1" in kept
+    assert len(pulls.top(20)) == 9
+
+
+@pytest_twisted.ensureDeferred
+async def test_stats_count_manifest_pulls_and_errors_per_upstream(fake_registry, make_proxy):
+    digest, _ = fake_registry.add_image("library/app", "1", [b"x"])
+    proxy = await make_proxy(fake_registry.url)
+    for _ in range(3):
+        assert (await proxy.get("/v2/app/manifests/1")).code == 200
+    assert (await proxy.head("/v2/app/manifests/1")).code == 200  # a HEAD is no pull
+    assert (await proxy.get(f"/v2/library/app/manifests/{digest}")).code == 200
+    assert (await proxy.get("/v2/app/manifests/nope")).code == 404
+    assert (await proxy.get("/v2/app/nothing")).code == 404  # no route: no upstream
+    assert (await proxy.get("/v2/registry.invalid/x/manifests/1")).code == 404  # no such upstream
+    stats = await proxy.proxy.control.stats()
+    assert stats["top_pulls"] == [
+        {"image": "docker.io/library/app:1", "pulls": 3},
+        {"image": f"docker.io/library/app@{digest}", "pulls": 1},
+    ]
+    assert stats["upstream_errors"] == {"docker.io": 1, "none": 2}
+    assert stats["errors"] == {"404": 3}
+    assert set(stats["upstream_requests"]) == {"docker.io"}
+    text = (await proxy.proxy.control.metrics())[0].decode()
+    assert 'regproxy_errors_total{status="404",upstream="docker.io"} 1.0' in text

@@ -113,6 +113,17 @@ def test_dashboard_shows_the_stats_purges_and_asks_again_for_a_wrong_token(
     assert int(value(browser, "cache-size")) == stats["cache"]["size_bytes"]
     upstream = browser.find_element(By.ID, "upstreams").text
     assert "docker.io" in upstream and "yes" in upstream and "closed" in upstream
+    errors = browser.find_element(
+        By.XPATH, "//tbody[@id='upstreams']/tr[th='docker.io']/td[@data-value]"
+    )
+    assert int(str(errors.get_attribute("data-value"))) == stats["upstream_errors"]["docker.io"]
+    pulled = f"docker.io/{image.repository}:{image.tag}"
+    pulls = {p["image"]: p["pulls"] for p in stats["top_pulls"]}
+    assert pulls[pulled] >= 2
+    row = browser.find_element(By.CSS_SELECTOR, f'#top-pulls tr[data-image="{pulled}"]')
+    assert row.find_element(By.CSS_SELECTOR, "td[data-value]").get_attribute("data-value") == str(
+        pulls[pulled]
+    )
     recent = browser.find_element(By.ID, "recent-errors").text
     assert "404" in recent and "/v2/library/nothing-here/manifests/1" in recent
     name = f"docker.io/{image.repository}"

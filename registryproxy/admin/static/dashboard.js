@@ -199,7 +199,10 @@
       const total = Object.values(kinds).reduce((a, b) => a + b, 0);
       const td = cell(tr, count(total), "num");
       td.title = Object.entries(kinds).map(([k, v]) => `${k}: ${v}`).join(", ");
-    }, "no upstreams", 5);
+      const errors = (stats.upstream_errors || {})[name] || 0;
+      const bad = cell(tr, count(errors), errors ? "num bad" : "num");
+      bad.dataset.value = String(errors);
+    }, "no upstreams", 6);
   }
 
   function renderFetching(stats) {
@@ -260,6 +263,18 @@
       );
       cell(tr, actions);
     }, term ? "no cached image matches" : "nothing cached yet", 5);
+  }
+
+  function renderTopPulls(stats) {
+    fill($("top-pulls"), stats.top_pulls || [], (tr, p) => {
+      tr.dataset.image = p.image;
+      const th = document.createElement("th");
+      th.scope = "row";
+      th.className = "digest";
+      th.textContent = p.image;
+      tr.append(th);
+      cell(tr, count(p.pulls), "num").dataset.value = String(p.pulls);
+    }, "nothing pulled since start-up", 2);
   }
 
   function renderPins(pins) {
@@ -367,6 +382,7 @@
       renderFetching(stats);
       renderCache(stats);
       renderImages();
+      renderTopPulls(stats);
       renderPins(pins.pins);
       renderJobs(stats);
       renderErrors(errors.errors);
