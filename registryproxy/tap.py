@@ -548,7 +548,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         membership = cluster.membership
         # the other nodes' way in: their secret, and nothing passed on again
         inside = GuardedSite(
-            PeersOnly(proxy.internal, lambda: membership.secret, proxy.manifests.forget_hot),
+            PeersOnly(proxy.internal, lambda: membership.secret, proxy.manifests.forget),
             limits(config)[0],
             no_bodies,
             reactor,

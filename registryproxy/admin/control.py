@@ -302,6 +302,11 @@ class Control:
             raise AdminError(400, f"invalid digest {s.digest!r}")
         if s.upstream is not None:
             await self._known_upstream(s.upstream)
+        if self._cluster is not None:
+            # manifests being written to the cluster (answered before they
+            # were) land first, so that the purge finds them
+            await self._manifests.settle()
+            await self._cluster.forget_everywhere()
         # in the index's worker thread; readers already streaming keep their
         # open file: never cut off
         removed, freed = await self._evictor.purge(

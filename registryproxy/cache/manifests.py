@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from functools import partial
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import TimeoutError as Late
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -31,6 +32,9 @@ from .shared import SharedStore
 from .store import BlobStore
 
 log = Logger()
+
+#: how long a purge waits for manifests being cached in the background
+SETTLE_SECONDS = 10.0
 
 
 @attrs.frozen
@@ -61,6 +65,8 @@ class ManifestCache:
         self._peers = peers
         #: the answers served most often, without the index or the disk
         self._hot = HotAnswers()
+        #: manifests answered and being cached in the background (a cluster's)
+        self._caching: set[Deferred[None]] = set()
         self._index = index
         self._clock = clock
         self._tag_ttl = tag_ttl
@@ -192,6 +198,16 @@ class ManifestCache:
         self._index.touch_manifest(upstream, repo, digest, now)
         self._index.touch_blob(digest, now)
 
+    def forget(self) -> Deferred[None]:
+        """Another node purges: land what is being cached, then forget the
+        answers kept in memory."""
+
+        async def forget() -> None:
+            await self.settle()
+            self.forget_hot()
+
+        return Deferred.fromCoroutine(forget())
+
     def forget_hot(self) -> None:
         """Something was purged or evicted (here, or by another node of a
         cluster): answers kept in memory are asked of the index again."""
@@ -303,8 +319,23 @@ class ManifestCache:
             else self._clock.seconds() + (self._tag_ttl if ttl is None else ttl)
         )
         self._hot.put((client.name, repo, reference), attrs.evolve(fetched, cache="HIT"), fresh)
-        Deferred.fromCoroutine(self._cache(client, repo, reference, fetched))
+        caching = Deferred.fromCoroutine(self._cache(client, repo, reference, fetched))
+        self._caching.add(caching)
+        caching.addBoth(lambda _: self._caching.discard(caching))
         return fetched
+
+    async def settle(self) -> None:
+        """Wait for the manifests being cached in the background (a purge
+        must find them), at most :data:`SETTLE_SECONDS`."""
+        pending = list(self._caching)
+        if pending:
+            # new Deferreds: a timeout must not cancel the caching itself
+            waiting = DeferredList([_when_done(d) for d in pending])
+            waiting.addTimeout(SETTLE_SECONDS, self._clock)
+            try:
+                await waiting
+            except Late:
+                log.warn("purging with {n} manifests still being cached", n=len(pending))
 
     async def _cache(
         self, client: RegistryClient, repo: str, reference: str, manifest: CachedManifest
@@ -337,6 +368,19 @@ class ManifestCache:
             reference=reference,
             digest=digest,
         )
+
+
+def _when_done(d: Deferred[None]) -> Deferred[None]:
+    """A Deferred that fires when *d* does; cancelling it leaves *d* be."""
+    done: Deferred[None] = Deferred()
+
+    def fired(result: object) -> object:
+        if not done.called:
+            done.callback(None)
+        return result
+
+    d.addBoth(fired)
+    return done
 
 
 class HotAnswers:

@@ -24,7 +24,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.defer import TimeoutError as NoAnswer
 from twisted.internet.error import (
     ConnectError,
@@ -38,7 +38,7 @@ from twisted.web.client import ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from ..errors import RegistryError
 from ..mediatypes import MODERN
@@ -187,11 +187,11 @@ class PeersOnly(Resource):
         self,
         inner: IResource,
         secret: str | Callable[[], str],
-        forget: Callable[[], None] = lambda: None,
+        forget: Callable[[], Deferred[None]] = lambda: succeed(None),
     ) -> None:
         """*secret*, or where to find it (a node learns it when it joins);
-        *forget*: what ``POST /_regproxy/forget`` does (another node purged:
-        drop the answers kept in memory)."""
+        *forget*: what ``POST /_regproxy/forget`` does (another node purges:
+        land what is being cached, drop the answers kept in memory)."""
         super().__init__()
         self._inner = inner
         self._secret = secret if callable(secret) else lambda: secret
@@ -215,7 +215,7 @@ class PeersOnly(Resource):
                 request.setResponseCode(405)
                 request.setHeader(b"Allow", b"POST")
                 return b""
-            self._forget()
             request.setResponseCode(204)
-            return b""
+            self._forget().addBoth(lambda _: request.finish())
+            return NOT_DONE_YET
         return self._inner.render(request)
