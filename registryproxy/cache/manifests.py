@@ -386,13 +386,17 @@ def _when_done(d: Deferred[None]) -> Deferred[None]:
 class HotAnswers:
     """Cached manifests by (upstream, repository, reference), in memory, for
     as long as the answer holds (a tag until its TTL runs out, a digest for
-    good), the least recently used dropped past :attr:`MAX_BYTES`.  Emptied
+    good), the least recently used dropped past :attr:`MAX_BYTES` or
+    :attr:`MAX_ENTRIES`.  Emptied
     whenever anything is purged or evicted (:meth:`ManifestCache.forget_hot`)."""
 
     MAX_BYTES = 64 * 1024 * 1024
+    #: a bound on entries too: many tiny manifests cost more than their bytes
+    MAX_ENTRIES = 100_000
 
-    def __init__(self, max_bytes: int = MAX_BYTES) -> None:
+    def __init__(self, max_bytes: int = MAX_BYTES, max_entries: int = MAX_ENTRIES) -> None:
         self._max_bytes = max_bytes
+        self._max_entries = max_entries
         self._bytes = 0
         self._answers: collections.OrderedDict[
             tuple[str, str, str], tuple[CachedManifest, float | None]
@@ -415,7 +419,7 @@ class HotAnswers:
         self._drop(key)
         self._answers[key] = (manifest, until)
         self._bytes += len(manifest.body)
-        while self._bytes > self._max_bytes:
+        while self._bytes > self._max_bytes or len(self._answers) > self._max_entries:
             self._drop(next(iter(self._answers)))
 
     def _drop(self, key: tuple[str, str, str]) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IConsumer, IProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThreadPool
@@ -36,6 +36,8 @@ log = Logger()
 #: bytes per part of a multipart upload (S3 wants >= 5 MiB but the last);
 #: files up to this size go in one PUT
 PART_SIZE = 16 * 1024 * 1024
+#: uploads at once, each holding up to PART_SIZE bytes in memory
+UPLOADS = 4
 #: how long a redirect to the bucket stays good
 PRESIGNED_SECONDS = 3600
 
@@ -54,6 +56,9 @@ class Bucket:
         self._threadpool = threadpool
         self._reactor = reactor
         self._part_size = part_size
+        # each upload holds up to a part in memory: a burst of cold blobs
+        # must not hold them all at once
+        self._uploading = DeferredSemaphore(UPLOADS)
 
     def stat(self, digest: Digest) -> Deferred[int | None]:
         """The stored object's size, or None."""
@@ -85,7 +90,15 @@ class Bucket:
         return deferToThreadPool(self._reactor, self._threadpool, read)
 
     async def upload(self, digest: Digest, path: str, size: int) -> None:
-        """Publish the verified file at *path* (*size* bytes) as *digest*."""
+        """Publish the verified file at *path* (*size* bytes) as *digest*
+        (at most :data:`UPLOADS` at once, the others waiting their turn)."""
+        await self._uploading.acquire()
+        try:
+            await self._upload(digest, path, size)
+        finally:
+            self._uploading.release()
+
+    async def _upload(self, digest: Digest, path: str, size: int) -> None:
         name = key(digest)
         if size <= self._part_size:
             data = await self._read(path, 0, size)
