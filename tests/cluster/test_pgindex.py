@@ -285,8 +285,10 @@ class Differ:
             self.call("totals")
         elif kind == 6:
             self.call("repositories")
+            self.call("repository_summaries")
         elif kind == 7:
             self.call("repositories", upstream)
+            self.call("repository_summaries", upstream)
         elif kind == 8:
             self.call("repo_manifests", upstream, repo)
         elif kind == 9:
@@ -316,7 +318,7 @@ class Differ:
 
     def final(self) -> None:
         """Everything that can be listed, compared."""
-        for method in ("flush", "totals", "repositories"):
+        for method in ("flush", "totals", "repositories", "repository_summaries"):
             self.call(method)
         for upstream in UPSTREAMS:
             for repo in REPOS:
