@@ -19,7 +19,8 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.client import HTTPConnectionPool
 
 from .admin.app import AdminAPI
-from .admin.control import Control, SavedUpstreams
+from .admin.control import Control, build_control
+from .admin.settings import SavedUpstreams
 from .cache.access import IndexAccess, LocalIndex, flush
 from .cache.background import IndexThread
 from .cache.blobs import BlobCache, PeerSource
@@ -423,7 +424,7 @@ def build_proxy(
     internal = RegistryResource(
         upstreams, manifests, blobs, metrics, config.proxy.sendfile, forward=False
     )
-    control = Control(
+    control = build_control(
         config,
         store.root,
         store,

@@ -104,6 +104,14 @@ class Upstreams:
                 del self._clients[unlisted[0]]  # the oldest: an open proxy stays bounded
         return client
 
+    def canonical(self, name: str) -> str:
+        """An upstream's own name for *name*, one of its aliases
+        (registry-1.docker.io -> docker.io); *name* itself if unknown."""
+        if name in self._configs:
+            return name
+        client = self.get(name)
+        return client.name if client is not None else name
+
     def by_virtual_host(self, host_header: str) -> RegistryClient | None:
         """The upstream whose name or alias is the request's Host (port ignored)."""
         host = host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
