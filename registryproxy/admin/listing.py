@@ -53,7 +53,7 @@ class Listing:
 
 
 def _detail(upstream: str, repository: str, ttl: float, index: Index) -> RepositoryDetail | None:
-    """In the index's worker thread."""
+    """In the index's worker thread: three queries, however many manifests."""
     manifests = index.repo_manifests(upstream, repository)
     if not manifests:
         return None
@@ -61,20 +61,23 @@ def _detail(upstream: str, repository: str, ttl: float, index: Index) -> Reposit
         TagInfo(t.tag, t.digest, t.media_type, t.checked_at, t.checked_at + ttl)
         for t in index.repo_tags(upstream, repository)
     )
-    infos = []
-    for m in manifests:
-        refs = index.refs(m.digest)
-        blob_digests = [child for child, kind in refs if kind == "blob"]
-        sizes = index.blob_sizes(blob_digests)
-        infos.append(
-            ManifestInfo(
-                m.digest,
-                m.media_type,
-                m.size,
-                m.fetched_at,
-                m.last_access,
-                tuple(BlobInfo(b, sizes.get(b), b in sizes) for b in blob_digests),
-                tuple(child for child, kind in refs if kind == "manifest"),
-            )
+    blobs: dict[str, list[BlobInfo]] = {}
+    children: dict[str, list[str]] = {}
+    for manifest, child, kind, size in index.repository_refs(upstream, repository):
+        if kind == "blob":
+            blobs.setdefault(manifest, []).append(BlobInfo(child, size, size is not None))
+        elif kind == "manifest":
+            children.setdefault(manifest, []).append(child)
+    infos = tuple(
+        ManifestInfo(
+            m.digest,
+            m.media_type,
+            m.size,
+            m.fetched_at,
+            m.last_access,
+            tuple(blobs.get(m.digest, ())),
+            tuple(children.get(m.digest, ())),
         )
-    return RepositoryDetail(upstream, repository, tags, tuple(infos))
+        for m in manifests
+    )
+    return RepositoryDetail(upstream, repository, tags, infos)

@@ -162,6 +162,12 @@ SELECT m.upstream, m.repo,
 FROM manifests m WHERE (? IS NULL OR m.upstream=?)
 GROUP BY m.upstream, m.repo ORDER BY m.upstream, m.repo
 """
+_REPOSITORY_REFS = """
+SELECT r.manifest, r.child, r.kind, b.size FROM refs r
+LEFT JOIN blobs b ON b.digest=r.child AND r.kind='blob'
+WHERE r.manifest IN (SELECT digest FROM manifests WHERE upstream=? AND repo=?)
+ORDER BY r.manifest, r.position
+"""
 
 
 def summary(row: tuple[Any, ...]) -> RepoSummary:
@@ -386,6 +392,12 @@ class Index:
         """Every cached repository (of *upstream*) with its size, in one query."""
         rows = self._db.execute(_SUMMARIES, (upstream, upstream)).fetchall()
         return [summary(row) for row in rows]
+
+    def repository_refs(self, upstream: str, repo: str) -> list[tuple[str, str, str, int | None]]:
+        """What each of the repository's manifests lists, in one query:
+        ``(manifest, child, kind, size)``, in order; size is the cached
+        blob's, None for a blob not cached and for a child manifest."""
+        return self._db.execute(_REPOSITORY_REFS, (upstream, repo)).fetchall()
 
     def repo_manifests(self, upstream: str, repo: str) -> list[ManifestRow]:
         rows = self._db.execute(

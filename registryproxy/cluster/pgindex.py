@@ -227,6 +227,7 @@ _PUT_BLOB = (
 )
 # index.py: (? IS NULL OR m.upstream=?); PostgreSQL wants the type
 _SUMMARIES = _pg(_sub(sqlite_index._SUMMARIES, "(? IS NULL", "(?::text IS NULL"))
+_REPOSITORY_REFS = _pg(sqlite_index._REPOSITORY_REFS)
 _LINK = "INSERT INTO repo_blobs VALUES (%s, %s, %s) ON CONFLICT DO NOTHING"
 
 
@@ -517,6 +518,10 @@ class PgIndex:
 
     def repository_summaries(self, upstream: str | None = None) -> list[RepoSummary]:
         return [summary(row) for row in self._read(_SUMMARIES, (upstream, upstream))]
+
+    def repository_refs(self, upstream: str, repo: str) -> list[tuple[str, str, str, int | None]]:
+        rows = self._read(_REPOSITORY_REFS, (upstream, repo))
+        return [(manifest, child, kind, size) for manifest, child, kind, size in rows]
 
     def repo_manifests(self, upstream: str, repo: str) -> list[ManifestRow]:
         rows = self._read(

@@ -291,6 +291,7 @@ class Differ:
             self.call("repository_summaries", upstream)
         elif kind == 8:
             self.call("repo_manifests", upstream, repo)
+            self.call("repository_refs", upstream, repo)
         elif kind == 9:
             self.call("repo_tags", upstream, repo)
         elif kind == 10:
@@ -324,6 +325,7 @@ class Differ:
             for repo in REPOS:
                 self.call("repo_manifests", upstream, repo)
                 self.call("repo_tags", upstream, repo)
+                self.call("repository_refs", upstream, repo)
                 for blob in BLOBS:
                     self.call("has_blob", upstream, repo, blob)
         for digest in MANIFESTS:

@@ -83,7 +83,7 @@ def add_image(index: Index, upstream: str, repo: str, name: str, layers: list[st
 
 
 @pytest_twisted.ensureDeferred
-async def test_listing_a_page_of_100_repositories_is_one_statement(index, upstreams):
+async def test_listing_100_repositories_is_one_statement_and_one_in_detail_three(index, upstreams):
     for n in range(100):
         for m in range(2):
             add_image(index, "docker.io", f"r{n:03}", f"{n}/{m}", [f"{n}/{m}/a", "shared"], "1")
@@ -97,6 +97,13 @@ async def test_listing_a_page_of_100_repositories_is_one_statement(index, upstre
     # two manifests, their own layers and the shared one, counted once
     assert {r.size for r in found} == {2 * 10 + 3 * 1000}
     assert {(r.tags, r.manifests) for r in found} == {(1, 2)}
+    # one repository in detail: manifests, tags, and what they all list
+    statements.clear()
+    index._db.set_trace_callback(statements.append)
+    detail = await listing.repository("docker.io", "r000")
+    index._db.set_trace_callback(None)
+    assert len(statements) == 3, statements
+    assert [len(m.blobs) for m in detail.manifests] == [2, 2]
 
 
 @pytest_twisted.ensureDeferred

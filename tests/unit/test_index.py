@@ -160,6 +160,30 @@ def test_repository_summaries_in_one_statement(index):
     ]
 
 
+def test_repository_refs_in_one_statement(index):
+    """What a repository's manifests list, with the cached blobs' sizes:
+    as refs() and blob_sizes() tell it manifest by manifest."""
+    add_image(index, "docker.io", "library/a", "m1", ["l1", "l2"])
+    add_image(index, "docker.io", "library/a", "m2", ["l2", "l1"])
+    add_index(index, "docker.io", "library/a", "i1", ["m1", "m2", "m9"], tag="x")
+    add_image(index, "docker.io", "library/b", "m3", ["l3"])
+    index.forget_blob(d("l2"))
+    statements: list[str] = []
+    index._db.set_trace_callback(statements.append)
+    refs = index.repository_refs("docker.io", "library/a")
+    index._db.set_trace_callback(None)
+    assert len(statements) == 1
+    expected = []
+    for m in sorted(m.digest for m in index.repo_manifests("docker.io", "library/a")):
+        sizes = index.blob_sizes(child for child, _ in index.refs(m))
+        for child, kind in index.refs(m):
+            expected.append((m, child, kind, sizes.get(child) if kind == "blob" else None))
+    assert refs == expected
+    assert (d("m2"), d("l2"), "blob", None) in refs and (d("m2"), d("l1"), "blob", 1000) in refs
+    assert [r[1] for r in refs if r[0] == d("m2")] == [d("l2"), d("l1")]  # in the manifest's order
+    assert index.repository_refs("docker.io", "library/none") == []
+
+
 def test_an_unversioned_index_is_started_afresh(tmp_path):
     import sqlite3
 
