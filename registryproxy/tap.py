@@ -32,8 +32,10 @@ from .cache.store import FileStore
 from .cluster.node import Engines, engines
 from .cluster.peers import PeersOnly
 from .config import Config, ConfigError, load_config
+from .login.gate import Gate, make_gate
+from .login.tokens import cluster_key, node_key
 from .metrics import Metrics
-from .proxy.bodies import no_bodies
+from .proxy.bodies import login_bodies, no_bodies
 from .proxy.connections import GuardedSite, Limits, fitting_connections, open_files_limit
 from .proxy.plaintext import PlainHTTPFactory
 from .proxy.resource import RegistryResource
@@ -130,6 +132,8 @@ class Proxy:
     #: a cluster node's engines and local tier; None on a single node
     cluster: Engines | None = None
     tier: LocalTier | None = None
+    #: who may pull what (proxy.auth); None: anyone
+    gate: Gate | None = None
 
     @property
     def index(self) -> Index:
@@ -189,6 +193,8 @@ class Proxy:
         await self.pool.closeCachedConnections()
         self.upstreams.close()
         self.verifier.close()
+        if self.gate is not None:
+            self.gate.close()
         if self.local is not None:
             await self.local.close()
         if self.cluster is not None:
@@ -418,7 +424,17 @@ def build_proxy(
     else:  # nor what the other nodes read or download
         membership = cluster.membership
         evictor.in_use = lambda: blobs.in_use() | membership.busy_elsewhere()
-    resource = RegistryResource(upstreams, manifests, blobs, metrics, config.proxy.sendfile)
+    gate = None
+    if config.proxy.auth is not None:
+        key = (
+            node_key(store.root)
+            if cluster is None
+            else cluster_key(lambda: cluster.membership.secret)  # type: ignore[union-attr]
+        )
+        gate = make_gate(config.proxy.auth, reactor, key)
+    resource = RegistryResource(
+        upstreams, manifests, blobs, metrics, config.proxy.sendfile, gate=gate
+    )
     # what other nodes of a cluster ask this one for: never passed on again
     internal = RegistryResource(
         upstreams, manifests, blobs, metrics, config.proxy.sendfile, forward=False
@@ -440,7 +456,7 @@ def build_proxy(
     site = GuardedSite(
         resource,
         limits(config, max_connections)[0],
-        no_bodies,
+        no_bodies if gate is None else login_bodies,
         reactor,
         "proxy",
         config.proxy.access_log,
@@ -460,6 +476,7 @@ def build_proxy(
         local=local,
         cluster=cluster,
         tier=tier,
+        gate=gate,
     )
 
 
