@@ -424,14 +424,7 @@ def build_proxy(
     else:  # nor what the other nodes read or download
         membership = cluster.membership
         evictor.in_use = lambda: blobs.in_use() | membership.busy_elsewhere()
-    gate = None
-    if config.proxy.auth is not None:
-        key = (
-            node_key(store.root)
-            if cluster is None
-            else cluster_key(lambda: cluster.membership.secret)  # type: ignore[union-attr]
-        )
-        gate = make_gate(config.proxy.auth, reactor, key)
+    gate = _gate(config, store.root, cluster, reactor, metrics)
     resource = RegistryResource(
         upstreams, manifests, blobs, metrics, config.proxy.sendfile, gate=gate
     )
@@ -478,6 +471,27 @@ def build_proxy(
         tier=tier,
         gate=gate,
     )
+
+
+def _gate(
+    config: Config, directory: str, cluster: Engines | None, reactor: Any, metrics: Metrics
+) -> Gate | None:
+    """Who may pull what (proxy.auth), signing tokens with the node's key,
+    or a cluster's, so that any node takes any node's tokens; None: anyone."""
+    if config.proxy.auth is None:
+        return None
+    if cluster is None:
+        try:
+            key = node_key(directory)
+        except OSError as e:
+            raise SystemExit(f"regproxy: cannot keep the login key in {directory!r}: {e}") from None
+    else:
+        key = cluster_key(lambda: cluster.membership.secret)
+    logins = metrics.logins
+    try:
+        return make_gate(config.proxy.auth, reactor, key, lambda r: logins.labels(r).inc())
+    except (OSError, ValueError) as e:  # a users' file changed since the config was read
+        raise SystemExit(f"regproxy: proxy.auth: {e}") from None
 
 
 def _fail(reactor: Any) -> None:

@@ -60,7 +60,10 @@ class Gate:
         passwords: Passwords,
         tokens: Tokens,
         failures: FailedLogins,
+        counted: Callable[[str], None] = lambda result: None,
     ) -> None:
+        """*counted* is told each password login's result: ok, failed, limited."""
+        self._counted = counted
         self._config = config
         self._passwords = passwords
         self._tokens = tokens
@@ -104,6 +107,7 @@ class Gate:
         address = _address(request)
         wait = self._failures.retry_after(address)
         if wait is not None:
+            self._counted("limited")
             seconds = str(max(1, math.ceil(wait)))
             raise RegistryError(
                 429,
@@ -112,7 +116,9 @@ class Gate:
                 headers={"Retry-After": seconds},
             )
         if await self._passwords.check(user, password):
+            self._counted("ok")
             return True
+        self._counted("failed")
         self._failures.failed(address)
         log.info("failed login as {user!r} from {address}", user=user[:64], address=address)
         return False
@@ -249,9 +255,15 @@ def _address(request: Request) -> str:
     return str(getattr(request.getClientAddress(), "host", "unknown"))
 
 
-def make_gate(config: AuthConfig, reactor: Any, key: Callable[[], bytes]) -> Gate:
+def make_gate(
+    config: AuthConfig,
+    reactor: Any,
+    key: Callable[[], bytes],
+    counted: Callable[[str], None] = lambda result: None,
+) -> Gate:
     """The gate *config* describes, its files read now (OSError or
-    FileError if one cannot be), its tokens signed with *key*."""
+    FileError if one cannot be), its tokens signed with *key*; *counted*:
+    see :class:`Gate`."""
     users = WatchedFile(config.htpasswd, parse_htpasswd, reactor) if config.htpasswd else None
     tokens = WatchedFile(config.tokens, parse_tokens, reactor) if config.tokens else None
     threads = ThreadPool(minthreads=0, maxthreads=2, name="regproxy-login")
@@ -260,4 +272,5 @@ def make_gate(config: AuthConfig, reactor: Any, key: Callable[[], bytes]) -> Gat
         Passwords(users, tokens, reactor, threads),
         Tokens(key, config.service, config.token_ttl, reactor),
         FailedLogins(config.max_failures, config.failure_window, reactor),
+        counted,
     )

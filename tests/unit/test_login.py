@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import random
+import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -19,6 +20,8 @@ import jwt
 import pytest
 import pytest_twisted
 from proxyharness import Reply, settle
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
@@ -28,6 +31,7 @@ from registryproxy.login.failures import FailedLogins
 from registryproxy.login.files import LOOK_EVERY
 from registryproxy.login.policy import Decision, Policy
 from registryproxy.login.tokens import Invalid, Tokens, parse_scopes
+from registryproxy.proxy.plaintext import PlainHTTPFactory
 
 PASSWORDS = {"alice": "alice-secret-1", "bob": "bob-secret-22", "carol": "carol-secret-333"}
 ROBOT_TOKEN = "robot-token-0123456789abcdef"
@@ -511,3 +515,46 @@ def test_config_mistakes_are_one_clear_line(
         parse_config(json.dumps({"proxy": {"auth": auth}}))
     assert says in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def proxied_get(port: int, source: str, path: str, authorization: str) -> int:
+    """A GET through a PROXY-protocol header, as haproxy's send-proxy sends it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(
+            f"PROXY TCP4 {source} 127.0.0.1 40000 80\r\n"
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {authorization}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        status = b""
+        while b"\r\n" not in status:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            status += chunk
+    return int(status.split()[1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_behind_a_load_balancer_failures_count_per_client(fake_registry, make_proxy, users):
+    """With ``haproxy:`` before the endpoint (haproxy's send-proxy), the
+    failed-login limit sees each client, not the balancer's one address."""
+    proxy = await proxy_with_auth(make_proxy, fake_registry, users, max_failures=2)
+    port = await serverFromString(reactor, "haproxy:tcp:0:interface=127.0.0.1").listen(
+        PlainHTTPFactory(proxy.proxy.site)
+    )
+    try:
+        number = port.getHost().port
+        wrong = basic("alice", "guess")
+        right = basic("alice", PASSWORDS["alice"])
+        for expected in (401, 401, 429):
+            status = await deferToThread(proxied_get, number, "203.0.113.7", "/token", wrong)
+            assert status == expected
+        assert await deferToThread(proxied_get, number, "203.0.113.7", "/token", right) == 429
+        # another client behind the same balancer logs in
+        assert await deferToThread(proxied_get, number, "203.0.113.8", "/token", right) == 200
+    finally:
+        await port.stopListening()
+    logins = proxy.proxy.metrics.logins
+    assert logins.labels("failed")._value.get() == 2
+    assert logins.labels("limited")._value.get() == 2
+    assert logins.labels("ok")._value.get() == 1
