@@ -196,6 +196,7 @@ class Gate:
             identity = await self._password_grant(request, user, password)
         else:
             identity = await self.identify(request)
+        request.login_user = identity.user  # type: ignore[attr-defined]
         if identity.user is None and not self._config.anonymous:
             raise RegistryError(
                 401,

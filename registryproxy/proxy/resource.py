@@ -264,6 +264,8 @@ class RegistryResource(Resource):
         if method not in (b"GET", b"HEAD"):
             raise unsupported(f"{method.decode('latin-1')} {path}")
         identity = await gate.identify(request) if gate is not None else None
+        if identity is not None:
+            request.login_user = identity.user  # type: ignore[attr-defined]
         if kind in ("base", "tags", "referrers"):
             self._metrics.requests.labels(kind, "none").inc()
         if kind == "base":

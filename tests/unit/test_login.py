@@ -558,3 +558,24 @@ async def test_behind_a_load_balancer_failures_count_per_client(fake_registry, m
     assert logins.labels("failed")._value.get() == 2
     assert logins.labels("limited")._value.get() == 2
     assert logins.labels("ok")._value.get() == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_access_log_names_the_user(fake_registry, make_proxy, users, tmp_path):
+    fake_registry.add_image("library/alpine", "1", [b"layer"])
+    access = tmp_path / "access.log"
+    proxy = await make_proxy(
+        fake_registry.url,
+        top={"proxy": {"auth": {"htpasswd": str(users)}, "access_log": str(access)}},
+    )
+    await proxy.request(
+        "GET",
+        "/v2/library/alpine/manifests/1",
+        {"Authorization": [basic("alice", PASSWORDS["alice"])]},
+    )
+    await proxy.request("GET", "/v2/library/alpine/manifests/1")
+    await token_for(proxy, "bob")
+    await settle(1.5)  # written buffered, flushed every second
+    lines = access.read_text().splitlines()
+    assert [line.split(" ")[2] for line in lines] == ["alice", "-", "bob"]
+    assert '"GET /v2/library/alpine/manifests/1 HTTP/1.1" 200' in lines[0]
