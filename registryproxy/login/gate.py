@@ -26,6 +26,7 @@ from twisted.web.server import Request
 
 from ..config import AuthConfig
 from ..errors import RegistryError
+from ..runtime import IReactor
 from .failures import FailedLogins
 from .files import WatchedFile, parse_htpasswd, parse_tokens
 from .passwords import Passwords
@@ -258,7 +259,7 @@ def _address(request: Request) -> str:
 
 def make_gate(
     config: AuthConfig,
-    reactor: Any,
+    reactor: IReactor,
     key: Callable[[], bytes],
     counted: Callable[[str], None] = lambda result: None,
 ) -> Gate:
