@@ -39,6 +39,7 @@ from .proxy.bodies import login_bodies, no_bodies
 from .proxy.connections import GuardedSite, Limits, fitting_connections, open_files_limit
 from .proxy.plaintext import PlainHTTPFactory
 from .proxy.resource import RegistryResource
+from .runtime import Threads
 from .upstream.registry import Upstreams
 
 log = Logger()
@@ -127,6 +128,8 @@ class Proxy:
     blobs: BlobCache
     manifests: ManifestCache
     metrics: Metrics
+    #: the blob store's threads (new files flushed and renamed; fsck's scan)
+    files: Threads
     #: the embedded index and its worker thread; None in a cluster
     local: LocalIndex | None = None
     #: a cluster node's engines and local tier; None on a single node
@@ -193,6 +196,7 @@ class Proxy:
         await self.pool.closeCachedConnections()
         self.upstreams.close()
         self.verifier.close()
+        self.files.stop()
         if self.gate is not None:
             self.gate.close()
         if self.local is not None:
@@ -345,7 +349,7 @@ def build_proxy(
     cluster node's engines (not started yet): the index in PostgreSQL, the
     blobs in the bucket, and ``cache.directory`` a local tier of them."""
     try:
-        store = FileStore(config.cache.directory)
+        store = FileStore(config.cache.directory, Threads(reactor, "regproxy-files"))
         local = None
         if cluster is None:
             path = os.path.join(store.root, "index.db")
@@ -466,6 +470,7 @@ def build_proxy(
         blobs,
         manifests,
         metrics,
+        store.threads,
         local=local,
         cluster=cluster,
         tier=tier,

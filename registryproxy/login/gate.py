@@ -21,12 +21,11 @@ from typing import Any
 
 import attrs
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Request
 
 from ..config import AuthConfig
 from ..errors import RegistryError
-from ..runtime import IReactor
+from ..runtime import IReactor, Threads
 from .failures import FailedLogins
 from .files import WatchedFile, parse_htpasswd, parse_tokens
 from .passwords import Passwords
@@ -268,7 +267,7 @@ def make_gate(
     see :class:`Gate`."""
     users = WatchedFile(config.htpasswd, parse_htpasswd, reactor) if config.htpasswd else None
     tokens = WatchedFile(config.tokens, parse_tokens, reactor) if config.tokens else None
-    threads = ThreadPool(minthreads=0, maxthreads=2, name="regproxy-login")
+    threads = Threads(reactor, "regproxy-login")
     return Gate(
         config,
         Passwords(users, tokens, reactor, threads),

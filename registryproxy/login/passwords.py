@@ -15,12 +15,10 @@ import secrets
 
 import attrs
 import bcrypt
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
 
 from ..errors import RegistryError
+from ..runtime import Threads
 from .files import WatchedFile, token_key
 
 #: bcrypt reads no more than 72 bytes of a password (as htpasswd does)
@@ -53,13 +51,13 @@ class Passwords:
         self,
         users: WatchedFile[dict[str, bytes]] | None,
         tokens: WatchedFile[dict[bytes, str]] | None,
-        reactor: IReactorTime,
-        threads: ThreadPool,
+        clock: IReactorTime,
+        threads: Threads,
         max_waiting: int = MAX_WAITING,
     ) -> None:
         self._users = users
         self._tokens = tokens
-        self._reactor = reactor
+        self._clock = clock
         self._threads = threads
         self._max_waiting = max_waiting
         self._waiting = 0
@@ -69,8 +67,7 @@ class Passwords:
         self._known: dict[str, _Known] = {}
 
     def close(self) -> None:
-        if self._threads.started:
-            self._threads.stop()
+        self._threads.stop()
 
     def token_user(self, token: str) -> str | None:
         """The user a static token belongs to, or None."""
@@ -87,7 +84,7 @@ class Passwords:
         hashed = users.get(user)
         secret = password.encode("utf-8", "replace")
         mac = hmac.new(self._key, user.encode() + b"\0" + secret, hashlib.sha256).digest()
-        now = self._reactor.seconds()
+        now = self._clock.seconds()
         known = self._known.get(user)
         if (
             known is not None
@@ -116,17 +113,8 @@ class Passwords:
                 "too many logins at once: try again in a moment",
                 headers={"Retry-After": "1"},
             )
-        if not self._threads.started:
-            self._threads.start()
         self._waiting += 1
         try:
-            d: Deferred[bool] = deferToThreadPool(
-                self._reactor,  # type: ignore[arg-type]
-                self._threads,
-                _checkpw,
-                secret,
-                hashed,
-            )
-            return await d
+            return await self._threads.run(_checkpw, secret, hashed)
         finally:
             self._waiting -= 1
