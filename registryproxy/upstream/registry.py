@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from ..config import UpstreamConfig
 from ..metrics import Metrics
+from ..runtime import IReactor
 from .auth import Authenticator
 from .client import RegistryClient
 from .public import PublicEndpoints, lookup
@@ -39,7 +40,7 @@ class Upstreams:
         self,
         configs: Mapping[str, UpstreamConfig],
         default: str,
-        reactor: Any,
+        reactor: IReactor,
         pool: HTTPConnectionPool,
         allow_any: bool = False,
         metrics: Metrics | None = None,

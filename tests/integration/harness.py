@@ -354,12 +354,13 @@ class RegProxy:
                     f"(is it installed in this venv? `pip install .`):\n{tail(self.log_path)}"
                 )
             try:
-                return regclient.request(self.url + "/v2/", timeout=2).status == 200
+                # 401: it answers, and wants a login (proxy.auth)
+                return regclient.request(self.url + "/v2/", timeout=2).status in (200, 401)
             except OSError:
                 return False
 
         try:
-            wait_until(up, timeout, f"regproxy GET {self.url}/v2/ -> 200")
+            wait_until(up, timeout, f"regproxy GET {self.url}/v2/ -> 200 or 401")
         except TimeoutError as e:
             self.kill()
             raise RuntimeError(f"{e}; log:\n{tail(self.log_path)}") from None
