@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
@@ -28,6 +29,7 @@ from registryproxy.cache.store import FileStore
 from registryproxy.config import Config, parse_config
 from registryproxy.errors import RegistryError
 from registryproxy.metrics import Metrics
+from registryproxy.runtime import Threads
 from registryproxy.upstream.registry import Upstreams
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -234,7 +236,8 @@ async def test_prefetch_refuses_what_would_never_be_served_and_keeps_the_last_jo
 
 @pytest_twisted.ensureDeferred
 async def test_fsck_only_on_a_single_nodes_files_one_at_a_time(index, tmp_path):
-    store = FileStore(str(tmp_path / "cache"))
+    threads = Threads(reactor, "test-files")
+    store = FileStore(str(tmp_path / "cache"), threads)
     with pytest.raises(AdminError) as e:
         await Fsck(store, Inline(index), clustered=True).fsck()
     assert e.value.status == 409
@@ -248,6 +251,7 @@ async def test_fsck_only_on_a_single_nodes_files_one_at_a_time(index, tmp_path):
     assert (e.value.status, e.value.message) == (409, "an fsck is already running")
     assert (await first).checked == 0
     assert (await checker.fsck()).checked == 0
+    threads.stop()
 
 
 # -- pins and upstreams --------------------------------------------------------
