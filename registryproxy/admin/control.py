@@ -59,7 +59,7 @@ class Control:
     prefetcher: Prefetcher
     checker: Fsck
     pinning: Pins
-    settings: UpstreamSettings
+    upstream_settings: UpstreamSettings
 
     async def stats(self) -> dict[str, Any]:
         return await self.counters.stats()
@@ -112,20 +112,20 @@ class Control:
         self.pinning.unpin(image)
 
     def upstreams(self) -> dict[str, dict[str, Any]]:
-        return self.settings.upstreams()
+        return self.upstream_settings.upstreams()
 
     def set_upstream(
         self, name: str, settings: dict[str, Any], merge: bool = False
     ) -> dict[str, Any]:
-        return self.settings.set_upstream(name, settings, merge)
+        return self.upstream_settings.set_upstream(name, settings, merge)
 
     def remove_upstream(self, name: str) -> None:
-        self.settings.remove_upstream(name)
+        self.upstream_settings.remove_upstream(name)
 
     def reload_saved(self) -> None:
         """Apply the saved upstreams and pins again (another node of a
         cluster changed them)."""
-        self.settings.reload()
+        self.upstream_settings.reload()
         self.pinning.apply()
 
 
@@ -169,5 +169,5 @@ def build_control(
         prefetcher=prefetcher,
         checker=Fsck(store, access, clustered=cluster is not None),
         pinning=Pins(config.cache.pinned, saved_pins, evictor),
-        settings=UpstreamSettings(config, upstreams, saved_upstreams),
+        upstream_settings=UpstreamSettings(config, upstreams, saved_upstreams),
     )
