@@ -26,6 +26,7 @@ from .cache.background import IndexThread
 from .cache.blobs import BlobCache, PeerSource
 from .cache.eviction import Evictor
 from .cache.index import Index, IndexUnusable, set_aside
+from .cache.keep import Keep
 from .cache.manifests import ManifestCache
 from .cache.scrub import Scrubber, Verifier
 from .cache.shared import LocalTier, SharedDeletion
@@ -119,6 +120,8 @@ class Proxy:
     control: Control
     pool: HTTPConnectionPool
     evictor: Evictor
+    #: what eviction and purges spare: the pins, the blobs in use
+    keep: Keep
     upstreams: Upstreams
     #: the registry API for the other nodes of a cluster (behind their secret)
     internal: RegistryResource
@@ -389,11 +392,14 @@ def build_proxy(
     manifests = ManifestCache(
         store, access, reactor, config.cache.tag_ttl, config.cache.max_stale, shared, peers
     )
-    # pins come from the config and the admin API: Control sets them
+    # what may not be deleted now: the pins (from the config and the admin
+    # API: Control's Pins sets them) and the blobs in use (sources below)
+    keep = Keep()
     evictor = Evictor(
         access,
         store if shared is None else SharedDeletion(shared, store),
         reactor,
+        keep,
         config.cache.max_bytes,
         config.cache.low_water,
         config.cache.max_idle,
@@ -424,11 +430,9 @@ def build_proxy(
         tier=tier,
         redirect=config.cache.storage.redirect,
     )
-    if cluster is None:
-        evictor.in_use = blobs.in_use
-    else:  # nor what the other nodes read or download
-        membership = cluster.membership
-        evictor.in_use = lambda: blobs.in_use() | membership.busy_elsewhere()
+    keep.busy_from(blobs.in_use)
+    if cluster is not None:  # nor what the other nodes read or download
+        keep.busy_from(cluster.membership.busy_elsewhere)
     gate = _gate(config, store.root, cluster, reactor, metrics)
     resource = RegistryResource(
         upstreams, manifests, blobs, metrics, config.proxy.sendfile, gate=gate
@@ -448,6 +452,7 @@ def build_proxy(
         metrics,
         reactor,
         evictor,
+        keep,
         cluster,
         (cluster.settings.upstreams, cluster.settings.pins) if cluster is not None else None,
     )
@@ -464,6 +469,7 @@ def build_proxy(
         control,
         pool,
         evictor,
+        keep,
         upstreams,
         internal,
         verifier,

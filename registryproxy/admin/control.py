@@ -12,6 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from ..cache.access import IndexAccess
 from ..cache.blobs import BlobCache
 from ..cache.eviction import Evictor
+from ..cache.keep import Keep
 from ..cache.manifests import ManifestCache
 from ..cache.store import BlobStore
 from ..config import Config
@@ -140,6 +141,7 @@ def build_control(
     metrics: Metrics,
     clock: IReactorTime,
     evictor: Evictor,
+    keep: Keep,
     cluster: ClusterView | None = None,
     saved: tuple[SavedUpstreamsStore, SavedPinsStore] | None = None,
 ) -> Control:
@@ -168,6 +170,6 @@ def build_control(
         purger=Purge(evictor, access, upstreams, manifests, cluster),
         prefetcher=prefetcher,
         checker=Fsck(store, access, clustered=cluster is not None),
-        pinning=Pins(config.cache.pinned, saved_pins, evictor),
+        pinning=Pins(config.cache.pinned, saved_pins, keep),
         upstream_settings=UpstreamSettings(config, upstreams, saved_upstreams),
     )

@@ -10,8 +10,8 @@ from typing import Any, Protocol
 import attrs
 from twisted.logger import Logger
 
-from ..cache.eviction import Evictor
-from ..cache.eviction import Pin as EvictionPin
+from ..cache.keep import Keep
+from ..cache.keep import Pin as EvictionPin
 from ..config import PRESETS, Config, ConfigError, settings_of, upstream_from_settings
 from ..reference import parse_image
 from ..upstream.registry import Upstreams
@@ -45,11 +45,11 @@ class Pins:
     """Images eviction never removes: the config file's (``cache.pinned``)
     and those pinned through the API."""
 
-    def __init__(self, configured: Sequence[str], saved: SavedPinsStore, evictor: Evictor) -> None:
-        """*evictor* gets every pin now and at each change."""
+    def __init__(self, configured: Sequence[str], saved: SavedPinsStore, keep: Keep) -> None:
+        """*keep* gets every pin now and at each change."""
         self._configured = configured
         self._saved = saved
-        self._evictor = evictor
+        self._keep = keep
         self.apply()
 
     def pins(self) -> list[Pin]:
@@ -76,7 +76,7 @@ class Pins:
 
     def apply(self) -> None:
         """Hand the pins to eviction again (they changed here, or on another node)."""
-        self._evictor.pins = [_as_pin(p.image) for p in self.pins()]
+        self._keep.pins = [_as_pin(p.image) for p in self.pins()]
 
 
 class UpstreamSettings:

@@ -15,7 +15,7 @@ runs a few small batches synchronously.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Protocol, TypeVar
 
@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from ..names import Digest
 from .access import IndexAccess, flush
 from .index import Evicted, Index, Removed
+from .keep import Keep, Pin
 
 
 class Deletes(Protocol):
@@ -38,7 +39,6 @@ class Deletes(Protocol):
 
 log = Logger()
 
-Pin = tuple[str, str, "str | None", "str | None"]
 T = TypeVar("T")
 
 #: images evicted per transaction of a sweep (the worker holds the index's
@@ -59,14 +59,16 @@ class Evictor:
         access: IndexAccess,
         store: Deletes,
         clock: IReactorTime,
+        keep: Keep,
         max_bytes: int | None,
         low_water: float = 0.9,
         max_idle: float | None = None,
-        pins: Sequence[Pin] = (),
         removed: Callable[[], None] = lambda: None,
     ) -> None:
-        """*removed* is told whenever images or blobs went (answers kept in
-        memory must be looked up again)."""
+        """*keep* says what may not go now (pins, blobs in use); *removed*
+        is told whenever images or blobs went (answers kept in memory must
+        be looked up again)."""
+        self._keep = keep
         self._access = access
         self._removed = removed
         self._store = store
@@ -74,10 +76,6 @@ class Evictor:
         self.max_bytes = max_bytes
         self._low_water = low_water
         self._max_idle = max_idle
-        self.pins: list[Pin] = list(pins)
-        #: the blobs being read or downloaded now (set by the blob cache):
-        #: an image with one of them is not evicted, as that frees nothing yet
-        self.in_use: Callable[[], Collection[str]] = frozenset
         self._scheduled = False
         self._sweeping = DeferredLock()
         #: blobs were stored during a sweep: check again after it
@@ -124,7 +122,7 @@ class Evictor:
                 freed += await self._evict("over budget", lambda ix: ix.total_size() - target)
                 while True:
                     count, just_freed = await self._access.heavy(
-                        partial(_loose, self._store, set(self.in_use()), target)
+                        partial(_loose, self._store, self._keep.busy(), target)
                     )
                     freed += just_freed
                     if count:
@@ -147,7 +145,12 @@ class Evictor:
             await self._access.quick(flush)
             evicted, just_freed = await self._access.heavy(
                 partial(
-                    _batch, self._store, list(self.pins), set(self.in_use()), used_before, excess
+                    _batch,
+                    self._store,
+                    list(self._keep.pins),
+                    self._keep.busy(),
+                    used_before,
+                    excess,
                 )
             )
             freed += just_freed
@@ -169,7 +172,7 @@ class Evictor:
         index = self._access.inline
         if index is None:
             return 0  # a shared index is not for the reactor thread: relay it
-        in_use = set(self.in_use())
+        in_use = self._keep.busy()
         busy = index.blob_sizes(in_use)
         if needed > self._store.room() + index.total_size() - sum(busy.values()):
             return 0  # it would not fit with the whole cache gone
@@ -178,7 +181,7 @@ class Evictor:
             short = needed - self._store.room()
             if short <= 0:
                 return freed
-            evicted = index.evict(self.pins, in_use, ROOM_BATCH, excess=short)
+            evicted = index.evict(self._keep.pins, in_use, ROOM_BATCH, excess=short)
             just_freed = _unlink(self._store, evicted.removed.blobs)
             freed += just_freed
             if evicted.images:

@@ -25,6 +25,7 @@ from registryproxy.admin.readiness import Readiness
 from registryproxy.admin.settings import Pins, SavedPins, SavedUpstreams, UpstreamSettings
 from registryproxy.admin.stats import SavedHistory, Stats
 from registryproxy.cache.index import Index, ManifestEntry, Removed, TagEntry
+from registryproxy.cache.keep import Keep
 from registryproxy.cache.store import FileStore
 from registryproxy.config import Config, parse_config
 from registryproxy.errors import RegistryError
@@ -257,24 +258,20 @@ async def test_fsck_only_on_a_single_nodes_files_one_at_a_time(index, tmp_path):
 # -- pins and upstreams --------------------------------------------------------
 
 
-class Evictor:
-    pins: list[Any] = []
-
-
 def test_pins_reach_eviction_and_survive_in_their_store(tmp_path):
-    evictor = Evictor()
+    keep = Keep()
     path = str(tmp_path / "pins.json")
-    pins = Pins(["alpine:3"], SavedPins(path), evictor)
-    assert evictor.pins == [("docker.io", "library/alpine", "3", None)]
+    pins = Pins(["alpine:3"], SavedPins(path), keep)
+    assert keep.pins == [("docker.io", "library/alpine", "3", None)]
     pin = pins.pin("ghcr.io/o/app:1")
     assert (pin.image, pin.source) == ("ghcr.io/o/app:1", "api")
     assert pins.pin("docker.io/library/alpine:3").source == "config"
-    assert [p[1] for p in evictor.pins] == ["library/alpine", "o/app"]
+    assert [p[1] for p in keep.pins] == ["library/alpine", "o/app"]
     for image, status in [("alpine:3", 409), ("nope:1", 404), ("Not An Image", 400)]:
         with pytest.raises(AdminError) as e:
             pins.unpin(image)
         assert e.value.status == status, image
-    again = Pins(["alpine:3"], SavedPins(path), Evictor())
+    again = Pins(["alpine:3"], SavedPins(path), Keep())
     assert [(p.image, p.source) for p in again.pins()] == [
         ("docker.io/library/alpine:3", "config"),
         ("ghcr.io/o/app:1", "api"),

@@ -119,7 +119,7 @@ async def test_a_big_sweep_purge_and_fsck_leave_the_reactor_answering(
     proxy = await make_proxy(fake_registry.url, cache_dir=tmp_path / "cache")
     evictor, control, index = proxy.proxy.evictor, proxy.proxy.control, proxy.proxy.index
     evictor.max_bytes = plan["max_bytes"]
-    evictor.pins = [("docker.io", plan["pinned_repo"], None, None)]
+    proxy.proxy.keep.pins = [("docker.io", plan["pinned_repo"], None, None)]
     lags: list[float] = []
     last = [time.monotonic()]
 
