@@ -1,0 +1,135 @@
+"""The proxy port over TLS: real sockets on 127.0.0.1, a private CA, Python's ssl client."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import ssl
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import pytest_twisted
+from proxyharness import Reply, settle
+from tlscerts import CA
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.threads import deferToThread
+
+from registryproxy.config import parse_config
+from registryproxy.proxy.tls import ServerCertificate, TLSFactory, parse_listen
+from registryproxy.tap import Proxy, _ReloadOnHangup, build_proxy
+
+
+@attrs.define
+class TLSProxy:
+    port: IListeningPort
+    proxy: Proxy
+    certificate: ServerCertificate
+
+    @property
+    def number(self) -> int:
+        return self.port.getHost().port  # type: ignore[attr-defined,no-any-return]
+
+    async def stop(self) -> None:
+        await self.port.stopListening()
+        await self.proxy.close()
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CA:
+    authority = CA.make()
+    (tmp_path / "ca.pem").write_bytes(authority.pem)
+    (tmp_path / "server.pem").write_bytes(authority.issue(ips=["127.0.0.1"]))
+    return authority
+
+
+@pytest_twisted.async_yield_fixture()
+async def tls_proxy(tmp_path: Path) -> Any:
+    """``await tls_proxy(registry_url, client_ca=None)``: regproxy on a TLS port
+    built as makeService builds it, with the files in *tmp_path*."""
+    started: list[TLSProxy] = []
+
+    async def start(registry_url: str, client_ca: str | None = None) -> TLSProxy:
+        server = tmp_path / "server.pem"
+        listen = f"ssl:0:interface=127.0.0.1:privateKey={server}:certKey={server}"
+        config = parse_config(
+            json.dumps(
+                {
+                    "proxy": {"listen": listen, "client_ca": client_ca},
+                    "cache": {"directory": str(tmp_path / "cache")},
+                    "upstreams": {"docker.io": {"url": registry_url}},
+                }
+            )
+        )
+        tls = parse_listen(config.proxy.listen)
+        assert tls is not None
+        proxy = build_proxy(config, reactor)
+        certificate = ServerCertificate(tls, config.proxy.client_ca)
+        port = await serverFromString(reactor, tls.tcp).listen(TLSFactory(certificate, proxy.site))
+        started.append(TLSProxy(port, proxy, certificate))
+        return started[-1]
+
+    yield start
+    for running in started:
+        await running.stop()
+
+
+def client_context(ca_file: Path, client_pem: Path | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca_file))
+    if client_pem is not None:
+        context.load_cert_chain(str(client_pem))
+    return context
+
+
+class Client:
+    """A blocking keep-alive HTTPS connection (call from a thread)."""
+
+    def __init__(self, port: int, context: ssl.SSLContext) -> None:
+        self.conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
+
+    def get(self, path: str) -> Reply:
+        self.conn.request("GET", path)
+        response = self.conn.getresponse()
+        return Reply(response.status, response.getheaders(), response.read())
+
+    def peer(self) -> bytes:
+        assert self.conn.sock is not None
+        return self.conn.sock.getpeercert(binary_form=True)  # type: ignore[union-attr,no-any-return]
+
+
+async def get(port: int, context: ssl.SSLContext, path: str) -> tuple[Reply, bytes]:
+    """GET over a new connection: the reply and the server's certificate (DER)."""
+
+    def run() -> tuple[Reply, bytes]:
+        client = Client(port, context)
+        try:
+            reply = client.get(path)
+            return reply, client.peer()
+        finally:
+            client.conn.close()
+
+    return await deferToThread(run)
+
+
+def der(pem_file: Path) -> bytes:
+    """The certificate in a key + certificate PEM file, as DER."""
+    pem = pem_file.read_bytes()
+    return ssl.PEM_cert_to_DER_cert(pem[pem.index(b"-----BEGIN CERTIFICATE-----") :].decode())
+
+
+@pytest_twisted.ensureDeferred
+async def test_cold_and_warm_blob_byte_exact(ca, tls_proxy, fake_registry, tmp_path):
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    digest = fake_registry.add_blob(data)
+    running = await tls_proxy(fake_registry.url)
+    context = client_context(tmp_path / "ca.pem")
+    cold, _ = await get(running.number, context, f"/v2/library/x/blobs/{digest}")
+    warm, _ = await get(running.number, context, f"/v2/library/x/blobs/{digest}")
+    assert (cold.code, cold.header("X-Cache"), cold.body == data) == (200, "MISS", True)
+    assert (warm.code, warm.header("X-Cache"), warm.body == data) == (200, "HIT", True)
+    assert fake_registry.count("GET", "/blobs/") == 1
