@@ -40,7 +40,9 @@ class CA:
     def pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, name: str = "localhost", ips: Sequence[str] = (), client: bool = False) -> bytes:
+    def issue(
+        self, name: str = "localhost", ips: Sequence[str] = (), client: bool = False
+    ) -> bytes:
         """Key + certificate PEM for *name* (a server's: also 'localhost' and *ips*)."""
         now = datetime.datetime.now(datetime.UTC)
         key = ec.generate_private_key(ec.SECP256R1())

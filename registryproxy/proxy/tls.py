@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory
 from twisted.internet.ssl import CertificateOptions
@@ -34,6 +34,14 @@ _FILES = {"privateKey": "private_key", "certKey": "cert", "extraCertChain": "cha
 #: keys passed on to the tcp: endpoint under it
 _TCP = {"port", "interface", "backlog"}
 _SEPARATOR = re.compile(r"(?<!\\):")
+#: keys that can sign a TLS handshake (and that pyOpenSSL takes)
+_SigningKey = (
+    rsa.RSAPrivateKey
+    | ec.EllipticCurvePrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+    | dsa.DSAPrivateKey
+)
 
 
 class TLSError(ValueError):
@@ -106,14 +114,14 @@ def _certificates(key: str, path: str, what: str) -> list[x509.Certificate]:
     return found
 
 
-def _private_key(path: str) -> CertificateIssuerPrivateKeyTypes:
+def _private_key(path: str) -> _SigningKey:
     data = _read("listen", path, "privateKey")
     try:
         private = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:
         # the message of a passphrase-protected key says so
         raise TLSError("listen", f"no usable PEM key in privateKey {path!r}: {e}") from None
-    if not isinstance(private, CertificateIssuerPrivateKeyTypes):
+    if not isinstance(private, _SigningKey):
         raise TLSError("listen", f"privateKey {path!r}: this kind of key cannot sign handshakes")
     return private
 
@@ -133,7 +141,9 @@ def _options(listen: TLSListen, client_ca: str | None) -> CertificateOptions:
         chain += _certificates("listen", listen.chain, "extraCertChain")
     public = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
-    if leaf.public_key().public_bytes(der, public) != private.public_key().public_bytes(der, public):
+    if leaf.public_key().public_bytes(der, public) != private.public_key().public_bytes(
+        der, public
+    ):
         raise TLSError(
             "listen",
             f"the private key in {listen.private_key!r} does not match the certificate "

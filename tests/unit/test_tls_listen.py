@@ -133,3 +133,79 @@ async def test_cold_and_warm_blob_byte_exact(ca, tls_proxy, fake_registry, tmp_p
     assert (cold.code, cold.header("X-Cache"), cold.body == data) == (200, "MISS", True)
     assert (warm.code, warm.header("X-Cache"), warm.body == data) == (200, "HIT", True)
     assert fake_registry.count("GET", "/blobs/") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_swaps_certificate_open_connection_goes_on(
+    ca, tls_proxy, fake_registry, tmp_path
+):
+    running = await tls_proxy(fake_registry.url)
+    old = der(tmp_path / "server.pem")
+    renewed = CA.make("renewed CA")
+    (tmp_path / "both.pem").write_bytes(ca.pem + renewed.pem)
+    context = client_context(tmp_path / "both.pem")
+    client = Client(running.number, context)
+    try:
+        reply = await deferToThread(client.get, "/v2/")
+        assert (reply.code, await deferToThread(client.peer)) == (200, old)
+        (tmp_path / "server.pem").write_bytes(renewed.issue(ips=["127.0.0.1"]))
+        hangup = _ReloadOnHangup(running.certificate.reload, reactor)
+        hangup.startService()
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+            await settle()
+        finally:
+            hangup.stopService()
+        _, peer = await get(running.number, context, "/v2/")
+        assert peer == der(tmp_path / "server.pem") != old
+        # the connection opened before goes on, with its session
+        sock = client.conn.sock
+        reply = await deferToThread(client.get, "/v2/")
+        assert (reply.code, client.conn.sock, await deferToThread(client.peer)) == (200, sock, old)
+    finally:
+        client.conn.close()
+    assert signal.getsignal(signal.SIGHUP) is not hangup._hangup
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda path, other: path.write_bytes(b"not a certificate"),
+        lambda path, other: path.unlink(),
+        # a key that does not match the certificate
+        lambda path, other: path.write_bytes(
+            other[: other.index(b"-----BEGIN CERT")]
+            + path.read_bytes()[path.read_bytes().index(b"-----BEGIN CERT") :]
+        ),
+    ],
+    ids=["garbage", "missing", "mismatched"],
+)
+@pytest_twisted.ensureDeferred
+async def test_broken_new_certificate_keeps_the_old(ca, tls_proxy, fake_registry, tmp_path, damage):
+    running = await tls_proxy(fake_registry.url)
+    old = der(tmp_path / "server.pem")
+    damage(tmp_path / "server.pem", ca.issue())
+    assert running.certificate.reload() is False
+    reply, peer = await get(running.number, client_context(tmp_path / "ca.pem"), "/v2/")
+    assert (reply.code, peer) == (200, old)
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_ca_refuses_clients_without_its_certificate(
+    ca, tls_proxy, fake_registry, tmp_path
+):
+    digest = fake_registry.add_blob(b"for known clients")
+    clients = CA.make("clients CA")
+    (tmp_path / "clients.pem").write_bytes(clients.pem)
+    (tmp_path / "good.pem").write_bytes(clients.issue("good client", client=True))
+    (tmp_path / "stranger.pem").write_bytes(CA.make("other CA").issue("stranger", client=True))
+    running = await tls_proxy(fake_registry.url, client_ca=str(tmp_path / "clients.pem"))
+    path = f"/v2/library/x/blobs/{digest}"
+    for refused in (None, tmp_path / "stranger.pem"):
+        with pytest.raises((ssl.SSLError, ConnectionError, http.client.RemoteDisconnected)):
+            await get(running.number, client_context(tmp_path / "ca.pem", refused), path)
+    assert fake_registry.count("GET", "/blobs/") == 0
+    reply, _ = await get(
+        running.number, client_context(tmp_path / "ca.pem", tmp_path / "good.pem"), path
+    )
+    assert (reply.code, reply.body) == (200, b"for known clients")
