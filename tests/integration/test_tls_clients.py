@@ -11,6 +11,9 @@ fetched upstream): cached blobs go out over TLS, not through sendfile.
 from __future__ import annotations
 
 import shutil
+import signal
+import socket
+import ssl
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -244,3 +247,41 @@ def test_dockerd_mirror(
         assert image.config is not None
         assert daemon.image_inspect("dockerimg:1")["Id"] == image.config.digest
     assert_served(proxy, upstream_registry, image, mark)
+
+
+def served_certificate(proxy: harness.RegProxy, ca_file: Path) -> bytes | None:
+    """The certificate regproxy shows (DER), or None if *ca_file* does not vouch for it."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                return tls.getpeercert(binary_form=True)
+        except ssl.SSLCertVerificationError:
+            return None
+
+
+def test_sighup_reloads_the_certificate(
+    tls_proxy: Callable[..., harness.RegProxy], certs: Path
+) -> None:
+    """twistd keeps running on SIGHUP and serves the renewed certificate;
+    a broken one is logged and the renewed one stays."""
+    proxy = tls_proxy()
+    before = served_certificate(proxy, certs / "ca.crt")
+    renewed = CA.make("renewed CA")
+    pem = renewed.issue(ips=["127.0.0.1"])
+    split = pem.index(b"-----BEGIN CERTIFICATE-----")
+    (certs / "key.pem").write_bytes(pem[:split])
+    (certs / "cert.pem").write_bytes(pem[split:])
+    (certs / "renewed.crt").write_bytes(renewed.pem)
+    assert proxy.proc is not None
+    proxy.proc.send_signal(signal.SIGHUP)
+    after = harness.wait_until(
+        lambda: served_certificate(proxy, certs / "renewed.crt"), 10, "the renewed certificate"
+    )
+    assert after == ssl.PEM_cert_to_DER_cert(pem[split:].decode()) != before
+
+    (certs / "cert.pem").write_text("broken")
+    proxy.proc.send_signal(signal.SIGHUP)
+    harness.wait_until(lambda: "not reloaded" in proxy.log_text(), 10, "the refusal logged")
+    assert served_certificate(proxy, certs / "renewed.crt") == after
+    assert proxy.running
