@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import load, servers  # noqa: E402
+from bench.run import CpuWatch  # noqa: E402
 from tests.integration import harness  # noqa: E402
 from tests.tlscerts import CA  # noqa: E402
 
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             fetch(proxy, path, size, contexts[name])
         rates: dict[str, list[float]] = {name: [] for name in proxies}
         cpu: dict[str, float] = dict.fromkeys(proxies, 0.0)
+        watch = CpuWatch()
         for run in range(args.runs):
             for name, proxy in proxies.items():
                 rate, used, cache = fetch(proxy, path, size, contexts[name])
@@ -126,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:8}{median:8.0f}{cpu[name] / sent:20.2f}")
         ratio = statistics.median(rates["tls"]) / statistics.median(rates["plain"])
         print(f"tls / plain: {ratio:.2f}")
+        # the proxies are this script's children, not reaped: not "ours" to CpuWatch
+        other, share = watch.others()
+        mine = sum(cpu.values())
+        share *= max(0.0, other - mine) / max(1e-9, other)
+        print(f"other processes on this machine meanwhile: {share:.0%} of its CPU")
         return 0
     finally:
         for server in reversed(running):

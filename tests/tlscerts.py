@@ -41,10 +41,15 @@ class CA:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
     def issue(
-        self, name: str = "localhost", ips: Sequence[str] = (), client: bool = False
+        self,
+        name: str = "localhost",
+        ips: Sequence[str] = (),
+        client: bool = False,
+        expired: bool = False,
     ) -> bytes:
-        """Key + certificate PEM for *name* (a server's: also 'localhost' and *ips*)."""
-        now = datetime.datetime.now(datetime.UTC)
+        """Key + certificate PEM for *name* (a server's: also 'localhost' and
+        *ips*); *expired*: valid until yesterday."""
+        now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=2 if expired else 0)
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
             x509.CertificateBuilder()

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from tlscerts import CA
 
 from registryproxy.config import Config, ConfigError, parse_config
@@ -26,6 +27,7 @@ def files(tmp_path: Path) -> Path:
     (tmp_path / "both.pem").write_bytes(pem)
     (tmp_path / "ca.pem").write_bytes(ca.pem)
     (tmp_path / "other-key.pem").write_bytes(ca.issue()[:split])
+    (tmp_path / "expired.pem").write_bytes(ca.issue(expired=True))
     (tmp_path / "text").write_text("hello\n")
     return tmp_path
 
@@ -75,6 +77,10 @@ def test_tcp_parts_pass_through_and_the_key_file_may_hold_the_certificate(files)
             "certificate in '{d}/cert.pem'",
         ),
         (
+            {"listen": "ssl:5443:privateKey={d}/expired.pem"},
+            "proxy: listen: the certificate in '{d}/expired.pem' expired on {expiry}",
+        ),
+        (
             {"listen": "ssl:5443:privateKey={d}/key.pem:certKey={d}/cert.pem:sslmethod=TLS"},
             "proxy: listen: 'ssl:5443:privateKey={d}/key.pem:certKey={d}/cert.pem:sslmethod=TLS'"
             ": 'sslmethod' is not supported here (use port, interface, backlog, privateKey, "
@@ -97,9 +103,20 @@ def test_tcp_parts_pass_through_and_the_key_file_may_hold_the_certificate(files)
             "'ssl:PORT:privateKey=KEY:certKey=CERT', or remove client_ca",
         ),
     ],
-    ids=["unreadable", "no-cert", "mismatch", "unsupported", "no-key", "bad-ca", "ca-without-tls"],
+    ids=[
+        "unreadable",
+        "no-cert",
+        "mismatch",
+        "expired",
+        "unsupported",
+        "no-key",
+        "bad-ca",
+        "ca-without-tls",
+    ],
 )
 def test_one_line_naming_the_key(files, proxy, message):
     with pytest.raises(ConfigError) as raised:
         load({key: value.format(d=files) for key, value in proxy.items()})
-    assert str(raised.value) == "<config>: " + message.format(d=files)
+    expired = (files / "expired.pem").read_bytes()
+    expiry = x509.load_pem_x509_certificate(expired).not_valid_after_utc
+    assert str(raised.value) == "<config>: " + message.format(d=files, expiry=expiry)

@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -54,13 +55,13 @@ async def tls_proxy(tmp_path: Path) -> Any:
     built as makeService builds it, with the files in *tmp_path*."""
     started: list[TLSProxy] = []
 
-    async def start(registry_url: str, client_ca: str | None = None) -> TLSProxy:
+    async def start(registry_url: str, client_ca: str | None = None, **proxy: Any) -> TLSProxy:
         server = tmp_path / "server.pem"
         listen = f"ssl:0:interface=127.0.0.1:privateKey={server}:certKey={server}"
         config = parse_config(
             json.dumps(
                 {
-                    "proxy": {"listen": listen, "client_ca": client_ca},
+                    "proxy": {"listen": listen, "client_ca": client_ca, **proxy},
                     "cache": {"directory": str(tmp_path / "cache")},
                     "upstreams": {"docker.io": {"url": registry_url}},
                 }
@@ -209,3 +210,21 @@ async def test_client_ca_refuses_clients_without_its_certificate(
         running.number, client_context(tmp_path / "ca.pem", tmp_path / "good.pem"), path
     )
     assert (reply.code, reply.body) == (200, b"for known clients")
+
+
+def _closed_within(port: int, seconds: float) -> bool:
+    """Whether regproxy closes a connection stuck halfway through a ClientHello."""
+    with socket.create_connection(("127.0.0.1", port), timeout=seconds) as sock:
+        sock.sendall(b"\x16\x03\x01\x02\x00")  # a record header, no record
+        try:
+            return sock.recv(1) == b""
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stalled_handshake_is_cut_at_the_idle_timeout(ca, tls_proxy, fake_registry):
+    running = await tls_proxy(fake_registry.url, idle_timeout=0.5)
+    assert await deferToThread(_closed_within, running.number, 5.0)
