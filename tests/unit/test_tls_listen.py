@@ -15,6 +15,7 @@ import attrs
 import pytest
 import pytest_twisted
 from proxyharness import Reply, settle
+from test_hostile import closed_at_once, failures, hold  # noqa: F401 (failures: a fixture)
 from tlscerts import CA
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
@@ -228,3 +229,22 @@ def _closed_within(port: int, seconds: float) -> bool:
 async def test_a_stalled_handshake_is_cut_at_the_idle_timeout(ca, tls_proxy, fake_registry):
     running = await tls_proxy(fake_registry.url, idle_timeout=0.5)
     assert await deferToThread(_closed_within, running.number, 5.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_past_the_limit_are_closed_without_a_traceback(
+    ca,
+    tls_proxy,
+    fake_registry,
+    failures,  # noqa: F811 (the fixture)
+):
+    running = await tls_proxy(fake_registry.url, max_connections=2)
+    url = f"https://127.0.0.1:{running.number}"
+    held = await deferToThread(hold, url, 2)
+    try:
+        await settle(0.2)
+        assert await deferToThread(closed_at_once, url)
+        assert failures == []
+    finally:
+        for sock in held:
+            sock.close()
