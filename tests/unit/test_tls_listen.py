@@ -8,13 +8,15 @@ import os
 import signal
 import socket
 import ssl
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import attrs
 import pytest
 import pytest_twisted
-from proxyharness import Reply, settle
+from proxyharness import Reply, cache_fds, settle, until
 from test_hostile import closed_at_once, failures, hold  # noqa: F401 (failures: a fixture)
 from tlscerts import CA
 from twisted.internet import reactor
@@ -248,3 +250,31 @@ async def test_connections_past_the_limit_are_closed_without_a_traceback(
     finally:
         for sock in held:
             sock.close()
+
+
+def _never_reads(port: int, context: ssl.SSLContext, path: str, done: threading.Event) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            done.wait(10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_stops_reading_lets_go_of_the_blob(
+    ca, tls_proxy, fake_registry, tmp_path
+):
+    """send_timeout holds over TLS too: the stalled response is cut, its file closed."""
+    digest = fake_registry.add_blob(os.urandom(32 * 1024 * 1024))
+    running = await tls_proxy(fake_registry.url, send_timeout=0.5)
+    context = client_context(tmp_path / "ca.pem")
+    path = f"/v2/library/x/blobs/{digest}"
+    assert (await get(running.number, context, path))[0].code == 200
+    done = threading.Event()
+    reader = deferToThread(_never_reads, running.number, context, path, done)
+    holder = SimpleNamespace(cache_dir=tmp_path / "cache")
+    try:
+        await until(lambda: cache_fds(holder) == 1)
+        await until(lambda: cache_fds(holder) == 0, timeout=3.0)
+    finally:
+        done.set()
+        await reader
