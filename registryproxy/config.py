@@ -23,6 +23,7 @@ from twisted.internet.endpoints import serverFromString
 
 from .cluster.pg import PgSettings
 from .cluster.s3 import S3Settings
+from .login.files import FileError, parse_htpasswd, parse_tokens
 from .names import is_valid_registry_host
 from .proxy.tls import load_context, parse_listen
 from .reference import parse_image
@@ -34,10 +35,110 @@ class ConfigError(Exception):
 
 
 @attrs.frozen
+class AuthRule:
+    """Who may pull from some repositories of some upstreams."""
+
+    #: an upstream's name, or "*" for every upstream
+    upstream: str = "*"
+    #: repository patterns, as in upstreams.<name>.allow ("library/*",
+    #: "myorg/**"), without tags: a rule is about whole repositories
+    repositories: tuple[str, ...] = ("**",)
+    #: users (from the htpasswd or tokens file) who may pull; "*": every
+    #: logged-in user
+    users: tuple[str, ...] = ()
+    #: groups (auth.groups) whose users may pull
+    groups: tuple[str, ...] = ()
+    #: clients that did not log in may pull (needs auth.anonymous: true)
+    anonymous: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        check_patterns(self.repositories, "repositories")
+        for i, pattern in enumerate(self.repositories):
+            if ":" in pattern:
+                raise ValueError(
+                    f"repositories[{i}]: {pattern!r}: a rule names whole repositories, not tags"
+                )
+        if self.upstream != "*" and not is_valid_registry_host(self.upstream):
+            raise ValueError(
+                f'upstream: expected an upstream\'s name or "*", got {self.upstream!r}'
+            )
+
+
+@attrs.frozen
+class AuthConfig:
+    """Client authentication on the /v2/ port (registryproxy.login)."""
+
+    #: an htpasswd file of bcrypt entries (as ``htpasswd -B`` writes them),
+    #: read again when it changes
+    htpasswd: str | None = None
+    #: a file of static bearer tokens for robots, a line "NAME TOKEN" each:
+    #: NAME is a user for the rules; read again when it changes
+    tokens: str | None = None
+    #: clients that did not log in may pull where the rules allow (with no
+    #: rule for a repository: everywhere)
+    anonymous: bool = False
+    #: group name -> its users, for the rules
+    groups: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
+    #: who may pull what: the first rule whose upstream and one of whose
+    #: repositories match decides.  No rule matches: every logged-in user
+    #: may pull it (a private upstream repository: only users a rule names),
+    #: anonymous clients if auth.anonymous
+    rules: tuple[AuthRule, ...] = ()
+    #: seconds a token from the token endpoint (/token) is good for
+    token_ttl: float = 300.0
+    #: the token endpoint's URL as clients reach it; None: the scheme and
+    #: Host of each request, and /token (set it behind a TLS-terminating
+    #: load balancer)
+    realm: str | None = None
+    #: the service name in challenges and tokens
+    service: str = "regproxy"
+    #: failed logins a client address may make within failure_window
+    #: seconds; past them, its logins answer 429 until the window passes
+    max_failures: int = 5
+    failure_window: float = 60.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.htpasswd is None and self.tokens is None:
+            raise ValueError("give htpasswd or tokens (or both): users to log in as")
+        for key, parse in (("htpasswd", parse_htpasswd), ("tokens", parse_tokens)):
+            path = getattr(self, key)
+            if path is None:
+                continue
+            try:
+                with open(path, encoding="utf-8") as f:
+                    parse(f.read(), path)
+            except OSError as e:
+                raise ValueError(f"{key}: cannot read {path!r}: {e.strerror}") from None
+            except UnicodeDecodeError:
+                raise ValueError(f"{key}: {path!r} is not UTF-8 text") from None
+            except FileError as e:
+                raise ValueError(f"{key}: {e}") from None
+        _positive(self, "token_ttl", "max_failures", "failure_window")
+        if self.realm is not None and urlsplit(self.realm).scheme not in ("http", "https"):
+            raise ValueError(
+                f"realm: expected the token endpoint's http(s) URL, got {self.realm!r}"
+            )
+        if not re.fullmatch(r"[\x21-\x7e]{1,200}", self.service) or '"' in self.service:
+            raise ValueError(
+                f"service: expected a short name without spaces or quotes, got {self.service!r}"
+            )
+        for i, rule in enumerate(self.rules):
+            for group in rule.groups:
+                if group not in self.groups:
+                    raise ValueError(f"rules[{i}].groups: {group!r} is not one of auth.groups")
+            if rule.anonymous and not self.anonymous:
+                raise ValueError(
+                    f"rules[{i}].anonymous: anonymous pulls are off (auth.anonymous: false)"
+                )
+
+
+@attrs.frozen
 class ProxyConfig:
     #: twisted endpoint string for the /v2/ registry API; TLS:
     #: "ssl:PORT:privateKey=KEY:certKey=CERT[:extraCertChain=CHAIN]"
     listen: str = "tcp:5000"
+    #: client authentication; None: anyone who reaches the port may pull
+    auth: AuthConfig | None = None
     #: with an ssl: listen, a CA file: clients must show a certificate it signed
     client_ca: str | None = None
     #: send cached blobs with the kernel's sendfile over plain TCP (zero copy)
@@ -603,6 +704,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         _, value_type = typing.get_args(tp)
         out = {}
         for name, item in value.items():
+            if not attrs.has(value_type):  # names of the config's own (auth.groups)
+                if not isinstance(name, str) or not re.fullmatch(r"[\w.@-]{1,128}", name):
+                    raise ConfigError(f"{path}: {name!r} is not a name (letters, digits, _ . @ -)")
+                out[name] = _convert(value_type, item, _key(path, name))
+                continue
             if not isinstance(name, str) or not is_valid_registry_host(name):
                 raise ConfigError(
                     f"{path}: {name!r} is not a registry host name (host or host:port)"

@@ -71,6 +71,13 @@ class Metrics:
             ["status", "upstream"],
             registry=r,
         )
+        self.logins = Counter(
+            "regproxy_logins",
+            "Password logins on the proxy port (proxy.auth): ok, failed, or "
+            "limited (refused after too many failures from the address)",
+            ["result"],
+            registry=r,
+        )
         #: manifest GETs per image, for the dashboard (not in /metrics: unbounded labels)
         self.pulls = PullCounts()
         self.ratelimit_remaining = Gauge(

@@ -20,7 +20,8 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.client import HTTPConnectionPool
 
 from .admin.app import AdminAPI
-from .admin.control import Control, SavedUpstreams
+from .admin.control import Control, build_control
+from .admin.settings import SavedUpstreams
 from .cache.access import IndexAccess, LocalIndex, flush
 from .cache.background import IndexThread
 from .cache.blobs import BlobCache, PeerSource
@@ -33,12 +34,15 @@ from .cache.store import FileStore
 from .cluster.node import Engines, engines
 from .cluster.peers import PeersOnly
 from .config import Config, ConfigError, load_config
+from .login.gate import Gate, make_gate
+from .login.tokens import cluster_key, node_key
 from .metrics import Metrics
-from .proxy.bodies import no_bodies
+from .proxy.bodies import login_bodies, no_bodies
 from .proxy.connections import GuardedSite, Limits, fitting_connections, open_files_limit
 from .proxy.plaintext import PlainHTTPFactory
 from .proxy.resource import RegistryResource
 from .proxy.tls import ServerCertificate, TLSError, TLSFactory, parse_listen
+from .runtime import Threads
 from .upstream.registry import Upstreams
 
 log = Logger()
@@ -127,11 +131,15 @@ class Proxy:
     blobs: BlobCache
     manifests: ManifestCache
     metrics: Metrics
+    #: the blob store's threads (new files flushed and renamed; fsck's scan)
+    files: Threads
     #: the embedded index and its worker thread; None in a cluster
     local: LocalIndex | None = None
     #: a cluster node's engines and local tier; None on a single node
     cluster: Engines | None = None
     tier: LocalTier | None = None
+    #: who may pull what (proxy.auth); None: anyone
+    gate: Gate | None = None
 
     @property
     def index(self) -> Index:
@@ -191,6 +199,9 @@ class Proxy:
         await self.pool.closeCachedConnections()
         self.upstreams.close()
         self.verifier.close()
+        self.files.stop()
+        if self.gate is not None:
+            self.gate.close()
         if self.local is not None:
             await self.local.close()
         if self.cluster is not None:
@@ -362,7 +373,7 @@ def build_proxy(
     cluster node's engines (not started yet): the index in PostgreSQL, the
     blobs in the bucket, and ``cache.directory`` a local tier of them."""
     try:
-        store = FileStore(config.cache.directory)
+        store = FileStore(config.cache.directory, Threads(reactor, "regproxy-files"))
         local = None
         if cluster is None:
             path = os.path.join(store.root, "index.db")
@@ -441,12 +452,15 @@ def build_proxy(
     else:  # nor what the other nodes read or download
         membership = cluster.membership
         evictor.in_use = lambda: blobs.in_use() | membership.busy_elsewhere()
-    resource = RegistryResource(upstreams, manifests, blobs, metrics, config.proxy.sendfile)
+    gate = _gate(config, store.root, cluster, reactor, metrics)
+    resource = RegistryResource(
+        upstreams, manifests, blobs, metrics, config.proxy.sendfile, gate=gate
+    )
     # what other nodes of a cluster ask this one for: never passed on again
     internal = RegistryResource(
         upstreams, manifests, blobs, metrics, config.proxy.sendfile, forward=False
     )
-    control = Control(
+    control = build_control(
         config,
         store.root,
         store,
@@ -463,7 +477,7 @@ def build_proxy(
     site = GuardedSite(
         resource,
         limits(config, max_connections)[0],
-        no_bodies,
+        no_bodies if gate is None else login_bodies,
         reactor,
         "proxy",
         config.proxy.access_log,
@@ -480,10 +494,33 @@ def build_proxy(
         blobs,
         manifests,
         metrics,
+        store.threads,
         local=local,
         cluster=cluster,
         tier=tier,
+        gate=gate,
     )
+
+
+def _gate(
+    config: Config, directory: str, cluster: Engines | None, reactor: Any, metrics: Metrics
+) -> Gate | None:
+    """Who may pull what (proxy.auth), signing tokens with the node's key,
+    or a cluster's, so that any node takes any node's tokens; None: anyone."""
+    if config.proxy.auth is None:
+        return None
+    if cluster is None:
+        try:
+            key = node_key(directory)
+        except OSError as e:
+            raise SystemExit(f"regproxy: cannot keep the login key in {directory!r}: {e}") from None
+    else:
+        key = cluster_key(lambda: cluster.membership.secret)
+    logins = metrics.logins
+    try:
+        return make_gate(config.proxy.auth, reactor, key, lambda r: logins.labels(r).inc())
+    except (OSError, ValueError) as e:  # a users' file changed since the config was read
+        raise SystemExit(f"regproxy: proxy.auth: {e}") from None
 
 
 def _fail(reactor: Any) -> None:

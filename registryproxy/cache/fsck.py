@@ -11,7 +11,6 @@ import os
 import time
 
 import attrs
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from ..names import ALGORITHMS, Digest, is_valid_digest
@@ -82,7 +81,7 @@ def forget_rotten(store: FileStore, index: Index, digest: str) -> None:
 
 async def fsck(store: FileStore, access: IndexAccess) -> FsckReport:
     started = time.time()
-    found = await deferToThread(_scan, store.root)
+    found = await store.threads.run(_scan, store.root)
     return await access.heavy(lambda index: _reconcile(store, index, found, started))
 
 

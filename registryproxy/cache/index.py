@@ -18,6 +18,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import attrs
 from twisted.logger import Logger
@@ -113,6 +114,17 @@ class RepoRow:
 
 
 @attrs.frozen
+class RepoSummary:
+    upstream: str
+    repo: str
+    tags: int
+    manifests: int
+    #: bytes of the repository's manifests and of the cached blobs they list
+    size: int
+    last_access: float | None
+
+
+@attrs.frozen
 class Removed:
     """What a purge took out of the index; the caller deletes the blob files."""
 
@@ -131,6 +143,37 @@ class Evicted:
     removed: Removed
     #: there may be more to evict: as many images as asked for went
     more: bool
+
+
+#: the admin API's listing: per repository its tags, its manifests, and
+#: their bytes with those of the distinct cached blobs they list (a blob two
+#: manifests list counted once)
+_SUMMARIES = """
+SELECT m.upstream, m.repo,
+    (SELECT COUNT(DISTINCT t.tag) FROM tags t WHERE t.upstream=m.upstream AND t.repo=m.repo),
+    COUNT(*),
+    SUM(m.size) + COALESCE((
+        SELECT SUM(b.size) FROM blobs b WHERE b.digest IN (
+            SELECT r.child FROM manifests o JOIN refs r ON r.manifest=o.digest
+            WHERE o.upstream=m.upstream AND o.repo=m.repo AND r.kind='blob'
+        )
+    ), 0),
+    MAX(m.last_access)
+FROM manifests m WHERE (? IS NULL OR m.upstream=?)
+GROUP BY m.upstream, m.repo ORDER BY m.upstream, m.repo
+"""
+_REPOSITORY_REFS = """
+SELECT r.manifest, r.child, r.kind, b.size FROM refs r
+LEFT JOIN blobs b ON b.digest=r.child AND r.kind='blob'
+WHERE r.manifest IN (SELECT digest FROM manifests WHERE upstream=? AND repo=?)
+ORDER BY r.manifest, r.position
+"""
+
+
+def summary(row: tuple[Any, ...]) -> RepoSummary:
+    """A row of :data:`_SUMMARIES` (PostgreSQL's sums are Decimals)."""
+    upstream, repo, tags, manifests, size, last_access = row
+    return RepoSummary(upstream, repo, tags, manifests, int(size), last_access)
 
 
 class IndexUnusable(Exception):
@@ -344,6 +387,17 @@ class Index:
             (upstream, upstream),
         ).fetchall()
         return [RepoRow(*row) for row in rows]
+
+    def repository_summaries(self, upstream: str | None = None) -> list[RepoSummary]:
+        """Every cached repository (of *upstream*) with its size, in one query."""
+        rows = self._db.execute(_SUMMARIES, (upstream, upstream)).fetchall()
+        return [summary(row) for row in rows]
+
+    def repository_refs(self, upstream: str, repo: str) -> list[tuple[str, str, str, int | None]]:
+        """What each of the repository's manifests lists, in one query:
+        ``(manifest, child, kind, size)``, in order; size is the cached
+        blob's, None for a blob not cached and for a child manifest."""
+        return self._db.execute(_REPOSITORY_REFS, (upstream, repo)).fetchall()
 
     def repo_manifests(self, upstream: str, repo: str) -> list[ManifestRow]:
         rows = self._db.execute(

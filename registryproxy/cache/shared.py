@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from ..names import Digest, is_valid_digest
+from ..runtime import IReactor
 from .store import FileStore
 
 log = Logger()
@@ -89,7 +90,7 @@ class LocalTier:
         store: FileStore,
         max_bytes: int,
         threadpool: ThreadPool,
-        reactor: Any,
+        reactor: IReactor,
     ) -> None:
         self._store = store
         self.max_bytes = max_bytes

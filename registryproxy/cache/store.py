@@ -17,10 +17,10 @@ import time
 from typing import BinaryIO, Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from ..names import Digest
+from ..runtime import Threads
 
 log = Logger()
 
@@ -83,8 +83,11 @@ class BlobStore(Protocol):
 class FileStore:
     """Blobs under ``<root>/blobs/<alg>/<2 hex>/<hex>``, temp files under ``<root>/tmp``."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, threads: Threads) -> None:
+        """*threads*: where new files are flushed and renamed into place, and
+        the store is scanned (fsck)."""
         self.root = os.path.abspath(root)
+        self.threads = threads
         self._tmp = os.path.join(self.root, "tmp")
         os.makedirs(os.path.join(self.root, "blobs"), exist_ok=True)
         # Anything in tmp/ is an interrupted write from an earlier run.
@@ -184,7 +187,7 @@ class _FileWriter:
         except VerificationError:
             self.abort()
             raise
-        return deferToThread(self._publish)
+        return self._store.threads.run(self._publish)
 
     def _publish(self) -> None:
         try:

@@ -16,7 +16,6 @@ with the same machinery it uses for an upstream download.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IConsumer, IProducer
@@ -29,6 +28,7 @@ from twisted.web.client import ResponseDone
 from zope.interface import implementer
 
 from ..names import Digest
+from ..runtime import IReactor
 from .s3 import DEFAULT_CHUNK_SIZE, MIN_PART_SIZE, NoSuchKey, ObjectReader, S3Store
 
 log = Logger()
@@ -48,7 +48,7 @@ def key(digest: Digest) -> str:
 
 class Bucket:
     def __init__(
-        self, s3: S3Store, threadpool: ThreadPool, reactor: Any, part_size: int = PART_SIZE
+        self, s3: S3Store, threadpool: ThreadPool, reactor: IReactor, part_size: int = PART_SIZE
     ) -> None:
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size: at least {MIN_PART_SIZE} bytes")

@@ -21,6 +21,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from ..config import Config
+from ..runtime import IReactor
 from .bucket import Bucket
 from .membership import Membership, NameTaken, Node
 from .peers import Peers
@@ -133,7 +134,7 @@ class Engines:
 
 def engines(
     config: Config,
-    reactor: Any,
+    reactor: IReactor,
     busy: Callable[[], Collection[str]],
     status: Callable[[], dict[str, Any]],
 ) -> Engines:

@@ -30,6 +30,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from ..runtime import IReactor
+
 log = Logger()
 
 T = TypeVar("T")
@@ -103,7 +105,7 @@ class Database:
     use and :meth:`close` at the end.
     """
 
-    def __init__(self, settings: PgSettings, threadpool: ThreadPool, reactor: Any) -> None:
+    def __init__(self, settings: PgSettings, threadpool: ThreadPool, reactor: IReactor) -> None:
         self.settings = settings
         self._threadpool = threadpool
         self._reactor = reactor

@@ -42,6 +42,8 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from ..runtime import IReactor
+
 log = Logger()
 
 T = TypeVar("T")
@@ -192,7 +194,7 @@ class S3Store:
     the concurrent calls and the client's HTTP connections.
     """
 
-    def __init__(self, settings: S3Settings, threadpool: ThreadPool, reactor: Any) -> None:
+    def __init__(self, settings: S3Settings, threadpool: ThreadPool, reactor: IReactor) -> None:
         self.settings = settings
         self._threadpool = threadpool
         self._reactor = reactor

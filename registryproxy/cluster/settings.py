@@ -1,7 +1,7 @@
 """Upstreams and pins changed through any node's admin API, for every node.
 
 A single node keeps them in JSON files beside its cache
-(:class:`~registryproxy.admin.control.SavedUpstreams` and ``SavedPins``); a
+(:class:`~registryproxy.admin.settings.SavedUpstreams` and ``SavedPins``); a
 cluster keeps them in the shared database, one row per upstream and per pin
 (so two nodes changing different ones at once lose neither), and each node
 reads them back every few seconds (the table, ``regproxy_shared``, is made
@@ -116,7 +116,7 @@ class SharedUpstreams:
         self._settings._write(_UPSTREAM + name, settings)
 
     def apply(self, config: Config) -> Config:
-        from ..admin.control import apply_upstreams
+        from ..admin.settings import apply_upstreams
 
         return apply_upstreams(config, self.load())
 

@@ -1,4 +1,5 @@
-"""The /v2/ port's request bodies: there are none to take."""
+"""The /v2/ port's request bodies: none for the pull API, a small form for
+the token endpoint's OAuth2 password grant."""
 
 from __future__ import annotations
 
@@ -17,8 +18,32 @@ def no_bodies(method: bytes, path: bytes, headers: Headers, length: int | None) 
         )
     else:
         error = unsupported(f"{method.decode('latin-1')} {path.decode('latin-1')}")
+    return _refusal(error)
+
+
+def _refusal(error: RegistryError) -> Refusal:
     return Refusal(
         error.status,
         error.body(),
         {b"Content-Type": b"application/json; charset=utf-8", _API_VERSION[0]: _API_VERSION[1]},
     )
+
+
+#: the largest token request form read (user, password, scopes)
+MAX_FORM = 16384
+
+
+def login_bodies(
+    method: bytes, path: bytes, headers: Headers, length: int | None
+) -> Refusal | None:
+    """With ``proxy.auth``: a ``POST /token`` form of up to MAX_FORM bytes
+    is read, and nothing else."""
+    if method == b"POST" and path.split(b"?", 1)[0] == b"/token":
+        if length is None or length > MAX_FORM:
+            return _refusal(
+                RegistryError(
+                    413, "UNSUPPORTED", f"a token request is a form of at most {MAX_FORM} bytes"
+                )
+            )
+        return None
+    return no_bodies(method, path, headers, length)

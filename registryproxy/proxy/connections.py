@@ -21,6 +21,7 @@ Connections that are refused or cut off are logged, at most once every
 
 from __future__ import annotations
 
+import re
 import resource
 from collections.abc import Callable
 from io import BytesIO
@@ -31,10 +32,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, combinedLogFormatter
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAccessLogFormatter
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
+from zope.interface import provider
 
 log = Logger()
 
@@ -112,6 +115,8 @@ class _Throttled:
 class GuardedRequest(Request):
     #: set when the body policy refused this request's body
     refusal: Refusal | None = None
+    #: the user the request logged in as (proxy.auth), for the access log
+    login_user: str | None = None
 
     def gotLength(self, length: int | None) -> None:
         # the body policy bounded it: in memory, never a temporary file
@@ -128,6 +133,19 @@ class GuardedRequest(Request):
         self.setHeader(b"Connection", b"close")
         self.write(self.refusal.body)
         self.finish()
+
+
+@provider(IAccessLogFormatter)
+def access_line(timestamp: str, request: Any) -> str:
+    """The combined log format, with the user a request logged in as in its
+    third field ("-" for none)."""
+    line: str = combinedLogFormatter(timestamp, request)
+    user = getattr(request, "login_user", None)
+    if user:
+        address, _, rest = line.partition(" - - ")
+        quoted = re.sub(r"[^\w.@+-]", lambda m: f"%{ord(m.group()):02X}", user)
+        line = f"{address} - {quoted} {rest}"
+    return line
 
 
 class GuardedChannel(HTTPChannel):
@@ -244,6 +262,7 @@ class GuardedSite(Site):
             timeout=limits.idle_timeout,
             reactor=clock,
             logPath=log_path,
+            logFormatter=access_line,
         )
         self._access_log = access_log
         self._flusher = LoopingCall(self._flush_log)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import attrs
@@ -21,6 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from ..cache.blobs import BlobCache, BlobFetch
 from ..cache.manifests import CachedManifest, ManifestCache
 from ..errors import RegistryError, digest_invalid, name_invalid, unsupported
+from ..login.gate import Gate, Identity
 from ..mediatypes import parse_accept
 from ..metrics import Metrics
 from ..names import Digest, is_valid_digest, is_valid_name, is_valid_registry_host, is_valid_tag
@@ -36,6 +38,7 @@ log = Logger()
 _API_VERSION = (b"Docker-Distribution-API-Version", b"registry/2.0")
 _ROUTES = [
     (re.compile(r"/v2/?"), "base"),
+    (re.compile(r"/token"), "token"),
     (re.compile(r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]*)"), "manifest"),
     (re.compile(r"/v2/(?P<name>.+)/blobs/uploads(?:/.*)?"), "upload"),
     (re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]*)"), "blob"),
@@ -186,10 +189,13 @@ class RegistryResource(Resource):
         metrics: Metrics,
         sendfile: bool = True,
         forward: bool = True,
+        gate: Gate | None = None,
     ) -> None:
         """*forward*: false for a cluster's internal port, whose requests come
-        from other nodes and are never passed on to another."""
+        from other nodes and are never passed on to another.  *gate*: who
+        may pull what (``proxy.auth``); None: anyone who reaches the port."""
         super().__init__()
+        self._gate = gate
         self._forward = forward
         self._upstreams = upstreams
         self._manifests = manifests
@@ -245,17 +251,32 @@ class RegistryResource(Resource):
         path = request.path.decode("latin-1")
         kind, match = _route(path)
         method = request.method
+        gate = self._gate
+        if kind == "token":
+            if gate is None:
+                raise RegistryError(
+                    404, "NOT_FOUND", "this regproxy takes no logins (no proxy.auth)"
+                )
+            if method not in (b"GET", b"POST"):
+                raise unsupported(f"{method.decode('latin-1')} {path}")
+            self._json(request, await gate.token(request))
+            return
         if method not in (b"GET", b"HEAD"):
             raise unsupported(f"{method.decode('latin-1')} {path}")
+        identity = await gate.identify(request) if gate is not None else None
+        if identity is not None:
+            request.login_user = identity.user  # type: ignore[attr-defined]
         if kind in ("base", "tags", "referrers"):
             self._metrics.requests.labels(kind, "none").inc()
         if kind == "base":
+            if gate is not None:
+                gate.check_base(identity, request)  # type: ignore[arg-type]
             self._json(request, b"{}")
             return
         if kind == "upload":
             raise unsupported("pushing")
         try:
-            await self._serve(request, kind, match, gone, routed)
+            await self._serve(request, kind, match, gone, routed, identity)
         except RegistryError as e:
             if e.status == 404 and e.code not in _NOT_FOUND:
                 # an upstream's own code (NOT_FOUND, ...) means nothing to a client
@@ -269,12 +290,28 @@ class RegistryResource(Resource):
         match: re.Match[str],
         gone: list[bool],
         routed: list[str],
+        identity: Identity | None,
     ) -> None:
         client, repo = route(self._upstreams, request, match.group("name"))
         routed.append(client.name)
         # before any upstream request and any cached answer
         tag = match.group("reference") if kind == "manifest" else None
         _admit(client, repo, tag if tag is not None and is_valid_tag(tag) else None)
+        named = False  # whether a rule names the user: private repositories too
+        if self._gate is not None and identity is not None:
+            named = self._gate.admit(
+                identity,
+                request,
+                client.name,
+                repo,
+                client.config.library_prefix,
+                match.group("name"),
+            )
+
+        async def shareable(what: str) -> None:
+            if not named:
+                await client.check_shareable(repo, what)
+
         if kind == "manifest":
             reference = match.group("reference")
             if not (is_valid_tag(reference) or is_valid_digest(reference)):
@@ -282,7 +319,7 @@ class RegistryResource(Resource):
                 raise RegistryError(
                     404, "MANIFEST_UNKNOWN", f"{reference!r} is neither a tag nor a digest"
                 )
-            await client.check_shareable(repo, f"manifests/{reference}")
+            await shareable(f"manifests/{reference}")
             accept = parse_accept(request.requestHeaders.getRawHeaders(b"Accept", []))
             manifest = await self._manifests.get(client, repo, reference, accept, self._forward)
             _check_layers(client, manifest)
@@ -296,10 +333,10 @@ class RegistryResource(Resource):
             digest = match.group("digest")
             if not is_valid_digest(digest):
                 raise digest_invalid(digest)
-            await client.check_shareable(repo, f"blobs/{digest}")
+            await shareable(f"blobs/{digest}")
             await self._blob(request, client, repo, Digest.parse(digest), gone)
         else:
-            await self._listing(request, kind, match, client, repo, gone)
+            await self._listing(request, kind, match, client, repo, gone, shareable)
 
     async def _listing(
         self,
@@ -309,6 +346,7 @@ class RegistryResource(Resource):
         client: RegistryClient,
         repo: str,
         gone: list[bool],
+        shareable: Callable[[str], Awaitable[None]],
     ) -> None:
         """The tag list, or the referrers of a manifest (OCI 1.1): passed
         through, not cached.  An upstream without the referrers API answers
@@ -323,7 +361,7 @@ class RegistryResource(Resource):
             path, unknown, keys = f"referrers/{digest}", "MANIFEST_UNKNOWN", ("artifactType",)
             media_type = _OCI_INDEX
         query = _query(request, keys)
-        await client.check_shareable(repo, "tags/list")
+        await shareable("tags/list")
         body, headers = await client.get_listing(repo, path, query, unknown)
         try:
             if not isinstance(json.loads(body), dict):

@@ -33,7 +33,7 @@ from .auth import Authenticator, AuthError, parse_www_authenticate
 from .body import BodyStalled, BodyTooLarge, read_body
 from .breaker import CircuitBreaker, CircuitOpen
 from .privacy import Privacy
-from .public import Refused, is_public, lookup
+from .public import Refused, is_public
 
 T = TypeVar("T")
 
@@ -114,14 +114,15 @@ class RegistryClient:
         metrics: Metrics | None = None,
         https_only: bool = False,
         anonymous: Authenticator | None = None,
-        resolve: Callable[[str, int], Awaitable[list[str]]] | None = None,
+        *,
+        resolve: Callable[[str, int], Awaitable[list[str]]],
     ) -> None:
         """*https_only*: for a registry a client named (allow_any_registry),
         whose redirects must not lead to plain http services.  *anonymous*:
         an authenticator without credentials, to find out what the upstream
         serves to anyone (see :meth:`check_shareable`); None shares all.
         *resolve*: every address a host name resolves to, as a socket would
-        resolve it (:func:`.public.lookup`); the reactor's threads by default."""
+        resolve it (:func:`.public.lookup`, on a thread pool of the caller's)."""
         self.name = name
         self._https_only = https_only
         self.config = config
@@ -137,7 +138,7 @@ class RegistryClient:
         self._origin = _origin(self._base)
         self._anonymous = anonymous
         self._privacy = Privacy(name, clock)
-        self._resolve = resolve or _default_resolver(config.connect_timeout)
+        self._resolve = resolve
         #: whether this upstream's own address is public, once known
         self._public: bool | None = None
 
@@ -622,16 +623,6 @@ class _NoConnection(Exception):
     def __init__(self, error: RegistryError) -> None:
         super().__init__(error)
         self.error = error
-
-
-def _default_resolver(timeout: float) -> Callable[[str, int], Awaitable[list[str]]]:
-    from twisted.internet import reactor
-
-    def resolve(host: str, port: int) -> Awaitable[list[str]]:
-        pool = reactor.getThreadPool()  # type: ignore[attr-defined]
-        return lookup(reactor, pool, host, port, timeout)
-
-    return resolve
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

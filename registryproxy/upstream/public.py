@@ -12,7 +12,6 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -25,6 +24,8 @@ from twisted.web.client import URI
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
+from ..runtime import IReactor
+
 
 class Refused(ConnectError):
     """The host is not on the public internet: regproxy will not connect."""
@@ -36,7 +37,9 @@ def resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(sockaddr[0]) for *_, sockaddr in answers))
 
 
-async def lookup(reactor: Any, pool: ThreadPool, host: str, port: int, timeout: float) -> list[str]:
+async def lookup(
+    reactor: IReactor, pool: ThreadPool, host: str, port: int, timeout: float
+) -> list[str]:
     """:func:`resolve` on a thread of *pool*, the way a socket would resolve
     *host* (numeric forms such as ``2130706433`` or ``127.1`` included);
     :class:`DNSLookupError` if it fails or takes longer than *timeout*."""
@@ -81,7 +84,7 @@ class PublicEndpoints:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         policy: IPolicyForHTTPS,
         connect_timeout: float,
         lookups: ThreadPool,

@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from ..config import UpstreamConfig
 from ..metrics import Metrics
+from ..runtime import IReactor
 from .auth import Authenticator
 from .client import RegistryClient
 from .public import PublicEndpoints, lookup
@@ -39,7 +40,7 @@ class Upstreams:
         self,
         configs: Mapping[str, UpstreamConfig],
         default: str,
-        reactor: Any,
+        reactor: IReactor,
         pool: HTTPConnectionPool,
         allow_any: bool = False,
         metrics: Metrics | None = None,
@@ -103,6 +104,14 @@ class Upstreams:
             if len(unlisted) > _MAX_UNLISTED:
                 del self._clients[unlisted[0]]  # the oldest: an open proxy stays bounded
         return client
+
+    def canonical(self, name: str) -> str:
+        """An upstream's own name for *name*, one of its aliases
+        (registry-1.docker.io -> docker.io); *name* itself if unknown."""
+        if name in self._configs:
+            return name
+        client = self.get(name)
+        return client.name if client is not None else name
 
     def by_virtual_host(self, host_header: str) -> RegistryClient | None:
         """The upstream whose name or alias is the request's Host (port ignored)."""

@@ -4,6 +4,7 @@ process: their index in a real PostgreSQL, their blobs in a real bucket
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import urllib.error
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import bcrypt
 import boto3
 import pytest
 import pytest_twisted
@@ -83,11 +85,14 @@ async def cluster(swift, s3_settings, pg_dsn, tmp_path) -> AsyncIterator[Cluster
     clients.start()
     nodes: list[Node] = []
 
-    async def start(name: str, redirect: bool = False) -> Node:
+    async def start(name: str, redirect: bool = False, auth: Any = None) -> Node:
         proxy, admin, internal = free_port(), free_port(), free_port()
         directory = tmp_path / name
         config = {
-            "proxy": {"listen": f"tcp:{proxy}:interface=127.0.0.1"},
+            "proxy": {
+                "listen": f"tcp:{proxy}:interface=127.0.0.1",
+                **({"auth": auth} if auth is not None else {}),
+            },
             "admin": {"listen": f"tcp:{admin}:interface=127.0.0.1"},
             "cache": {
                 "directory": str(directory),
@@ -378,3 +383,34 @@ async def test_a_node_may_send_clients_to_the_bucket(cluster):
     )
     assert body == layer
     assert not redirecting.local(digest).exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_from_one_node_works_on_every_node(cluster, tmp_path):
+    """proxy.auth in a cluster: the nodes sign tokens with one key, derived
+    from the cluster's shared secret, so a client's token from one node (a
+    load balancer may send its next request anywhere) works on the others."""
+    users = tmp_path / "htpasswd"
+    users.write_text("alice:" + bcrypt.hashpw(b"alice-pw", bcrypt.gensalt(4)).decode() + "\n")
+    cluster.registry.add_image("library/app", "1", [b"layer for the login test"])
+    auth = {"htpasswd": str(users)}
+    first, second = [await cluster.start(f"node-auth-{i}", auth=auth) for i in range(2)]
+    path = "/v2/library/app/manifests/1"
+    assert (await cluster.get(second, path)).code == 401
+    basic = "Basic " + base64.b64encode(b"alice:alice-pw").decode()
+    reply = await deferToThreadPool(
+        reactor,
+        cluster.clients,
+        http_request,
+        first.url,
+        "GET",
+        "/token?service=regproxy&scope=repository:library/app:pull",
+        {"Authorization": [basic]},
+    )
+    assert reply.code == 200
+    bearer = {"Authorization": ["Bearer " + json.loads(reply.body)["token"]]}
+    for node in (first, second):
+        reply = await deferToThreadPool(
+            reactor, cluster.clients, http_request, node.url, "GET", path, bearer
+        )
+        assert reply.code == 200, node.name

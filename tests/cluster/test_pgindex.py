@@ -285,10 +285,13 @@ class Differ:
             self.call("totals")
         elif kind == 6:
             self.call("repositories")
+            self.call("repository_summaries")
         elif kind == 7:
             self.call("repositories", upstream)
+            self.call("repository_summaries", upstream)
         elif kind == 8:
             self.call("repo_manifests", upstream, repo)
+            self.call("repository_refs", upstream, repo)
         elif kind == 9:
             self.call("repo_tags", upstream, repo)
         elif kind == 10:
@@ -316,12 +319,13 @@ class Differ:
 
     def final(self) -> None:
         """Everything that can be listed, compared."""
-        for method in ("flush", "totals", "repositories"):
+        for method in ("flush", "totals", "repositories", "repository_summaries"):
             self.call(method)
         for upstream in UPSTREAMS:
             for repo in REPOS:
                 self.call("repo_manifests", upstream, repo)
                 self.call("repo_tags", upstream, repo)
+                self.call("repository_refs", upstream, repo)
                 for blob in BLOBS:
                     self.call("has_blob", upstream, repo, blob)
         for digest in MANIFESTS:

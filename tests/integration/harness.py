@@ -361,12 +361,13 @@ class RegProxy:
                 if self.tls:  # without the CA or a client certificate: is it listening
                     socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
                     return True
-                return regclient.request(self.url + "/v2/", timeout=2).status == 200
+                # 401: it answers, and wants a login (proxy.auth)
+                return regclient.request(self.url + "/v2/", timeout=2).status in (200, 401)
             except OSError:
                 return False
 
         try:
-            wait_until(up, timeout, f"regproxy GET {self.url}/v2/ -> 200")
+            wait_until(up, timeout, f"regproxy GET {self.url}/v2/ -> 200 or 401")
         except TimeoutError as e:
             self.kill()
             raise RuntimeError(f"{e}; log:\n{tail(self.log_path)}") from None

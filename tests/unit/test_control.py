@@ -145,7 +145,7 @@ async def test_purge_never_cuts_a_download_in_progress(fake_registry, make_proxy
 
     def purge():
         # the blob is listed by no manifest, so purge it as the purge code would
-        assert control._store.delete(Digest.parse(digest))
+        assert control.checker._store.delete(Digest.parse(digest))
 
     body = await deferToThread(read_around, proxy.url, path, purge)
     assert body == data

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -26,6 +27,7 @@ from registryproxy.cache.index import Index
 from registryproxy.cache.store import FileStore
 from registryproxy.config import UpstreamConfig
 from registryproxy.names import Digest
+from registryproxy.runtime import Threads
 
 SIZE = 4 * 1024 * 1024
 DATA = os.urandom(SIZE)
@@ -75,7 +77,7 @@ def log_events() -> Any:
 
 def start(tmp_path: Path, clock: Clock, max_bytes: int | None = None, **config: Any):
     """(the cache, its download of DIGEST, the upstream sending it)"""
-    store = FileStore(str(tmp_path / "cache"))
+    store = FileStore(str(tmp_path / "cache"), Threads(reactor, "test-files"))
     index = Index(str(tmp_path / "cache" / "index.db"))
     # quick work only here: the index's own thread is never started
     access = LocalIndex(index, IndexThread(index, clock, ThreadPool(name="unused")))

@@ -129,6 +129,61 @@ def test_listing_and_totals(index):
     assert index.refs(d("m1")) == [(d("l1"), "blob"), (d("l2"), "blob")]
 
 
+def test_repository_summaries_in_one_statement(index):
+    """Sizes count each cached blob once per repository (shared layers, a
+    layer not cached), an index's platform manifests, and nothing of
+    another repository; the whole listing is one SQL statement."""
+    add_image(index, "docker.io", "library/a", "m1", ["l1", "l2"], tag="1")
+    add_image(index, "docker.io", "library/a", "m2", ["l1", "l3"], tag="2")
+    index.forget_blob(d("l3"))  # listed, not cached
+    add_image(index, "docker.io", "library/b", "m3", ["l1"])
+    add_index(index, "docker.io", "library/b", "i1", ["m3"], tag="x")
+    add_image(index, "ghcr.io", "c", "m4", ["l4"], tag="1")
+    index.touch_manifest("docker.io", "library/b", d("m3"), 555.0)
+    index.flush()
+    statements: list[str] = []
+    index._db.set_trace_callback(statements.append)
+    summaries = index.repository_summaries()
+    index._db.set_trace_callback(None)
+    assert len(statements) == 1
+    shown = [(s.upstream, s.repo, s.tags, s.manifests, s.size, s.last_access) for s in summaries]
+    assert shown == [
+        ("docker.io", "library/a", 2, 2, 10 + 10 + 1000 + 1000, None),
+        ("docker.io", "library/b", 1, 2, 10 + 20 + 1000, 555.0),
+        ("ghcr.io", "c", 1, 1, 10 + 1000, None),
+    ]
+    assert [s.repo for s in index.repository_summaries("ghcr.io")] == ["c"]
+    assert index.repository_summaries("quay.io") == []
+    rows = index.repositories()
+    assert [(r.upstream, r.repo, r.tags, r.manifests, r.last_access) for r in rows] == [
+        (s.upstream, s.repo, s.tags, s.manifests, s.last_access) for s in summaries
+    ]
+
+
+def test_repository_refs_in_one_statement(index):
+    """What a repository's manifests list, with the cached blobs' sizes:
+    as refs() and blob_sizes() tell it manifest by manifest."""
+    add_image(index, "docker.io", "library/a", "m1", ["l1", "l2"])
+    add_image(index, "docker.io", "library/a", "m2", ["l2", "l1"])
+    add_index(index, "docker.io", "library/a", "i1", ["m1", "m2", "m9"], tag="x")
+    add_image(index, "docker.io", "library/b", "m3", ["l3"])
+    index.forget_blob(d("l2"))
+    statements: list[str] = []
+    index._db.set_trace_callback(statements.append)
+    refs = index.repository_refs("docker.io", "library/a")
+    index._db.set_trace_callback(None)
+    assert len(statements) == 1
+    expected = []
+    for m in sorted(m.digest for m in index.repo_manifests("docker.io", "library/a")):
+        sizes = index.blob_sizes(child for child, _ in index.refs(m))
+        for child, kind in index.refs(m):
+            expected.append((m, child, kind, sizes.get(child) if kind == "blob" else None))
+    assert refs == expected
+    assert (d("m2"), d("l2"), "blob", None) in refs and (d("m2"), d("l1"), "blob", 1000) in refs
+    assert [r[1] for r in refs if r[0] == d("m2")] == [d("l2"), d("l1")]  # in the manifest's order
+    assert index.repository_refs("docker.io", "library/none") == []
+
+
 def test_an_unversioned_index_is_started_afresh(tmp_path):
     import sqlite3
 

@@ -12,6 +12,7 @@ from twisted.python.threadpool import ThreadPool
 from registryproxy.cache.shared import LocalTier
 from registryproxy.cache.store import FileStore
 from registryproxy.names import Digest
+from registryproxy.runtime import Threads
 
 
 async def _put(store: FileStore, data: bytes, mtime: float) -> Digest:
@@ -26,7 +27,7 @@ async def _put(store: FileStore, data: bytes, mtime: float) -> Digest:
 
 @pytest_twisted.ensureDeferred
 async def test_the_oldest_unused_copies_go_until_the_tier_fits(tmp_path):
-    store = FileStore(str(tmp_path))
+    store = FileStore(str(tmp_path), Threads(reactor, "test-files"))
     threads = ThreadPool(minthreads=0, maxthreads=1, name="tier-test")
     threads.start()
     try:
@@ -48,7 +49,7 @@ async def test_the_oldest_unused_copies_go_until_the_tier_fits(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_a_tier_within_budget_loses_nothing(tmp_path):
-    store = FileStore(str(tmp_path))
+    store = FileStore(str(tmp_path), Threads(reactor, "test-files"))
     threads = ThreadPool(minthreads=0, maxthreads=1, name="tier-test")
     threads.start()
     try:

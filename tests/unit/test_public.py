@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -25,7 +26,7 @@ from registryproxy.errors import RegistryError
 from registryproxy.upstream import public
 from registryproxy.upstream.auth import Authenticator
 from registryproxy.upstream.client import RegistryClient
-from registryproxy.upstream.public import PublicEndpoints, Refused
+from registryproxy.upstream.public import PublicEndpoints, Refused, lookup
 
 
 def test_resolution_gives_every_address():
@@ -211,9 +212,16 @@ async def test_a_client_named_registry_may_not_redirect_to_plain_http(make_fake_
     def client(https_only: bool) -> RegistryClient:
         auth = Authenticator(registry.url, None, None, treq.client.HTTPClient(agent), reactor)
         config = UpstreamConfig(url=registry.url)
-        return RegistryClient("x", config, agent, auth, reactor, https_only=https_only)
+        return RegistryClient(
+            "x", config, agent, auth, reactor, https_only=https_only, resolve=_resolve
+        )
 
     response = await client(https_only=False).get_blob("team/app", digest)
     assert await treq.content(response) == b"layer"
     with pytest.raises(RegistryError, match="redirected to plain http; refused"):
         await client(https_only=True).get_blob("team/app", digest)
+
+
+def _resolve(host: str, port: int) -> Any:
+    """Name lookups on the test reactor's threads (regproxy's own use a pool of theirs)."""
+    return lookup(reactor, reactor.getThreadPool(), host, port, 5.0)

@@ -8,9 +8,11 @@ import os
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 
 from registryproxy.cache.store import FileStore, VerificationError
 from registryproxy.names import Digest
+from registryproxy.runtime import Threads
 
 
 def digest_of(data: bytes) -> Digest:
@@ -41,7 +43,7 @@ class Dribble:
 
 @pytest_twisted.ensureDeferred
 async def test_short_writes_are_completed(tmp_path):
-    store = FileStore(str(tmp_path))
+    store = FileStore(str(tmp_path), Threads(reactor, "test-files"))
     data = os.urandom(10_000)
     writer = store.begin(digest_of(data), len(data))
     writer._file = Dribble(writer._file, most=999)
@@ -56,7 +58,7 @@ async def test_short_writes_are_completed(tmp_path):
 
 
 def test_a_full_disk_counts_only_what_was_written(tmp_path):
-    store = FileStore(str(tmp_path))
+    store = FileStore(str(tmp_path), Threads(reactor, "test-files"))
     data = os.urandom(10_000)
     writer = store.begin(digest_of(data), len(data))
     writer._file = Dribble(writer._file, most=4096, room=5000)
@@ -72,7 +74,7 @@ def test_a_full_disk_counts_only_what_was_written(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_a_file_that_is_not_what_was_hashed_is_never_published(tmp_path):
-    store = FileStore(str(tmp_path))
+    store = FileStore(str(tmp_path), Threads(reactor, "test-files"))
     data = os.urandom(10_000)
     writer = store.begin(digest_of(data), len(data))
     writer.write(data)

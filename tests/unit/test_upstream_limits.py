@@ -91,7 +91,7 @@ def make_client(
     http = treq.client.HTTPClient(agent)
     # as registry.Upstreams makes them: a token fetch has the exchange's deadline too
     auth = Authenticator(url, None, None, http, clock, timeout=upstream.deadline_seconds)
-    return RegistryClient("docker.io", upstream, agent, auth, clock)
+    return RegistryClient("docker.io", upstream, agent, auth, clock, resolve=_resolve)
 
 
 def manifest(client: RegistryClient, reference: str = "1") -> Deferred[Any]:
@@ -435,3 +435,8 @@ async def test_a_loopback_upstream_may_still_redirect_to_loopback(make_fake_regi
     )
     got = await manifest(make_client(upstream.url))
     assert got.digest == digest
+
+
+def _resolve(host: str, port: int) -> Any:
+    """Name lookups on the test reactor's threads (regproxy's own use a pool of theirs)."""
+    return public.lookup(reactor, reactor.getThreadPool(), host, port, 5.0)
