@@ -18,6 +18,7 @@ import pytest
 import pytest_twisted
 from proxyharness import Reply, cache_fds, settle, until
 from test_hostile import closed_at_once, failures, hold  # noqa: F401 (failures: a fixture)
+from test_login import htpasswd_line
 from tlscerts import CA
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
@@ -278,3 +279,16 @@ async def test_a_client_that_stops_reading_lets_go_of_the_blob(
     finally:
         done.set()
         await reader
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_proxy_auth_the_token_realm_is_https(ca, tls_proxy, fake_registry, tmp_path):
+    """Clients log in where the challenge says: on this port, over TLS."""
+    (tmp_path / "htpasswd").write_text(htpasswd_line("alice", "alice-secret-1"))
+    running = await tls_proxy(fake_registry.url, auth={"htpasswd": str(tmp_path / "htpasswd")})
+    reply, _ = await get(running.number, client_context(tmp_path / "ca.pem"), "/v2/")
+    challenge = reply.header("WWW-Authenticate") or ""
+    assert (reply.code, challenge.split(",")[0]) == (
+        401,
+        f'Bearer realm="https://127.0.0.1:{running.number}/token"',
+    )
