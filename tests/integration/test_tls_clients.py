@@ -17,7 +17,9 @@ import ssl
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import bcrypt
 import pytest
 from tlscerts import CA
 
@@ -54,14 +56,15 @@ def certs(workdir: Path) -> Path:
 def tls_proxy(
     regproxy: Callable[..., harness.RegProxy], certs: Path
 ) -> Callable[..., harness.RegProxy]:
-    """``tls_proxy(client_ca=None)``: regproxy on an ssl: port with *certs*."""
+    """``tls_proxy(client_ca=None, **proxy)``: regproxy on an ssl: port
+    with *certs* (and more keys of its proxy section)."""
 
-    def make(client_ca: str | None = None) -> harness.RegProxy:
+    def make(client_ca: str | None = None, **proxy: Any) -> harness.RegProxy:
         listen = (
             f"ssl:{harness.free_port()}:interface=127.0.0.1"
             f":privateKey={certs / 'key.pem'}:certKey={certs / 'cert.pem'}"
         )
-        return regproxy(extra_config={"proxy": {"listen": listen, "client_ca": client_ca}})
+        return regproxy(extra_config={"proxy": {"listen": listen, "client_ca": client_ca, **proxy}})
 
     return make
 
@@ -77,10 +80,15 @@ def cert_dir(certs: Path, dest: Path, client: bool = False) -> Path:
 
 
 def skopeo_copy(
-    skopeo: harness.Skopeo, proxy: harness.RegProxy, image: Image, certs: Path, dest: Path
+    skopeo: harness.Skopeo,
+    proxy: harness.RegProxy,
+    image: Image,
+    certs: Path,
+    dest: Path,
+    *more: str,
 ) -> subprocess.CompletedProcess[str]:
     return skopeo.run(
-        "copy", "--quiet", "--retry-times=0", f"--src-cert-dir={certs}",
+        "copy", "--quiet", "--retry-times=0", f"--src-cert-dir={certs}", *more,
         image.docker_ref(proxy.host_port), f"dir:{dest}",
         check=False,
     )  # fmt: skip
@@ -285,3 +293,30 @@ def test_sighup_reloads_the_certificate(
     harness.wait_until(lambda: "not reloaded" in proxy.log_text(), 10, "the refusal logged")
     assert served_certificate(proxy, certs / "renewed.crt") == after
     assert proxy.running
+
+
+def test_skopeo_logs_in_over_tls(
+    tls_proxy: Callable[..., harness.RegProxy],
+    certs: Path,
+    skopeo: harness.Skopeo,
+    workdir: Path,
+    upstream_registry: harness.UpstreamRegistry,
+    test_images: dict[str, Image],
+) -> None:
+    """proxy.auth on a TLS port: the challenge sends skopeo to https://.../token
+    on the same port, and its Basic credentials travel encrypted."""
+    hashed = bcrypt.hashpw(b"alice-secret-1", bcrypt.gensalt(4)).decode()
+    (workdir / "htpasswd").write_text(f"alice:$2y${hashed[4:]}\n")
+    proxy = tls_proxy(auth={"htpasswd": str(workdir / "htpasswd")})
+    image = test_images["dockerimg"]
+    trust = cert_dir(certs, workdir / "trust")
+    anonymous = skopeo_copy(skopeo, proxy, image, trust, workdir / "anonymous")
+    assert anonymous.returncode != 0
+    assert "unauthorized" in anonymous.stderr.lower(), anonymous.stderr
+    mark = upstream_registry.mark()
+    result = skopeo_copy(
+        skopeo, proxy, image, trust, workdir / "pulled", "--src-creds=alice:alice-secret-1"
+    )
+    assert_pulled(result, workdir / "pulled", image)
+    assert_served(proxy, upstream_registry, image, mark)
+    assert "GET /token" in proxy.log_text()
