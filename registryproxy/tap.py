@@ -131,8 +131,8 @@ class Proxy:
     blobs: BlobCache
     manifests: ManifestCache
     metrics: Metrics
-    #: the blob store's threads (new files flushed and renamed; fsck's scan)
-    files: Threads
+    #: the blob files (a cluster node's local tier of them)
+    store: FileStore
     #: the embedded index and its worker thread; None in a cluster
     local: LocalIndex | None = None
     #: a cluster node's engines and local tier; None on a single node
@@ -199,7 +199,7 @@ class Proxy:
         await self.pool.closeCachedConnections()
         self.upstreams.close()
         self.verifier.close()
-        self.files.stop()
+        self.store.threads.stop()
         if self.gate is not None:
             self.gate.close()
         if self.local is not None:
@@ -494,7 +494,7 @@ def build_proxy(
         blobs,
         manifests,
         metrics,
-        store.threads,
+        store,
         local=local,
         cluster=cluster,
         tier=tier,

@@ -58,7 +58,7 @@ async def test_sweeps_purges_fsck_and_checkpoints_run_in_the_index_thread(
     calls: list[tuple[str, str]] = []
     heavy = ["evict", "evict_loose", "purge", "checkpoint", "all_blobs", "forget_blobs"]
     spy(monkeypatch, Index, heavy, calls)
-    spy(monkeypatch, proxy.proxy.control._store, ["delete"], calls)
+    spy(monkeypatch, proxy.proxy.store, ["delete"], calls)
     evictor = proxy.proxy.evictor
     evictor._max_idle = 0
     assert await evictor.sweep() > 0
@@ -82,7 +82,7 @@ async def test_making_room_stays_bounded(tmp_path, fake_registry, make_proxy, mo
         return real(self, pins, busy, limit, *args, **kwargs)
 
     monkeypatch.setattr(Index, "evict", evict)
-    monkeypatch.setattr(proxy.proxy.control._store, "room", lambda: 0)  # never frees up
+    monkeypatch.setattr(proxy.proxy.store, "room", lambda: 0)  # never frees up
     proxy.proxy.evictor.make_room(10)
     # a few small batches, synchronously, then the download goes through memory
     assert batches == [eviction.ROOM_BATCH] * eviction.ROOM_STEPS

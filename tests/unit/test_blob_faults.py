@@ -167,7 +167,7 @@ async def test_no_room_passes_the_blob_through_uncached(fake_registry, make_prox
     data = os.urandom(20 * 1024 * 1024 + 1)
     digest = fake_registry.add_blob(data)
     proxy = await make_proxy(fake_registry.url)
-    proxy.proxy.control._store.room = lambda: 1000  # the disk is (nearly) full
+    proxy.proxy.store.room = lambda: 1000  # the disk is (nearly) full
     status, body, short = await get(proxy, f"/v2/library/x/blobs/{digest}")
     assert (status, short) == (200, False)
     assert body == data
@@ -188,7 +188,7 @@ async def test_running_downloads_keep_the_room_they_need(fake_registry, make_pro
     for digest in digests:
         fake_registry.blob_faults[digest] = Fault.slow(chunk=64 * 1024, delay=0.05)
     proxy = await make_proxy(fake_registry.url)
-    proxy.proxy.control._store.room = lambda: 1536 * 1024
+    proxy.proxy.store.room = lambda: 1536 * 1024
     replies = await gatherResults([get(proxy, f"/v2/library/x/blobs/{d}") for d in digests])
     assert [(status, body) for status, body, _ in replies] == [(200, data) for data in blobs]
     await settle()
@@ -204,7 +204,7 @@ class SharedDisk:
         self._root = proxy.cache_dir
         self._capacity = capacity
         self.full = False
-        store = proxy.proxy.control._store
+        store = proxy.proxy.store
         begin = store.begin
 
         def begin_here(digest, size):
@@ -306,7 +306,7 @@ async def test_eviction_failing_on_a_full_disk_still_serves_every_byte(fake_regi
     def index_full(needed):
         raise sqlite3.OperationalError("database or disk is full")
 
-    proxy.proxy.control._blobs._make_room = index_full
+    proxy.proxy.blobs._make_room = index_full
     status, body, short = await get(proxy, f"/v2/library/x/blobs/{digest}")
     assert (status, body == data, short) == (200, True, False)
     await settle()
@@ -323,14 +323,14 @@ async def test_a_prefetch_the_disk_fills_up_under_fails_at_once(fake_registry, m
     control = proxy.proxy.control
     control.prefetch("docker.io", "library/big", "1", None)
     digest = "sha256:" + hashlib.sha256(layer).hexdigest()
-    await until(lambda: control._blobs.in_flight > 0)
+    await until(lambda: proxy.proxy.blobs.in_flight > 0)
     # a client pulls the layer meanwhile: the download goes on for it alone
     status, body, short = await get(proxy, f"/v2/big/blobs/{digest}")
     (job,) = control.prefetch_jobs()
     assert (job.state, job.error) == ("failed", "no room in the cache")
     assert (status, body == layer, short) == (200, True, False)
     await until(lambda: not os.listdir(proxy.cache_dir / "tmp"))
-    assert control._blobs.in_flight == 0
+    assert proxy.proxy.blobs.in_flight == 0
 
 
 async def old_image_on_shared_disk(fake_registry, make_proxy, capacity_mib):
@@ -365,7 +365,7 @@ async def test_no_room_still_never_serves_wrong_bytes_whole(fake_registry, make_
     digest = fake_registry.add_blob(data)
     fake_registry.blob_faults[digest] = Fault.wrong_bytes()
     proxy = await make_proxy(fake_registry.url)
-    proxy.proxy.control._store.room = lambda: 0
+    proxy.proxy.store.room = lambda: 0
     status, body, short = await get(proxy, f"/v2/library/x/blobs/{digest}")
     assert short or status != 200
     assert len(body) < SIZE

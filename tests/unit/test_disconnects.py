@@ -43,7 +43,7 @@ async def test_clients_leaving_before_the_upstream_answers(fake_registry, make_p
     patient = await proxy.get(path)
     assert (patient.code, patient.body) == (200, data)
     await settle(0.8)
-    assert proxy.proxy.control._blobs.in_flight == 0
+    assert proxy.proxy.blobs.in_flight == 0
     assert proxy.blob_path(digest).read_bytes() == data
     assert cache_fds(proxy) == 0
 

@@ -81,7 +81,7 @@ def small_disk(proxy, capacity):
         files = [*(proxy.cache_dir / "blobs").rglob("*"), *(proxy.cache_dir / "tmp").iterdir()]
         return capacity - sum(f.stat().st_size for f in files if f.is_file())
 
-    proxy.proxy.control._store.room = room
+    proxy.proxy.store.room = room
 
 
 @pytest_twisted.ensureDeferred
@@ -128,7 +128,7 @@ async def test_making_room_passes_over_images_being_read(fake_registry, make_pro
     two = await pull(proxy, "two")
     # a slow client is reading one's layer: evicting it would free nothing yet
     reading = deferToThread(partial_get, proxy.url, f"/v2/one/blobs/{one[0]}", 1, 2.0, True)
-    await until(lambda: proxy.proxy.control._blobs.in_use())
+    await until(lambda: proxy.proxy.blobs.in_use())
     three = await pull(proxy, "three")
     assert cached(proxy, one + two + three) == [True, False, True]
     status, body, short = await reading

@@ -22,7 +22,7 @@ async def test_fsck_quarantines_rotten_blobs(fake_registry, make_proxy):
     stray.parent.mkdir(parents=True, exist_ok=True)
     stray.write_bytes(b"stray")
 
-    report = await fsck(proxy.proxy.control._store, proxy.proxy.access)
+    report = await fsck(proxy.proxy.store, proxy.proxy.access)
     assert report.quarantined == (rotten,)
     assert report.checked == 4  # the manifest, two layers, the stray file
     assert report.indexed == ("sha256:" + stray.name,)
@@ -43,7 +43,7 @@ async def test_fsck_forgets_files_that_vanished(fake_registry, make_proxy):
     import time
 
     time.sleep(0.01)
-    report = await fsck(proxy.proxy.control._store, proxy.proxy.access)
+    report = await fsck(proxy.proxy.store, proxy.proxy.access)
     assert report.forgotten == (layer,)
     assert proxy.proxy.index.total_size() == 0
 
@@ -58,7 +58,7 @@ async def test_fsck_keeps_every_rotten_file(fake_registry, make_proxy):
     proxy.blob_path(layer).write_bytes(b"rotted layer!")
     proxy.blob_path(digest).write_bytes(b"{rotten manifest}")
 
-    report = await fsck(proxy.proxy.control._store, proxy.proxy.access)
+    report = await fsck(proxy.proxy.store, proxy.proxy.access)
     assert sorted(report.quarantined) == sorted([digest, layer])
     kept = {p.read_bytes() for p in (proxy.cache_dir / "quarantine").iterdir()}
     assert kept == {b"rotted layer!", b"{rotten manifest}"}
