@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+import ssl
 import statistics
 import threading
 import time
@@ -50,12 +51,30 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
     return int(status_line.split()[1]), headers
 
 
-def download(url: str, path: str, timeout: float = 60.0, deadline: float | None = None) -> Download:
-    """GET *path* from *url* (``http://127.0.0.1:PORT``), body discarded.
+def _connect(host: str, port: int, timeout: float, tls: ssl.SSLContext | None) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    if tls is None:
+        return sock
+    try:
+        return tls.wrap_socket(sock, server_hostname=host)  # takes over the descriptor
+    except BaseException:
+        sock.close()
+        raise
+
+
+def download(
+    url: str,
+    path: str,
+    timeout: float = 60.0,
+    deadline: float | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> Download:
+    """GET *path* from *url* (``http://127.0.0.1:PORT``, or ``https://`` with
+    *tls*), body discarded.
 
     *timeout* bounds each socket operation, *deadline* (``time.monotonic()``)
     the whole download."""
-    host_port = url.removeprefix("http://")
+    host_port = url.partition("://")[2]
     host, port = host_port.rsplit(":", 1)
     start = time.monotonic()
     buf = bytearray(_BUFFER)
@@ -63,7 +82,7 @@ def download(url: str, path: str, timeout: float = 60.0, deadline: float | None 
     status, got, expected = 0, 0, None
     headers: dict[str, str] = {}
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        with _connect(host, int(port), timeout, tls) as sock:
             sock.sendall(_request("GET", host_port, path, [("Connection", "close")]))
             head = b""
             while b"\r\n\r\n" not in head:

@@ -25,6 +25,7 @@ from .cluster.pg import PgSettings
 from .cluster.s3 import S3Settings
 from .login.files import FileError, parse_htpasswd, parse_tokens
 from .names import is_valid_registry_host
+from .proxy.tls import load_context, parse_listen
 from .reference import parse_image
 from .upstream.rules import check_patterns
 
@@ -133,10 +134,13 @@ class AuthConfig:
 
 @attrs.frozen
 class ProxyConfig:
-    #: twisted endpoint string for the /v2/ registry API
+    #: twisted endpoint string for the /v2/ registry API; TLS:
+    #: "ssl:PORT:privateKey=KEY:certKey=CERT[:extraCertChain=CHAIN]"
     listen: str = "tcp:5000"
     #: client authentication; None: anyone who reaches the port may pull
     auth: AuthConfig | None = None
+    #: with an ssl: listen, a CA file: clients must show a certificate it signed
+    client_ca: str | None = None
     #: send cached blobs with the kernel's sendfile over plain TCP (zero copy)
     sendfile: bool = True
     #: most client connections at once; more are closed at once (lowered at
@@ -161,6 +165,14 @@ class ProxyConfig:
             raise ValueError('access_log: expected "twistd", "off" or a file name')
         if self.shutdown_grace < 0:
             raise ValueError(f"shutdown_grace: expected seconds >= 0, got {self.shutdown_grace!r}")
+        tls = parse_listen(self.listen)
+        if tls is not None:
+            load_context(tls, self.client_ca)  # readable, the key matches the certificate
+        elif self.client_ca is not None:
+            raise ValueError(
+                "client_ca: clients show certificates only over TLS: listen on "
+                "'ssl:PORT:privateKey=KEY:certKey=CERT', or remove client_ca"
+            )
 
 
 def _positive(config: Any, *names: str) -> None:

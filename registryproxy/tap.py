@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -41,6 +42,7 @@ from .proxy.bodies import login_bodies, no_bodies
 from .proxy.connections import GuardedSite, Limits, fitting_connections, open_files_limit
 from .proxy.plaintext import PlainHTTPFactory
 from .proxy.resource import RegistryResource
+from .proxy.tls import ServerCertificate, TLSError, TLSFactory, parse_listen
 from .runtime import Threads
 from .upstream.registry import Upstreams
 
@@ -277,6 +279,27 @@ class _Listener(StreamServerEndpointService):
         except CannotListenError as e:
             why = getattr(e.socketError, "strerror", e.socketError)
             raise SystemExit(f"regproxy: cannot listen on {self.description}: {why}") from None
+
+
+class _ReloadOnHangup(Service):
+    """Reads the proxy port's TLS certificate again on ``SIGHUP``: renewed
+    certificates take effect without a restart or a dropped connection."""
+
+    def __init__(self, reload: Callable[[], object], reactor: Any) -> None:
+        self._reload = reload
+        self._reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(self._reload)
+
+    def stopService(self) -> Any:
+        signal.signal(signal.SIGHUP, self._previous)
+        return super().stopService()
 
 
 def _open_index(path: str, rebuild: bool, now: float) -> Index:
@@ -581,11 +604,17 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     api = AdminAPI(proxy.control, config.admin.secret(), config.admin.max_body)
     admin = GuardedSite(api.resource(), limits(config)[1], api.body_policy, reactor, "admin API")
     sites = [proxy.site, admin]
-    ports = [
-        ("proxy.listen", config.proxy.listen, PlainHTTPFactory(proxy.site)),
-        ("admin.listen", config.admin.listen, admin),
-    ]
     later: list[IService] = []
+    proxy_port: tuple[str, Any] = (config.proxy.listen, PlainHTTPFactory(proxy.site))
+    tls = parse_listen(config.proxy.listen)
+    if tls is not None:
+        try:
+            certificate = ServerCertificate(tls, config.proxy.client_ca)
+        except TLSError as e:  # the files changed since the config was read
+            raise SystemExit(f"regproxy: proxy.{e}") from None
+        proxy_port = (tls.tcp, TLSFactory(certificate, proxy.site))
+        later.append(_ReloadOnHangup(certificate.reload, reactor))
+    ports = [("proxy.listen", *proxy_port), ("admin.listen", config.admin.listen, admin)]
     if cluster is not None:
         assert config.cluster is not None
         membership = cluster.membership

@@ -23,6 +23,7 @@ from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -37,9 +38,14 @@ _SEND_BUFFER = 4 * 1024 * 1024
 
 
 def socket_transport(request: Request) -> tcp.Server | None:
-    """The plain TCP transport under *request*, or None (TLS, HTTP/2, tests)."""
+    """The plain TCP transport under *request*, or None (TLS, HTTP/2, tests).
+
+    TLS is a wrapper too, but what goes under it must be encrypted first:
+    the search stops there."""
     transport: Any = request.channel.transport if request.channel else None
-    while isinstance(transport, ProtocolWrapper):
+    while isinstance(transport, ProtocolWrapper) and not isinstance(
+        transport, TLSMemoryBIOProtocol
+    ):
         transport = transport.transport
     if isinstance(transport, tcp.Server) and hasattr(os, "sendfile"):
         return transport

@@ -94,7 +94,10 @@ class DockerDaemon:
         self._check_mirror_url(mirror_url)
         self.tmpdir = Path(tmpdir)
         self.mirror_url = mirror_url
-        self.insecure_registries = [urlsplit(mirror_url).netloc, *insecure_registries]
+        mirror = urlsplit(mirror_url)
+        # an https mirror is verified (its CA in /etc/docker/certs.d/HOST:PORT)
+        plain = [mirror.netloc] if mirror.scheme == "http" else []
+        self.insecure_registries = [*plain, *insecure_registries]
         self.dockerd = dockerd
         self.docker_cli = docker or _default_docker_cli()
         self.start_timeout = start_timeout

@@ -314,6 +314,10 @@ class RegProxy:
             config,
         )
         self.config = config
+        #: an ssl: listen (its port given there): clients need its CA
+        self.tls = config["proxy"]["listen"].startswith("ssl:")
+        if self.tls:
+            self.port = int(config["proxy"]["listen"].split(":")[1])
         self.cache_dir = Path(config["cache"]["directory"])
         self.config_path = workdir / "regproxy.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -326,7 +330,7 @@ class RegProxy:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host_port}"
+        return f"{'https' if self.tls else 'http'}://{self.host_port}"
 
     @property
     def admin_url(self) -> str:
@@ -354,6 +358,9 @@ class RegProxy:
                     f"(is it installed in this venv? `pip install .`):\n{tail(self.log_path)}"
                 )
             try:
+                if self.tls:  # without the CA or a client certificate: is it listening
+                    socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
+                    return True
                 # 401: it answers, and wants a login (proxy.auth)
                 return regclient.request(self.url + "/v2/", timeout=2).status in (200, 401)
             except OSError:

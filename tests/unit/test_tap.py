@@ -108,6 +108,10 @@ def free_port() -> int:
         (None, "cannot read config file"),
         ("proxy: {listen: 'bogus:1'}\n", "proxy.listen 'bogus:1' is not an endpoint"),
         ("cache: {directory: /proc/none}\n", "cannot use cache.directory '/proc/none'"),
+        (
+            "proxy: {listen: 'ssl:0:privateKey=/proc/none.pem'}\n",
+            "proxy: listen: cannot read privateKey '/proc/none.pem': No such file or directory",
+        ),
     ],
 )
 def test_bad_start_up_is_one_line_and_non_zero(tmp_path, config, message):
