@@ -43,7 +43,7 @@ from .proxy.connections import GuardedSite, Limits, fitting_connections, open_fi
 from .proxy.plaintext import PlainHTTPFactory
 from .proxy.resource import RegistryResource
 from .proxy.tls import ServerCertificate, TLSError, TLSFactory, parse_listen
-from .runtime import Threads
+from .runtime import IReactor, Threads
 from .upstream.registry import Upstreams
 
 log = Logger()
@@ -285,7 +285,7 @@ class _ReloadOnHangup(Service):
     """Reads the proxy port's TLS certificate again on ``SIGHUP``: renewed
     certificates take effect without a restart or a dropped connection."""
 
-    def __init__(self, reload: Callable[[], object], reactor: Any) -> None:
+    def __init__(self, reload: Callable[[], object], reactor: IReactor) -> None:
         self._reload = reload
         self._reactor = reactor
         self._previous: Any = None
@@ -361,7 +361,7 @@ def _removed_everywhere(manifests: ManifestCache, cluster: Engines) -> Callable[
 
 def build_proxy(
     config: Config,
-    reactor: Any,
+    reactor: IReactor,
     rebuild_index: bool = False,
     max_connections: int | None = None,
     peers: PeerSource | None = None,
@@ -509,7 +509,7 @@ def build_proxy(
 
 
 def _gate(
-    config: Config, directory: str, cluster: Engines | None, reactor: Any, metrics: Metrics
+    config: Config, directory: str, cluster: Engines | None, reactor: IReactor, metrics: Metrics
 ) -> Gate | None:
     """Who may pull what (proxy.auth), signing tokens with the node's key,
     or a cluster's, so that any node takes any node's tokens; None: anyone."""
@@ -529,7 +529,7 @@ def _gate(
         raise SystemExit(f"regproxy: proxy.auth: {e}") from None
 
 
-def _fail(reactor: Any) -> None:
+def _fail(reactor: IReactor) -> None:
     """Stop, and exit non-zero once stopped (twistd itself would exit 0)."""
     reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
     reactor.stop()
@@ -547,8 +547,11 @@ class _Joining(Service):
         then: Sequence[IService],
         secret: str | None,
         joined: Callable[[], None],
+        reactor: IReactor,
     ) -> None:
-        """*joined*: called once connected, before *then* starts."""
+        """*joined*: called once connected, before *then* starts; *reactor*
+        is stopped if the node cannot start."""
+        self._reactor = reactor
         self._engines = engines
         self._then = then
         self._secret = secret
@@ -559,8 +562,7 @@ class _Joining(Service):
         Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
-        from twisted.internet import reactor
-
+        reactor = self._reactor
         try:
             await self._engines.start()
         except Exception as e:
@@ -579,9 +581,12 @@ class _Joining(Service):
             _fail(reactor)
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
+def makeService(options: Options, reactor: IReactor | None = None) -> IService:
+    """The proxy's services, on *reactor* (twistd's, the global one, by default)."""
     if reactor is None:
-        from twisted.internet import reactor
+        from twisted.internet import reactor as running
+
+        reactor = cast(IReactor, running)
     config = options.config
     service = MultiService()
     cluster = None
@@ -676,5 +681,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             child.setServiceParent(service)
     else:
         secret = config.cluster.secret if config.cluster is not None else None
-        _Joining(cluster, later, secret, proxy.control.reload_saved).setServiceParent(service)
+        _Joining(cluster, later, secret, proxy.control.reload_saved, reactor).setServiceParent(
+            service
+        )
     return service

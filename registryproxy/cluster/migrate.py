@@ -54,6 +54,7 @@ from ..cache import index as sqlite_index
 from ..cache.index import IndexUnusable
 from ..config import Config, ConfigError, load_config
 from ..names import ALGORITHMS, Digest
+from ..runtime import IReactor
 from .bucket import PART_SIZE, key
 from .pg import Database, PgSettings, Unavailable
 from .pgindex import HEAVY, TABLES, PgIndex
@@ -300,7 +301,7 @@ class _Migration:
         s3: S3Store,
         db: Database,
         threadpool: ThreadPool,
-        reactor: Any,
+        reactor: IReactor,
         dry_run: bool,
         progress: Callable[[str], None],
         page: int,
@@ -518,7 +519,7 @@ async def migrate(
     pg: PgSettings,
     *,
     threadpool: ThreadPool,
-    reactor: Any,
+    reactor: IReactor,
     dry_run: bool = False,
     progress: Callable[[str], None] = lambda line: None,
     page: int = PAGE,
@@ -566,7 +567,7 @@ async def migrate(
 
 
 async def _prepare(
-    store: S3Store, db: Database, threadpool: ThreadPool, reactor: Any, dry_run: bool
+    store: S3Store, db: Database, threadpool: ThreadPool, reactor: IReactor, dry_run: bool
 ) -> None:
     """The bucket and the index's tables, made if missing (a dry run only
     checks that both answer)."""
@@ -650,7 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     source = args.source or config.cache.directory
 
-    async def run(reactor: Any) -> None:
+    async def run(reactor: IReactor) -> None:
         threadpool = ThreadPool(0, pg.max_size + 2 * args.parallel, name=PROG)
         threadpool.start()
         try:
