@@ -1,20 +1,18 @@
 """YAML configuration -> typed, validated :class:`Config`.
 
-One generic walker checks the YAML against the attrs classes below, so a new
-key is one new attribute, and every mistake is reported as one message that
-names the key (``cache.tag_ttl: expected a number, got 'soon'``).
+cattrs structures the YAML into the attrs classes below (with the strict hooks
+of :mod:`registryproxy.structuring`), so a new key is one new attribute, and
+every mistake is reported as one message that names the key
+(``cache.tag_ttl: expected a number, got str 'soon'``).
 """
 
 from __future__ import annotations
 
-import collections.abc
 import ipaddress
 import os
 import re
-import types
-import typing
 from collections.abc import Mapping
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
@@ -27,6 +25,17 @@ from .login.files import FileError, parse_htpasswd, parse_tokens
 from .names import is_valid_registry_host
 from .proxy.tls import load_context, parse_listen
 from .reference import parse_image
+from .structuring import (
+    Hook,
+    Mismatch,
+    Mistake,
+    StructureError,
+    attrs_hook,
+    describe,
+    each,
+    make_converter,
+    structure,
+)
 from .upstream.rules import check_patterns
 
 
@@ -647,7 +656,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     if data is None:
         data = {}
     try:
-        return _build(Config, data, "")
+        return _structure(data, Config, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
@@ -659,7 +668,8 @@ def upstream_from_settings(
     not given come from *base* (or the preset of that name)."""
     if not is_valid_registry_host(name):
         raise ConfigError(f"{name!r} is not a registry host name (host or host:port)")
-    return _build(UpstreamConfig, settings, f"upstreams.{name}", base or PRESETS.get(name))
+    merged = _with_preset(name, settings, base or PRESETS.get(name))
+    return _structure(merged, UpstreamConfig, f"upstreams.{name}")
 
 
 def settings_of(upstream: UpstreamConfig, redact: bool = True) -> dict[str, Any]:
@@ -674,79 +684,6 @@ def settings_of(upstream: UpstreamConfig, redact: bool = True) -> dict[str, Any]
     return settings
 
 
-def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}" if not isinstance(value, dict) else "a mapping"
-
-
-def _key(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
-
-
-def _convert(tp: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        given = [o for o in options if o is not type(None)]
-        if len(given) == 1:
-            return _convert(given[0], value, path)  # its own errors, which name its keys
-        errors = []
-        for inner in (o for o in options if o is not type(None)):
-            try:
-                return _convert(inner, value, path)
-            except ConfigError as e:
-                errors.append(str(e).split(": expected ", 1)[-1].split(", got")[0])
-        raise ConfigError(f"{path}: expected {' or '.join(errors)}, got {_describe(value)}")
-    if origin in (collections.abc.Mapping, dict):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {_describe(value)}")
-        _, value_type = typing.get_args(tp)
-        out = {}
-        for name, item in value.items():
-            if not attrs.has(value_type):  # names of the config's own (auth.groups)
-                if not isinstance(name, str) or not re.fullmatch(r"[\w.@-]{1,128}", name):
-                    raise ConfigError(f"{path}: {name!r} is not a name (letters, digits, _ . @ -)")
-                out[name] = _convert(value_type, item, _key(path, name))
-                continue
-            if not isinstance(name, str) or not is_valid_registry_host(name):
-                raise ConfigError(
-                    f"{path}: {name!r} is not a registry host name (host or host:port)"
-                )
-            # A preset's entry only changes the keys it gives.
-            base = PRESETS.get(name) if value_type is UpstreamConfig else None
-            out[name] = _build(value_type, item, _key(path, name), base)
-        return out
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {_describe(value)}")
-        item_type = typing.get_args(tp)[0]
-        return tuple(_convert(item_type, item, f"{path}[{i}]") for i, item in enumerate(value))
-    if attrs.has(tp):
-        return _build(tp, value, path)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {_describe(value)}")
-        if value < 0:
-            raise ConfigError(f"{path}: expected a number >= 0, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected a whole number, got {_describe(value)}")
-        if value < 0:
-            raise ConfigError(f"{path}: expected a whole number >= 0, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {_describe(value)}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {_describe(value)}")
-        return value
-    raise TypeError(f"no config conversion for {tp!r}")  # pragma: no cover
-
-
 #: secrets that the file gives inline (``secret_key``), as an environment
 #: variable's name (``secret_key_env``) or as a file's path
 #: (``secret_key_file``): read once, at loading, into the field
@@ -755,76 +692,88 @@ _SECRET_SOURCES: Mapping[type, str] = {
     PgSettings: "dsn",
     ClusterConfig: "secret",
 }
+_SECRET_FORMS = {cls: (f"{field}_env", f"{field}_file") for cls, field in _SECRET_SOURCES.items()}
 
 
-def _resolve_secret(cls: type, data: dict[Any, Any], path: str) -> dict[Any, Any]:
+def _resolve_secret(cls: type, data: dict[Any, Any]) -> dict[Any, Any]:
     """*data* with its secret's ``_env`` or ``_file`` form replaced by the secret."""
     field = _SECRET_SOURCES[cls]
-    forms = (field, f"{field}_env", f"{field}_file")
+    forms = (field, *_SECRET_FORMS[cls])
     given = [form for form in forms if form in data]
     if len(given) > 1:
-        raise ConfigError(f"{path}: give only one of {', '.join(forms)}")
+        raise Mistake(f"give only one of {', '.join(forms)}")
+    if not given and attrs.fields_dict(cls)[field].default is attrs.NOTHING:
+        raise Mistake(f"give one of {', '.join(forms)}")
     if not given or given[0] == field:
         return data
     form = given[0]
-    key = _key(path, form)
-    source = _convert(str, data[form], key)
+    source = data[form]
+    if not isinstance(source, str):
+        raise Mistake(f"expected a string, got {describe(source)}", form)
     if form.endswith("_env"):
         if source not in os.environ:
-            raise ConfigError(f"{key}: environment variable {source} is not set")
+            raise Mistake(f"environment variable {source} is not set", form)
         secret = os.environ[source]
     else:
         try:
             with open(source, encoding="utf-8") as f:
                 secret = f.read().strip()
         except OSError as e:
-            raise ConfigError(f"{key}: cannot read {source!r}: {e.strerror}") from None
+            raise Mistake(f"cannot read {source!r}: {e.strerror}", form) from None
         except UnicodeDecodeError:
-            raise ConfigError(f"{key}: {source!r} is not UTF-8 text") from None
+            raise Mistake(f"{source!r} is not UTF-8 text", form) from None
     if not secret:
-        raise ConfigError(f"{key}: {source!r} is empty")
+        raise Mistake(f"{source!r} is empty", form)
     rest = {name: value for name, value in data.items() if name != form}
     return {**rest, field: secret}
 
 
-def _hidden(f: attrs.Attribute[Any]) -> bool:
-    """Whether a field holds a secret: its repr hides or redacts it."""
-    return f.repr is not True
+def _with_secret(cls: type) -> Hook:
+    structure = attrs_hook(_converter, cls, _SECRET_FORMS[cls])
+
+    def resolved(data: Any, _: Any) -> Any:
+        return structure(_resolve_secret(cls, data) if isinstance(data, dict) else data, cls)
+
+    return resolved
 
 
-def _build(cls: type[T], data: Any, path: str, base: Any = None) -> T:
+def _with_preset(name: str, settings: Any, base: UpstreamConfig | None) -> Any:
+    """A preset's (or *base*'s) settings changed by the keys *settings* gives."""
+    if base is None or not isinstance(settings, dict):
+        return settings
+    return {**settings_of(base, redact=False), **settings}
+
+
+def _upstreams(data: Any, _: Any) -> dict[str, UpstreamConfig]:
     if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {_describe(data)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in attrs.fields(cls)}  # type: ignore[arg-type]
-    secret = _SECRET_SOURCES.get(cls)
-    forms = (f"{secret}_env", f"{secret}_file") if secret else ()
+        raise Mismatch("a mapping", describe(data))
     for name in data:
-        if name not in fields and name not in forms:
-            known = ", ".join(sorted([*fields, *forms]))
-            raise ConfigError(f"{_key(path, str(name))}: unknown key (known here: {known})")
-    if secret:
-        data = _resolve_secret(cls, data, path)
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            try:
-                kwargs[name] = _convert(hints[name], data[name], _key(path, name))
-            except ConfigError:
-                if not _hidden(f):
-                    raise
-                # never echo a secret, even a mistyped one
-                raise ConfigError(
-                    f"{_key(path, name)}: expected a string, got {type(data[name]).__name__} "
-                    "(not shown)"
-                ) from None
-        elif base is not None:
-            kwargs[name] = getattr(base, name)
-        elif f.default is attrs.NOTHING:
-            if name == secret:
-                raise ConfigError(f"{path}: give one of {name}, {', '.join(forms)}")
-            raise ConfigError(f"{_key(path, name)}: required key is missing")
+        if not isinstance(name, str) or not is_valid_registry_host(name):
+            raise Mistake(f"{name!r} is not a registry host name (host or host:port)")
+    merged = {name: _with_preset(name, item, PRESETS.get(name)) for name, item in data.items()}
+    upstreams = each(merged, lambda item: _converter.structure(item, UpstreamConfig), dict)
+    return dict(zip(merged, upstreams, strict=True))
+
+
+def _groups(data: Any, _: Any) -> dict[str, tuple[str, ...]]:
+    if not isinstance(data, dict):
+        raise Mismatch("a mapping", describe(data))
+    for name in data:
+        if not isinstance(name, str) or not re.fullmatch(r"[\w.@-]{1,128}", name):
+            raise Mistake(f"{name!r} is not a name (letters, digits, _ . @ -)")
+    users = each(data, lambda item: _converter.structure(item, tuple[str, ...]), dict)
+    return dict(zip(data, users, strict=True))
+
+
+_converter = make_converter()
+for _cls in _SECRET_SOURCES:
+    _converter.register_structure_hook(_cls, _with_secret(_cls))
+_converter.register_structure_hook_func(lambda t: t == Mapping[str, UpstreamConfig], _upstreams)
+_converter.register_structure_hook_func(lambda t: t == Mapping[str, tuple[str, ...]], _groups)
+
+
+def _structure(data: Any, cls: type[T], path: str) -> T:
     try:
-        return cls(**kwargs)
-    except ValueError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        return structure(_converter, data, cls, path)
+    except StructureError as e:
+        raise ConfigError(str(e)) from None

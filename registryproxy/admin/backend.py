@@ -15,15 +15,23 @@ import attrs
 from ..cache.fsck import FsckReport
 
 
+def api(description: str = "Unix epoch seconds", **schema: Any) -> dict[str, Any]:
+    """A field's metadata: what the OpenAPI document (admin/openapi.py) adds
+    to the schema it derives from the field's type."""
+    return {"openapi": {"description": description, **schema}}
+
+
+#: a field's metadata for a time: Unix epoch seconds
+TIME = api()
+
+
 @attrs.frozen
 class TagInfo:
     tag: str
     digest: str
     media_type: str
-    #: when the upstream last confirmed this tag -> digest
-    checked_at: float
-    #: when the tag will be revalidated upstream
-    expires_at: float
+    checked_at: float = attrs.field(metadata=api("when the upstream last confirmed this tag"))
+    expires_at: float = attrs.field(metadata=api("when it is revalidated upstream"))
 
 
 @attrs.frozen
@@ -38,8 +46,8 @@ class ManifestInfo:
     digest: str
     media_type: str
     size: int
-    fetched_at: float
-    last_access: float | None
+    fetched_at: float = attrs.field(metadata=TIME)
+    last_access: float | None = attrs.field(metadata=TIME)
     #: blobs (config, layers) an image manifest lists; empty for an index
     blobs: tuple[BlobInfo, ...] = ()
     #: child manifests an index lists
@@ -52,9 +60,8 @@ class RepositorySummary:
     repository: str
     tags: int
     manifests: int
-    #: bytes of manifests and of the blobs they list that are cached
-    size: int
-    last_access: float | None
+    size: int = attrs.field(metadata=api("bytes of its cached manifests and blobs"))
+    last_access: float | None = attrs.field(metadata=TIME)
 
 
 @attrs.frozen
@@ -86,10 +93,11 @@ class PurgeSelector:
 
 @attrs.frozen
 class PurgeResult:
-    tags: int
-    manifests: int
-    #: digests of the blobs deleted because nothing cached lists them any more
-    blobs: tuple[str, ...]
+    tags: int = attrs.field(metadata=api("tag mappings removed"))
+    manifests: int = attrs.field(metadata=api("manifests removed"))
+    blobs: tuple[str, ...] = attrs.field(
+        metadata=api("digests of the blobs deleted because nothing cached lists them")
+    )
     bytes_freed: int
 
 
@@ -98,17 +106,19 @@ class PrefetchJob:
     id: str
     upstream: str
     repository: str
-    reference: str
-    #: None: every platform; else "os/arch[/variant]" strings
-    platforms: tuple[str, ...] | None
-    state: str  # "queued" | "running" | "done" | "failed"
+    reference: str = attrs.field(metadata=api("tag or digest"))
+    #: else "os/arch[/variant]" strings
+    platforms: tuple[str, ...] | None = attrs.field(metadata=api("null: every platform"))
+    state: str = attrs.field(
+        metadata={"openapi": {"enum": ["queued", "running", "done", "failed"]}}
+    )
     manifests_done: int
     blobs_done: int
     blobs_total: int
     bytes_fetched: int
     error: str | None
-    started_at: float
-    finished_at: float | None
+    started_at: float = attrs.field(metadata=TIME)
+    finished_at: float | None = attrs.field(metadata=TIME)
 
 
 #: What an fsck found and did: the cache's own report, under the name the
@@ -118,10 +128,13 @@ FsckResult = FsckReport
 
 @attrs.frozen
 class Pin:
-    #: the image as given, normalised: "docker.io/library/alpine:3.19"
-    image: str
-    #: "config" (cache.pinned in the YAML) or "api"
-    source: str
+    image: str = attrs.field(metadata=api("the image, normalised: docker.io/library/alpine:3.19"))
+    source: str = attrs.field(
+        metadata=api(
+            "config: cache.pinned in the YAML; api: pinned through this API",
+            enum=["config", "api"],
+        )
+    )
 
 
 class AdminError(Exception):

@@ -2,9 +2,11 @@
 
 The routes in :mod:`registryproxy.admin.app` validate JSON bodies with
 :func:`check` against the schemas below, so the document and the routes
-cannot disagree about what a body may hold.  The settings of an upstream are
-derived from :class:`~registryproxy.config.UpstreamConfig`: a new config key
-is a new API field.
+cannot disagree about what a body may hold.  The schemas of what the routes
+answer are derived from the backend's attrs classes (:func:`schema_of`, with
+descriptions from their fields' metadata), and the settings of an upstream
+from :class:`~registryproxy.config.UpstreamConfig`: a field is declared once,
+and a new config key is a new API field.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import attrs
 
 from .. import names
 from ..config import UpstreamConfig
+from .backend import FsckResult, Pin, PrefetchJob, PurgeResult, RepositoryDetail, RepositorySummary
 
 # The grammar of registryproxy.names, anchored for JSON Schema.
 NAME_PATTERN = f"^{names._NAME.pattern}$"
@@ -39,23 +42,35 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {**schema, "type": [schema["type"], "null"]}
 
 
-def _setting_schema(tp: Any) -> dict[str, Any]:
-    """JSON Schema for one UpstreamConfig field, from its type hint."""
+def schema_of(tp: Any, bounded: bool = False) -> dict[str, Any]:
+    """JSON Schema for a type hint: scalars, tuples, optional values and
+    unions of them, and attrs classes (every field required, each schema
+    with what the field's ``metadata["openapi"]`` adds).  *bounded*: numbers
+    are >= 0, as the config file takes them."""
     if typing.get_origin(tp) in (Union, types.UnionType):
         options = [t for t in typing.get_args(tp) if t is not type(None)]
         schema: dict[str, Any] = {}
         for option in options:  # several: a size, bytes or "2GiB"
-            inner = _setting_schema(option)
+            inner = schema_of(option, bounded)
             schema = {**schema, **inner, "type": [*schema.get("type", []), inner["type"]]}
         if type(None) in typing.get_args(tp):
             schema["type"].append("null")
         return schema if len(schema["type"]) > 1 else {**schema, "type": schema["type"][0]}
     if typing.get_origin(tp) is tuple:
-        return {"type": "array", "items": _setting_schema(typing.get_args(tp)[0])}
+        return {"type": "array", "items": schema_of(typing.get_args(tp)[0], bounded)}
+    if attrs.has(tp):
+        fields = attrs.fields(attrs.resolve_types(tp))
+        return _object(
+            {
+                f.name: {**schema_of(f.type, bounded), **f.metadata.get("openapi", {})}
+                for f in fields
+            }
+        )
+    minimum = {"minimum": 0} if bounded else {}
     if tp is float:
-        return {"type": "number", "minimum": 0}
+        return {"type": "number", **minimum}
     if tp is int:
-        return {"type": "integer", "minimum": 0}
+        return {"type": "integer", **minimum}
     if tp is bool:
         return {"type": "boolean"}
     if tp is str:
@@ -64,18 +79,24 @@ def _setting_schema(tp: Any) -> dict[str, Any]:
 
 
 def _upstream_settings() -> dict[str, Any]:
-    hints = typing.get_type_hints(UpstreamConfig)
     return {
         "type": "object",
         "description": (
             "An upstream's keys as under upstreams.<name> in the YAML config "
             "(etc/regproxy.yaml), validated the same way."
         ),
-        "properties": {
-            f.name: _setting_schema(hints[f.name]) for f in attrs.fields(UpstreamConfig)
-        },
+        "properties": schema_of(UpstreamConfig, bounded=True)["properties"],
         "additionalProperties": False,
     }
+
+
+def _with_descriptions(schema: dict[str, Any], **descriptions: str) -> dict[str, Any]:
+    """*schema* of an object whose class (the cache's, FsckReport) has no
+    ``metadata["openapi"]``, with descriptions of some of its properties."""
+    properties = schema["properties"]
+    for name, description in descriptions.items():
+        properties[name] = {**properties[name], "description": description}
+    return schema
 
 
 _TIME = {"type": "number", "description": "Unix epoch seconds"}
@@ -90,7 +111,6 @@ _IMAGE = {
         "ghcr.io/owner/name:1.0, nginx@sha256:..."
     ),
 }
-_DIGESTS = {"type": "array", "items": {"type": "string"}}
 _ERROR = {
     "type": "object",
     "properties": {
@@ -115,27 +135,6 @@ def _object(properties: dict[str, Any], optional: tuple[str, ...] = ()) -> dict[
     }
 
 
-_JOB = _object(
-    {
-        "id": {"type": "string"},
-        "upstream": {"type": "string"},
-        "repository": {"type": "string"},
-        "reference": {"type": "string", "description": "tag or digest"},
-        "platforms": {
-            "type": ["array", "null"],
-            "items": {"type": "string"},
-            "description": "null: every platform",
-        },
-        "state": {"type": "string", "enum": ["queued", "running", "done", "failed"]},
-        "manifests_done": {"type": "integer"},
-        "blobs_done": {"type": "integer"},
-        "blobs_total": {"type": "integer"},
-        "bytes_fetched": {"type": "integer"},
-        "error": {"type": ["string", "null"]},
-        "started_at": _TIME,
-        "finished_at": _nullable(_TIME),
-    }
-)
 _UPSTREAM_SHOWN = {
     "type": "object",
     "description": (
@@ -289,75 +288,12 @@ SCHEMAS: dict[str, Any] = {
             }
         }
     ),
-    "RepositorySummary": _object(
-        {
-            "upstream": {"type": "string"},
-            "repository": {"type": "string"},
-            "tags": {"type": "integer"},
-            "manifests": {"type": "integer"},
-            "size": {"type": "integer", "description": "bytes of its cached manifests and blobs"},
-            "last_access": _nullable(_TIME),
-        }
-    ),
+    "RepositorySummary": schema_of(RepositorySummary),
     "RepositoryList": _object(
         {"repositories": {"type": "array", "items": _ref("RepositorySummary")}}
     ),
-    "RepositoryDetail": _object(
-        {
-            "upstream": {"type": "string"},
-            "repository": {"type": "string"},
-            "tags": {
-                "type": "array",
-                "items": _object(
-                    {
-                        "tag": {"type": "string"},
-                        "digest": {"type": "string"},
-                        "media_type": {"type": "string"},
-                        "checked_at": {
-                            **_TIME,
-                            "description": "when the upstream last confirmed this tag",
-                        },
-                        "expires_at": {**_TIME, "description": "when it is revalidated upstream"},
-                    }
-                ),
-            },
-            "manifests": {
-                "type": "array",
-                "items": _object(
-                    {
-                        "digest": {"type": "string"},
-                        "media_type": {"type": "string"},
-                        "size": {"type": "integer"},
-                        "fetched_at": _TIME,
-                        "last_access": _nullable(_TIME),
-                        "blobs": {
-                            "type": "array",
-                            "items": _object(
-                                {
-                                    "digest": {"type": "string"},
-                                    "size": {"type": ["integer", "null"]},
-                                    "cached": {"type": "boolean"},
-                                }
-                            ),
-                        },
-                        "manifests": {"type": "array", "items": {"type": "string"}},
-                    }
-                ),
-            },
-        }
-    ),
-    "PurgeResult": _object(
-        {
-            "tags": {"type": "integer", "description": "tag mappings removed"},
-            "manifests": {"type": "integer", "description": "manifests removed"},
-            "blobs": {
-                "type": "array",
-                "items": {"type": "string"},
-                "description": "digests of the blobs deleted because nothing cached lists them",
-            },
-            "bytes_freed": {"type": "integer"},
-        }
-    ),
+    "RepositoryDetail": schema_of(RepositoryDetail),
+    "PurgeResult": schema_of(PurgeResult),
     "PrefetchRequest": {
         "type": "object",
         "properties": {
@@ -376,42 +312,19 @@ SCHEMAS: dict[str, Any] = {
         "required": ["image"],
         "additionalProperties": False,
     },
-    "PrefetchJob": _JOB,
+    "PrefetchJob": schema_of(PrefetchJob),
     "PrefetchJobList": _object({"jobs": {"type": "array", "items": _ref("PrefetchJob")}}),
-    "FsckResult": _object(
-        {
-            "checked": {"type": "integer", "description": "blobs re-hashed"},
-            "bytes_checked": {"type": "integer"},
-            "quarantined": {
-                **_DIGESTS,
-                "description": (
-                    "digests of the blobs whose bytes did not match, moved to quarantine/ "
-                    "(with the manifests listing them; the next pull fetches them again)"
-                ),
-            },
-            "indexed": {
-                **_DIGESTS,
-                "description": "blobs in the store that the index did not know, now indexed",
-            },
-            "forgotten": {
-                **_DIGESTS,
-                "description": "index entries whose file was gone, now forgotten",
-            },
-        }
+    "FsckResult": _with_descriptions(
+        schema_of(FsckResult),
+        checked="blobs re-hashed",
+        quarantined=(
+            "digests of the blobs whose bytes did not match, moved to quarantine/ "
+            "(with the manifests listing them; the next pull fetches them again)"
+        ),
+        indexed="blobs in the store that the index did not know, now indexed",
+        forgotten="index entries whose file was gone, now forgotten",
     ),
-    "Pin": _object(
-        {
-            "image": {
-                "type": "string",
-                "description": "the image, normalised: docker.io/library/alpine:3.19",
-            },
-            "source": {
-                "type": "string",
-                "enum": ["config", "api"],
-                "description": "config: cache.pinned in the YAML; api: pinned through this API",
-            },
-        }
-    ),
+    "Pin": schema_of(Pin),
     "PinList": _object({"pins": {"type": "array", "items": _ref("Pin")}}),
     "PinRequest": {
         "type": "object",

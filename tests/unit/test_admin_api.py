@@ -848,6 +848,43 @@ def test_upstream_settings_schema_follows_the_config():
     assert schema["properties"]["aliases"] == {"type": "array", "items": {"type": "string"}}
 
 
+@attrs.frozen
+class _Part:
+    size: int | None
+
+
+@attrs.frozen
+class _Record:
+    name: str = attrs.field(metadata={"openapi": {"description": "what it is called"}})
+    parts: tuple[_Part, ...] = ()
+    seen_at: float | None = None
+
+
+def test_answer_schemas_are_derived_from_attrs_classes():
+    """A field is declared once: its class gives its name, type and description."""
+    assert openapi.schema_of(_Record) == {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "description": "what it is called"},
+            "parts": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"size": {"type": ["integer", "null"]}},
+                    "required": ["size"],
+                },
+            },
+            "seen_at": {"type": ["number", "null"]},
+        },
+        "required": ["name", "parts", "seen_at"],
+    }
+    from registryproxy.admin import backend
+
+    for name in ("RepositorySummary", "RepositoryDetail", "PurgeResult", "PrefetchJob", "Pin"):
+        fields = {f.name for f in attrs.fields(getattr(backend, name))}
+        assert set(openapi.SCHEMAS[name]["properties"]) == fields, name
+
+
 @pytest.mark.parametrize(
     "pattern,valid,samples",
     [

@@ -89,6 +89,12 @@ def test_config_errors_name_the_key(text, message):
     assert message in str(e.value)
 
 
+def test_the_first_unknown_key_as_written_is_named():
+    with pytest.raises(ConfigError) as e:
+        parse_config("cache: {zz: 2, size: 1, tag_ttl: soon}")
+    assert str(e.value).startswith("<config>: cache.zz: unknown key (known here: directory, ")
+
+
 def test_twistd_lists_the_plugin(tmp_path):
     result = subprocess.run([TWISTD, "--help"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0
