@@ -75,9 +75,10 @@ class Gate:
 
     # -- who
 
-    async def identify(self, request: Request) -> Identity:
-        """Who *request* comes from; a 401 (with the challenge) for
-        credentials or a token that are wrong, 429 past too many failures."""
+    async def identify(self, request: Request, name: str | None = None) -> Identity:
+        """Who *request* (for repository *name*, if any) comes from; a 401
+        (with the challenge, naming the scope to ask for) for credentials or
+        a token that are wrong, 429 past too many failures."""
         header = request.getHeader(b"Authorization")
         if header is None:
             return ANONYMOUS
@@ -92,15 +93,16 @@ class Gate:
                 raise self.challenge(
                     request,
                     "your token is not valid here (expired?): log in again",
+                    scope=name,
                     error="invalid_token",
                 ) from None
         if scheme == "basic":
             user, password = _basic(value, request, self)
             if await self._login(request, user, password):
                 return Identity(user, True)
-            raise self.challenge(request, "wrong user name or password")
+            raise self.challenge(request, "wrong user name or password", scope=name)
         raise self.challenge(
-            request, f"{scheme!r} is not an authentication scheme regproxy takes: log in"
+            request, f"{scheme!r} is not an authentication scheme regproxy takes: log in", name
         )
 
     async def _login(self, request: Request, user: str, password: str) -> bool:
