@@ -559,6 +559,47 @@ def test_failed_logins_are_rate_limited_per_address(open_door: harness.RegProxy)
     assert answer.status == 200, answer
 
 
+def replace_file(path: Path, text: str) -> None:
+    """Write *path* as operators should: whole, by a rename."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
+def test_users_files_read_again_when_they_change(
+    secured: harness.RegProxy,
+    login_dir: Path,
+    test_images: dict[str, Image],
+    skopeo: harness.Skopeo,
+    workdir: Path,
+) -> None:
+    carol = ("carol", "carol-pw-" + secrets.token_hex(8))
+    robot2 = "robot2-" + secrets.token_hex(16)
+    image = test_images["dockerimg"]
+    src = f"docker://{secured.host_port}/{PUBLIC}:{image.tag}"
+    htpasswd, tokens = login_dir / "htpasswd", login_dir / "tokens"
+    users, robots = htpasswd.read_text(), tokens.read_text()
+
+    def pulls(headers: dict[str, str]) -> bool:
+        return manifest(secured, PUBLIC, image.tag, headers).status == 200
+
+    assert not pulls(basic(carol)) and not pulls(bearer(robot2))
+    replace_file(htpasswd, users + htpasswd_entry(*carol, "$2y$") + "\n")
+    replace_file(tokens, robots + f"robot2 {robot2}\n")
+    try:
+        harness.wait_until(lambda: pulls(basic(carol)), 10, "carol to be let in")
+        harness.wait_until(lambda: pulls(bearer(robot2)), 10, "robot2's token to be taken")
+        skopeo.pull(src, workdir / "carol", creds=carol)
+    finally:
+        replace_file(htpasswd, users)
+        replace_file(tokens, robots)
+    harness.wait_until(lambda: not pulls(basic(carol)), 10, "carol to be refused again")
+    harness.wait_until(lambda: not pulls(bearer(robot2)), 10, "robot2's token to be refused")
+    result = skopeo.pull(src, workdir / "carol-gone", creds=carol, check=False)
+    assert result.returncode != 0, "carol pulled after her line was removed"
+    assert pulls(basic(ALICE)) and pulls(bearer(ROBOT_TOKEN))
+
+
 def test_secrets_never_logged(
     secured: harness.RegProxy, open_door: harness.RegProxy, test_images: dict[str, Image]
 ) -> None:
