@@ -44,6 +44,7 @@ from .dockerd import DockerDaemon
 from .images import Image
 from .podman import Podman
 from .regclient import parse_bearer_challenge
+from .test_dockerd import assert_pulled, for_this_machine, short_name
 from .test_skopeo import assert_same_tree
 
 pytestmark = pytest.mark.integration
@@ -337,6 +338,22 @@ def test_docker_login_then_pull(
         result = daemon.pull(ref)
         assert result.returncode != 0, "pulled after logging out"
 
+        # as Docker Hub's mirror, regproxy gets what dockerd holds for Docker Hub
+        index = test_images["dockerlist"]
+        child, arch = for_this_machine(index)
+        hub_ref = f"{short_name(index.repository)}:{index.tag}"
+        result = daemon.pull(hub_ref)
+        assert result.returncode != 0, "pulled through the mirror without credentials"
+        hub_login = base64.b64encode(":".join(ALICE).encode()).decode()
+        (daemon.client_config_dir / "config.json").write_text(
+            json.dumps({"auths": {"https://index.docker.io/v1/": {"auth": hub_login}}})
+        )
+        tried = len(daemon.log_text())
+        result = daemon.pull(hub_ref)
+        assert result.returncode == 0, failure(result, secured)
+        assert "registry-1.docker.io" not in daemon.log_text()[tried:], "dockerd fell back"
+        assert_pulled(daemon, hub_ref, index, child, arch)
+
 
 def test_podman_login_then_pull(
     secured: harness.RegProxy, test_images: dict[str, Image], workdir: Path
@@ -344,12 +361,18 @@ def test_podman_login_then_pull(
     image = test_images["dockerimg"]
     ref = f"{secured.host_port}/{PUBLIC}:{image.tag}"
     conf = workdir / "registries.conf"
-    conf.write_text("unqualified-search-registries = []\n")
+    conf.write_text(
+        "unqualified-search-registries = []\n"
+        '[[registry]]\nprefix = "docker.io"\nlocation = "registry-1.docker.io"\n'
+        f'[[registry.mirror]]\nlocation = "{secured.host_port}"\ninsecure = true\n'
+    )
     authfile = workdir / "podman-auth.json"
     with Podman(workdir / "podman", conf) as podman:
         pull = ("pull", "--tls-verify=false", "--authfile", str(authfile), ref)
         result = podman.run(*pull)
         assert result.returncode != 0, "pulled without logging in"
+        result = podman.run("pull", "--authfile", str(authfile), "docker.io/library/multiarch:1")
+        assert result.returncode != 0, "pulled through the mirror without logging in"
 
         login = ("login", "--tls-verify=false", "--authfile", str(authfile), "-u", BOB[0])
         result = podman.run(*login, "-p", WRONG, secured.host_port)
@@ -361,6 +384,13 @@ def test_podman_login_then_pull(
         result = podman.run(*pull)
         assert result.returncode == 0, failure(result, secured)
         assert podman.inspect(ref)["Digest"] == image.manifest_digest
+
+        # the login is the mirror's too (Docker Hub itself is a dead port here)
+        index = test_images["multiarch"]
+        hub_ref = f"docker.io/{index.repository}:{index.tag}"
+        result = podman.run("pull", "--authfile", str(authfile), hub_ref)
+        assert result.returncode == 0, failure(result, secured)
+        assert podman.inspect(hub_ref)["Digest"] == index.manifest_digest
 
 
 def test_skopeo_creds(
