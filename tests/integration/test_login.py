@@ -620,6 +620,8 @@ def test_users_files_read_again_when_they_change(
         harness.wait_until(lambda: pulls(basic(carol)), 10, "carol to be let in")
         harness.wait_until(lambda: pulls(bearer(robot2)), 10, "robot2's token to be taken")
         skopeo.pull(src, workdir / "carol", creds=carol)
+        carols_token = get_token(secured, PUBLIC, carol)
+        assert pulls(bearer(carols_token))
     finally:
         replace_file(htpasswd, users)
         replace_file(tokens, robots)
@@ -627,6 +629,8 @@ def test_users_files_read_again_when_they_change(
     harness.wait_until(lambda: not pulls(bearer(robot2)), 10, "robot2's token to be refused")
     result = skopeo.pull(src, workdir / "carol-gone", creds=carol, check=False)
     assert result.returncode != 0, "carol pulled after her line was removed"
+    # nor does a token she got before: a removed user is out at once
+    assert_challenged(manifest(secured, PUBLIC, image.tag, bearer(carols_token)), secured, PUBLIC)
     assert pulls(basic(ALICE)) and pulls(bearer(ROBOT_TOKEN))
 
 
