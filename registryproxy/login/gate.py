@@ -88,7 +88,10 @@ class Gate:
             if user is not None:
                 return Identity(user, True)
             try:
-                return Identity(self._tokens.user(value), True)
+                named = self._tokens.user(value)
+                if named is not None and not self._passwords.exists(named):
+                    raise Invalid(f"{named} is no longer a user")
+                return Identity(named, True)
             except Invalid:
                 raise self.challenge(
                     request,

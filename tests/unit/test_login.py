@@ -290,12 +290,15 @@ async def test_the_users_file_is_read_again_when_it_changes(
     assert (await proxy.request("GET", path, alice)).code == 200
     dave = {"Authorization": [basic("dave", "dave-secret-4444")]}
     assert (await proxy.request("GET", path, dave)).code == 401
+    alices_token = {"Authorization": [f"Bearer {await token_for(proxy, 'alice')}"]}
+    assert (await proxy.request("GET", path, alices_token)).code == 200
     # alice leaves, dave comes
     users.write_text(htpasswd_line("dave", "dave-secret-4444"))
     os.utime(users, ns=(0, 10**18))
     await settle(LOOK_EVERY + 0.1)
     assert (await proxy.request("GET", path, dave)).code == 200
     assert (await proxy.request("GET", path, alice)).code == 401  # remembered no more
+    assert (await proxy.request("GET", path, alices_token)).code == 401  # her token too
     # a broken file keeps what it had, and says why in the log
     users.write_text("dave:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n")
     os.utime(users, ns=(0, 2 * 10**18))
@@ -324,6 +327,12 @@ async def test_static_tokens_for_robots(fake_registry, make_proxy, users, robots
     assert (
         await proxy.request("GET", path, {"Authorization": [basic("alice", ROBOT_TOKEN)]})
     ).code == 401
+    # a token from the token endpoint for a user of the tokens file only
+    reply = await proxy.request("GET", "/token", {"Authorization": [basic("robot", ROBOT_TOKEN)]})
+    jwt_token = json.loads(reply.body)["token"]
+    assert (
+        await proxy.request("GET", path, {"Authorization": [f"Bearer {jwt_token}"]})
+    ).code == 200
     # the rule names robot alone
     alice = {"Authorization": [basic("alice", PASSWORDS["alice"])]}
     assert (await proxy.request("GET", path, alice)).code == 403
