@@ -410,11 +410,20 @@ def test_skopeo_creds(
     assert_same_tree(workdir / "bob", upstream_pull(image))
 
 
-def hosts_toml(hosts_dir: Path, registry: str, server: str, mirror: str | None = None) -> Path:
-    """``HOSTS_DIR/REGISTRY/hosts.toml``: *server*, and *mirror* tried first."""
+def hosts_toml(
+    hosts_dir: Path,
+    registry: str,
+    server: str,
+    mirror: str | None = None,
+    authorization: str | None = None,
+) -> Path:
+    """``HOSTS_DIR/REGISTRY/hosts.toml``: *server*, and *mirror* tried first
+    (sending *authorization* with every request)."""
     text = f'server = "{server}"\n'
     if mirror:
         text += f'\n[host."{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
+    if mirror and authorization:
+        text += f'  [host."{mirror}".header]\n    Authorization = "{authorization}"\n'
     path = hosts_dir / registry / "hosts.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -449,6 +458,20 @@ def test_ctr_user(
     # the grants came as OAuth2 forms, and the mirror's requests say ?ns=docker.io
     log = secured.log_text()
     assert '"POST /token' in log and "ns=docker.io" in log
+
+    # a node's hosts.toml may carry a robot's static token for the mirror
+    index, ref = test_images["dockerlist"], "docker.io/library/dockerlist:1"
+    for name, token in [("wrong", WRONG), ("robot", ROBOT_TOKEN)]:
+        hosts = hosts_toml(
+            workdir / name,
+            "docker.io",
+            "https://registry-1.docker.io",
+            secured.url,
+            f"Bearer {token}",
+        )
+        result = containerd.pull(ref, hosts)
+        assert (result.returncode == 0) == (name == "robot"), failure(result, secured)
+    assert containerd.images().get(ref) == index.manifest_digest
 
 
 def test_static_token(
