@@ -546,6 +546,18 @@ def test_private_repository_only_for_whom_the_rules_allow(
             answer = manifest(secured, repo, ref, headers)
             probes.append((f"{who} manifest {ref}", answer, statuses))
         probes.append((f"{who} blob", blob(secured, repo, layer.digest, headers), statuses))
+    # by every other way of naming the same repository of the same upstream
+    for path, headers in [
+        (f"/v2/docker.io/{repo}/manifests/{private.tag}", basic(BOB)),
+        (f"/v2/index.docker.io/{repo}/blobs/{layer.digest}", basic(BOB)),
+        (f"/v2/{repo}/manifests/{private.manifest_digest}?ns=docker.io", basic(BOB)),
+        (f"/v2/{repo}/blobs/{layer.digest}", {**basic(BOB), "Host": "index.docker.io"}),
+        (f"/v2/{repo}/tags/list", basic(BOB)),
+        (f"/v2/{repo}/referrers/{private.manifest_digest}", basic(BOB)),
+    ]:
+        probes.append(
+            (f"bob {path} {headers.get('Host', '')}", call(secured, path, headers=headers), {403})
+        )
     # through another repository name, which does not list them: for nobody
     for who, headers in [
         ("bob", bearer(bob_public_token)),
