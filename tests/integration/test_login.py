@@ -611,6 +611,22 @@ def test_anonymous_pulls_where_the_rules_allow(
     assert_same_tree(workdir / "alice", upstream_pull(private))
 
 
+def test_dockerd_mirror_for_anonymous_pulls(
+    open_door: harness.RegProxy, test_images: dict[str, Image], workdir: Path
+) -> None:
+    """The common mirror: dockerd, no login, pulls what anonymous may pull."""
+    image, private = test_images["dockerimg"], test_images["private"]
+    assert image.config is not None
+    with DockerDaemon(workdir / "dockerd", open_door.url) as daemon:
+        ref = f"{short_name(image.repository)}:{image.tag}"
+        result = daemon.pull(ref)
+        assert result.returncode == 0, failure(result, open_door)
+        assert not daemon.fell_back(), failure(result, open_door)
+        assert daemon.image_inspect(ref)["Id"] == image.config.digest
+        result = daemon.pull(f"{private.repository}:{private.tag}")
+        assert result.returncode != 0, "dockerd pulled the private repository anonymously"
+
+
 def test_failed_logins_are_rate_limited_per_address(open_door: harness.RegProxy) -> None:
     wrong = basic((ALICE[0], WRONG))
     for attempt in range(5):  # auth.max_failures' default
