@@ -694,6 +694,13 @@ def test_secrets_never_logged(
             call(proxy, token_query(PUBLIC), headers=basic(creds))
             manifest(proxy, PUBLIC, "1", basic(creds))
         manifest(proxy, PUBLIC, "1", bearer(ROBOT_TOKEN))
+    # a client that puts the password grant in the URL gets no token for it,
+    # and the access log does not keep the password it put there
+    grant = {"grant_type": "password", "username": BOB[0], "password": BOB[1]}
+    for method in ("POST", "GET"):
+        form = {"Content-Type": "application/x-www-form-urlencoded", "Content-Length": "0"}
+        answer = call(secured, "/token?" + urlencode(grant), method=method, headers=form, body=b"")
+        assert answer.status in (400, 401), (method, answer)
     encoded = [base64.b64encode(f"{ALICE[0]}:{p}".encode()).decode() for p in (ALICE[1], WRONG)]
     for proxy in (secured, open_door):
         text = log_through(proxy, "/v2/end-of-the-login-tests/tags/list")
