@@ -18,6 +18,7 @@ import math
 import re
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import attrs
 from twisted.logger import Logger
@@ -188,7 +189,8 @@ class Gate:
         or none for an anonymous token; POST: an OAuth2 password grant)."""
         scopes_given = _args(request, "scope")
         if request.method == b"POST":
-            grant = (_args(request, "grant_type") or [""])[-1]
+            form = _form(request)
+            grant = (form.get("grant_type") or [""])[-1]
             if grant != "password":
                 raise RegistryError(
                     400,
@@ -196,8 +198,8 @@ class Gate:
                     f"grant_type {grant[:40]!r}: regproxy takes grant_type=password only "
                     "(it issues no refresh tokens)",
                 )
-            user = (_args(request, "username") or [""])[-1]
-            password = (_args(request, "password") or [""])[-1]
+            user = (form.get("username") or [""])[-1]
+            password = (form.get("password") or [""])[-1]
             identity = await self._password_grant(request, user, password)
         else:
             identity = await self.identify(request)
@@ -251,6 +253,22 @@ def _basic(value: str, request: Request, gate: Gate) -> tuple[str, str]:
     if not colon or not user or len(user) > MAX_CREDENTIAL or len(password) > MAX_CREDENTIAL:
         raise gate.challenge(request, "malformed Basic credentials (not user:password)")
     return user, password
+
+
+def _form(request: Request) -> dict[str, list[str]]:
+    """A POST's form fields from its body alone (bounded by the proxy's
+    body limits); a password in the URL is refused: URLs end up in logs."""
+    query = urlsplit(request.uri.decode("latin-1")).query
+    if "password" in parse_qs(query, keep_blank_values=True):
+        raise RegistryError(
+            400,
+            "UNSUPPORTED",
+            "send the password grant in the POST body, not in the URL (URLs end up in logs)",
+        )
+    if request.content is None:
+        return {}
+    request.content.seek(0)
+    return parse_qs(request.content.read().decode("utf-8", "replace"), keep_blank_values=True)
 
 
 def _args(request: Request, key: str) -> list[str]:

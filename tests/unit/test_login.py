@@ -25,12 +25,14 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
+from twisted.web.test.requesthelper import DummyRequest
 
 from registryproxy.config import AuthConfig, AuthRule, ConfigError, parse_config
 from registryproxy.login.failures import FailedLogins
 from registryproxy.login.files import LOOK_EVERY
 from registryproxy.login.policy import Decision, Policy
 from registryproxy.login.tokens import Invalid, Tokens, parse_scopes
+from registryproxy.proxy.connections import access_line
 from registryproxy.proxy.plaintext import PlainHTTPFactory
 
 PASSWORDS = {"alice": "alice-secret-1", "bob": "bob-secret-22", "carol": "carol-secret-333"}
@@ -151,13 +153,13 @@ async def test_the_oauth2_password_grant(fake_registry, make_proxy, users):
     fake_registry.add_image("library/alpine", "1", [b"layer"])
     proxy = await proxy_with_auth(make_proxy, fake_registry, users)
 
-    async def post(form: dict[str, str]) -> Any:
+    async def post(form: dict[str, str], query: str = "") -> Any:
         def send() -> Reply:
             parts = urlsplit(proxy.url)
             conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
             conn.request(
                 "POST",
-                "/token",
+                "/token" + query,
                 urlencode(form),
                 {"Content-Type": "application/x-www-form-urlencoded"},
             )
@@ -183,6 +185,20 @@ async def test_the_oauth2_password_grant(fake_registry, make_proxy, users):
     assert (await post({**form, "password": "wrong"})).code == 401
     refresh = await post({"grant_type": "refresh_token", "refresh_token": "x"})
     assert refresh.code == 400
+    # the grant belongs in the body: a password in the URL is refused (and
+    # kept out of the access log)
+    in_url = await post({}, "?" + urlencode(form))
+    assert in_url.code == 400 and b"POST body" in in_url.body, in_url.body
+    no_password = {k: v for k, v in form.items() if k != "password"}
+    assert (await post(no_password, "?password=" + PASSWORDS["carol"])).code == 400
+
+
+def test_the_access_log_keeps_no_password_from_a_url() -> None:
+    request = DummyRequest([b"token"])
+    request.uri = b"/token?grant_type=password&username=carol&password=s3cret&scope=x"
+    request.method, request.code, request.sentLength = b"POST", 400, 0
+    line = access_line("[29/Nov/2026:00:00:00 +0000]", request)
+    assert "s3cret" not in line and "password=-&scope=x" in line, line
 
 
 async def private_upstream(make_fake_registry):
