@@ -586,6 +586,7 @@ def test_private_repository_only_for_whom_the_rules_allow(
 
 def test_anonymous_pulls_where_the_rules_allow(
     open_door: harness.RegProxy,
+    secured: harness.RegProxy,
     test_images: dict[str, Image],
     skopeo: harness.Skopeo,
     upstream_pull: Callable[..., Path],
@@ -604,6 +605,10 @@ def test_anonymous_pulls_where_the_rules_allow(
         assert private.manifest not in answer.body
     answer = manifest(open_door, PUBLIC, image.tag, bearer(get_token(open_door, PUBLIC)))
     assert answer.status == 200 and answer.body == image.manifest, answer
+    # alice's token from another regproxy is no token here
+    from_elsewhere = bearer(get_token(secured, private.repository, ALICE))
+    answer = manifest(open_door, private.repository, private.tag, from_elsewhere)
+    assert_challenged(answer, open_door, private.repository)
     # bob is logged in, but the rule names alice only
     answer = manifest(open_door, private.repository, private.tag, basic(BOB))
     assert answer.status == 403 and answer.error_code() == "DENIED", answer
