@@ -1,10 +1,14 @@
 """Client authentication on the proxy port (issue 12), with the real clients.
 
 Every login path a client takes: ``docker login`` (dockerd's token dance),
-``podman login``, ``skopeo --src-creds`` and ``--src-registry-token``,
-containerd's ``ctr --user`` (OAuth2 ``POST /token``) straight and through a
-``hosts.toml`` mirror, and raw HTTP (``http.client``) for what the clients
-hide: the challenge, the token endpoint's answers, the status codes.
+and dockerd's Docker Hub credentials sent to regproxy as its mirror;
+``podman login``, for regproxy and for regproxy as a mirror; ``skopeo
+--src-creds`` and ``--src-registry-token``; containerd's ``ctr --user``
+(OAuth2 ``POST /token``) straight and through a ``hosts.toml`` mirror, and a
+static token in ``hosts.toml``'s headers; and raw HTTP (``http.client``) for
+what the clients hide: the challenge, the token endpoint's answers, the
+status codes.  Also: the users' files read again while running, and no
+secret in regproxy's log.
 
 Two regproxies serve the whole module (both pull ``private/secret`` from the
 upstream with its read credentials and ``share_private``, so that what keeps
