@@ -342,6 +342,17 @@ def test_docker_login_then_pull(
         result = daemon.pull(ref)
         assert result.returncode != 0, "pulled after logging out"
 
+        # a robot logs in with its static token, and its group opens private/**
+        private = test_images["private"]
+        assert private.config is not None
+        private_ref = f"{secured.host_port}/{private.repository}:{private.tag}"
+        result = daemon.docker("login", "-u", "robot", "-p", ROBOT_TOKEN, secured.host_port)
+        assert result.returncode == 0, failure(result, secured)
+        result = daemon.pull(private_ref)
+        assert result.returncode == 0, failure(result, secured)
+        assert daemon.image_inspect(private_ref)["Id"] == private.config.digest
+        daemon.docker("logout", secured.host_port, check=True)
+
         # as Docker Hub's mirror, regproxy gets what dockerd holds for Docker Hub
         index = test_images["dockerlist"]
         child, arch = for_this_machine(index)
