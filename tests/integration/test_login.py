@@ -674,7 +674,7 @@ def test_users_files_read_again_when_they_change(
     skopeo: harness.Skopeo,
     workdir: Path,
 ) -> None:
-    carol = ("carol", "carol-pw-" + secrets.token_hex(8))
+    carol = ("carol", "pw:carol-é-" + secrets.token_hex(8))  # a colon, and not ASCII
     robot2 = "robot2-" + secrets.token_hex(16)
     image = test_images["dockerimg"]
     src = f"docker://{secured.host_port}/{PUBLIC}:{image.tag}"
