@@ -18,6 +18,7 @@ import math
 import re
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import attrs
 from twisted.logger import Logger
@@ -75,9 +76,10 @@ class Gate:
 
     # -- who
 
-    async def identify(self, request: Request) -> Identity:
-        """Who *request* comes from; a 401 (with the challenge) for
-        credentials or a token that are wrong, 429 past too many failures."""
+    async def identify(self, request: Request, name: str | None = None) -> Identity:
+        """Who *request* (for repository *name*, if any) comes from; a 401
+        (with the challenge, naming the scope to ask for) for credentials or
+        a token that are wrong, 429 past too many failures."""
         header = request.getHeader(b"Authorization")
         if header is None:
             return ANONYMOUS
@@ -87,20 +89,24 @@ class Gate:
             if user is not None:
                 return Identity(user, True)
             try:
-                return Identity(self._tokens.user(value), True)
+                named = self._tokens.user(value)
+                if named is not None and not self._passwords.exists(named):
+                    raise Invalid(f"{named} is no longer a user")
+                return Identity(named, True)
             except Invalid:
                 raise self.challenge(
                     request,
                     "your token is not valid here (expired?): log in again",
+                    scope=name,
                     error="invalid_token",
                 ) from None
         if scheme == "basic":
             user, password = _basic(value, request, self)
             if await self._login(request, user, password):
                 return Identity(user, True)
-            raise self.challenge(request, "wrong user name or password")
+            raise self.challenge(request, "wrong user name or password", scope=name)
         raise self.challenge(
-            request, f"{scheme!r} is not an authentication scheme regproxy takes: log in"
+            request, f"{scheme!r} is not an authentication scheme regproxy takes: log in", name
         )
 
     async def _login(self, request: Request, user: str, password: str) -> bool:
@@ -183,7 +189,8 @@ class Gate:
         or none for an anonymous token; POST: an OAuth2 password grant)."""
         scopes_given = _args(request, "scope")
         if request.method == b"POST":
-            grant = (_args(request, "grant_type") or [""])[-1]
+            form = _form(request)
+            grant = (form.get("grant_type") or [""])[-1]
             if grant != "password":
                 raise RegistryError(
                     400,
@@ -191,8 +198,8 @@ class Gate:
                     f"grant_type {grant[:40]!r}: regproxy takes grant_type=password only "
                     "(it issues no refresh tokens)",
                 )
-            user = (_args(request, "username") or [""])[-1]
-            password = (_args(request, "password") or [""])[-1]
+            user = (form.get("username") or [""])[-1]
+            password = (form.get("password") or [""])[-1]
             identity = await self._password_grant(request, user, password)
         else:
             identity = await self.identify(request)
@@ -246,6 +253,22 @@ def _basic(value: str, request: Request, gate: Gate) -> tuple[str, str]:
     if not colon or not user or len(user) > MAX_CREDENTIAL or len(password) > MAX_CREDENTIAL:
         raise gate.challenge(request, "malformed Basic credentials (not user:password)")
     return user, password
+
+
+def _form(request: Request) -> dict[str, list[str]]:
+    """A POST's form fields from its body alone (bounded by the proxy's
+    body limits); a password in the URL is refused: URLs end up in logs."""
+    query = urlsplit(request.uri.decode("latin-1")).query
+    if "password" in parse_qs(query, keep_blank_values=True):
+        raise RegistryError(
+            400,
+            "UNSUPPORTED",
+            "send the password grant in the POST body, not in the URL (URLs end up in logs)",
+        )
+    if request.content is None:
+        return {}
+    request.content.seek(0)
+    return parse_qs(request.content.read().decode("utf-8", "replace"), keep_blank_values=True)
 
 
 def _args(request: Request, key: str) -> list[str]:

@@ -65,6 +65,8 @@ class Passwords:
         #: user -> the password that last checked out (as an HMAC); bounded
         #: by the users in the file
         self._known: dict[str, _Known] = {}
+        #: the tokens file's content last seen, and the users it names
+        self._robots: tuple[dict[bytes, str] | None, frozenset[str]] = (None, frozenset())
 
     def close(self) -> None:
         self._threads.stop()
@@ -74,6 +76,18 @@ class Passwords:
         if self._tokens is None:
             return None
         return self._tokens.current().get(token_key(token))
+
+    def exists(self, user: str) -> bool:
+        """Whether *user* is in the htpasswd or the tokens file now: the
+        tokens of a user since removed let nobody in."""
+        if self._users is not None and user in self._users.current():
+            return True
+        if self._tokens is None:
+            return False
+        tokens = self._tokens.current()
+        if self._robots[0] is not tokens:  # read again: its users, once per change
+            self._robots = (tokens, frozenset(tokens.values()))
+        return user in self._robots[1]
 
     async def check(self, user: str, password: str) -> bool:
         if self.token_user(password) == user:

@@ -135,11 +135,16 @@ class GuardedRequest(Request):
         self.finish()
 
 
+#: a password a client put in a URL (the token endpoint refuses it), kept
+#: out of the log
+_PASSWORD_IN_URL = re.compile(r"([?&;]password=)[^&;\s\"]*", re.IGNORECASE)
+
+
 @provider(IAccessLogFormatter)
 def access_line(timestamp: str, request: Any) -> str:
     """The combined log format, with the user a request logged in as in its
-    third field ("-" for none)."""
-    line: str = combinedLogFormatter(timestamp, request)
+    third field ("-" for none), and no password that was in a URL."""
+    line: str = _PASSWORD_IN_URL.sub(r"\1-", combinedLogFormatter(timestamp, request))
     user = getattr(request, "login_user", None)
     if user:
         address, _, rest = line.partition(" - - ")

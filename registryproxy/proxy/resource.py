@@ -263,7 +263,8 @@ class RegistryResource(Resource):
             return
         if method not in (b"GET", b"HEAD"):
             raise unsupported(f"{method.decode('latin-1')} {path}")
-        identity = await gate.identify(request) if gate is not None else None
+        name = match.groupdict().get("name")
+        identity = await gate.identify(request, name) if gate is not None else None
         if identity is not None:
             request.login_user = identity.user  # type: ignore[attr-defined]
         if kind in ("base", "tags", "referrers"):

@@ -241,7 +241,7 @@ def regproxy(
     """Factory: ``regproxy(upstream_url=None, *, username=None, password=None,
     tag_ttl=3600, cache_dir=None, extra_config=None)`` starts regproxy with
     docker.io -> *upstream_url* (default: the upstream registry) and a fresh
-    cache, and returns it once GET /v2/ answers 200."""
+    cache, and returns it once GET /v2/ answers 200 (401 with proxy.auth)."""
     started: list[harness.RegProxy] = []
 
     def make(

@@ -25,12 +25,14 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
+from twisted.web.test.requesthelper import DummyRequest
 
 from registryproxy.config import AuthConfig, AuthRule, ConfigError, parse_config
 from registryproxy.login.failures import FailedLogins
 from registryproxy.login.files import LOOK_EVERY
 from registryproxy.login.policy import Decision, Policy
 from registryproxy.login.tokens import Invalid, Tokens, parse_scopes
+from registryproxy.proxy.connections import access_line
 from registryproxy.proxy.plaintext import PlainHTTPFactory
 
 PASSWORDS = {"alice": "alice-secret-1", "bob": "bob-secret-22", "carol": "carol-secret-333"}
@@ -151,13 +153,13 @@ async def test_the_oauth2_password_grant(fake_registry, make_proxy, users):
     fake_registry.add_image("library/alpine", "1", [b"layer"])
     proxy = await proxy_with_auth(make_proxy, fake_registry, users)
 
-    async def post(form: dict[str, str]) -> Any:
+    async def post(form: dict[str, str], query: str = "") -> Any:
         def send() -> Reply:
             parts = urlsplit(proxy.url)
             conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
             conn.request(
                 "POST",
-                "/token",
+                "/token" + query,
                 urlencode(form),
                 {"Content-Type": "application/x-www-form-urlencoded"},
             )
@@ -183,6 +185,20 @@ async def test_the_oauth2_password_grant(fake_registry, make_proxy, users):
     assert (await post({**form, "password": "wrong"})).code == 401
     refresh = await post({"grant_type": "refresh_token", "refresh_token": "x"})
     assert refresh.code == 400
+    # the grant belongs in the body: a password in the URL is refused (and
+    # kept out of the access log)
+    in_url = await post({}, "?" + urlencode(form))
+    assert in_url.code == 400 and b"POST body" in in_url.body, in_url.body
+    no_password = {k: v for k, v in form.items() if k != "password"}
+    assert (await post(no_password, "?password=" + PASSWORDS["carol"])).code == 400
+
+
+def test_the_access_log_keeps_no_password_from_a_url() -> None:
+    request = DummyRequest([b"token"])
+    request.uri = b"/token?grant_type=password&username=carol&password=s3cret&scope=x"
+    request.method, request.code, request.sentLength = b"POST", 400, 0
+    line = access_line("[29/Nov/2026:00:00:00 +0000]", request)
+    assert "s3cret" not in line and "password=-&scope=x" in line, line
 
 
 async def private_upstream(make_fake_registry):
@@ -290,12 +306,15 @@ async def test_the_users_file_is_read_again_when_it_changes(
     assert (await proxy.request("GET", path, alice)).code == 200
     dave = {"Authorization": [basic("dave", "dave-secret-4444")]}
     assert (await proxy.request("GET", path, dave)).code == 401
+    alices_token = {"Authorization": [f"Bearer {await token_for(proxy, 'alice')}"]}
+    assert (await proxy.request("GET", path, alices_token)).code == 200
     # alice leaves, dave comes
     users.write_text(htpasswd_line("dave", "dave-secret-4444"))
     os.utime(users, ns=(0, 10**18))
     await settle(LOOK_EVERY + 0.1)
     assert (await proxy.request("GET", path, dave)).code == 200
     assert (await proxy.request("GET", path, alice)).code == 401  # remembered no more
+    assert (await proxy.request("GET", path, alices_token)).code == 401  # her token too
     # a broken file keeps what it had, and says why in the log
     users.write_text("dave:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n")
     os.utime(users, ns=(0, 2 * 10**18))
@@ -324,6 +343,12 @@ async def test_static_tokens_for_robots(fake_registry, make_proxy, users, robots
     assert (
         await proxy.request("GET", path, {"Authorization": [basic("alice", ROBOT_TOKEN)]})
     ).code == 401
+    # a token from the token endpoint for a user of the tokens file only
+    reply = await proxy.request("GET", "/token", {"Authorization": [basic("robot", ROBOT_TOKEN)]})
+    jwt_token = json.loads(reply.body)["token"]
+    assert (
+        await proxy.request("GET", path, {"Authorization": [f"Bearer {jwt_token}"]})
+    ).code == 200
     # the rule names robot alone
     alice = {"Authorization": [basic("alice", PASSWORDS["alice"])]}
     assert (await proxy.request("GET", path, alice)).code == 403
