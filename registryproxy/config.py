@@ -122,7 +122,13 @@ class AuthConfig:
                 raise ValueError(f"{key}: {path!r} is not UTF-8 text") from None
             except FileError as e:
                 raise ValueError(f"{key}: {e}") from None
-        _positive(self, "token_ttl", "max_failures", "failure_window")
+        _positive(self, "max_failures", "failure_window")
+        if self.token_ttl < 60:
+            # docker takes any token to be good for 60 s at least
+            raise ValueError(
+                f"token_ttl: expected seconds >= 60 (clients reuse a token for a minute), "
+                f"got {self.token_ttl:g}"
+            )
         if self.realm is not None and urlsplit(self.realm).scheme not in ("http", "https"):
             raise ValueError(
                 f"realm: expected the token endpoint's http(s) URL, got {self.realm!r}"

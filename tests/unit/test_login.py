@@ -518,7 +518,7 @@ def test_the_policy_table() -> None:
         ({"tokens": "OK", "rules": [{"users": "alice"}]}, "users: expected a list"),
         ({"tokens": "OK", "groups": {"bad name": []}}, "is not a name"),
         ({"tokens": "OK", "realm": "ftp://x/token"}, "realm: expected"),
-        ({"tokens": "OK", "token_ttl": 0}, "token_ttl: expected a number > 0"),
+        ({"tokens": "OK", "token_ttl": 0}, "token_ttl: expected seconds >= 60"),
         ({"tokens": "OK", "max_failures": 0}, "max_failures: expected a number > 0"),
         ({"tokens": "OK", "passwords": "x"}, "proxy.auth.passwords: unknown key"),
     ],
