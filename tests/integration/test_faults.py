@@ -205,7 +205,7 @@ def test_disk_filling_up_mid_download_still_serves_every_byte(
 # load: many clients, cached and uncached, for a bounded time
 # ---------------------------------------------------------------------------
 
-LOAD_SECONDS = float(os.environ.get("REGPROXY_LOAD_SECONDS", "30"))
+LOAD_SECONDS = float(os.environ.get("REGPROXY_LOAD_SECONDS", "20"))
 CLIENTS = 100
 
 
