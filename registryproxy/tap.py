@@ -359,6 +359,21 @@ def _removed_everywhere(manifests: ManifestCache, cluster: Engines) -> Callable[
     return removed
 
 
+def _forgetting(proxy: Proxy, cluster: Engines) -> Callable[[int | None], Deferred[None]]:
+    """What a node does when another purged: lands what it is caching,
+    drops its answers in memory, and knows the removals up to the
+    generation the other wrote handled (its next refresh keeps the
+    answers it makes from now on)."""
+
+    def forget(generation: int | None) -> Deferred[None]:
+        d = proxy.manifests.forget()
+        if generation is not None:
+            d.addCallback(lambda _: cluster.settings.seen(generation))
+        return d
+
+    return forget
+
+
 def build_proxy(
     config: Config,
     reactor: IReactor,
@@ -625,7 +640,7 @@ def makeService(options: Options, reactor: IReactor | None = None) -> IService:
         membership = cluster.membership
         # the other nodes' way in: their secret, and nothing passed on again
         inside = GuardedSite(
-            PeersOnly(proxy.internal, lambda: membership.secret, proxy.manifests.forget),
+            PeersOnly(proxy.internal, lambda: membership.secret, _forgetting(proxy, cluster)),
             limits(config)[0],
             no_bodies,
             reactor,

@@ -20,8 +20,9 @@ log = Logger()
 
 
 class ClusterForgetting(Protocol):
-    async def forget_everywhere(self) -> None:
-        """Make every live node drop the answers it keeps in memory."""
+    async def forget_everywhere(self, after_removal: bool = False) -> None:
+        """Make every live node drop the answers it keeps in memory;
+        *after_removal*: this node just removed something."""
 
 
 class Purge:
@@ -66,7 +67,7 @@ class Purge:
             unused_since=s.unused_since,
         )
         if self._cluster is not None:  # a MISS on every node once this answers
-            await self._cluster.forget_everywhere()
+            await self._cluster.forget_everywhere(after_removal=True)
         log.info(
             "purged {manifests} manifests, {tags} tags, {blobs} files ({bytes} bytes)",
             manifests=removed.manifests,

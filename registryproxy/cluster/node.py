@@ -110,8 +110,11 @@ class Engines:
         checks["cluster"] = {"ok": bool(live), "nodes": [node.name for node in live]}
         return checks
 
-    async def forget_everywhere(self) -> None:
-        await self.peers.forget_everywhere()
+    async def forget_everywhere(self, after_removal: bool = False) -> None:
+        """Make every other node forget its answers in memory; *after_removal*:
+        this node removed something, whose generation they learn with it."""
+        generation = await self.settings.written() if after_removal else None
+        await self.peers.forget_everywhere(generation)
 
     def abort_stale_uploads(self) -> Deferred[Any]:
         """Abort what a node that died mid-upload left in the bucket (S3

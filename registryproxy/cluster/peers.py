@@ -75,9 +75,10 @@ class Peers:
             return None
         return owner.advertise
 
-    async def forget_everywhere(self) -> None:
+    async def forget_everywhere(self, generation: int | None = None) -> None:
         """Tell every other live node that this one purged (each drops the
-        answers it keeps in memory), waiting for them at most the peer
+        answers it keeps in memory, and knows its removals up to the
+        cluster's *generation* handled), waiting for them at most the peer
         timeout; a node that does not answer learns it at its next
         refresh of the cluster's generation."""
         others = [
@@ -86,7 +87,8 @@ class Peers:
         headers = Headers({"Authorization": [f"Bearer {self._membership.secret}"]})
 
         async def tell(peer: str) -> None:
-            url = f"{peer.rstrip('/')}{FORGET.decode()}".encode("ascii")
+            query = "" if generation is None else f"?generation={generation}"
+            url = f"{peer.rstrip('/')}{FORGET.decode()}{query}".encode("ascii")
             d = self._agent.request(b"POST", url, headers)
             d.addTimeout(self._timeout, self._clock)
             try:
@@ -187,11 +189,12 @@ class PeersOnly(Resource):
         self,
         inner: IResource,
         secret: str | Callable[[], str],
-        forget: Callable[[], Deferred[None]] = lambda: succeed(None),
+        forget: Callable[[int | None], Deferred[None]] = lambda generation: succeed(None),
     ) -> None:
         """*secret*, or where to find it (a node learns it when it joins);
-        *forget*: what ``POST /_regproxy/forget`` does (another node purges:
-        land what is being cached, drop the answers kept in memory)."""
+        *forget*: what ``POST /_regproxy/forget[?generation=N]`` does
+        (another node purges: land what is being cached, drop the answers
+        kept in memory, and know the removals up to N handled)."""
         super().__init__()
         self._inner = inner
         self._secret = secret if callable(secret) else lambda: secret
@@ -215,7 +218,9 @@ class PeersOnly(Resource):
                 request.setResponseCode(405)
                 request.setHeader(b"Allow", b"POST")
                 return b""
+            given = (request.args or {}).get(b"generation", [b""])[-1]
+            generation = int(given) if given.isdigit() and len(given) < 19 else None
             request.setResponseCode(204)
-            self._forget().addBoth(lambda _: request.finish())
+            self._forget(generation).addBoth(lambda _: request.finish())
             return NOT_DONE_YET
         return self._inner.render(request)

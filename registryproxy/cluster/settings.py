@@ -38,6 +38,8 @@ class ClusterSettings:
         self._rows: dict[str, Any] = {}
         #: writes not yet done: a refresh must not undo them meanwhile
         self._pending: dict[str, Any] = {}
+        #: this node's removals whose generation is being written
+        self._bumping: list[Deferred[int | None]] = []
         self.upstreams = SharedUpstreams(self)
         self.pins = SharedPins(self)
 
@@ -83,20 +85,55 @@ class ClusterSettings:
     def bump(self) -> None:
         """Tell every node that something was purged or evicted: each reads
         the generation at its next refresh, and looks its answers kept in
-        memory up again."""
+        memory up again (this one forgot its own already)."""
 
-        def bump(conn: psycopg.Connection[Any]) -> None:
-            conn.execute(
+        def bump(conn: psycopg.Connection[Any]) -> int:
+            row = conn.execute(
                 "INSERT INTO regproxy_shared VALUES (%s, '1') ON CONFLICT (key)"
-                " DO UPDATE SET value = (regproxy_shared.value::bigint + 1)::text",
+                " DO UPDATE SET value = (regproxy_shared.value::bigint + 1)::text"
+                " RETURNING value",
                 (_GENERATION,),
-            )
+            ).fetchone()
+            assert row is not None
+            return int(row[0])
 
-        self._db.run(bump).addErrback(
-            lambda f: log.error(
-                "could not tell the cluster of a removal: {why}", why=f.getErrorMessage()
-            )
-        )
+        async def write() -> int | None:
+            try:
+                generation: int = await self._db.run(bump)
+            except Exception as e:
+                log.error("could not tell the cluster of a removal: {why}", why=e)
+                return None
+            self.seen(generation)
+            return generation
+
+        d = Deferred.fromCoroutine(write())
+        self._bumping.append(d)
+
+        def done(result: int | None) -> int | None:
+            self._bumping.remove(d)
+            return result
+
+        d.addCallback(done)
+
+    def seen(self, generation: int) -> None:
+        """This node forgot its answers in memory for the removals up to
+        *generation* (its own, or another node's that told it so): its
+        next refresh need not drop the answers it made since, which are
+        fresh.  A removal after them still changes the generation."""
+        known = self._rows.get(_GENERATION)
+        if not isinstance(known, int) or generation > known:
+            self._rows[_GENERATION] = generation
+
+    async def written(self) -> int | None:
+        """The generation this node's removals so far wrote, once written
+        (None if none was, or a write failed)."""
+        last = None
+        for d in list(self._bumping):
+            generation = await d
+            if generation is not None:
+                last = generation if last is None else max(last, generation)
+        known = self._rows.get(_GENERATION)
+        return last if last is not None else (known if isinstance(known, int) else None)
 
     def rows(self, prefix: str) -> dict[str, Any]:
         return {k[len(prefix) :]: v for k, v in self._rows.items() if k.startswith(prefix)}

@@ -8,6 +8,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from registryproxy.cluster.membership import Membership, NameTaken, Node, rendezvous
+from registryproxy.cluster.settings import ClusterSettings
 
 pytestmark = pytest.mark.cluster
 
@@ -87,3 +88,25 @@ def test_rendezvous_moves_only_the_keys_of_a_node_that_goes():
     moved = [key for key in keys if before[key] != after[key]]
     assert moved and all(before[key] == nodes[2] for key in moved)
     assert rendezvous("x", []) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_told_of_a_removal_keeps_what_it_answered_since(make_database):
+    """A purge tells every node to forget its answers in memory, with the
+    generation it wrote: a node that did so keeps the answers it makes
+    afterwards at its next refresh (they are fresh); another removal later
+    still makes it forget."""
+    db = await make_database()
+    await node(db, "a").join()  # makes the tables
+    purger, told = ClusterSettings(db), ClusterSettings(db)
+    await purger.refresh()
+    await told.refresh()
+    purger.bump()
+    generation = await purger.written()
+    assert generation is not None
+    assert not await purger.refresh()  # its own removal: it forgot already
+    told.seen(generation)
+    assert not await told.refresh()
+    purger.bump()  # a removal nobody told it of
+    await purger.written()
+    assert await told.refresh()

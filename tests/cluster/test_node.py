@@ -229,12 +229,6 @@ async def test_a_manifest_cached_by_one_node_is_a_hit_on_the_others_and_a_purge_
     assert purge.code == 200, purge.body
     digest = first.header("Docker-Content-Digest")
     assert cluster.in_bucket(digest) is None
-    # Each node also drops its answers in memory at its next heartbeat after
-    # a removal (for a node the purge's message missed); one landing after
-    # the refetch below drops that answer before its index row is written,
-    # and that node fetches once more.  Known (see the session note): let
-    # the heartbeats pass first.
-    await deferLater(reactor, 0.6, lambda: None)
     # node 1 has a local copy, but the cluster forgot it: a MISS, fetched
     # again once for everyone
     expected = {"node-1": "MISS", "node-2": "HIT", "node-0": "HIT"}

@@ -154,7 +154,7 @@ class FakeCluster:
     async def settle(self) -> None:
         self.calls.append("settle")
 
-    async def forget_everywhere(self) -> None:
+    async def forget_everywhere(self, after_removal: bool = False) -> None:
         self.calls.append("forget")
 
 
