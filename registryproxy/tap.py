@@ -450,8 +450,7 @@ def build_proxy(
         store,
         access,
         reactor,
-        ThreadPool(minthreads=0, maxthreads=2, name="regproxy-verify"),
-        reactor,
+        Threads(reactor, "regproxy-verify"),
         config.cache.verify_after,
         local_tier=shared is not None,
     )

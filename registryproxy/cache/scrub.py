@@ -25,11 +25,10 @@ from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from ..names import Digest
+from ..runtime import Threads
 from ..singleflight import SingleFlight
 from .access import IndexAccess
 from .fsck import condemn
@@ -55,8 +54,7 @@ class Verifier:
         store: FileStore,
         access: IndexAccess,
         clock: IReactorTime,
-        threads: ThreadPool,
-        reactor: object,
+        threads: Threads,
         verify_after: float | None,
         remember: int = MAX_CHECKED,
         local_tier: bool = False,
@@ -70,7 +68,6 @@ class Verifier:
         self._access = access
         self._clock = clock
         self._threads = threads
-        self._reactor = reactor
         self._verify_after = verify_after
         #: digest -> when its bytes were last known good (this process only),
         #: oldest first: bounded, as evicted blobs never come back to drop out
@@ -84,8 +81,7 @@ class Verifier:
     def close(self) -> None:
         """Stop hashing (threads give up between chunks) and the threads."""
         self.stopping.set()
-        if self._threads.started:
-            self._threads.stop()
+        self._threads.stop()
 
     def mark(self, digest: str) -> None:
         """*digest*'s file was just written from bytes that checked out."""
@@ -148,12 +144,8 @@ class Verifier:
         await self._access.heavy(lambda index: condemn(store, index, str(digest)))
 
     async def _verify(self, digest: Digest, fd: int, throttle: _Throttle) -> bool:
-        if not self._threads.started:
-            self._threads.start()  # on first use, like the index's thread
         started = self._clock.seconds()
-        matches = await deferToThreadPool(
-            self._reactor,  # type: ignore[arg-type]
-            self._threads,
+        matches = await self._threads.run(
             _hashes_to,
             digest,
             fd,

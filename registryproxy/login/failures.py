@@ -1,10 +1,13 @@
 """Failed logins, counted per client address, so passwords cannot be
 guessed at speed: past ``max_failures`` within ``failure_window`` seconds an
-address's logins answer 429 until its oldest failure leaves the window."""
+address's logins answer 429 until its oldest failure leaves the window.
+An IPv6 client is counted by its /64: one machine has a whole /64 to
+pick addresses from."""
 
 from __future__ import annotations
 
 import collections
+import ipaddress
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -31,6 +34,7 @@ class FailedLogins:
 
     def retry_after(self, address: str) -> float | None:
         """Seconds until *address* may try again, or None if it may now."""
+        address = _counted_as(address)
         times = self._failures.get(address)
         if times is None:
             return None
@@ -45,6 +49,7 @@ class FailedLogins:
         return times[0] + self._window - now
 
     def failed(self, address: str) -> None:
+        address = _counted_as(address)
         times = self._failures.pop(address, None)
         if times is None:
             times = collections.deque(maxlen=self._limit)
@@ -55,3 +60,16 @@ class FailedLogins:
 
     def __len__(self) -> int:
         return len(self._failures)
+
+
+def _counted_as(address: str) -> str:
+    """What *address*'s failures are counted under: itself, or its /64."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)

@@ -24,6 +24,9 @@ T = TypeVar("T")
 LOOK_EVERY = 1.0
 #: the prefixes of bcrypt hashes (htpasswd -B writes $2y$)
 BCRYPT = ("$2a$", "$2b$", "$2y$")
+#: the largest users' file read (it is read on the reactor thread: about
+#: 100,000 bcrypt lines)
+MAX_FILE = 8 * 1024 * 1024
 #: the shortest static token accepted: guessable tokens are refused at start
 MIN_TOKEN = 16
 
@@ -93,7 +96,10 @@ class WatchedFile(Generic[T]):
 
     def _read(self) -> T:
         with open(self._path, encoding="utf-8") as f:
-            return self._parse(f.read(), self._path)
+            text = f.read(MAX_FILE + 1)
+        if len(text) > MAX_FILE:
+            raise FileError(f"{self._path}: over {MAX_FILE} characters, not a users' file?")
+        return self._parse(text, self._path)
 
     def current(self) -> T:
         """The content, read again first if the file changed."""

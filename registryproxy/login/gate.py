@@ -39,6 +39,7 @@ log = Logger()
 MAX_AUTHORIZATION = 8192
 #: the longest user name or password taken
 MAX_CREDENTIAL = 1024
+_SCOPE_NAME = re.compile(r"[a-z0-9][a-z0-9._/:-]{0,254}")
 _HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](?::[0-9]{1,5})?")
 
 
@@ -167,7 +168,9 @@ class Gate:
     ) -> RegistryError:
         """The 401 that sends a client to the token endpoint."""
         value = f'Bearer realm="{self._realm(request)}",service="{self._config.service}"'
-        if scope is not None:
+        # a name as the client wrote it in the path: only a well-formed one
+        # goes into the header
+        if scope is not None and _SCOPE_NAME.fullmatch(scope):
             value += f',scope="repository:{scope}:pull"'
         if error is not None:
             value += f',error="{error}"'

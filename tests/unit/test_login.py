@@ -604,3 +604,26 @@ async def test_the_access_log_names_the_user(fake_registry, make_proxy, users, t
     lines = access.read_text().splitlines()
     assert [line.split(" ")[2] for line in lines] == ["alice", "-", "bob"]
     assert '"GET /v2/library/alpine/manifests/1 HTTP/1.1" 200' in lines[0]
+
+
+def test_an_ipv6_client_is_counted_by_its_slash_64() -> None:
+    """Else one machine, with a /64 to pick addresses from, guesses unlimited."""
+    failures = FailedLogins(2, 60.0, Clock())
+    failures.failed("2001:db8:1:2::1")
+    failures.failed("2001:db8:1:2:ffff::9")
+    assert failures.retry_after("2001:db8:1:2::77") is not None
+    assert failures.retry_after("2001:db8:1:3::1") is None
+    failures.failed("::ffff:192.0.2.1")
+    failures.failed("192.0.2.1")
+    assert failures.retry_after("192.0.2.1") is not None
+    assert failures.retry_after("192.0.2.2") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_malformed_name_puts_no_scope_in_the_challenge(fake_registry, make_proxy, users):
+    proxy = await proxy_with_auth(make_proxy, fake_registry, users)
+    # the credentials are checked first, so the 401 comes before the name's 400
+    wrong = {"Authorization": [basic("alice", "wrong")]}
+    reply = await proxy.request("GET", '/v2/a",error="x/manifests/1', wrong)
+    assert reply.code == 401
+    assert reply.header("WWW-Authenticate").count('"') == 4  # realm and service only

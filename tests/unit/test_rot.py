@@ -138,7 +138,7 @@ def test_the_checks_remembered_are_bounded():
 
     from registryproxy.cache.scrub import Verifier
 
-    verifier = Verifier(None, None, Clock(), None, None, None, remember=3)  # type: ignore[arg-type]
+    verifier = Verifier(None, None, Clock(), None, None, remember=3)  # type: ignore[arg-type]
     for n in range(5):
         verifier.mark(f"sha256:{n:064x}")
     assert [verifier.due(f"sha256:{n:064x}") for n in range(5)] == [True, True, False, False, False]
