@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.testing import MemoryReactorClock
+from twisted.scripts.twistd import ServerOptions
 
 from registryproxy.cache.index import Index
 from registryproxy.config import Config, ConfigError, load_config, parse_config
+from registryproxy.tap import Options, makeService
 
 ROOT = Path(__file__).parent.parent.parent
 TWISTD = str(Path(sys.executable).parent / "twistd")
@@ -95,16 +98,24 @@ def test_the_first_unknown_key_as_written_is_named():
     assert str(e.value).startswith("<config>: cache.zz: unknown key (known here: directory, ")
 
 
-def test_twistd_lists_the_plugin(tmp_path):
-    result = subprocess.run([TWISTD, "--help"], capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0
-    assert any(line.split()[:1] == ["regproxy"] for line in result.stdout.splitlines())
+def test_twistd_lists_the_plugin():
+    # what ``twistd --help`` lists; test_busy_port... runs the real twistd
+    assert "regproxy" in [command[0] for command in ServerOptions().subCommands]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_up(*args: str) -> str:
+    """What ``twistd -n regproxy ARGS`` would exit with, run in this process:
+    the same Options, makeService and port binding, on a reactor that binds
+    nothing and runs nothing.  A SystemExit whose code is a string makes
+    Python print it (and no traceback) and exit with status 1."""
+    with pytest.raises(SystemExit) as e:
+        options = Options()
+        options.parseOptions(list(args))
+        makeService(options, MemoryReactorClock()).privilegedStartService()
+    message = e.value.code
+    assert isinstance(message, str) and message.startswith("regproxy: "), message
+    assert "\n" not in message, message  # one line
+    return message
 
 
 @pytest.mark.parametrize(
@@ -120,18 +131,16 @@ def free_port() -> int:
         ),
     ],
 )
-def test_bad_start_up_is_one_line_and_non_zero(tmp_path, config, message):
+def test_bad_start_up_is_one_line_and_non_zero(tmp_path, monkeypatch, config, message):
+    monkeypatch.chdir(tmp_path)  # the default cache directory is ./regproxy-cache
     path = tmp_path / "regproxy.yaml"
     if config is not None:
         path.write_text(config)
-    result = twistd("regproxy", "--config", str(path), cwd=tmp_path)
-    assert result.returncode != 0
-    output = result.stdout + result.stderr
-    assert message in output
-    assert "Traceback" not in output
+    assert message in start_up("--config", str(path))
 
 
 def test_busy_port_is_one_line_and_non_zero(tmp_path):
+    """The real twistd: its exit status and its output, for a bad start-up."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -207,18 +216,13 @@ def test_corrupt_index_is_one_line_naming_the_way_out(tmp_path, damage):
         f"admin: {{listen: 'tcp:0:interface=127.0.0.1'}}\n"
         f"cache: {{directory: {str(cache)!r}}}\n"
     )
-    result = twistd("regproxy", "--config", str(tmp_path / "c.yaml"), cwd=tmp_path)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert "Traceback" not in output
+    output = start_up("--config", str(tmp_path / "c.yaml"))
     assert "index.db" in output and "--rebuild-index" in output, output
 
 
 @pytest_twisted.ensureDeferred
 async def test_rebuild_index_from_the_blobs_on_disk(tmp_path, fake_registry, make_proxy):
     from proxyharness import until
-
-    from registryproxy.tap import Options, makeService
 
     _, body = fake_registry.add_image("library/app", "1", [b"layer one", b"layer two"])
     cache = tmp_path / "cache"
