@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 import schemathesis
+from fuzzing import examples
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
@@ -59,8 +60,14 @@ def test_served_document_is_the_fuzzed_one(admin_url: str) -> None:
 
 
 @schema.parametrize()
-# bounded: the whole run stays well under 30 s; no example database in the tree
-@settings(max_examples=20, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+# bounded: a few seconds by default (REGPROXY_FUZZ_EXAMPLES for more); no
+# example database in the tree
+@settings(
+    max_examples=examples(5),
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 def test_api_from_openapi(case: schemathesis.Case, admin_url: str) -> None:
     # Every other default check applies.  Schema-valid input may still be
     # refused with 400: rules across fields (tag or digest, all=true alone, an

@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest_twisted
+from fuzzing import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.threads import deferToThread
@@ -109,7 +110,7 @@ async def test_no_request_makes_a_500(fake_registry, make_proxy):
     assert (await proxy.get(cached)).code == 200
 
     @settings(
-        max_examples=150,
+        max_examples=examples(60),
         deadline=None,
         suppress_health_check=list(HealthCheck),
         database=None,

@@ -7,6 +7,7 @@ import fnmatch
 import json
 
 import pytest
+from fuzzing import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -214,7 +215,7 @@ def reference(segments: list[str], name: list[str]) -> bool:
     )
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(
     st.lists(PATTERN_SEGMENTS, min_size=1, max_size=5),
     st.lists(NAME_SEGMENTS, min_size=1, max_size=5),
@@ -230,7 +231,7 @@ def test_matcher_agrees_with_the_reference(segments, name, tag_pattern, tag):
     assert rule.matches("/".join(name), tag) is expected
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(st.lists(NAME_SEGMENTS, min_size=1, max_size=5), st.data())
 def test_a_name_matches_itself_and_its_generalisations(name, data):
     repository = "/".join(name)
@@ -243,7 +244,7 @@ def test_a_name_matches_itself_and_its_generalisations(name, data):
     assert not compile_pattern(repository + "x").matches(repository, None)
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.text(max_size=40))
 def test_any_text_compiles_or_says_why(text):
     try:
