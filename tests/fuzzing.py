@@ -1,7 +1,7 @@
 """How many examples a property test tries.
 
 Few by default, so that the unit suite stays fast; ``REGPROXY_FUZZ_EXAMPLES=N``
-makes every property test (hypothesis, schemathesis) try N instead, for a
+makes every property test (hypothesis, schemathesis, random seeds) try N, for a
 thorough run: ``REGPROXY_FUZZ_EXAMPLES=2000 pytest tests/unit -k 'rules or fuzz'``.
 """
 

@@ -1,5 +1,6 @@
 """The index's SQL selection for eviction and purges gives the old per-row
-code's answers (random small indexes), and its queries use indexes."""
+code's answers (random small indexes, one per seed: REGPROXY_FUZZ_EXAMPLES
+seeds for a thorough run), and its queries use indexes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import sqlite3
 
 import pytest
+from fuzzing import examples
 from old_eviction import OldIndex, old_evict, old_evict_loose
 
 from registryproxy.cache.index import Index, ManifestEntry, TagEntry
@@ -133,7 +135,7 @@ def evict_all(new: Index, pins, busy, limit, used_before=None, target=None):
             return images, freed
 
 
-@pytest.mark.parametrize("seed", range(60))
+@pytest.mark.parametrize("seed", range(examples(20)))
 def test_over_budget_selection_matches_the_old_loop(tmp_path, seed):
     old, new, made, rng, pins, busy = twins(tmp_path, seed, 7)
     target = old.total_size() * rng.choice([0.0, 0.3, 0.6, 0.9, 1.0])
@@ -146,7 +148,7 @@ def test_over_budget_selection_matches_the_old_loop(tmp_path, seed):
     agree(old, new, old_freed, freed)
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(examples(15)))
 def test_idle_selection_matches_the_old_loop(tmp_path, seed):
     old, new, made, rng, pins, busy = twins(tmp_path, seed, 11)
     cutoff = rng.randint(0, 10_000)
@@ -155,7 +157,7 @@ def test_idle_selection_matches_the_old_loop(tmp_path, seed):
     agree(old, new, old_freed, freed)
 
 
-@pytest.mark.parametrize("seed", range(60))
+@pytest.mark.parametrize("seed", range(examples(20)))
 def test_purges_match_the_old_loop(tmp_path, seed):
     old, new, made, rng, _, _ = twins(tmp_path, seed, 13)
     upstream, repo, name = rng.choice(made["manifests"])
