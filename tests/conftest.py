@@ -3,6 +3,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -33,10 +34,19 @@ async def make_fake_registry() -> AsyncIterator[Callable[..., Awaitable[FakeRegi
 
 
 @pytest_twisted.async_yield_fixture()
-async def make_proxy(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
-    """``await make_proxy(registry_url, cache={...}, **upstream_keys)``: a running regproxy."""
+async def make_proxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """``await make_proxy(registry_url, cache={...}, **upstream_keys)``: a running regproxy.
+
+    It retries a failed upstream connection after 10 and 40 ms rather than
+    0.2 and 0.8 s (those pauses are tested on a Clock in test_upstream_limits),
+    so that a test of an unreachable upstream does not wait a second a request."""
     from proxyharness import start_proxy
 
+    from registryproxy.upstream.client import RegistryClient
+
+    monkeypatch.setattr(RegistryClient, "RETRY_DELAYS", (0.01, 0.04))
     started: list[Any] = []
 
     async def make(url: str, cache_dir: Path | None = None, **kwargs: Any) -> Any:

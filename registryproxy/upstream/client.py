@@ -40,8 +40,6 @@ T = TypeVar("T")
 log = Logger()
 
 _REDIRECTS = (301, 302, 303, 307, 308)
-#: seconds to wait before each retry of a request whose connection failed
-_RETRY_DELAYS = (0.2, 0.8)
 _MAX_REDIRECTS = 5
 #: the largest manifest accepted: CNCF Distribution's own limit (4 MiB)
 MAX_MANIFEST = 4 * 1024 * 1024
@@ -102,6 +100,9 @@ def content_length(response: IResponse) -> int | None:
 
 class RegistryClient:
     """The pull API of one upstream registry."""
+
+    #: seconds to wait before each retry of a request whose connection failed
+    RETRY_DELAYS: tuple[float, ...] = (0.2, 0.8)
 
     def __init__(
         self,
@@ -482,7 +483,7 @@ class RegistryClient:
     ) -> IResponse:
         """One request, tried again after a failed connection (GET and HEAD are
         safe to repeat) while the exchange's deadline leaves time."""
-        for delay in (*_RETRY_DELAYS, None):
+        for delay in (*self.RETRY_DELAYS, None):
             try:
                 return await self._send_once(method, url, headers)
             except _NoConnection as e:
