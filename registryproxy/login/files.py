@@ -20,8 +20,6 @@ log = Logger()
 
 T = TypeVar("T")
 
-#: seconds between two looks at a file's modification time
-LOOK_EVERY = 1.0
 #: the prefixes of bcrypt hashes (htpasswd -B writes $2y$)
 BCRYPT = ("$2a$", "$2b$", "$2y$")
 #: the largest users' file read (it is read on the reactor thread: about
@@ -79,6 +77,9 @@ def parse_tokens(text: str, path: str) -> dict[bytes, str]:
 class WatchedFile(Generic[T]):
     """A small file's parsed content, parsed again when the file changes."""
 
+    #: seconds between two looks at the file's modification time
+    LOOK_EVERY = 1.0
+
     def __init__(self, path: str, parse: Callable[[str, str], T], clock: IReactorTime) -> None:
         """Read and parse *path* now: FileError or OSError if it cannot be."""
         self._path = path
@@ -104,7 +105,7 @@ class WatchedFile(Generic[T]):
     def current(self) -> T:
         """The content, read again first if the file changed."""
         now = self._clock.seconds()
-        if now - self._looked < LOOK_EVERY:
+        if now - self._looked < self.LOOK_EVERY:
             return self.content
         self._looked = now
         try:

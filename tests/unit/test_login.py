@@ -19,7 +19,7 @@ import bcrypt
 import jwt
 import pytest
 import pytest_twisted
-from proxyharness import Reply, settle
+from proxyharness import Reply, settle, until
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
@@ -29,7 +29,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from registryproxy.config import AuthConfig, AuthRule, ConfigError, parse_config
 from registryproxy.login.failures import FailedLogins
-from registryproxy.login.files import LOOK_EVERY
+from registryproxy.login.files import WatchedFile, parse_tokens
 from registryproxy.login.policy import Decision, Policy
 from registryproxy.login.tokens import Invalid, Tokens, parse_scopes
 from registryproxy.proxy.connections import access_line
@@ -295,10 +295,30 @@ def test_failed_logins_leave_the_window_and_memory_is_bounded() -> None:
     assert len(failures) == 3
 
 
+def test_a_users_file_is_looked_at_once_a_second(tmp_path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("robot " + "r" * 16 + "\n")
+    clock = Clock()
+    watched = WatchedFile(str(path), parse_tokens, clock)
+    path.write_text("other " + "o" * 16 + "\n")
+    os.utime(path, ns=(0, 10**18))
+    clock.advance(WatchedFile.LOOK_EVERY - 0.01)
+    assert list(watched.current().values()) == ["robot"]  # not looked at yet
+    clock.advance(0.01)
+    assert list(watched.current().values()) == ["other"]
+    assert watched.generation == 1
+    path.write_text("third " + "t" * 16 + "\n")
+    os.utime(path, ns=(0, 2 * 10**18))
+    clock.advance(0.5)
+    assert list(watched.current().values()) == ["other"]  # looked at a moment ago
+
+
 @pytest_twisted.ensureDeferred
 async def test_the_users_file_is_read_again_when_it_changes(
-    fake_registry, make_proxy, users, robots
+    fake_registry, make_proxy, users, robots, monkeypatch
 ):
+    # once a second is tested on a Clock above; here the real reactor's
+    monkeypatch.setattr(WatchedFile, "LOOK_EVERY", 0.05)
     fake_registry.add_image("library/alpine", "1", [b"layer"])
     proxy = await proxy_with_auth(make_proxy, fake_registry, users, robots)
     path = "/v2/library/alpine/manifests/1"
@@ -311,14 +331,14 @@ async def test_the_users_file_is_read_again_when_it_changes(
     # alice leaves, dave comes
     users.write_text(htpasswd_line("dave", "dave-secret-4444"))
     os.utime(users, ns=(0, 10**18))
-    await settle(LOOK_EVERY + 0.1)
+    await settle(0.1)
     assert (await proxy.request("GET", path, dave)).code == 200
     assert (await proxy.request("GET", path, alice)).code == 401  # remembered no more
     assert (await proxy.request("GET", path, alices_token)).code == 401  # her token too
     # a broken file keeps what it had, and says why in the log
     users.write_text("dave:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n")
     os.utime(users, ns=(0, 2 * 10**18))
-    await settle(LOOK_EVERY + 0.1)
+    await settle(0.1)
     assert (await proxy.request("GET", path, dave)).code == 200
 
 
@@ -600,7 +620,8 @@ async def test_the_access_log_names_the_user(fake_registry, make_proxy, users, t
     )
     await proxy.request("GET", "/v2/library/alpine/manifests/1")
     await token_for(proxy, "bob")
-    await settle(1.5)  # written buffered, flushed every second
+    # written buffered, flushed every second
+    await until(lambda: len(access.read_text().splitlines()) == 3, timeout=3)
     lines = access.read_text().splitlines()
     assert [line.split(" ")[2] for line in lines] == ["alice", "-", "bob"]
     assert '"GET /v2/library/alpine/manifests/1 HTTP/1.1" 200' in lines[0]
