@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -129,12 +130,17 @@ async def until(predicate: Any, timeout: float = 10.0) -> None:
 
 
 def partial_get(
-    url: str, path: str, first: int | None = None, lag: float = 0.0, rest: bool = False
+    url: str,
+    path: str,
+    first: int | None = None,
+    lag: float | threading.Event = 0.0,
+    rest: bool = False,
 ) -> tuple[int, bytes, bool]:
     """GET in a thread: (status, body read, whether the body ended short).
 
-    With *first*, read only that many bytes, wait *lag* seconds, then hang
-    up, or with *rest* read on."""
+    With *first*, read only that many bytes, wait *lag* seconds (or until
+    the test sets the event *lag*, 30 s at most), then hang up, or with
+    *rest* read on."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     status, body = 0, b""
@@ -144,7 +150,10 @@ def partial_get(
         status = response.status
         if first is not None:
             body = response.read(first)
-            time.sleep(lag)
+            if isinstance(lag, threading.Event):
+                lag.wait(30)
+            else:
+                time.sleep(lag)
             if not rest:
                 return status, body, False
         try:

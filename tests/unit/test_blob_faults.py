@@ -292,7 +292,7 @@ async def test_a_client_holding_up_a_relay_is_cut_off_not_the_others(
     fake_registry, make_proxy, monkeypatch, sendfile
 ):
     data, (status, body, short) = await relayed_to_two(
-        fake_registry, make_proxy, monkeypatch, sendfile, {"first": 1, "lag": 3.0, "rest": True}
+        fake_registry, make_proxy, monkeypatch, sendfile, {"first": 1, "lag": 2.0, "rest": True}
     )
     assert (status, short) == (200, True)
     assert len(body) < len(data)

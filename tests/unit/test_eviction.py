@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import pytest_twisted
 from proxyharness import partial_get, settle, until
@@ -127,10 +128,14 @@ async def test_making_room_passes_over_images_being_read(fake_registry, make_pro
     one = await pull(proxy, "one")
     two = await pull(proxy, "two")
     # a slow client is reading one's layer: evicting it would free nothing yet
-    reading = deferToThread(partial_get, proxy.url, f"/v2/one/blobs/{one[0]}", 1, 2.0, True)
+    done = threading.Event()
+    reading = deferToThread(partial_get, proxy.url, f"/v2/one/blobs/{one[0]}", 1, done, True)
     await until(lambda: proxy.proxy.blobs.in_use())
-    three = await pull(proxy, "three")
-    assert cached(proxy, one + two + three) == [True, False, True]
+    try:
+        three = await pull(proxy, "three")
+        assert cached(proxy, one + two + three) == [True, False, True]
+    finally:
+        done.set()
     status, body, short = await reading
     assert (status, len(body), short) == (200, 16 * MiB, False)
 
