@@ -186,7 +186,7 @@ async def test_running_downloads_keep_the_room_they_need(fake_registry, make_pro
     blobs = [os.urandom(1024 * 1024) for _ in range(2)]
     digests = [fake_registry.add_blob(data) for data in blobs]
     for digest in digests:
-        fake_registry.blob_faults[digest] = Fault.slow(chunk=64 * 1024, delay=0.05)
+        fake_registry.blob_faults[digest] = Fault.slow(chunk=64 * 1024, delay=0.02)
     proxy = await make_proxy(fake_registry.url)
     proxy.proxy.store.room = lambda: 1536 * 1024
     replies = await gatherResults([get(proxy, f"/v2/library/x/blobs/{d}") for d in digests])
@@ -243,7 +243,7 @@ async def test_disk_filling_up_mid_download_still_serves_every_byte(
 ):
     data = os.urandom(4 * 1024 * 1024)
     digest = fake_registry.add_blob(data)
-    fake_registry.blob_faults[digest] = Fault.slow(chunk=256 * 1024, delay=0.05)
+    fake_registry.blob_faults[digest] = Fault.slow(chunk=256 * 1024, delay=0.02)
     proxy = await make_proxy(fake_registry.url, top={"proxy": {"sendfile": sendfile}})
     disk = SharedDisk(proxy, capacity=1024 * 1024)  # nothing cached to evict
     path = f"/v2/library/x/blobs/{digest}"
