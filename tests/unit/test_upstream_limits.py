@@ -4,7 +4,6 @@ token realms that spell an internal address some other way."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,15 +14,16 @@ import treq
 from fakeregistry import FakeRegistry, Fault, Override, _pending_bytes
 from proxyharness import settle, until
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, serverFromString
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
@@ -35,6 +35,18 @@ from registryproxy.upstream.auth import Authenticator
 from registryproxy.upstream.client import RegistryClient
 
 # -- helpers ------------------------------------------------------------------
+
+
+@implementer(IAgent)
+class Refusing:
+    """An agent whose every connection is refused at once."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, body: Any = None) -> Any:
+        self.attempts += 1
+        return fail(ConnectionRefusedError("refused"))
 
 
 class _Silent(Protocol):
@@ -83,10 +95,17 @@ class _Hosts:
 
 
 def make_client(
-    url: str, clock: Any = reactor, names: dict[str, int] | None = None, **config: Any
+    url: str,
+    clock: Any = reactor,
+    names: dict[str, int] | None = None,
+    agent: IAgent | None = None,
+    **config: Any,
 ) -> RegistryClient:
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    agent = Agent.usingEndpointFactory(reactor, _Hosts(names or {}), pool=pool)
+    """A client as registry.Upstreams makes one; *agent*: in place of one on
+    the reactor's sockets (with *names* mapped to 127.0.0.1 ports)."""
+    if agent is None:
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        agent = Agent.usingEndpointFactory(reactor, _Hosts(names or {}), pool=pool)
     upstream = UpstreamConfig(url=url, **config)
     http = treq.client.HTTPClient(agent)
     # as registry.Upstreams makes them: a token fetch has the exchange's deadline too
@@ -202,23 +221,31 @@ async def test_a_silent_upstream_costs_clients_one_deadline(silent, make_proxy):
     assert silent.opened == 1
 
 
-@pytest_twisted.ensureDeferred
-async def test_connections_that_fail_are_retried():
-    # a port with nothing listening: refused at once, tried three times
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_connections_that_fail_are_retried():
+    # every connection refused at once: tried three times, 0.2 and 0.8 s apart
+    refusing = Refusing()
     clock = Clock()
-    client = make_client(f"http://127.0.0.1:{port}", clock, deadline=10)
-    d = manifest(client)
-    for _ in range(100):
-        if d.called:
-            break
-        await settle(0.05)
-        clock.advance(0.1)
+    d = manifest(make_client("http://127.0.0.1:9", clock, agent=refusing, deadline=10))
+    assert refusing.attempts == 1
+    clock.advance(0.19)
+    assert refusing.attempts == 1
+    clock.advance(0.01)
+    assert refusing.attempts == 2
+    clock.advance(0.79)
+    assert (refusing.attempts, d.called) == (2, False)
+    clock.advance(0.01)
+    assert refusing.attempts == 3
     e = failure_of(d)
     assert e.status == 502 and "unreachable" in e.message and "docker.io" in e.message
-    assert clock.seconds() >= 1.0  # after the pauses of 0.2 and 0.8 s
+
+
+def test_no_retry_past_the_deadline():
+    refusing = Refusing()
+    clock = Clock()
+    d = manifest(make_client("http://127.0.0.1:9", clock, agent=refusing, deadline=0.5))
+    clock.advance(0.2)
+    assert refusing.attempts == 2  # no time left for the pause of 0.8 s
+    assert failure_of(d).status == 502
 
 
 # -- item 5: bodies too large ---------------------------------------------------
