@@ -212,7 +212,7 @@ ROWS = [
         f"{B}/{UNKNOWN_DIGEST}",
         504,
         "UNAVAILABLE",
-        upstream={"read_timeout": 0.5},
+        upstream={"read_timeout": 0.2},
         setup=slow_blobs,
     ),
 ]
