@@ -8,7 +8,7 @@ import socket
 from urllib.parse import urlsplit
 
 import pytest_twisted
-from proxyharness import cache_fds, settle
+from proxyharness import cache_fds, settle, until
 from twisted.internet.threads import deferToThread
 
 from registryproxy.admin.backend import PurgeSelector
@@ -42,8 +42,7 @@ async def test_clients_leaving_before_the_upstream_answers(fake_registry, make_p
     await deferToThread(hang_up_after, proxy.url, path, 0.1)
     patient = await proxy.get(path)
     assert (patient.code, patient.body) == (200, data)
-    await settle(0.8)
-    assert proxy.proxy.blobs.in_flight == 0
+    await until(lambda: proxy.proxy.blobs.in_flight == 0)
     assert proxy.blob_path(digest).read_bytes() == data
     assert cache_fds(proxy) == 0
 
