@@ -53,6 +53,15 @@ def admin_url() -> Iterator[str]:
         server.wait(10)
 
 
+@pytest.fixture(scope="module")
+def session() -> Iterator[requests.Session]:
+    """One for the whole run: connections kept alive, and no proxy settings
+    read from the environment for each of the hundreds of requests."""
+    with requests.Session() as session:
+        session.trust_env = False
+        yield session
+
+
 def test_served_document_is_the_fuzzed_one(admin_url: str) -> None:
     reply = requests.get(f"{admin_url}/api/v1/openapi.json", headers=AUTH, timeout=10)
     assert reply.status_code == 200
@@ -68,11 +77,16 @@ def test_served_document_is_the_fuzzed_one(admin_url: str) -> None:
     database=None,
     suppress_health_check=list(HealthCheck),
 )
-def test_api_from_openapi(case: schemathesis.Case, admin_url: str) -> None:
+def test_api_from_openapi(
+    case: schemathesis.Case, admin_url: str, session: requests.Session
+) -> None:
     # Every other default check applies.  Schema-valid input may still be
     # refused with 400: rules across fields (tag or digest, all=true alone, an
     # image name docker would refuse, url required unless a preset) are beyond
     # what OpenAPI parameters can say, and the document describes them in words.
     case.call_and_validate(
-        base_url=admin_url, headers=AUTH, excluded_checks=[positive_data_acceptance]
+        base_url=admin_url,
+        session=session,
+        headers=AUTH,
+        excluded_checks=[positive_data_acceptance],
     )
