@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +21,12 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 
 from registryproxy.admin.app import AdminAPI
-from registryproxy.proxy.connections import GuardedSite, Limits, fitting_connections
+from registryproxy.proxy.connections import (
+    GuardedSite,
+    Limits,
+    fitting_connections,
+    open_files_limit,
+)
 
 
 @pytest.fixture
@@ -305,17 +309,12 @@ def test_connections_fit_the_open_file_limit():
 
 
 def test_the_open_file_limit_is_raised_to_the_hard_one():
-    script = (
-        "import resource\n"
-        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
-        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
-        "from registryproxy.proxy.connections import open_files_limit\n"
-        "print(open_files_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True
-    ).stdout.split()
-    assert out[0] == out[1] == out[2]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        assert open_files_limit() == resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest_twisted.ensureDeferred
