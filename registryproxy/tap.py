@@ -472,11 +472,11 @@ def build_proxy(
         keep.busy_from(cluster.membership.busy_elsewhere)
     gate = _gate(config, store.root, cluster, reactor, metrics)
     resource = RegistryResource(
-        upstreams, manifests, blobs, metrics, config.proxy.sendfile, gate=gate
+        upstreams, manifests, blobs, metrics, reactor, config.proxy.sendfile, gate=gate
     )
     # what other nodes of a cluster ask this one for: never passed on again
     internal = RegistryResource(
-        upstreams, manifests, blobs, metrics, config.proxy.sendfile, forward=False
+        upstreams, manifests, blobs, metrics, reactor, config.proxy.sendfile, forward=False
     )
     control = build_control(
         config,

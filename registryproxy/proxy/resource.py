@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -30,6 +31,7 @@ from ..upstream.client import RegistryClient
 from ..upstream.registry import Upstreams
 from ..upstream.rules import oversize, refused_by
 from .ranges import parse_range
+from .ready import LIFETIME, Ready, ReadyAnswers, key_of
 from .sender import BlobSender
 from .sendfile import SendfileSender, socket_transport
 
@@ -187,14 +189,20 @@ class RegistryResource(Resource):
         manifests: ManifestCache,
         blobs: BlobCache,
         metrics: Metrics,
+        clock: IReactorTime,
         sendfile: bool = True,
         forward: bool = True,
         gate: Gate | None = None,
     ) -> None:
         """*forward*: false for a cluster's internal port, whose requests come
         from other nodes and are never passed on to another.  *gate*: who
-        may pull what (``proxy.auth``); None: anyone who reaches the port."""
+        may pull what (``proxy.auth``); None: anyone who reaches the port.
+        *clock*: what times answers used again (:mod:`.ready`)."""
         super().__init__()
+        #: cached manifests' answers, used again for a moment (no logins)
+        self._ready = ReadyAnswers() if gate is None else None
+        self._clock = clock
+
         self._gate = gate
         self._forward = forward
         self._upstreams = upstreams
@@ -205,6 +213,16 @@ class RegistryResource(Resource):
 
     def render(self, request: Request) -> int:  # type: ignore[override]
         request.setHeader(*_API_VERSION)
+        if self._ready is not None:
+            key = key_of(request)
+            ready = self._ready.get(key, self._clock.seconds(), self._upstreams.generation)
+            if ready is not None:
+                manifest = ready.manifest
+                if self._manifests.kept(ready.upstream, ready.repo, ready.reference) is manifest:
+                    self._manifests.touch(ready.upstream, ready.repo, manifest.digest)
+                    self._manifest(request, manifest, ready.image)
+                    return NOT_DONE_YET
+                self._ready.drop(key)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         # the upstream the request is routed to, once it is
@@ -268,7 +286,7 @@ class RegistryResource(Resource):
         if identity is not None:
             request.login_user = identity.user  # type: ignore[attr-defined]
         if kind in ("base", "tags", "referrers"):
-            self._metrics.requests.labels(kind, "none").inc()
+            self._metrics.request(kind, "none").inc()
         if kind == "base":
             if gate is not None:
                 gate.check_base(identity, request)  # type: ignore[arg-type]
@@ -293,6 +311,8 @@ class RegistryResource(Resource):
         routed: list[str],
         identity: Identity | None,
     ) -> None:
+        # before any await: an answer routed across a change is not used again
+        generation = self._upstreams.generation
         client, repo = route(self._upstreams, request, match.group("name"))
         routed.append(client.name)
         # before any upstream request and any cached answer
@@ -324,12 +344,17 @@ class RegistryResource(Resource):
             accept = parse_accept(request.requestHeaders.getRawHeaders(b"Accept", []))
             manifest = await self._manifests.get(client, repo, reference, accept, self._forward)
             _check_layers(client, manifest)
+            at = "@" if is_valid_digest(reference) else ":"
+            image = f"{client.name}/{repo}{at}{reference}"
             if not gone:
-                self._manifest(request, manifest)
-                if request.method == b"GET" and self._forward:
-                    # a client's pull (a peer's asking is counted by the node it serves)
-                    at = "@" if is_valid_digest(reference) else ":"
-                    self._metrics.pulls.pulled(f"{client.name}/{repo}{at}{reference}")
+                self._manifest(request, manifest, image)
+            if (
+                self._ready is not None
+                and self._manifests.kept(client.name, repo, reference) is manifest
+            ):
+                until = self._clock.seconds() + LIFETIME
+                ready = Ready(manifest, client.name, repo, reference, image, until, generation)
+                self._ready.put(key_of(request), ready)
         elif kind == "blob":
             digest = match.group("digest")
             if not is_valid_digest(digest):
@@ -401,17 +426,22 @@ class RegistryResource(Resource):
         request.write(body)
         request.finish()
 
-    def _manifest(self, request: Request, manifest: CachedManifest) -> None:
+    def _manifest(self, request: Request, manifest: CachedManifest, image: str) -> None:
+        """Answer with *manifest*; a GET is a pull of *image*."""
         request.setHeader(b"Content-Type", manifest.media_type.encode())
         request.setHeader(b"Docker-Content-Digest", manifest.digest.encode())
         request.setHeader(b"ETag", f'"{manifest.digest}"'.encode())
         request.setHeader(b"Content-Length", b"%d" % len(manifest.body))
         request.setHeader(b"X-Cache", manifest.cache.encode())
-        self._metrics.requests.labels("manifest", manifest.cache.lower()).inc()
+        metrics = self._metrics
+        metrics.request("manifest", manifest.cache.lower()).inc()
         if request.method != b"HEAD":
             source = "upstream" if manifest.cache == "MISS" else "cache"
-            self._metrics.served_bytes.labels(source).inc(len(manifest.body))
+            metrics.served(source).inc(len(manifest.body))
             request.write(manifest.body)
+            if self._forward:
+                # a client's pull (a peer's asking is counted by the node it serves)
+                metrics.pulls.pulled(image)
         request.finish()
 
     async def _blob(
@@ -459,7 +489,7 @@ class RegistryResource(Resource):
             request.setHeader(b"Docker-Content-Digest", str(digest).encode())
             request.setHeader(b"X-Cache", b"HIT")
             request.setHeader(b"Content-Length", b"0")
-            self._metrics.requests.labels("blob", "hit").inc()
+            self._metrics.request("blob", "hit").inc()
             self._blobs.served(digest)
             request.finish()
             return
@@ -490,7 +520,7 @@ class RegistryResource(Resource):
             request.setHeader(b"Docker-Content-Digest", str(digest).encode())
             request.setHeader(b"Accept-Ranges", b"bytes")
             request.setHeader(b"X-Cache", cache.encode())
-            self._metrics.requests.labels("blob", cache.lower()).inc()
+            self._metrics.request("blob", cache.lower()).inc()
             if request.method == b"HEAD":
                 request.finish()
                 return
@@ -506,7 +536,7 @@ class RegistryResource(Resource):
         self, request: Request, fd: int | None, fetch: BlobFetch | None, start: int, end: int | None
     ) -> None:
         source = "upstream" if fetch is not None and fetch.origin != "shared" else "cache"
-        counted = self._metrics.served_bytes.labels(source).inc
+        counted = self._metrics.served(source).inc
         transport = socket_transport(request) if self._sendfile else None
         if fetch is not None:
             fd = fetch.fileno()
