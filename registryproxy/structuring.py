@@ -9,7 +9,7 @@ as one line naming its key, in the words of the format read
 (:data:`YAML`: ``cache.tag_ttl: expected a number, got str 'soon'``;
 :data:`JSON`: ``body.tag_ttl: expected a number or null, got a string``).
 The JSON Schema keywords a field's ``metadata["openapi"]`` gives (the
-OpenAPI document shows them) are enforced too (:func:`check_keywords`).
+OpenAPI document shows them) are enforced too.
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ def _field_hook(
                 raise
             # never echo a secret, even a mistyped one
             raise Mismatch(e.expected, words.conceal(value)) from None
-        check_keywords(result, keywords)
+        _check_keywords(result, keywords)
         return result
 
     return structure
@@ -298,13 +298,16 @@ def matches(pattern: str, value: str) -> bool:
     return re.search(re.sub(r"\$$", r"\\Z", pattern), value) is not None
 
 
-def check_keywords(value: Any, keywords: dict[str, Any]) -> None:
+def _check_keywords(value: Any, keywords: dict[str, Any]) -> None:
     """Raise Mistake if the structured *value* breaks one of the JSON Schema
     *keywords* (those of :data:`_KEYWORDS`; a pattern's description says
     what it wants).  Never echoes the value."""
     if isinstance(value, str):
-        if len(value) < keywords.get("minLength", 0):
-            raise Mistake("must not be empty")
+        shortest = keywords.get("minLength", 0)
+        if len(value) < shortest:
+            raise Mistake(
+                "must not be empty" if shortest == 1 else f"shorter than {shortest} characters"
+            )
         if len(value) > keywords.get("maxLength", math.inf):
             raise Mistake(f"longer than {keywords['maxLength']} characters")
         if "pattern" in keywords and not matches(keywords["pattern"], value):
@@ -314,7 +317,7 @@ def check_keywords(value: Any, keywords: dict[str, Any]) -> None:
         if len(value) < keywords.get("minItems", 0):
             raise Mistake(f"give at least {keywords['minItems']} item(s) or leave it out")
         items = keywords.get("items", {})
-        each(value, lambda item: check_keywords(item, items), tuple)
+        each(value, lambda item: _check_keywords(item, items), tuple)
 
 
 def structure(
