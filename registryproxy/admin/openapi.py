@@ -1,11 +1,11 @@
 """The admin API's OpenAPI 3.1 document, derived from attrs classes.
 
-The schemas of what the routes answer come from the backend's attrs classes
-and those of request bodies from :mod:`registryproxy.admin.bodies`, whose
-classes the routes structure bodies with (:func:`schema_of`, with
-descriptions and keywords from their fields' metadata); the settings of an
-upstream follow :class:`~registryproxy.config.UpstreamConfig`.  A field is
-declared once, and a new config key is a new API field.
+:func:`schema_of` makes the schemas, with descriptions and keywords from the
+fields' metadata: of what the routes answer from the backend's classes, of
+request bodies from the classes the routes structure them into
+(:mod:`registryproxy.admin.bodies`), of an upstream's settings from
+:class:`~registryproxy.config.UpstreamConfig`.  A field is declared once, and
+a new config key is a new API field.
 """
 
 from __future__ import annotations
