@@ -134,7 +134,8 @@ async def measure(count: int, access_log: str, tmp: Path) -> dict[str, float]:
     assert b"X-Cache: HIT" in driven["regproxy"].last, driven["regproxy"].last[:400]
     for one in driven.values():
         one.close()
-    print({name: [round(v * 1e6) for v in values] for name, values in costs.items()})
+    for name, values in costs.items():
+        print(f"  {name} by round (us): {', '.join(f'{v * 1e6:.0f}' for v in values)}")
     return {name: min(values) for name, values in costs.items()}
 
 
