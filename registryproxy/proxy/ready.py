@@ -5,25 +5,29 @@ few thousand again and again.  For a manifest kept in memory
 (:class:`~registryproxy.cache.manifests.HotAnswers`), routing, the
 upstream's rules, privacy and content negotiation come out the same each
 time and cost more than the answer itself.  So which kept manifest a request
-got is noted here under what decided it (its URI, ``Host`` and ``Accept``
-headers), and a request asking the same is answered with it without that
-work, as long as
+got is noted here under what decided it (its URI, its ``Host`` and
+``Accept`` headers, and with ``proxy.auth`` its credentials, kept only as a
+hash), and a request asking the same is answered with it without that work,
+as long as
 
 * the manifest cache still keeps that very manifest for the reference (a
   tag's TTL, a purge, an eviction end that at once),
 * the upstreams have not changed since (their *generation*), and
 * at most :data:`LIFETIME` seconds have passed: then the next request takes
-  the whole path again, so what is checked on a time scale of its own
-  (privacy verdicts) is checked at least that often.
+  the whole path again, so what is checked on a time scale of its own is
+  checked at least that often: privacy verdicts, and who a client is (the
+  users' files are looked at once a second too; a token that expires or a
+  user taken out is refused at most that much later).
 
 Only answers that are the kept manifest itself are noted (not a platform's
-manifest picked for a client that takes no lists), and never for requests
-with credentials (``proxy.auth``): who they are is checked on each.
+manifest picked for a client that takes no lists), and only answers, never
+a refusal: wrong credentials never find one.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 
 import attrs
 from twisted.web.server import Request
@@ -36,14 +40,22 @@ LIFETIME = 1.0
 MAX_ENTRIES = 4096
 MAX_BYTES = 16 * 1024 * 1024
 
-#: (URI, Host, Accept): what decides a manifest request's answer, without credentials
-Key = tuple[bytes, bytes | None, tuple[bytes, ...]]
+#: (URI, Host, Accept, credentials' SHA-256): what decides a manifest request's answer
+Key = tuple[bytes, bytes | None, tuple[bytes, ...], bytes | None]
 
 
 def key_of(request: Request) -> Key:
     headers = request.requestHeaders
     host = headers.getRawHeaders(b"host")
-    return (request.uri, host[-1] if host else None, tuple(headers.getRawHeaders(b"accept", ())))
+    accept = tuple(headers.getRawHeaders(b"accept", ()))
+    credentials = headers.getRawHeaders(b"authorization")
+    return (
+        request.uri,
+        host[-1] if host else None,
+        accept,
+        # the one the gate reads (the last), never kept as it is
+        hashlib.sha256(credentials[-1]).digest() if credentials else None,
+    )
 
 
 @attrs.frozen
@@ -55,6 +67,8 @@ class Ready:
     reference: str
     #: what the dashboard counts a GET as a pull of (``upstream/repo:tag``)
     image: str
+    #: who the request logged in as (proxy.auth), for the access log
+    user: str | None
     until: float
     generation: int
 
@@ -100,5 +114,11 @@ class ReadyAnswers:
 
 def _size(key: Key, ready: Ready) -> int:
     """What an answer holds in memory, near enough: a client chooses its keys."""
-    uri, host, accept = key
-    return len(ready.manifest.body) + len(uri) + len(host or b"") + sum(map(len, accept))
+    uri, host, accept, credentials = key
+    return (
+        len(ready.manifest.body)
+        + len(uri)
+        + len(host or b"")
+        + sum(map(len, accept))
+        + len(credentials or b"")
+    )

@@ -199,8 +199,8 @@ class RegistryResource(Resource):
         may pull what (``proxy.auth``); None: anyone who reaches the port.
         *clock*: what times answers used again (:mod:`.ready`)."""
         super().__init__()
-        #: cached manifests' answers, used again for a moment (no logins)
-        self._ready = ReadyAnswers() if gate is None else None
+        #: cached manifests' answers, used again for a moment
+        self._ready = ReadyAnswers()
         self._clock = clock
 
         self._gate = gate
@@ -213,16 +213,18 @@ class RegistryResource(Resource):
 
     def render(self, request: Request) -> int:  # type: ignore[override]
         request.setHeader(*_API_VERSION)
-        if self._ready is not None:
-            key = key_of(request)
+        key = key_of(request)
+        ready = None
+        if request.method in (b"GET", b"HEAD"):  # a push to a manifest's URI is refused
             ready = self._ready.get(key, self._clock.seconds(), self._upstreams.generation)
-            if ready is not None:
-                manifest = ready.manifest
-                if self._manifests.kept(ready.upstream, ready.repo, ready.reference) is manifest:
-                    self._manifests.touch(ready.upstream, ready.repo, manifest.digest)
-                    self._manifest(request, manifest, ready.image)
-                    return NOT_DONE_YET
-                self._ready.drop(key)
+        if ready is not None:
+            manifest = ready.manifest
+            if self._manifests.kept(ready.upstream, ready.repo, ready.reference) is manifest:
+                request.login_user = ready.user  # type: ignore[attr-defined]
+                self._manifests.touch(ready.upstream, ready.repo, manifest.digest)
+                self._manifest(request, manifest, ready.image)
+                return NOT_DONE_YET
+            self._ready.drop(key)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         # the upstream the request is routed to, once it is
@@ -348,12 +350,12 @@ class RegistryResource(Resource):
             image = f"{client.name}/{repo}{at}{reference}"
             if not gone:
                 self._manifest(request, manifest, image)
-            if (
-                self._ready is not None
-                and self._manifests.kept(client.name, repo, reference) is manifest
-            ):
+            if self._manifests.kept(client.name, repo, reference) is manifest:
+                user = identity.user if identity is not None else None
                 until = self._clock.seconds() + LIFETIME
-                ready = Ready(manifest, client.name, repo, reference, image, until, generation)
+                ready = Ready(
+                    manifest, client.name, repo, reference, image, user, until, generation
+                )
                 self._ready.put(key_of(request), ready)
         elif kind == "blob":
             digest = match.group("digest")

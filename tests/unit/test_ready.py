@@ -3,9 +3,11 @@ as the whole path gives, only faster, and never once it would differ."""
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
+import bcrypt
 import pytest_twisted
 from proxyharness import settle
 
@@ -23,12 +25,19 @@ ACCEPT_V2 = ["application/vnd.docker.distribution.manifest.v2+json"]
 def _ready(body: bytes, until: float = 10.0, generation: int = 0) -> Ready:
     manifest = CachedManifest(body, "application/json", "sha256:" + "0" * 64, "HIT")
     return Ready(
-        manifest, "docker.io", "library/app", "1", "docker.io/library/app:1", until, generation
+        manifest,
+        "docker.io",
+        "library/app",
+        "1",
+        "docker.io/library/app:1",
+        None,
+        until,
+        generation,
     )
 
 
-def _key(name: str) -> tuple[bytes, bytes | None, tuple[bytes, ...]]:
-    return (f"/v2/{name}/manifests/1".encode(), b"host", (b"*/*",))
+def _key(name: str) -> tuple[bytes, bytes | None, tuple[bytes, ...], bytes | None]:
+    return (f"/v2/{name}/manifests/1".encode(), b"host", (b"*/*",), None)
 
 
 def test_an_answer_ends_with_its_lifetime_and_its_generation():
@@ -56,7 +65,7 @@ def test_answers_stay_within_their_entry_and_byte_bounds():
     answers.put(_key("huge"), _ready(b"x" * 80))  # over a sixteenth: never kept
     assert answers.get(_key("huge"), 0.0, 0) is None
     # a client chooses its keys: they count too
-    long_key = (b"/v2/" + b"n" * 200 + b"/manifests/1", b"host", (b"*/*",))
+    long_key = (b"/v2/" + b"n" * 200 + b"/manifests/1", b"host", (b"*/*",), None)
     answers.put(long_key, _ready(b"{}"))
     assert answers.get(long_key, 0.0, 0) is None
 
@@ -156,18 +165,40 @@ async def test_a_tag_past_its_ttl_is_asked_again(fake_registry, make_proxy):
 
 
 @pytest_twisted.ensureDeferred
-async def test_requests_with_credentials_take_the_whole_path(fake_registry, make_proxy, tmp_path):
-    import base64
-
-    import bcrypt
-
+async def test_answers_are_kept_apart_by_credentials(fake_registry, make_proxy, tmp_path):
+    """With proxy.auth an answer is used again only for the same credentials:
+    wrong ones, another user's or none get what the whole path says."""
     fake_registry.add_image("library/app", "1", [b"layer"])
     users = tmp_path / "htpasswd"
-    users.write_bytes(b"ann:" + bcrypt.hashpw(b"secret", bcrypt.gensalt(4)) + b"\n")
-    proxy = await make_proxy(fake_registry.url, top={"proxy": {"auth": {"htpasswd": str(users)}}})
+    users.write_bytes(
+        b"".join(
+            name + b":" + bcrypt.hashpw(name + b"-secret", bcrypt.gensalt(4)) + b"\n"
+            for name in (b"ann", b"bob")
+        )
+    )
+    access = tmp_path / "access.log"
+    auth = {
+        "htpasswd": str(users),
+        "rules": [{"repositories": ["library/app"], "users": ["ann"]}],
+    }
+    proxy = await make_proxy(
+        fake_registry.url, top={"proxy": {"auth": auth, "access_log": str(access)}}
+    )
     calls = _counting(proxy)
-    basic = "Basic " + base64.b64encode(b"ann:secret").decode()
+    path = "/v2/library/app/manifests/1"
+
+    def basic(user: str, password: str) -> list[str]:
+        return ["Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()]
+
     for _ in range(3):
-        assert (await proxy.get("/v2/library/app/manifests/1", Authorization=[basic])).code == 200
-    assert calls[0] == 3
-    assert (await proxy.get("/v2/library/app/manifests/1")).code == 401
+        assert (await proxy.get(path, Authorization=basic("ann", "ann-secret"))).code == 200
+    assert calls[0] == 2
+    assert (await proxy.get(path, Authorization=basic("ann", "wrong"))).code == 401
+    assert (await proxy.get(path, Authorization=basic("bob", "bob-secret"))).code == 403
+    assert (await proxy.get(path)).code == 401
+    # a push to the same URI with ann's credentials is no pull
+    push = await proxy.request("PUT", path, {"Authorization": basic("ann", "ann-secret")})
+    assert push.code == 405, push.body
+    await settle(1.5)  # the access log is flushed every second
+    users_logged = [line.split(" ")[2] for line in access.read_text().splitlines()]
+    assert users_logged[:3] == ["ann", "ann", "ann"]
