@@ -445,7 +445,7 @@ def build_proxy(
         if cluster is None
         else _removed_everywhere(manifests, cluster),
     )
-    # stored bytes are hashed again before they are trusted again (scrub.py)
+    # stored bytes are hashed again when they are read again (scrub.py)
     verifier = Verifier(
         store,
         access,

@@ -180,6 +180,12 @@ def _check_layers(client: RegistryClient, manifest: CachedManifest) -> None:
             _check_size(client, str(descriptor.get("digest")), descriptor["size"])
 
 
+def _unchecked(failure: Failure, digest: Digest) -> bool:
+    """A stored blob could not be hashed again: not trusted (its reader is cut off)."""
+    log.failure("cannot hash {digest} again", failure, digest=str(digest))
+    return False
+
+
 class RegistryResource(Resource):
     isLeaf = True
 
@@ -458,9 +464,13 @@ class RegistryResource(Resource):
                 return
         # after the awaits: it may have been purged meanwhile
         fd = self._blobs.open_stored(digest) if stored is not None else None
-        if fd is not None and not await self._blobs.sound(digest, fd):
-            self._blobs.close_stored(fd)  # rotten: quarantined; fetched again below
-            fd = None
+        check = None
+        if fd is not None and self._blobs.due(digest):
+            # hashed again while it is sent, as a download is: its last byte
+            # waits for the verdict, and a rotten file's reader is cut off
+            # (the file quarantined: the next try fetches it again)
+            check = Deferred.fromCoroutine(self._blobs.sound(digest, fd))
+            check.addErrback(_unchecked, digest)
         if gone:
             if fd is not None:
                 self._blobs.close_stored(fd)
@@ -526,7 +536,7 @@ class RegistryResource(Resource):
             if request.method == b"HEAD":
                 request.finish()
                 return
-            self._send(request, fd, fetch, start, end)
+            self._send(request, fd, fetch, start, end, check)
             fd = None  # the sender owns it now
         finally:
             if fd is not None:
@@ -535,8 +545,15 @@ class RegistryResource(Resource):
                 fetch.release()  # the sender (if any) listens now
 
     def _send(
-        self, request: Request, fd: int | None, fetch: BlobFetch | None, start: int, end: int | None
+        self,
+        request: Request,
+        fd: int | None,
+        fetch: BlobFetch | None,
+        start: int,
+        end: int | None,
+        check: Deferred[bool] | None = None,
     ) -> None:
+        """*check*: a stored blob's hash under way (see :meth:`_blob`)."""
         source = "upstream" if fetch is not None and fetch.origin != "shared" else "cache"
         counted = self._metrics.served(source).inc
         transport = socket_transport(request) if self._sendfile else None
@@ -549,7 +566,11 @@ class RegistryResource(Resource):
         elif transport is not None and end is not None:
             assert fd is not None
             close = self._blobs.close_stored
-            SendfileSender(request, transport, fd, start, end, counted, close_fd=close).start()
+            SendfileSender(
+                request, transport, fd, start, end, counted, close_fd=close, check=check
+            ).start()
         else:
             close = self._blobs.close_stored
-            BlobSender(request, start, end, fd=fd, counted=counted, close_fd=close).start()
+            BlobSender(
+                request, start, end, fd=fd, counted=counted, close_fd=close, check=check
+            ).start()
