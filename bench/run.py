@@ -219,7 +219,7 @@ def _rows(plan: Plan) -> list[Row]:
         Row("blob_warm_cpu", "  ... server CPU (s per GB sent)", "lower"),
         Row(
             "blob_restart",
-            "  ... first read after a restart (MB/s; regproxy hashes it first)",
+            "  ... first read after a restart (MB/s; regproxy hashes it meanwhile)",
             "higher",
             0,
         ),

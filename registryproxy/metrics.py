@@ -59,6 +59,8 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        #: the labelled counters of the hot path, looked up once
+        self._children: dict[tuple[str, ...], Any] = {}
         self.upstream_requests = Counter(
             "regproxy_upstream_requests",
             "Requests sent to upstream registries",
@@ -96,6 +98,22 @@ class Metrics:
         self.free_disk_bytes = Gauge(
             "regproxy_free_disk_bytes", "Free bytes on the cache's file system", registry=r
         )
+
+    def request(self, kind: str, cache: str) -> Any:
+        """``requests{kind, cache}``: labels() once per pair, not per answer."""
+        key = ("request", kind, cache)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.requests.labels(kind, cache)
+        return child
+
+    def served(self, source: str) -> Any:
+        """``served_bytes{source}``, as :meth:`request`."""
+        key = ("served", source)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.served_bytes.labels(source)
+        return child
 
     def error(
         self, status: int, client: str, method: str, path: str, upstream: str | None = None

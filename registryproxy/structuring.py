@@ -5,11 +5,17 @@ bodies are structured by converters made here, so a field is declared once,
 on its attrs class.  Stricter than cattrs' defaults: a number is not a string
 that looks like one, a list is not a string, a count is not negative, and a
 field whose repr hides it (a secret) is never echoed.  A mistake is reported
-as one line naming its key: ``cache.tag_ttl: expected a number, got str 'soon'``.
+as one line naming its key, in the words of the format read
+(:data:`YAML`: ``cache.tag_ttl: expected a number, got str 'soon'``;
+:data:`JSON`: ``body.tag_ttl: expected a number or null, got a string``).
+The JSON Schema keywords a field's ``metadata["openapi"]`` gives (the
+OpenAPI document shows them) are enforced too.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -45,6 +51,7 @@ class Mismatch(Mistake):
     def __init__(self, expected: str, got: str) -> None:
         super().__init__(f"expected {expected}, got {got}")
         self.expected = expected
+        self.got = got
 
 
 class StructureError(ValueError):
@@ -55,36 +62,102 @@ def describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}" if not isinstance(value, dict) else "a mapping"
 
 
+def json_type(value: Any) -> str:
+    """*value*'s JSON type, with its article; never the value itself (a
+    request body may carry a password)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an object" if isinstance(value, dict) else "a list"
+
+
+@attrs.frozen
+class Words:
+    """How mistakes are told: in the terms of the format that was read."""
+
+    #: what a whole number, a flag and a mapping are called
+    count: str
+    flag: str
+    mapping: str
+    #: a value as a mistake shows it
+    describe: Callable[[Any], str]
+    #: a value whose field's repr hides it (a secret) as a mistake shows it
+    conceal: Callable[[Any], str]
+    #: whether an optional value's mistake says that null is taken too
+    say_null: bool
+    #: a key that no field has, given the known ones
+    unknown: Callable[[str, str], Mistake]
+    #: a required field left out
+    missing: Callable[[str], Mistake]
+
+
+#: the config file's words: ``tag_ttl: expected a number, got str 'soon'``
+YAML = Words(
+    count="a whole number",
+    flag="true or false",
+    mapping="a mapping",
+    describe=describe,
+    conceal=lambda value: f"{type(value).__name__} (not shown)",
+    say_null=False,
+    unknown=lambda name, known: Mistake(f"unknown key (known here: {known})", name),
+    missing=lambda name: Mistake("required key is missing", name),
+)
+#: a JSON body's words, which never echo a value of the wrong type:
+#: ``body.tag_ttl: expected a number or null, got a string``
+JSON = Words(
+    count="an integer",
+    flag="a boolean",
+    mapping="an object",
+    describe=json_type,
+    conceal=json_type,
+    say_null=True,
+    unknown=lambda name, known: Mistake(f"unknown field {name!r} (known: {known})"),
+    missing=lambda name: Mistake(f"required field {name!r} is missing"),
+)
+
+
 def join(path: str, key: str) -> str:
     return f"{path}.{key}" if path and key else path or key
 
 
-def _number(value: Any, _: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise Mismatch("a number", describe(value))
-    if value < 0:
-        raise Mismatch("a number >= 0", repr(value))
-    return float(value)
+def _scalars(words: Words) -> dict[type, Hook]:
+    """Strict hooks for numbers, whole numbers, flags and strings."""
 
+    def number(value: Any, _: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise Mismatch("a number", words.describe(value))
+        if value < 0:
+            raise Mismatch("a number >= 0", repr(value))
+        try:
+            return float(value)
+        except OverflowError:  # a whole number of hundreds of digits
+            raise Mistake("too large a number") from None
 
-def _count(value: Any, _: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise Mismatch("a whole number", describe(value))
-    if value < 0:
-        raise Mismatch("a whole number >= 0", repr(value))
-    return value
+    def count(value: Any, _: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise Mismatch(words.count, words.describe(value))
+        if value < 0:
+            raise Mismatch(f"{words.count} >= 0", repr(value))
+        return value
 
+    def flag(value: Any, _: Any) -> bool:
+        if not isinstance(value, bool):
+            raise Mismatch(words.flag, words.describe(value))
+        return value
 
-def _flag(value: Any, _: Any) -> bool:
-    if not isinstance(value, bool):
-        raise Mismatch("true or false", describe(value))
-    return value
+    def text(value: Any, _: Any) -> str:
+        if not isinstance(value, str):
+            raise Mismatch("a string", words.describe(value))
+        return value
 
-
-def _text(value: Any, _: Any) -> str:
-    if not isinstance(value, str):
-        raise Mismatch("a string", describe(value))
-    return value
+    return {float: number, int: count, bool: flag, str: text}
 
 
 def _is_union(tp: Any) -> bool:
@@ -109,31 +182,33 @@ def each(items: Any, structure: Callable[[Any], Any], cls: type) -> list[Any]:
     return out
 
 
-def make_converter() -> cattrs.Converter:
+def make_converter(words: Words = YAML) -> cattrs.Converter:
     """A converter with the strict hooks above for attrs classes of scalars,
-    tuples (from lists), optional values and unions of them."""
+    tuples (from lists), optional values and unions of them, telling its
+    mistakes in *words*."""
     converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
-    converter.register_structure_hook(float, _number)
-    converter.register_structure_hook(int, _count)
-    converter.register_structure_hook(bool, _flag)
-    converter.register_structure_hook(str, _text)
+    for tp, hook in _scalars(words).items():
+        converter.register_structure_hook(tp, hook)
 
     def union(tp: Any) -> Hook:
         options = [o for o in typing.get_args(tp) if o is not type(None)]
         nullable = len(options) < len(typing.get_args(tp))
+        say_null = nullable and words.say_null
 
         def structure(value: Any, _: Any) -> Any:
             if value is None and nullable:
                 return None
-            if len(options) == 1:
-                return converter.structure(value, options[0])  # its own errors
-            expected = []
+            mismatches = []
             for option in options:
                 try:
                     return converter.structure(value, option)
                 except Mismatch as e:
-                    expected.append(e.expected)
-            raise Mismatch(" or ".join(expected), describe(value))
+                    mismatches.append(e)
+            if len(mismatches) == 1 and not say_null:
+                raise mismatches[0]  # its own error
+            expected = [m.expected for m in mismatches] + (["null"] if say_null else [])
+            got = mismatches[0].got if len(mismatches) == 1 else words.describe(value)
+            raise Mismatch(" or ".join(expected), got)
 
         return structure
 
@@ -142,33 +217,34 @@ def make_converter() -> cattrs.Converter:
 
         def structure(value: Any, _: Any) -> tuple[Any, ...]:
             if not isinstance(value, list):
-                raise Mismatch("a list", describe(value))
+                raise Mismatch("a list", words.describe(value))
             return tuple(each(value, lambda v: converter.structure(v, item), tp))
 
         return structure
 
     converter.register_structure_hook_factory(_is_union, union)
     converter.register_structure_hook_factory(_is_tuple, sequence)
-    converter.register_structure_hook_factory(attrs.has, lambda cls: attrs_hook(converter, cls))
+    converter.register_structure_hook_factory(
+        attrs.has, lambda cls: attrs_hook(converter, cls, words=words)
+    )
     return converter
 
 
-def attrs_hook(converter: cattrs.Converter, cls: type, also_known: tuple[str, ...] = ()) -> Hook:
+def attrs_hook(
+    converter: cattrs.Converter, cls: type, also_known: tuple[str, ...] = (), words: Words = YAML
+) -> Hook:
     """Structure *cls* from a mapping of its fields (and the keys *also_known*,
     which the caller's hook takes away first); a field whose repr hides it
     (a secret) is reported by its type alone."""
     fields = attrs.fields(attrs.resolve_types(cls))
-    hidden = {
-        f.name: override(struct_hook=_unshown(converter, f.type))
-        for f in fields
-        if f.repr is not True
-    }
-    generated: Hook = make_dict_structure_fn(cls, converter, **hidden)  # type: ignore[arg-type]
+    special = {f.name: _field_hook(converter, f, words) for f in fields}
+    overrides = {name: override(struct_hook=hook) for name, hook in special.items() if hook}
+    generated: Hook = make_dict_structure_fn(cls, converter, **overrides)  # type: ignore[arg-type]
     known = ", ".join(sorted([*(f.name for f in fields), *also_known]))
 
     def structure(value: Any, _: Any) -> Any:
         if not isinstance(value, dict):
-            raise Mismatch("a mapping", describe(value))
+            raise Mismatch(words.mapping, words.describe(value))
         try:
             return generated(value, cls)
         except ClassValidationError as e:
@@ -176,21 +252,72 @@ def attrs_hook(converter: cattrs.Converter, cls: type, also_known: tuple[str, ..
                 if isinstance(error, ForbiddenExtraKeysError):
                     # the first unknown key as written, before any other mistake
                     name = next(key for key in value if key in error.extra_fields)
-                    raise Mistake(f"unknown key (known here: {known})", str(name)) from None
+                    raise words.unknown(str(name), known) from None
+            first = e.exceptions[0]
+            if isinstance(first, KeyError):
+                notes = getattr(first, "__notes__", ())
+                name = next(n.name for n in notes if isinstance(n, AttributeValidationNote))
+                raise words.missing(name) from None
             raise
 
     return structure
 
 
-def _unshown(converter: cattrs.Converter, tp: Any) -> Hook:
+#: the JSON Schema keywords of a field's metadata["openapi"] that are enforced
+_KEYWORDS = {"minLength", "maxLength", "pattern", "minItems", "items"}
+
+
+def _field_hook(
+    converter: cattrs.Converter, field: attrs.Attribute[Any], words: Words
+) -> Hook | None:
+    """*field*'s own hook if it needs one: to hide a secret (a field whose
+    repr hides it) or to enforce its metadata's keywords."""
+    keywords = field.metadata.get("openapi", {})
+    secret = field.repr is not True
+    tp: Any = field.type
+    if not secret and not keywords.keys() & _KEYWORDS:
+        return None
+
     def structure(value: Any, _: Any) -> Any:
         try:
-            return converter.structure(value, tp)
-        except Mismatch:
+            result = converter.structure(value, tp)
+        except Mismatch as e:
+            if not secret:
+                raise
             # never echo a secret, even a mistyped one
-            raise Mismatch("a string", f"{type(value).__name__} (not shown)") from None
+            raise Mismatch(e.expected, words.conceal(value)) from None
+        _check_keywords(result, keywords)
+        return result
 
     return structure
+
+
+def matches(pattern: str, value: str) -> bool:
+    """JSON Schema's (ECMA 262) reading of *pattern*, whose ``$`` does not
+    match before a final newline as Python's does."""
+    return re.search(re.sub(r"\$$", r"\\Z", pattern), value) is not None
+
+
+def _check_keywords(value: Any, keywords: dict[str, Any]) -> None:
+    """Raise Mistake if the structured *value* breaks one of the JSON Schema
+    *keywords* (those of :data:`_KEYWORDS`; a pattern's description says
+    what it wants).  Never echoes the value."""
+    if isinstance(value, str):
+        shortest = keywords.get("minLength", 0)
+        if len(value) < shortest:
+            raise Mistake(
+                "must not be empty" if shortest == 1 else f"shorter than {shortest} characters"
+            )
+        if len(value) > keywords.get("maxLength", math.inf):
+            raise Mistake(f"longer than {keywords['maxLength']} characters")
+        if "pattern" in keywords and not matches(keywords["pattern"], value):
+            hint = keywords.get("description", f"the pattern {keywords['pattern']}")
+            raise Mistake(f"not valid: expected {hint}")
+    elif isinstance(value, tuple):
+        if len(value) < keywords.get("minItems", 0):
+            raise Mistake(f"give at least {keywords['minItems']} item(s) or leave it out")
+        items = keywords.get("items", {})
+        each(value, lambda item: _check_keywords(item, items), tuple)
 
 
 def structure(
@@ -204,7 +331,7 @@ def structure(
     below *path* (*root* when that is the top)."""
     try:
         return converter.structure(data, cls)
-    except (ValueError, KeyError, BaseValidationError) as e:
+    except (ValueError, BaseValidationError) as e:
         raise StructureError(_message(e, path, root)) from None
 
 
@@ -219,8 +346,6 @@ def _message(error: BaseException, path: str, root: str) -> str:
                 index = note.index
                 path = f"{path}[{index}]" if isinstance(index, int) else join(path, index)
         return _message(first, path, root)
-    if isinstance(error, KeyError):
-        return f"{path}: required key is missing"
     if isinstance(error, Mistake):
         return f"{join(path, error.key) or root}: {error}"
     if isinstance(error, ValueError):

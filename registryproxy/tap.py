@@ -445,7 +445,7 @@ def build_proxy(
         if cluster is None
         else _removed_everywhere(manifests, cluster),
     )
-    # stored bytes are hashed again before they are trusted again (scrub.py)
+    # stored bytes are hashed again when they are read again (scrub.py)
     verifier = Verifier(
         store,
         access,
@@ -472,11 +472,11 @@ def build_proxy(
         keep.busy_from(cluster.membership.busy_elsewhere)
     gate = _gate(config, store.root, cluster, reactor, metrics)
     resource = RegistryResource(
-        upstreams, manifests, blobs, metrics, config.proxy.sendfile, gate=gate
+        upstreams, manifests, blobs, metrics, reactor, config.proxy.sendfile, gate=gate
     )
     # what other nodes of a cluster ask this one for: never passed on again
     internal = RegistryResource(
-        upstreams, manifests, blobs, metrics, config.proxy.sendfile, forward=False
+        upstreams, manifests, blobs, metrics, reactor, config.proxy.sendfile, forward=False
     )
     control = build_control(
         config,

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import re
 from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, urlsplit
 
 import attrs
@@ -29,11 +30,13 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from ..names import is_valid_digest, is_valid_name, is_valid_registry_host, is_valid_tag
 from ..proxy.connections import Refusal
 from ..reference import parse_image
-from . import openapi
+from ..structuring import matches
+from . import bodies, openapi
 from .backend import AdminBackend, AdminError, FsckResult, PurgeSelector
 from .dashboard import Dashboard
 
 log = Logger()
+T = TypeVar("T")
 
 #: the largest request body taken; an upstream's settings are a few hundred bytes
 MAX_BODY = 64 * 1024
@@ -98,7 +101,7 @@ def _flag(args: dict[str, str], name: str) -> bool:
 
 def parse_time(name: str, text: str) -> float:
     """Epoch seconds from epoch seconds or ISO 8601 (UTC when it names no zone)."""
-    if openapi.matches(openapi.TIME_PATTERN, text):
+    if matches(openapi.TIME_PATTERN, text):
         if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):
             return float(text)
         try:
@@ -145,8 +148,8 @@ def _repository(name: str) -> str:
 
 def _image(text: str, where: str) -> str:
     """*text* if it names an image as ``docker pull`` takes it (AdminError 400 if not)."""
-    if len(text) > openapi.IMAGE_MAX_LENGTH:
-        raise AdminError(400, f"{where}: longer than {openapi.IMAGE_MAX_LENGTH} characters")
+    if len(text) > bodies.IMAGE_MAX_LENGTH:
+        raise AdminError(400, f"{where}: longer than {bodies.IMAGE_MAX_LENGTH} characters")
     try:
         parse_image(text)
     except ValueError as e:
@@ -167,23 +170,30 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _body(request: IRequest, schema: str, limit: int) -> dict[str, Any]:
-    """The JSON body, checked against the OpenAPI document's *schema*."""
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{_show(text)} is too large a number")
+    return value
+
+
+def _body(request: IRequest, cls: type[T], limit: int) -> T:
+    """The JSON body as a *cls* (:mod:`.bodies`)."""
     data = request.content.read(limit + 1) if request.content is not None else b""
     if len(data) > limit:
         raise AdminError(413, _too_large(limit))
     if not data.strip():
         raise AdminError(400, "send a JSON object as the request body")
     try:
-        value = json.loads(data, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+        value = json.loads(
+            data,
+            parse_constant=_no_constant,
+            parse_float=_finite,
+            object_pairs_hook=_no_duplicates,
+        )
     except (ValueError, RecursionError) as e:
         raise AdminError(400, f"the request body is not JSON: {e}") from None
-    try:
-        openapi.check(schema, value)
-    except ValueError as e:
-        raise AdminError(400, str(e)) from None
-    assert isinstance(value, dict)
-    return value
+    return bodies.parse(value, cls)
 
 
 def _refusal(status: int, message: str, headers: dict[bytes, bytes] | None = None) -> Refusal:
@@ -464,17 +474,13 @@ class AdminAPI:
     @app.route("/api/v1/prefetch", methods=["POST"])
     def prefetch(self, request: IRequest) -> bytes:
         _query(request)
-        body = _body(request, "PrefetchRequest", self._max_body)
+        body = _body(request, bodies.PrefetchRequest, self._max_body)
         try:
-            image = parse_image(body["image"])
+            image = parse_image(body.image)
         except ValueError as e:
             raise AdminError(400, f"image: {e}") from None
-        platforms = body.get("platforms")
         job = self._backend.prefetch(
-            image.upstream,
-            image.repository,
-            image.reference,
-            tuple(platforms) if platforms is not None else None,
+            image.upstream, image.repository, image.reference, body.platforms
         )
         log.info("admin API: prefetch {job} of {image}", job=job.id, image=str(image))
         request.setHeader(b"Location", f"/api/v1/prefetch/{quote(job.id, safe='')}".encode())
@@ -509,7 +515,7 @@ class AdminAPI:
     @app.route("/api/v1/upstreams/<name>", methods=["PUT"])
     def put_upstream(self, request: IRequest, name: str) -> bytes:
         _query(request)
-        settings = _body(request, "UpstreamSettings", self._max_body)
+        settings = bodies.given(_body(request, bodies.UpstreamSettings, self._max_body))
         existed = _upstream(name) in self._backend.upstreams()
         shown = self._backend.set_upstream(name, settings, merge=False)
         log.info(
@@ -520,7 +526,7 @@ class AdminAPI:
     @app.route("/api/v1/upstreams/<name>", methods=["PATCH"])
     def patch_upstream(self, request: IRequest, name: str) -> bytes:
         _query(request)
-        settings = _body(request, "UpstreamSettings", self._max_body)
+        settings = bodies.given(_body(request, bodies.UpstreamSettings, self._max_body))
         self._known_upstream(name)
         shown = self._backend.set_upstream(name, settings, merge=True)
         log.info("admin API: upstream {name} changed ({keys})", name=name, keys=", ".join(settings))
@@ -587,7 +593,7 @@ class AdminAPI:
     @app.route("/api/v1/pins", methods=["PUT"])
     def put_pin(self, request: IRequest) -> bytes:
         _query(request)
-        image = _image(_body(request, "PinRequest", self._max_body)["image"], "image")
+        image = _image(_body(request, bodies.PinRequest, self._max_body).image, "image")
         before = {p.image for p in self._backend.pins()}
         pin = self._backend.pin(image)
         existed = pin.image in before

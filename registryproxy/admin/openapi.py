@@ -1,19 +1,16 @@
-"""The admin API's OpenAPI 3.1 document, and request bodies checked against it.
+"""The admin API's OpenAPI 3.1 document, derived from attrs classes.
 
-The routes in :mod:`registryproxy.admin.app` validate JSON bodies with
-:func:`check` against the schemas below, so the document and the routes
-cannot disagree about what a body may hold.  The schemas of what the routes
-answer are derived from the backend's attrs classes (:func:`schema_of`, with
-descriptions from their fields' metadata), and the settings of an upstream
-from :class:`~registryproxy.config.UpstreamConfig`: a field is declared once,
-and a new config key is a new API field.
+:func:`schema_of` makes the schemas, with descriptions and keywords from the
+fields' metadata: of what the routes answer from the backend's classes, of
+request bodies from the classes the routes structure them into
+(:mod:`registryproxy.admin.bodies`), of an upstream's settings from
+:class:`~registryproxy.config.UpstreamConfig`.  A field is declared once, and
+a new config key is a new API field.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import re
 import types
 import typing
 from typing import Any, Union
@@ -21,15 +18,14 @@ from typing import Any, Union
 import attrs
 
 from .. import names
-from ..config import UpstreamConfig
 from .backend import FsckResult, Pin, PrefetchJob, PurgeResult, RepositoryDetail, RepositorySummary
+from .bodies import IMAGE, PinRequest, PrefetchRequest, UpstreamSettings
 
 # The grammar of registryproxy.names, anchored for JSON Schema.
 NAME_PATTERN = f"^{names._NAME.pattern}$"
 TAG_PATTERN = f"^{names._TAG.pattern}$"
 DIGEST_PATTERN = f"^{names._DIGEST.pattern}$"
 HOST_PATTERN = f"^{names._REGISTRY_HOST.pattern}$"
-PLATFORM_PATTERN = r"^[a-z0-9_.-]+/[a-z0-9_.-]+(?:/[a-z0-9_.-]+)?$"
 #: epoch seconds, or an ISO 8601 time (UTC when it names no zone)
 TIME_PATTERN = r"^([0-9]+(\.[0-9]+)?|[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9:.]+)?(Z|[+-][0-9:]+)?)$"
 
@@ -42,31 +38,30 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {**schema, "type": [schema["type"], "null"]}
 
 
-def schema_of(tp: Any, bounded: bool = False) -> dict[str, Any]:
+def schema_of(tp: Any, body: bool = False) -> dict[str, Any]:
     """JSON Schema for a type hint: scalars, tuples, optional values and
-    unions of them, and attrs classes (every field required, each schema
-    with what the field's ``metadata["openapi"]`` adds).  *bounded*: numbers
-    are >= 0, as the config file takes them."""
+    unions of them, and attrs classes (each field's schema with what its
+    ``metadata["openapi"]`` adds).  An answer has every field; a request
+    *body* (read by :mod:`.bodies`) may leave out those with a default, has
+    no other keys, and its numbers are >= 0."""
     if typing.get_origin(tp) in (Union, types.UnionType):
         options = [t for t in typing.get_args(tp) if t is not type(None)]
         schema: dict[str, Any] = {}
         for option in options:  # several: a size, bytes or "2GiB"
-            inner = schema_of(option, bounded)
+            inner = schema_of(option, body)
             schema = {**schema, **inner, "type": [*schema.get("type", []), inner["type"]]}
         if type(None) in typing.get_args(tp):
             schema["type"].append("null")
         return schema if len(schema["type"]) > 1 else {**schema, "type": schema["type"][0]}
     if typing.get_origin(tp) is tuple:
-        return {"type": "array", "items": schema_of(typing.get_args(tp)[0], bounded)}
+        return {"type": "array", "items": schema_of(typing.get_args(tp)[0], body)}
     if attrs.has(tp):
         fields = attrs.fields(attrs.resolve_types(tp))
-        return _object(
-            {
-                f.name: {**schema_of(f.type, bounded), **f.metadata.get("openapi", {})}
-                for f in fields
-            }
-        )
-    minimum = {"minimum": 0} if bounded else {}
+        optional = tuple(f.name for f in fields if body and f.default is not attrs.NOTHING)
+        properties = {f.name: _with_metadata(schema_of(f.type, body), f) for f in fields}
+        schema = _object(properties, optional)
+        return {**schema, "additionalProperties": False} if body else schema
+    minimum = {"minimum": 0} if body else {}
     if tp is float:
         return {"type": "number", **minimum}
     if tp is int:
@@ -78,16 +73,12 @@ def schema_of(tp: Any, bounded: bool = False) -> dict[str, Any]:
     raise TypeError(f"no JSON schema for {tp!r}")  # pragma: no cover
 
 
-def _upstream_settings() -> dict[str, Any]:
-    return {
-        "type": "object",
-        "description": (
-            "An upstream's keys as under upstreams.<name> in the YAML config "
-            "(etc/regproxy.yaml), validated the same way."
-        ),
-        "properties": schema_of(UpstreamConfig, bounded=True)["properties"],
-        "additionalProperties": False,
-    }
+def _with_metadata(schema: dict[str, Any], field: attrs.Attribute[Any]) -> dict[str, Any]:
+    """*schema* of *field*'s type with what its metadata adds (to its items too)."""
+    extra = field.metadata.get("openapi", {})
+    if "items" in extra:
+        return {**schema, **extra, "items": {**schema["items"], **extra["items"]}}
+    return {**schema, **extra}
 
 
 def _with_descriptions(schema: dict[str, Any], **descriptions: str) -> dict[str, Any]:
@@ -100,17 +91,7 @@ def _with_descriptions(schema: dict[str, Any], **descriptions: str) -> dict[str,
 
 
 _TIME = {"type": "number", "description": "Unix epoch seconds"}
-#: the longest image reference taken
-IMAGE_MAX_LENGTH = 1024
-_IMAGE = {
-    "type": "string",
-    "minLength": 1,
-    "maxLength": IMAGE_MAX_LENGTH,
-    "description": (
-        "An image as docker pull takes it: nginx, nginx:1.27, "
-        "ghcr.io/owner/name:1.0, nginx@sha256:..."
-    ),
-}
+_IMAGE = {**schema_of(str), **IMAGE["openapi"]}
 _ERROR = {
     "type": "object",
     "properties": {
@@ -128,11 +109,21 @@ _ERROR = {
 
 
 def _object(properties: dict[str, Any], optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    required = [name for name in properties if name not in optional]
     return {
         "type": "object",
         "properties": properties,
-        "required": [name for name in properties if name not in optional],
+        **({"required": required} if required else {}),
     }
+
+
+_UPSTREAM_SETTINGS = {
+    **schema_of(UpstreamSettings, body=True),
+    "description": (
+        "An upstream's keys as under upstreams.<name> in the YAML config "
+        "(etc/regproxy.yaml), validated the same way."
+    ),
+}
 
 
 _UPSTREAM_SHOWN = {
@@ -142,7 +133,7 @@ _UPSTREAM_SHOWN = {
         "plus whether it is a preset and the default upstream."
     ),
     "properties": {
-        **{name: {} for name in _upstream_settings()["properties"]},
+        **{name: {} for name in _UPSTREAM_SETTINGS["properties"]},
         "url": {"type": "string"},
         "preset": {"type": "boolean"},
         "default": {"type": "boolean"},
@@ -294,24 +285,7 @@ SCHEMAS: dict[str, Any] = {
     ),
     "RepositoryDetail": schema_of(RepositoryDetail),
     "PurgeResult": schema_of(PurgeResult),
-    "PrefetchRequest": {
-        "type": "object",
-        "properties": {
-            "image": _IMAGE,
-            "platforms": {
-                "type": ["array", "null"],
-                "minItems": 1,
-                "items": {
-                    "type": "string",
-                    "pattern": PLATFORM_PATTERN,
-                    "description": "os/arch[/variant], e.g. linux/arm64/v8",
-                },
-                "description": "Which platforms of a multi-platform image; leave out for all",
-            },
-        },
-        "required": ["image"],
-        "additionalProperties": False,
-    },
+    "PrefetchRequest": schema_of(PrefetchRequest, body=True),
     "PrefetchJob": schema_of(PrefetchJob),
     "PrefetchJobList": _object({"jobs": {"type": "array", "items": _ref("PrefetchJob")}}),
     "FsckResult": _with_descriptions(
@@ -326,13 +300,8 @@ SCHEMAS: dict[str, Any] = {
     ),
     "Pin": schema_of(Pin),
     "PinList": _object({"pins": {"type": "array", "items": _ref("Pin")}}),
-    "PinRequest": {
-        "type": "object",
-        "properties": {"image": _IMAGE},
-        "required": ["image"],
-        "additionalProperties": False,
-    },
-    "UpstreamSettings": _upstream_settings(),
+    "PinRequest": schema_of(PinRequest, body=True),
+    "UpstreamSettings": _UPSTREAM_SETTINGS,
     "Upstream": _UPSTREAM_SHOWN,
     "UpstreamList": _object(
         {"upstreams": {"type": "object", "additionalProperties": _ref("Upstream")}}
@@ -713,81 +682,3 @@ def document() -> dict[str, Any]:
             "paths": _paths(),
         }
     )
-
-
-_JSON_TYPES: dict[str, Any] = {
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str),
-    "boolean": lambda v: isinstance(v, bool),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "null": lambda v: v is None,
-}
-_ARTICLE = {"object": "an object", "array": "a list", "integer": "an integer", "null": "null"}
-
-
-def _json_type(value: Any) -> str:
-    for name in ("null", "boolean", "integer", "number", "string", "array", "object"):
-        if _JSON_TYPES[name](value):
-            return name
-    return type(value).__name__  # pragma: no cover
-
-
-def matches(pattern: str, value: str) -> bool:
-    """JSON Schema's (ECMA 262) reading of *pattern*, whose ``$`` does not
-    match before a final newline as Python's does."""
-    return re.search(re.sub(r"\$$", r"\\Z", pattern), value) is not None
-
-
-def check(schema_name: str, value: Any) -> None:
-    """Raise ValueError naming the first place where *value* breaks the schema.
-
-    The JSON Schema keywords the schemas above use for request bodies, no
-    more.  Messages name fields and expected types but never echo a value,
-    since a body may carry a password."""
-    _check(SCHEMAS[schema_name], value, "body")
-
-
-def _check(schema: dict[str, Any], value: Any, where: str) -> None:
-    if "$ref" in schema:
-        schema = SCHEMAS[schema["$ref"].rsplit("/", 1)[1]]
-    types_ = schema.get("type")
-    if types_ is not None:
-        allowed = [types_] if isinstance(types_, str) else types_
-        if not any(_JSON_TYPES[t](value) for t in allowed):
-            expected = " or ".join(_ARTICLE.get(t, f"a {t}") for t in allowed)
-            got = _ARTICLE.get(_json_type(value), f"a {_json_type(value)}")
-            raise ValueError(f"{where}: expected {expected}, got {got}")
-    if isinstance(value, dict):
-        properties = schema.get("properties", {})
-        for name in value:
-            if name not in properties and schema.get("additionalProperties") is False:
-                known = ", ".join(properties)
-                raise ValueError(f"{where}: unknown field {name!r} (known: {known})")
-        for name in schema.get("required", ()):
-            if name not in value:
-                raise ValueError(f"{where}: required field {name!r} is missing")
-        for name, item in value.items():
-            if name in properties:
-                _check(properties[name], item, f"{where}.{name}")
-    elif isinstance(value, list):
-        if len(value) < schema.get("minItems", 0):
-            raise ValueError(f"{where}: give at least {schema['minItems']} item(s) or leave it out")
-        for i, item in enumerate(value):
-            _check(schema.get("items", {}), item, f"{where}[{i}]")
-    elif isinstance(value, str):
-        if len(value) < schema.get("minLength", 0):
-            raise ValueError(f"{where}: must not be empty")
-        if len(value) > schema.get("maxLength", math.inf):
-            raise ValueError(f"{where}: longer than {schema['maxLength']} characters")
-        if "pattern" in schema and not matches(schema["pattern"], value):
-            hint = schema.get("description", f"the pattern {schema['pattern']}")
-            raise ValueError(f"{where}: not valid: expected {hint}")
-    elif _JSON_TYPES["number"](value):
-        if not math.isfinite(value):  # pragma: no cover (json.loads refuses these)
-            raise ValueError(f"{where}: expected a finite number")
-        if "minimum" in schema and value < schema["minimum"]:
-            raise ValueError(f"{where}: expected a number >= {schema['minimum']}")
-    if "enum" in schema and value not in schema["enum"]:
-        raise ValueError(f"{where}: expected one of {', '.join(map(str, schema['enum']))}")

@@ -31,7 +31,6 @@ class SavedUpstreamsStore(Protocol):
 
     def load(self) -> dict[str, dict[str, Any] | None]: ...
     def put(self, name: str, settings: dict[str, Any] | None) -> None: ...
-    def apply(self, config: Config) -> Config: ...
 
 
 class SavedPinsStore(Protocol):
@@ -106,8 +105,6 @@ class UpstreamSettings:
         current = self._upstreams.configs.get(name)
         if merge and current is None:
             raise AdminError(404, f"unknown upstream {name!r}: PUT it to add it")
-        if not isinstance(settings, dict):
-            raise AdminError(400, "upstream settings must be a JSON object")
         local = sorted(set(settings) & _LOCAL_REFERENCES)
         if local:
             # they would let an API caller read the daemon's files and environment
@@ -155,7 +152,7 @@ class UpstreamSettings:
 
     def reload(self) -> None:
         """Apply the saved upstreams again (another node of a cluster changed them)."""
-        configs = self._saved.apply(self._config).upstreams
+        configs = apply_upstreams(self._config, self._saved.load()).upstreams
         if dict(configs) != dict(self._upstreams.configs):
             self._upstreams.update(configs, self._upstreams.default)
             log.info("upstreams changed by another node applied")
@@ -210,6 +207,7 @@ class SavedUpstreams:
         save_json(self.path, data)
 
     def apply(self, config: Config) -> Config:
+        """*config* with the changes saved here (at start-up: tap.py)."""
         return apply_upstreams(config, self.load())
 
 

@@ -555,10 +555,15 @@ class BlobCache:
         self._reading[fd] = str(digest)
         return fd
 
+    def due(self, digest: Digest) -> bool:
+        """Whether the stored blob's bytes are to be hashed again before they
+        are trusted (its first read since a start, or ``cache.verify_after``)."""
+        return self._verifier is not None and self._verifier.due(str(digest))
+
     async def sound(self, digest: Digest, fd: int) -> bool:
-        """Whether the stored blob open as *fd* may be served: hashed again
-        first when its last check is due (see :mod:`.scrub`); a rotten one
-        is quarantined, and the caller fetches it again."""
+        """Whether the stored blob open as *fd* holds its digest's bytes:
+        hashed again when its last check is due (see :mod:`.scrub`, once
+        however many readers ask); a rotten one is quarantined."""
         return self._verifier is None or await self._verifier.check(digest, fd)
 
     def close_stored(self, fd: int) -> None:

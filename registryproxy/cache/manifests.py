@@ -119,7 +119,7 @@ class ManifestCache:
         key = (client.name, repo, reference)
         hot = self._hot.get(key, self._clock.seconds())
         if hot is not None:
-            self._touch(client.name, repo, hot.digest)
+            self.touch(client.name, repo, hot.digest)
             return hot
         if is_valid_digest(reference):
             known = await self._index.quick(partial(_by_digest, client.name, repo, reference))
@@ -189,10 +189,15 @@ class ManifestCache:
             log.error("quarantined manifest {digest}: its bytes do not match", digest=digest)
             self._store.quarantine(parsed)
             return None
-        self._touch(upstream, repo, digest)
+        self.touch(upstream, repo, digest)
         return CachedManifest(body, entry.media_type, digest, "HIT")
 
-    def _touch(self, upstream: str, repo: str, digest: str) -> None:
+    def kept(self, upstream: str, repo: str, reference: str) -> CachedManifest | None:
+        """What the registry stores under *reference*, if kept in memory and
+        still valid (the same object as long as it is)."""
+        return self._hot.get((upstream, repo, reference), self._clock.seconds())
+
+    def touch(self, upstream: str, repo: str, digest: str) -> None:
         """Remember a read, for eviction (in memory: written by the next flush)."""
         now = self._clock.seconds()
         self._index.touch_manifest(upstream, repo, digest, now)

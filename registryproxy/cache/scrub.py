@@ -2,10 +2,11 @@
 
 A blob is verified when its download checks out.  After that its file may
 still change under regproxy (a bad sector, an operator's editor, a restore
-gone wrong), so a stored blob is hashed again before it is served on its
-first read after a restart, or once its last check is older than
-``cache.verify_after``; a verified blob is served as it is (sendfile), and a
-rotten one goes to quarantine/ and is fetched again.  In the background a
+gone wrong), so a stored blob is hashed again on its first read after a
+restart, or once its last check is older than ``cache.verify_after``.  It
+is sent meanwhile, its last byte held back until the hash checks out (see
+:mod:`registryproxy.proxy.sender`): a rotten one's reader is cut off, and
+the file goes to quarantine/ and is fetched again on the next try.  In the background a
 scrub walks the whole store at ``cache.scrub_rate`` bytes a second, so that
 rot is found in blobs nobody reads too.  Manifests are small and hashed on
 every read (:mod:`.manifests`).
@@ -114,7 +115,16 @@ class Verifier:
         throttle = self._throttles.get(key)
         if throttle is not None:
             throttle.rate = None  # the scrub is on it: a client waits, so at full speed
-        return await self._flight.run(key, lambda: self._verify(digest, fd, _Throttle(None)))
+        return await self._flight.run(key, lambda: self._verify_copy(digest, fd))
+
+    async def _verify_copy(self, digest: Digest, fd: int) -> bool:
+        """Hash through a copy of *fd*, taken now: the caller may let go of
+        its own (a client that leaves) while the hash reads on."""
+        own = os.dup(fd)
+        try:
+            return await self._verify(digest, own, _Throttle(None))
+        finally:
+            os.close(own)
 
     async def scrub_one(self, digest: Digest, rate: int) -> bool:
         """Hash one stored file at most *rate* bytes a second (the scrub)."""

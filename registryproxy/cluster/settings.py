@@ -19,7 +19,6 @@ import psycopg
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from ..config import Config
 from .pg import Database
 
 log = Logger()
@@ -151,11 +150,6 @@ class SharedUpstreams:
     def put(self, name: str, settings: dict[str, Any] | None) -> None:
         self._settings._rows[_UPSTREAM + name] = settings
         self._settings._write(_UPSTREAM + name, settings)
-
-    def apply(self, config: Config) -> Config:
-        from ..admin.settings import apply_upstreams
-
-        return apply_upstreams(config, self.load())
 
 
 class SharedPins:

@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -30,6 +31,7 @@ from ..upstream.client import RegistryClient
 from ..upstream.registry import Upstreams
 from ..upstream.rules import oversize, refused_by
 from .ranges import parse_range
+from .ready import LIFETIME, Ready, ReadyAnswers, key_of
 from .sender import BlobSender
 from .sendfile import SendfileSender, socket_transport
 
@@ -178,6 +180,12 @@ def _check_layers(client: RegistryClient, manifest: CachedManifest) -> None:
             _check_size(client, str(descriptor.get("digest")), descriptor["size"])
 
 
+def _unchecked(failure: Failure, digest: Digest) -> bool:
+    """A stored blob could not be hashed again: not trusted (its reader is cut off)."""
+    log.failure("cannot hash {digest} again", failure, digest=str(digest))
+    return False
+
+
 class RegistryResource(Resource):
     isLeaf = True
 
@@ -187,14 +195,20 @@ class RegistryResource(Resource):
         manifests: ManifestCache,
         blobs: BlobCache,
         metrics: Metrics,
+        clock: IReactorTime,
         sendfile: bool = True,
         forward: bool = True,
         gate: Gate | None = None,
     ) -> None:
         """*forward*: false for a cluster's internal port, whose requests come
         from other nodes and are never passed on to another.  *gate*: who
-        may pull what (``proxy.auth``); None: anyone who reaches the port."""
+        may pull what (``proxy.auth``); None: anyone who reaches the port.
+        *clock*: what times answers used again (:mod:`.ready`)."""
         super().__init__()
+        #: cached manifests' answers, used again for a moment
+        self._ready = ReadyAnswers()
+        self._clock = clock
+
         self._gate = gate
         self._forward = forward
         self._upstreams = upstreams
@@ -205,6 +219,18 @@ class RegistryResource(Resource):
 
     def render(self, request: Request) -> int:  # type: ignore[override]
         request.setHeader(*_API_VERSION)
+        key = key_of(request)
+        ready = None
+        if request.method in (b"GET", b"HEAD"):  # a push to a manifest's URI is refused
+            ready = self._ready.get(key, self._clock.seconds(), self._upstreams.generation)
+        if ready is not None:
+            manifest = ready.manifest
+            if self._manifests.kept(ready.upstream, ready.repo, ready.reference) is manifest:
+                request.login_user = ready.user  # type: ignore[attr-defined]
+                self._manifests.touch(ready.upstream, ready.repo, manifest.digest)
+                self._manifest(request, manifest, ready.image)
+                return NOT_DONE_YET
+            self._ready.drop(key)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         # the upstream the request is routed to, once it is
@@ -268,7 +294,7 @@ class RegistryResource(Resource):
         if identity is not None:
             request.login_user = identity.user  # type: ignore[attr-defined]
         if kind in ("base", "tags", "referrers"):
-            self._metrics.requests.labels(kind, "none").inc()
+            self._metrics.request(kind, "none").inc()
         if kind == "base":
             if gate is not None:
                 gate.check_base(identity, request)  # type: ignore[arg-type]
@@ -293,6 +319,8 @@ class RegistryResource(Resource):
         routed: list[str],
         identity: Identity | None,
     ) -> None:
+        # before any await: an answer routed across a change is not used again
+        generation = self._upstreams.generation
         client, repo = route(self._upstreams, request, match.group("name"))
         routed.append(client.name)
         # before any upstream request and any cached answer
@@ -324,12 +352,17 @@ class RegistryResource(Resource):
             accept = parse_accept(request.requestHeaders.getRawHeaders(b"Accept", []))
             manifest = await self._manifests.get(client, repo, reference, accept, self._forward)
             _check_layers(client, manifest)
+            at = "@" if is_valid_digest(reference) else ":"
+            image = f"{client.name}/{repo}{at}{reference}"
             if not gone:
-                self._manifest(request, manifest)
-                if request.method == b"GET" and self._forward:
-                    # a client's pull (a peer's asking is counted by the node it serves)
-                    at = "@" if is_valid_digest(reference) else ":"
-                    self._metrics.pulls.pulled(f"{client.name}/{repo}{at}{reference}")
+                self._manifest(request, manifest, image)
+            if self._manifests.kept(client.name, repo, reference) is manifest:
+                user = identity.user if identity is not None else None
+                until = self._clock.seconds() + LIFETIME
+                ready = Ready(
+                    manifest, client.name, repo, reference, image, user, until, generation
+                )
+                self._ready.put(key_of(request), ready)
         elif kind == "blob":
             digest = match.group("digest")
             if not is_valid_digest(digest):
@@ -401,17 +434,22 @@ class RegistryResource(Resource):
         request.write(body)
         request.finish()
 
-    def _manifest(self, request: Request, manifest: CachedManifest) -> None:
+    def _manifest(self, request: Request, manifest: CachedManifest, image: str) -> None:
+        """Answer with *manifest*; a GET is a pull of *image*."""
         request.setHeader(b"Content-Type", manifest.media_type.encode())
         request.setHeader(b"Docker-Content-Digest", manifest.digest.encode())
         request.setHeader(b"ETag", f'"{manifest.digest}"'.encode())
         request.setHeader(b"Content-Length", b"%d" % len(manifest.body))
         request.setHeader(b"X-Cache", manifest.cache.encode())
-        self._metrics.requests.labels("manifest", manifest.cache.lower()).inc()
+        metrics = self._metrics
+        metrics.request("manifest", manifest.cache.lower()).inc()
         if request.method != b"HEAD":
             source = "upstream" if manifest.cache == "MISS" else "cache"
-            self._metrics.served_bytes.labels(source).inc(len(manifest.body))
+            metrics.served(source).inc(len(manifest.body))
             request.write(manifest.body)
+            if self._forward:
+                # a client's pull (a peer's asking is counted by the node it serves)
+                metrics.pulls.pulled(image)
         request.finish()
 
     async def _blob(
@@ -426,9 +464,13 @@ class RegistryResource(Resource):
                 return
         # after the awaits: it may have been purged meanwhile
         fd = self._blobs.open_stored(digest) if stored is not None else None
-        if fd is not None and not await self._blobs.sound(digest, fd):
-            self._blobs.close_stored(fd)  # rotten: quarantined; fetched again below
-            fd = None
+        check = None
+        if fd is not None and self._blobs.due(digest):
+            # hashed again while it is sent, as a download is: its last byte
+            # waits for the verdict, and a rotten file's reader is cut off
+            # (the file quarantined: the next try fetches it again)
+            check = Deferred.fromCoroutine(self._blobs.sound(digest, fd))
+            check.addErrback(_unchecked, digest)
         if gone:
             if fd is not None:
                 self._blobs.close_stored(fd)
@@ -459,7 +501,7 @@ class RegistryResource(Resource):
             request.setHeader(b"Docker-Content-Digest", str(digest).encode())
             request.setHeader(b"X-Cache", b"HIT")
             request.setHeader(b"Content-Length", b"0")
-            self._metrics.requests.labels("blob", "hit").inc()
+            self._metrics.request("blob", "hit").inc()
             self._blobs.served(digest)
             request.finish()
             return
@@ -490,11 +532,11 @@ class RegistryResource(Resource):
             request.setHeader(b"Docker-Content-Digest", str(digest).encode())
             request.setHeader(b"Accept-Ranges", b"bytes")
             request.setHeader(b"X-Cache", cache.encode())
-            self._metrics.requests.labels("blob", cache.lower()).inc()
+            self._metrics.request("blob", cache.lower()).inc()
             if request.method == b"HEAD":
                 request.finish()
                 return
-            self._send(request, fd, fetch, start, end)
+            self._send(request, fd, fetch, start, end, check)
             fd = None  # the sender owns it now
         finally:
             if fd is not None:
@@ -503,10 +545,17 @@ class RegistryResource(Resource):
                 fetch.release()  # the sender (if any) listens now
 
     def _send(
-        self, request: Request, fd: int | None, fetch: BlobFetch | None, start: int, end: int | None
+        self,
+        request: Request,
+        fd: int | None,
+        fetch: BlobFetch | None,
+        start: int,
+        end: int | None,
+        check: Deferred[bool] | None = None,
     ) -> None:
+        """*check*: a stored blob's hash under way (see :meth:`_blob`)."""
         source = "upstream" if fetch is not None and fetch.origin != "shared" else "cache"
-        counted = self._metrics.served_bytes.labels(source).inc
+        counted = self._metrics.served(source).inc
         transport = socket_transport(request) if self._sendfile else None
         if fetch is not None:
             fd = fetch.fileno()
@@ -517,7 +566,11 @@ class RegistryResource(Resource):
         elif transport is not None and end is not None:
             assert fd is not None
             close = self._blobs.close_stored
-            SendfileSender(request, transport, fd, start, end, counted, close_fd=close).start()
+            SendfileSender(
+                request, transport, fd, start, end, counted, close_fd=close, check=check
+            ).start()
         else:
             close = self._blobs.close_stored
-            BlobSender(request, start, end, fd=fd, counted=counted, close_fd=close).start()
+            BlobSender(
+                request, start, end, fd=fd, counted=counted, close_fd=close, check=check
+            ).start()

@@ -5,7 +5,9 @@ descriptor: a stored blob, or the temp file of a :class:`BlobFetch` that is
 still growing.  Until the fetch's digest checks out it holds back the last
 byte of the range, so no client ever receives a complete body with wrong
 bytes; if the fetch fails the connection is aborted, so the client's
-download fails instead of ending short.
+download fails instead of ending short.  A stored blob being hashed again
+(its first read since a start: see :mod:`registryproxy.cache.scrub`) is sent
+the same way, its last byte waiting for the hash's verdict.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web.server import Request
@@ -36,9 +39,31 @@ class BodySender:
     _done: bool = False
     #: lets go of a stored blob's descriptor (the cache counts its readers)
     _close_fd: Callable[[int], None] = staticmethod(os.close)
+    #: a stored blob's hash is under way: its last byte waits for the verdict
+    _pending = False
 
     def _follow(self) -> None:
         """Called by the fetch when it has more, checked out, or failed."""
+
+    def _hold(self, check: Deferred[bool] | None) -> None:
+        """Wait for *check* (whether the stored blob's bytes hash to its
+        digest; it never fails) before the last byte; abort if they do not."""
+        if check is None:
+            return
+        self._pending = True
+        check.addCallback(self._verdict)
+
+    def _verdict(self, sound: bool) -> None:
+        self._pending = False
+        if self._done:
+            return
+        if sound:
+            self._checked()
+        else:  # quarantined by the check; the client's next try fetches it again
+            self._abort()
+
+    def _checked(self) -> None:
+        """The stored blob checked out: send the rest."""
 
     def stopProducing(self) -> None:
         self._close()
@@ -78,11 +103,13 @@ class BlobSender(BodySender):
         fetch: BlobFetch | None = None,
         counted: Callable[[int], None] = lambda n: None,
         close_fd: Callable[[int], None] = os.close,
+        check: Deferred[bool] | None = None,
     ) -> None:
         """Send ``[start, end)`` of a stored blob's open *fd* (which this
         closes with *close_fd*) or of a running *fetch*; ``end=None`` means
-        until the fetch ends."""
+        until the fetch ends.  *check*: the stored blob's hash under way."""
         assert (fd is None) != (fetch is None)
+        self._check = check
         self._request = request
         self._close_fd = close_fd
         self._pos = start
@@ -99,6 +126,10 @@ class BlobSender(BodySender):
         self._request.notifyFinish().addErrback(lambda _: self._close())
         if self._fetch is not None:
             self._fetch.listen(self._follow, self._pos)
+        self._hold(self._check)
+        self._follow()
+
+    def _checked(self) -> None:
         self._follow()
 
     # IPushProducer
@@ -112,11 +143,11 @@ class BlobSender(BodySender):
     def _limit(self) -> int:
         if self._fetch is None:
             assert self._end is not None
-            return self._end
+            return self._end - 1 if self._pending else self._end
         return self._fetch.readable(self._end)
 
     def _complete(self) -> bool:
-        if self._fetch is not None and not self._fetch.verified:
+        if self._pending or (self._fetch is not None and not self._fetch.verified):
             return False
         return self._pos >= self._limit()
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
@@ -64,10 +65,12 @@ class SendfileSender(BodySender):
         counted: Callable[[int], None] = lambda n: None,
         fetch: BlobFetch | None = None,
         close_fd: Callable[[int], None] = os.close,
+        check: Deferred[bool] | None = None,
     ) -> None:
         """Send ``[start, end)`` of *fd*: a stored blob's file (which this
-        closes with *close_fd*) or the file of a *fetch* still downloading
-        (which stays the fetch's)."""
+        closes with *close_fd*; *check*: its hash under way) or the file of
+        a *fetch* still downloading (which stays the fetch's)."""
+        self._check = check
         self._request = request
         self._close_fd = close_fd
         self._transport = transport
@@ -87,8 +90,16 @@ class SendfileSender(BodySender):
         self._request.notifyFinish().addErrback(lambda _: self._close())
         if self._fetch is not None:
             self._fetch.listen(self._follow, self._pos)
+        self._hold(self._check)
+        if self._done:  # found rotten already: aborted
+            return
         self._request.write(b"")  # the status line and headers, through the buffer
         self._wait_writable()
+
+    def _checked(self) -> None:
+        if self._starved:
+            self._starved = False
+            self.resumeProducing()
 
     def _hand_over(self, fetch: BlobFetch) -> None:
         """The download goes on through memory now (the disk filled up), out
@@ -133,9 +144,13 @@ class SendfileSender(BodySender):
         fd = self._fd
         assert fd is not None
         while True:
-            limit = self._end if self._fetch is None else self._fetch.readable(self._end)
+            if self._fetch is not None:
+                limit = self._fetch.readable(self._end)
+            else:
+                limit = self._end - 1 if self._pending else self._end
             if self._pos >= limit:
-                if self._pos >= self._end and (self._fetch is None or self._fetch.verified):
+                verified = not self._pending and (self._fetch is None or self._fetch.verified)
+                if self._pos >= self._end and verified:
                     self._finish()
                 else:
                     self._starved = True

@@ -56,6 +56,8 @@ class Upstreams:
         #: threads for looking up the hosts clients name (allow_any_registry)
         #: and where upstreams redirect to or get their tokens from
         self._lookups: ThreadPool | None = None
+        #: moves at each update: answers routed before are not used again
+        self.generation = 0
         self.update(configs, default)
 
     @property
@@ -65,6 +67,7 @@ class Upstreams:
     def update(self, configs: Mapping[str, UpstreamConfig], default: str) -> None:
         """Serve from now on with these upstreams; a changed upstream gets a
         new client (requests under way finish with the old one)."""
+        self.generation += 1
         self._configs = dict(configs)
         self.default = default
         self._hosts = {

@@ -300,6 +300,9 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 class RegProxy:
     """``twistd -n --pidfile= regproxy --config FILE`` on a free port."""
 
+    #: twistd's own options, before ``regproxy`` (a benchmark's ``--profile``)
+    twistd_options: list[str] = []
+
     def __init__(self, workdir: Path, config: dict[str, Any], port: int | None = None) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -338,7 +341,8 @@ class RegProxy:
 
     def start(self, timeout: float = 30.0) -> None:
         assert self.proc is None or self.proc.poll() is not None, "regproxy already running"
-        argv = [twistd_path(), "-n", "--pidfile=", "regproxy", "--config", str(self.config_path)]
+        argv = [twistd_path(), "-n", "--pidfile=", *self.twistd_options]
+        argv += ["regproxy", "--config", str(self.config_path)]
         with open(self.log_path, "ab") as log:
             log.write(f"=== {' '.join(argv)}\n".encode())
             log.flush()

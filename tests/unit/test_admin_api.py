@@ -17,10 +17,11 @@ from twisted.internet.defer import Deferred
 from twisted.logger import globalLogPublisher
 
 from registryproxy import names
-from registryproxy.admin import openapi
+from registryproxy.admin import bodies, openapi
 from registryproxy.admin.app import AdminAPI
 from registryproxy.admin.backend import AdminError, FsckResult, PurgeSelector
 from registryproxy.reference import ImageReference, parse_image
+from registryproxy.structuring import matches
 
 TOKEN = "s3cret-token"
 DIGEST = "sha256:" + "a" * 64
@@ -908,7 +909,7 @@ def test_answer_schemas_are_derived_from_attrs_classes():
 )
 def test_openapi_patterns_agree_with_names(pattern, valid, samples):
     for sample in samples:
-        assert openapi.matches(pattern, sample) == valid(sample), sample
+        assert matches(pattern, sample) == valid(sample), sample
 
 
 # -- image references ----------------------------------------------------------------
@@ -966,13 +967,36 @@ def test_parse_image_refuses(text, words):
 
 
 def test_check_accepts_a_valid_body():
-    openapi.check("PrefetchRequest", {"image": "nginx", "platforms": None})
-    openapi.check("UpstreamSettings", {"url": "https://x", "tag_ttl": 0, "aliases": ["a"]})
-    openapi.check("UpstreamSettings", {})
+    bodies.parse({"image": "nginx", "platforms": None}, bodies.PrefetchRequest)
+    bodies.parse({"url": "https://x", "tag_ttl": 0, "aliases": ["a"]}, bodies.UpstreamSettings)
+    bodies.parse({}, bodies.UpstreamSettings)
 
 
 def test_check_booleans_are_not_numbers():
-    with pytest.raises(ValueError, match="body.tag_ttl: expected a number or null, got a boolean"):
-        openapi.check("UpstreamSettings", {"tag_ttl": True})
-    with pytest.raises(ValueError, match="expected a boolean, got an integer"):
-        openapi.check("UpstreamSettings", {"library_prefix": 1})
+    with pytest.raises(AdminError, match="body.tag_ttl: expected a number or null, got a boolean"):
+        bodies.parse({"tag_ttl": True}, bodies.UpstreamSettings)
+    with pytest.raises(AdminError, match="expected a boolean, got an integer"):
+        bodies.parse({"library_prefix": 1}, bodies.UpstreamSettings)
+
+
+def test_request_schemas_are_derived_from_the_body_classes():
+    """A body's field is declared once: the route reads it with the class the
+    document describes, keywords (minLength, pattern, minItems) included."""
+    for name in ("PrefetchRequest", "PinRequest"):
+        fields = {f.name for f in attrs.fields(getattr(bodies, name))}
+        assert set(openapi.SCHEMAS[name]["properties"]) == fields, name
+    platforms = openapi.SCHEMAS["PrefetchRequest"]["properties"]["platforms"]
+    assert platforms["minItems"] == 1
+    assert platforms["items"]["pattern"] == bodies.PLATFORM_PATTERN
+    assert openapi.SCHEMAS["PrefetchRequest"]["required"] == ["image"]
+    assert "required" not in openapi.SCHEMAS["UpstreamSettings"]
+    settings = bodies.parse({"aliases": ["a.example"], "tag_ttl": 5}, bodies.UpstreamSettings)
+    assert bodies.given(settings) == {"aliases": ["a.example"], "tag_ttl": 5.0}
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("number", [b"1e400", b"1" + b"0" * 400])
+async def test_a_number_too_large_is_400(admin, number):
+    reply = await admin("PATCH", "/api/v1/upstreams/ghcr.io", data=b'{"tag_ttl": ' + number + b"}")
+    assert reply.code == 400, reply.body
+    assert "too large a number" in reply.message

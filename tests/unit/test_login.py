@@ -648,3 +648,29 @@ async def test_a_malformed_name_puts_no_scope_in_the_challenge(fake_registry, ma
     reply = await proxy.request("GET", '/v2/a",error="x/manifests/1', wrong)
     assert reply.code == 401
     assert reply.header("WWW-Authenticate").count('"') == 4  # realm and service only
+
+
+@pytest.mark.parametrize(
+    "uri, agent, referrer, host",
+    [
+        (b"/v2/library/app/manifests/1", b"containerd/1.7", None, "127.0.0.1"),
+        (b'/v2/x/"quoted"\\back', b"curl/8 \xff\x01", b"http://a/?b=c", "::1"),
+        (b"/v2/", b"", b"", None),
+        (b"/v2/caf\xc3\xa9/tags/list?n=1", None, b"'single'", "10.0.0.1"),
+    ],
+)
+def test_the_access_line_is_twisteds_combined_format(uri, agent, referrer, host) -> None:
+    """regproxy makes the line itself (for its cost), the same as Twisted's."""
+    from twisted.internet.address import IPv4Address, UNIXAddress
+    from twisted.web.http import combinedLogFormatter
+
+    request = DummyRequest([b"x"])
+    request.uri, request.method, request.code, request.sentLength = uri, b"GET", 200, 1234
+    request.clientproto = b"HTTP/1.1"
+    for name, value in ((b"user-agent", agent), (b"referer", referrer)):
+        if value is not None:
+            request.requestHeaders.setRawHeaders(name, [value])
+    address = IPv4Address("TCP", host, 1) if host else UNIXAddress(b"/tmp/s")
+    request.getClientAddress = lambda: address
+    timestamp = "[29/Nov/2026:00:00:00 +0000]"
+    assert access_line(timestamp, request) == combinedLogFormatter(timestamp, request)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import socket
+from typing import Any
 
+import pytest
 import pytest_twisted
-from proxyharness import until
+from proxyharness import partial_get, until
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
 
 from registryproxy.cache.scrub import Scrubber
 
@@ -41,6 +46,8 @@ async def test_a_rotten_manifest_is_fetched_again(fake_registry, make_proxy):
 async def test_a_blob_is_hashed_again_on_its_first_read_after_a_restart(
     fake_registry, make_proxy, tmp_path
 ):
+    """It is sent while hashed; a rotten one's reader is cut off before the
+    last byte (never served whole), and the next try fetches it again."""
     _, body = fake_registry.add_image("library/app", "1", [b"layer that will rot"])
     layer = json.loads(body)["layers"][0]["digest"]
     cache = tmp_path / "cache"
@@ -50,33 +57,102 @@ async def test_a_blob_is_hashed_again_on_its_first_read_after_a_restart(
     rotten = flip(first.blob_path(layer))
 
     again = await make_proxy(fake_registry.url, cache_dir=cache, cache={"scrub_rate": 0})
+    status, got, short = await deferToThread(partial_get, again.url, f"/v2/app/blobs/{layer}")
+    assert (status, short) == (200, True)
+    assert len(got) < len(rotten) and rotten.startswith(got)
+    await until(lambda: rotten in quarantined(again))
     reply = await again.get(f"/v2/app/blobs/{layer}")
     assert (reply.code, reply.body, reply.header("X-Cache")) == (
         200,
         b"layer that will rot",
         "MISS",
     )
-    assert rotten in quarantined(again)
     assert fake_registry.count("GET", f"/blobs/{layer}") == 2
     # fetched and verified again: a hit now, not hashed again
     reply = await again.get(f"/v2/app/blobs/{layer}")
     assert (reply.code, reply.header("X-Cache")) == (200, "HIT")
 
 
+def _read(sock: socket.socket, want: int) -> tuple[bytes, bytes]:
+    """The response head and *want* bytes of its body (fewer if it ends)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    while len(body) < want:
+        more = sock.recv(want - len(body))
+        if not more:
+            break
+        body += more
+    return head, body
+
+
+def _more(sock: socket.socket, seconds: float) -> bytes | None:
+    """What comes within *seconds*: None for nothing, b"" for the end."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(65536)
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        return b""
+
+
+@pytest.mark.parametrize("sendfile", [True, False])
+@pytest.mark.parametrize("sound", [True, False])
 @pytest_twisted.ensureDeferred
-async def test_a_blob_whose_check_is_due_is_hashed_before_it_is_served(fake_registry, make_proxy):
+async def test_all_but_the_last_byte_goes_out_while_the_hash_runs(
+    fake_registry, make_proxy, tmp_path, sendfile, sound
+):
+    layer_bytes = bytes(range(256)) * 8192  # 2 MiB
+    _, body = fake_registry.add_image("library/app", "1", [layer_bytes])
+    layer = json.loads(body)["layers"][0]["digest"]
+    cache = tmp_path / "cache"
+    first = await make_proxy(fake_registry.url, cache_dir=cache)
+    await first.get(f"/v2/app/blobs/{layer}")
+    await first.stop()
+    again = await make_proxy(
+        fake_registry.url,
+        cache_dir=cache,
+        cache={"scrub_rate": 0},
+        top={"proxy": {"sendfile": sendfile}},
+    )
+    verdict: Deferred[bool] = Deferred()
+
+    async def held(digest: Any, fd: int) -> bool:
+        return await verdict
+
+    again.proxy.blobs.sound = held  # the hash, as slow as the test wants
+    port = int(again.url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port))
+    try:
+        sock.sendall(f"GET /v2/app/blobs/{layer} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head, got = await deferToThread(_read, sock, len(layer_bytes) - 1)
+        assert head.startswith(b"HTTP/1.1 200") and b"X-Cache: HIT" in head
+        assert got == layer_bytes[:-1]
+        assert await deferToThread(_more, sock, 0.2) is None  # the last byte waits
+        verdict.callback(sound)
+        rest = await deferToThread(_more, sock, 10)
+        assert rest == (layer_bytes[-1:] if sound else b"")
+    finally:
+        sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_blob_whose_check_is_due_is_hashed_again(fake_registry, make_proxy):
     _, body = fake_registry.add_image("library/app", "1", [b"a layer"])
     layer = json.loads(body)["layers"][0]["digest"]
     proxy = await make_proxy(fake_registry.url, cache={"verify_after": 0})
     await proxy.get(f"/v2/app/blobs/{layer}")
     reply = await proxy.get(f"/v2/app/blobs/{layer}")
     assert (reply.header("X-Cache"), reply.body) == ("HIT", b"a layer")
-    flip(proxy.blob_path(layer))
-    for method in ("HEAD", "GET"):
-        reply = await proxy.request(method, f"/v2/app/blobs/{layer}", {})
-        assert reply.code == 200
-        assert reply.header("X-Cache") == "MISS"
-    assert reply.body == b"a layer"
+    rotten = flip(proxy.blob_path(layer))
+    # a HEAD is answered at once; the hash it starts finds the rot
+    reply = await proxy.request("HEAD", f"/v2/app/blobs/{layer}", {})
+    assert (reply.code, reply.header("X-Cache")) == (200, "HIT")
+    await until(lambda: rotten in quarantined(proxy))
+    reply = await proxy.get(f"/v2/app/blobs/{layer}")
+    assert (reply.code, reply.header("X-Cache"), reply.body) == (200, "MISS", b"a layer")
 
 
 @pytest_twisted.ensureDeferred

@@ -1,0 +1,124 @@
+"""Manifest answers ready to write again: a mirror's hot path.
+
+Every pull starts with a manifest by tag, and a busy mirror answers the same
+few thousand again and again.  For a manifest kept in memory
+(:class:`~registryproxy.cache.manifests.HotAnswers`), routing, the
+upstream's rules, privacy and content negotiation come out the same each
+time and cost more than the answer itself.  So which kept manifest a request
+got is noted here under what decided it (its URI, its ``Host`` and
+``Accept`` headers, and with ``proxy.auth`` its credentials, kept only as a
+hash), and a request asking the same is answered with it without that work,
+as long as
+
+* the manifest cache still keeps that very manifest for the reference (a
+  tag's TTL, a purge, an eviction end that at once),
+* the upstreams have not changed since (their *generation*), and
+* at most :data:`LIFETIME` seconds have passed: then the next request takes
+  the whole path again, so what is checked on a time scale of its own is
+  checked at least that often: privacy verdicts, and who a client is (the
+  users' files are looked at once a second too; a token that expires or a
+  user taken out is refused at most that much later).
+
+Only answers that are the kept manifest itself are noted (not a platform's
+manifest picked for a client that takes no lists), and only answers, never
+a refusal: wrong credentials never find one.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+
+import attrs
+from twisted.web.server import Request
+
+from ..cache.manifests import CachedManifest
+
+#: seconds an answer is used again, at most
+LIFETIME = 1.0
+#: answers kept at most, and their bytes (keys too): the least recently used go
+MAX_ENTRIES = 4096
+MAX_BYTES = 16 * 1024 * 1024
+
+#: (URI, Host, Accept, credentials' SHA-256): what decides a manifest request's answer
+Key = tuple[bytes, bytes | None, tuple[bytes, ...], bytes | None]
+
+
+def key_of(request: Request) -> Key:
+    headers = request.requestHeaders
+    host = headers.getRawHeaders(b"host")
+    accept = tuple(headers.getRawHeaders(b"accept", ()))
+    credentials = headers.getRawHeaders(b"authorization")
+    return (
+        request.uri,
+        host[-1] if host else None,
+        accept,
+        # the one the gate reads (the last), never kept as it is
+        hashlib.sha256(credentials[-1]).digest() if credentials else None,
+    )
+
+
+@attrs.frozen
+class Ready:
+    #: the manifest cache's own object, compared by identity
+    manifest: CachedManifest
+    upstream: str
+    repo: str
+    reference: str
+    #: what the dashboard counts a GET as a pull of (``upstream/repo:tag``)
+    image: str
+    #: who the request logged in as (proxy.auth), for the access log
+    user: str | None
+    until: float
+    generation: int
+
+
+class ReadyAnswers:
+    def __init__(self, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES) -> None:
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._answers: collections.OrderedDict[Key, Ready] = collections.OrderedDict()
+
+    def get(self, key: Key, now: float, generation: int) -> Ready | None:
+        ready = self._answers.get(key)
+        if ready is None:
+            return None
+        if now >= ready.until or ready.generation != generation:
+            self._drop(key)
+            return None
+        self._answers.move_to_end(key)
+        return ready
+
+    def drop(self, key: Key) -> None:
+        self._drop(key)
+
+    def put(self, key: Key, ready: Ready) -> None:
+        size = _size(key, ready)
+        if size > self._max_bytes // 16:
+            return
+        self._drop(key)
+        self._answers[key] = ready
+        self._bytes += size
+        while len(self._answers) > self._max_entries or self._bytes > self._max_bytes:
+            self._drop(next(iter(self._answers)))
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    def _drop(self, key: Key) -> None:
+        ready = self._answers.pop(key, None)
+        if ready is not None:
+            self._bytes -= _size(key, ready)
+
+
+def _size(key: Key, ready: Ready) -> int:
+    """What an answer holds in memory, near enough: a client chooses its keys."""
+    uri, host, accept, credentials = key
+    return (
+        len(ready.manifest.body)
+        + len(uri)
+        + len(host or b"")
+        + sum(map(len, accept))
+        + len(credentials or b"")
+    )
