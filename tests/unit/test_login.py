@@ -32,6 +32,7 @@ from registryproxy.login.failures import FailedLogins
 from registryproxy.login.files import WatchedFile, parse_tokens
 from registryproxy.login.policy import Decision, Policy
 from registryproxy.login.tokens import Invalid, Tokens, parse_scopes
+from registryproxy.proxy import ready
 from registryproxy.proxy.connections import access_line
 from registryproxy.proxy.plaintext import PlainHTTPFactory
 
@@ -317,7 +318,8 @@ def test_a_users_file_is_looked_at_once_a_second(tmp_path) -> None:
 async def test_the_users_file_is_read_again_when_it_changes(
     fake_registry, make_proxy, users, robots, monkeypatch
 ):
-    # once a second is tested on a Clock above; here the real reactor's
+    # once a second is tested on a Clock above; here the real reactor's, and
+    # more often
     monkeypatch.setattr(WatchedFile, "LOOK_EVERY", 0.05)
     fake_registry.add_image("library/alpine", "1", [b"layer"])
     proxy = await proxy_with_auth(make_proxy, fake_registry, users, robots)
@@ -328,10 +330,11 @@ async def test_the_users_file_is_read_again_when_it_changes(
     assert (await proxy.request("GET", path, dave)).code == 401
     alices_token = {"Authorization": [f"Bearer {await token_for(proxy, 'alice')}"]}
     assert (await proxy.request("GET", path, alices_token)).code == 200
-    # alice leaves, dave comes
+    # alice leaves, dave comes; an answer made for her is used again for a
+    # moment at most (ready answers)
     users.write_text(htpasswd_line("dave", "dave-secret-4444"))
     os.utime(users, ns=(0, 10**18))
-    await settle(0.1)
+    await settle(ready.LIFETIME + 0.1)
     assert (await proxy.request("GET", path, dave)).code == 200
     assert (await proxy.request("GET", path, alice)).code == 401  # remembered no more
     assert (await proxy.request("GET", path, alices_token)).code == 401  # her token too
