@@ -9,7 +9,7 @@ from typing import Any
 
 import bcrypt
 import pytest_twisted
-from proxyharness import settle
+from proxyharness import settle, until
 
 from registryproxy.admin.backend import PurgeSelector
 from registryproxy.cache.manifests import CachedManifest
@@ -199,6 +199,7 @@ async def test_answers_are_kept_apart_by_credentials(fake_registry, make_proxy, 
     # a push to the same URI with ann's credentials is no pull
     push = await proxy.request("PUT", path, {"Authorization": basic("ann", "ann-secret")})
     assert push.code == 405, push.body
-    await settle(1.5)  # the access log is flushed every second
+    # the access log is flushed every second
+    await until(lambda: access.exists() and len(access.read_text().splitlines()) >= 7)
     users_logged = [line.split(" ")[2] for line in access.read_text().splitlines()]
     assert users_logged[:3] == ["ann", "ann", "ann"]
