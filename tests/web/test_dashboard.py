@@ -133,10 +133,21 @@ def test_dashboard_shows_the_stats_purges_and_asks_again_for_a_wrong_token(
     assert browser.find_elements(By.CSS_SELECTOR, "#chart-bytes rect")
     assert "%" in str(browser.find_element(By.ID, "chart-ratio").get_attribute("aria-label"))
 
-    # the search narrows the list
+    # the search narrows the list: the API is asked for the largest 50 that match
     search = browser.find_element(By.ID, "search")
-    search.send_keys("no-such-image")
-    assert "no cached image matches" in browser.find_element(By.ID, "images").text
+    search.send_keys("no-such_image")
+    wait_for(
+        browser,
+        lambda b: "no cached image matches" in b.find_element(By.ID, "images").text,
+        "no image found",
+    )
+    asked = browser.execute_script(
+        "return performance.getEntriesByType('resource').map((e) => e.name)"
+    )
+    pages = [url for url in asked if "/api/v1/cache?" in url]
+    assert pages and all("sort=size&n=50" in url for url in pages), asked
+    assert any(url.endswith("&q=no-such_image") for url in pages), pages
+    assert not [url for url in asked if url.endswith("/api/v1/cache")], asked
     search.clear()
     search.send_keys(image.repository.split("/")[-1])
     wait_for(
