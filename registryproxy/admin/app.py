@@ -424,7 +424,7 @@ class AdminAPI:
         args = _query(request, *_PAGING)
         page = _page(args)
         found = await self._backend.repositories(upstream, page)
-        if found.more and not page.by_size and found.repositories:
+        if found.more and not page.by_size:
             request.setHeader(b"Link", _next_link(request, args, found.repositories[-1]))
         return _json(request, {"repositories": [_record(r) for r in found.repositories]})
 
