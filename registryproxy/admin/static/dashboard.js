@@ -6,9 +6,13 @@
   const KEY = "regproxy-admin-token";
   const EVERY_MS = 3000;
   // the images table: the largest SHOWN of those matching the search, asked
-  // of the API (which sorts, filters and cuts), SEARCH_MS after the last key
+  // of the API (which sorts, filters and cuts), SEARCH_MS after the last key;
+  // else again when the cache's counts change, or IMAGES_MS after the last
+  // ask (for the times of last pull): sizing every repository is the
+  // listing's most costly query on a large cache
   const SHOWN = 50;
   const SEARCH_MS = 250;
+  const IMAGES_MS = 30000;
   const SVG = "http://www.w3.org/2000/svg";
   const $ = (id) => document.getElementById(id);
   let timer = null;
@@ -18,6 +22,9 @@
   let searchTimer = null;
   // each ask for the images is numbered: only the latest one's answer is shown
   let asked = 0;
+  // the cache's counts at the last refresh's ask, and when that was
+  let imagesCounts = null;
+  let imagesAt = 0;
 
   class Unauthorized extends Error {}
 
@@ -390,18 +397,23 @@
     busy = true;
     clearTimeout(timer);
     try {
-      const [stats, history, errors, keepImages, pins, upstreams] = await Promise.all([
+      const [stats, history, errors, pins, upstreams] = await Promise.all([
         api("GET", "/api/v1/stats"),
         api("GET", "/api/v1/history"),
         api("GET", "/api/v1/errors"),
-        askImages(),
         api("GET", "/api/v1/pins"),
         api("GET", "/api/v1/upstreams"),
       ]);
+      const c = stats.cache || {};
+      const counts = JSON.stringify([c.size_bytes, c.blobs, c.manifests, c.tags, c.repositories]);
+      if (counts !== imagesCounts || Date.now() - imagesAt >= IMAGES_MS) {
+        (await askImages())();
+        imagesCounts = counts;
+        imagesAt = Date.now();
+      }
       $("login-section").hidden = true;
       $("dashboard").hidden = false;
       $("logout").hidden = false;
-      keepImages();
       renderTotals(stats);
       renderCharts(history, stats);
       renderUpstreams(stats, upstreams.upstreams);
