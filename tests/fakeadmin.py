@@ -32,9 +32,11 @@ from registryproxy.admin.backend import (  # noqa: E402
     PurgeResult,
     PurgeSelector,
     RepositoryDetail,
+    RepositoryPage,
     RepositorySummary,
     TagInfo,
 )
+from registryproxy.cache.index import Page  # noqa: E402
 from registryproxy.config import (  # noqa: E402
     PRESETS,
     Config,
@@ -201,11 +203,12 @@ class FakeAdmin:
 
     # -- the cache ------------------------------------------------------------
 
-    async def repositories(self, upstream: str | None = None) -> list[RepositorySummary]:
-        self._call("repositories", upstream)
+    async def repositories(self, upstream: str | None, page: Page) -> RepositoryPage:
+        """The page as the index makes it, in Python."""
+        self._call("repositories", upstream, page)
         if upstream is not None and upstream not in self.configs:
             raise AdminError(404, f"unknown upstream {upstream!r}")
-        return [
+        found = [
             RepositorySummary(
                 d.upstream,
                 d.repository,
@@ -215,8 +218,15 @@ class FakeAdmin:
                 max((m.last_access or 0 for m in d.manifests), default=None),
             )
             for d in self.cached.values()
-            if upstream is None or d.upstream == upstream
+            if (upstream is None or d.upstream == upstream)
+            and (page.after is None or (d.upstream, d.repository) > page.after)
+            and (page.contains or "").lower() in f"{d.upstream}/{d.repository}".lower()
         ]
+        found.sort(key=lambda r: (r.upstream, r.repository))
+        if page.by_size:
+            found.sort(key=lambda r: -r.size)
+        limit = len(found) if page.limit is None else page.limit
+        return RepositoryPage(tuple(found[:limit]), more=len(found) > limit)
 
     async def repository(self, upstream: str, repository: str) -> RepositoryDetail:
         self._call("repository", upstream, repository)

@@ -15,7 +15,7 @@ import re
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import attrs
 from klein import Klein
@@ -27,12 +27,13 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
+from ..cache.index import Page
 from ..names import is_valid_digest, is_valid_name, is_valid_registry_host, is_valid_tag
 from ..proxy.connections import Refusal
 from ..reference import parse_image
 from ..structuring import matches
 from . import bodies, openapi
-from .backend import AdminBackend, AdminError, FsckResult, PurgeSelector
+from .backend import AdminBackend, AdminError, FsckResult, PurgeSelector, RepositorySummary
 from .dashboard import Dashboard
 
 log = Logger()
@@ -40,6 +41,8 @@ T = TypeVar("T")
 
 #: the largest request body taken; an upstream's settings are a few hundred bytes
 MAX_BODY = 64 * 1024
+#: the listing's query parameters
+_PAGING = ("n", "last", "sort", "q")
 #: the only API route answered without the token (the dashboard's files are too)
 OPEN_PATH = b"/healthz"
 
@@ -144,6 +147,50 @@ def _repository(name: str) -> str:
             "letters, digits and single separators (. _ __ -), e.g. library/alpine",
         )
     return name
+
+
+def _page(args: dict[str, str]) -> Page:
+    """The page of the listing the query parameters ask for."""
+    size = args.get("n", str(openapi.MAX_PAGE))
+    if not re.fullmatch(r"[0-9]{1,9}", size) or not 1 <= int(size) <= openapi.MAX_PAGE:
+        raise AdminError(
+            400, f"n: expected a page size from 1 to {openapi.MAX_PAGE}, got {_show(size)}"
+        )
+    order = args.get("sort", "name")
+    if order not in ("name", "size"):
+        raise AdminError(
+            400, f"sort: expected name (the default) or size (largest first), got {_show(order)}"
+        )
+    contains = args.get("q") or None
+    if contains is not None:
+        if len(contains) > openapi.MAX_SEARCH:
+            raise AdminError(400, f"q: longer than {openapi.MAX_SEARCH} characters")
+        if any(not c.isprintable() for c in contains):
+            raise AdminError(400, f"q: {_show(contains)} has control characters; no name has")
+    last = args.get("last")
+    if last is None:
+        return Page(contains, None, order == "size", int(size))
+    if order == "size":
+        raise AdminError(
+            400,
+            "last pages in name order only: sort=size answers the n largest repositories "
+            "(leave last out)",
+        )
+    upstream, _, repository = last.partition("/")
+    if not is_valid_registry_host(upstream) or not is_valid_name(repository):
+        raise AdminError(
+            400,
+            f"last: expected upstream/repository as listed (the last row seen), e.g. "
+            f"docker.io/library/alpine, got {_show(last)}",
+        )
+    return Page(contains, (upstream, repository), False, int(size))
+
+
+def _next_link(request: IRequest, args: dict[str, str], last: RepositorySummary) -> bytes:
+    """The ``Link`` header to the page after *last*, as the registry's
+    catalog API gives it: the same path and parameters, ``last`` moved on."""
+    following = {**args, "last": f"{last.upstream}/{last.repository}"}
+    return f'<{quote(request.path, safe="/%:")}?{urlencode(following)}>; rel="next"'.encode()
 
 
 def _image(text: str, where: str) -> str:
@@ -374,8 +421,12 @@ class AdminAPI:
     # -- the cache -------------------------------------------------------
 
     async def _repositories(self, request: IRequest, upstream: str | None) -> bytes:
-        found = await self._backend.repositories(upstream)
-        return _json(request, {"repositories": [_record(r) for r in found]})
+        args = _query(request, *_PAGING)
+        page = _page(args)
+        found = await self._backend.repositories(upstream, page)
+        if found.more and not page.by_size:
+            request.setHeader(b"Link", _next_link(request, args, found.repositories[-1]))
+        return _json(request, {"repositories": [_record(r) for r in found.repositories]})
 
     async def _purge(self, request: IRequest, selector: PurgeSelector) -> bytes:
         result = await self._backend.purge(selector)
@@ -392,7 +443,6 @@ class AdminAPI:
 
     @app.route("/api/v1/cache", methods=["GET"])
     async def list_repositories(self, request: IRequest) -> bytes:
-        _query(request)
         return await self._repositories(request, None)
 
     @app.route("/api/v1/cache", methods=["DELETE"])
@@ -421,7 +471,6 @@ class AdminAPI:
 
     @app.route("/api/v1/cache/<upstream>", methods=["GET"])
     async def list_upstream_repositories(self, request: IRequest, upstream: str) -> bytes:
-        _query(request)
         return await self._repositories(request, _upstream(upstream))
 
     @app.route("/api/v1/cache/<upstream>", methods=["DELETE"])

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import attrs
 
 from ..cache.fsck import FsckReport
+from ..cache.index import Page
 
 
 def api(description: str = "Unix epoch seconds", **schema: Any) -> dict[str, Any]:
@@ -62,6 +63,15 @@ class RepositorySummary:
     manifests: int
     size: int = attrs.field(metadata=api("bytes of its cached manifests and blobs"))
     last_access: float | None = attrs.field(metadata=TIME)
+
+
+@attrs.frozen
+class RepositoryPage:
+    """A page of the listing: as many repositories as it asked for at most,
+    and whether more of them match."""
+
+    repositories: tuple[RepositorySummary, ...]
+    more: bool
 
 
 @attrs.frozen
@@ -174,8 +184,10 @@ class AdminBackend(Protocol):
     async def ready(self) -> dict[str, Any]:
         """``{"ready": bool, "checks": {"storage": {...}, "upstream": {...}}}``."""
 
-    async def repositories(self, upstream: str | None = None) -> list[RepositorySummary]:
-        """Raises AdminError(404) for an unknown upstream."""
+    async def repositories(self, upstream: str | None, page: Page) -> RepositoryPage:
+        """The repositories of *page* (of *upstream*; None: all), filtered,
+        ordered and cut in the index. Raises AdminError(404) for an unknown
+        upstream."""
 
     async def repository(self, upstream: str, repository: str) -> RepositoryDetail:
         """Raises AdminError(404) if nothing of it is cached."""

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 from ..reference import is_registry_host, parse_image
 
@@ -71,6 +71,26 @@ class Client:
         body: Any = None,
     ) -> Any:
         url = self.url + path + (f"?{urlencode(query)}" if query else "")
+        return self._exchange(method, url, body)[0]
+
+    def every(self, path: str, field: str) -> list[Any]:
+        """The items under *field* of every page of a listing: *path*'s
+        first page, then each page its ``Link: <...>; rel="next"`` names
+        (on this server only: the token goes with each request)."""
+        items: list[Any] = []
+        url: str | None = self.url + path
+        seen: set[str] = set()
+        while url is not None:
+            seen.add(url)
+            page, link = self._exchange("GET", url, None)
+            items += page[field]
+            url = _next_page(url, link)
+            if url is not None and url in seen:
+                raise CliError(f"the admin API's pages of {path} go round in a circle at {url}")
+        return items
+
+    def _exchange(self, method: str, url: str, body: Any) -> tuple[Any, str | None]:
+        """The answer's JSON, and its Link header."""
         headers = {"Accept": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -82,6 +102,7 @@ class Client:
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
                 raw = response.read()
+                link = response.headers.get("Link")
         except urllib.error.HTTPError as e:
             raise CliError(self._refusal(e)) from None
         except TimeoutError:
@@ -99,9 +120,9 @@ class Client:
                 EXIT_UNREACHABLE,
             ) from None
         if not raw:
-            return None
+            return None, link
         try:
-            return json.loads(raw)
+            return json.loads(raw), link
         except ValueError:
             raise CliError(
                 f"{self.url} did not answer JSON: is it regproxy's admin port?"
@@ -118,6 +139,17 @@ class Client:
         except (ValueError, KeyError, TypeError):
             return f"unexpected answer {e.code} {e.reason}: is {self.url} regproxy's admin port?"
         return f"{message} (HTTP {e.code})"
+
+
+def _next_page(url: str, link: str | None) -> str | None:
+    """The URL of the page after *url*'s, from its Link header (None: the last)."""
+    found = re.search(r'<([^>]*)>\s*;\s*rel="?next"?', link or "")
+    if found is None:
+        return None
+    following = urljoin(url, found.group(1))
+    if urlsplit(following)[:2] != urlsplit(url)[:2]:
+        raise CliError(f"the admin API's next page is elsewhere ({following}): not followed")
+    return following
 
 
 # -- formatting ---------------------------------------------------------------
@@ -223,10 +255,9 @@ def cmd_ls(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     target = args.target
     if target is None or ("/" not in target and is_registry_host(target)):
         path = "/api/v1/cache" if target is None else _cache_path(target)
-        found = client.call("GET", path)
+        repos = client.every(path, "repositories")
         if args.json:
-            return _dump(found, out)
-        repos = found["repositories"]
+            return _dump({"repositories": repos}, out)
         if not repos:
             out.write("nothing cached\n")
             return 0

@@ -12,6 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from ..cache.access import IndexAccess
 from ..cache.blobs import BlobCache
 from ..cache.eviction import Evictor
+from ..cache.index import Page
 from ..cache.keep import Keep
 from ..cache.manifests import ManifestCache
 from ..cache.store import BlobStore
@@ -25,7 +26,7 @@ from .backend import (
     PurgeResult,
     PurgeSelector,
     RepositoryDetail,
-    RepositorySummary,
+    RepositoryPage,
 )
 from .fsck import Fsck
 from .listing import Listing
@@ -83,8 +84,8 @@ class Control:
     async def ready(self) -> dict[str, Any]:
         return await self.readiness.ready()
 
-    async def repositories(self, upstream: str | None = None) -> list[RepositorySummary]:
-        return await self.listing.repositories(upstream)
+    async def repositories(self, upstream: str | None, page: Page) -> RepositoryPage:
+        return await self.listing.repositories(upstream, page)
 
     async def repository(self, upstream: str, repository: str) -> RepositoryDetail:
         return await self.listing.repository(upstream, repository)

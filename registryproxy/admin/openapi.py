@@ -26,6 +26,14 @@ NAME_PATTERN = f"^{names._NAME.pattern}$"
 TAG_PATTERN = f"^{names._TAG.pattern}$"
 DIGEST_PATTERN = f"^{names._DIGEST.pattern}$"
 HOST_PATTERN = f"^{names._REGISTRY_HOST.pattern}$"
+#: a row of the listing: upstream/repository
+LAST_PATTERN = f"^{names._REGISTRY_HOST.pattern}/{names._NAME.pattern}$"
+#: the most repositories a page of the listing holds: its rows are built and
+#: encoded on the reactor thread (about 10 µs each), so that a page costs the
+#: reactor some 10 ms at most, however large the cache (all of 20,000: 140 ms)
+MAX_PAGE = 1000
+#: the longest search (``q``) taken: longer than any upstream/repository
+MAX_SEARCH = 512
 #: epoch seconds, or an ISO 8601 time (UTC when it names no zone)
 TIME_PATTERN = r"^([0-9]+(\.[0-9]+)?|[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9:.]+)?(Z|[+-][0-9:]+)?)$"
 
@@ -407,6 +415,42 @@ _UNUSED_SINCE = _query(
     {"type": "string", "pattern": TIME_PATTERN},
     "Only manifests not served since this time: epoch seconds or ISO 8601 (UTC if no zone)",
 )
+#: the listing's parameters (admin/app.py reads them)
+_PAGING = (
+    _query(
+        "n",
+        {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": MAX_PAGE},
+        "Page size: at most this many repositories",
+    ),
+    _query(
+        "last",
+        {"type": "string", "pattern": LAST_PATTERN},
+        "upstream/repository of the last row seen: the page after it, in name order "
+        "(what the Link header's next page carries)",
+    ),
+    _query(
+        "sort",
+        {"type": "string", "enum": ["name", "size"], "default": "name"},
+        "name: by upstream, then repository; size: largest first, ties by name "
+        "(the first n only: no last, no Link)",
+    ),
+    _query(
+        "q",
+        {"type": "string", "maxLength": MAX_SEARCH},
+        "Only repositories whose upstream/repository contains this text "
+        "(ASCII letters in any case; % and _ are plain characters)",
+    ),
+)
+_PAGING_NOTE = (
+    f"In pages of n ({MAX_PAGE} at most), as the registry's catalog API pages: while more "
+    'remain (in name order), the Link header is <URL of the next page>; rel="next".'
+)
+_LINK = {
+    "Link": {
+        "schema": {"type": "string"},
+        "description": '<the next page, with last set>; rel="next", while more remain',
+    }
+}
 _PURGE_NOTE = (
     "Purging manifests removes the blobs nothing else cached lists; a blob being "
     "served right now is not cut off."
@@ -463,7 +507,12 @@ def _paths() -> dict[str, Any]:
         },
         "/api/v1/cache": {
             "get": _operation(
-                "list_repositories", "Every cached repository", {200: "RepositoryList"}
+                "list_repositories",
+                "The cached repositories, a page at a time",
+                {200: "RepositoryList"},
+                parameters=_PAGING,
+                description=_PAGING_NOTE,
+                ok_headers=_LINK,
             ),
             "delete": _operation(
                 "purge_cache",
@@ -487,10 +536,12 @@ def _paths() -> dict[str, Any]:
         "/api/v1/cache/{upstream}": {
             "get": _operation(
                 "list_upstream_repositories",
-                "The cached repositories of one upstream",
+                "The cached repositories of one upstream, a page at a time",
                 {200: "RepositoryList"},
                 errors=(404,),
-                parameters=(_UPSTREAM,),
+                parameters=(_UPSTREAM, *_PAGING),
+                description=_PAGING_NOTE,
+                ok_headers=_LINK,
             ),
             "delete": _operation(
                 "purge_upstream",

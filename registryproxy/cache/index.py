@@ -147,7 +147,7 @@ class Evicted:
 
 #: the admin API's listing: per repository its tags, its manifests, and
 #: their bytes with those of the distinct cached blobs they list (a blob two
-#: manifests list counted once)
+#: manifests list counted once); :func:`summaries` fills in which and how many
 _SUMMARIES = """
 SELECT m.upstream, m.repo,
     (SELECT COUNT(DISTINCT t.tag) FROM tags t WHERE t.upstream=m.upstream AND t.repo=m.repo),
@@ -159,8 +159,8 @@ SELECT m.upstream, m.repo,
         )
     ), 0),
     MAX(m.last_access)
-FROM manifests m WHERE (? IS NULL OR m.upstream=?)
-GROUP BY m.upstream, m.repo ORDER BY m.upstream, m.repo
+FROM manifests m WHERE {where}
+GROUP BY m.upstream, m.repo ORDER BY {order}
 """
 _REPOSITORY_REFS = """
 SELECT r.manifest, r.child, r.kind, b.size FROM refs r
@@ -168,6 +168,53 @@ LEFT JOIN blobs b ON b.digest=r.child AND r.kind='blob'
 WHERE r.manifest IN (SELECT digest FROM manifests WHERE upstream=? AND repo=?)
 ORDER BY r.manifest, r.position
 """
+
+
+@attrs.frozen
+class Page:
+    """Which repositories of the listing, and how many.
+
+    ``contains``: only those whose ``upstream/repo`` has it in it, ASCII
+    letters in any case; ``after``: only those after this ``(upstream,
+    repo)`` in name order (keyset paging); ``by_size``: largest first, ties
+    in name order; ``limit``: at most so many (None: all)."""
+
+    contains: str | None = None
+    after: tuple[str, str] | None = None
+    by_size: bool = False
+    limit: int | None = None
+
+
+def _like(text: str) -> str:
+    """A LIKE pattern for *text* anywhere, its wildcards escaped (by ``\\``)
+    and its ASCII letters lowered as the SQL's ``lower()`` lowers names."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return "%" + "".join(c.lower() if c.isascii() else c for c in escaped) + "%"
+
+
+def summaries(upstream: str | None, page: Page) -> tuple[str, tuple[Any, ...]]:
+    """:data:`_SUMMARIES` narrowed to *upstream* (None: every one) and *page*,
+    and its parameters: filtered, ordered and cut in SQL (in the index's
+    thread), so that its caller's work grows with the page, not the cache."""
+    where: list[str] = ["1=1"]
+    params: list[Any] = []
+    if upstream is not None:
+        where.append("m.upstream=?")
+        params.append(upstream)
+    if page.contains:
+        where.append("lower(m.upstream || '/' || m.repo) LIKE ? ESCAPE '\\'")
+        params.append(_like(page.contains))
+    if page.after is not None:
+        where.append("(m.upstream, m.repo) > (?, ?)")
+        params.extend(page.after)
+    order = "m.upstream, m.repo"
+    sql = _SUMMARIES.format(
+        where=" AND ".join(where), order=f"5 DESC, {order}" if page.by_size else order
+    )
+    if page.limit is not None:
+        sql += "LIMIT ?\n"
+        params.append(page.limit)
+    return sql, tuple(params)
 
 
 def summary(row: tuple[Any, ...]) -> RepoSummary:
@@ -388,9 +435,12 @@ class Index:
         ).fetchall()
         return [RepoRow(*row) for row in rows]
 
-    def repository_summaries(self, upstream: str | None = None) -> list[RepoSummary]:
-        """Every cached repository (of *upstream*) with its size, in one query."""
-        rows = self._db.execute(_SUMMARIES, (upstream, upstream)).fetchall()
+    def repository_summaries(
+        self, upstream: str | None = None, page: Page = Page()
+    ) -> list[RepoSummary]:
+        """The cached repositories (of *upstream*) of *page*, with their
+        sizes, in one query."""
+        rows = self._db.execute(*summaries(upstream, page)).fetchall()
         return [summary(row) for row in rows]
 
     def repository_refs(self, upstream: str, repo: str) -> list[tuple[str, str, str, int | None]]:

@@ -51,12 +51,14 @@ from ..cache.index import (
     IndexUnusable,
     ManifestEntry,
     ManifestRow,
+    Page,
     Removed,
     RepoRow,
     RepoSummary,
     TagEntry,
     TagRow,
     _manifest_filter,
+    summaries,
     summary,
 )
 from .pg import Database, lock_id
@@ -225,8 +227,6 @@ _PUT_BLOB = (
     "INSERT INTO blobs VALUES (%s, %s, %s, NULL) ON CONFLICT (digest) DO UPDATE"
     " SET size=EXCLUDED.size, stored_at=EXCLUDED.stored_at, last_access=NULL"
 )
-# index.py: (? IS NULL OR m.upstream=?); PostgreSQL wants the type
-_SUMMARIES = _pg(_sub(sqlite_index._SUMMARIES, "(? IS NULL", "(?::text IS NULL"))
 _REPOSITORY_REFS = _pg(sqlite_index._REPOSITORY_REFS)
 _LINK = "INSERT INTO repo_blobs VALUES (%s, %s, %s) ON CONFLICT DO NOTHING"
 
@@ -516,8 +516,11 @@ class PgIndex:
         )
         return [RepoRow(*row) for row in rows]
 
-    def repository_summaries(self, upstream: str | None = None) -> list[RepoSummary]:
-        return [summary(row) for row in self._read(_SUMMARIES, (upstream, upstream))]
+    def repository_summaries(
+        self, upstream: str | None = None, page: Page = Page()
+    ) -> list[RepoSummary]:
+        sql, params = summaries(upstream, page)
+        return [summary(row) for row in self._read(_pg(sql), params)]
 
     def repository_refs(self, upstream: str, repo: str) -> list[tuple[str, str, str, int | None]]:
         rows = self._read(_REPOSITORY_REFS, (upstream, repo))

@@ -22,7 +22,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadable import isInIOThread
 from twisted.python.threadpool import ThreadPool
 
-from registryproxy.cache.index import Index, IndexUnusable, ManifestEntry, TagEntry
+from registryproxy.cache.index import Index, IndexUnusable, ManifestEntry, Page, TagEntry
 from registryproxy.cluster import pgindex
 from registryproxy.cluster.pgindex import PgIndex, SharedIndex
 
@@ -289,6 +289,7 @@ class Differ:
         elif kind == 7:
             self.call("repositories", upstream)
             self.call("repository_summaries", upstream)
+            self.call("repository_summaries", rng.choice([None, upstream]), self.page())
         elif kind == 8:
             self.call("repo_manifests", upstream, repo)
             self.call("repository_refs", upstream, repo)
@@ -299,6 +300,17 @@ class Differ:
         else:
             # the order of all_blobs is unspecified
             self.call("all_blobs", self.clock - rng.uniform(0, 100), normalize=sorted)
+
+    def page(self) -> Page:
+        """A page of the listing: by name after a key, or by size; narrowed
+        by a substring (LIKE's wildcards, case) or not; cut or not."""
+        rng = self.rng
+        return Page(
+            contains=rng.choice([None, "a", "LIB", "y/c", "_", "%", "\\", "io/library/"]),
+            after=rng.choice([None, (rng.choice(UPSTREAMS), rng.choice(REPOS))]),
+            by_size=rng.random() < 0.5,
+            limit=rng.choice([None, 1, 2, 4]),
+        )
 
     def tables(self) -> None:
         """Every row of every table, compared: what no call shows yet (a
@@ -321,6 +333,8 @@ class Differ:
         """Everything that can be listed, compared."""
         for method in ("flush", "totals", "repositories", "repository_summaries"):
             self.call(method)
+        for _ in range(20):
+            self.call("repository_summaries", self.rng.choice([None, *UPSTREAMS]), self.page())
         for upstream in UPSTREAMS:
             for repo in REPOS:
                 self.call("repo_manifests", upstream, repo)

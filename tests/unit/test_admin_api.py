@@ -11,7 +11,7 @@ from urllib.parse import quote
 import attrs
 import pytest
 import pytest_twisted
-from fakeadmin import FakeAdmin, digest_of
+from fakeadmin import FakeAdmin, _image, digest_of
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.logger import globalLogPublisher
@@ -20,6 +20,7 @@ from registryproxy import names
 from registryproxy.admin import bodies, openapi
 from registryproxy.admin.app import AdminAPI
 from registryproxy.admin.backend import AdminError, FsckResult, PurgeSelector
+from registryproxy.cache.index import Page
 from registryproxy.reference import ImageReference, parse_image
 from registryproxy.structuring import matches
 
@@ -308,7 +309,110 @@ async def test_list_repositories(admin):
     assert set(repos[0]) == {"upstream", "repository", "tags", "manifests", "size", "last_access"}
     reply = await admin("GET", "/api/v1/cache/ghcr.io")
     assert [r["repository"] for r in reply.json()["repositories"]] == ["owner/name"]
-    assert admin.backend.last("repositories") == ("ghcr.io",)
+    # no parameters: the first page of the most there may be, by name
+    assert admin.backend.last("repositories") == ("ghcr.io", Page(limit=1000))
+    assert reply.header("Link") is None
+
+
+def add_repositories(admin, count):
+    """*count* more repositories in docker.io, each its own size."""
+    for n in range(count):
+        image = _image("docker.io", f"team/app_{n:03}", {"1": f"app {n}"})
+        image = attrs.evolve(
+            image, manifests=tuple(attrs.evolve(m, size=100 + n) for m in image.manifests)
+        )
+        admin.backend.cached[("docker.io", image.repository)] = image
+
+
+@pytest_twisted.ensureDeferred
+async def test_listing_in_pages_following_link(admin):
+    """Each page has n rows at most and a Link to the next while more
+    remain: following them lists every repository once, in name order."""
+    add_repositories(admin, 7)
+    everything = (await admin("GET", "/api/v1/cache")).json()["repositories"]
+    assert len(everything) == 10
+    for path, prefix in (("/api/v1/cache", ""), ("/api/v1/cache/docker.io", "docker.io")):
+        seen, url = [], f"{path}?n=3"
+        while url:
+            reply = await admin("GET", url)
+            rows = reply.json()["repositories"]
+            assert 1 <= len(rows) <= 3
+            seen += rows
+            link = reply.header("Link")
+            if link is None:
+                break
+            match = re.fullmatch(r'<(/[^>]*)>; rel="next"', link)
+            assert match, link
+            url = match.group(1)
+            assert url.startswith(f"{path}?") and "n=3" in url
+        assert seen == [r for r in everything if r["upstream"].startswith(prefix)]
+    reply = await admin("GET", "/api/v1/cache?n=2&last=docker.io%2Flibrary%2Fnginx&q=_")
+    assert [r["repository"] for r in reply.json()["repositories"]] == [
+        "team/app_000",
+        "team/app_001",
+    ]
+    assert admin.backend.last("repositories") == (
+        None,
+        Page("_", ("docker.io", "library/nginx"), False, 2),
+    )
+    assert reply.header("Link") == (
+        '</api/v1/cache?n=2&last=docker.io%2Fteam%2Fapp_001&q=_>; rel="next"'
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_listing_by_size_and_search(admin):
+    add_repositories(admin, 3)
+    reply = await admin("GET", "/api/v1/cache?sort=size&n=2")
+    repos = reply.json()["repositories"]
+    assert admin.backend.last("repositories") == (None, Page(None, None, True, 2))
+    sizes = sorted((r["size"] for r in everything_of(admin)), reverse=True)
+    assert [r["size"] for r in repos] == sizes[:2]
+    # the first page only: more remain, but no next page by size
+    assert reply.header("Link") is None
+    reply = await admin("GET", "/api/v1/cache?sort=size&n=50&q=ALP")
+    assert [r["repository"] for r in reply.json()["repositories"]] == ["library/alpine"]
+    assert admin.backend.last("repositories") == (None, Page("ALP", None, True, 50))
+    reply = await admin("GET", "/api/v1/cache?q=")
+    assert admin.backend.last("repositories") == (None, Page(limit=1000))
+
+
+def everything_of(admin):
+    return [
+        {"size": sum(m.size + sum(b.size or 0 for b in m.blobs) for m in d.manifests)}
+        for d in admin.backend.cached.values()
+    ]
+
+
+@pytest.mark.parametrize(
+    "query, words",
+    [
+        ("n=0", "n: expected a page size from 1 to 1000, got '0'"),
+        ("n=1001", "n: expected a page size from 1 to 1000"),
+        ("n=-1", "n: expected a page size"),
+        ("n=ten", "n: expected a page size"),
+        ("n=1.5", "n: expected a page size"),
+        ("n=", "n: expected a page size"),
+        ("n=99999999999999999999", "n: expected a page size"),
+        ("sort=largest", "sort: expected name (the default) or size"),
+        ("last=alpine", "last: expected upstream/repository as listed"),
+        ("last=docker.io/", "last: expected upstream/repository"),
+        ("last=docker.io/UPPER", "last: expected upstream/repository"),
+        ("last=not_a_host!/x", "last: expected upstream/repository"),
+        ("sort=size&last=docker.io/x", "last pages in name order only"),
+        ("q=" + "a" * 513, "q: longer than 512 characters"),
+        ("q=a%00b", "has control characters"),
+        ("n=1&n=2", "given 2 times"),
+        ("page=2", "unknown query parameter 'page'"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_listing_bad_parameters_are_400(admin, query, words):
+    for path in ("/api/v1/cache", "/api/v1/cache/docker.io"):
+        reply = await admin("GET", f"{path}?{query}")
+        assert reply.code == 400, (path, query)
+        assert words in reply.message
+    assert not [c for c in admin.backend.calls if c[0] == "repositories"]
 
 
 @pytest_twisted.ensureDeferred

@@ -27,7 +27,7 @@ from twisted.web.util import Redirect
 
 from registryproxy.admin.app import AdminAPI
 from registryproxy.admin.backend import AdminError, FsckResult, PurgeSelector
-from registryproxy.admin.cli import main
+from registryproxy.admin.cli import CliError, _next_page, main
 
 TOKEN = "cli-token"
 DIGEST = "sha256:" + "c" * 64
@@ -122,6 +122,49 @@ async def test_ls_lists_repositories(server):
     assert "2023-11-14 22:13:30Z" in result.out
     only = await server.run("ls", "ghcr.io")
     assert [line.split()[1] for line in only.out.splitlines()[1:]] == ["owner/name"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_ls_follows_the_pages(server):
+    """2,503 repositories come in three pages of the API; ls shows them all,
+    as one table or one JSON document, as it did when they came in one."""
+    template = server.backend.cached[("ghcr.io", "owner/name")]
+    for n in range(2500):
+        repository = f"team/app{n:04}"
+        server.backend.cached[("ghcr.io", repository)] = attrs.evolve(
+            template, repository=repository
+        )
+    result = await server.run("ls")
+    assert result.status == 0
+    listed = [line.split()[:2] for line in result.out.splitlines()[1:]]
+    assert listed == sorted([u, r] for u, r in server.backend.cached)
+    assert len(listed) == 2503
+    pages = [args[1] for name, args in server.backend.calls if name == "repositories"]
+    assert [p.after for p in pages] == [
+        None,
+        ("ghcr.io", "team/app0996"),
+        ("ghcr.io", "team/app1996"),
+    ]
+    as_json = await server.run("--json", "ls", "ghcr.io")
+    assert len(as_json.json()["repositories"]) == 2501
+    assert set(as_json.json()) == {"repositories"}
+
+
+def test_next_pages_are_followed_on_the_same_server_only():
+    url = "http://127.0.0.1:5001/api/v1/cache?n=2"
+    assert _next_page(url, None) is None
+    assert _next_page(url, '<https://elsewhere/x>; rel="prev"') is None
+    assert (
+        _next_page(url, '</api/v1/cache?n=2&last=a%2Fb>; rel="next"')
+        == "http://127.0.0.1:5001/api/v1/cache?n=2&last=a%2Fb"
+    )
+    for elsewhere in (
+        "http://evil.example/api/v1/cache",
+        "//evil.example/x",
+        "https://127.0.0.1:5001/",
+    ):
+        with pytest.raises(CliError, match="elsewhere"):
+            _next_page(url, f'<{elsewhere}>; rel="next"')
 
 
 @pytest_twisted.ensureDeferred

@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.web.client import HTTPConnectionPool
 
-from registryproxy.admin.backend import AdminError, PurgeSelector
+from registryproxy.admin.backend import AdminError, PurgeSelector, RepositoryPage
 from registryproxy.admin.fsck import Fsck
 from registryproxy.admin.listing import Listing
 from registryproxy.admin.prefetch import Prefetcher
@@ -24,7 +24,7 @@ from registryproxy.admin.purge import Purge
 from registryproxy.admin.readiness import Readiness
 from registryproxy.admin.settings import Pins, SavedPins, SavedUpstreams, UpstreamSettings
 from registryproxy.admin.stats import SavedHistory, Stats
-from registryproxy.cache.index import Index, ManifestEntry, Removed, TagEntry
+from registryproxy.cache.index import Index, ManifestEntry, Page, Removed, TagEntry
 from registryproxy.cache.keep import Keep
 from registryproxy.cache.store import FileStore
 from registryproxy.config import Config, parse_config
@@ -93,7 +93,7 @@ async def test_listing_100_repositories_is_one_statement_and_one_in_detail_three
     listing = Listing(Inline(index), upstreams, tag_ttl=3600.0)
     statements: list[str] = []
     index._db.set_trace_callback(statements.append)
-    found = await listing.repositories()
+    found = (await listing.repositories(None, Page())).repositories
     index._db.set_trace_callback(None)
     assert len(found) == 100
     assert len(statements) == 1, statements
@@ -110,19 +110,45 @@ async def test_listing_100_repositories_is_one_statement_and_one_in_detail_three
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_page_of_the_listing_is_one_statement_and_says_if_more_follow(index, upstreams):
+    for n in range(30):
+        add_image(index, "docker.io", f"r{n:03}", f"{n}", [f"{n}/a"], "1")
+        index.put_blob(d(f"{n}/a"), 1000 + n, 1.0)
+    listing = Listing(Inline(index), upstreams, tag_ttl=3600.0)
+    statements: list[str] = []
+    index._db.set_trace_callback(statements.append)
+    first = await listing.repositories(None, Page(limit=10))
+    index._db.set_trace_callback(None)
+    assert len(statements) == 1, statements
+    assert [r.repository for r in first.repositories] == [f"r{n:03}" for n in range(10)]
+    assert first.more
+    after = ("registry-1.docker.io", "r019")  # an alias's name: the upstream's own is meant
+    last = await listing.repositories(None, Page(after=after, limit=10))
+    assert [r.repository for r in last.repositories] == [f"r{n:03}" for n in range(20, 30)]
+    assert not last.more
+    largest = await listing.repositories("docker.io", Page(by_size=True, contains="r02", limit=3))
+    assert [r.repository for r in largest.repositories] == ["r029", "r028", "r027"]
+    assert largest.more
+
+
+@pytest_twisted.ensureDeferred
 async def test_listing_by_alias_unknown_upstreams_and_detail(index, upstreams):
     add_image(index, "docker.io", "library/a", "m1", ["l1", "l2"], "1")
     index.forget_blob(d("l2"))
     add_image(index, "quay.example", "b", "m2", ["l3"], "2")
     add_image(index, "gone.example", "c", "m3", ["l4"], "3")
     listing = Listing(Inline(index), upstreams, tag_ttl=3600.0)
-    (a,) = await listing.repositories("registry-1.docker.io")
+    (a,) = (await listing.repositories("registry-1.docker.io", Page())).repositories
     assert (a.upstream, a.repository, a.size) == ("docker.io", "library/a", 1010)
     # configured with nothing cached: empty; not configured yet cached: listed
-    assert await listing.repositories("ghcr.io") == []
-    assert [r.repository for r in await listing.repositories("gone.example")] == ["c"]
+    assert await listing.repositories("ghcr.io", Page()) == RepositoryPage((), more=False)
+    gone = await listing.repositories("gone.example", Page())
+    assert [r.repository for r in gone.repositories] == ["c"]
+    # narrowed to nothing, an upstream that is cached is still known
+    for page in (Page(contains="nothing"), Page(after=("gone.example", "c"))):
+        assert await listing.repositories("gone.example", page) == RepositoryPage((), False)
     with pytest.raises(AdminError) as e:
-        await listing.repositories("nope.example")
+        await listing.repositories("nope.example", Page(contains="x"))
     assert e.value.status == 404
     detail = await listing.repository("index.docker.io", "library/a")
     assert detail.tags[0].expires_at == 5.0 + 3600.0

@@ -16,6 +16,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 
 from registryproxy.admin.backend import AdminError, PurgeSelector
+from registryproxy.cache.index import Page
 from registryproxy.names import Digest
 
 
@@ -55,7 +56,7 @@ async def test_inspect_a_repository(fake_registry, make_proxy):
     control = proxy.proxy.control
     await proxy.get("/v2/app/manifests/1")
     await proxy.get(f"/v2/app/blobs/{layers(body)[0]}")
-    (summary,) = await control.repositories()
+    (summary,) = (await control.repositories(None, Page())).repositories
     assert (summary.upstream, summary.repository, summary.tags, summary.manifests) == (
         "docker.io",
         "library/app",
@@ -72,7 +73,7 @@ async def test_inspect_a_repository(fake_registry, make_proxy):
         await control.repository("docker.io", "library/none")
     assert e.value.status == 404
     with pytest.raises(AdminError):
-        await control.repositories("nope.example")
+        await control.repositories("nope.example", Page())
 
 
 @pytest_twisted.ensureDeferred
@@ -292,7 +293,7 @@ async def test_pins_from_config_and_api_keep_images_from_eviction(
         for layer in layers(reply.body):
             await proxy.get(f"/v2/{name}/blobs/{layer}")
         await deferLater(reactor, 0.05, lambda: None)  # eviction runs just after
-    cached = {r.repository for r in await control.repositories()}
+    cached = {r.repository for r in (await control.repositories(None, Page())).repositories}
     assert cached == {"library/config", "library/api", "library/last"}
     with pytest.raises(AdminError) as e:
         control.unpin("config:1")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from registryproxy.cache.index import Index, ManifestEntry, TagEntry
+from registryproxy.cache.index import Index, ManifestEntry, Page, TagEntry
 
 
 def d(name: str) -> str:
@@ -198,3 +198,74 @@ def test_an_unversioned_index_is_started_afresh(tmp_path):
     add_image(index, "docker.io", "library/a", "m", ["l"], tag="1")
     assert [r.repo for r in index.repositories()] == ["library/a"]
     index.close()
+
+
+def test_repository_summaries_by_page(index):
+    """A page of the listing is one statement: in name order after a key
+    (the keyset), by size (ties by name), narrowed by a substring whose LIKE
+    wildcards are plain characters, at most so many rows."""
+    names = ["a_b", "axb", "a%b", "big", "Big2", "c/d", "zz"]
+    for i, repo in enumerate(names):
+        add_image(index, "docker.io", repo, f"m{i}", [f"l{i}"], tag="1")
+    add_image(index, "ghcr.io", "big", "g", ["l0", "l3"], tag="1")  # 2010 bytes
+    index.put_blob(d("l3"), 5000, 100.0)  # big's layer: docker.io/big is the largest
+    everything = index.repository_summaries()
+    keys = [(s.upstream, s.repo) for s in everything]
+    assert keys == sorted(keys) and len(keys) == 8
+
+    def page(upstream=None, **narrowed):
+        statements: list[str] = []
+        index._db.set_trace_callback(statements.append)
+        rows = index.repository_summaries(upstream, Page(**narrowed))
+        index._db.set_trace_callback(None)
+        assert len(statements) == 1, statements
+        return [(s.upstream, s.repo) for s in rows]
+
+    # keyset pages in name order add up to the whole listing
+    seen, after = [], None
+    while True:
+        rows = page(after=after, limit=3)
+        if not rows:
+            break
+        assert len(rows) <= 3
+        seen += rows
+        after = rows[-1]
+    assert seen == keys
+    assert page(after=("docker.io", "zz")) == [("ghcr.io", "big")]
+    assert page("docker.io", after=("docker.io", "c/d")) == [("docker.io", "zz")]
+    # the largest first (6010, 5010 bytes), ties (1010 bytes each) by name, in byte order
+    expected = [
+        ("ghcr.io", "big"),
+        ("docker.io", "big"),
+        ("docker.io", "Big2"),
+        ("docker.io", "a%b"),
+        ("docker.io", "a_b"),
+        ("docker.io", "axb"),
+        ("docker.io", "c/d"),
+        ("docker.io", "zz"),
+    ]
+    assert [s.size for s in index.repository_summaries(None, Page(by_size=True, limit=3))] == [
+        6010,
+        5010,
+        1010,
+    ]
+    assert page(by_size=True) == expected
+    assert page(by_size=True, limit=4) == expected[:4]
+    # substrings: _ and % are plain characters, letters in any case
+    assert page(contains="_") == [("docker.io", "a_b")]
+    assert page(contains="%") == [("docker.io", "a%b")]
+    assert page(contains="a_") == [("docker.io", "a_b")]
+    assert page(contains="BIG") == [("docker.io", "Big2"), ("docker.io", "big"), ("ghcr.io", "big")]
+    assert page(contains="io/big") == [
+        ("docker.io", "Big2"),
+        ("docker.io", "big"),
+        ("ghcr.io", "big"),
+    ]
+    assert page(contains="io/big2") == [("docker.io", "Big2")]
+    assert page(contains="\\") == []
+    assert page(contains="ghcr.io/", by_size=True) == [("ghcr.io", "big")]
+    assert page("ghcr.io", contains="big") == [("ghcr.io", "big")]
+    assert page(contains="b", after=("docker.io", "a_b"), limit=2) == [
+        ("docker.io", "axb"),
+        ("docker.io", "big"),
+    ]

@@ -60,6 +60,21 @@ def value(browser: Any, element_id: str) -> str:
     return str(browser.find_element(By.ID, element_id).get_attribute("data-value"))
 
 
+def asked_for(browser: Any, path: str) -> list[str]:
+    """The URLs the page fetched since it was loaded whose path (and query,
+    if *path* ends in ?) begin with *path*, or are *path*."""
+    urls = browser.execute_script(
+        "return performance.getEntriesByType('resource').map((e) => e.name)"
+    )
+    found = []
+    for url in urls:
+        rest = url.split("//", 1)[-1]
+        at = rest[rest.index("/") :] if "/" in rest else "/"
+        if at.startswith(path) if path.endswith("?") else at == path:
+            found.append(url)
+    return found
+
+
 def console_errors(browser: Any) -> list[dict[str, Any]]:
     return [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
 
@@ -133,10 +148,18 @@ def test_dashboard_shows_the_stats_purges_and_asks_again_for_a_wrong_token(
     assert browser.find_elements(By.CSS_SELECTOR, "#chart-bytes rect")
     assert "%" in str(browser.find_element(By.ID, "chart-ratio").get_attribute("aria-label"))
 
-    # the search narrows the list
+    # the search narrows the list: the API is asked for the largest 50 that match
     search = browser.find_element(By.ID, "search")
-    search.send_keys("no-such-image")
-    assert "no cached image matches" in browser.find_element(By.ID, "images").text
+    search.send_keys("no-such_image")
+    wait_for(
+        browser,
+        lambda b: "no cached image matches" in b.find_element(By.ID, "images").text,
+        "no image found",
+    )
+    pages = asked_for(browser, "/api/v1/cache?")
+    assert pages and all("sort=size&n=50" in url for url in pages), pages
+    assert any(url.endswith("&q=no-such_image") for url in pages), pages
+    assert not asked_for(browser, "/api/v1/cache"), "the whole listing was asked for"
     search.clear()
     search.send_keys(image.repository.split("/")[-1])
     wait_for(
@@ -149,6 +172,9 @@ def test_dashboard_shows_the_stats_purges_and_asks_again_for_a_wrong_token(
     browser.refresh()
     wait_for(browser, lambda b: b.find_element(By.ID, "dashboard").is_displayed(), "the reload")
     wait_for(browser, lambda b: value(b, "requests") == str(stats["requests"]), "the numbers")
+    # while the cache holds still, its images are not asked for at each refresh
+    wait_for(browser, lambda b: len(asked_for(b, "/api/v1/stats")) >= 3, "three refreshes")
+    assert len(asked_for(browser, "/api/v1/cache?")) == 1
 
     # a screenshot, full height; then the page at a phone's width
     height = browser.execute_script("return document.documentElement.scrollHeight")

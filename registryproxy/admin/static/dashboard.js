@@ -5,12 +5,26 @@
 (() => {
   const KEY = "regproxy-admin-token";
   const EVERY_MS = 3000;
+  // the images table: the largest SHOWN of those matching the search, asked
+  // of the API (which sorts, filters and cuts), SEARCH_MS after the last key;
+  // else again when the cache's counts change, or IMAGES_MS after the last
+  // ask (for the times of last pull): sizing every repository is the
+  // listing's most costly query on a large cache
+  const SHOWN = 50;
+  const SEARCH_MS = 250;
+  const IMAGES_MS = 30000;
   const SVG = "http://www.w3.org/2000/svg";
   const $ = (id) => document.getElementById(id);
   let timer = null;
   let view = "hour";
   let repositories = [];
   let busy = false;
+  let searchTimer = null;
+  // each ask for the images is numbered: only the latest one's answer is shown
+  let asked = 0;
+  // the cache's counts at the last refresh's ask, and when that was
+  let imagesCounts = null;
+  let imagesAt = 0;
 
   class Unauthorized extends Error {}
 
@@ -239,13 +253,32 @@
       `${count(c.repositories)} repositories, ${count(c.tags)} tags, ${count(c.manifests)} manifests, ${count(c.blobs)} blobs`;
   }
 
+  const searchTerm = () => $("search").value.trim().slice(0, 512);
+
+  // the images to show: their page of the listing, and a function that
+  // keeps them if no later ask was made meanwhile
+  async function askImages() {
+    const mine = ++asked;
+    const term = searchTerm();
+    const query = `sort=size&n=${SHOWN}` + (term ? "&q=" + encodeURIComponent(term) : "");
+    const page = await api("GET", "/api/v1/cache?" + query);
+    return () => {
+      if (mine === asked) repositories = page.repositories;
+    };
+  }
+
+  async function search() {
+    try {
+      (await askImages())();
+      renderImages();
+    } catch (e) {
+      if (e instanceof Unauthorized) return signOut("The token was refused: sign in again.");
+      $("updated").textContent = "Update failed: " + e.message;
+    }
+  }
+
   function renderImages() {
-    const term = $("search").value.trim().toLowerCase();
-    const shown = repositories
-      .filter((r) => !term || `${r.upstream}/${r.repository}`.includes(term))
-      .sort((a, b) => b.size - a.size)
-      .slice(0, 50);
-    fill($("images"), shown, (tr, r) => {
+    fill($("images"), repositories, (tr, r) => {
       const name = `${r.upstream}/${r.repository}`;
       tr.dataset.image = name;
       const th = document.createElement("th");
@@ -262,7 +295,7 @@
         button("Purge", `Purge ${name}`, () => purge(r), "danger"),
       );
       cell(tr, actions);
-    }, term ? "no cached image matches" : "nothing cached yet", 5);
+    }, searchTerm() ? "no cached image matches" : "nothing cached yet", 5);
   }
 
   function renderTopPulls(stats) {
@@ -364,18 +397,23 @@
     busy = true;
     clearTimeout(timer);
     try {
-      const [stats, history, errors, cache, pins, upstreams] = await Promise.all([
+      const [stats, history, errors, pins, upstreams] = await Promise.all([
         api("GET", "/api/v1/stats"),
         api("GET", "/api/v1/history"),
         api("GET", "/api/v1/errors"),
-        api("GET", "/api/v1/cache"),
         api("GET", "/api/v1/pins"),
         api("GET", "/api/v1/upstreams"),
       ]);
+      const c = stats.cache || {};
+      const counts = JSON.stringify([c.size_bytes, c.blobs, c.manifests, c.tags, c.repositories]);
+      if (counts !== imagesCounts || Date.now() - imagesAt >= IMAGES_MS) {
+        (await askImages())();
+        imagesCounts = counts;
+        imagesAt = Date.now();
+      }
       $("login-section").hidden = true;
       $("dashboard").hidden = false;
       $("logout").hidden = false;
-      repositories = cache.repositories;
       renderTotals(stats);
       renderCharts(history, stats);
       renderUpstreams(stats, upstreams.upstreams);
@@ -427,7 +465,10 @@
       refresh();
     });
     $("logout").addEventListener("click", () => signOut(""));
-    $("search").addEventListener("input", renderImages);
+    $("search").addEventListener("input", () => {
+      clearTimeout(searchTimer);
+      searchTimer = setTimeout(search, SEARCH_MS);
+    });
     $("view-hour").addEventListener("click", () => setView("hour"));
     $("view-day").addEventListener("click", () => setView("day"));
     $("prefetch").addEventListener("submit", (event) => {
