@@ -11,6 +11,7 @@ from twisted.logger import Logger
 
 from ..cache.access import IndexAccess
 from ..cache.eviction import Evictor
+from ..cache.index import Page
 from ..cache.manifests import ManifestCache
 from ..names import is_valid_digest
 from ..upstream.registry import Upstreams
@@ -82,7 +83,9 @@ class Purge:
     async def _known_upstream(self, name: str) -> None:
         if name in self._upstreams.configs:
             return
-        if not await self._access.heavy(lambda index: bool(index.repositories(name))):
+        # one repository says it is known: not a listing of all of them
+        first = Page(limit=1)
+        if not await self._access.heavy(lambda index: index.repository_summaries(name, first)):
             raise AdminError(400, f"unknown upstream {name!r}")
 
 

@@ -105,15 +105,6 @@ class TagRow:
 
 
 @attrs.frozen
-class RepoRow:
-    upstream: str
-    repo: str
-    tags: int
-    manifests: int
-    last_access: float | None
-
-
-@attrs.frozen
 class RepoSummary:
     upstream: str
     repo: str
@@ -422,18 +413,6 @@ class Index:
                 "SELECT COUNT(*) FROM (SELECT DISTINCT upstream, repo FROM manifests)"
             ).fetchone()[0],
         }
-
-    def repositories(self, upstream: str | None = None) -> list[RepoRow]:
-        rows = self._db.execute(
-            "SELECT m.upstream, m.repo,"
-            " (SELECT COUNT(DISTINCT t.tag) FROM tags t"
-            "   WHERE t.upstream=m.upstream AND t.repo=m.repo),"
-            " COUNT(*), MAX(m.last_access)"
-            " FROM manifests m WHERE (? IS NULL OR m.upstream=?)"
-            " GROUP BY m.upstream, m.repo ORDER BY m.upstream, m.repo",
-            (upstream, upstream),
-        ).fetchall()
-        return [RepoRow(*row) for row in rows]
 
     def repository_summaries(
         self, upstream: str | None = None, page: Page = Page()

@@ -53,7 +53,6 @@ from ..cache.index import (
     ManifestRow,
     Page,
     Removed,
-    RepoRow,
     RepoSummary,
     TagEntry,
     TagRow,
@@ -502,19 +501,6 @@ class PgIndex:
             "tags": tags,
             "repositories": repositories,
         }
-
-    def repositories(self, upstream: str | None = None) -> list[RepoRow]:
-        # index.py: (? IS NULL OR m.upstream=?); PostgreSQL wants the type
-        rows = self._read(
-            "SELECT m.upstream, m.repo,"
-            " (SELECT COUNT(DISTINCT t.tag) FROM tags t"
-            "   WHERE t.upstream=m.upstream AND t.repo=m.repo),"
-            " COUNT(*), MAX(m.last_access)"
-            " FROM manifests m WHERE (%s::text IS NULL OR m.upstream=%s)"
-            " GROUP BY m.upstream, m.repo ORDER BY m.upstream, m.repo",
-            (upstream, upstream),
-        )
-        return [RepoRow(*row) for row in rows]
 
     def repository_summaries(
         self, upstream: str | None = None, page: Page = Page()

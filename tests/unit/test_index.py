@@ -56,7 +56,7 @@ def test_tag_purge_takes_the_index_and_its_platforms_but_not_shared_layers(index
     freed = {digest for digest, _ in removed.blobs}
     assert freed == {d("idx"), d("amd64"), d("arm64"), d("a1"), d("a2")}
     assert sum(size for _, size in removed.blobs) == 20 + 10 + 10 + 1000 + 1000
-    assert index.repositories() and [r.repo for r in index.repositories()] == ["library/b"]
+    assert [r.repo for r in index.repository_summaries()] == ["library/b"]
     assert index.has_blob("docker.io", "library/b", d("base"))
     assert not index.has_blob("docker.io", "library/a", d("base"))
 
@@ -109,11 +109,11 @@ def test_purge_by_age_and_by_last_use(index):
     index.touch_manifest("docker.io", "library/used", d("u"), 900.0)
 
     removed = index.purge(unused_since=400.0)
-    assert [r.repo for r in index.repositories()] == ["library/new", "library/used"]
+    assert [r.repo for r in index.repository_summaries()] == ["library/new", "library/used"]
     assert removed.manifests == 1
 
     removed = index.purge(fetched_before=400.0)
-    assert [r.repo for r in index.repositories()] == ["library/new"]
+    assert [r.repo for r in index.repository_summaries()] == ["library/new"]
 
 
 def test_listing_and_totals(index):
@@ -121,9 +121,9 @@ def test_listing_and_totals(index):
     add_image(index, "docker.io", "library/a", "m2", ["l1"], tag="2")
     index.touch_manifest("docker.io", "library/a", d("m2"), 777.0)
     index.flush()
-    (repo,) = index.repositories("docker.io")
+    (repo,) = index.repository_summaries("docker.io")
     assert (repo.tags, repo.manifests, repo.last_access) == (2, 2, 777.0)
-    assert index.repositories("ghcr.io") == []
+    assert index.repository_summaries("ghcr.io") == []
     assert index.totals()["size_bytes"] == 3 * 1000 - 1000 + 2 * 10
     assert [t.tag for t in index.repo_tags("docker.io", "library/a")] == ["1", "2"]
     assert index.refs(d("m1")) == [(d("l1"), "blob"), (d("l2"), "blob")]
@@ -154,10 +154,6 @@ def test_repository_summaries_in_one_statement(index):
     ]
     assert [s.repo for s in index.repository_summaries("ghcr.io")] == ["c"]
     assert index.repository_summaries("quay.io") == []
-    rows = index.repositories()
-    assert [(r.upstream, r.repo, r.tags, r.manifests, r.last_access) for r in rows] == [
-        (s.upstream, s.repo, s.tags, s.manifests, s.last_access) for s in summaries
-    ]
 
 
 def test_repository_refs_in_one_statement(index):
@@ -194,9 +190,9 @@ def test_an_unversioned_index_is_started_afresh(tmp_path):
     old.commit()
     old.close()
     index = Index(str(path))
-    assert index.repositories() == []
+    assert index.repository_summaries() == []
     add_image(index, "docker.io", "library/a", "m", ["l"], tag="1")
-    assert [r.repo for r in index.repositories()] == ["library/a"]
+    assert [r.repo for r in index.repository_summaries()] == ["library/a"]
     index.close()
 
 
