@@ -127,14 +127,35 @@ def _private_key(path: str) -> _SigningKey:
 
 
 def load_context(listen: TLSListen, client_ca: str | None = None) -> SSL.Context:
-    """The TLS settings from the files; :class:`TLSError` names what is wrong."""
+    """The TLS settings from the files; :class:`TLSError` names what is wrong.
+
+    Twisted's :class:`CertificateOptions` makes the context (protocol
+    versions, ciphers, sessions); the key and certificates go into it here
+    as cryptography's objects, which pyOpenSSL takes without the
+    deprecation of its own ``X509`` and ``PKey`` (that Twisted would pass)."""
+    private, leaf, chain, authorities = _files(listen, client_ca)
+    options = CertificateOptions(
+        # with a client CA: no certificate signed by it, no connection
+        verify=bool(authorities),
+        requireCertificate=bool(authorities),
+        caCerts=[crypto.X509.from_cryptography(c) for c in authorities] or None,
+    )
     try:
-        return _options(listen, client_ca).getContext()
+        context = options.getContext()
+        context.use_certificate(leaf)
+        context.use_privatekey(private)
+        context.check_privatekey()
+        for certificate in chain:
+            context.add_extra_chain_cert(certificate)
     except SSL.Error as e:
         raise TLSError("listen", f"OpenSSL refuses {listen.cert!r}: {e}") from None
+    return context
 
 
-def _options(listen: TLSListen, client_ca: str | None) -> CertificateOptions:
+def _files(
+    listen: TLSListen, client_ca: str | None
+) -> tuple[_SigningKey, x509.Certificate, list[x509.Certificate], list[x509.Certificate]]:
+    """The key, the certificate, its chain and the client CAs, checked."""
     private = _private_key(listen.private_key)
     leaf, *chain = _certificates("listen", listen.cert, "certKey")
     if listen.chain is not None:
@@ -155,15 +176,7 @@ def _options(listen: TLSListen, client_ca: str | None) -> CertificateOptions:
             "listen", f"the certificate in {listen.cert!r} expired on {leaf.not_valid_after_utc}"
         )
     authorities = [] if client_ca is None else _certificates("client_ca", client_ca, "CA file")
-    return CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(private),
-        certificate=crypto.X509.from_cryptography(leaf),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain],
-        # with a client CA: no certificate signed by it, no connection
-        verify=bool(authorities),
-        requireCertificate=bool(authorities),
-        caCerts=[crypto.X509.from_cryptography(c) for c in authorities] or None,
-    )
+    return private, leaf, chain, authorities
 
 
 @implementer(IOpenSSLServerConnectionCreator)
