@@ -25,6 +25,7 @@ from ..metrics import Metrics
 from ..runtime import IReactor
 from .auth import Authenticator
 from .client import RegistryClient
+from .endpoints import UpstreamEndpoints
 from .public import PublicEndpoints, lookup
 
 log = Logger()
@@ -129,12 +130,8 @@ class Upstreams:
             self._lookups.start()
         lookups = self._lookups
         if name in self._configs:
-            agent = Agent(
-                self._reactor,
-                contextFactory=policy,
-                pool=self._pool,
-                connectTimeout=config.connect_timeout,
-            )
+            direct = UpstreamEndpoints(self._reactor, policy, config.connect_timeout)
+            agent = Agent.usingEndpointFactory(self._reactor, direct, pool=self._pool)
         else:
             # Named by a client, not by the operator: public addresses only,
             # and no connection shared with the pool, which is keyed by host
