@@ -75,6 +75,11 @@ class Gate:
     def close(self) -> None:
         self._passwords.close()
 
+    def generation(self) -> tuple[int, int]:
+        """Moves when who may log in changes (a users' or tokens' file read
+        again): answers made for the logins before are not used again."""
+        return self._passwords.generation()
+
     # -- who
 
     async def identify(self, request: Request, name: str | None = None) -> Identity:

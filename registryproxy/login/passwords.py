@@ -71,6 +71,16 @@ class Passwords:
     def close(self) -> None:
         self._threads.stop()
 
+    def generation(self) -> tuple[int, int]:
+        """Moves when the users' or the tokens' file is read again (looked
+        at now, as every login does): what was let in before is asked again."""
+        seen = []
+        for watched in (self._users, self._tokens):
+            if watched is not None:
+                watched.current()
+            seen.append(watched.generation if watched is not None else 0)
+        return seen[0], seen[1]
+
     def token_user(self, token: str) -> str | None:
         """The user a static token belongs to, or None."""
         if self._tokens is None:

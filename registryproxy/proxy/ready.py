@@ -12,12 +12,13 @@ as long as
 
 * the manifest cache still keeps that very manifest for the reference (a
   tag's TTL, a purge, an eviction end that at once),
-* the upstreams have not changed since (their *generation*), and
+* the upstreams have not changed since, nor the users' and tokens' files
+  (their *generation*: a user taken out is refused as soon as the file's
+  change is seen, at most a second later, as before), and
 * at most :data:`LIFETIME` seconds have passed: then the next request takes
   the whole path again, so what is checked on a time scale of its own is
-  checked at least that often: privacy verdicts, and who a client is (the
-  users' files are looked at once a second too; a token that expires or a
-  user taken out is refused at most that much later).
+  checked at least that often: privacy verdicts, and a token's expiry (a
+  token is used at most that much past it).
 
 Only answers that are the kept manifest itself are noted (not a platform's
 manifest picked for a client that takes no lists), and only answers, never
@@ -70,7 +71,8 @@ class Ready:
     #: who the request logged in as (proxy.auth), for the access log
     user: str | None
     until: float
-    generation: int
+    #: the upstreams' and the logins' (:meth:`RegistryResource._generation`)
+    generation: object
 
 
 class ReadyAnswers:
@@ -80,7 +82,7 @@ class ReadyAnswers:
         self._bytes = 0
         self._answers: collections.OrderedDict[Key, Ready] = collections.OrderedDict()
 
-    def get(self, key: Key, now: float, generation: int) -> Ready | None:
+    def get(self, key: Key, now: float, generation: object) -> Ready | None:
         ready = self._answers.get(key)
         if ready is None:
             return None

@@ -222,7 +222,7 @@ class RegistryResource(Resource):
         key = key_of(request)
         ready = None
         if request.method in (b"GET", b"HEAD"):  # a push to a manifest's URI is refused
-            ready = self._ready.get(key, self._clock.seconds(), self._upstreams.generation)
+            ready = self._ready.get(key, self._clock.seconds(), self._generation())
         if ready is not None:
             manifest = ready.manifest
             if self._manifests.kept(ready.upstream, ready.repo, ready.reference) is manifest:
@@ -319,8 +319,8 @@ class RegistryResource(Resource):
         routed: list[str],
         identity: Identity | None,
     ) -> None:
-        # before any await: an answer routed across a change is not used again
-        generation = self._upstreams.generation
+        # before any await: an answer made across a change is not used again
+        generation = self._generation()
         client, repo = route(self._upstreams, request, match.group("name"))
         routed.append(client.name)
         # before any upstream request and any cached answer
@@ -433,6 +433,11 @@ class RegistryResource(Resource):
         request.setHeader(b"Content-Length", b"%d" % len(body))
         request.write(body)
         request.finish()
+
+    def _generation(self) -> tuple[int, tuple[int, int] | None]:
+        """Moves when the upstreams change, or who may log in."""
+        gate = self._gate
+        return self._upstreams.generation, gate.generation() if gate is not None else None
 
     def _manifest(self, request: Request, manifest: CachedManifest, image: str) -> None:
         """Answer with *manifest*; a GET is a pull of *image*."""

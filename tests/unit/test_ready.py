@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from typing import Any
 
 import bcrypt
@@ -13,6 +14,7 @@ from proxyharness import settle, until
 
 from registryproxy.admin.backend import PurgeSelector
 from registryproxy.cache.manifests import CachedManifest
+from registryproxy.login.files import WatchedFile
 from registryproxy.proxy.ready import Ready, ReadyAnswers
 
 ACCEPT_ALL = [
@@ -165,9 +167,12 @@ async def test_a_tag_past_its_ttl_is_asked_again(fake_registry, make_proxy):
 
 
 @pytest_twisted.ensureDeferred
-async def test_answers_are_kept_apart_by_credentials(fake_registry, make_proxy, tmp_path):
+async def test_answers_are_kept_apart_by_credentials(
+    fake_registry, make_proxy, tmp_path, monkeypatch
+):
     """With proxy.auth an answer is used again only for the same credentials:
     wrong ones, another user's or none get what the whole path says."""
+    monkeypatch.setattr(WatchedFile, "LOOK_EVERY", 0.05)
     fake_registry.add_image("library/app", "1", [b"layer"])
     users = tmp_path / "htpasswd"
     users.write_bytes(
@@ -196,10 +201,16 @@ async def test_answers_are_kept_apart_by_credentials(fake_registry, make_proxy, 
     assert (await proxy.get(path, Authorization=basic("ann", "wrong"))).code == 401
     assert (await proxy.get(path, Authorization=basic("bob", "bob-secret"))).code == 403
     assert (await proxy.get(path)).code == 401
+    # ann taken out of the file: refused as soon as the change is seen,
+    # within the answer's lifetime
+    users.write_bytes(users.read_bytes().split(b"\n", 1)[1])
+    os.utime(users, ns=(0, 10**18))
+    await settle(0.1)
+    assert (await proxy.get(path, Authorization=basic("ann", "ann-secret"))).code == 401
     # a push to the same URI with ann's credentials is no pull
     push = await proxy.request("PUT", path, {"Authorization": basic("ann", "ann-secret")})
     assert push.code == 405, push.body
     # the access log is flushed every second
-    await until(lambda: access.exists() and len(access.read_text().splitlines()) >= 7)
+    await until(lambda: access.exists() and len(access.read_text().splitlines()) >= 8)
     users_logged = [line.split(" ")[2] for line in access.read_text().splitlines()]
     assert users_logged[:3] == ["ann", "ann", "ann"]
