@@ -31,7 +31,8 @@ import bcrypt
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import load, servers  # noqa: E402
+from bench import servers  # noqa: E402
+from bench.hotpath import measure  # noqa: E402
 from bench.run import _mkdir, build_image, manifest_path, say, start_upstream  # noqa: E402
 from tests.integration import harness, images  # noqa: E402
 
@@ -54,20 +55,6 @@ def token(url: str, path: str) -> str:
     body = response.read()
     assert response.status == 200, body
     return str(json.loads(body)["token"])
-
-
-def measure(
-    url: str, path: str, headers: list[tuple[str, str]], seconds: float
-) -> dict[str, float]:
-    warm = load.requests(url, "GET", path, headers, 1.0)
-    assert warm.ok and not warm.errors, "the manifest is not answered"
-    flat = load.requests(url, "GET", path, headers, seconds)
-    paced = load.requests(url, "GET", path, headers, seconds, rate=1000)
-    return {
-        "req/s": flat.rate,
-        "errors": flat.errors + paced.errors,
-        "p99 ms at 1000/s": paced.percentile(99) * 1000,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for label, url, headers in cases:
             say(f"measuring: {label}")
-            results[label] = measure(url, path, headers, args.seconds)
+            results[label] = measure(url, None, path, args.seconds, headers)
     reference = results[cases[0][0]]["req/s"]
     print(f"\ncached manifest by tag, {args.seconds:g} s each, 16 connections")
     print(f"{'':34} {'req/s':>9} {'vs ref':>7} {'p99 ms at 1000/s':>17} {'errors':>7}")

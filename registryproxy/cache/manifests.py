@@ -9,7 +9,6 @@ revalidate.  A tag's entry is always what the registry stores for it: see
 
 from __future__ import annotations
 
-import collections
 import json
 from collections.abc import Sequence
 from functools import partial
@@ -20,6 +19,7 @@ from twisted.internet.defer import TimeoutError as Late
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from ..bounded import Bounded
 from ..errors import UPSTREAM_TROUBLE, RegistryError
 from ..mediatypes import LISTS, acceptable, default_platform, upstream_accept
 from ..names import Digest, is_valid_digest
@@ -400,41 +400,16 @@ class HotAnswers:
     MAX_ENTRIES = 100_000
 
     def __init__(self, max_bytes: int = MAX_BYTES, max_entries: int = MAX_ENTRIES) -> None:
-        self._max_bytes = max_bytes
-        self._max_entries = max_entries
-        self._bytes = 0
-        self._answers: collections.OrderedDict[
-            tuple[str, str, str], tuple[CachedManifest, float | None]
-        ] = collections.OrderedDict()
+        self._kept: Bounded[tuple[str, str, str], CachedManifest] = Bounded(max_bytes, max_entries)
 
     def get(self, key: tuple[str, str, str], now: float) -> CachedManifest | None:
-        found = self._answers.get(key)
-        if found is None:
-            return None
-        manifest, until = found
-        if until is not None and now >= until:
-            self._drop(key)
-            return None
-        self._answers.move_to_end(key)
-        return manifest
+        return self._kept.get(key, now)
 
     def put(self, key: tuple[str, str, str], manifest: CachedManifest, until: float | None) -> None:
-        if len(manifest.body) > self._max_bytes // 16:
-            return
-        self._drop(key)
-        self._answers[key] = (manifest, until)
-        self._bytes += len(manifest.body)
-        while self._bytes > self._max_bytes or len(self._answers) > self._max_entries:
-            self._drop(next(iter(self._answers)))
-
-    def _drop(self, key: tuple[str, str, str]) -> None:
-        found = self._answers.pop(key, None)
-        if found is not None:
-            self._bytes -= len(found[0].body)
+        self._kept.put(key, manifest, len(manifest.body), until)
 
     def clear(self) -> None:
-        self._answers.clear()
-        self._bytes = 0
+        self._kept.clear()
 
 
 def _by_digest(upstream: str, repo: str, digest: str, index: Index) -> ManifestEntry | None:

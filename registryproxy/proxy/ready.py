@@ -27,12 +27,12 @@ a refusal: wrong credentials never find one.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 
 import attrs
 from twisted.web.server import Request
 
+from ..bounded import Bounded
 from ..cache.manifests import CachedManifest
 
 #: seconds an answer is used again, at most
@@ -77,41 +77,23 @@ class Ready:
 
 class ReadyAnswers:
     def __init__(self, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES) -> None:
-        self._max_entries = max_entries
-        self._max_bytes = max_bytes
-        self._bytes = 0
-        self._answers: collections.OrderedDict[Key, Ready] = collections.OrderedDict()
+        self._kept: Bounded[Key, Ready] = Bounded(max_bytes, max_entries)
 
     def get(self, key: Key, now: float, generation: object) -> Ready | None:
-        ready = self._answers.get(key)
-        if ready is None:
+        ready = self._kept.get(key, now)
+        if ready is not None and ready.generation != generation:
+            self._kept.drop(key)
             return None
-        if now >= ready.until or ready.generation != generation:
-            self._drop(key)
-            return None
-        self._answers.move_to_end(key)
         return ready
 
-    def drop(self, key: Key) -> None:
-        self._drop(key)
-
     def put(self, key: Key, ready: Ready) -> None:
-        size = _size(key, ready)
-        if size > self._max_bytes // 16:
-            return
-        self._drop(key)
-        self._answers[key] = ready
-        self._bytes += size
-        while len(self._answers) > self._max_entries or self._bytes > self._max_bytes:
-            self._drop(next(iter(self._answers)))
+        self._kept.put(key, ready, _size(key, ready), ready.until)
+
+    def drop(self, key: Key) -> None:
+        self._kept.drop(key)
 
     def __len__(self) -> int:
-        return len(self._answers)
-
-    def _drop(self, key: Key) -> None:
-        ready = self._answers.pop(key, None)
-        if ready is not None:
-            self._bytes -= _size(key, ready)
+        return len(self._kept)
 
 
 def _size(key: Key, ready: Ready) -> int:

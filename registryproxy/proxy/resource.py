@@ -219,18 +219,18 @@ class RegistryResource(Resource):
 
     def render(self, request: Request) -> int:  # type: ignore[override]
         request.setHeader(*_API_VERSION)
-        key = key_of(request)
-        ready = None
-        if request.method in (b"GET", b"HEAD"):  # a push to a manifest's URI is refused
+        # only manifests' answers are kept (a push to one's URI is refused)
+        if request.method in (b"GET", b"HEAD") and b"/manifests/" in request.path:
+            key = key_of(request)
             ready = self._ready.get(key, self._clock.seconds(), self._generation())
-        if ready is not None:
-            manifest = ready.manifest
-            if self._manifests.kept(ready.upstream, ready.repo, ready.reference) is manifest:
-                request.login_user = ready.user  # type: ignore[attr-defined]
-                self._manifests.touch(ready.upstream, ready.repo, manifest.digest)
-                self._manifest(request, manifest, ready.image)
-                return NOT_DONE_YET
-            self._ready.drop(key)
+            if ready is not None:
+                manifest = ready.manifest
+                if self._manifests.kept(ready.upstream, ready.repo, ready.reference) is manifest:
+                    request.login_user = ready.user  # type: ignore[attr-defined]
+                    self._manifests.touch(ready.upstream, ready.repo, manifest.digest)
+                    self._manifest(request, manifest, ready.image)
+                    return NOT_DONE_YET
+                self._ready.drop(key)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         # the upstream the request is routed to, once it is
