@@ -103,7 +103,8 @@ def main() -> None:
     from twisted.internet.threads import deferToThreadPool
     from twisted.python.threadpool import ThreadPool
 
-    from registryproxy.cluster.pg import Database, PgSettings
+    from registryproxy.cluster.engineconfig import PgSettings
+    from registryproxy.cluster.pg import Database
     from registryproxy.cluster.pgindex import PgIndex
 
     engine = None

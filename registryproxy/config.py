@@ -19,8 +19,7 @@ import attrs
 import yaml
 from twisted.internet.endpoints import serverFromString
 
-from .cluster.pg import PgSettings
-from .cluster.s3 import S3Settings
+from .cluster.engineconfig import PgSettings, S3Settings
 from .login.files import FileError, parse_htpasswd, parse_tokens
 from .names import is_valid_registry_host
 from .proxy.tls import load_context, parse_listen

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService, TimerService
@@ -32,7 +32,6 @@ from .cache.manifests import ManifestCache
 from .cache.scrub import Scrubber, Verifier
 from .cache.shared import LocalTier, SharedDeletion
 from .cache.store import FileStore
-from .cluster.node import Engines, engines
 from .cluster.peers import PeersOnly
 from .config import Config, ConfigError, load_config
 from .login.gate import Gate, make_gate
@@ -45,6 +44,9 @@ from .proxy.resource import RegistryResource
 from .proxy.tls import ServerCertificate, TLSError, TLSFactory, parse_listen
 from .runtime import IReactor, Threads
 from .upstream.registry import Upstreams
+
+if TYPE_CHECKING:
+    from .cluster.node import Engines
 
 log = Logger()
 _FLUSH_SECONDS = 10.0
@@ -607,6 +609,9 @@ def makeService(options: Options, reactor: IReactor | None = None) -> IService:
     if config.cluster is not None:
         if options["rebuild-index"]:
             raise SystemExit("regproxy: --rebuild-index is for a single node's embedded index")
+        # the engines' client libraries only where they are used (engineconfig.py)
+        from .cluster.node import engines
+
         cluster = engines(
             config,
             reactor,

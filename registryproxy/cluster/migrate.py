@@ -56,9 +56,10 @@ from ..config import Config, ConfigError, load_config
 from ..names import ALGORITHMS, Digest
 from ..runtime import IReactor
 from .bucket import PART_SIZE, key
-from .pg import Database, PgSettings, Unavailable
+from .engineconfig import PgSettings, S3Settings
+from .pg import Database, Unavailable
 from .pgindex import HEAVY, TABLES, PgIndex
-from .s3 import S3Error, S3Settings, S3Store
+from .s3 import S3Error, S3Store
 
 PROG = "regproxy-migrate"
 EXIT_FAILED, EXIT_USAGE, EXIT_LEFT_OUT = 1, 2, 4

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.defer import TimeoutError as NoAnswer
@@ -45,7 +45,9 @@ from ..mediatypes import MODERN
 from ..names import Digest
 from ..upstream.body import read_body
 from ..upstream.client import MAX_MANIFEST, Manifest, RegistryClient
-from .membership import Membership
+
+if TYPE_CHECKING:  # membership brings psycopg, which a single node does not need
+    from .membership import Membership
 
 log = Logger()
 

@@ -21,9 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-import attrs
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -31,59 +29,11 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from ..runtime import IReactor
+from .engineconfig import PgSettings, redacted_dsn
 
 log = Logger()
 
 T = TypeVar("T")
-
-
-def _redacted(dsn: str) -> str:
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "<unparsable DSN>"
-    if "password" in params:
-        params["password"] = "***"
-    return repr(make_conninfo("", **params))
-
-
-@attrs.frozen
-class PgSettings:
-    #: libpq connection string or URI; its password is never shown
-    dsn: str = attrs.field(repr=_redacted)
-    #: connections the pool keeps open, and the most it opens
-    min_size: int = 1
-    max_size: int = 8
-    #: seconds to wait for a new connection to PostgreSQL (libpq counts whole seconds, >= 2)
-    connect_timeout: float = 5.0
-    #: seconds a query waits for a free pooled connection before failing
-    acquire_timeout: float = 10.0
-    #: leases held at once by this node; each holds a connection of its own
-    max_leases: int = 16
-    #: seconds of silence after which the server probes a lease holder's
-    #: connection (TCP keepalive), so that a node that vanished without
-    #: closing its connections (power cut, partition) loses its leases in
-    #: about keepalive_idle + 3 * keepalive_interval seconds
-    keepalive_idle: int = 10
-    keepalive_interval: int = 5
-
-    def __attrs_post_init__(self) -> None:
-        try:
-            conninfo_to_dict(self.dsn)
-        except psycopg.ProgrammingError:
-            # psycopg's message quotes the DSN, password and all
-            raise ValueError(
-                "dsn: expected a libpq connection string (host=... dbname=...) or a "
-                "postgresql:// URI; the value is not shown, as it may hold a password"
-            ) from None
-        if not 0 <= self.min_size <= self.max_size or self.max_size < 1:
-            raise ValueError("min_size, max_size: need 0 <= min_size <= max_size, max_size >= 1")
-        if self.max_leases < 1:
-            raise ValueError("max_leases: must be at least 1")
-
-    @property
-    def libpq_connect_timeout(self) -> int:
-        return max(2, round(self.connect_timeout))
 
 
 class Unavailable(Exception):
@@ -137,7 +87,7 @@ class Database:
             except PoolTimeout as e:
                 self._pool.close()
                 raise Unavailable(
-                    f"cannot connect to PostgreSQL at {_redacted(settings.dsn)} within "
+                    f"cannot connect to PostgreSQL at {redacted_dsn(settings.dsn)} within "
                     f"{settings.connect_timeout}s ({e}): is it running, and does the DSN "
                     "name the right host, port, database and credentials?"
                 ) from e

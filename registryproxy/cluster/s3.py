@@ -29,7 +29,6 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import attrs
 import boto3
@@ -43,6 +42,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ..runtime import IReactor
+from .engineconfig import S3Settings
 
 log = Logger()
 
@@ -54,52 +54,6 @@ MIN_PART_SIZE = 5 * 1024 * 1024
 MAX_PARTS = 10_000
 #: bytes a streaming read asks for in one thread call
 DEFAULT_CHUNK_SIZE = 256 * 1024
-
-
-@attrs.frozen
-class S3Settings:
-    """Where the blobs live, and how to reach them."""
-
-    bucket: str
-    #: an S3-compatible service's URL (``http://127.0.0.1:8080``); None: AWS
-    endpoint: str | None = None
-    #: put before every key (``"regproxy/"``), so that one bucket can hold more
-    prefix: str = ""
-    region: str = "us-east-1"
-    #: ``host/bucket/key`` rather than ``bucket.host/key``; None: True when an
-    #: endpoint is given (S3-compatible services rarely have per-bucket DNS)
-    path_style: bool | None = None
-    #: None: boto3's own lookup (environment, ~/.aws, instance role)
-    access_key: str | None = None
-    secret_key: str | None = attrs.field(default=None, repr=False)
-    #: PEM bundle of the CAs to trust for an https endpoint, instead of the system's
-    ca_file: str | None = None
-    #: seconds to wait for a TCP (and TLS) connection
-    connect_timeout: float = 5.0
-    #: seconds to wait for a response, and the longest silence mid-body
-    read_timeout: float = 30.0
-    #: attempts per call, the first included (botocore's "standard" retry mode:
-    #: connection errors, 5xx, throttling)
-    max_attempts: int = 3
-
-    def __attrs_post_init__(self) -> None:
-        if not self.bucket:
-            raise ValueError("bucket: is empty")
-        if self.endpoint is not None:
-            parts = urlsplit(self.endpoint)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"endpoint: expected http(s)://host[:port], got {self.endpoint!r}")
-        if self.prefix.startswith("/"):
-            raise ValueError(f"prefix: must not start with '/', got {self.prefix!r}")
-        if (self.access_key is None) != (self.secret_key is None):
-            raise ValueError("access_key and secret_key: give both or neither")
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts: must be at least 1")
-
-    @property
-    def addressing_style(self) -> str:
-        path_style = self.path_style if self.path_style is not None else bool(self.endpoint)
-        return "path" if path_style else "virtual"
 
 
 @attrs.frozen

@@ -55,8 +55,9 @@ from tlscerts import make_ca_and_server_cert
 from twisted.internet import reactor
 from twisted.python.threadpool import ThreadPool
 
-from registryproxy.cluster.pg import Database, PgSettings
-from registryproxy.cluster.s3 import S3Settings, S3Store
+from registryproxy.cluster.engineconfig import PgSettings, S3Settings
+from registryproxy.cluster.pg import Database
+from registryproxy.cluster.s3 import S3Store
 
 from . import engines
 from .nodes import s3_settings_of

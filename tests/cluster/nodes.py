@@ -35,7 +35,8 @@ import psycopg
 from integration.harness import RegProxy, free_port, tail, wait_until
 
 from registryproxy.cluster.bucket import key
-from registryproxy.cluster.s3 import S3Settings, make_client
+from registryproxy.cluster.engineconfig import S3Settings
+from registryproxy.cluster.s3 import make_client
 from registryproxy.names import Digest
 
 from . import engines

@@ -24,8 +24,9 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from registryproxy.cluster.engineconfig import S3Settings
 from registryproxy.cluster.pg import Database, lock_id
-from registryproxy.cluster.s3 import MIN_PART_SIZE, NoSuchKey, S3Error, S3Settings, S3Store
+from registryproxy.cluster.s3 import MIN_PART_SIZE, NoSuchKey, S3Error, S3Store
 
 from . import engines
 

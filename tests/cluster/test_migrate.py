@@ -23,10 +23,10 @@ from twisted.internet.threads import deferToThread, deferToThreadPool
 from registryproxy.cache.index import Index
 from registryproxy.cluster import migrate as migration
 from registryproxy.cluster.bucket import key
+from registryproxy.cluster.engineconfig import PgSettings, S3Settings
 from registryproxy.cluster.migrate import MigrateError, Report, migrate
-from registryproxy.cluster.pg import PgSettings
 from registryproxy.cluster.pgindex import PgIndex
-from registryproxy.cluster.s3 import MIN_PART_SIZE, S3Error, S3Settings, S3Store
+from registryproxy.cluster.s3 import MIN_PART_SIZE, S3Error, S3Store
 from registryproxy.config import load_config
 from registryproxy.names import Digest
 

@@ -11,8 +11,7 @@ import attrs
 import pytest
 import yaml
 
-from registryproxy.cluster.pg import PgSettings
-from registryproxy.cluster.s3 import S3Settings
+from registryproxy.cluster.engineconfig import PgSettings, S3Settings
 from registryproxy.config import (
     ClusterConfig,
     Config,

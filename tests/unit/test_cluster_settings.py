@@ -9,8 +9,9 @@ from integration.harness import free_port
 from twisted.internet import reactor
 from twisted.python.threadpool import ThreadPool
 
-from registryproxy.cluster.pg import Database, PgSettings, Unavailable, lock_id
-from registryproxy.cluster.s3 import S3Error, S3Settings, S3Store
+from registryproxy.cluster.engineconfig import PgSettings, S3Settings
+from registryproxy.cluster.pg import Database, Unavailable, lock_id
+from registryproxy.cluster.s3 import S3Error, S3Store
 
 
 def test_s3_settings_hide_the_secret_and_default_to_path_style_for_an_endpoint():

@@ -104,6 +104,29 @@ def test_twistd_lists_the_plugin():
     assert "regproxy" in [command[0] for command in ServerOptions().subCommands]
 
 
+def test_a_single_node_does_not_import_the_cluster_engines(tmp_path):
+    # boto3 and psycopg cost every twistd start about 0.4 s (engineconfig.py)
+    (tmp_path / "regproxy.yaml").write_text(f"cache: {{directory: {str(tmp_path)!r}}}\n")
+    script = (
+        "import sys\n"
+        "from twisted.internet.testing import MemoryReactorClock\n"
+        "from registryproxy.tap import Options, makeService\n"
+        "options = Options()\n"
+        "options.parseOptions(['--config', sys.argv[1]])\n"
+        "makeService(options, MemoryReactorClock())\n"
+        "print(sorted(m for m in ('boto3', 'botocore', 'psycopg') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "regproxy.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def start_up(*args: str) -> str:
     """What ``twistd -n regproxy ARGS`` would exit with, run in this process:
     the same Options, makeService and port binding, on a reactor that binds
