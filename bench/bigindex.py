@@ -3,7 +3,7 @@
 
 Usage, from a venv with regproxy installed::
 
-    .venv/bin/python bench/bigindex.py [--images N] [--json FILE] [--keep]
+    .venv/bin/python bench/bigindex.py [--images N] [--rate R] [--json FILE] [--keep]
     .venv/bin/python bench/bigindex.py --images 2000 --baseline DIR
 
 It generates a cache of N images (default 20,000; 2.5 N blobs, as small real
@@ -17,7 +17,14 @@ measures, while a 0.01 s LoopingCall records how late the reactor runs it:
 * sweep: a budget that makes the sweep evict N/4 images (a pinned
   repository among the oldest is passed over);
 * purge: the admin API's purge of a repository with N/10 tags;
-* fsck: re-hash every file and reconcile the index.
+* fsck: re-hash every file and reconcile the index;
+* quiet: nothing, for reference;
+* load: the manifest requests that failed, over all scenarios.
+
+Meanwhile another process asks for one cached manifest by tag at a fixed
+rate (``--rate``, default 1,000 a second; 0: none) and each scenario also
+reports that manifest's p99 and worst latency while it ran: what a client
+pulling then waits.
 
 ``--baseline DIR`` runs the same measurement twice in child processes, with
 ``DIR`` (another checkout's top directory, e.g. ``git archive main | tar -x
@@ -48,6 +55,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET_P99 = 0.020
 TARGET_MAX = 0.100
 TARGET_START = 2.0
+#: a cached manifest's p99 at 1,000 requests a second (issue 10's hot path)
+TARGET_MANIFEST_P99 = 0.003
 
 
 def digest_of(data: bytes) -> str:
@@ -161,7 +170,9 @@ def generate(root: str, images: int, seed: int = 1) -> dict[str, Any]:
                 freed += sizes[child]
         evicted += 1
     low_water = 0.9
+    hot = max((i for i in range(big, images) if used_rank[i] >= 20), key=used_rank.__getitem__)
     return {
+        "hot": f"/v2/team{(hot - big) // 20}/app/manifests/t{hot}",
         "images": images,
         "blobs": len(sizes),
         "bytes": total,
@@ -239,6 +250,7 @@ async def measure(
     detail = {**(detail or {}), **after()}
     row = {
         "scenario": name,
+        "window": (started, time.monotonic()),
         "seconds": round(seconds, 3),
         "lag_p50_ms": round(quantile(samples, 0.50) * 1000, 1),
         "lag_p99_ms": round(quantile(samples, 0.99) * 1000, 1),
@@ -246,8 +258,68 @@ async def measure(
         "samples": len(samples),
         **(detail or {}),
     }
-    print(f"  {name}: {row}", file=sys.stderr)
+    print(f"  {name}: { {k: v for k, v in row.items() if k != 'window'} }", file=sys.stderr)
     return row
+
+
+class ManifestLoad:
+    """A child process asking for one manifest at a fixed rate until stopped
+    (``--load-child``): its own CPU and event loop, not the measured reactor's."""
+
+    def __init__(self, url: str, path: str, rate: float) -> None:
+        self._child = subprocess.Popen(
+            [sys.executable, __file__, "--load-child", url, path, str(rate)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+        )
+
+    def stop(self) -> Awaitable[dict[str, Any]]:
+        """The latencies it measured, each with when it was sent; waited for
+        in a thread, as the reactor must answer the requests still under way."""
+        from twisted.internet.threads import deferToThread
+
+        def wait() -> dict[str, Any]:
+            out, _ = self._child.communicate(timeout=60)
+            return dict(json.loads(out))
+
+        return deferToThread(wait)
+
+
+def load_child(url: str, path: str, rate: float) -> None:
+    """``--load-child``: GET *path* at *rate* until stdin closes; print what came back."""
+    import threading
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from load import requests
+
+    stop = threading.Event()
+
+    def wait_for_eof() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=wait_for_eof, daemon=True).start()
+    accept = [("Accept", "application/vnd.oci.image.manifest.v1+json")]
+    result = requests(url, "GET", path, accept, 3600.0, rate=rate, stop_early=stop)
+    json.dump(
+        {"sent_at": result.sent_at, "latencies": result.latencies, "errors": result.errors},
+        sys.stdout,
+    )
+
+
+def add_manifest_latency(rows: list[dict[str, Any]], load: dict[str, Any]) -> None:
+    """Each scenario's share of the manifest requests: those sent while it ran."""
+    for row in rows:
+        start, end = row.pop("window")
+        mine = [
+            latency
+            for sent, latency in zip(load["sent_at"], load["latencies"], strict=True)
+            if start <= sent <= end
+        ]
+        row["requests"] = len(mine)
+        row["manifest_p99_ms"] = round(quantile(mine, 0.99) * 1000, 2)
+        row["manifest_max_ms"] = round(max(mine, default=0.0) * 1000, 2)
 
 
 def free_port() -> int:
@@ -269,6 +341,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"code": os.path.dirname(inspect.getfile(makeService))}
     lag = Lag(reactor)
     service: Any = None
+    load: ManifestLoad | None = None
     try:
         cache = os.path.join(root, "cache")
         os.makedirs(cache)
@@ -285,7 +358,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "cache": {"directory": cache},
                     "proxy": {"listen": f"tcp:{port}:interface=127.0.0.1"},
                     "admin": {"listen": "tcp:0:interface=127.0.0.1"},
-                    "upstreams": {"docker.io": {"url": "http://127.0.0.1:9"}},
+                    # the tags stay fresh: no upstream to revalidate with
+                    "upstreams": {"docker.io": {"url": "http://127.0.0.1:9", "tag_ttl": 1e9}},
                 },
                 f,
             )
@@ -309,6 +383,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     await deferLater(reactor, 0.01, lambda: None)
 
         rows.append(await measure(reactor, lag, "start-up", start))
+        rows[-1].pop("window")  # the load starts once regproxy serves
+        if args.rate:
+            load = ManifestLoad(f"http://127.0.0.1:{port}", plan["hot"], args.rate)
+        await deferLater(reactor, 1.0, lambda: None)  # its connections are up
+
+        async def quiet() -> dict[str, Any]:
+            await deferLater(reactor, 3.0, lambda: None)
+            return {}
+
+        rows.append(await measure(reactor, lag, "quiet", quiet))
         proxy = next(s for s in service if isinstance(s, _Closing))._proxy
         index, control, evictor = proxy.index, proxy.control, proxy.evictor
 
@@ -366,9 +450,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             }
 
         rows.append(await measure(reactor, lag, "writes", writes))
-
+        if load is not None:
+            measured = await load.stop()
+            add_manifest_latency(rows[1:], measured)
+            rows.append({"scenario": "load", "errors": measured["errors"]})
+            load = None
+        else:
+            for row in rows[1:]:
+                row.pop("window")
         results["rows"] = rows
     finally:
+        if load is not None:
+            await load.stop()
         if lag.running:
             lag.stop()
         if service is not None and service.running:
@@ -391,7 +484,7 @@ def table(runs: list[dict[str, Any]]) -> str:
     for i, row in enumerate(runs[-1]["rows"]):
         scenario = row["scenario"]
         extra = [k for k in row if k not in (*keys, "scenario", "samples", "lag_p50_ms")]
-        for key in keys + extra:
+        for key in [k for k in keys if k in row] + extra:
             values = [r["rows"][i].get(key) for r in runs]
             line = f"{scenario:<10} {key:<12}" + "".join(f"{v!s:>12}" for v in values)
             if len(runs) == 2:
@@ -401,6 +494,7 @@ def table(runs: list[dict[str, Any]]) -> str:
             target = {
                 "lag_p99_ms": f"<{TARGET_P99 * 1000:.0f}",
                 "lag_max_ms": f"<{TARGET_MAX * 1000:.0f}",
+                "manifest_p99_ms": f"<{TARGET_MANIFEST_P99 * 1000:.0f}",
             }.get(key, f"<{TARGET_START:.0f}" if (scenario, key) == ("start-up", "seconds") else "")
             line += f"{target:>10}"
             lines.append(line)
@@ -413,8 +507,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write every measured value to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--baseline", help="another checkout to compare with (see above)")
+    parser.add_argument(
+        "--rate", type=float, default=1000.0, help="manifest GETs a second meanwhile (0: none)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--load-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.load_child:
+        url, path, rate = args.load_child
+        load_child(url, path, float(rate))
+        return 0
     if args.baseline:
         runs = []
         for code in (os.path.abspath(args.baseline), ROOT):
@@ -428,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
                         "--child",
                         "--images",
                         str(args.images),
+                        "--rate",
+                        str(args.rate),
                         "--json",
                         out.name,
                     ],

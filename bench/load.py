@@ -144,6 +144,9 @@ class LoadResult:
     seconds: float  #: first send to last answer
     latencies: list[float]  #: seconds, request written -> response read, successes only
     late: int  #: fixed rate: requests sent more than 5 ms after their slot
+    #: when each of *latencies* was sent (``time.monotonic()``, the same
+    #: clock in every process here), to tell which work it met
+    sent_at: list[float] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -164,12 +167,14 @@ async def _load(
     duration: float,
     connections: int,
     rate: float | None,
+    stop_early: threading.Event | None,
 ) -> LoadResult:
     loop = asyncio.get_running_loop()
     start = loop.time() + 0.05
     stop = start + duration
     slots = iter(range(int(rate * duration))) if rate else itertools.count()
     latencies: list[float] = []
+    sent_at: list[float] = []
     counts = {"sent": 0, "ok": 0, "errors": 0, "late": 0}
     last_end = [start]
 
@@ -178,6 +183,8 @@ async def _load(
         try:
             for i in slots:
                 now = loop.time()
+                if stop_early is not None and stop_early.is_set():
+                    break
                 if rate:
                     due = start + i / rate
                     if now > stop:
@@ -203,6 +210,7 @@ async def _load(
                 if status == 200:
                     counts["ok"] += 1
                     latencies.append(end - sent)
+                    sent_at.append(sent)
                 else:
                     counts["errors"] += 1
                 if headers.get("connection", "").lower() == "close":
@@ -225,6 +233,7 @@ async def _load(
         last_end[0] - start,
         latencies,
         counts["late"],
+        sent_at,
     )
 
 
@@ -236,6 +245,7 @@ def requests(
     duration: float,
     rate: float | None = None,
     connections: int = 16,
+    stop_early: threading.Event | None = None,
 ) -> LoadResult:
     """The same request over *connections* keep-alive connections.
 
@@ -244,12 +254,13 @@ def requests(
     With *rate*, open loop: ``rate * duration`` requests, one every ``1/rate``
     s whatever the answers (at most *connections* in flight); those not sent
     within *duration* are dropped.  Latency runs
-    from writing a request to reading its whole answer."""
+    from writing a request to reading its whole answer; *stop_early*, once
+    set, ends the run before *duration*."""
     host_port = url.removeprefix("http://")
     host, port = host_port.rsplit(":", 1)
     request = _request(method, host_port, path, headers)
     return asyncio.run(
-        _load(host, int(port), request, method == "HEAD", duration, connections, rate)
+        _load(host, int(port), request, method == "HEAD", duration, connections, rate, stop_early)
     )
 
 

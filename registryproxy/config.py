@@ -280,7 +280,7 @@ class CacheConfig:
     #: None: only after a restart
     verify_after: float | None = 604800.0
     #: bytes a second the background scrub reads to re-hash the whole store
-    #: (a size like "20MiB"); 0: no scrub
+    #: (a size like "20MiB"; a file under 256 KiB counts as 256 KiB); 0: no scrub
     scrub_rate: int | str = "20MiB"
     storage: StorageConfig = StorageConfig()
     index: IndexConfig = IndexConfig()

@@ -16,7 +16,6 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.threadpool import ThreadPool
 from twisted.web.client import HTTPConnectionPool
 
 from .admin.app import AdminAPI
@@ -42,7 +41,7 @@ from .proxy.connections import GuardedSite, Limits, fitting_connections, open_fi
 from .proxy.plaintext import PlainHTTPFactory
 from .proxy.resource import RegistryResource
 from .proxy.tls import ServerCertificate, TLSError, TLSFactory, parse_listen
-from .runtime import IReactor, Threads
+from .runtime import IReactor, Threads, thread_pool
 from .upstream.registry import Upstreams
 
 if TYPE_CHECKING:
@@ -400,7 +399,7 @@ def build_proxy(
             index = _open_index(path, rebuild_index, reactor.seconds())
             # eviction, purges, fsck and WAL checkpoints work on a connection
             # and a thread of their own; the reactor thread's commits never checkpoint
-            threads = ThreadPool(minthreads=1, maxthreads=1, name="regproxy-index")
+            threads = thread_pool("regproxy-index", 1, minthreads=1)
             local = LocalIndex(index, IndexThread(index, reactor, threads))
             index.autocheckpoint(0)
     except OSError as e:

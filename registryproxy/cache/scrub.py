@@ -7,8 +7,9 @@ restart, or once its last check is older than ``cache.verify_after``.  It
 is sent meanwhile, its last byte held back until the hash checks out (see
 :mod:`registryproxy.proxy.sender`): a rotten one's reader is cut off, and
 the file goes to quarantine/ and is fetched again on the next try.  In the background a
-scrub walks the whole store at ``cache.scrub_rate`` bytes a second, so that
-rot is found in blobs nobody reads too.  Manifests are small and hashed on
+scrub walks the whole store at ``cache.scrub_rate`` bytes a second (a small
+file counted as :data:`FILE_COST`), so that rot is found in blobs nobody
+reads too.  Manifests are small and hashed on
 every read (:mod:`.manifests`).
 """
 
@@ -45,6 +46,11 @@ MAX_CHECKED = 200_000
 _PAGE = 200
 #: seconds the scrub rests after a whole walk of the store
 _REST = 600.0
+#: bytes of ``scrub_rate`` a file costs at least: a small file's cost is the
+#: work per file (its open, thread hand-off and bookkeeping, some of it on
+#: the reactor thread), so the rate alone would let a store of small blobs be
+#: walked thousands of files a second, slowing every answer meanwhile
+FILE_COST = 256 * 1024
 
 
 class Verifier:
@@ -255,6 +261,11 @@ class Scrubber(Service):
                     return
                 if not self._verifier.due(digest):
                     continue
+                started = self._clock.seconds()
                 good = await self._verifier.scrub_one(Digest.parse(digest), self._rate)
                 self.scrubbed += 1
                 self.rotten += not good
+                # a large file was read at the rate; a small one waits for its FILE_COST
+                rest = FILE_COST / self._rate - (self._clock.seconds() - started)
+                if rest > 0:
+                    await deferLater(self._clock, rest, lambda: None)

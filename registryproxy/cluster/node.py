@@ -21,7 +21,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from ..config import Config
-from ..runtime import IReactor
+from ..runtime import IReactor, thread_pool
 from .bucket import Bucket
 from .membership import Membership, NameTaken, Node
 from .peers import Peers
@@ -148,11 +148,11 @@ def engines(
     pg_settings = config.cache.index.postgresql
     assert cluster is not None and s3_settings is not None and pg_settings is not None
     # queries wait for connections, not threads: as many threads as connections
-    db_threads = ThreadPool(minthreads=0, maxthreads=2, name="regproxy-cluster")
-    quick = ThreadPool(minthreads=0, maxthreads=pg_settings.max_size, name="regproxy-pg")
-    heavy = ThreadPool(minthreads=0, maxthreads=1, name="regproxy-pg-heavy")
-    s3_threads = ThreadPool(minthreads=0, maxthreads=S3_THREADS, name="regproxy-s3")
-    tier_threads = ThreadPool(minthreads=0, maxthreads=1, name="regproxy-tier")
+    db_threads = thread_pool("regproxy-cluster", 2)
+    quick = thread_pool("regproxy-pg", pg_settings.max_size)
+    heavy = thread_pool("regproxy-pg-heavy", 1)
+    s3_threads = thread_pool("regproxy-s3", S3_THREADS)
+    tier_threads = thread_pool("regproxy-tier", 1)
     database = Database(pg_settings, db_threads, reactor)
     index = PgIndex(database)
     s3 = S3Store(s3_settings, s3_threads, reactor)

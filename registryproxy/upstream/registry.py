@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from ..config import UpstreamConfig
 from ..metrics import Metrics
-from ..runtime import IReactor
+from ..runtime import IReactor, thread_pool
 from .auth import Authenticator
 from .client import RegistryClient
 from .endpoints import UpstreamEndpoints
@@ -126,7 +126,7 @@ class Upstreams:
     def _make(self, name: str, config: UpstreamConfig) -> RegistryClient:
         policy = _tls_policy(config.ca_file) if config.ca_file else BrowserLikePolicyForHTTPS()
         if self._lookups is None:
-            self._lookups = ThreadPool(minthreads=0, maxthreads=4, name="regproxy-lookups")
+            self._lookups = thread_pool("regproxy-lookups", 4)
             self._lookups.start()
         lookups = self._lookups
         if name in self._configs:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from proxyharness import partial_get, until
+from proxyharness import partial_get, settle, until
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
@@ -218,3 +218,34 @@ def test_the_checks_remembered_are_bounded():
     for n in range(5):
         verifier.mark(f"sha256:{n:064x}")
     assert [verifier.due(f"sha256:{n:064x}") for n in range(5)] == [True, True, False, False, False]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_scrub_counts_a_small_file_as_file_cost(fake_registry, make_proxy, tmp_path):
+    """Small blobs are walked at FILE_COST bytes each, not thousands a second."""
+    from twisted.internet.task import Clock
+
+    from registryproxy.cache.scrub import FILE_COST
+
+    _, body = fake_registry.add_image("library/app", "1", [b"one", b"two", b"three"])
+    layers = [d["digest"] for d in json.loads(body)["layers"]]
+    cache = tmp_path / "cache"
+    first = await make_proxy(fake_registry.url, cache_dir=cache)
+    for layer in layers:
+        await first.get(f"/v2/app/blobs/{layer}")
+    await first.stop()
+
+    again = await make_proxy(fake_registry.url, cache_dir=cache, cache={"scrub_rate": 0})
+    clock = Clock()  # the scrub's pauses; its hashes run in real threads
+    scrub = Scrubber(again.proxy.verifier, again.proxy.access, clock, FILE_COST)  # 1 s a file
+    scrub.startService()
+    try:
+        await until(lambda: scrub.scrubbed == 1)
+        await settle(0.3)
+        assert scrub.scrubbed == 1  # resting for the rest of its second
+        clock.advance(1.0)
+        await until(lambda: scrub.scrubbed == 2)
+        await settle(0.3)
+        assert scrub.scrubbed == 2
+    finally:
+        scrub.stopService()
