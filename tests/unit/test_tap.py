@@ -285,3 +285,30 @@ async def test_rebuild_index_from_the_blobs_on_disk(tmp_path, fake_registry, mak
     finally:
         await service.stopService()
     assert len(list(cache.glob("index.db.corrupt-*"))) == 1
+
+
+def test_twistds_start_up_heap_is_frozen(tmp_path):
+    # a full collection would walk it every time, the reactor stopped (bench/gcpause.py)
+    (tmp_path / "regproxy.yaml").write_text(
+        f"cache: {{directory: {str(tmp_path)!r}}}\n"
+        "proxy: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+        "admin: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+    )
+    script = (
+        "import gc, sys\n"
+        "from registryproxy.tap import Options, makeService\n"
+        "options = Options()\n"
+        "options.parseOptions(['--config', sys.argv[1]])\n"
+        "makeService(options)\n"  # the global reactor, as twistd
+        "print(gc.get_freeze_count(), len(gc.get_objects()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "regproxy.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    frozen, tracked = map(int, done.stdout.split())
+    assert frozen > 20 * max(tracked, 1), (frozen, tracked)
