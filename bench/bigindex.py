@@ -370,7 +370,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             nonlocal service
             options = Options()
             options.parseOptions(["--config", config])
-            service = makeService(options, reactor)
+            service = makeService(options)  # the global reactor, as twistd
             service.privilegedStartService()
             service.startService()
             agent = Agent(reactor)
