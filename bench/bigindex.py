@@ -18,6 +18,8 @@ measures, while a 0.01 s LoopingCall records how late the reactor runs it:
   repository among the oldest is passed over);
 * purge: the admin API's purge of a repository with N/10 tags;
 * fsck: re-hash every file and reconcile the index;
+* room: the store's size, 200 times, as a download that makes room on a
+  full disk asks for it on the reactor thread;
 * quiet: nothing, for reference;
 * load: the manifest requests that failed, over all scenarios.
 
@@ -126,7 +128,7 @@ def generate(root: str, images: int, seed: int = 1) -> dict[str, Any]:
     db = sqlite3.connect(os.path.join(root, "index.db"))
     with db:
         db.executemany(
-            "INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?)",
+            "INSERT INTO blobs VALUES (?, ?, ?, ?)",
             [(d, size, base - 2000, None) for d, size in sizes.items()],
         )
         db.executemany("INSERT INTO manifests VALUES (?, ?, ?, ?, ?, ?, ?)", rows_m)
@@ -450,6 +452,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             }
 
         rows.append(await measure(reactor, lag, "writes", writes))
+
+        async def room() -> dict[str, Any]:
+            # what a download asks on the reactor thread when the disk is full
+            durations = []
+            for _ in range(200):
+                began = time.perf_counter()
+                index.total_size()
+                durations.append(time.perf_counter() - began)
+                await deferLater(reactor, 0.001, lambda: None)
+            return {"total_size_p50_ms": round(quantile(durations, 0.5) * 1000, 3)}
+
+        rows.append(await measure(reactor, lag, "room", room))
         if load is not None:
             measured = await load.stop()
             add_manifest_latency(rows[1:], measured)

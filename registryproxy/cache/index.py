@@ -63,7 +63,28 @@ CREATE INDEX IF NOT EXISTS manifests_used
     ON manifests (COALESCE(last_access, fetched_at), fetched_at);
 CREATE INDEX IF NOT EXISTS tags_digest ON tags (upstream, repo, digest);
 CREATE INDEX IF NOT EXISTS blobs_used ON blobs (COALESCE(last_access, stored_at), digest);
+-- the store's size, kept by the database itself at every change of blobs:
+-- a download that makes room on a full disk asks for it on the reactor
+-- thread, where a SUM over every blob would grow with the cache (a blob is
+-- written again with an upsert, as REPLACE's delete fires no trigger)
+CREATE TABLE IF NOT EXISTS blob_totals (
+    one INTEGER PRIMARY KEY CHECK (one = 1), count INTEGER NOT NULL, bytes INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS blob_added AFTER INSERT ON blobs BEGIN
+    UPDATE blob_totals SET count = count + 1, bytes = bytes + NEW.size;
+END;
+CREATE TRIGGER IF NOT EXISTS blob_removed AFTER DELETE ON blobs BEGIN
+    UPDATE blob_totals SET count = count - 1, bytes = bytes - OLD.size;
+END;
+CREATE TRIGGER IF NOT EXISTS blob_resized AFTER UPDATE OF size ON blobs BEGIN
+    UPDATE blob_totals SET bytes = bytes - OLD.size + NEW.size;
+END;
 """
+#: a blob stored (again): its size and time, its last access forgotten
+_PUT_BLOB = (
+    "INSERT INTO blobs VALUES (?, ?, ?, NULL) ON CONFLICT (digest) DO UPDATE SET"
+    " size=excluded.size, stored_at=excluded.stored_at, last_access=NULL"
+)
 _VERSION = 2
 #: how long a write waits for another connection's transaction (ms)
 _BUSY_MS = 10_000
@@ -274,6 +295,12 @@ class Index:
             for name in tables:
                 self._db.execute(f'DROP TABLE "{name}"')
         self._db.executescript(_SCHEMA)
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM blob_totals").fetchone() is None:
+                # new, or from before blob_totals: counted once, then kept by its triggers
+                db.execute(
+                    "INSERT INTO blob_totals SELECT 1, COUNT(*), COALESCE(SUM(size), 0) FROM blobs"
+                )
         self._db.execute(f"PRAGMA user_version={_VERSION}")
 
     def close(self) -> None:
@@ -364,9 +391,7 @@ class Index:
     # -- blobs ---------------------------------------------------------------
 
     def put_blob(self, digest: str, size: int, stored_at: float) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, NULL)", (digest, size, stored_at)
-        )
+        self._db.execute(_PUT_BLOB, (digest, size, stored_at))
 
     def link_blobs(self, upstream: str, repo: str, digests: Iterable[str]) -> None:
         self._db.executemany(
@@ -397,11 +422,12 @@ class Index:
     # -- listing -------------------------------------------------------------
 
     def total_size(self) -> int:
-        return int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM blobs").fetchone()[0])
+        """The store's bytes: one row, whatever the size of the cache."""
+        return int(self._db.execute("SELECT bytes FROM blob_totals").fetchone()[0])
 
     def totals(self) -> dict[str, int]:
         db = self._db
-        size, blobs = db.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM blobs").fetchone()
+        blobs, size = db.execute("SELECT count, bytes FROM blob_totals").fetchone()
         return {
             "size_bytes": size,
             "blobs": blobs,
@@ -582,7 +608,7 @@ class Index:
     def put_blobs(self, blobs: Iterable[tuple[str, int, float]]) -> None:
         """:meth:`put_blob` for many ``(digest, size, stored_at)``, in one transaction."""
         with self._transaction() as db:
-            db.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, NULL)", list(blobs))
+            db.executemany(_PUT_BLOB, list(blobs))
 
     # -- purging -------------------------------------------------------------
 

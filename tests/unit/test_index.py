@@ -265,3 +265,64 @@ def test_repository_summaries_by_page(index):
         ("docker.io", "axb"),
         ("docker.io", "big"),
     ]
+
+
+def sums(index):
+    """What blob_totals stands for, counted the slow way."""
+    return index._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blobs").fetchone()
+
+
+def kept(index):
+    totals = index.totals()
+    assert index.total_size() == totals["size_bytes"]
+    return (totals["blobs"], totals["size_bytes"])
+
+
+def test_the_store_size_is_kept_through_every_change(index):
+    import random
+
+    rng = random.Random(7)
+    names = [f"b{n}" for n in range(40)]
+    for step in range(300):
+        what = rng.choice(["put", "put", "put_many", "forget", "forget_many", "image", "evict"])
+        if what == "put":  # new, or stored again with another size
+            index.put_blob(d(rng.choice(names)), rng.randint(0, 5000), float(step))
+        elif what == "put_many":
+            index.put_blobs(
+                [(d(rng.choice(names)), rng.randint(0, 5000), float(step)) for _ in range(5)]
+            )
+        elif what == "forget":
+            index.forget_blob(d(rng.choice(names)))
+        elif what == "forget_many":
+            index.forget_blobs({d(rng.choice(names)) for _ in range(4)})
+        elif what == "image":
+            layers = rng.sample(names, 2)
+            add_image(index, "docker.io", f"r{step % 5}", f"m{step}", layers, tag="t", when=step)
+        else:
+            index.evict(limit=2)
+        assert kept(index) == sums(index), (step, what)
+    index.purge()
+    assert kept(index) == sums(index)
+
+
+def test_an_index_from_before_blob_totals_is_counted_when_opened(tmp_path):
+    import sqlite3
+
+    path = str(tmp_path / "index.db")
+    index = Index(path)
+    add_image(index, "docker.io", "library/a", "m", ["l1", "l2"], tag="1")
+    index.close()
+    old = sqlite3.connect(path)
+    for trigger in ("blob_added", "blob_removed", "blob_resized"):
+        old.execute(f"DROP TRIGGER {trigger}")
+    old.execute("DROP TABLE blob_totals")
+    old.execute("INSERT INTO blobs VALUES (?, 500, 1.0, NULL)", (d("loose"),))
+    old.commit()
+    old.close()
+    again = Index(path)
+    try:
+        assert kept(again) == sums(again) == (4, 2510)
+        again.forget_blob(d("loose"))
+        assert kept(again) == (3, 2010)
+    finally:
+        again.close()
