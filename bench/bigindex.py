@@ -284,7 +284,11 @@ class ManifestLoad:
         from twisted.internet.threads import deferToThread
 
         def wait() -> dict[str, Any]:
-            out, _ = self._child.communicate(timeout=60)
+            try:
+                out, _ = self._child.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._child.kill()  # its requests got no answer: not left behind
+                raise
             return dict(json.loads(out))
 
         return deferToThread(wait)

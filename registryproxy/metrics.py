@@ -60,7 +60,7 @@ class Metrics:
             registry=r,
         )
         #: the labelled counters of the hot path, looked up once
-        self._children: dict[tuple[str, ...], Any] = {}
+        self._children: dict[tuple[int | str, ...], Any] = {}
         self.upstream_requests = Counter(
             "regproxy_upstream_requests",
             "Requests sent to upstream registries",
@@ -100,19 +100,20 @@ class Metrics:
         )
 
     def request(self, kind: str, cache: str) -> Any:
-        """``requests{kind, cache}``: labels() once per pair, not per answer."""
-        key = ("request", kind, cache)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self.requests.labels(kind, cache)
-        return child
+        """``requests{kind, cache}``, looked up once (see :meth:`_child`)."""
+        return self._child(self.requests, kind, cache)
 
     def served(self, source: str) -> Any:
-        """``served_bytes{source}``, as :meth:`request`."""
-        key = ("served", source)
+        """``served_bytes{source}``, looked up once (see :meth:`_child`)."""
+        return self._child(self.served_bytes, source)
+
+    def _child(self, counter: Counter, *labels: str) -> Any:
+        """*counter*'s child for *labels*: ``labels()`` once per set of them,
+        not once per answer (the hot path's labels are a handful of constants)."""
+        key: tuple[int | str, ...] = (id(counter), *labels)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = self.served_bytes.labels(source)
+            child = self._children[key] = counter.labels(*labels)
         return child
 
     def error(

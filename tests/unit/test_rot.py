@@ -28,6 +28,18 @@ def quarantined(proxy) -> set[bytes]:
     return {p.read_bytes() for p in folder.iterdir()} if folder.exists() else set()
 
 
+async def cached_then_stopped(fake_registry, make_proxy, cache, layers: list[bytes]):
+    """A first regproxy on *cache* that pulled an image of *layers* and
+    stopped: (that proxy, for its blob paths; the layers' digests)."""
+    _, body = fake_registry.add_image("library/app", "1", layers)
+    digests = [d["digest"] for d in json.loads(body)["layers"]]
+    first = await make_proxy(fake_registry.url, cache_dir=cache)
+    for digest in digests:
+        await first.get(f"/v2/app/blobs/{digest}")
+    await first.stop()
+    return first, digests
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_rotten_manifest_is_fetched_again(fake_registry, make_proxy):
     digest, body = fake_registry.add_image("library/app", "1", [b"layer"])
@@ -48,12 +60,10 @@ async def test_a_blob_is_hashed_again_on_its_first_read_after_a_restart(
 ):
     """It is sent while hashed; a rotten one's reader is cut off before the
     last byte (never served whole), and the next try fetches it again."""
-    _, body = fake_registry.add_image("library/app", "1", [b"layer that will rot"])
-    layer = json.loads(body)["layers"][0]["digest"]
     cache = tmp_path / "cache"
-    first = await make_proxy(fake_registry.url, cache_dir=cache)
-    await first.get(f"/v2/app/blobs/{layer}")
-    await first.stop()
+    first, (layer,) = await cached_then_stopped(
+        fake_registry, make_proxy, cache, [b"layer that will rot"]
+    )
     rotten = flip(first.blob_path(layer))
 
     again = await make_proxy(fake_registry.url, cache_dir=cache, cache={"scrub_rate": 0})
@@ -105,12 +115,8 @@ async def test_all_but_the_last_byte_goes_out_while_the_hash_runs(
     fake_registry, make_proxy, tmp_path, sendfile, sound
 ):
     layer_bytes = bytes(range(256)) * 8192  # 2 MiB
-    _, body = fake_registry.add_image("library/app", "1", [layer_bytes])
-    layer = json.loads(body)["layers"][0]["digest"]
     cache = tmp_path / "cache"
-    first = await make_proxy(fake_registry.url, cache_dir=cache)
-    await first.get(f"/v2/app/blobs/{layer}")
-    await first.stop()
+    _, (layer,) = await cached_then_stopped(fake_registry, make_proxy, cache, [layer_bytes])
     again = await make_proxy(
         fake_registry.url,
         cache_dir=cache,
@@ -157,13 +163,10 @@ async def test_a_blob_whose_check_is_due_is_hashed_again(fake_registry, make_pro
 
 @pytest_twisted.ensureDeferred
 async def test_the_scrub_finds_rot_in_blobs_nobody_reads(fake_registry, make_proxy, tmp_path):
-    _, body = fake_registry.add_image("library/app", "1", [b"good layer", b"bad layer"])
-    good, bad = (d["digest"] for d in json.loads(body)["layers"])
     cache = tmp_path / "cache"
-    first = await make_proxy(fake_registry.url, cache_dir=cache)
-    for layer in (good, bad):
-        await first.get(f"/v2/app/blobs/{layer}")
-    await first.stop()
+    first, (good, bad) = await cached_then_stopped(
+        fake_registry, make_proxy, cache, [b"good layer", b"bad layer"]
+    )
     rotten = flip(first.blob_path(bad))
 
     again = await make_proxy(fake_registry.url, cache_dir=cache)
@@ -188,12 +191,8 @@ async def test_a_client_does_not_wait_for_the_scrubs_pace(fake_registry, make_pr
     """The scrub hashes slowly; a client asking for the same blob meanwhile
     lifts it to full speed rather than waiting at 64 KiB a second."""
     layer_bytes = b"z" * (3 * 1024 * 1024)
-    _, body = fake_registry.add_image("library/app", "1", [layer_bytes])
-    layer = json.loads(body)["layers"][0]["digest"]
     cache = tmp_path / "cache"
-    first = await make_proxy(fake_registry.url, cache_dir=cache)
-    await first.get(f"/v2/app/blobs/{layer}")
-    await first.stop()
+    _, (layer,) = await cached_then_stopped(fake_registry, make_proxy, cache, [layer_bytes])
 
     again = await make_proxy(fake_registry.url, cache_dir=cache)
     scrub = Scrubber(again.proxy.verifier, again.proxy.access, reactor, 64 * 1024)
@@ -227,13 +226,8 @@ async def test_the_scrub_counts_a_small_file_as_file_cost(fake_registry, make_pr
 
     from registryproxy.cache.scrub import FILE_COST
 
-    _, body = fake_registry.add_image("library/app", "1", [b"one", b"two", b"three"])
-    layers = [d["digest"] for d in json.loads(body)["layers"]]
     cache = tmp_path / "cache"
-    first = await make_proxy(fake_registry.url, cache_dir=cache)
-    for layer in layers:
-        await first.get(f"/v2/app/blobs/{layer}")
-    await first.stop()
+    await cached_then_stopped(fake_registry, make_proxy, cache, [b"one", b"two", b"three"])
 
     again = await make_proxy(fake_registry.url, cache_dir=cache, cache={"scrub_rate": 0})
     clock = Clock()  # the scrub's pauses; its hashes run in real threads
