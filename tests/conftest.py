@@ -6,6 +6,11 @@ from typing import Any
 import pytest
 import pytest_twisted
 
+# pytest keeps the test modules it rewrote for assertions, and Python the
+# modules it compiled, as bytecode beside them; where the environment says
+# not to (PYTHONDONTWRITEBYTECODE), every pytest process compiled the tests,
+# regproxy and hypothesis again: about 4 s each, twice per run in two processes.
+sys.dont_write_bytecode = False
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fakeregistry import FakeRegistry  # noqa: E402
