@@ -32,7 +32,7 @@ from registryproxy.login.failures import FailedLogins
 from registryproxy.login.files import WatchedFile, parse_tokens
 from registryproxy.login.policy import Decision, Policy
 from registryproxy.login.tokens import Invalid, Tokens, parse_scopes
-from registryproxy.proxy import ready
+from registryproxy.proxy import resource
 from registryproxy.proxy.connections import access_line
 from registryproxy.proxy.plaintext import PlainHTTPFactory
 
@@ -321,6 +321,8 @@ async def test_the_users_file_is_read_again_when_it_changes(
     # once a second is tested on a Clock above; here the real reactor's, and
     # more often
     monkeypatch.setattr(WatchedFile, "LOOK_EVERY", 0.05)
+    # and answers used again for a fifth of a second rather than a second
+    monkeypatch.setattr(resource, "LIFETIME", 0.2)
     fake_registry.add_image("library/alpine", "1", [b"layer"])
     proxy = await proxy_with_auth(make_proxy, fake_registry, users, robots)
     path = "/v2/library/alpine/manifests/1"
@@ -334,7 +336,7 @@ async def test_the_users_file_is_read_again_when_it_changes(
     # moment at most (ready answers)
     users.write_text(htpasswd_line("dave", "dave-secret-4444"))
     os.utime(users, ns=(0, 10**18))
-    await settle(ready.LIFETIME + 0.1)
+    await settle(resource.LIFETIME + 0.1)
     assert (await proxy.request("GET", path, dave)).code == 200
     assert (await proxy.request("GET", path, alice)).code == 401  # remembered no more
     assert (await proxy.request("GET", path, alices_token)).code == 401  # her token too

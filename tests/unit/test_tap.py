@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -104,18 +105,20 @@ def test_twistd_lists_the_plugin():
     assert "regproxy" in [command[0] for command in ServerOptions().subCommands]
 
 
-def made_elsewhere(tmp_path: Path, reactor: str, then: str) -> str:
-    """What *then* prints once ``makeService`` ran on *reactor* (an
-    expression; None: the global one, as twistd) in a fresh interpreter."""
+@pytest.fixture(scope="module")
+def started_as_twistd(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """What a fresh interpreter holds once ``makeService`` ran as twistd runs
+    it (on the global reactor): one interpreter for the tests below."""
+    tmp_path = tmp_path_factory.mktemp("twistd")
     (tmp_path / "regproxy.yaml").write_text(f"cache: {{directory: {str(tmp_path)!r}}}\n")
     script = (
-        "import gc, sys\n"
-        "from twisted.internet.testing import MemoryReactorClock\n"
+        "import gc, json, sys\n"
         "from registryproxy.tap import Options, makeService\n"
         "options = Options()\n"
         "options.parseOptions(['--config', sys.argv[1]])\n"
-        f"makeService(options, {reactor})\n"
-        f"print({then})\n"
+        "makeService(options)\n"
+        "print(json.dumps({'modules': sorted(sys.modules), 'frozen': gc.get_freeze_count(),"
+        " 'tracked': len(gc.get_objects())}))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path / "regproxy.yaml")],
@@ -125,19 +128,20 @@ def made_elsewhere(tmp_path: Path, reactor: str, then: str) -> str:
         cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
 
 
-def test_a_single_node_does_not_import_the_cluster_engines(tmp_path):
+def test_a_single_node_does_not_import_the_cluster_engines(started_as_twistd):
     # boto3 and psycopg cost every twistd start about 0.4 s (engineconfig.py)
-    engines = "sorted(m for m in ('boto3', 'botocore', 'psycopg') if m in sys.modules)"
-    assert made_elsewhere(tmp_path, "MemoryReactorClock()", engines) == "[]"
+    modules = started_as_twistd["modules"]
+    assert "registryproxy.tap" in modules
+    assert [m for m in ("boto3", "botocore", "psycopg") if m in modules] == []
 
 
-def test_twistds_start_up_heap_is_frozen(tmp_path):
+def test_twistds_start_up_heap_is_frozen(started_as_twistd):
     # a full collection would walk it every time, the reactor stopped (bench/gcpause.py)
-    counts = made_elsewhere(tmp_path, "None", "gc.get_freeze_count(), len(gc.get_objects())")
-    frozen, tracked = map(int, counts.split())
+    frozen, tracked = started_as_twistd["frozen"], started_as_twistd["tracked"]
     assert frozen > 20 * max(tracked, 1), (frozen, tracked)
 
 
