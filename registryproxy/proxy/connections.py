@@ -28,7 +28,7 @@ from io import BytesIO
 from typing import Any
 
 import attrs
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
@@ -46,6 +46,11 @@ access = Logger(namespace="regproxy.access")
 
 #: seconds between two log lines about the same kind of refusal
 LOG_EVERY = 10.0
+#: access lines gathered into one entry of twistd's log: for this many
+#: seconds, or until this many wait (an entry costs as much as a cached
+#: manifest's answer: its time stamp, its formatting, a write and a flush)
+LINES_EVERY = 0.1
+LINES_AT_MOST = 1000
 #: files a /v2/ connection may hold: its socket, a blob file, a download's
 #: upstream connection (shared by the clients of one download)
 FILES_PER_CONNECTION = 3
@@ -280,7 +285,7 @@ class GuardedSite(Site):
         access_log: str = "twistd",
     ) -> None:
         """*access_log*: ``"twistd"`` (a line per request in twistd's log,
-        the lines of one reactor turn in one entry),
+        the lines of up to :data:`LINES_EVERY` seconds in one entry),
         ``"off"``, or a file to write the lines to, buffered (flushed every
         second): a tenth of a cached manifest's cost goes to logging it
         through twistd's log."""
@@ -294,8 +299,9 @@ class GuardedSite(Site):
             logFormatter=access_line,
         )
         self._access_log = access_log
-        #: access lines waiting for the end of the reactor turn (twistd's log)
+        #: access lines waiting to go into twistd's log, and when they go
         self._lines: list[str] = []
+        self._lines_due: IDelayedCall | None = None
         self._flusher = LoopingCall(self._flush_log)
         self._flusher.clock = clock
         self.limits = limits
@@ -355,8 +361,10 @@ class GuardedSite(Site):
             return
         if self._access_log == "twistd":
             self._lines.append(self._logFormatter(self._logDateTime, request))
-            if len(self._lines) == 1:
-                self.clock.callLater(0, self._write_lines)
+            if len(self._lines) >= LINES_AT_MOST:
+                self._write_lines()
+            elif self._lines_due is None:
+                self._lines_due = self.clock.callLater(LINES_EVERY, self._write_lines)
             return
         try:
             super().log(request)
@@ -364,9 +372,10 @@ class GuardedSite(Site):
             self._log_failed(e)
 
     def _write_lines(self) -> None:
-        """The access lines of one reactor turn into twistd's log as one
-        entry: an entry per line cost as much as the answer it logged (its
-        time stamp, its formatting, a write to the log file)."""
+        """The access lines waiting into twistd's log as one entry."""
+        if self._lines_due is not None and self._lines_due.active():
+            self._lines_due.cancel()
+        self._lines_due = None
         lines, self._lines = self._lines, []
         if lines:
             access.info("{lines}", lines="\n".join(lines))

@@ -396,6 +396,15 @@ class RegProxy:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def logged(self, *texts: str, timeout: float = 5.0) -> bool:
+        """Whether the log holds every one of *texts* within *timeout*
+        seconds: access lines reach it up to a tenth of a second late."""
+        try:
+            wait_until(lambda: all(t in self.log_text() for t in texts), timeout, repr(texts))
+        except TimeoutError:
+            return False
+        return True
+
     def client(self) -> regclient.RegistryClient:
         return regclient.RegistryClient(self.url)
 

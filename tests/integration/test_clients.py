@@ -113,7 +113,7 @@ def test_ctr_mirror_per_registry(
         proxy, upstream_registry, hub_twin_image, hub_mark, own_layers(hub_twin_image, ghcr_image)
     )
     assert all("ghcr" not in line.path for line in upstream_registry.requests(hub_mark))
-    assert "?ns=ghcr.io" in proxy.log_text() and "?ns=docker.io" in proxy.log_text()
+    assert proxy.logged("?ns=ghcr.io", "?ns=docker.io")
 
 
 def test_ctr_default_mirror(
@@ -143,7 +143,7 @@ def test_ctr_default_mirror(
     result = containerd.pull("unknown.example/x:1", hosts)
     assert result.returncode != 0
     assert "https://unknown.example/v2/x/manifests/1" in result.stderr, result.stderr
-    assert 'HEAD /v2/x/manifests/1?ns=unknown.example HTTP/1.1" 404' in proxy.log_text()
+    assert proxy.logged('HEAD /v2/x/manifests/1?ns=unknown.example HTTP/1.1" 404')
 
 
 def test_ctr_path_prefixed_mirror(
@@ -170,7 +170,7 @@ def test_ctr_path_prefixed_mirror(
     ctr_pull(containerd, "ghcr.io/owner/image:1", hosts, proxy)
     assert containerd.images().get("ghcr.io/owner/image:1") == image.manifest_digest
     assert_served(proxy, ghcr_registry, image, mark)
-    assert "/v2/ghcr.io/owner/image/manifests/1?ns=ghcr.io" in proxy.log_text()
+    assert proxy.logged("/v2/ghcr.io/owner/image/manifests/1?ns=ghcr.io")
 
 
 def test_ctr_harness_with_upstream_as_mirror(
@@ -221,7 +221,7 @@ def test_skopeo_with_registries_conf(
     assert_served(proxy, ghcr_registry, ghcr_image, ghcr_mark)
     own = own_layers(hub_twin_image, ghcr_image)
     assert_served(proxy, upstream_registry, hub_twin_image, hub_mark, own)
-    assert "GET /v2/ghcr.io/owner/image/manifests/1 " in proxy.log_text()
+    assert proxy.logged("GET /v2/ghcr.io/owner/image/manifests/1 ")
 
 
 def test_podman_with_registries_conf(

@@ -471,8 +471,7 @@ def test_ctr_user(
         assert result.returncode == 0, failure(result, secured)
         assert containerd.images().get(ref) == image.manifest_digest
     # the grants came as OAuth2 forms, and the mirror's requests say ?ns=docker.io
-    log = secured.log_text()
-    assert '"POST /token' in log and "ns=docker.io" in log
+    assert secured.logged('"POST /token', "ns=docker.io")
 
     # a node's hosts.toml may carry a robot's static token for the mirror
     index, ref = test_images["dockerlist"], "docker.io/library/dockerlist:1"

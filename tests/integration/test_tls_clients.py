@@ -123,7 +123,7 @@ def test_skopeo_cold_then_warm(
             assert_served(proxy, upstream_registry, image, mark)
             fetched = blob_fetches(upstream_registry, mark)
     assert blob_fetches(upstream_registry, mark) == fetched  # the warm pull: all cached
-    assert f"GET /v2/{image.repository}/blobs/" in proxy.log_text()
+    assert proxy.logged(f"GET /v2/{image.repository}/blobs/")
 
 
 def test_skopeo_without_the_ca_is_refused(
@@ -213,7 +213,7 @@ def test_ctr(
     assert containerd.images()["docker.io/library/dockerimg:1"] == image.manifest_digest
     assert set(image.blobs) <= containerd.content()
     assert_served(proxy, upstream_registry, image, mark)
-    assert "?ns=docker.io" in proxy.log_text()
+    assert proxy.logged("?ns=docker.io")
 
 
 @pytest.fixture
@@ -319,4 +319,4 @@ def test_skopeo_logs_in_over_tls(
     )
     assert_pulled(result, workdir / "pulled", image)
     assert_served(proxy, upstream_registry, image, mark)
-    assert "GET /token" in proxy.log_text()
+    assert proxy.logged("GET /token")

@@ -17,11 +17,16 @@ import pytest_twisted
 from proxyharness import cache_fds, http_request, settle, until
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
+from twisted.web.resource import Resource
+from twisted.web.test.requesthelper import DummyRequest
 
 from registryproxy.admin.app import AdminAPI
 from registryproxy.proxy.connections import (
+    LINES_AT_MOST,
+    LINES_EVERY,
     GuardedSite,
     Limits,
     fitting_connections,
@@ -326,6 +331,47 @@ async def test_the_access_log_can_go_to_a_file(fake_registry, make_proxy, tmp_pa
     proxy.proxy.site._flush_log()
     line = log_file.read_text()
     assert '"GET /v2/app/manifests/1 HTTP/1.1" 200' in line and "probe/1" in line
+
+
+def test_twistds_access_lines_go_into_its_log_together() -> None:
+    """The lines of up to LINES_EVERY seconds are one entry of twistd's log
+    (an entry costs as much as a cached answer), and never more than
+    LINES_AT_MOST of them wait."""
+    clock = Clock()
+    site = GuardedSite(
+        Resource(), Limits(8, 2.0, 60.0, 2.0), lambda *_: None, clock, "test", "twistd"
+    )
+    entries: list[list[str]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "regproxy.access":
+            entries.append(event["lines"].splitlines())
+
+    def logged(path: str) -> None:
+        request = DummyRequest([b""])
+        request.uri, request.code, request.sentLength = path.encode(), 200, 2
+        site.log(request)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        for n in range(3):
+            logged(f"/v2/a/manifests/{n}")
+        clock.advance(LINES_EVERY / 2)
+        assert entries == []
+        logged("/v2/a/manifests/3")
+        clock.advance(LINES_EVERY / 2)
+        assert [len(lines) for lines in entries] == [4]
+        assert "/v2/a/manifests/3 " in entries[0][3]
+        for n in range(LINES_AT_MOST):
+            logged(f"/v2/b/manifests/{n}")
+        assert [len(lines) for lines in entries] == [4, LINES_AT_MOST]  # at once
+        clock.advance(LINES_EVERY)
+        assert len(entries) == 2  # nothing was left waiting
+        logged("/v2/c/manifests/1")
+        site.stopFactory()  # what waits is written at a stop
+        assert [len(lines) for lines in entries] == [4, LINES_AT_MOST, 1]
+    finally:
+        globalLogPublisher.removeObserver(observe)
 
 
 @pytest_twisted.ensureDeferred
