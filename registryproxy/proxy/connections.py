@@ -47,10 +47,11 @@ access = Logger(namespace="regproxy.access")
 #: seconds between two log lines about the same kind of refusal
 LOG_EVERY = 10.0
 #: access lines gathered into one entry of twistd's log: for this many
-#: seconds, or until this many wait (an entry costs as much as a cached
-#: manifest's answer: its time stamp, its formatting, a write and a flush)
+#: seconds, or until this many characters of them wait (an entry costs as
+#: much as a cached manifest's answer: its time stamp, its formatting, a
+#: write and a flush; a client chooses how long its lines are)
 LINES_EVERY = 0.1
-LINES_AT_MOST = 1000
+LINES_AT_MOST = 256 * 1024
 #: files a /v2/ connection may hold: its socket, a blob file, a download's
 #: upstream connection (shared by the clients of one download)
 FILES_PER_CONNECTION = 3
@@ -301,6 +302,7 @@ class GuardedSite(Site):
         self._access_log = access_log
         #: access lines waiting to go into twistd's log, and when they go
         self._lines: list[str] = []
+        self._lines_size = 0
         self._lines_due: IDelayedCall | None = None
         self._flusher = LoopingCall(self._flush_log)
         self._flusher.clock = clock
@@ -360,8 +362,10 @@ class GuardedSite(Site):
         if self._access_log == "off":
             return
         if self._access_log == "twistd":
-            self._lines.append(self._logFormatter(self._logDateTime, request))
-            if len(self._lines) >= LINES_AT_MOST:
+            line = self._logFormatter(self._logDateTime, request)
+            self._lines.append(line)
+            self._lines_size += len(line)
+            if self._lines_size >= LINES_AT_MOST:
                 self._write_lines()
             elif self._lines_due is None:
                 self._lines_due = self.clock.callLater(LINES_EVERY, self._write_lines)
@@ -376,7 +380,7 @@ class GuardedSite(Site):
         if self._lines_due is not None and self._lines_due.active():
             self._lines_due.cancel()
         self._lines_due = None
-        lines, self._lines = self._lines, []
+        lines, self._lines, self._lines_size = self._lines, [], 0
         if lines:
             access.info("{lines}", lines="\n".join(lines))
 

@@ -336,7 +336,7 @@ async def test_the_access_log_can_go_to_a_file(fake_registry, make_proxy, tmp_pa
 def test_twistds_access_lines_go_into_its_log_together() -> None:
     """The lines of up to LINES_EVERY seconds are one entry of twistd's log
     (an entry costs as much as a cached answer), and never more than
-    LINES_AT_MOST of them wait."""
+    LINES_AT_MOST characters of them wait."""
     clock = Clock()
     site = GuardedSite(
         Resource(), Limits(8, 2.0, 60.0, 2.0), lambda *_: None, clock, "test", "twistd"
@@ -362,14 +362,20 @@ def test_twistds_access_lines_go_into_its_log_together() -> None:
         clock.advance(LINES_EVERY / 2)
         assert [len(lines) for lines in entries] == [4]
         assert "/v2/a/manifests/3 " in entries[0][3]
-        for n in range(LINES_AT_MOST):
-            logged(f"/v2/b/manifests/{n}")
-        assert [len(lines) for lines in entries] == [4, LINES_AT_MOST]  # at once
+        # a client's long lines: written at once when they reach the bound
+        long = "/v2/b/manifests/" + "x" * 1000
+        count = 0
+        while len(entries) == 1 and count <= LINES_AT_MOST // 1000:
+            logged(long)
+            count += 1
+        width = len(entries[-1][0])
+        assert count == -(-LINES_AT_MOST // width)  # the line that reached it
+        assert [len(lines) for lines in entries] == [4, count]
         clock.advance(LINES_EVERY)
         assert len(entries) == 2  # nothing was left waiting
         logged("/v2/c/manifests/1")
         site.stopFactory()  # what waits is written at a stop
-        assert [len(lines) for lines in entries] == [4, LINES_AT_MOST, 1]
+        assert [len(lines) for lines in entries] == [4, count, 1]
     finally:
         globalLogPublisher.removeObserver(observe)
 
