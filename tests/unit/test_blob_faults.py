@@ -75,7 +75,7 @@ async def test_stalled_upstream_is_abandoned(fake_registry, make_proxy):
     """A silent upstream is given up after read_timeout; the client saw the
     bytes that did arrive, as they arrived, then a failed download."""
     await check_fault_then_recovery(
-        fake_registry, make_proxy, Fault.stall(after=SIZE // 2, times=1), read_timeout=0.5
+        fake_registry, make_proxy, Fault.stall(after=SIZE // 2, times=1), read_timeout=1
     )
 
 
@@ -84,7 +84,7 @@ async def test_a_trickling_upstream_is_abandoned(fake_registry, make_proxy):
     """Never silent, but under min_rate (10 KiB/s by default) over a
     read_timeout: the client's download fails, nothing is kept."""
     fault = Fault.slow(chunk=1024, delay=0.2, times=1)
-    await check_fault_then_recovery(fake_registry, make_proxy, fault, read_timeout=0.5)
+    await check_fault_then_recovery(fake_registry, make_proxy, fault, read_timeout=1)
 
 
 @pytest_twisted.ensureDeferred
@@ -266,7 +266,7 @@ async def relayed_to_two(fake_registry, make_proxy, monkeypatch, sendfile, lagge
     digest = fake_registry.add_blob(data)
     fake_registry.blob_faults[digest] = Fault.slow(chunk=256 * 1024, delay=0.02)
     proxy = await make_proxy(
-        fake_registry.url, read_timeout=0.5, top={"proxy": {"sendfile": sendfile}}
+        fake_registry.url, read_timeout=1, top={"proxy": {"sendfile": sendfile}}
     )
     disk = SharedDisk(proxy, capacity=1024 * 1024)
     path = f"/v2/library/x/blobs/{digest}"
@@ -283,9 +283,7 @@ async def relayed_to_two(fake_registry, make_proxy, monkeypatch, sendfile, lagge
 async def test_a_client_leaving_a_relay_lets_the_others_go_on(
     fake_registry, make_proxy, monkeypatch, sendfile
 ):
-    await relayed_to_two(
-        fake_registry, make_proxy, monkeypatch, sendfile, {"first": 1, "lag": 0.25}
-    )
+    await relayed_to_two(fake_registry, make_proxy, monkeypatch, sendfile, {"first": 1, "lag": 0.5})
 
 
 @pytest.mark.parametrize("sendfile", [True, False])
@@ -294,7 +292,7 @@ async def test_a_client_holding_up_a_relay_is_cut_off_not_the_others(
     fake_registry, make_proxy, monkeypatch, sendfile
 ):
     data, (status, body, short) = await relayed_to_two(
-        fake_registry, make_proxy, monkeypatch, sendfile, {"first": 1, "lag": 1.2, "rest": True}
+        fake_registry, make_proxy, monkeypatch, sendfile, {"first": 1, "lag": 2.0, "rest": True}
     )
     assert (status, short) == (200, True)
     assert len(body) < len(data)
