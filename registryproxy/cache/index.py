@@ -851,23 +851,29 @@ HAVING NOT EXISTS (SELECT 1 FROM refs r2 CROSS JOIN manifests p
 
 #: the rank of the first candidate by which the blobs freed (those all of
 #: whose cached holders are in temp.fam, freed with the last of them to go)
-#: add up to ? bytes, or NULL
+#: add up to ? bytes, or NULL.  Whether a blob is freed is asked of its
+#: holders outside temp.fam, so the search ends at the first one: a base
+#: layer every cached image lists costs a step, not a row per image.
 _CUT = """
 WITH listed(digest) AS (
     SELECT digest FROM temp.fam
     UNION SELECT r.child FROM temp.fam f JOIN refs r ON r.manifest=f.digest
-), holders(blob, rank) AS (
-    SELECT l.digest, f.rank FROM listed l JOIN manifests m ON m.digest=l.digest
-    LEFT JOIN temp.fam f ON f.upstream=m.upstream AND f.repo=m.repo AND f.digest=m.digest
-    UNION ALL
-    SELECT l.digest, f.rank FROM listed l JOIN refs r ON r.child=l.digest
-    JOIN manifests m ON m.digest=r.manifest
-    LEFT JOIN temp.fam f ON f.upstream=m.upstream AND f.repo=m.repo AND f.digest=m.digest
-), freed(blob, rank) AS (
-    SELECT blob, MAX(rank) FROM holders GROUP BY blob HAVING COUNT(*) = COUNT(rank)
+), freed(blob) AS (
+    SELECT l.digest FROM listed l
+    WHERE NOT EXISTS (SELECT 1 FROM manifests m WHERE m.digest=l.digest
+        AND NOT EXISTS (SELECT 1 FROM temp.fam f
+            WHERE f.upstream=m.upstream AND f.repo=m.repo AND f.digest=m.digest))
+    AND NOT EXISTS (SELECT 1 FROM refs r JOIN manifests m ON m.digest=r.manifest
+        WHERE r.child=l.digest AND NOT EXISTS (SELECT 1 FROM temp.fam f
+            WHERE f.upstream=m.upstream AND f.repo=m.repo AND f.digest=m.digest))
+), held(blob, rank) AS (
+    SELECT digest, rank FROM temp.fam
+    UNION ALL SELECT r.child, f.rank FROM temp.fam f JOIN refs r ON r.manifest=f.digest
 ), per_rank(rank, bytes) AS (
-    SELECT f.rank, SUM(COALESCE(b.size, 0)) FROM freed f LEFT JOIN blobs b ON b.digest=f.blob
-    GROUP BY f.rank
+    SELECT x.rank, SUM(COALESCE(b.size, 0)) FROM (
+        SELECT h.blob, MAX(h.rank) AS rank FROM held h
+        WHERE h.blob IN (SELECT blob FROM freed) GROUP BY h.blob
+    ) x LEFT JOIN blobs b ON b.digest=x.blob GROUP BY x.rank
 )
 SELECT MIN(rank) FROM (
     SELECT rank, SUM(bytes) OVER (ORDER BY rank ROWS UNBOUNDED PRECEDING) AS total FROM per_rank

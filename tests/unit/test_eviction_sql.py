@@ -30,15 +30,19 @@ def fill(index: Index, seed: int) -> dict:
     clock = iter(rng.sample(range(1, 10_000), 1000))
     layers = [f"layer{i}" for i in range(rng.randint(3, 12))]
     made: dict = {"manifests": [], "tags": [], "layers": layers, "repos": set()}
+    # an image manifest's layers, the same in every repository it is cached
+    # for: a digest names one content (an image, never also an index)
+    contents: dict[str, list[str]] = {}
     for i in range(rng.randint(2, 14)):
         upstream, repo = rng.choice(UPSTREAMS), f"r{rng.randint(0, 3)}"
         made["repos"].add((upstream, repo))
         platforms = []
         for p in range(rng.choice([1, 1, 2, 3])):
-            name = f"m{i}.{p}" if rng.random() < 0.9 or not made["manifests"] else None
+            name = f"m{i}.{p}" if rng.random() < 0.9 or not contents else None
             if name is None:  # a manifest cached for another repository too
-                name = rng.choice(made["manifests"])[2]
+                name = rng.choice(sorted(contents))
             listed = rng.sample(layers, rng.randint(1, min(3, len(layers))))
+            listed = contents.setdefault(name, listed)
             for layer in listed:
                 index.put_blob(d(layer), rng.randint(1, 500), next(clock))
             index.put_blob(d(name), rng.randint(1, 50), next(clock))
@@ -55,7 +59,9 @@ def fill(index: Index, seed: int) -> dict:
         if len(platforms) > 1:
             top = f"i{i}"
             children = list(platforms)
-            shared = [m for u, r, m in made["manifests"] if (u, r) == (upstream, repo)]
+            shared = [
+                m for u, r, m in made["manifests"] if (u, r) == (upstream, repo) and m in contents
+            ]
             if rng.random() < 0.3 and shared:
                 children.append(rng.choice(shared))  # a platform another index lists too
             index.put_blob(d(top), 20, next(clock))
@@ -213,3 +219,53 @@ def test_the_selection_uses_indexes(tmp_path):
                 raise AssertionError(f"{line!r} in the plan of {sql}")
     assert checked > 20
     index.close()
+
+
+def shared_base(path: str, images: int) -> Index:
+    """*images* images in ten repositories, oldest first, each listing a
+    base layer all of them share and a layer of its own."""
+    index = Index(path)
+    index.put_blob(d("base"), 1000, 1)
+    for i in range(images):
+        index.put_blob(d(f"layer{i}"), 10, 1)
+        index.put_blob(d(f"m{i}"), 1, 1)
+        index.put_manifest(
+            "docker.io",
+            f"r{i % 10}",
+            ManifestEntry(d(f"m{i}"), "application/vnd.oci.image.manifest.v1+json", 1),
+            1 + i,
+            [(d("base"), "blob"), (d(f"layer{i}"), "blob")],
+        )
+    return index
+
+
+def vm_steps(index: Index, call) -> tuple[int, object]:
+    """The hundreds of SQLite virtual machine steps *call()* takes on the
+    index's connection (work, whatever the machine's speed), and its result."""
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0  # go on
+
+    index._db.set_progress_handler(count, 100)
+    try:
+        result = call()
+    finally:
+        index._db.set_progress_handler(None, 100)
+    return steps[0], result
+
+
+def test_making_room_does_not_grow_with_the_images_sharing_a_layer(tmp_path):
+    """Whether a layer is freed is asked of its holders outside the batch
+    (making room for a download runs on the reactor thread): the base layer
+    every image lists costs a step, not a row per image."""
+    work = []
+    for images in (100, 1000):
+        index = shared_base(str(tmp_path / f"{images}.db"), images)
+        steps, evicted = vm_steps(index, lambda index=index: index.evict([], set(), 16, excess=5))
+        # the oldest image goes alone: its own layer frees the 5 bytes
+        assert [image[2] for image in evicted.images] == [d("m0")]
+        work.append(steps)
+        index.close()
+    assert work[1] < 1.5 * work[0], work
