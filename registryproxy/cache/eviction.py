@@ -15,6 +15,7 @@ runs a few small batches synchronously.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Protocol, TypeVar
@@ -25,7 +26,7 @@ from twisted.logger import Logger
 
 from ..names import Digest
 from .access import IndexAccess, flush
-from .index import Evicted, Index, Removed
+from .index import Evicted, Index, Pace, Removed
 from .keep import Keep, Pin
 
 
@@ -41,12 +42,14 @@ log = Logger()
 
 T = TypeVar("T")
 
-#: images evicted per transaction of a sweep (the worker holds the index's
-#: write lock for that long)
+#: images evicted per transaction of a sweep at most (each takes as many as
+#: fit in the index's HOLD_SECONDS: the worker holds its write lock so long)
 SWEEP_BATCH = 100
 #: make_room, synchronous: at most this many batches of this many images
 ROOM_STEPS = 4
 ROOM_BATCH = 16
+#: and then loose blobs among this many least recently used blobs
+ROOM_LOOSE_WINDOW = 2000
 #: loose blobs (no cached manifest lists them) forgotten per transaction
 LOOSE_BATCH = 500
 #: manifests removed per transaction of a purge
@@ -80,6 +83,7 @@ class Evictor:
         self._sweeping = DeferredLock()
         #: blobs were stored during a sweep: check again after it
         self._again = False
+        self._pace = Pace(SWEEP_BATCH)
 
     def soon(self) -> None:
         """Check the budget shortly (after a blob was stored), once however
@@ -151,6 +155,7 @@ class Evictor:
                     self._keep.busy(),
                     used_before,
                     excess,
+                    self._pace,
                 )
             )
             freed += just_freed
@@ -191,7 +196,8 @@ class Evictor:
                 break
         short = needed - self._store.room()
         if short > 0:
-            freed += _unlink(self._store, index.evict_loose(in_use, short, ROOM_BATCH))
+            loose = index.evict_loose(in_use, short, ROOM_BATCH, window=ROOM_LOOSE_WINDOW)
+            freed += _unlink(self._store, loose)
             self._removed()
         return freed
 
@@ -243,10 +249,13 @@ def _batch(
     busy: set[str],
     used_before: float | None,
     excess: Callable[[Index], float | None],
+    pace: Pace,
     index: Index,
 ) -> tuple[Evicted, int]:
     """One batch of a sweep, and its files deleted: bytes freed."""
-    evicted = index.evict(pins, busy, SWEEP_BATCH, used_before, excess(index))
+    began = time.perf_counter()
+    evicted = index.evict(pins, busy, pace.size, used_before, excess(index))
+    pace.took(time.perf_counter() - began, len(evicted.images))
     return evicted, _reclaim(store, evicted.removed.blobs, index)
 
 

@@ -86,6 +86,32 @@ _PUT_BLOB = (
     " size=excluded.size, stored_at=excluded.stored_at, last_access=NULL"
 )
 _VERSION = 2
+
+#: how long one transaction of a heavy job (a batch of a sweep, of a purge)
+#: may hold the index's write lock: the other connection's writes, the
+#: reactor thread's for every pull among them, wait as long
+HOLD_SECONDS = 0.010
+
+
+class Pace:
+    """How many items the next transaction of a heavy job takes: as many as
+    fit in :data:`HOLD_SECONDS` at the last one's speed, *most* at most.
+
+    A fixed count held the lock for 60 ms a batch of 100 images at 20,000
+    (and more for images of many platforms); the time is what the reactor
+    waits, whatever an item costs."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.size = min(most, 8)
+
+    def took(self, seconds: float, items: int) -> None:
+        """The last transaction held the lock *seconds* for *items* items."""
+        if items > 0:
+            per_item = max(seconds, 1e-6) / items
+            self.size = max(1, min(self.most, int(HOLD_SECONDS / per_item)))
+
+
 #: how long a write waits for another connection's transaction (ms)
 _BUSY_MS = 10_000
 
@@ -563,17 +589,37 @@ class Index:
         return Evicted(images, removed, more=cut == found == limit)
 
     def evict_loose(
-        self, busy: Iterable[str], excess: float, limit: int = 500
+        self, busy: Iterable[str], excess: float, limit: int = 500, window: int | None = None
     ) -> list[tuple[str, int]]:
         """Forget up to *limit* store files no cached manifest is or lists,
         least recently used first, until *excess* bytes: ``(digest, size)``
-        for the caller to delete."""
+        for the caller to delete.  *window*: look among that many least
+        recently used files only (a bounded look, for the reactor thread).
+
+        They are chosen without the write lock: when few files are loose,
+        the look reads every file's row (a quarter of a second at 80,000),
+        and the other connection's writes would wait all that time.  Those
+        still loose once it is taken go."""
         db = self._db
         self._scratch()
-        with self._transaction():
+        sql, args = (
+            (_LOOSE, [limit, excess]) if window is None else (_LOOSE_IN, [window, limit, excess])
+        )
+        db.execute("BEGIN")  # a read: the temp tables are this connection's own
+        try:
             db.execute("DELETE FROM temp.busy")
             db.executemany("INSERT OR IGNORE INTO temp.busy VALUES (?)", [(d,) for d in busy])
-            loose = db.execute(_LOOSE, (limit, excess)).fetchall()
+            loose = db.execute(sql, args).fetchall()
+        finally:
+            db.execute("COMMIT")
+        if not loose:
+            return []
+        with self._transaction():
+            marks = ", ".join("?" * len(loose))
+            still = {
+                d for (d,) in db.execute(_STILL_LOOSE.format(marks=marks), [d for d, _ in loose])
+            }
+            loose = [(d, size) for d, size in loose if d in still]
             self._forget(db, [d for d, _ in loose])
         return loose
 
@@ -628,8 +674,8 @@ class Index:
         With *tag*, the tag's mappings go, and the manifests only that tag
         kept (an index and its platform manifests); with *digest*, one
         manifest and the platform manifests only it listed.  The selection
-        is one transaction, the removal one per *batch* manifests, so that
-        other connections' writes never wait long."""
+        is one transaction, the removal one per :class:`Pace` of at most
+        *batch* manifests, so that other connections' writes never wait long."""
         self.flush()
         self._scratch()
         with self._transaction() as db:
@@ -664,22 +710,26 @@ class Index:
             db.execute("DELETE FROM temp.purging")
             db.execute("INSERT INTO temp.purging SELECT upstream, repo, digest FROM temp.doomed")
         manifests, orphans = 0, []
+        pace = Pace(batch)
         while True:
+            began = time.perf_counter()
             with self._transaction() as db:
                 db.execute("DELETE FROM temp.doomed")
                 db.execute(
                     "INSERT INTO temp.doomed SELECT upstream, repo, digest FROM temp.purging"
                     " ORDER BY rowid LIMIT ?",
-                    (batch,),
+                    (pace.size,),
                 )
-                if not db.execute("SELECT COUNT(*) FROM temp.doomed").fetchone()[0]:
+                taken = db.execute("SELECT COUNT(*) FROM temp.doomed").fetchone()[0]
+                if not taken:
                     break
                 db.execute(
                     "DELETE FROM temp.purging WHERE rowid IN"
                     " (SELECT rowid FROM temp.purging ORDER BY rowid LIMIT ?)",
-                    (batch,),
+                    (pace.size,),
                 )
                 removed = self._remove_doomed()
+            pace.took(time.perf_counter() - began, taken)
             tags_removed += removed.tags
             manifests += removed.manifests
             orphans += removed.blobs
@@ -907,6 +957,20 @@ SELECT digest, size FROM (
         LIMIT ?
     )
 ) WHERE total - size < ? ORDER BY total
+"""
+
+#: _LOOSE among the ? least recently used store files only
+_LOOSE_IN = _LOOSE.replace(
+    "FROM blobs b\n",
+    "FROM (SELECT * FROM blobs ORDER BY COALESCE(last_access, stored_at), digest LIMIT ?) b\n",
+)
+
+#: which of the store files {marks} no cached manifest is or lists
+_STILL_LOOSE = """
+SELECT b.digest FROM blobs b WHERE b.digest IN ({marks})
+AND NOT EXISTS (SELECT 1 FROM manifests m WHERE m.digest=b.digest)
+AND NOT EXISTS (SELECT 1 FROM refs r CROSS JOIN manifests m ON m.digest=r.manifest
+    WHERE r.child=b.digest)
 """
 
 

@@ -12,7 +12,9 @@ import pytest
 from fuzzing import examples
 from old_eviction import OldIndex, old_evict, old_evict_loose
 
-from registryproxy.cache.index import Index, ManifestEntry, TagEntry
+from registryproxy.cache import eviction
+from registryproxy.cache import index as index_module
+from registryproxy.cache.index import Index, ManifestEntry, Pace, TagEntry
 
 UPSTREAMS = ("docker.io", "ghcr.io")
 
@@ -269,3 +271,85 @@ def test_making_room_does_not_grow_with_the_images_sharing_a_layer(tmp_path):
         work.append(steps)
         index.close()
     assert work[1] < 1.5 * work[0], work
+
+
+def test_loose_blobs_are_chosen_without_the_write_lock(tmp_path):
+    """The look for loose blobs may read every blob's row; meanwhile the
+    other connection (the reactor thread's) still writes at once.  With a
+    window, it looks among that many least recently used blobs only."""
+    index = shared_base(str(tmp_path / "index.db"), 50)
+    for i in range(5):
+        index.put_blob(d(f"loose{i}"), 10, 100 + i)  # newer than every layer
+    other = index.companion()
+    other._db.execute("PRAGMA busy_timeout=0")
+    wrote: list[bool] = []
+
+    def write() -> int:
+        try:
+            other.put_blob(d(f"new{len(wrote)}"), 1, 10**6)
+            wrote.append(True)
+        except sqlite3.OperationalError:  # database is locked
+            wrote.append(False)
+        return 0
+
+    index._db.set_progress_handler(write, 50)
+    loose = index.evict_loose(set(), 15, 10)
+    index._db.set_progress_handler(None, 50)
+    assert sorted(loose) == [(d(f"loose{i}"), 10) for i in range(2)]
+    assert wrote[0] is True, wrote  # the look held no lock
+    assert False in wrote  # the forgetting did
+    # the 50 layers of their own, the base and the 50 manifests' rows are
+    # older than the loose blobs: a window of 100 does not reach them
+    assert index.evict_loose(set(), 15, 10, window=100) == []
+    assert index.evict_loose(set(), 15, 10, window=200) == [(d(f"loose{i}"), 10) for i in (2, 3)]
+    other.close()
+    index.close()
+
+
+def test_a_heavy_transaction_takes_what_fits_in_the_hold():
+    pace = Pace(100)
+    assert pace.size == 8  # a first transaction, of unknown cost, is small
+    pace.took(0.004, 8)  # 0.5 ms an item: 20 fit in HOLD_SECONDS
+    assert pace.size == int(index_module.HOLD_SECONDS / 0.0005)
+    pace.took(0.0001, 20)
+    assert pace.size == 100  # at most
+    pace.took(0.5, 1)
+    assert pace.size == 1  # at least one
+    pace.took(0.1, 0)  # nothing done, nothing learnt
+    assert pace.size == 1
+
+
+class NoFiles:
+    """A store whose files are gone already."""
+
+    def stat(self, digest):
+        return None
+
+    def delete(self, digest):
+        return False
+
+    def room(self):
+        return 0
+
+
+def test_purges_and_sweeps_go_at_the_pace(tmp_path, monkeypatch):
+    """With a hold no item fits in, every transaction after the first
+    (of 8) takes one: the batches follow the time they took."""
+    monkeypatch.setattr(index_module, "HOLD_SECONDS", 1e-12)
+    index = shared_base(str(tmp_path / "purged.db"), 30)
+    statements: list[str] = []
+    index._db.set_trace_callback(statements.append)
+    assert index.purge(upstream="docker.io", batch=500).manifests == 30
+    index._db.set_trace_callback(None)
+    batches = sum(s.startswith("DELETE FROM temp.purging WHERE rowid") for s in statements)
+    assert batches == 1 + 22
+    index.close()
+
+    index = shared_base(str(tmp_path / "swept.db"), 30)
+    pace = Pace(eviction.SWEEP_BATCH)
+    sizes = []
+    for _ in range(3):
+        evicted, _ = eviction._batch(NoFiles(), [], set(), None, lambda ix: None, pace, index)
+        sizes.append(len(evicted.images))
+    assert sizes == [8, 1, 1]
+    index.close()
