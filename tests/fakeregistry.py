@@ -50,7 +50,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 AuthMode = Literal["bearer", "basic"] | None
 Host = Literal["registry", "cdn"]
-FaultKind = Literal["wrong_bytes", "truncate", "extra_bytes", "stall", "slow"]
+FaultKind = Literal["wrong_bytes", "truncate", "extra_bytes", "stall", "slow", "unsized"]
 ImageMedia = Literal["docker", "oci"]
 
 SERVICE = "fake-registry"
@@ -148,6 +148,12 @@ class Fault:
     def slow(cls, chunk: int = 1024, delay: float = 0.01, *, times: int | None = None) -> Fault:
         """The right bytes, ``chunk`` at a time, ``delay`` seconds apart."""
         return cls("slow", chunk=chunk, delay=delay, times=times)
+
+    @classmethod
+    def unsized(cls, chunk: int = 1024, delay: float = 0.0, *, times: int | None = None) -> Fault:
+        """The right bytes with no ``Content-Length`` (chunked), ``chunk``
+        at a time, ``delay`` seconds apart."""
+        return cls("unsized", chunk=chunk, delay=delay, times=times)
 
     def _take(self) -> bool:
         if self.times is not None:
@@ -886,6 +892,9 @@ class FakeRegistry:
             surplus = b"#" * fault.count
             length = len(body) + fault.count if fault.declared else len(body)
             return self._send(request, body + surplus, length)
+        if fault.kind == "unsized":
+            self._trickle(request, body, fault.chunk, fault.delay)
+            return NOT_DONE_YET
         request.setHeader(b"Content-Length", b"%d" % len(body))
         if fault.kind == "truncate":
             request.write(body[: fault.after])

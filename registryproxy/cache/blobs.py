@@ -36,6 +36,12 @@ from .store import BlobStore, BlobWriter, VerificationError, verify
 
 log = Logger()
 
+#: a download's claim on the disk for what it announced is whole for this
+#: many seconds, then no more than it could write in CLAIM_SECONDS at the
+#: speed it has shown (see BlobFetch.claim)
+CLAIM_GRACE = 5.0
+CLAIM_SECONDS = 300.0
+
 
 class PeerSource(Interface):
     """Where a cluster node gets what another node owns: a blob download,
@@ -74,12 +80,19 @@ class BlobFetch:
         make_room: Callable[[int], int] = lambda needed: 0,
         origin: str = "upstream",
         max_size: int | None = None,
+        started: float = 0.0,
+        disk_cap: int | None = None,
     ) -> None:
         """*max_size*: the upstream's max_blob_size, for a body whose size
-        was not announced: past it, the download fails."""
+        was not announced: past it, the download fails.  *disk_cap*: for
+        such a body, the bytes it may take on disk (the room there was when
+        it started): past them, it goes on through memory, stored nowhere.
+        *started*: when, on the cache's clock (see :meth:`claim`)."""
         self.digest = digest
         self.size = size
         self.max_size = max_size
+        self.started = started
+        self.disk_cap = disk_cap
         self.source = source
         #: where the bytes come from: "upstream", "peer" (the cluster node
         #: downloading them) or "shared" (the cluster's store)
@@ -116,6 +129,19 @@ class BlobFetch:
     @property
     def running(self) -> bool:
         return not self.verified and self.error is None
+
+    def claim(self, now: float) -> int:
+        """Disk bytes this download may still take: what it announced, but
+        after ``CLAIM_GRACE`` seconds no more than it could write in
+        ``CLAIM_SECONDS`` at the speed it has shown, so that an upstream
+        announcing much and sending little cannot keep the disk from others."""
+        if self.size is None or self.relayed:
+            return 0
+        left = max(self.size - self.written, 0)
+        took = now - self.started
+        if took < CLAIM_GRACE:
+            return left
+        return min(left, int(self.written / took * CLAIM_SECONDS))
 
     @property
     def relayed(self) -> bool:
@@ -258,12 +284,21 @@ class BlobFetch:
 
     def _data(self, data: bytes) -> None:
         start = self.written
-        try:
-            self._writer.write(data)
-        except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
-            self._disk_full(data, start)
+        if (
+            self.disk_cap is not None
+            and start + len(data) > self.disk_cap
+            and not isinstance(self._writer, MemoryRelay)
+        ):
+            self._through_memory(
+                data, start, f"a body of no announced size outgrew the {self.disk_cap} bytes free"
+            )
+        else:
+            try:
+                self._writer.write(data)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                self._disk_full(data, start)
         if self.size is not None and self.written > self.size:
             raise VerificationError(f"upstream sent more than the announced {self.size} bytes")
         if self.max_size is not None and self.written > self.max_size:
@@ -284,19 +319,25 @@ class BlobFetch:
         """The disk filled up under this download (*data* was to go at
         *start*): evict to make room if the cache can, or else go on through
         memory for the clients following it, keeping nothing."""
-        needed = self.size - self.written if self.size is not None else len(data)
-        if self._make_room(needed) > 0:
+        # a body of no announced size has no known need: nothing is evicted for it
+        if self.size is not None and self._make_room(self.size - self.written) > 0:
             try:
                 self._writer.write(data[self.written - start :])
                 return
             except OSError as e:
                 if e.errno != errno.ENOSPC:
                     raise
+        self._through_memory(data, start, "the disk filled up")
+
+    def _through_memory(self, data: bytes, start: int, why: str) -> None:
+        """Go on through memory from *data* (to go at *start*) for the
+        clients following, keeping nothing, or fail if none follows."""
         if not self._listeners and not self._holds:
-            raise OSError(errno.ENOSPC, "the disk is full and no client is following")
+            raise OSError(errno.ENOSPC, f"{why} and no client is following")
         log.error(
-            "the disk filled up while storing {digest}: passing the rest through uncached",
+            "{why} while storing {digest}: passing the rest through uncached",
             digest=str(self.digest),
+            why=why,
         )
         self._writer = MemoryRelay(self.digest, self.size, on_disk=self._writer)
         self._writer.write(data[self.written - start :])
@@ -757,11 +798,21 @@ class BlobCache:
             too_large = oversize(client.name, limit, config.max_blob_size, str(digest), size)
             if too_large is not None:
                 raise too_large
-            writer = self._writer(digest, size)
+            writer, disk_cap = self._writer(digest, size)
         except BaseException:
             response.deliverBody(_Hangup())  # else its connection stays paused for good
             raise
-        fetch = BlobFetch(digest, size, writer, client.name, self._room_made, origin, limit)
+        fetch = BlobFetch(
+            digest,
+            size,
+            writer,
+            client.name,
+            self._room_made,
+            origin,
+            limit,
+            self._clock.seconds(),
+            disk_cap,
+        )
         fetch.readers.add((client.name, repo))
         if not fetch.relayed:
             self._active[digest] = fetch
@@ -944,28 +995,32 @@ class BlobCache:
                 why=e,
             )
 
-    def _writer(self, digest: Digest, size: int | None) -> BlobWriter:
+    def _writer(self, digest: Digest, size: int | None) -> tuple[BlobWriter, int | None]:
         """Where a download goes: the store (making room on a full disk), or
-        only memory when it cannot go there, so the client still gets its bytes."""
+        only memory when it cannot go there, so the client still gets its
+        bytes; and for a body of no announced size, the bytes it may take
+        on disk (what is free now, within the budget)."""
+        # the downloads still running will take what they plausibly still send
+        now = self._clock.seconds()
+        reserved = sum(f.claim(now) for f in self._active.values())
+        budget = self._max_bytes
+        cap = None
         if size is not None:
-            budget = self._max_bytes
             if budget is not None and size > budget:
-                return _relay(digest, size, f"larger than the cache budget of {budget} bytes")
-            # the downloads still running will take what they announced
-            reserved = sum(
-                f.size - f.written
-                for f in self._active.values()
-                if f.size is not None and not f.relayed
-            )
+                return _relay(digest, size, f"larger than the cache budget of {budget} bytes"), None
             if size > self.store.room() - reserved:
                 self._room_made(size + reserved)
             room = self.store.room() - reserved
             if size > room:
-                return _relay(digest, size, f"{max(room, 0)} bytes free for new blobs")
+                return _relay(digest, size, f"{max(room, 0)} bytes free for new blobs"), None
+        else:
+            cap = max(self.store.room() - reserved, 0)
+            if budget is not None:
+                cap = min(cap, budget)
         try:
-            return self.store.begin(digest, size)
+            return self.store.begin(digest, size), cap
         except OSError as e:
-            return _relay(digest, size, e.strerror or str(e))
+            return _relay(digest, size, e.strerror or str(e)), None
 
     def _finish(self, fetch: BlobFetch) -> None:
         self._followed = {f for f in self._followed if not f.closed}

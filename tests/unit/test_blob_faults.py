@@ -15,6 +15,7 @@ from proxyharness import partial_get, settle, until
 from twisted.internet.defer import gatherResults
 from twisted.internet.threads import deferToThread
 
+from registryproxy.cache import blobs
 from registryproxy.cache.blobs import MemoryRelay
 
 SIZE = 2 * 1024 * 1024 + 3
@@ -193,6 +194,83 @@ async def test_running_downloads_keep_the_room_they_need(fake_registry, make_pro
     assert [(status, body) for status, body, _ in replies] == [(200, data) for data in blobs]
     await settle()
     assert sorted(proxy.blob_path(d).exists() for d in digests) == [False, True]
+
+
+class Written:
+    """The most bytes any file the store began held (wraps ``store.begin``)."""
+
+    def __init__(self, proxy) -> None:
+        self.most = 0
+        store = proxy.proxy.store
+        begin = store.begin
+
+        def counted(digest, size):
+            writer = begin(digest, size)
+            write = writer._file.write
+
+            def write_counted(data):
+                written = write(data)
+                self.most = max(self.most, writer._file.tell())
+                return written
+
+            writer._file = _Wrapped(writer._file, write=write_counted)
+            return writer
+
+        store.begin = counted
+
+
+class _Wrapped:
+    def __init__(self, inner, **overrides) -> None:
+        self._inner = inner
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_of_no_announced_size_takes_no_more_disk_than_was_free(
+    fake_registry, make_proxy
+):
+    """A chunked body may go on for ever: past the room there was when it
+    started, it goes on through memory for its client, stored nowhere, and
+    nothing is evicted for it."""
+    data = os.urandom(3 * 1024 * 1024)
+    digest = fake_registry.add_blob(data)
+    fake_registry.blob_faults[digest] = Fault.unsized(chunk=128 * 1024)
+    proxy = await make_proxy(fake_registry.url)
+    written = Written(proxy)
+    proxy.proxy.store.room = lambda: 1024 * 1024
+    evicting: list[int] = []
+    proxy.proxy.blobs._make_room = evicting.append
+    assert await get(proxy, f"/v2/library/x/blobs/{digest}") == (200, data, False)
+    assert 0 < written.most <= 1024 * 1024
+    assert evicting == []
+    await settle()
+    assert_nothing_kept(proxy, digest)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_download_claims_only_the_disk_it_can_fill(
+    fake_registry, make_proxy, monkeypatch
+):
+    """An upstream that announces a big blob and sends it slowly keeps its
+    claim on the disk a moment, then only what its speed can fill: another
+    blob that fits beside that is stored, not passed through."""
+    monkeypatch.setattr(blobs, "CLAIM_GRACE", 0.2)
+    monkeypatch.setattr(blobs, "CLAIM_SECONDS", 1.0)
+    slow, fast = os.urandom(1024 * 1024), os.urandom(1024 * 1024)
+    slow_digest, fast_digest = fake_registry.add_blob(slow), fake_registry.add_blob(fast)
+    # 16 KiB every 0.1 s: about 160 KiB a second
+    fake_registry.blob_faults[slow_digest] = Fault.slow(chunk=16 * 1024, delay=0.1)
+    proxy = await make_proxy(fake_registry.url)
+    proxy.proxy.store.room = lambda: 1536 * 1024
+    slowly = get(proxy, f"/v2/library/x/blobs/{slow_digest}")
+    await settle(0.5)
+    assert await get(proxy, f"/v2/library/x/blobs/{fast_digest}") == (200, fast, False)
+    await settle()
+    assert proxy.blob_path(fast_digest).exists()
+    assert await slowly == (200, slow, False)
 
 
 class SharedDisk:
