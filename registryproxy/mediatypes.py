@@ -66,9 +66,11 @@ def default_platform(body: bytes) -> str | None:
     """The digest of the linux/amd64 manifest a list names (the first such,
     as Distribution picks), or None."""
     try:
-        descriptors = json.loads(body).get("manifests") or []
+        descriptors = json.loads(body).get("manifests")
     except (ValueError, AttributeError):
         return None
+    if not isinstance(descriptors, list):
+        return None  # an upstream's list may be anything: no platform in it
     for d in descriptors:
         if not isinstance(d, dict) or not isinstance(d.get("platform"), dict):
             continue

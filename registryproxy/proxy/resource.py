@@ -233,7 +233,7 @@ class RegistryResource(Resource):
                 self._ready.drop(key)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
-        # the upstream the request is routed to, once it is
+        # the upstream the request is routed to, once it is (its metrics label)
         routed: list[str] = []
         d = Deferred.fromCoroutine(self._handle(request, gone, routed))
         d.addErrback(self._failed, request, gone, routed)
@@ -322,7 +322,7 @@ class RegistryResource(Resource):
         # before any await: an answer made across a change is not used again
         generation = self._generation()
         client, repo = route(self._upstreams, request, match.group("name"))
-        routed.append(client.name)
+        routed.append(client.label)
         # before any upstream request and any cached answer
         tag = match.group("reference") if kind == "manifest" else None
         _admit(client, repo, tag if tag is not None and is_valid_tag(tag) else None)

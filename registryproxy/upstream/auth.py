@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..bounded import Bounded
 from ..errors import describe_failure
 from ..singleflight import SingleFlight
 from .body import BodyTooLarge, read_body
@@ -224,6 +225,11 @@ class _Token:
     expires_at: float
 
 
+#: an upstream's tokens kept at most: entries, and bytes of scope and header
+TOKENS_KEPT = 1000
+TOKENS_BYTES = 2 * 1024 * 1024
+
+
 @attrs.frozen
 class _TokenRequest:
     realm: str
@@ -299,7 +305,9 @@ class Authenticator:
         self._now = cast(_Seconds, clock).seconds
         self._timeout = timeout
         self._wants_basic = False
-        self._tokens: dict[str, _Token] = {}
+        # one per repository scope asked for: clients choose the names, and
+        # Docker Hub gives any name a token, so they are bounded
+        self._tokens: Bounded[str, _Token] = Bounded(TOKENS_BYTES, TOKENS_KEPT)
         self._flights: SingleFlight[_TokenRequest, _Token] = SingleFlight()
 
     def __repr__(self) -> str:
@@ -310,18 +318,16 @@ class Authenticator:
 
         An unexpired cached token, else Basic if this upstream was seen to want it.
         """
-        token = self._tokens.get(scope)
+        token = self._tokens.get(scope, self._now())
         if token is not None:
-            if self._now() < token.expires_at:
-                return token.header
-            del self._tokens[scope]
+            return token.header
         if self._wants_basic:
             return self._basic
         return None
 
     def invalidate(self, scope: str) -> None:
         """Forget the token for *scope* (the upstream still answered 401 to it)."""
-        self._tokens.pop(scope, None)
+        self._tokens.drop(scope)
 
     async def authorize(self, challenges: Sequence[Challenge], scope: str) -> str | None:
         """After a 401: the header to retry with, or ``None`` if no challenge is usable.
@@ -337,7 +343,8 @@ class Authenticator:
                         request, functools.partial(self._timed_fetch, request)
                     )
                     if token.expires_at > self._now():
-                        self._tokens[scope] = token
+                        size = len(scope) + len(token.header)
+                        self._tokens.put(scope, token, size, token.expires_at)
                     return token.header
         for challenge in challenges:
             if challenge.scheme == "basic":

@@ -98,6 +98,10 @@ def content_length(response: IResponse) -> int | None:
     return length if isinstance(length, int) else None
 
 
+#: the metrics' name for every registry a client names that is not configured
+UNLISTED = "other"
+
+
 class RegistryClient:
     """The pull API of one upstream registry."""
 
@@ -125,6 +129,9 @@ class RegistryClient:
         *resolve*: every address a host name resolves to, as a socket would
         resolve it (:func:`.public.lookup`, on a thread pool of the caller's)."""
         self.name = name
+        #: its name in the metrics: the registries clients name
+        #: (allow_any_registry) share one, so that they add no label sets
+        self.label = UNLISTED if https_only else name
         self._https_only = https_only
         self.config = config
         self._agent = agent
@@ -497,7 +504,7 @@ class RegistryClient:
         h = Headers({"User-Agent": ["regproxy/0.1"]})
         for key, value in headers.items():
             h.setRawHeaders(key, [value])
-        self._metrics.upstream_requests.labels(self.name, _kind(method, url)).inc()
+        self._metrics.upstream_requests.labels(self.label, _kind(method, url)).inc()
         timeout = self.config.read_timeout
 
         def silent(result: IResponse | Failure, timeout: float) -> IResponse | Failure:
@@ -539,7 +546,7 @@ class RegistryClient:
         self.last_answer = self._clock.seconds()
         remaining = _header(response, "RateLimit-Remaining")
         if remaining and remaining.split(";")[0].strip().isdigit():
-            self._metrics.ratelimit_remaining.labels(self.name).set(int(remaining.split(";")[0]))
+            self._metrics.ratelimit_remaining.labels(self.label).set(int(remaining.split(";")[0]))
         return response
 
     async def _read(self, response: IResponse, limit: int, what: str) -> bytes:

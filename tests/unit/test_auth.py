@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from registryproxy.upstream import auth
 from registryproxy.upstream.auth import (
     DEFAULT_TOKEN_LIFETIME,
     EXPIRY_MARGIN,
@@ -495,6 +496,24 @@ def test_token_is_cached_until_shortly_before_expiry() -> None:
     assert result(h.start([bearer()], SCOPE)) == "Bearer tok2"
     assert len(h.server.requests) == 2
     assert h.auth.cached(SCOPE) == "Bearer tok2"
+
+
+def test_tokens_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token per repository name a client makes up (Docker Hub gives any
+    name one): the least recently used go past the bound."""
+    monkeypatch.setattr(auth, "TOKENS_KEPT", 3)
+    h = Harness()
+    scopes = [f"repository:made-up/{n}:pull" for n in range(5)]
+    for scope in scopes:
+        assert result(h.start([bearer()], scope)) is not None
+    assert [h.auth.cached(scope) for scope in scopes] == [
+        None,
+        None,
+        "Bearer tok3",
+        "Bearer tok4",
+        "Bearer tok5",
+    ]
+    assert len(h.auth._tokens) == 3
 
 
 def test_expires_in_missing_means_sixty_seconds() -> None:

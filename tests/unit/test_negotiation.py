@@ -170,6 +170,9 @@ def test_default_platform_picks_linux_amd64():
     assert default_platform(body) == "sha256:" + "3" * 64
     assert default_platform(b"not json") is None
     assert default_platform(b'{"manifests": [{"platform": "x"}]}') is None
+    # a hostile upstream's list: no traceback, no platform
+    for manifests in (b"5", b"true", b'"abc"', b'{"a": 1}'):
+        assert default_platform(b'{"manifests": ' + manifests + b"}") is None
 
 
 def test_tags_of_schema_1_are_forgotten_and_manifests_kept(tmp_path):

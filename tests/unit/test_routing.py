@@ -229,3 +229,19 @@ async def test_tag_list_pages_lead_back_the_way_the_client_came(make_fake_regist
         assert link == expected + '; rel="next"', first
         reply = await proxy.get(link[1 : link.index(">")])
         assert (reply.code, json.loads(reply.body)["tags"]) == (200, ["c"]), first
+
+
+@pytest_twisted.ensureDeferred
+async def test_registries_clients_name_share_one_metrics_label(make_fake_registry, make_proxy):
+    """An open proxy counts its made-up registries under "other": one label
+    set, not one per host a client names, kept for good."""
+    hub, ghcr, proxy = await two_registries(
+        make_fake_registry, make_proxy, top={"allow_any_registry": True}
+    )
+    for n in range(3):
+        reply = await proxy.get(f"/v2/h{n}.example.invalid/x/manifests/1")
+        assert reply.code >= 400
+    assert (await proxy.get("/v2/ghcr.io/team/app/manifests/1")).code == 404
+    counted = proxy.proxy.metrics.summary()["upstream_requests"]
+    assert set(counted) == {"ghcr.io", "other"}, counted
+    assert sum(counted["other"].values()) >= 3
