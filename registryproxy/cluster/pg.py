@@ -47,6 +47,30 @@ def lock_id(key: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+#: a pooled connection's transaction left idle this long is ended by the server
+IDLE_IN_TRANSACTION_MS = 30_000
+#: and any statement of one that runs this long (the heavy batches are short)
+STATEMENT_TIMEOUT_MS = 120_000
+
+
+def _keepalives(settings: PgSettings, options: str = "") -> dict[str, Any]:
+    """libpq keywords for a connection whose silent peer is noticed: the
+    server probes ours (so a vanished node's locks and leases go), and we
+    probe the server (so a query does not wait on a server that went away);
+    *options*: more server settings for the session."""
+    return {
+        "options": (
+            f"-c tcp_keepalives_idle={settings.keepalive_idle}"
+            f" -c tcp_keepalives_interval={settings.keepalive_interval}"
+            " -c tcp_keepalives_count=3" + options
+        ),
+        "keepalives": 1,
+        "keepalives_idle": settings.keepalive_idle,
+        "keepalives_interval": settings.keepalive_interval,
+        "keepalives_count": 3,
+    }
+
+
 class Database:
     """A connection pool to the index database, used from *threadpool*.
 
@@ -65,7 +89,18 @@ class Database:
             max_size=settings.max_size,
             open=False,
             timeout=settings.acquire_timeout,
-            kwargs={"connect_timeout": settings.libpq_connect_timeout},
+            kwargs={
+                "connect_timeout": settings.libpq_connect_timeout,
+                **_keepalives(
+                    settings,
+                    # a node that vanished inside a transaction (power cut,
+                    # partition) holds its locks, the heavy lock's shared
+                    # side among them, until the server ends its session
+                    f" -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}"
+                    # and no query waits (for a lock, say) for ever
+                    f" -c statement_timeout={STATEMENT_TIMEOUT_MS}",
+                ),
+            },
             # a connection the server dropped (restart, failover) is replaced
             # rather than handed out
             check=ConnectionPool.check_connection,
@@ -157,17 +192,7 @@ class Database:
             autocommit=True,
             connect_timeout=settings.libpq_connect_timeout,
             application_name="regproxy-lease",
-            # the server's side of the connection probes a silent holder
-            options=(
-                f"-c tcp_keepalives_idle={settings.keepalive_idle}"
-                f" -c tcp_keepalives_interval={settings.keepalive_interval}"
-                " -c tcp_keepalives_count=3"
-            ),
-            # and ours notices a server that went away
-            keepalives=1,
-            keepalives_idle=settings.keepalive_idle,
-            keepalives_interval=settings.keepalive_interval,
-            keepalives_count=3,
+            **_keepalives(settings),
         )
         try:
             number = lock_id(key)

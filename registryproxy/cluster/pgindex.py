@@ -152,6 +152,8 @@ HEAVY = lock_id("regproxy-index-heavy")
 SCHEMA_LOCK = lock_id("regproxy-schema")
 #: transactions tried again after a deadlock or serialization failure
 _RETRIES = 5
+#: how long a heavy batch waits for the exclusive heavy lock before trying again
+EXCLUSIVE_WAIT_MS = 1000
 
 
 def _sub(sql: str, old: str, new: str) -> str:
@@ -239,7 +241,9 @@ def _off_the_reactor() -> None:
 
 
 def _retryable(e: BaseException) -> bool:
-    return isinstance(e, (errors.DeadlockDetected, errors.SerializationFailure))
+    return isinstance(
+        e, (errors.DeadlockDetected, errors.SerializationFailure, errors.LockNotAvailable)
+    )
 
 
 class PgIndex:
@@ -334,7 +338,13 @@ class PgIndex:
                     if lock == "shared":
                         conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (HEAVY,))
                     elif lock == "exclusive":
+                        # Waiting for it queues every node's writes (which
+                        # take its shared side) behind this one: a holder
+                        # that vanished would stop them all.  A moment, then
+                        # again later.
+                        conn.execute(f"SET LOCAL lock_timeout = {EXCLUSIVE_WAIT_MS}")
                         conn.execute("SELECT pg_advisory_xact_lock(%s)", (HEAVY,))
+                        conn.execute("SET LOCAL lock_timeout = 0")
                         # compiling the heavy queries costs more than it saves;
                         # they are written for index probes from a few scratch
                         # rows (index.py's nested loops), which the default

@@ -566,6 +566,49 @@ async def test_writes_and_heavy_work_wait_for_another_nodes_heavy_transaction(
     await in_thread(threadpool, run)
 
 
+@pytest_twisted.ensureDeferred
+async def test_heavy_work_does_not_queue_the_writes_behind_a_vanished_node(
+    make_database, threadpool, pg_dsn, monkeypatch
+):
+    """A node that vanished inside a write holds the heavy lock's shared
+    side.  Heavy work waiting for the exclusive side would queue every
+    node's writes behind it: it waits a moment, tries again a few times,
+    then fails, and the writes go on.  The pool's sessions are set up so
+    that the server ends such a transaction and probes silent peers."""
+    monkeypatch.setattr(pgindex, "EXCLUSIVE_WAIT_MS", 100)
+    index = await pg_index(make_database)
+
+    def run() -> None:
+        index.open()
+        entry = ManifestEntry("sha256:m", MANIFEST_TYPE, 10)
+        index.put_manifest("u", "r", entry, 1.0, [("sha256:b", "blob")])
+        with index._database.connection() as conn:
+            settings = {
+                name: conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
+                for name in (
+                    "idle_in_transaction_session_timeout",
+                    "statement_timeout",
+                    "tcp_keepalives_idle",
+                )
+            }
+        assert settings == {
+            "idle_in_transaction_session_timeout": "30s",
+            "statement_timeout": "2min",
+            "tcp_keepalives_idle": "10",
+        }
+        with psycopg.connect(pg_dsn) as vanished:
+            vanished.execute("SELECT pg_advisory_xact_lock_shared(%s)", (pgindex.HEAVY,))
+            began = time.monotonic()
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                index.purge("u", "gone")
+            assert time.monotonic() - began < 5
+            # and the writes go on beside the vanished one
+            index.put_tag("u", "r", "1", TagEntry("sha256:m", MANIFEST_TYPE, 2.0))
+        assert index.tag("u", "r", "1") is not None
+
+    await in_thread(threadpool, run)
+
+
 def _invariants(index: PgIndex) -> None:
     with index._database.transaction() as conn:
 
