@@ -274,6 +274,8 @@ class FakeRegistry:
     blob_faults: dict[str, Fault] = attrs.field(factory=dict)
     #: Seconds blob responses wait before their headers, by method ("GET", "HEAD").
     blob_delay: dict[str, float] = attrs.field(factory=dict)
+    #: Seconds a tag list waits before its answer.
+    tags_delay: float = 0.0
     #: Per manifest digest, or ``"*"``; applies to tag fetches too.
     manifest_faults: dict[str, Fault] = attrs.field(factory=dict)
     #: Regex (``re.search`` on the path) -> Override or (status, headers, body).
@@ -782,6 +784,17 @@ class FakeRegistry:
         return self._send(request, json.dumps(index).encode())
 
     def _tags_list(self, request: Request, record: RecordedRequest, name: str) -> int:
+        if self.tags_delay:
+
+            def answer() -> None:
+                if not request._disconnected and not self._stopped:  # type: ignore[attr-defined]
+                    self._tags_list_now(request, record, name)
+
+            self._later(self.tags_delay, answer)
+            return NOT_DONE_YET
+        return self._tags_list_now(request, record, name)
+
+    def _tags_list_now(self, request: Request, record: RecordedRequest, name: str) -> int:
         if name not in self._tags and name not in self._manifests:
             return self._error(
                 request, 404, "NAME_UNKNOWN", f"repository name {name!r} not known to registry"

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -29,6 +29,7 @@ from ..config import UpstreamConfig
 from ..errors import UPSTREAM_TROUBLE, RegistryError, describe_failure
 from ..mediatypes import MODERN
 from ..metrics import Metrics
+from ..singleflight import SingleFlight
 from .auth import Authenticator, AuthError, parse_www_authenticate
 from .body import BodyStalled, BodyTooLarge, read_body
 from .breaker import CircuitBreaker, CircuitOpen
@@ -46,6 +47,9 @@ MAX_MANIFEST = 4 * 1024 * 1024
 #: the largest tag list or referrers answer accepted (gcr.io's tag lists,
 #: with their map of manifests, run to megabytes)
 MAX_LISTING = 32 * 1024 * 1024
+#: listings fetched from one upstream at once (each may hold MAX_LISTING
+#: bytes); identical ones share a fetch
+LISTINGS_AT_ONCE = 4
 #: what is read of an error document or a redirect's body
 _MAX_SMALL_BODY = 64 * 1024
 
@@ -146,6 +150,8 @@ class RegistryClient:
         self._origin = _origin(self._base)
         self._anonymous = anonymous
         self._privacy = Privacy(name, clock)
+        self._listings: SingleFlight[str, tuple[bytes, dict[str, str]]] = SingleFlight()
+        self._listing_slots = DeferredSemaphore(LISTINGS_AT_ONCE)
         self._resolve = resolve
         #: whether this upstream's own address is public, once known
         self._public: bool | None = None
@@ -226,7 +232,25 @@ class RegistryClient:
             }
             return body, headers
 
-        return await self._checked(b"GET", repo, url, {}, unknown, listing)
+        async def fetch() -> tuple[bytes, dict[str, str]]:
+            slot = self._listing_slots.acquire()
+            slot.addTimeout(self.config.deadline_seconds, self._clock)
+            try:
+                await slot
+            except TimeoutError:
+                raise RegistryError(
+                    503,
+                    "UNAVAILABLE",
+                    f"{LISTINGS_AT_ONCE} listings of upstream {self.name} are being "
+                    "fetched already; try again",
+                ) from None
+            try:
+                return await self._checked(b"GET", repo, url, {}, unknown, listing)
+            finally:
+                self._listing_slots.release()
+
+        # clients asking for the same listing at once share one fetch and body
+        return await self._listings.run(url, fetch)
 
     async def check_shareable(self, repo: str, what: str) -> None:
         """Raise what an anonymous client of the upstream would get for

@@ -5,10 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from urllib.parse import quote
 
 import pytest_twisted
 from fakeregistry import Fault, Override
+from twisted.internet.defer import gatherResults
+
+from registryproxy.upstream import client as client_module
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -362,6 +366,37 @@ async def test_tags_list_passes_through(fake_registry, make_proxy):
     assert "last=b" in (reply.header("Link") or "")
     reply = await proxy.get("/v2/x/tags/list?n=2&last=b")
     assert json.loads(reply.body)["tags"] == ["c"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_clients_asking_for_one_listing_at_once_share_its_fetch(fake_registry, make_proxy):
+    """A listing may run to 32 MiB: clients asking for the same one at
+    once share one upstream fetch (and its body in memory)."""
+    fake_registry.add_image("library/x", "a", [b"a"])
+    fake_registry.tags_delay = 0.3
+    proxy = await make_proxy(fake_registry.url)
+    replies = await gatherResults([proxy.get("/v2/x/tags/list") for _ in range(5)])
+    assert [json.loads(reply.body)["tags"] for reply in replies] == [["a"]] * 5
+    assert fake_registry.count("GET", "/tags/list") == 1
+    # and one asked for after gets its own
+    assert (await proxy.get("/v2/x/tags/list")).code == 200
+    assert fake_registry.count("GET", "/tags/list") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_listings_fetched_at_once_are_bounded(fake_registry, make_proxy, monkeypatch):
+    """Different listings at once take a slot each (each may hold 32 MiB):
+    with two slots, the third waits for one."""
+    monkeypatch.setattr(client_module, "LISTINGS_AT_ONCE", 2)
+    for name in ("a", "b", "c"):
+        fake_registry.add_image(f"library/{name}", "1", [name.encode()])
+    fake_registry.tags_delay = 0.3
+    proxy = await make_proxy(fake_registry.url)
+    began = time.monotonic()
+    replies = await gatherResults([proxy.get(f"/v2/{n}/tags/list") for n in ("a", "b", "c")])
+    assert [reply.code for reply in replies] == [200] * 3
+    assert time.monotonic() - began >= 0.6
+    assert fake_registry.count("GET", "/tags/list") == 3
 
 
 SIGNATURE = "application/vnd.dev.cosign.artifact.sig.v1+json"
