@@ -188,7 +188,7 @@ class Evicted:
 #: manifests list counted once); :func:`summaries` fills in which and how many
 _SUMMARIES = """
 SELECT m.upstream, m.repo,
-    (SELECT COUNT(DISTINCT t.tag) FROM tags t WHERE t.upstream=m.upstream AND t.repo=m.repo),
+    (SELECT COUNT(*) FROM tags t WHERE t.upstream=m.upstream AND t.repo=m.repo),
     COUNT(*),
     SUM(m.size) + COALESCE((
         SELECT SUM(b.size) FROM blobs b WHERE b.digest IN (
@@ -458,9 +458,9 @@ class Index:
             "size_bytes": size,
             "blobs": blobs,
             "manifests": db.execute("SELECT COUNT(*) FROM manifests").fetchone()[0],
-            "tags": db.execute(
-                "SELECT COUNT(DISTINCT upstream||'/'||repo||':'||tag) FROM tags"
-            ).fetchone()[0],
+            # (upstream, repo, tag) is the key: a count of rows, not of
+            # distinct strings built for each of them
+            "tags": db.execute("SELECT COUNT(*) FROM tags").fetchone()[0],
             "repositories": db.execute(
                 "SELECT COUNT(*) FROM (SELECT DISTINCT upstream, repo FROM manifests)"
             ).fetchone()[0],

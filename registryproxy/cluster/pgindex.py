@@ -501,7 +501,7 @@ class PgIndex:
         size, blobs, manifests, tags, repositories = self._read(
             "SELECT (SELECT COALESCE(SUM(size), 0) FROM blobs), (SELECT COUNT(*) FROM blobs),"
             " (SELECT COUNT(*) FROM manifests),"
-            " (SELECT COUNT(DISTINCT upstream||'/'||repo||':'||tag) FROM tags),"
+            " (SELECT COUNT(*) FROM tags),"
             " (SELECT COUNT(*) FROM (SELECT DISTINCT upstream, repo FROM manifests) r)"
         )[0]
         return {
