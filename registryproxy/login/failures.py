@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from twisted.internet.interfaces import IReactorTime
 
 #: addresses remembered at once; the least recently failing are forgotten first
 MAX_ADDRESSES = 10_000
+#: Retry-After for an address whose checks running now reach the limit
+CHECKING_WAIT = 1.0
 
 
 class FailedLogins:
@@ -31,22 +35,41 @@ class FailedLogins:
         self._failures: collections.OrderedDict[str, collections.deque[float]] = (
             collections.OrderedDict()
         )
+        #: address -> its password checks running now (bounded by the
+        #: checks that may wait at all), each a failure until it is not
+        self._checking: collections.Counter[str] = collections.Counter()
 
     def retry_after(self, address: str) -> float | None:
-        """Seconds until *address* may try again, or None if it may now."""
+        """Seconds until *address* may try again, or None if it may now.
+        Its checks still running count as failures: else guesses sent all at
+        once would all be checked before the first failure was counted."""
         address = _counted_as(address)
-        times = self._failures.get(address)
-        if times is None:
-            return None
         now = self._clock.seconds()
-        while times and times[0] <= now - self._window:
-            times.popleft()
-        if not times:
-            del self._failures[address]
+        times = self._failures.get(address)
+        if times is not None:
+            while times and times[0] <= now - self._window:
+                times.popleft()
+            if not times:
+                del self._failures[address]
+                times = None
+        failed = len(times) if times is not None else 0
+        if failed + self._checking[address] < self._limit:
             return None
-        if len(times) < self._limit:
-            return None
-        return times[0] + self._window - now
+        if times is not None and failed >= self._limit:
+            return times[0] + self._window - now
+        return CHECKING_WAIT  # its checks running now may fail: a moment
+
+    @contextmanager
+    def checking(self, address: str) -> Iterator[None]:
+        """While a password of *address* is checked."""
+        address = _counted_as(address)
+        self._checking[address] += 1
+        try:
+            yield
+        finally:
+            self._checking[address] -= 1
+            if not self._checking[address]:
+                del self._checking[address]
 
     def failed(self, address: str) -> None:
         address = _counted_as(address)

@@ -127,7 +127,9 @@ class Gate:
                 f"too many failed logins from {address}: try again in {seconds} s",
                 headers={"Retry-After": seconds},
             )
-        if await self._passwords.check(user, password):
+        with self._failures.checking(address):
+            right = await self._passwords.check(user, password)
+        if right:
             self._counted("ok")
             return True
         self._counted("failed")

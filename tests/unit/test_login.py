@@ -21,6 +21,7 @@ import pytest
 import pytest_twisted
 from proxyharness import Reply, settle, until
 from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
@@ -28,7 +29,7 @@ from twisted.logger import globalLogPublisher
 from twisted.web.test.requesthelper import DummyRequest
 
 from registryproxy.config import AuthConfig, AuthRule, ConfigError, parse_config
-from registryproxy.login.failures import FailedLogins
+from registryproxy.login.failures import CHECKING_WAIT, FailedLogins
 from registryproxy.login.files import WatchedFile, parse_tokens
 from registryproxy.login.policy import Decision, Policy
 from registryproxy.login.tokens import Invalid, Tokens, parse_scopes
@@ -279,6 +280,30 @@ async def test_failed_logins_are_limited_per_address(fake_registry, make_proxy, 
         assert reply.code == 429
         assert code(reply) == "TOOMANYREQUESTS"
         assert 1 <= int(reply.header("Retry-After")) <= 60
+
+
+@pytest_twisted.ensureDeferred
+async def test_guesses_sent_at_once_are_limited_too(fake_registry, make_proxy, users):
+    """A password check takes a while (bcrypt): guesses sent all at once
+    count as failures while they are checked, so no more than the limit
+    are checked, not as many as may wait for the checking threads."""
+    proxy = await proxy_with_auth(make_proxy, fake_registry, users, max_failures=3)
+    guess = {"Authorization": [basic("alice", "guess")]}
+    replies = await gatherResults([proxy.request("GET", "/token", guess) for _ in range(12)])
+    assert sorted(reply.code for reply in replies) == [401] * 3 + [429] * 9
+    assert proxy.proxy.metrics.logins.labels("failed")._value.get() == 3
+
+
+def test_checks_running_count_as_failures() -> None:
+    failures = FailedLogins(3, 60.0, Clock())
+    with failures.checking("10.0.0.1"), failures.checking("10.0.0.1"):
+        assert failures.retry_after("10.0.0.1") is None
+        with failures.checking("10.0.0.1"):
+            assert failures.retry_after("10.0.0.1") == CHECKING_WAIT
+            assert failures.retry_after("10.0.0.2") is None
+        failures.failed("10.0.0.1")
+        assert failures.retry_after("10.0.0.1") == CHECKING_WAIT
+    assert failures.retry_after("10.0.0.1") is None  # one failure, nothing running
 
 
 def test_failed_logins_leave_the_window_and_memory_is_bounded() -> None:
