@@ -696,16 +696,26 @@ class BlobCache:
         if self.tier is not None:
             self.tier.served(str(digest), when)
 
-    async def confirm(self, client: RegistryClient, repo: str, digest: Digest) -> int | None:
-        """Make sure *repo* may read *digest* before it is served from what
-        another repository fetched: one of its manifests lists the blob, or
-        its upstream says so (HEAD, raising the upstream's error if not).
-        Returns the size the upstream gave, if it was asked."""
-        if await self._index.quick(lambda index: index.has_blob(client.name, repo, str(digest))):
-            return None
-        size = await client.head_blob(repo, str(digest))
+    async def confirm(self, client: RegistryClient, repo: str, digest: Digest) -> bool:
+        """Whether the stored copy of *digest* may go to *repo*'s clients:
+        one of its manifests lists the blob (or it was confirmed before), or
+        its upstream, which sent these bytes to another of its repositories,
+        says so (HEAD, raising the upstream's error if not).
+
+        False when only other upstreams ever sent them: this one must show
+        it has the same bytes, by sending them (a download, verified), else
+        an upstream that answers 200 to anything (a hostile one, or any
+        registry a client names) would read what a private one brought in."""
+        known = await self._index.quick(
+            lambda index: index.blob_known(client.name, repo, str(digest))
+        )
+        if known == "repository":
+            return True
+        if known is None:
+            return False
+        await client.head_blob(repo, str(digest))
         self._link(client, repo, digest)
-        return size
+        return True
 
     def _link(self, client: RegistryClient, repo: str, digest: Digest) -> None:
         """Remember that *repo* may read *digest*: spares a HEAD next time,
@@ -784,12 +794,14 @@ class BlobCache:
         if self._refusing is not None:
             response.deliverBody(_Hangup())
             self._refuse_if_closing()
-        self._link(client, repo, digest)
         running = self.active(digest)
-        if running is not None:
-            # another repository's download of the same bytes got there first
+        if running is not None and any(name == client.name for name, _ in running.readers):
+            # another repository of this upstream's download got there first
+            self._link(client, repo, digest)
             response.deliverBody(_Hangup())
             return running
+        if running is None:
+            self._link(client, repo, digest)
         size = response.length if origin == "shared" else content_length(response)
         config = client.config
         limit = config.max_blob_bytes
@@ -798,7 +810,14 @@ class BlobCache:
             too_large = oversize(client.name, limit, config.max_blob_size, str(digest), size)
             if too_large is not None:
                 raise too_large
-            writer, disk_cap = self._writer(digest, size)
+            if running is not None:
+                # another upstream's download of the digest runs: this one's
+                # bytes go to its own clients, verified, and are not stored
+                # (nor is it told what the other sent)
+                writer: BlobWriter = _relay(digest, size, "another upstream is sending them")
+                disk_cap = None
+            else:
+                writer, disk_cap = self._writer(digest, size)
         except BaseException:
             response.deliverBody(_Hangup())  # else its connection stays paused for good
             raise

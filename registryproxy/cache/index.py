@@ -55,7 +55,10 @@ CREATE TABLE IF NOT EXISTS repo_blobs (
     upstream TEXT NOT NULL, repo TEXT NOT NULL, digest TEXT NOT NULL,
     PRIMARY KEY (upstream, repo, digest)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS repo_blobs_digest ON repo_blobs (digest);
+-- by digest, and which upstreams' repositories: whether an upstream ever
+-- served a blob is one probe however many repositories list it
+DROP INDEX IF EXISTS repo_blobs_digest;
+CREATE INDEX IF NOT EXISTS repo_blobs_digest_upstream ON repo_blobs (digest, upstream);
 -- for eviction and purges: manifests by digest and in LRU order, tags by
 -- what they point to, blobs in LRU order
 CREATE INDEX IF NOT EXISTS manifests_digest ON manifests (digest);
@@ -431,6 +434,16 @@ class Index:
             (upstream, repo, digest),
         ).fetchone()
         return row is not None
+
+    def blob_known(self, upstream: str, repo: str, digest: str) -> str | None:
+        """Whether *digest* is linked to *repo* of *upstream* ("repository"),
+        to another of its repositories ("upstream"), or to none (None)."""
+        if self.has_blob(upstream, repo, digest):
+            return "repository"
+        row = self._db.execute(
+            "SELECT 1 FROM repo_blobs WHERE digest=? AND upstream=? LIMIT 1", (digest, upstream)
+        ).fetchone()
+        return "upstream" if row is not None else None
 
     def blob_sizes(self, digests: Iterable[str]) -> dict[str, int]:
         wanted = list(digests)

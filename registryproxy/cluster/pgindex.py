@@ -107,7 +107,10 @@ CREATE TABLE IF NOT EXISTS repo_blobs (
     digest TEXT COLLATE "C" NOT NULL,
     PRIMARY KEY (upstream, repo, digest)
 );
-CREATE INDEX IF NOT EXISTS repo_blobs_digest ON repo_blobs (digest);
+-- by digest, and which upstreams' repositories: whether an upstream ever
+-- served a blob is one probe however many repositories list it
+DROP INDEX IF EXISTS repo_blobs_digest;
+CREATE INDEX IF NOT EXISTS repo_blobs_digest_upstream ON repo_blobs (digest, upstream);
 CREATE INDEX IF NOT EXISTS manifests_digest ON manifests (digest);
 -- with the key, as eviction's order breaks ties by it (SQLite: by rowid,
 -- which its index holds), so that LIMIT stops early even among ties
@@ -483,6 +486,14 @@ class PgIndex:
                 (upstream, repo, digest),
             )
         )
+
+    def blob_known(self, upstream: str, repo: str, digest: str) -> str | None:
+        if self.has_blob(upstream, repo, digest):
+            return "repository"
+        rows = self._read(
+            "SELECT 1 FROM repo_blobs WHERE digest=%s AND upstream=%s LIMIT 1", (digest, upstream)
+        )
+        return "upstream" if rows else None
 
     def blob_sizes(self, digests: Iterable[str]) -> dict[str, int]:
         # index.py: digest IN (?, ?, ...) in chunks of 500

@@ -463,8 +463,10 @@ class RegistryResource(Resource):
         stored = await self._blobs.stored_size(digest)
         _check_size(client, digest, stored)
         if stored is not None:
-            # cached: may this repository read it? (a HEAD upstream unless it lists it)
-            await self._blobs.confirm(client, repo, digest)
+            # cached: may this repository read it? (a HEAD upstream unless it
+            # lists it; a download if only other upstreams sent the bytes)
+            if not await self._blobs.confirm(client, repo, digest):
+                stored = None
             if gone:
                 return
         # after the awaits: it may have been purged meanwhile

@@ -505,7 +505,10 @@ async def test_the_indexes_serve_the_queries(make_database, threadpool):
                     " LIMIT 10",
                     "blobs_used",
                 ),
-                ("SELECT 1 FROM repo_blobs WHERE digest='sha256:000001'", "repo_blobs_digest"),
+                (
+                    "SELECT 1 FROM repo_blobs WHERE digest='sha256:000001' AND upstream='u'",
+                    "repo_blobs_digest_upstream",
+                ),
                 (
                     "SELECT 1 FROM tags WHERE upstream='u' AND repo='r1'"
                     " AND digest='sha256:m000001'",

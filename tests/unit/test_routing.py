@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest_twisted
+from fakeregistry import Fault
+from proxyharness import partial_get, until
+from twisted.internet.threads import deferToThread
 
 
 def code(reply) -> str:
@@ -101,11 +104,12 @@ async def test_cached_blob_is_served_only_to_repositories_allowed_it(
     reply = await proxy.get(f"/v2/ghcr.io/owner/private/blobs/{layer}")
     assert (reply.code, reply.header("X-Cache")) == (200, "MISS")
 
-    # cached now, but docker.io's repositories do not have it: the upstream says so
+    # cached now, but docker.io never sent these bytes: it must send them
+    # itself (a HEAD's word is not enough), and it has none
     reply = await proxy.get(f"/v2/someone/else/blobs/{layer}")
     assert reply.code == 404
     assert reply.body != b"secret layer bytes"
-    assert hub.count("HEAD", f"/v2/someone/else/blobs/{layer}") == 1
+    assert hub.count("GET", f"/v2/someone/else/blobs/{layer}") == 1
     reply = await proxy.head(f"/v2/someone/else/blobs/{layer}")
     assert reply.code == 404
 
@@ -114,6 +118,40 @@ async def test_cached_blob_is_served_only_to_repositories_allowed_it(
     reply = await proxy.get(f"/v2/ghcr.io/owner/private/blobs/{layer}")
     assert (reply.code, reply.header("X-Cache"), reply.body) == (200, "HIT", b"secret layer bytes")
     assert len(ghcr.requests) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_that_says_yes_to_anything_reads_nothing_cached(
+    make_fake_registry, make_proxy
+):
+    """docker.io answers 200 to every blob request (hostile, or any registry
+    a client names): what ghcr.io sent is not served through it, neither
+    stored nor while ghcr.io's download runs."""
+    hub, ghcr, proxy = await two_registries(make_fake_registry, make_proxy)
+    secret = b"secret layer bytes" * 1000
+    stored = ghcr.add_blob(secret)
+    running = ghcr.add_blob(secret + b" too")
+    hub.status_override["/blobs/"] = (200, {"Content-Type": "application/octet-stream"}, b"no")
+    reply = await proxy.get(f"/v2/ghcr.io/owner/private/blobs/{stored}")
+    assert (reply.code, reply.body) == (200, secret)
+
+    # its 2 bytes are not the digest's: the client is cut off
+    status, body, short = await deferToThread(
+        partial_get, proxy.url, f"/v2/someone/else/blobs/{stored}"
+    )
+    assert (b"secret" in body, short) == (False, True)
+    # the cached copy stays whole, and ghcr.io's clients still get it
+    reply = await proxy.get(f"/v2/ghcr.io/owner/private/blobs/{stored}")
+    assert (reply.code, reply.header("X-Cache"), reply.body) == (200, "HIT", secret)
+
+    ghcr.blob_faults[running] = Fault.slow(chunk=4096, delay=0.02)
+    from_ghcr = proxy.get(f"/v2/ghcr.io/owner/private/blobs/{running}")
+    await until(lambda: ghcr.count("GET", running) == 1)
+    status, body, short = await deferToThread(
+        partial_get, proxy.url, f"/v2/someone/else/blobs/{running}"
+    )
+    assert (b"secret" in body, short) == (False, True)
+    assert (await from_ghcr).body == secret + b" too"
 
 
 @pytest_twisted.ensureDeferred
