@@ -54,9 +54,11 @@ class Upstreams:
         self._metrics = metrics
         self._clients: dict[str, RegistryClient] = {}
         self._hosts: dict[str, str] = {}
-        #: threads for looking up the hosts clients name (allow_any_registry)
-        #: and where upstreams redirect to or get their tokens from
-        self._lookups: ThreadPool | None = None
+        #: threads for looking up where configured upstreams redirect to or
+        #: get their tokens from (True), and apart, the hosts clients name
+        #: (False, allow_any_registry): a client chooses those, and a name
+        #: whose lookup never answers holds a thread
+        self._lookups: dict[bool, ThreadPool] = {}
         #: moves at each update: answers routed before are not used again
         self.generation = 0
         self.update(configs, default)
@@ -81,9 +83,17 @@ class Upstreams:
                 del self._clients[name]
 
     def close(self) -> None:
-        if self._lookups is not None:
-            self._lookups.stop()
-            self._lookups = None
+        for threads in self._lookups.values():
+            threads.stop()
+        self._lookups.clear()
+
+    def _lookup_threads(self, listed: bool) -> ThreadPool:
+        threads = self._lookups.get(listed)
+        if threads is None:
+            name = "regproxy-lookups" if listed else "regproxy-lookups-named"
+            threads = self._lookups[listed] = thread_pool(name, 4)
+            threads.start()
+        return threads
 
     def default_client(self) -> RegistryClient:
         client = self.get(self.default)
@@ -125,10 +135,7 @@ class Upstreams:
 
     def _make(self, name: str, config: UpstreamConfig) -> RegistryClient:
         policy = _tls_policy(config.ca_file) if config.ca_file else BrowserLikePolicyForHTTPS()
-        if self._lookups is None:
-            self._lookups = thread_pool("regproxy-lookups", 4)
-            self._lookups.start()
-        lookups = self._lookups
+        lookups = self._lookup_threads(name in self._configs)
         if name in self._configs:
             direct = UpstreamEndpoints(self._reactor, policy, config.connect_timeout)
             agent = Agent.usingEndpointFactory(self._reactor, direct, pool=self._pool)

@@ -9,6 +9,8 @@ from fakeregistry import Fault
 from proxyharness import partial_get, until
 from twisted.internet.threads import deferToThread
 
+from registryproxy.upstream import registry as registry_module
+
 
 def code(reply) -> str:
     return json.loads(reply.body)["errors"][0]["code"]
@@ -283,3 +285,31 @@ async def test_registries_clients_name_share_one_metrics_label(make_fake_registr
     counted = proxy.proxy.metrics.summary()["upstream_requests"]
     assert set(counted) == {"ghcr.io", "other"}, counted
     assert sum(counted["other"].values()) >= 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_named_registries_look_up_names_on_threads_of_their_own(
+    make_fake_registry, make_proxy, monkeypatch
+):
+    """A client chooses the hosts an open proxy looks up, and a lookup that
+    never answers holds its thread: those threads are not the ones where
+    the configured upstreams' redirects and token realms are looked up."""
+    hub, ghcr, proxy = await two_registries(
+        make_fake_registry, make_proxy, top={"allow_any_registry": True}
+    )
+    threads: dict[str, str] = {}
+
+    async def lookup(reactor, pool, host, port, timeout):
+        threads[host] = pool.name
+        return []
+
+    monkeypatch.setattr(registry_module, "lookup", lookup)
+    upstreams = proxy.proxy.upstreams
+    for name in ("docker.io", "quay.example.com"):
+        client = upstreams.get(name)
+        assert client is not None
+        await client._resolve(f"cdn-of-{name}", 443)
+    assert threads == {
+        "cdn-of-docker.io": "regproxy-lookups",
+        "cdn-of-quay.example.com": "regproxy-lookups-named",
+    }
