@@ -25,6 +25,9 @@ log = Logger()
 
 #: finished jobs kept to be shown (running ones are never dropped)
 KEEP_JOBS = 100
+_UNDER_WAY = ("queued", "running")
+#: prefetches queued or running at once; more are refused until one ends
+RUNNING_JOBS = 16
 
 
 class Prefetcher:
@@ -60,6 +63,10 @@ class Prefetcher:
         )
         if why is not None:  # cached, it would never be served
             raise AdminError(400, f"{why}: not prefetched")
+        if sum(j.state in _UNDER_WAY for j in self._jobs.values()) >= RUNNING_JOBS:
+            raise AdminError(
+                409, f"{RUNNING_JOBS} prefetches are under way: start more when one has ended"
+            )
         job = _Job(
             id=secrets.token_hex(8),
             upstream=client.name,
@@ -69,10 +76,10 @@ class Prefetcher:
             started_at=self._clock.seconds(),
         )
         self._jobs[job.id] = job
-        while len(self._jobs) > self._keep:
-            oldest = next(iter(self._jobs))
-            if self._jobs[oldest].state in ("queued", "running"):
-                break
+        # the oldest ended jobs go, passing over those under way (at most
+        # RUNNING_JOBS): a long one no longer keeps every later one
+        ended = [i for i, j in self._jobs.items() if j.state not in _UNDER_WAY]
+        for oldest in ended[: max(len(self._jobs) - self._keep, 0)]:
             del self._jobs[oldest]
         Deferred.fromCoroutine(self._run(job, client))
         return job.snapshot()

@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.web.client import HTTPConnectionPool
 
+from registryproxy.admin import prefetch as prefetch_module
 from registryproxy.admin.backend import AdminError, PurgeSelector, RepositoryPage
 from registryproxy.admin.fsck import Fsck
 from registryproxy.admin.listing import Listing
@@ -445,3 +446,40 @@ async def test_readiness_pings_only_a_quiet_upstream(tmp_path):
     assert ready["checks"]["storage"]["ok"] is False
     assert "connection refused" in ready["checks"]["upstream"]["error"]
     assert ready["checks"]["postgres"]["ok"] is False
+
+
+class Never:
+    """The manifests of an upstream that never answers (until the test ends)."""
+
+    def __init__(self) -> None:
+        self.waiting: list[Deferred[Any]] = []
+
+    async def get(self, client: Any, repository: str, reference: str, accept: Any) -> Any:
+        d: Deferred[Any] = Deferred()
+        self.waiting.append(d)
+        return await d
+
+
+@pytest_twisted.ensureDeferred
+async def test_prefetches_under_way_are_bounded_and_do_not_keep_ended_ones(monkeypatch):
+    """A long prefetch no longer keeps every later, ended, job in the list;
+    and past RUNNING_JOBS under way, more are refused (409) until one ends."""
+    monkeypatch.setattr(prefetch_module, "RUNNING_JOBS", 2)
+    config = config_of()
+    clock = Clock()
+    upstreams = Upstreams(config.upstreams, "docker.io", clock, HTTPConnectionPool(clock))
+    never = Never()
+    long = Prefetcher(upstreams, never, None, clock, keep=2)
+    long.prefetch("docker.io", "slow", "1", None)
+    long._manifests = Unreachable()  # the later ones end at once
+    for n in range(5):
+        long.prefetch("docker.io", f"app{n}", "1", None)
+    assert [j.repository for j in long.jobs()] == ["library/slow", "library/app4"]
+    long._manifests = never
+    long.prefetch("docker.io", "slow2", "1", None)
+    with pytest.raises(AdminError) as e:
+        long.prefetch("docker.io", "one-too-many", "1", None)
+    assert e.value.status == 409
+    for d in never.waiting:
+        d.errback(RegistryError(404, "MANIFEST_UNKNOWN", "gone"))
+    long.prefetch("docker.io", "after", "1", None)
