@@ -7,11 +7,13 @@
   const EVERY_MS = 3000;
   // the images table: the largest SHOWN of those matching the search, asked
   // of the API (which sorts, filters and cuts), SEARCH_MS after the last key;
-  // else again when the cache's counts change, or IMAGES_MS after the last
-  // ask (for the times of last pull): sizing every repository is the
-  // listing's most costly query on a large cache
+  // else again when the cache's counts change (on a busy cache they change
+  // at every refresh: CHANGED_MS after the last ask at the soonest), or
+  // IMAGES_MS after the last ask (for the times of last pull): sizing every
+  // repository is the listing's most costly query on a large cache
   const SHOWN = 50;
   const SEARCH_MS = 250;
+  const CHANGED_MS = 10000;
   const IMAGES_MS = 30000;
   const SVG = "http://www.w3.org/2000/svg";
   const $ = (id) => document.getElementById(id);
@@ -406,7 +408,8 @@
       ]);
       const c = stats.cache || {};
       const counts = JSON.stringify([c.size_bytes, c.blobs, c.manifests, c.tags, c.repositories]);
-      if (counts !== imagesCounts || Date.now() - imagesAt >= IMAGES_MS) {
+      const since = Date.now() - imagesAt;
+      if ((counts !== imagesCounts && since >= CHANGED_MS) || since >= IMAGES_MS) {
         (await askImages())();
         imagesCounts = counts;
         imagesAt = Date.now();
