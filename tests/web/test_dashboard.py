@@ -196,6 +196,17 @@ def test_dashboard_shows_the_stats_purges_and_asks_again_for_a_wrong_token(
     browser.set_window_size(1280, 1000)
     assert console_errors(browser) == []
 
+    # pin, confirmed: one pin of the whole repository
+    button = browser.find_element(By.CSS_SELECTOR, f'button[aria-label="Pin {name}"]')
+    browser.execute_script("arguments[0].scrollIntoView()", button)
+    button.click()
+    wait_for(browser, expected_conditions.alert_is_present(), "the pin's confirmation")
+    browser.switch_to.alert.accept()
+    wait_for(browser, lambda b: "Pinned" in b.find_element(By.ID, "message").text, "the pin")
+    pins = admin_get(proxy, "/api/v1/pins")
+    assert [p["image"] for p in pins["pins"] if p["source"] == "api"] == [name], pins
+    assert len(asked_for(browser, f"/api/v1/cache/{name}")) == 0  # no detail asked for
+
     # purge, confirmed: the next pull is a miss
     manifest = f"/v2/{image.repository}/manifests/{image.tag}"
     assert x_cache(proxy, manifest) == "HIT"

@@ -373,15 +373,14 @@
     });
   }
 
+  // one pin of the whole repository: a pin per tag asked for the repository's
+  // whole detail and wrote the pins file once per tag
   function pin(r) {
     const name = `${r.upstream}/${r.repository}`;
+    if (!window.confirm(`Pin ${name}, all of its tags? Eviction will not remove it.`)) return;
     act(async () => {
-      const detail = await api("GET", repoPath(r));
-      const tags = detail.tags.map((t) => t.tag);
-      if (!tags.length) return `${name} has no cached tag to pin.`;
-      if (!window.confirm(`Pin ${name} (${tags.join(", ")})? Eviction will not remove it.`)) return "Not pinned.";
-      for (const tag of tags) await api("PUT", "/api/v1/pins", { image: `${name}:${tag}` });
-      return `Pinned ${name}: ${tags.join(", ")}.`;
+      await api("PUT", "/api/v1/pins", { image: name });
+      return `Pinned ${name}.`;
     });
   }
 
