@@ -20,6 +20,7 @@ import pytest
 import pytest_twisted
 import yaml
 from fakeregistry import FakeRegistry, Fault
+from integration.harness import free_port
 from proxyharness import http_request, partial_get
 from twisted.application.service import IService
 from twisted.internet import reactor
@@ -31,8 +32,6 @@ from twisted.python.threadpool import ThreadPool
 from registryproxy.cluster.bucket import key
 from registryproxy.names import Digest
 from registryproxy.tap import Options, makeService
-
-from .test_peers import free_port
 
 pytestmark = pytest.mark.cluster
 

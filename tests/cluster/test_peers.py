@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import attrs
 import pytest
 import pytest_twisted
 from fakeregistry import FakeRegistry, Fault
+from integration.harness import free_port
 from proxyharness import http_request, partial_get
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
@@ -35,12 +35,6 @@ from registryproxy.proxy.plaintext import PlainHTTPFactory
 from registryproxy.tap import Proxy, build_proxy
 
 pytestmark = pytest.mark.cluster
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @attrs.define

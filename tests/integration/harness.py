@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import os
 import re
 import shutil
@@ -38,10 +39,30 @@ GO_PROXY_ENV = {
 }
 
 
+#: free_port's ports: below the kernel's ephemeral range (32768 on), where
+#: bind(0) picks and every outgoing connection takes one, so that between
+#: the pick and a daemon's bind no client takes it; a block per pytest
+#: process, so that no other process picks it either (three processes
+#: starting Swift's five servers at once did: a proxy then spoke to another
+#: process's object server)
+_PORTS_FROM = 20_000
+_PORTS_PER_PROCESS = 2_500
+_ports_taken = itertools.count()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port of 127.0.0.1 that is free now, and not handed out before."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    first = _PORTS_FROM + (int(worker) % 5 if worker.isdigit() else 0) * _PORTS_PER_PROCESS
+    for _ in range(_PORTS_PER_PROCESS):
+        port = first + next(_ports_taken) % _PORTS_PER_PROCESS
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}..{first + _PORTS_PER_PROCESS - 1}")
 
 
 def tail(path: Path, lines: int = 40) -> str:
