@@ -38,7 +38,7 @@ class Listing:
             after_upstream, after_repo = page.after
             page = attrs.evolve(page, after=(self._upstreams.canonical(after_upstream), after_repo))
         configured = upstream is None or upstream in self._upstreams.configs
-        rows = await self._access.heavy(partial(_page, upstream, page, configured))
+        rows = await self._access.read(partial(_page, upstream, page, configured))
         if rows is None:
             raise AdminError(404, f"unknown upstream {upstream!r}")
         shown = rows if page.limit is None else rows[: page.limit]
@@ -53,7 +53,7 @@ class Listing:
     async def repository(self, upstream: str, repository: str) -> RepositoryDetail:
         upstream = self._upstreams.canonical(upstream)
         ttl = self._ttl(upstream)
-        detail = await self._access.heavy(partial(_detail, upstream, repository, ttl))
+        detail = await self._access.read(partial(_detail, upstream, repository, ttl))
         if detail is None:
             raise AdminError(404, f"nothing of {upstream}/{repository} is cached")
         return detail

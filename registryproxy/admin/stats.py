@@ -60,7 +60,7 @@ class Stats:
         self._cluster = cluster
 
     async def _refresh_gauges(self) -> dict[str, int]:
-        totals = await self._access.heavy(lambda index: index.totals())
+        totals = await self._access.read(lambda index: index.totals())
         disk = os.statvfs(self._cache_dir)
         free = disk.f_bavail * disk.f_frsize
         self._metrics.fetches_in_flight.set(self._blobs.in_flight)

@@ -28,6 +28,10 @@ class IndexAccess(Protocol):
     def heavy(self, work: Callable[[Index], T]) -> Deferred[T]:
         """*work* whose cost grows with the size of the cache."""
 
+    def read(self, work: Callable[[Index], T]) -> Deferred[T]:
+        """Heavy *work* that only reads (a listing, totals): if its answer
+        is cancelled before it starts, it need not run."""
+
     def touch_manifest(self, upstream: str, repo: str, digest: str, when: float) -> None:
         """Remember an access (in memory: written by the next flush)."""
 
@@ -58,6 +62,9 @@ class LocalIndex:
 
     def heavy(self, work: Callable[[Index], T]) -> Deferred[T]:
         return self.background.run(work)
+
+    def read(self, work: Callable[[Index], T]) -> Deferred[T]:
+        return self.background.run(work, reads=True)
 
     def touch_manifest(self, upstream: str, repo: str, digest: str, when: float) -> None:
         self._index.touch_manifest(upstream, repo, digest, when)

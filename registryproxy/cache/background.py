@@ -10,7 +10,7 @@ write transactions so that the reactor thread's own writes never wait long.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IReactorFromThreads
@@ -39,13 +39,19 @@ class IndexThread:
         # one connection: one piece of work at a time, whatever the pool's size
         self._lock = DeferredLock()
 
-    def run(self, work: Callable[[Index], T]) -> Deferred[T]:
+    def run(self, work: Callable[[Index], T], reads: bool = False) -> Deferred[T]:
         """``work(index)`` in the worker thread, on its own connection.
 
         Cancelling the answer (Klein does when a client leaves) leaves the
-        work running to its end, and the next piece waiting for it."""
+        work running to its end, and the next piece waiting for it; work
+        that only *reads*, cancelled before its turn came, does not run
+        (a scrape that timed out behind a long purge asks for nothing)."""
+        answer: Deferred[T] = Deferred()
 
         def start() -> Deferred[T]:
+            if reads and answer.called:
+                # nobody waits for what it would read (done() drops it)
+                return cast(Deferred[T], succeed(None))
             if not self._threadpool.started:
                 # on first use: a process failing to start (a busy port) exits
                 # at once, with no thread of the pool's to wait for
@@ -53,7 +59,6 @@ class IndexThread:
             return deferToThreadPool(self._reactor, self._threadpool, work, self._index)
 
         running = self._lock.run(start)
-        answer: Deferred[T] = Deferred()
 
         def done(result: T | Failure) -> None:
             if answer.called:  # cancelled: nobody waits for the result

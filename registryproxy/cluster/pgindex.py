@@ -908,6 +908,10 @@ class SharedIndex:
     def heavy(self, work: Callable[[PgIndex], T]) -> Deferred[T]:
         return deferToThreadPool(self._reactor, self._heavy, work, self._index)
 
+    def read(self, work: Callable[[PgIndex], T]) -> Deferred[T]:
+        # heavy reads run on a pool of their own: one waits for no purge
+        return self.heavy(work)
+
     def touch_manifest(self, upstream: str, repo: str, digest: str, when: float) -> None:
         self._index.touch_manifest(upstream, repo, digest, when)
 

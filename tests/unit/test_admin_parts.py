@@ -51,7 +51,7 @@ class Inline:
     def quick(self, work: Any) -> Deferred[Any]:
         return maybeDeferred(work, self.index)
 
-    heavy = quick
+    heavy = read = quick
 
 
 def config_of(**upstreams: Any) -> Config:

@@ -198,6 +198,18 @@ async def test_work_whose_caller_left_runs_to_its_end_before_the_next(fake_regis
         left.cancel()  # Klein cancels a route's Deferred when its client leaves
         assert await background.run(next_one) == 0
         assert [name for name, _ in spans] == ["slow", "slow done", "next"]
+
+        # a read whose caller left before its turn does not run; a write does
+        spans.clear()
+        first = background.run(slow)
+        read = background.run(next_one, reads=True)
+        write = background.run(lambda index: spans.append(("write", 0.0)))
+        for gone in (read, write):
+            gone.addErrback(lambda _: None)
+            gone.cancel()
+        await first
+        await background.run(lambda index: None)  # after them all
+        assert [name for name, _ in spans] == ["slow", "slow done", "write"]
     finally:
         await background.close()
         threads.stop()
