@@ -717,6 +717,14 @@ class BlobCache:
         self._link(client, repo, digest)
         return True
 
+    def _link_when_stored(
+        self, fetch: BlobFetch, client: RegistryClient, repo: str, digest: Digest
+    ) -> None:
+        """:meth:`_link` once *fetch*'s bytes checked out and are kept: an
+        upstream's 200 followed by other bytes links nothing (else, once
+        the digest is stored from elsewhere, it would read that)."""
+        fetch.when_stored().addCallbacks(lambda _: self._link(client, repo, digest), lambda _: None)
+
     def _link(self, client: RegistryClient, repo: str, digest: Digest) -> None:
         """Remember that *repo* may read *digest*: spares a HEAD next time,
         so a full disk that refuses the index write costs only that."""
@@ -797,11 +805,9 @@ class BlobCache:
         running = self.active(digest)
         if running is not None and any(name == client.name for name, _ in running.readers):
             # another repository of this upstream's download got there first
-            self._link(client, repo, digest)
+            self._link_when_stored(running, client, repo, digest)
             response.deliverBody(_Hangup())
             return running
-        if running is None:
-            self._link(client, repo, digest)
         size = response.length if origin == "shared" else content_length(response)
         config = client.config
         limit = config.max_blob_bytes
@@ -835,6 +841,7 @@ class BlobCache:
         fetch.readers.add((client.name, repo))
         if not fetch.relayed:
             self._active[digest] = fetch
+            self._link_when_stored(fetch, client, repo, digest)
         self._downloads.add(fetch)
         self._receiving.add(fetch)
         log.info(
