@@ -820,7 +820,13 @@ class BlobCache:
                 # another upstream's download of the digest runs: this one's
                 # bytes go to its own clients, verified, and are not stored
                 # (nor is it told what the other sent)
-                writer: BlobWriter = _relay(digest, size, "another upstream is sending them")
+                log.info(
+                    "{upstream} sends {digest} while another upstream does: "
+                    "passing its bytes through to its clients uncached",
+                    upstream=client.name,
+                    digest=str(digest),
+                )
+                writer: BlobWriter = MemoryRelay(digest, size)
                 disk_cap = None
             else:
                 writer, disk_cap = self._writer(digest, size)
