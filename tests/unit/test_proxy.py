@@ -399,6 +399,24 @@ async def test_listings_fetched_at_once_are_bounded(fake_registry, make_proxy, m
     assert fake_registry.count("GET", "/tags/list") == 3
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_listing_that_waits_past_the_deadline_for_a_slot_answers_503(
+    fake_registry, make_proxy, monkeypatch
+):
+    """One slot, three listings of 0.4 s each, a deadline of 0.7 s: the
+    third waits for two fetches (0.8 s at least) and is told to try again."""
+    monkeypatch.setattr(client_module, "LISTINGS_AT_ONCE", 1)
+    for name in ("a", "b", "c"):
+        fake_registry.add_image(f"library/{name}", "1", [name.encode()])
+    fake_registry.tags_delay = 0.4
+    proxy = await make_proxy(fake_registry.url, deadline=0.7, read_timeout=5)
+    replies = await gatherResults([proxy.get(f"/v2/{n}/tags/list") for n in ("a", "b", "c")])
+    assert sorted(reply.code for reply in replies) == [200, 200, 503]
+    (refused,) = [reply for reply in replies if reply.code == 503]
+    assert json.loads(refused.body)["errors"][0]["code"] == "UNAVAILABLE"
+    assert fake_registry.count("GET", "/tags/list") == 2
+
+
 SIGNATURE = "application/vnd.dev.cosign.artifact.sig.v1+json"
 SBOM = "application/spdx+json"
 
