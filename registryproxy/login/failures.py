@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import collections
 import ipaddress
-from collections.abc import Iterator
-from contextlib import contextmanager
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 #: addresses remembered at once; the least recently failing are forgotten first
 MAX_ADDRESSES = 10_000
-#: Retry-After for an address whose checks running now reach the limit
-CHECKING_WAIT = 1.0
+#: seconds a login waits for its turn to be checked (see FailedLogins.turn)
+TURN_WAIT = 10.0
 
 
 class FailedLogins:
@@ -35,41 +34,66 @@ class FailedLogins:
         self._failures: collections.OrderedDict[str, collections.deque[float]] = (
             collections.OrderedDict()
         )
-        #: address -> its password checks running now (bounded by the
-        #: checks that may wait at all), each a failure until it is not
-        self._checking: collections.Counter[str] = collections.Counter()
+        #: address -> its password checks running now, and the logins
+        #: waiting for a turn (see :meth:`turn`): bounded by the connections
+        self._running: collections.Counter[str] = collections.Counter()
+        self._waiting: dict[str, list[Deferred[None]]] = {}
 
     def retry_after(self, address: str) -> float | None:
-        """Seconds until *address* may try again, or None if it may now.
-        Its checks still running count as failures: else guesses sent all at
-        once would all be checked before the first failure was counted."""
+        """Seconds until *address* may try again, or None if it may now."""
         address = _counted_as(address)
-        now = self._clock.seconds()
         times = self._failures.get(address)
-        if times is not None:
-            while times and times[0] <= now - self._window:
-                times.popleft()
-            if not times:
-                del self._failures[address]
-                times = None
-        failed = len(times) if times is not None else 0
-        if failed + self._checking[address] < self._limit:
+        if times is None:
             return None
-        if times is not None and failed >= self._limit:
-            return times[0] + self._window - now
-        return CHECKING_WAIT  # its checks running now may fail: a moment
+        now = self._clock.seconds()
+        while times and times[0] <= now - self._window:
+            times.popleft()
+        if not times:
+            del self._failures[address]
+            return None
+        if len(times) < self._limit:
+            return None
+        return times[0] + self._window - now
 
-    @contextmanager
-    def checking(self, address: str) -> Iterator[None]:
-        """While a password of *address* is checked."""
-        address = _counted_as(address)
-        self._checking[address] += 1
-        try:
-            yield
-        finally:
-            self._checking[address] -= 1
-            if not self._checking[address]:
-                del self._checking[address]
+    async def turn(self, address: str) -> float | None:
+        """Wait for a turn to check a password of *address*: its failures
+        and its checks running now stay under ``limit``, so guesses sent all
+        at once are checked no faster than their failures are counted, and
+        right ones wait a moment rather than being refused.  The seconds to
+        wait before trying again once it is past its failures (no turn);
+        None when the turn is the caller's, to give back with :meth:`done`.
+        Raises Twisted's TimeoutError after ``TURN_WAIT`` seconds."""
+        key = _counted_as(address)
+        while True:
+            wait = self.retry_after(address)
+            if wait is not None:
+                return wait
+            failed = len(self._failures.get(key, ()))
+            if failed + self._running[key] < self._limit:
+                self._running[key] += 1
+                return None
+            woken: Deferred[None] = Deferred()
+            self._waiting.setdefault(key, []).append(woken)
+            woken.addTimeout(TURN_WAIT, self._clock)
+            try:
+                await woken
+            except BaseException:
+                waiting = self._waiting.get(key, [])
+                if woken in waiting:
+                    waiting.remove(woken)
+                if not waiting:
+                    self._waiting.pop(key, None)
+                raise
+
+    def done(self, address: str) -> None:
+        """A check's turn given back (after its failure, if it failed, was
+        counted): those waiting look again."""
+        key = _counted_as(address)
+        self._running[key] -= 1
+        if not self._running[key]:
+            del self._running[key]
+        for woken in self._waiting.pop(key, []):
+            woken.callback(None)
 
     def failed(self, address: str) -> None:
         address = _counted_as(address)

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
+from twisted.internet.defer import TimeoutError
 from twisted.logger import Logger
 from twisted.web.server import Request
 
@@ -117,7 +118,10 @@ class Gate:
 
     async def _login(self, request: Request, user: str, password: str) -> bool:
         address = _address(request)
-        wait = self._failures.retry_after(address)
+        try:
+            wait = await self._failures.turn(address)
+        except TimeoutError:
+            wait = 1.0  # its logins at once wait for each other: a moment
         if wait is not None:
             self._counted("limited")
             seconds = str(max(1, math.ceil(wait)))
@@ -127,13 +131,16 @@ class Gate:
                 f"too many failed logins from {address}: try again in {seconds} s",
                 headers={"Retry-After": seconds},
             )
-        with self._failures.checking(address):
+        try:
             right = await self._passwords.check(user, password)
+            if not right:  # counted before the next one's turn
+                self._counted("failed")
+                self._failures.failed(address)
+        finally:
+            self._failures.done(address)
         if right:
             self._counted("ok")
             return True
-        self._counted("failed")
-        self._failures.failed(address)
         log.info("failed login as {user!r} from {address}", user=user[:64], address=address)
         return False
 

@@ -21,7 +21,7 @@ import pytest
 import pytest_twisted
 from proxyharness import Reply, settle, until
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, TimeoutError, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
@@ -29,7 +29,7 @@ from twisted.logger import globalLogPublisher
 from twisted.web.test.requesthelper import DummyRequest
 
 from registryproxy.config import AuthConfig, AuthRule, ConfigError, parse_config
-from registryproxy.login.failures import CHECKING_WAIT, FailedLogins
+from registryproxy.login.failures import TURN_WAIT, FailedLogins
 from registryproxy.login.files import WatchedFile, parse_tokens
 from registryproxy.login.policy import Decision, Policy
 from registryproxy.login.tokens import Invalid, Tokens, parse_scopes
@@ -290,20 +290,49 @@ async def test_guesses_sent_at_once_are_limited_too(fake_registry, make_proxy, u
     proxy = await proxy_with_auth(make_proxy, fake_registry, users, max_failures=3)
     guess = {"Authorization": [basic("alice", "guess")]}
     replies = await gatherResults([proxy.request("GET", "/token", guess) for _ in range(12)])
-    assert sorted(reply.code for reply in replies) == [401] * 3 + [429] * 9
-    assert proxy.proxy.metrics.logins.labels("failed")._value.get() == 3
+    logins = proxy.proxy.metrics.logins
+    counted = {k: logins.labels(k)._value.get() for k in ("failed", "limited", "ok")}
+    assert sorted(reply.code for reply in replies) == [401] * 3 + [429] * 9, (
+        counted,
+        [(r.code, r.body[:120]) for r in replies],
+    )
+    assert counted["failed"] == 3
 
 
-def test_checks_running_count_as_failures() -> None:
-    failures = FailedLogins(3, 60.0, Clock())
-    with failures.checking("10.0.0.1"), failures.checking("10.0.0.1"):
-        assert failures.retry_after("10.0.0.1") is None
-        with failures.checking("10.0.0.1"):
-            assert failures.retry_after("10.0.0.1") == CHECKING_WAIT
-            assert failures.retry_after("10.0.0.2") is None
-        failures.failed("10.0.0.1")
-        assert failures.retry_after("10.0.0.1") == CHECKING_WAIT
-    assert failures.retry_after("10.0.0.1") is None  # one failure, nothing running
+@pytest_twisted.ensureDeferred
+async def test_right_passwords_sent_at_once_all_get_in(fake_registry, make_proxy, users):
+    """A build farm behind one address logs in all at once: its logins wait
+    their turns (at most the limit at once), none is refused."""
+    proxy = await proxy_with_auth(make_proxy, fake_registry, users, max_failures=3)
+    right = {"Authorization": [basic("alice", PASSWORDS["alice"])]}
+    replies = await gatherResults([proxy.request("GET", "/token", right) for _ in range(8)])
+    assert [reply.code for reply in replies] == [200] * 8
+
+
+def test_a_turn_waits_while_failures_and_checks_running_reach_the_limit() -> None:
+    clock = Clock()
+    failures = FailedLogins(2, 60.0, clock)
+
+    def turn(address: str) -> Deferred[float | None]:
+        return Deferred.fromCoroutine(failures.turn(address))
+
+    first, second, third = turn("10.0.0.1"), turn("10.0.0.1"), turn("10.0.0.1")
+    assert (first.result, second.result, third.called) == (None, None, False)
+    assert turn("10.0.0.2").result is None  # another address has its own
+    failures.failed("10.0.0.1")  # the first check failed ...
+    failures.done("10.0.0.1")
+    assert not third.called  # ... and the second may fail too
+    failures.done("10.0.0.1")  # it did not
+    assert third.result is None
+    failures.failed("10.0.0.1")
+    failures.done("10.0.0.1")
+    assert turn("10.0.0.1").result == pytest.approx(60.0)  # past its failures
+    late = turn("10.0.0.2")  # its one turn taken, a second is free
+    assert late.result is None
+    waiting = [turn("10.0.0.2")]
+    clock.advance(TURN_WAIT + 1)
+    waiting[0].addErrback(lambda f: f.trap(TimeoutError))
+    assert waiting[0].called and failures._waiting == {}
 
 
 def test_failed_logins_leave_the_window_and_memory_is_bounded() -> None:
