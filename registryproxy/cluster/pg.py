@@ -17,11 +17,13 @@ Two ways in:
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -57,13 +59,15 @@ def _keepalives(settings: PgSettings, options: str = "") -> dict[str, Any]:
     """libpq keywords for a connection whose silent peer is noticed: the
     server probes ours (so a vanished node's locks and leases go), and we
     probe the server (so a query does not wait on a server that went away);
-    *options*: more server settings for the session."""
+    *options*: more server settings for the session.  They go after the
+    DSN's own ``options`` (or ``PGOPTIONS``), which a keyword would replace."""
+    given = conninfo_to_dict(settings.dsn).get("options") or os.environ.get("PGOPTIONS", "")
     return {
         "options": (
-            f"-c tcp_keepalives_idle={settings.keepalive_idle}"
+            f"{given} -c tcp_keepalives_idle={settings.keepalive_idle}"
             f" -c tcp_keepalives_interval={settings.keepalive_interval}"
             " -c tcp_keepalives_count=3" + options
-        ),
+        ).strip(),
         "keepalives": 1,
         "keepalives_idle": settings.keepalive_idle,
         "keepalives_interval": settings.keepalive_interval,

@@ -71,7 +71,9 @@ Conn = psycopg.Connection[Any]
 #: the tables, for ANALYZE
 TABLES = ("manifests", "tags", "refs", "blobs", "repo_blobs")
 #: the schema version, kept as the comment of the manifests table
-VERSION = 1
+#: 2: repo_blobs indexed by (digest, upstream) (whether an upstream sent a
+#: blob is one probe); a node of schema 1 meeting it refuses to start
+VERSION = 2
 _COMMENT = "regproxy index schema {}"
 
 #: index.py's schema: TEXT in byte order (COLLATE "C", as SQLite's BINARY,

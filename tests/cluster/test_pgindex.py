@@ -457,6 +457,21 @@ async def test_nodes_starting_at_once_create_the_schema_once(make_database, thre
 
     def check() -> None:
         index.open()  # and again: nothing to do
+        # a schema 1 index gains repo_blobs' (digest, upstream) index
+        with index._database.transaction() as conn:
+            conn.execute("DROP INDEX repo_blobs_digest_upstream")
+            conn.execute("CREATE INDEX repo_blobs_digest ON repo_blobs (digest)")
+            conn.execute("COMMENT ON TABLE manifests IS 'regproxy index schema 1'")
+        index.open()
+        with index._database.transaction() as conn:
+            indexes = {
+                name
+                for (name,) in conn.execute(
+                    "SELECT indexname FROM pg_indexes WHERE tablename='repo_blobs'"
+                ).fetchall()
+            }
+            assert {"repo_blobs_digest_upstream"} <= indexes
+            assert "repo_blobs_digest" not in indexes
         with index._database.transaction() as conn:
             row = conn.execute(
                 "SELECT obj_description('manifests'::regclass, 'pg_class')"

@@ -10,7 +10,7 @@ from twisted.internet import reactor
 from twisted.python.threadpool import ThreadPool
 
 from registryproxy.cluster.engineconfig import PgSettings, S3Settings
-from registryproxy.cluster.pg import Database, Unavailable, lock_id
+from registryproxy.cluster.pg import Database, Unavailable, _keepalives, lock_id
 from registryproxy.cluster.s3 import S3Error, S3Store
 
 
@@ -99,3 +99,17 @@ async def test_pg_unreachable_says_where_and_what_to_check():
         assert "is it running" in message
     finally:
         pool.stop()
+
+
+def test_the_sessions_settings_go_after_the_dsns_own_options(monkeypatch):
+    """libpq's options keyword replaces the DSN's (and PGOPTIONS): a
+    search_path set there must survive regproxy's keepalives and timeouts."""
+    monkeypatch.delenv("PGOPTIONS", raising=False)
+    dsn = "host=db dbname=regproxy options='-c search_path=regproxy'"
+    options = _keepalives(PgSettings(dsn=dsn), " -c statement_timeout=1")["options"]
+    assert options.startswith("-c search_path=regproxy -c tcp_keepalives_idle=")
+    assert options.endswith(" -c statement_timeout=1")
+    monkeypatch.setenv("PGOPTIONS", "-c search_path=elsewhere")
+    assert _keepalives(PgSettings(dsn="host=db"))["options"].startswith(
+        "-c search_path=elsewhere -c tcp_keepalives_idle="
+    )
