@@ -759,9 +759,17 @@ class BlobCache:
         *repo* may read it), else from the node that owns the digest, unless
         *forward* is false (a peer's request: never passed on again)."""
         running = self.active(digest)
-        if running is not None and (
-            (client.name, repo) in running.readers
-            or await self._index.quick(lambda index: index.has_blob(client.name, repo, str(digest)))
+        # joined only if this upstream sends it (else another upstream's
+        # bytes, right or not, would go to this one's clients)
+        if (
+            running is not None
+            and any(name == client.name for name, _ in running.readers)
+            and (
+                (client.name, repo) in running.readers
+                or await self._index.quick(
+                    lambda index: index.has_blob(client.name, repo, str(digest))
+                )
+            )
         ):
             if self.active(digest) is running:  # still running after the index answered
                 running.hold()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest_twisted
 from fakeregistry import Fault
@@ -315,3 +316,24 @@ async def test_named_registries_look_up_names_on_threads_of_their_own(
         "cdn-of-docker.io": "regproxy-lookups",
         "cdn-of-quay.example.com": "regproxy-lookups-named",
     }
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_download_another_upstream_sends_is_not_joined(make_fake_registry, make_proxy):
+    """docker.io is sending other bytes under ghcr.io's digest, slowly: a
+    ghcr.io client whose manifest lists the digest gets ghcr.io's bytes,
+    not docker.io's (nor waits for them)."""
+    hub, ghcr, proxy = await two_registries(make_fake_registry, make_proxy)
+    secret = os.urandom(64 * 1024)
+    _, body = ghcr.add_image("owner/app", "1", [secret])
+    layer = json.loads(body)["layers"][0]["digest"]
+    hub._blobs[layer] = bytes(len(secret))
+    hub.blob_faults[layer] = Fault.slow(chunk=4096, delay=0.02)
+    from_hub = deferToThread(partial_get, proxy.url, f"/v2/someone/else/blobs/{layer}")
+    await until(lambda: hub.count("GET", layer) == 1)
+    assert (await proxy.get("/v2/ghcr.io/owner/app/manifests/1")).code == 200
+    reply = await proxy.get(f"/v2/ghcr.io/owner/app/blobs/{layer}")
+    assert (reply.code, reply.body) == (200, secret)
+    assert ghcr.count("GET", f"/blobs/{layer}") == 1
+    status, got, short = await from_hub
+    assert short and secret not in got
