@@ -142,28 +142,38 @@ class Evictor:
         used_before: float | None = None,
     ) -> int:
         """Evict in batches in the worker thread, least recently used first,
-        until *excess* (asked of the index before each batch) is freed."""
+        until *excess* (asked of the index before each batch) is freed.
+
+        The answers kept in memory are looked up again once, at the end, not
+        after every batch: paced batches are many (hundreds for a sweep of
+        5,000 images), and each time every client's next answer came from
+        the index.  Until then one may still name an evicted manifest, whose
+        bytes are right; its blobs are fetched again."""
         freed = 0
-        while True:
-            # access times gathered on the reactor are written before choosing
-            await self._access.quick(flush)
-            evicted, just_freed = await self._access.heavy(
-                partial(
-                    _batch,
-                    self._store,
-                    list(self._keep.pins),
-                    self._keep.busy(),
-                    used_before,
-                    excess,
-                    self._pace,
+        removed = False
+        try:
+            while True:
+                # access times gathered on the reactor are written before choosing
+                await self._access.quick(flush)
+                evicted, just_freed = await self._access.heavy(
+                    partial(
+                        _batch,
+                        self._store,
+                        list(self._keep.pins),
+                        self._keep.busy(),
+                        used_before,
+                        excess,
+                        self._pace,
+                    )
                 )
-            )
-            freed += just_freed
-            self._log(evicted, why, just_freed)
-            if evicted.images or just_freed:
+                freed += just_freed
+                self._log(evicted, why, just_freed)
+                removed = removed or bool(evicted.images or just_freed)
+                if not evicted.more:
+                    return freed
+        finally:
+            if removed:
                 self._removed()
-            if not evicted.more:
-                return freed
 
     def make_room(self, needed: int) -> int:
         """Evict least recently used images until a new blob of *needed*

@@ -19,6 +19,7 @@ from twisted.python.threadpool import ThreadPool
 
 from registryproxy.admin.backend import PurgeSelector
 from registryproxy.cache import eviction
+from registryproxy.cache import index as index_module
 from registryproxy.cache.background import IndexThread
 from registryproxy.cache.index import Index, ManifestEntry
 
@@ -213,3 +214,32 @@ async def test_work_whose_caller_left_runs_to_its_end_before_the_next(fake_regis
     finally:
         await background.close()
         threads.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sweep_has_the_answers_in_memory_looked_up_again_once(
+    tmp_path, fake_registry, make_proxy, monkeypatch
+):
+    """Paced batches are many; the answers kept in memory are forgotten
+    once a sweep has evicted, not after each batch (each time every client's
+    next answer came from the index)."""
+    plan = generate(str(tmp_path / "cache"), 300)
+    proxy = await make_proxy(fake_registry.url, cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(index_module, "HOLD_SECONDS", 1e-12)  # one image a batch
+    evictor = proxy.proxy.evictor
+    evictor.max_bytes = plan["max_bytes"]
+    proxy.proxy.keep.pins = [("docker.io", plan["pinned_repo"], None, None)]
+    forgotten: list[int] = []
+    evictor._removed = lambda: forgotten.append(1)
+    batches: list[int] = []
+    real = Index.evict
+
+    def evict(self, pins, busy, limit, *args, **kwargs):
+        batches.append(limit)
+        return real(self, pins, busy, limit, *args, **kwargs)
+
+    monkeypatch.setattr(Index, "evict", evict)
+    await maybeDeferred(evictor.sweep)
+    assert len(batches) > 50  # 300 // 4 images, one a batch after the first 8
+    assert proxy.proxy.index.totals()["manifests"] == 300 - 300 // 4
+    assert len(forgotten) == 1
