@@ -39,6 +39,19 @@ def spy(monkeypatch, target, names, calls):
         monkeypatch.setattr(target, name, recorded)
 
 
+def evict_limits(monkeypatch) -> list[int]:
+    """The limit of every Index.evict call from now on."""
+    limits: list[int] = []
+    real = Index.evict
+
+    def evict(self, pins, busy, limit, *args, **kwargs):
+        limits.append(limit)
+        return real(self, pins, busy, limit, *args, **kwargs)
+
+    monkeypatch.setattr(Index, "evict", evict)
+    return limits
+
+
 async def two_images(fake_registry, make_proxy, **cache):
     for name in ("one", "two"):
         fake_registry.add_image(f"library/{name}", "1", [name.encode() * 1000])
@@ -75,14 +88,7 @@ async def test_sweeps_purges_fsck_and_checkpoints_run_in_the_index_thread(
 async def test_making_room_stays_bounded(tmp_path, fake_registry, make_proxy, monkeypatch):
     generate(str(tmp_path / "cache"), 300)
     proxy = await make_proxy(fake_registry.url, cache_dir=tmp_path / "cache")
-    batches: list[int] = []
-    real = Index.evict
-
-    def evict(self, pins, busy, limit, *args, **kwargs):
-        batches.append(limit)
-        return real(self, pins, busy, limit, *args, **kwargs)
-
-    monkeypatch.setattr(Index, "evict", evict)
+    batches = evict_limits(monkeypatch)
     monkeypatch.setattr(proxy.proxy.store, "room", lambda: 0)  # never frees up
     proxy.proxy.evictor.make_room(10)
     # a few small batches, synchronously, then the download goes through memory
@@ -231,14 +237,7 @@ async def test_a_sweep_has_the_answers_in_memory_looked_up_again_once(
     proxy.proxy.keep.pins = [("docker.io", plan["pinned_repo"], None, None)]
     forgotten: list[int] = []
     evictor._removed = lambda: forgotten.append(1)
-    batches: list[int] = []
-    real = Index.evict
-
-    def evict(self, pins, busy, limit, *args, **kwargs):
-        batches.append(limit)
-        return real(self, pins, busy, limit, *args, **kwargs)
-
-    monkeypatch.setattr(Index, "evict", evict)
+    batches = evict_limits(monkeypatch)
     await maybeDeferred(evictor.sweep)
     assert len(batches) > 50  # 300 // 4 images, one a batch after the first 8
     assert proxy.proxy.index.totals()["manifests"] == 300 - 300 // 4
