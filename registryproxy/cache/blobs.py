@@ -763,7 +763,7 @@ class BlobCache:
         # bytes, right or not, would go to this one's clients)
         if (
             running is not None
-            and any(name == client.name for name, _ in running.readers)
+            and running.source == client.name
             and (
                 (client.name, repo) in running.readers
                 or await self._index.quick(
@@ -811,7 +811,7 @@ class BlobCache:
             response.deliverBody(_Hangup())
             self._refuse_if_closing()
         running = self.active(digest)
-        if running is not None and any(name == client.name for name, _ in running.readers):
+        if running is not None and running.source == client.name:
             # another repository of this upstream's download got there first
             self._link_when_stored(running, client, repo, digest)
             response.deliverBody(_Hangup())

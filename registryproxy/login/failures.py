@@ -87,13 +87,25 @@ class FailedLogins:
 
     def done(self, address: str) -> None:
         """A check's turn given back (after its failure, if it failed, was
-        counted): those waiting look again."""
+        counted): as many of those waiting as now have a turn look again,
+        first come first, or all of them once the address is past its
+        failures (to be told so); not every one at every check."""
         key = _counted_as(address)
         self._running[key] -= 1
         if not self._running[key]:
             del self._running[key]
-        for woken in self._waiting.pop(key, []):
-            woken.callback(None)
+        waiting = self._waiting.get(key)
+        if not waiting:
+            return
+        if self.retry_after(address) is not None:
+            woken, waiting[:] = list(waiting), []
+        else:
+            free = max(self._limit - len(self._failures.get(key, ())) - self._running[key], 0)
+            woken, waiting[:] = waiting[:free], waiting[free:]
+        if not waiting:
+            del self._waiting[key]
+        for each in woken:
+            each.callback(None)
 
     def failed(self, address: str) -> None:
         address = _counted_as(address)
