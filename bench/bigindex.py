@@ -146,6 +146,9 @@ def generate(root: str, images: int, seed: int = 1) -> dict[str, Any]:
         )
         db.executemany("INSERT OR IGNORE INTO refs VALUES (?, ?, ?, ?)", rows_r)
         db.executemany("INSERT OR IGNORE INTO repo_blobs VALUES (?, ?, ?)", rows_rb)
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name='blob_sources'").fetchone():
+            # the upstream sent every blob (a baseline from before has no such table)
+            db.execute("INSERT INTO blob_sources SELECT DISTINCT digest, upstream FROM repo_blobs")
     db.close()
     for digest, data in files:
         hexa = digest.split(":")[1]

@@ -698,14 +698,16 @@ class BlobCache:
 
     async def confirm(self, client: RegistryClient, repo: str, digest: Digest) -> bool:
         """Whether the stored copy of *digest* may go to *repo*'s clients:
-        one of its manifests lists the blob (or it was confirmed before), or
-        its upstream, which sent these bytes to another of its repositories,
-        says so (HEAD, raising the upstream's error if not).
+        its upstream sent these bytes before (to any of its repositories),
+        and one of *repo*'s manifests lists the blob (or it was confirmed
+        before), or the upstream says so now (HEAD, raising the upstream's
+        error if not).
 
         False when only other upstreams ever sent them: this one must show
         it has the same bytes, by sending them (a download, verified), else
-        an upstream that answers 200 to anything (a hostile one, or any
-        registry a client names) would read what a private one brought in."""
+        an upstream that answers 200 to anything, or serves a manifest that
+        lists another's digest (a hostile one, or any registry a client
+        names), would read what a private one brought in."""
         known = await self._index.quick(
             lambda index: index.blob_known(client.name, repo, str(digest))
         )

@@ -50,15 +50,21 @@ CREATE TABLE IF NOT EXISTS blobs (
     last_access REAL
 );
 -- which repositories may read which blobs: those whose manifests list
--- them, or whose upstream confirmed them
+-- them, or whose upstream confirmed them (if it is among the blob's sources)
 CREATE TABLE IF NOT EXISTS repo_blobs (
     upstream TEXT NOT NULL, repo TEXT NOT NULL, digest TEXT NOT NULL,
     PRIMARY KEY (upstream, repo, digest)
 ) WITHOUT ROWID;
--- by digest, and which upstreams' repositories: whether an upstream ever
--- served a blob is one probe however many repositories list it
+-- by digest: forgetting a blob forgets who may read it
 DROP INDEX IF EXISTS repo_blobs_digest;
 CREATE INDEX IF NOT EXISTS repo_blobs_digest_upstream ON repo_blobs (digest, upstream);
+-- which upstreams sent a stored blob's bytes (verified): only they vouch
+-- for it, as a manifest listing a digest is no proof that its upstream has
+-- those bytes (a hostile upstream's could list another's private layer)
+CREATE TABLE IF NOT EXISTS blob_sources (
+    digest TEXT NOT NULL, upstream TEXT NOT NULL,
+    PRIMARY KEY (digest, upstream)
+) WITHOUT ROWID;
 -- for eviction and purges: manifests by digest and in LRU order, tags by
 -- what they point to, blobs in LRU order
 CREATE INDEX IF NOT EXISTS manifests_digest ON manifests (digest);
@@ -88,7 +94,13 @@ _PUT_BLOB = (
     "INSERT INTO blobs VALUES (?, ?, ?, NULL) ON CONFLICT (digest) DO UPDATE SET"
     " size=excluded.size, stored_at=excluded.stored_at, last_access=NULL"
 )
-_VERSION = 2
+#: 3: blob_sources (filled from repo_blobs once, on the way from 2)
+_VERSION = 3
+#: an index of schema 2 or older: who sent each blob, from who could read it
+_SOURCES_FROM_LINKS = (
+    "INSERT OR IGNORE INTO blob_sources SELECT DISTINCT r.digest, r.upstream"
+    " FROM repo_blobs r JOIN blobs b ON b.digest=r.digest"
+)
 
 #: how long one transaction of a heavy job (a batch of a sweep, of a purge)
 #: may hold the index's write lock: the other connection's writes, the
@@ -113,6 +125,20 @@ class Pace:
         if items > 0:
             per_item = max(seconds, 1e-6) / items
             self.size = max(1, min(self.most, int(HOLD_SECONDS / per_item)))
+
+
+#: whether an upstream sent a blob, and whether a repository may read it
+_KNOWN = (
+    "SELECT EXISTS (SELECT 1 FROM blob_sources WHERE digest=? AND upstream=?),"
+    " EXISTS (SELECT 1 FROM repo_blobs WHERE upstream=? AND repo=? AND digest=?)"
+)
+
+
+def known(sent: Any, linked: Any) -> str | None:
+    """:meth:`Index.blob_known`'s answer from :data:`_KNOWN`'s."""
+    if not sent:
+        return None
+    return "repository" if linked else "upstream"
 
 
 #: how long a write waits for another connection's transaction (ms)
@@ -317,7 +343,7 @@ class Index:
             # are cheap to learn again, manifests and blobs stay.
             log.info("index {path}: forgetting tags of schema 1", path=path)
             self._db.execute("DROP TABLE IF EXISTS tags")
-        elif version < _VERSION and tables:
+        elif version == 0 and tables:
             # an index from before the schema was versioned: it is only a
             # cache of what the store holds, so start it afresh
             log.warn("index {path} has an old schema; starting a new one", path=path)
@@ -325,6 +351,12 @@ class Index:
                 self._db.execute(f'DROP TABLE "{name}"')
         self._db.executescript(_SCHEMA)
         with self._transaction() as db:
+            if 0 < version < 3:
+                # the upstreams of what each one's repositories could read:
+                # trusted once, else every cached blob is downloaded again
+                # once per upstream after the upgrade
+                log.info("index {path}: noting the sources of cached blobs", path=path)
+                db.execute(_SOURCES_FROM_LINKS)
             if db.execute("SELECT 1 FROM blob_totals").fetchone() is None:
                 # new, or from before blob_totals: counted once, then kept by its triggers
                 db.execute(
@@ -423,10 +455,18 @@ class Index:
         self._db.execute(_PUT_BLOB, (digest, size, stored_at))
 
     def link_blobs(self, upstream: str, repo: str, digests: Iterable[str]) -> None:
-        self._db.executemany(
-            "INSERT OR IGNORE INTO repo_blobs VALUES (?, ?, ?)",
-            [(upstream, repo, digest) for digest in digests],
-        )
+        """*repo* of *upstream* sent (or, a source already, confirmed) the
+        bytes of *digests*: it may read them, and its upstream vouches."""
+        digests = list(digests)
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO repo_blobs VALUES (?, ?, ?)",
+                [(upstream, repo, digest) for digest in digests],
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO blob_sources VALUES (?, ?)",
+                [(digest, upstream) for digest in digests],
+            )
 
     def has_blob(self, upstream: str, repo: str, digest: str) -> bool:
         row = self._db.execute(
@@ -436,14 +476,13 @@ class Index:
         return row is not None
 
     def blob_known(self, upstream: str, repo: str, digest: str) -> str | None:
-        """Whether *digest* is linked to *repo* of *upstream* ("repository"),
-        to another of its repositories ("upstream"), or to none (None)."""
-        if self.has_blob(upstream, repo, digest):
-            return "repository"
-        row = self._db.execute(
-            "SELECT 1 FROM repo_blobs WHERE digest=? AND upstream=? LIMIT 1", (digest, upstream)
+        """None if *upstream* never sent *digest*'s bytes (whatever its
+        manifests list); else whether *repo* may read them ("repository")
+        or only others of its repositories ("upstream")."""
+        sent, linked = self._db.execute(
+            _KNOWN, (digest, upstream, upstream, repo, digest)
         ).fetchone()
-        return "upstream" if row is not None else None
+        return known(sent, linked)
 
     def blob_sizes(self, digests: Iterable[str]) -> dict[str, int]:
         wanted = list(digests)
@@ -663,6 +702,7 @@ class Index:
     def _forget(db: sqlite3.Connection, digests: list[str]) -> None:
         db.executemany("DELETE FROM blobs WHERE digest=?", [(d,) for d in digests])
         db.executemany("DELETE FROM repo_blobs WHERE digest=?", [(d,) for d in digests])
+        db.executemany("DELETE FROM blob_sources WHERE digest=?", [(d,) for d in digests])
 
     def put_blobs(self, blobs: Iterable[tuple[str, int, float]]) -> None:
         """:meth:`put_blob` for many ``(digest, size, stored_at)``, in one transaction."""
@@ -839,6 +879,7 @@ class Index:
         orphans = db.execute("SELECT digest, size FROM temp.orphans ORDER BY digest").fetchall()
         db.execute("DELETE FROM blobs WHERE digest IN (SELECT digest FROM temp.orphans)")
         db.execute("DELETE FROM repo_blobs WHERE digest IN (SELECT digest FROM temp.orphans)")
+        db.execute("DELETE FROM blob_sources WHERE digest IN (SELECT digest FROM temp.orphans)")
         # refs of manifests no longer cached anywhere are dead weight
         db.execute(
             "DELETE FROM refs WHERE manifest IN (SELECT d.digest FROM temp.doomed d"

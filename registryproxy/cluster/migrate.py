@@ -99,6 +99,8 @@ class Report:
     tags: int = 0
     tags_left_out: int = 0
     links: int = 0
+    #: which upstreams sent which blobs
+    sources: int = 0
     #: files beside the index that hold no rows: what they are, what to do
     notes: list[str] = attrs.Factory(list)
 
@@ -112,13 +114,14 @@ class Report:
         if self.dry_run:
             lines.append(
                 f"index: {self.manifests} manifests, {self.tags} tags, {self.refs} refs,"
-                f" {self.links} links would be copied (less those of blobs not uploaded)"
+                f" {self.links} links, {self.sources} sources would be copied"
+                " (less those of blobs not uploaded)"
             )
         else:
             lines.append(
                 f"index: {self.manifests} manifests ({self.manifests_left_out} left out: bytes"
                 f" not in the bucket), {self.tags} tags ({self.tags_left_out} left out),"
-                f" {self.refs} refs, {self.links} links copied"
+                f" {self.refs} refs, {self.links} links, {self.sources} sources copied"
             )
         return lines + self.notes
 
@@ -290,6 +293,11 @@ _TAGS = (
     " WHERE tags.checked_at < EXCLUDED.checked_at"
 )
 _LINKS = "INSERT INTO repo_blobs VALUES (%s, %s, %s) ON CONFLICT DO NOTHING"
+#: of blobs in the bucket only (the rest are left out)
+_SOURCES = (
+    "INSERT INTO blob_sources SELECT %s, %s"
+    " WHERE EXISTS (SELECT 1 FROM blobs WHERE digest=%s) ON CONFLICT DO NOTHING"
+)
 
 
 # -- the migration ----------------------------------------------------------------
@@ -476,6 +484,7 @@ class _Migration:
             report.refs = self.source.count("refs")
             report.tags = self.source.count("tags")
             report.links = self.source.count("repo_blobs")
+            report.sources = self.source.count("blob_sources")
             return
         tables: list[
             tuple[str, list[str], list[str], str, Callable[[tuple[Any, ...]], tuple[Any, ...]]]
@@ -496,6 +505,7 @@ class _Migration:
                 lambda r: (*r, r[0], r[1], r[4]),
             ),
             ("repo_blobs", ["upstream", "repo", "digest"], [], _LINKS, lambda r: r),
+            ("blob_sources", ["digest", "upstream"], [], _SOURCES, lambda r: (*r, r[0])),
         ]
         for table, keys, columns, sql, args in tables:
             total, read, copied = self.source.count(table), 0, 0
@@ -509,8 +519,10 @@ class _Migration:
                 report.refs = copied
             elif table == "tags":
                 report.tags, report.tags_left_out = copied, read - copied
-            else:
+            elif table == "repo_blobs":
                 report.links = copied
+            else:
+                report.sources = copied
         await self.db.run(lambda conn: [conn.execute(f"ANALYZE {t}") for t in TABLES])
 
 

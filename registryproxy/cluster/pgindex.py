@@ -57,6 +57,7 @@ from ..cache.index import (
     TagEntry,
     TagRow,
     _manifest_filter,
+    known,
     summaries,
     summary,
 )
@@ -69,11 +70,13 @@ T = TypeVar("T")
 Conn = psycopg.Connection[Any]
 
 #: the tables, for ANALYZE
-TABLES = ("manifests", "tags", "refs", "blobs", "repo_blobs")
+TABLES = ("manifests", "tags", "refs", "blobs", "repo_blobs", "blob_sources")
 #: the schema version, kept as the comment of the manifests table
 #: 2: repo_blobs indexed by (digest, upstream) (whether an upstream sent a
 #: blob is one probe); a node of schema 1 meeting it refuses to start
-VERSION = 2
+#: 3: blob_sources, which upstreams sent each blob (filled from repo_blobs
+#: once, on the way from 2)
+VERSION = 3
 _COMMENT = "regproxy index schema {}"
 
 #: index.py's schema: TEXT in byte order (COLLATE "C", as SQLite's BINARY,
@@ -113,6 +116,10 @@ CREATE TABLE IF NOT EXISTS repo_blobs (
 -- served a blob is one probe however many repositories list it
 DROP INDEX IF EXISTS repo_blobs_digest;
 CREATE INDEX IF NOT EXISTS repo_blobs_digest_upstream ON repo_blobs (digest, upstream);
+CREATE TABLE IF NOT EXISTS blob_sources (
+    digest TEXT COLLATE "C" NOT NULL, upstream TEXT COLLATE "C" NOT NULL,
+    PRIMARY KEY (digest, upstream)
+);
 CREATE INDEX IF NOT EXISTS manifests_digest ON manifests (digest);
 -- with the key, as eviction's order breaks ties by it (SQLite: by rowid,
 -- which its index holds), so that LIMIT stops early even among ties
@@ -235,6 +242,9 @@ _PUT_BLOB = (
 )
 _REPOSITORY_REFS = _pg(sqlite_index._REPOSITORY_REFS)
 _LINK = "INSERT INTO repo_blobs VALUES (%s, %s, %s) ON CONFLICT DO NOTHING"
+_SOURCE = "INSERT INTO blob_sources VALUES (%s, %s) ON CONFLICT DO NOTHING"
+_KNOWN = _pg(sqlite_index._KNOWN)
+_SOURCES_FROM_LINKS = _pg(sqlite_index._SOURCES_FROM_LINKS)
 
 
 def _off_the_reactor() -> None:
@@ -303,6 +313,10 @@ class PgIndex:
                 if version == VERSION:
                     return
             conn.execute(_SCHEMA)
+            if exists and version < 3:
+                # trusted once, else every cached blob is downloaded again
+                # once per upstream after the upgrade
+                conn.execute(_SOURCES_FROM_LINKS)
             conn.execute(f"COMMENT ON TABLE manifests IS '{_COMMENT.format(VERSION)}'")
             log.info("index schema {version} ready in PostgreSQL", version=VERSION)
 
@@ -478,8 +492,14 @@ class PgIndex:
         self._write(lambda conn: conn.cursor().executemany(_PUT_BLOB, rows), "shared")
 
     def link_blobs(self, upstream: str, repo: str, digests: Iterable[str]) -> None:
-        rows = [(upstream, repo, digest) for digest in sorted(set(digests))]
-        self._write(lambda conn: conn.cursor().executemany(_LINK, rows), "shared")
+        ordered = sorted(set(digests))
+
+        def link(conn: Conn) -> None:
+            cur = conn.cursor()
+            cur.executemany(_LINK, [(upstream, repo, digest) for digest in ordered])
+            cur.executemany(_SOURCE, [(digest, upstream) for digest in ordered])
+
+        self._write(link, "shared")
 
     def has_blob(self, upstream: str, repo: str, digest: str) -> bool:
         return bool(
@@ -490,12 +510,8 @@ class PgIndex:
         )
 
     def blob_known(self, upstream: str, repo: str, digest: str) -> str | None:
-        if self.has_blob(upstream, repo, digest):
-            return "repository"
-        rows = self._read(
-            "SELECT 1 FROM repo_blobs WHERE digest=%s AND upstream=%s LIMIT 1", (digest, upstream)
-        )
-        return "upstream" if rows else None
+        ((sent, linked),) = self._read(_KNOWN, (digest, upstream, upstream, repo, digest))
+        return known(sent, linked)
 
     def blob_sizes(self, digests: Iterable[str]) -> dict[str, int]:
         # index.py: digest IN (?, ?, ...) in chunks of 500
@@ -832,6 +848,7 @@ def _forget(cur: psycopg.Cursor[Any], digests: list[str]) -> None:
     (index.py: blobs first; the same rows go)."""
     ordered = sorted(digests)
     cur.execute("DELETE FROM repo_blobs WHERE digest = ANY(%s)", (ordered,))
+    cur.execute("DELETE FROM blob_sources WHERE digest = ANY(%s)", (ordered,))
     cur.execute("DELETE FROM blobs WHERE digest = ANY(%s)", (ordered,))
 
 

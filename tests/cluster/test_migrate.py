@@ -44,6 +44,7 @@ TABLES = {
     "refs": "manifest, child, kind, position",
     "tags": "upstream, repo, tag, media_type, digest, checked_at",
     "repo_blobs": "upstream, repo, digest",
+    "blob_sources": "digest, upstream",
 }
 
 
@@ -210,7 +211,10 @@ async def test_a_single_node_moves_into_the_cluster(
         "refs": [r for r in node.rows("refs") if r[0] != node.rotten_manifest],
         "tags": [r for r in node.rows("tags") if r[4] != node.rotten_manifest],
         "repo_blobs": node.rows("repo_blobs"),
+        # of the blobs uploaded only
+        "blob_sources": [r for r in node.rows("blob_sources") if r[0] in {b[0] for b in good}],
     }
+    assert expected["blob_sources"]
     assert any(r[3] is not None for r in expected["blobs"])  # access times came along
     for table, rows in expected.items():
         assert await pg_rows(make_database, table) == rows, table
@@ -218,6 +222,7 @@ async def test_a_single_node_moves_into_the_cluster(
     assert (report.tags, report.tags_left_out) == (len(expected["tags"]), 1)
     assert report.refs == len(expected["refs"])
     assert report.links == len(expected["repo_blobs"])
+    assert report.sources == len(expected["blob_sources"])
 
     # and PgIndex answers as the single node's Index did
     pg = PgIndex(await make_database())

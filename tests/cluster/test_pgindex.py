@@ -349,13 +349,13 @@ class Differ:
         self.tables()
 
 
-TABLES = ["manifests", "tags", "refs", "blobs", "repo_blobs"]
+TABLES = ["manifests", "tags", "refs", "blobs", "repo_blobs", "blob_sources"]
 
 
 def _empty(pg: PgIndex) -> None:
     """Empty the tables between seeds (one database for the test)."""
     with pg._database.transaction() as conn:
-        conn.execute("TRUNCATE manifests, tags, refs, blobs, repo_blobs")
+        conn.execute("TRUNCATE manifests, tags, refs, blobs, repo_blobs, blob_sources")
 
 
 SEEDS = list(range(1, 9))
@@ -457,12 +457,24 @@ async def test_nodes_starting_at_once_create_the_schema_once(make_database, thre
 
     def check() -> None:
         index.open()  # and again: nothing to do
-        # a schema 1 index gains repo_blobs' (digest, upstream) index
+        # a schema 1 index gains repo_blobs' (digest, upstream) index, and
+        # blob_sources from the links of stored blobs (schema 3)
         with index._database.transaction() as conn:
             conn.execute("DROP INDEX repo_blobs_digest_upstream")
             conn.execute("CREATE INDEX repo_blobs_digest ON repo_blobs (digest)")
+            conn.execute("DROP TABLE blob_sources")
+            conn.execute("INSERT INTO blobs VALUES ('sha256:b', 1, 1.0, NULL)")
+            conn.execute(
+                "INSERT INTO repo_blobs VALUES ('u', 'r1', 'sha256:b'), ('u', 'r2', 'sha256:b'),"
+                " ('v', 'r', 'sha256:b'), ('u', 'r', 'sha256:unstored')"
+            )
             conn.execute("COMMENT ON TABLE manifests IS 'regproxy index schema 1'")
         index.open()
+        with index._database.transaction() as conn:
+            rows = conn.execute("SELECT * FROM blob_sources ORDER BY 1, 2").fetchall()
+            assert rows == [("sha256:b", "u"), ("sha256:b", "v")]
+        assert index.blob_known("u", "r3", "sha256:b") == "upstream"
+        assert index.blob_known("u", "r", "sha256:unstored") is None
         with index._database.transaction() as conn:
             indexes = {
                 name

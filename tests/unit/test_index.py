@@ -326,3 +326,66 @@ def test_an_index_from_before_blob_totals_is_counted_when_opened(tmp_path):
         assert kept(again) == (3, 2010)
     finally:
         again.close()
+
+
+def test_only_upstreams_that_sent_a_blob_vouch_for_it(index):
+    """A manifest listing a digest links its repository, but its upstream is
+    no source of the bytes until it sent them; forgetting the blob forgets
+    who sent it."""
+    add_image(index, "ghcr.io", "owner/private", "m", ["secret"])
+    index.link_blobs("ghcr.io", "owner/private", [d("secret")])
+    add_image(index, "docker.io", "evil/lure", "lure", ["secret"])
+    assert index.has_blob("docker.io", "evil/lure", d("secret"))
+    assert index.blob_known("docker.io", "evil/lure", d("secret")) is None
+    assert index.blob_known("ghcr.io", "owner/private", d("secret")) == "repository"
+    assert index.blob_known("ghcr.io", "owner/other", d("secret")) == "upstream"
+
+    index.link_blobs("docker.io", "evil/lure", [d("secret")])  # it sent them after all
+    assert index.blob_known("docker.io", "evil/lure", d("secret")) == "repository"
+    index.forget_blob(d("secret"))
+    assert index._db.execute("SELECT COUNT(*) FROM blob_sources").fetchone() == (0,)
+    assert index.blob_known("ghcr.io", "owner/private", d("secret")) is None
+
+
+def test_a_purge_forgets_who_sent_the_blobs_it_frees(index):
+    add_image(index, "ghcr.io", "owner/a", "m", ["l1", "l2"], tag="1")
+    index.link_blobs("ghcr.io", "owner/a", [d("l1"), d("l2")])
+    index.purge(upstream="ghcr.io", repo="owner/a")
+    assert index._db.execute("SELECT COUNT(*) FROM blob_sources").fetchone() == (0,)
+
+
+def test_an_index_of_schema_2_takes_its_links_as_sources_once(tmp_path):
+    """Upgrading trusts what each upstream's repositories could read, else
+    every cached blob would be downloaded again once per upstream."""
+    import sqlite3
+
+    path = str(tmp_path / "index.db")
+    index = Index(path)
+    add_image(index, "ghcr.io", "owner/a", "m", ["l1", "l2"], tag="1")
+    add_image(index, "docker.io", "library/b", "n", ["l2"], tag="1")
+    index.put_manifest(
+        "docker.io", "library/c", ManifestEntry(d("o"), "m", 1), 1.0, [(d("gone"), "blob")]
+    )
+    index.close()
+    old = sqlite3.connect(path)
+    old.execute("DROP TABLE blob_sources")
+    old.execute("PRAGMA user_version=2")
+    old.commit()
+    old.close()
+    again = Index(path)
+    try:
+        rows = again._db.execute("SELECT digest, upstream FROM blob_sources").fetchall()
+        assert sorted(rows) == sorted(
+            [(d("l1"), "ghcr.io"), (d("l2"), "ghcr.io"), (d("l2"), "docker.io")]
+        )
+        assert again._db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert again.blob_known("docker.io", "library/b", d("l2")) == "repository"
+        add_image(again, "docker.io", "evil/lure", "lure", ["l1"])
+    finally:
+        again.close()
+    # once: a listing's link is no source when the index opens next
+    third = Index(path)
+    try:
+        assert third.blob_known("docker.io", "evil/lure", d("l1")) is None
+    finally:
+        third.close()

@@ -124,6 +124,40 @@ async def test_cached_blob_is_served_only_to_repositories_allowed_it(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_manifest_listing_another_upstreams_layer_reads_nothing_cached(
+    make_fake_registry, make_proxy
+):
+    """docker.io serves a manifest that lists ghcr.io's private layer (and
+    answers 200 to every blob request): listing a digest proves nothing,
+    so the cached copy is not read through docker.io."""
+    hub, ghcr, proxy = await two_registries(make_fake_registry, make_proxy)
+    secret = b"secret layer bytes" * 1000
+    _, body = ghcr.add_image("owner/private", "1", [secret])
+    layer = json.loads(body)["layers"][0]["digest"]
+    for path in ("manifests/1", f"blobs/{layer}"):
+        assert (await proxy.get(f"/v2/ghcr.io/owner/private/{path}")).code == 200
+
+    hub.add_image("evil/lure", "1", [secret])
+    hub.remove_blob(layer)
+    assert (await proxy.get("/v2/evil/lure/manifests/1")).code == 200
+    reply = await proxy.get(f"/v2/evil/lure/blobs/{layer}")
+    assert (reply.code, code(reply)) == (404, "BLOB_UNKNOWN")
+    assert hub.count("GET", f"/v2/evil/lure/blobs/{layer}") == 1
+
+    hub.status_override["/blobs/"] = (200, {"Content-Type": "application/octet-stream"}, b"no")
+    for repo in ("evil/lure", "evil/other"):
+        status, got, short = await deferToThread(
+            partial_get, proxy.url, f"/v2/{repo}/blobs/{layer}"
+        )
+        assert (b"secret" in got, short) == (False, True)
+    reply = await proxy.head(f"/v2/evil/lure/blobs/{layer}")
+    assert reply.header("X-Cache") != "HIT"
+    # ghcr.io's own clients still read it from the cache
+    reply = await proxy.get(f"/v2/ghcr.io/owner/private/blobs/{layer}")
+    assert (reply.code, reply.header("X-Cache"), reply.body) == (200, "HIT", secret)
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_upstream_that_says_yes_to_anything_reads_nothing_cached(
     make_fake_registry, make_proxy
 ):
