@@ -96,10 +96,19 @@ _PUT_BLOB = (
 )
 #: 3: blob_sources (filled from repo_blobs once, on the way from 2)
 _VERSION = 3
-#: an index of schema 2 or older: who sent each blob, from who could read it
+#: an index of schema 2 or older: who sent each stored blob, from who could
+#: read it, where that is one upstream only (where several could, one may
+#: only have listed another's digest: each sends it again once)
 _SOURCES_FROM_LINKS = (
-    "INSERT OR IGNORE INTO blob_sources SELECT DISTINCT r.digest, r.upstream"
+    "INSERT OR IGNORE INTO blob_sources SELECT r.digest, MIN(r.upstream)"
     " FROM repo_blobs r JOIN blobs b ON b.digest=r.digest"
+    " GROUP BY r.digest HAVING COUNT(DISTINCT r.upstream) = 1"
+)
+#: the upstreams of temp.doomed left with no manifest cached
+_UPSTREAMS_GONE = (
+    "SELECT DISTINCT d.upstream FROM temp.doomed d"
+    " WHERE NOT EXISTS (SELECT 1 FROM manifests m WHERE m.upstream=d.upstream)"
+    " ORDER BY d.upstream"
 )
 
 #: how long one transaction of a heavy job (a batch of a sweep, of a purge)
@@ -873,6 +882,12 @@ class Index:
             "DELETE FROM repo_blobs WHERE (upstream, repo) IN"
             " (SELECT DISTINCT d.upstream, d.repo FROM temp.doomed d WHERE NOT EXISTS"
             "  (SELECT 1 FROM manifests m WHERE m.upstream=d.upstream AND m.repo=d.repo))"
+        )
+        # an upstream left with no manifest vouches for nothing any more (a
+        # purged hostile upstream's word goes with it); rarely, as this
+        # reads every source
+        db.executemany(
+            "DELETE FROM blob_sources WHERE upstream=?", db.execute(_UPSTREAMS_GONE).fetchall()
         )
         db.execute("DELETE FROM temp.orphans")
         db.execute(_ORPHANS)

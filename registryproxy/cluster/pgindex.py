@@ -245,6 +245,7 @@ _LINK = "INSERT INTO repo_blobs VALUES (%s, %s, %s) ON CONFLICT DO NOTHING"
 _SOURCE = "INSERT INTO blob_sources VALUES (%s, %s) ON CONFLICT DO NOTHING"
 _KNOWN = _pg(sqlite_index._KNOWN)
 _SOURCES_FROM_LINKS = _pg(sqlite_index._SOURCES_FROM_LINKS)
+_UPSTREAMS_GONE = _pg(sqlite_index._UPSTREAMS_GONE)
 
 
 def _off_the_reactor() -> None:
@@ -807,7 +808,8 @@ class PgIndex:
     @staticmethod
     def _remove_doomed(cur: psycopg.Cursor[Any]) -> Removed:
         """index.py's _remove_doomed, in the order every writer takes its
-        rows: manifests (locked in key order first), tags, repo_blobs, blobs."""
+        rows: manifests (locked in key order first), tags, repo_blobs,
+        blob_sources, blobs."""
         cur.execute("ANALYZE pg_temp.doomed")
         cur.execute(
             "SELECT 1 FROM manifests WHERE (upstream, repo, digest) IN"
@@ -827,6 +829,9 @@ class PgIndex:
             " (SELECT DISTINCT d.upstream, d.repo FROM pg_temp.doomed d WHERE NOT EXISTS"
             "  (SELECT 1 FROM manifests m WHERE m.upstream=d.upstream AND m.repo=d.repo))"
         )
+        gone = cur.execute(_UPSTREAMS_GONE).fetchall()
+        if gone:
+            cur.executemany("DELETE FROM blob_sources WHERE upstream=%s", gone)
         cur.execute("DELETE FROM pg_temp.orphans")
         cur.execute(_ORPHANS)
         orphans = [

@@ -463,17 +463,21 @@ async def test_nodes_starting_at_once_create_the_schema_once(make_database, thre
             conn.execute("DROP INDEX repo_blobs_digest_upstream")
             conn.execute("CREATE INDEX repo_blobs_digest ON repo_blobs (digest)")
             conn.execute("DROP TABLE blob_sources")
-            conn.execute("INSERT INTO blobs VALUES ('sha256:b', 1, 1.0, NULL)")
             conn.execute(
-                "INSERT INTO repo_blobs VALUES ('u', 'r1', 'sha256:b'), ('u', 'r2', 'sha256:b'),"
-                " ('v', 'r', 'sha256:b'), ('u', 'r', 'sha256:unstored')"
+                "INSERT INTO blobs VALUES ('sha256:b', 1, 1.0, NULL), ('sha256:c', 1, 1.0, NULL)"
+            )
+            # c: one upstream's; b: two upstreams' (one may only list it)
+            conn.execute(
+                "INSERT INTO repo_blobs VALUES ('u', 'r1', 'sha256:c'), ('u', 'r2', 'sha256:c'),"
+                " ('u', 'r', 'sha256:b'), ('v', 'r', 'sha256:b'), ('u', 'r', 'sha256:unstored')"
             )
             conn.execute("COMMENT ON TABLE manifests IS 'regproxy index schema 1'")
         index.open()
         with index._database.transaction() as conn:
             rows = conn.execute("SELECT * FROM blob_sources ORDER BY 1, 2").fetchall()
-            assert rows == [("sha256:b", "u"), ("sha256:b", "v")]
-        assert index.blob_known("u", "r3", "sha256:b") == "upstream"
+            assert rows == [("sha256:c", "u")]
+        assert index.blob_known("u", "r3", "sha256:c") == "upstream"
+        assert index.blob_known("v", "r", "sha256:b") is None
         assert index.blob_known("u", "r", "sha256:unstored") is None
         with index._database.transaction() as conn:
             indexes = {
