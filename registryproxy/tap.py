@@ -26,7 +26,7 @@ from .cache.access import IndexAccess, LocalIndex, flush
 from .cache.background import IndexThread
 from .cache.blobs import BlobCache, PeerSource
 from .cache.eviction import Evictor
-from .cache.index import Index, IndexUnusable, set_aside
+from .cache.index import Index, IndexUnavailable, IndexUnusable, set_aside
 from .cache.keep import Keep
 from .cache.manifests import ManifestCache
 from .cache.scrub import Scrubber, Verifier
@@ -307,18 +307,25 @@ class _ReloadOnHangup(Service):
 def _open_index(path: str, rebuild: bool, now: float) -> Index:
     """The index at *path*; with *rebuild*, a new one in place of a damaged one."""
     try:
+        try:
+            return Index(path)
+        except IndexUnusable as e:
+            if not rebuild:
+                raise SystemExit(
+                    f"regproxy: {e}: start once with 'twistd regproxy --rebuild-index' to move"
+                    " it aside and rebuild it from the blobs on disk (or delete it)"
+                ) from None
+            aside = set_aside(path, now)
+            log.warn(
+                "{why}: moved to {aside}; rebuilding it from the blobs on disk", why=e, aside=aside
+            )
         return Index(path)
-    except IndexUnusable as e:
-        if not rebuild:
-            raise SystemExit(
-                f"regproxy: {e}: start once with 'twistd regproxy --rebuild-index' to move it "
-                "aside and rebuild it from the blobs on disk (or delete it)"
-            ) from None
-        aside = set_aside(path, now)
-        log.warn(
-            "{why}: moved to {aside}; rebuilding it from the blobs on disk", why=e, aside=aside
-        )
-    return Index(path)
+    except IndexUnavailable as e:
+        # not --rebuild-index: that would throw a sound index away
+        raise SystemExit(
+            f"regproxy: {e}: the index is not damaged; free disk space on its filesystem"
+            " (or end what holds it locked) and start again"
+        ) from None
 
 
 def limits(config: Config, max_connections: int | None = None) -> tuple[Limits, Limits]:

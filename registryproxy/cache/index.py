@@ -303,6 +303,23 @@ class IndexUnusable(Exception):
     """The index file is unusable (corrupt, or written by a newer regproxy)."""
 
 
+class IndexUnavailable(Exception):
+    """The index cannot be read or written now (a full disk, a read-only or
+    locked file): nothing is wrong with it, so nothing to rebuild."""
+
+
+#: SQLite's errors from the file's surroundings rather than its contents
+_NOT_DAMAGE = (
+    "SQLITE_FULL",
+    "SQLITE_BUSY",
+    "SQLITE_LOCKED",
+    "SQLITE_READONLY",
+    "SQLITE_CANTOPEN",
+    "SQLITE_IOERR",
+    "SQLITE_PERM",
+)
+
+
 def set_aside(path: str, now: float) -> str:
     """Move an unusable index (with its WAL files) out of the way, to
     ``<path>.corrupt-<UTC time>``; the name it now has."""
@@ -324,6 +341,9 @@ class Index:
             self._open(path)
         except sqlite3.DatabaseError as e:
             self._db.close()
+            if (getattr(e, "sqlite_errorname", None) or "").startswith(_NOT_DAMAGE):
+                # bringing an old schema up to date writes the most at opening
+                raise IndexUnavailable(f"cannot open {path} ({e})") from None
             raise IndexUnusable(f"{path} is damaged ({e})") from None
         except IndexUnusable:
             self._db.close()

@@ -272,6 +272,35 @@ def test_corrupt_index_is_one_line_naming_the_way_out(tmp_path, damage):
     assert "index.db" in output and "--rebuild-index" in output, output
 
 
+def test_a_full_disk_at_opening_is_not_called_damage(tmp_path, monkeypatch):
+    """Bringing an old schema up to date is the biggest write at opening:
+    a full disk then must not send the operator to --rebuild-index, which
+    would throw a sound index away (nor does --rebuild-index do so)."""
+    import sqlite3
+
+    cache = tmp_path / "cache"
+    Index(str(cache / "index.db")).close()
+    before = (cache / "index.db").read_bytes()
+
+    def full(self, path):
+        error = sqlite3.OperationalError("database or disk is full")
+        error.sqlite_errorname = "SQLITE_FULL"
+        raise error
+
+    monkeypatch.setattr(Index, "_open", full)
+    (tmp_path / "c.yaml").write_text(
+        f"proxy: {{listen: 'tcp:0:interface=127.0.0.1'}}\n"
+        f"admin: {{listen: 'tcp:0:interface=127.0.0.1'}}\n"
+        f"cache: {{directory: {str(cache)!r}}}\n"
+    )
+    for rebuild in ([], ["--rebuild-index"]):
+        output = start_up("--config", str(tmp_path / "c.yaml"), *rebuild)
+        assert "disk is full" in output and "not damaged" in output, output
+        assert "--rebuild-index" not in output, output
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith("index.db")) == ["index.db"]
+    assert (cache / "index.db").read_bytes() == before
+
+
 @pytest_twisted.ensureDeferred
 async def test_rebuild_index_from_the_blobs_on_disk(tmp_path, fake_registry, make_proxy):
     from proxyharness import until
