@@ -189,7 +189,9 @@ async def test_running_downloads_keep_the_room_they_need(fake_registry, make_pro
     for digest in digests:
         fake_registry.blob_faults[digest] = Fault.slow(chunk=64 * 1024, delay=0.02)
     proxy = await make_proxy(fake_registry.url)
-    proxy.proxy.store.room = lambda: 1536 * 1024
+    # room for the fast one beside the slow one's claim after the grace
+    # (at most 192 KiB), not beside all it announced
+    proxy.proxy.store.room = lambda: 768 * 1024
     replies = await gatherResults([get(proxy, f"/v2/library/x/blobs/{d}") for d in digests])
     assert [(status, body) for status, body, _ in replies] == [(200, data) for data in blobs]
     await settle()
@@ -259,12 +261,14 @@ async def test_a_slow_download_claims_only_the_disk_it_can_fill(
     blob that fits beside that is stored, not passed through."""
     monkeypatch.setattr(blobs, "CLAIM_GRACE", 0.2)
     monkeypatch.setattr(blobs, "CLAIM_SECONDS", 1.0)
-    slow, fast = os.urandom(1024 * 1024), os.urandom(1024 * 1024)
+    slow, fast = os.urandom(512 * 1024), os.urandom(512 * 1024)
     slow_digest, fast_digest = fake_registry.add_blob(slow), fake_registry.add_blob(fast)
     # 16 KiB every 0.1 s: about 160 KiB a second
     fake_registry.blob_faults[slow_digest] = Fault.slow(chunk=16 * 1024, delay=0.1)
     proxy = await make_proxy(fake_registry.url)
-    proxy.proxy.store.room = lambda: 1536 * 1024
+    # room for the fast one beside the slow one's claim after the grace
+    # (at most 192 KiB), not beside all it announced
+    proxy.proxy.store.room = lambda: 768 * 1024
     slowly = get(proxy, f"/v2/library/x/blobs/{slow_digest}")
     await settle(0.5)
     assert await get(proxy, f"/v2/library/x/blobs/{fast_digest}") == (200, fast, False)
