@@ -103,6 +103,10 @@ class BlobFetch:
         self._make_room = make_room
         self.verified = False
         self.error: str | None = None
+        #: why bytes that checked out were not kept after all (the store or
+        #: the index refused them): its readers had them, who waits for it
+        #: to be kept (a prefetch, a repository's link) is told so
+        self.unkept: str | None = None
         self._writer = writer
         self._listeners: dict[Callable[[], None], int] = {}
         #: callers holding the fetch open until they listen (see :meth:`hold`)
@@ -265,7 +269,7 @@ class BlobFetch:
         if self.relayed:  # nothing will be kept: who waits for that (a prefetch) lets go
             self._settle(self.error or "no room in the cache")
         elif not self.running:
-            self._settle(self.error)
+            self._settle(self.error or self.unkept)
 
     def _settle(self, error: str | None) -> None:
         done, self._done = self._done, []
@@ -907,15 +911,19 @@ class BlobCache:
                     log.info("stored {digest}", digest=str(digest))
                     self._stored()
 
-                d = self._index.quick(lambda index: index.put_blob(str(digest), size, when))
-                return d.addCallbacks(indexed, lambda f: self._unindexed(digest, f.value))
+                def unindexed(failure: Failure) -> None:
+                    fetch.unkept = "cannot write the cache index"
+                    self._unindexed(digest, failure.value)
 
-            published.addCallbacks(
-                stored,
-                lambda f: log.error(
-                    "could not store {digest}: {why}", digest=str(digest), why=f.getErrorMessage()
-                ),
-            )
+                d = self._index.quick(lambda index: index.put_blob(str(digest), size, when))
+                return d.addCallbacks(indexed, unindexed)
+
+            def unstored(failure: Failure) -> None:
+                why = failure.getErrorMessage()
+                fetch.unkept = f"could not store it: {why}"
+                log.error("could not store {digest}: {why}", digest=str(digest), why=why)
+
+            published.addCallbacks(stored, unstored)
 
             def release(result: object) -> None:
                 # The bytes checked out, stored or not: let readers finish.

@@ -189,9 +189,7 @@ async def test_running_downloads_keep_the_room_they_need(fake_registry, make_pro
     for digest in digests:
         fake_registry.blob_faults[digest] = Fault.slow(chunk=64 * 1024, delay=0.02)
     proxy = await make_proxy(fake_registry.url)
-    # room for the fast one beside the slow one's claim after the grace
-    # (at most 192 KiB), not beside all it announced
-    proxy.proxy.store.room = lambda: 768 * 1024
+    proxy.proxy.store.room = lambda: 1536 * 1024
     replies = await gatherResults([get(proxy, f"/v2/library/x/blobs/{d}") for d in digests])
     assert [(status, body) for status, body, _ in replies] == [(200, data) for data in blobs]
     await settle()
@@ -487,14 +485,24 @@ async def test_an_index_write_failing_after_the_store_keeps_no_orphan(fake_regis
         globalLogPublisher.removeObserver(events.append)
     # the clients following the download still get every byte
     assert replies == [(200, data, False)] * 2
-    # nothing is left on disk outside the index and the budget
+    # nothing is left on disk outside the index and the budget, nor is the
+    # repository linked to bytes that are not kept
     assert_nothing_kept(proxy, digest)
+    assert index.blob_known("docker.io", "library/x", digest) is None
+    assert not index.has_blob("docker.io", "library/x", digest)
     errors = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.error]
     assert any(digest in text and "database is locked" in text for text in errors), errors
+    # a prefetch is told: its bytes were not kept
+    fake_registry.add_image("library/y", "1", [os.urandom(1024)])
+    control = proxy.proxy.control
+    control.prefetch("docker.io", "library/y", "1", None)
+    await until(lambda: control.prefetch_jobs()[0].state != "running")
+    (job,) = control.prefetch_jobs()
+    assert (job.state, job.error) == ("failed", "cannot write the cache index")
     # the next request fetches it again (and stores it, the index working again)
     del index.put_blob
     reply = await proxy.get(f"/v2/library/x/blobs/{digest}")
     assert (reply.code, reply.body == data) == (200, True)
     await settle()
     assert proxy.blob_path(digest).read_bytes() == data
-    assert fake_registry.count("GET", "/blobs/") == 2
+    assert fake_registry.count("GET", f"/blobs/{digest}") == 2
