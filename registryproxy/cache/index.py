@@ -65,6 +65,9 @@ CREATE TABLE IF NOT EXISTS blob_sources (
     digest TEXT NOT NULL, upstream TEXT NOT NULL,
     PRIMARY KEY (digest, upstream)
 ) WITHOUT ROWID;
+-- by upstream: one left with nothing cached is forgotten in as many steps
+-- as it has sources (eviction may do so on the reactor thread)
+CREATE INDEX IF NOT EXISTS blob_sources_upstream ON blob_sources (upstream);
 -- for eviction and purges: manifests by digest and in LRU order, tags by
 -- what they point to, blobs in LRU order
 CREATE INDEX IF NOT EXISTS manifests_digest ON manifests (digest);
@@ -904,8 +907,7 @@ class Index:
             "  (SELECT 1 FROM manifests m WHERE m.upstream=d.upstream AND m.repo=d.repo))"
         )
         # an upstream left with no manifest vouches for nothing any more (a
-        # purged hostile upstream's word goes with it); rarely, as this
-        # reads every source
+        # purged hostile upstream's word goes with it)
         db.executemany(
             "DELETE FROM blob_sources WHERE upstream=?", db.execute(_UPSTREAMS_GONE).fetchall()
         )

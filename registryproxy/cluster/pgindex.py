@@ -120,6 +120,7 @@ CREATE TABLE IF NOT EXISTS blob_sources (
     digest TEXT COLLATE "C" NOT NULL, upstream TEXT COLLATE "C" NOT NULL,
     PRIMARY KEY (digest, upstream)
 );
+CREATE INDEX IF NOT EXISTS blob_sources_upstream ON blob_sources (upstream);
 CREATE INDEX IF NOT EXISTS manifests_digest ON manifests (digest);
 -- with the key, as eviction's order breaks ties by it (SQLite: by rowid,
 -- which its index holds), so that LIMIT stops early even among ties
