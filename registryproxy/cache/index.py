@@ -405,10 +405,13 @@ class Index:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # SQLite may have rolled back itself (a full disk, an I/O error):
+            # a ROLLBACK then fails, and its error would hide the real one
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     # -- access times, batched ---------------------------------------------
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from registryproxy.cache.index import Index, ManifestEntry, Page, TagEntry
@@ -405,3 +408,59 @@ def test_an_index_of_schema_2_takes_its_links_as_sources_once(tmp_path):
         assert third.blob_known("docker.io", "evil/lure", d("l1")) is None
     finally:
         third.close()
+
+
+#: in a process of its own: a schema 2 index brought up to date where files
+#: may not grow past *limit* bytes (the write fails, as on a full disk)
+_UPGRADE_UNDER_A_LIMIT = """
+import resource, signal, sys
+from registryproxy.cache.index import Index, IndexUnavailable, IndexUnusable
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+    Index(sys.argv[1]).close()
+    print("opened")
+except (IndexUnavailable, IndexUnusable) as e:
+    print(type(e).__name__, e)
+"""
+
+
+def test_an_upgrade_the_disk_cannot_hold_is_not_called_damage(tmp_path):
+    """SQLite rolls a failed write's transaction back itself; rolling back
+    again failed, and that error ("no transaction is active") hid the real
+    one, so a full disk at the schema's upgrade read as a damaged index."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "index.db")
+    index = Index(path)
+    rows = [(d(f"l{i}"), 1000, 1.0) for i in range(20000)]
+    index.put_blobs(rows)
+    index._db.executemany(
+        "INSERT INTO repo_blobs VALUES ('docker.io', 'r', ?)", [(r[0],) for r in rows]
+    )
+    index.close()
+    old = sqlite3.connect(path)
+    old.execute("DROP TABLE blob_sources")
+    old.execute("PRAGMA user_version=2")
+    old.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    old.commit()
+    old.close()
+    # the WAL may not grow past 256 KiB: the upgrade writes megabytes
+    assert os.path.getsize(path) > 1024 * 1024
+    run = subprocess.run(
+        [sys.executable, "-c", _UPGRADE_UNDER_A_LIMIT, path, str(256 * 1024)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent.parent,
+    )
+    assert run.stdout.startswith("IndexUnavailable"), run.stdout + run.stderr
+    # and it is sound: with room, it opens and is brought up to date
+    again = Index(path)
+    try:
+        assert again.blob_known("docker.io", "r", d("l1")) == "repository"
+    finally:
+        again.close()
