@@ -65,8 +65,8 @@ CREATE TABLE IF NOT EXISTS blob_sources (
     digest TEXT NOT NULL, upstream TEXT NOT NULL,
     PRIMARY KEY (digest, upstream)
 ) WITHOUT ROWID;
--- by upstream: one left with nothing cached is forgotten in as many steps
--- as it has sources (eviction may do so on the reactor thread)
+-- by upstream: a purged one's word is forgotten in as many steps as it
+-- has sources
 CREATE INDEX IF NOT EXISTS blob_sources_upstream ON blob_sources (upstream);
 -- for eviction and purges: manifests by digest and in LRU order, tags by
 -- what they point to, blobs in LRU order
@@ -107,11 +107,10 @@ _SOURCES_FROM_LINKS = (
     " FROM repo_blobs r JOIN blobs b ON b.digest=r.digest"
     " GROUP BY r.digest HAVING COUNT(DISTINCT r.upstream) = 1"
 )
-#: the upstreams of temp.doomed left with no manifest cached
-_UPSTREAMS_GONE = (
-    "SELECT DISTINCT d.upstream FROM temp.doomed d"
-    " WHERE NOT EXISTS (SELECT 1 FROM manifests m WHERE m.upstream=d.upstream)"
-    " ORDER BY d.upstream"
+#: a step of forgetting an upstream's word (see :meth:`Index.purge`)
+_UNVOUCH = (
+    "DELETE FROM blob_sources WHERE (digest, upstream) IN"
+    " (SELECT digest, upstream FROM blob_sources WHERE upstream=? LIMIT ?)"
 )
 
 #: how long one transaction of a heavy job (a batch of a sweep, of a purge)
@@ -821,7 +820,26 @@ class Index:
             tags_removed += removed.tags
             manifests += removed.manifests
             orphans += removed.blobs
+        if upstream is not None:
+            self._unvouch(upstream)
         return Removed(tags_removed, manifests, sorted(orphans))
+
+    def _unvouch(self, upstream: str) -> None:
+        """*upstream*, purged of every manifest, vouches for no bytes any
+        more: a purged hostile upstream's word goes with it (eviction, no
+        statement of trust, leaves it).  In paced steps."""
+        pace = Pace(5000)
+        while True:
+            began = time.perf_counter()
+            with self._transaction() as db:
+                if db.execute(
+                    "SELECT 1 FROM manifests WHERE upstream=? LIMIT 1", (upstream,)
+                ).fetchone():
+                    return
+                gone = db.execute(_UNVOUCH, (upstream, pace.size)).rowcount
+            if gone < pace.size:
+                return
+            pace.took(time.perf_counter() - began, gone)
 
     def _scratch(self) -> None:
         """This connection's scratch tables (temp.*: never shared, never on disk for long)."""
@@ -908,11 +926,6 @@ class Index:
             "DELETE FROM repo_blobs WHERE (upstream, repo) IN"
             " (SELECT DISTINCT d.upstream, d.repo FROM temp.doomed d WHERE NOT EXISTS"
             "  (SELECT 1 FROM manifests m WHERE m.upstream=d.upstream AND m.repo=d.repo))"
-        )
-        # an upstream left with no manifest vouches for nothing any more (a
-        # purged hostile upstream's word goes with it)
-        db.executemany(
-            "DELETE FROM blob_sources WHERE upstream=?", db.execute(_UPSTREAMS_GONE).fetchall()
         )
         db.execute("DELETE FROM temp.orphans")
         db.execute(_ORPHANS)

@@ -246,7 +246,9 @@ _LINK = "INSERT INTO repo_blobs VALUES (%s, %s, %s) ON CONFLICT DO NOTHING"
 _SOURCE = "INSERT INTO blob_sources VALUES (%s, %s) ON CONFLICT DO NOTHING"
 _KNOWN = _pg(sqlite_index._KNOWN)
 _SOURCES_FROM_LINKS = _pg(sqlite_index._SOURCES_FROM_LINKS)
-_UPSTREAMS_GONE = _pg(sqlite_index._UPSTREAMS_GONE)
+_UNVOUCH = _pg(sqlite_index._UNVOUCH)
+#: rows of blob_sources forgotten per transaction of a purge
+_UNVOUCH_STEP = 2000
 
 
 def _off_the_reactor() -> None:
@@ -760,6 +762,18 @@ class PgIndex:
                 tags_removed += removed.tags
                 manifests += removed.manifests
                 orphans += removed.blobs
+
+            def unvouch(conn: Conn) -> int:
+                """index.py's _unvouch: a step of it, 0 when done."""
+                cur = conn.cursor()
+                if cur.execute(
+                    "SELECT 1 FROM manifests WHERE upstream=%s LIMIT 1", (upstream,)
+                ).fetchone():
+                    return 0
+                return cur.execute(_UNVOUCH, (upstream, _UNVOUCH_STEP)).rowcount
+
+            while upstream is not None and self._on(conn, unvouch, "exclusive") == _UNVOUCH_STEP:
+                pass
         return Removed(tags_removed, manifests, sorted(orphans))
 
     def _scratch(self, conn: Conn) -> None:
@@ -830,9 +844,6 @@ class PgIndex:
             " (SELECT DISTINCT d.upstream, d.repo FROM pg_temp.doomed d WHERE NOT EXISTS"
             "  (SELECT 1 FROM manifests m WHERE m.upstream=d.upstream AND m.repo=d.repo))"
         )
-        gone = cur.execute(_UPSTREAMS_GONE).fetchall()
-        if gone:
-            cur.executemany("DELETE FROM blob_sources WHERE upstream=%s", gone)
         cur.execute("DELETE FROM pg_temp.orphans")
         cur.execute(_ORPHANS)
         orphans = [

@@ -352,9 +352,12 @@ def test_only_upstreams_that_sent_a_blob_vouch_for_it(index):
 
 def test_a_purge_forgets_who_sent_the_blobs_it_frees(index):
     add_image(index, "ghcr.io", "owner/a", "m", ["l1", "l2"], tag="1")
+    add_image(index, "ghcr.io", "owner/b", "n", ["l3"], tag="1")  # ghcr.io keeps a manifest
     index.link_blobs("ghcr.io", "owner/a", [d("l1"), d("l2")])
+    index.link_blobs("ghcr.io", "owner/b", [d("l3")])
     index.purge(upstream="ghcr.io", repo="owner/a")
-    assert index._db.execute("SELECT COUNT(*) FROM blob_sources").fetchone() == (0,)
+    rows = index._db.execute("SELECT digest, upstream FROM blob_sources").fetchall()
+    assert rows == [(d("l3"), "ghcr.io")]
 
 
 def test_an_upstream_with_nothing_cached_vouches_for_nothing(index):
