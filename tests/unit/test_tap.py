@@ -332,3 +332,14 @@ async def test_rebuild_index_from_the_blobs_on_disk(tmp_path, fake_registry, mak
     finally:
         await service.stopService()
     assert len(list(cache.glob("index.db.corrupt-*"))) == 1
+
+    # who sent each blob is not on disk: the upstream sends each layer once
+    # more (its manifest listing them proves nothing), then they are cached
+    proxy = await make_proxy(fake_registry.url, cache_dir=cache)
+    assert (await proxy.get("/v2/app/manifests/1")).code == 200
+    before = fake_registry.count("GET", "/blobs/")
+    for expected in ("MISS", "HIT"):
+        for layer in json.loads(body)["layers"]:
+            reply = await proxy.get(f"/v2/app/blobs/{layer['digest']}")
+            assert (reply.code, reply.header("X-Cache")) == (200, expected)
+    assert fake_registry.count("GET", "/blobs/") == before + 2
