@@ -408,7 +408,12 @@ def build_proxy(
             # eviction, purges, fsck and WAL checkpoints work on a connection
             # and a thread of their own; the reactor thread's commits never checkpoint
             threads = thread_pool("regproxy-index", 1, minthreads=1)
-            local = LocalIndex(index, IndexThread(index, reactor, threads))
+            reads = thread_pool("regproxy-index-reads", 1, minthreads=1)
+            local = LocalIndex(
+                index,
+                IndexThread(index, reactor, threads),
+                IndexThread(index, reactor, reads),
+            )
             index.autocheckpoint(0)
     except OSError as e:
         raise SystemExit(

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 
 from registryproxy.cache.index import Index, ManifestEntry, Page, TagEntry
 
@@ -467,3 +468,36 @@ def test_an_upgrade_the_disk_cannot_hold_is_not_called_damage(tmp_path):
         assert again.blob_known("docker.io", "r", d("l1")) == "repository"
     finally:
         again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reads_do_not_wait_for_heavy_work(tmp_path):
+    """The admin API's listings and totals read on a connection and a
+    thread of their own: a purge of the whole cache (18 s at 20,000
+    images) held them up for as long, behind it in the worker thread."""
+    import threading
+
+    from twisted.internet import reactor
+    from twisted.python.threadpool import ThreadPool
+
+    from registryproxy.cache.access import LocalIndex
+    from registryproxy.cache.background import IndexThread
+
+    index = Index(str(tmp_path / "index.db"))
+    add_image(index, "docker.io", "library/a", "m", ["l1"], tag="1")
+    local = LocalIndex(
+        index,
+        IndexThread(index, reactor, ThreadPool(1, 1, "test-index")),
+        IndexThread(index, reactor, ThreadPool(1, 1, "test-index-reads")),
+    )
+    gate = threading.Event()
+    heavy = local.heavy(lambda _: gate.wait(10))
+    try:
+        totals = await local.read(lambda ix: ix.totals())
+        assert totals["manifests"] == 1
+        assert not heavy.called  # still running: the read did not wait for it
+        gate.set()
+        assert await heavy is True
+    finally:
+        gate.set()
+        await local.close()
