@@ -475,6 +475,7 @@ def build_proxy(
         stored=evictor.soon,
         max_bytes=config.cache.max_bytes,
         make_room=evictor.make_room,
+        could_fit=evictor.could_fit,
         peers=peers,
         verifier=verifier,
         shared=shared,

@@ -82,17 +82,22 @@ class BlobFetch:
         max_size: int | None = None,
         started: float = 0.0,
         disk_cap: int | None = None,
+        grant: Callable[[BlobFetch, int], int] = lambda fetch, wanted: 0,
     ) -> None:
         """*max_size*: the upstream's max_blob_size, for a body whose size
-        was not announced: past it, the download fails.  *disk_cap*: for
-        such a body, the bytes it may take on disk (the room there was when
-        it started): past them, it goes on through memory, stored nowhere.
-        *started*: when, on the cache's clock (see :meth:`claim`)."""
+        was not announced: past it, the download fails.  *disk_cap*: the
+        bytes it may take on disk (None: all it announced), past which a
+        body of announced size asks *grant* for more (evicting for them as
+        they come, never up front: an upstream announcing much and sending
+        nothing evicts nothing), and one of no announced size, or one that
+        gets no more, goes on through memory, stored nowhere.  *started*:
+        when, on the cache's clock (see :meth:`claim`)."""
         self.digest = digest
         self.size = size
         self.max_size = max_size
         self.started = started
         self.disk_cap = disk_cap
+        self._grant = grant
         self.source = source
         #: where the bytes come from: "upstream", "peer" (the cluster node
         #: downloading them) or "shared" (the cluster's store)
@@ -142,6 +147,8 @@ class BlobFetch:
         if self.size is None or self.relayed:
             return 0
         left = max(self.size - self.written, 0)
+        if self.disk_cap is not None:  # given disk as its bytes come
+            left = min(left, max(self.disk_cap - self.written, 0))
         took = now - self.started
         if took < CLAIM_GRACE:
             return left
@@ -288,14 +295,28 @@ class BlobFetch:
 
     def _data(self, data: bytes) -> None:
         start = self.written
+        end = start + len(data)
         if (
             self.disk_cap is not None
-            and start + len(data) > self.disk_cap
+            and end > self.disk_cap
+            and not isinstance(self._writer, MemoryRelay)
+            and self.size is not None
+        ):
+            # as much again as it sent (at least this chunk): evictions
+            # follow the bytes that really come, in few steps
+            wanted = min(self.size, max(end, 2 * start)) - self.disk_cap
+            self.disk_cap += max(self._grant(self, wanted), 0)
+        if (
+            self.disk_cap is not None
+            and end > self.disk_cap
             and not isinstance(self._writer, MemoryRelay)
         ):
-            self._through_memory(
-                data, start, f"a body of no announced size outgrew the {self.disk_cap} bytes free"
+            why = (
+                f"a body of no announced size outgrew the {self.disk_cap} bytes free"
+                if self.size is None
+                else "no room for more of it in the cache"
             )
+            self._through_memory(data, start, why)
         else:
             try:
                 self._writer.write(data)
@@ -544,6 +565,7 @@ class BlobCache:
         stored: Callable[[], None] = lambda: None,
         max_bytes: int | None = None,
         make_room: Callable[[int], int] = lambda needed: 0,
+        could_fit: Callable[[int], bool] = lambda needed: False,
         peers: PeerSource | None = None,
         verifier: Verifier | None = None,
         shared: SharedStore | None = None,
@@ -570,6 +592,8 @@ class BlobCache:
         self._stored = stored
         self._max_bytes = max_bytes
         self._make_room = make_room
+        #: whether a blob of that many bytes would fit, the cache evicted
+        self._could_fit = could_fit
         self._active: dict[Digest, BlobFetch] = {}
         #: downloads that ended but whose clients may still be reading them
         #: (pruned as they close)
@@ -740,6 +764,15 @@ class BlobCache:
             lambda f: log.error("cannot write the cache index: {why}", why=f.getErrorMessage())
         )
 
+    def _granted(self, fetch: BlobFetch, wanted: int) -> int:
+        """Up to *wanted* more bytes of disk for *fetch*, whose bytes outgrew
+        what it had, evicting for them on a full disk; how many it may take."""
+        now = self._clock.seconds()
+        others = sum(f.claim(now) for f in self._active.values() if f is not fetch)
+        if self.store.room() - others < wanted:
+            self._room_made(wanted + others)
+        return max(min(wanted, self.store.room() - others), 0)
+
     def _room_made(self, needed: int) -> int:
         """Evict to give a new blob *needed* bytes; 0 if that fails (the
         index may not be writable on a full disk either)."""
@@ -857,6 +890,7 @@ class BlobCache:
             limit,
             self._clock.seconds(),
             disk_cap,
+            self._granted,
         )
         fetch.readers.add((client.name, repo))
         if not fetch.relayed:
@@ -1046,10 +1080,14 @@ class BlobCache:
             )
 
     def _writer(self, digest: Digest, size: int | None) -> tuple[BlobWriter, int | None]:
-        """Where a download goes: the store (making room on a full disk), or
-        only memory when it cannot go there, so the client still gets its
-        bytes; and for a body of no announced size, the bytes it may take
-        on disk (what is free now, within the budget)."""
+        """Where a download goes: the store, or only memory when it cannot
+        go there, so the client still gets its bytes; and the bytes it may
+        take on disk before it asks for more (None: all it announced).
+
+        A body that does not fit in what is free now takes that, and is
+        given more (evicting on a full disk) as its bytes come: evicting
+        all it announced up front let an upstream that announces much and
+        sends nothing empty the cache a request at a time."""
         # the downloads still running will take what they plausibly still send
         now = self._clock.seconds()
         reserved = sum(f.claim(now) for f in self._active.values())
@@ -1058,11 +1096,11 @@ class BlobCache:
         if size is not None:
             if budget is not None and size > budget:
                 return _relay(digest, size, f"larger than the cache budget of {budget} bytes"), None
-            if size > self.store.room() - reserved:
-                self._room_made(size + reserved)
             room = self.store.room() - reserved
             if size > room:
-                return _relay(digest, size, f"{max(room, 0)} bytes free for new blobs"), None
+                if not self._could_fit(size + reserved):
+                    return _relay(digest, size, f"{max(room, 0)} bytes free for new blobs"), None
+                cap = max(room, 0)
         else:
             cap = max(self.store.room() - reserved, 0)
             if budget is not None:

@@ -175,6 +175,16 @@ class Evictor:
             if removed:
                 self._removed()
 
+    def could_fit(self, needed: int) -> bool:
+        """Whether a blob of *needed* bytes would fit on the disk if every
+        image not in use were evicted (never, for a shared index: it is not
+        for the reactor thread)."""
+        index = self._access.inline
+        if index is None:
+            return False
+        busy = index.blob_sizes(self._keep.busy())
+        return needed <= self._store.room() + index.total_size() - sum(busy.values())
+
     def make_room(self, needed: int) -> int:
         """Evict least recently used images until a new blob of *needed*
         bytes fits on the disk, so that with no budget set (or a disk shared
@@ -185,12 +195,9 @@ class Evictor:
         ``ROOM_STEPS`` batches of ``ROOM_BATCH`` images, each chosen by one
         indexed query; a blob that needs more goes through memory."""
         index = self._access.inline
-        if index is None:
-            return 0  # a shared index is not for the reactor thread: relay it
+        if index is None or not self.could_fit(needed):
+            return 0
         in_use = self._keep.busy()
-        busy = index.blob_sizes(in_use)
-        if needed > self._store.room() + index.total_size() - sum(busy.values()):
-            return 0  # it would not fit with the whole cache gone
         freed = 0
         for _ in range(ROOM_STEPS):
             short = needed - self._store.room()

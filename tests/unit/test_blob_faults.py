@@ -506,3 +506,34 @@ async def test_an_index_write_failing_after_the_store_keeps_no_orphan(fake_regis
     await settle()
     assert proxy.blob_path(digest).read_bytes() == data
     assert fake_registry.count("GET", f"/blobs/{digest}") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_announcing_much_and_sending_nothing_evicts_nothing(
+    fake_registry, make_proxy
+):
+    """On a full disk a download is given room as its bytes come, never
+    for all it announced up front: else an upstream that announces big
+    blobs and sends nothing (a hostile one, any registry a client names)
+    empties the cache a request at a time."""
+    fake_registry.add_image("library/old", "1", [os.urandom(1024 * 1024)])
+    data = os.urandom(2 * 1024 * 1024)
+    digest = fake_registry.add_blob(data)
+    proxy = await make_proxy(fake_registry.url, read_timeout=0.5)
+    manifest = json.loads((await proxy.get("/v2/old/manifests/1")).body)
+    old = manifest["layers"][0]["digest"]
+    assert (await proxy.get(f"/v2/old/blobs/{old}")).code == 200
+    await settle()
+    disk = SharedDisk(proxy, capacity=int(2.5 * 1024 * 1024))
+    disk.full = True  # room() tells the truth from the start: 2 MiB do not fit
+    fake_registry.blob_faults[digest] = Fault.stall(after=0, times=1)
+    status, body, short = await get(proxy, f"/v2/library/x/blobs/{digest}")
+    assert (status, body, short) == (200, b"", True)
+    await settle()
+    assert proxy.blob_path(old).exists()  # nothing evicted for bytes that never came
+    # the same blob, sent: evicted for as its bytes come, and stored
+    status, body, short = await get(proxy, f"/v2/library/x/blobs/{digest}")
+    assert (status, body == data, short) == (200, True, False)
+    await settle()
+    assert not proxy.blob_path(old).exists()
+    assert proxy.blob_path(digest).read_bytes() == data
