@@ -41,6 +41,9 @@ log = Logger()
 #: speed it has shown (see BlobFetch.claim)
 CLAIM_GRACE = 5.0
 CLAIM_SECONDS = 300.0
+#: a download's grants of disk that may evict (each evicts at most
+#: eviction.ROOM_STEPS batches of images; the first is for a chunk)
+ROOM_GRANTS = 16
 
 
 class PeerSource(Interface):
@@ -77,7 +80,6 @@ class BlobFetch:
         size: int | None,
         writer: BlobWriter,
         source: str,
-        make_room: Callable[[int], int] = lambda needed: 0,
         origin: str = "upstream",
         max_size: int | None = None,
         started: float = 0.0,
@@ -98,6 +100,8 @@ class BlobFetch:
         self.started = started
         self.disk_cap = disk_cap
         self._grant = grant
+        #: grants that evicted for it (see BlobCache._granted)
+        self.evictions = 0
         self.source = source
         #: where the bytes come from: "upstream", "peer" (the cluster node
         #: downloading them) or "shared" (the cluster's store)
@@ -105,7 +109,6 @@ class BlobFetch:
         #: the (upstream, repository) pairs known to may read these bytes,
         #: so joining needs no index lookup (nor waits for its write)
         self.readers: set[tuple[str, str]] = set()
-        self._make_room = make_room
         self.verified = False
         self.error: str | None = None
         #: why bytes that checked out were not kept after all (the store or
@@ -300,12 +303,8 @@ class BlobFetch:
             self.disk_cap is not None
             and end > self.disk_cap
             and not isinstance(self._writer, MemoryRelay)
-            and self.size is not None
         ):
-            # as much again as it sent (at least this chunk): evictions
-            # follow the bytes that really come, in few steps
-            wanted = min(self.size, max(end, 2 * start)) - self.disk_cap
-            self.disk_cap += max(self._grant(self, wanted), 0)
+            self.disk_cap += self._more_room(end, self.disk_cap)
         if (
             self.disk_cap is not None
             and end > self.disk_cap
@@ -344,8 +343,7 @@ class BlobFetch:
         """The disk filled up under this download (*data* was to go at
         *start*): evict to make room if the cache can, or else go on through
         memory for the clients following it, keeping nothing."""
-        # a body of no announced size has no known need: nothing is evicted for it
-        if self.size is not None and self._make_room(self.size - self.written) > 0:
+        if self._more_room(start + len(data), self.written) > 0:
             try:
                 self._writer.write(data[self.written - start :])
                 return
@@ -353,6 +351,17 @@ class BlobFetch:
                 if e.errno != errno.ENOSPC:
                     raise
         self._through_memory(data, start, "the disk filled up")
+
+    def _more_room(self, end: int, had: int) -> int:
+        """Disk for its bytes up to *end*, past the *had* bytes it has: as
+        much again as it sent (at least up to *end*, at most all it
+        announced), so that evictions follow the bytes that really come, in
+        few steps; how many more it got.  None for a body of no announced
+        size: it has no known need, and nothing is evicted for it."""
+        if self.size is None:
+            return 0
+        wanted = min(self.size, max(end, 2 * self.written)) - had
+        return max(self._grant(self, wanted), 0) if wanted > 0 else 0
 
     def _through_memory(self, data: bytes, start: int, why: str) -> None:
         """Go on through memory from *data* (to go at *start*) for the
@@ -766,12 +775,25 @@ class BlobCache:
 
     def _granted(self, fetch: BlobFetch, wanted: int) -> int:
         """Up to *wanted* more bytes of disk for *fetch*, whose bytes outgrew
-        what it had, evicting for them on a full disk; how many it may take."""
+        what it had, evicting for them on a full disk (in at most
+        ``ROOM_GRANTS`` grants of one download, as a blob that will not fit
+        after all, behind pinned images, must not empty the rest); how many
+        it may take."""
         now = self._clock.seconds()
         others = sum(f.claim(now) for f in self._active.values() if f is not fetch)
-        if self.store.room() - others < wanted:
+        if self.store.room() - others < wanted and fetch.evictions < ROOM_GRANTS:
+            fetch.evictions += 1
             self._room_made(wanted + others)
         return max(min(wanted, self.store.room() - others), 0)
+
+    def _fits(self, needed: int) -> bool:
+        """Whether *needed* bytes would fit with the cache evicted; False if
+        the index cannot say (the blob then goes through memory)."""
+        try:
+            return self._could_fit(needed)
+        except Exception:
+            log.failure("could not tell whether a new blob fits")
+            return False
 
     def _room_made(self, needed: int) -> int:
         """Evict to give a new blob *needed* bytes; 0 if that fails (the
@@ -885,7 +907,6 @@ class BlobCache:
             size,
             writer,
             client.name,
-            self._room_made,
             origin,
             limit,
             self._clock.seconds(),
@@ -1098,7 +1119,7 @@ class BlobCache:
                 return _relay(digest, size, f"larger than the cache budget of {budget} bytes"), None
             room = self.store.room() - reserved
             if size > room:
-                if not self._could_fit(size + reserved):
+                if not self._fits(size + reserved):
                     return _relay(digest, size, f"{max(room, 0)} bytes free for new blobs"), None
                 cap = max(room, 0)
         else:
