@@ -640,7 +640,12 @@ def makeService(options: Options, reactor: IReactor | None = None) -> IService:
         max_connections=_fitted_connections(config),
         cluster=cluster,
     )
-    api = AdminAPI(proxy.control, config.admin.secret(), config.admin.max_body)
+    api = AdminAPI(
+        proxy.control,
+        config.admin.secret(),
+        config.admin.max_body,
+        Threads(reactor, "regproxy-admin-json", 1),
+    )
     admin = GuardedSite(api.resource(), limits(config)[1], api.body_policy, reactor, "admin API")
     sites = [proxy.site, admin]
     later: list[IService] = []

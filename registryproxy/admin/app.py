@@ -20,7 +20,6 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 import attrs
 from klein import Klein
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -32,6 +31,7 @@ from ..cache.index import Page
 from ..names import is_valid_digest, is_valid_name, is_valid_registry_host, is_valid_tag
 from ..proxy.connections import Refusal
 from ..reference import parse_image
+from ..runtime import Threads
 from ..structuring import matches
 from . import bodies, openapi
 from .backend import AdminBackend, AdminError, FsckResult, PurgeSelector, RepositorySummary
@@ -347,10 +347,24 @@ class AdminAPI:
     # /api//v1/stats is a 404, not werkzeug's redirect to /api/v1/stats
     app.url_map.merge_slashes = False
 
-    def __init__(self, backend: AdminBackend, token: str | None, max_body: int = MAX_BODY) -> None:
+    def __init__(
+        self,
+        backend: AdminBackend,
+        token: str | None,
+        max_body: int = MAX_BODY,
+        threads: Threads | None = None,
+    ) -> None:
+        """*threads*: where answers that grow with the cache are encoded
+        (one thread: they queue there, not in the reactor's own pool, which
+        resolves upstreams' host names)."""
         self._backend = backend
         self._token = token
         self._max_body = max_body
+        if threads is None:
+            from twisted.internet import reactor
+
+            threads = Threads(reactor, "regproxy-admin-json", 1)  # type: ignore[arg-type]
+        self._threads = threads
         self._openapi = json.dumps(openapi.document()).encode()
 
     def resource(self) -> IResource:
@@ -509,7 +523,7 @@ class AdminAPI:
         # off the reactor thread: 5,000 tags and manifests are 7 MB of JSON,
         # 370 ms of work that every client of the proxy would wait out
         # (and in pieces: see _json_of)
-        body = await deferToThread(_json_of, detail)
+        body = await self._threads.run(_json_of, detail)
         return _json_bytes(request, body)
 
     @app.route("/api/v1/cache/<upstream>/<path:repository>", methods=["DELETE"])

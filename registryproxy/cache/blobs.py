@@ -299,19 +299,12 @@ class BlobFetch:
     def _data(self, data: bytes) -> None:
         start = self.written
         end = start + len(data)
-        if (
-            self.disk_cap is not None
-            and end > self.disk_cap
-            and not isinstance(self._writer, MemoryRelay)
-        ):
-            self.disk_cap += self._more_room(end, self.disk_cap)
-        if (
-            self.disk_cap is not None
-            and end > self.disk_cap
-            and not isinstance(self._writer, MemoryRelay)
-        ):
+        cap = self.disk_cap
+        if cap is not None and end > cap and not isinstance(self._writer, MemoryRelay):
+            cap = self.disk_cap = cap + self._more_room(end, cap)
+        if cap is not None and end > cap and not isinstance(self._writer, MemoryRelay):
             why = (
-                f"a body of no announced size outgrew the {self.disk_cap} bytes free"
+                f"a body of no announced size outgrew the {cap} bytes free"
                 if self.size is None
                 else "no room for more of it in the cache"
             )
@@ -779,12 +772,17 @@ class BlobCache:
         ``ROOM_GRANTS`` grants of one download, as a blob that will not fit
         after all, behind pinned images, must not empty the rest); how many
         it may take."""
-        now = self._clock.seconds()
-        others = sum(f.claim(now) for f in self._active.values() if f is not fetch)
+        others = self._claimed(besides=fetch)
         if self.store.room() - others < wanted and fetch.evictions < ROOM_GRANTS:
             fetch.evictions += 1
             self._room_made(wanted + others)
         return max(min(wanted, self.store.room() - others), 0)
+
+    def _claimed(self, besides: BlobFetch | None = None) -> int:
+        """Disk bytes the downloads still running (but *besides*) will
+        plausibly take: their claims."""
+        now = self._clock.seconds()
+        return sum(f.claim(now) for f in self._active.values() if f is not besides)
 
     def _fits(self, needed: int) -> bool:
         """Whether *needed* bytes would fit with the cache evicted; False if
@@ -1109,9 +1107,7 @@ class BlobCache:
         given more (evicting on a full disk) as its bytes come: evicting
         all it announced up front let an upstream that announces much and
         sends nothing empty the cache a request at a time."""
-        # the downloads still running will take what they plausibly still send
-        now = self._clock.seconds()
-        reserved = sum(f.claim(now) for f in self._active.values())
+        reserved = self._claimed()
         budget = self._max_bytes
         cap = None
         if size is not None:

@@ -1066,8 +1066,18 @@ SELECT digest, size FROM (
 ) WHERE total - size < ? ORDER BY total
 """
 
+
+def _sub(sql: str, old: str, new: str) -> str:
+    """*sql* with *old* replaced, which must be there (so that a change to
+    the text it is made from fails at import, not at run time)."""
+    if old not in sql:
+        raise AssertionError(f"index.py's SQL changed: {old!r} not found")
+    return sql.replace(old, new)
+
+
 #: _LOOSE among the ? least recently used store files only
-_LOOSE_IN = _LOOSE.replace(
+_LOOSE_IN = _sub(
+    _LOOSE,
     "FROM blobs b\n",
     "FROM (SELECT * FROM blobs ORDER BY COALESCE(last_access, stored_at), digest LIMIT ?) b\n",
 )

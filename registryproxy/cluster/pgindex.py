@@ -57,6 +57,7 @@ from ..cache.index import (
     TagEntry,
     TagRow,
     _manifest_filter,
+    _sub,
     known,
     summaries,
     summary,
@@ -167,14 +168,6 @@ SCHEMA_LOCK = lock_id("regproxy-schema")
 _RETRIES = 5
 #: how long a heavy batch waits for the exclusive heavy lock before trying again
 EXCLUSIVE_WAIT_MS = 1000
-
-
-def _sub(sql: str, old: str, new: str) -> str:
-    """*sql* with *old* replaced, which must be there (so that a change to
-    index.py's text fails at import, not at run time)."""
-    if old not in sql:
-        raise AssertionError(f"index.py's SQL changed: {old!r} not found")
-    return sql.replace(old, new)
 
 
 def _pg(sql: str) -> str:
