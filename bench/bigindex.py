@@ -20,8 +20,9 @@ measures, while a 0.01 s LoopingCall records how late the reactor runs it:
   repository among the oldest is passed over);
 * purge: the admin API's purge of a repository with N/10 tags;
 * fsck: re-hash every file and reconcile the index;
-* room: 50 downloads on a full disk, each making room for 1/1000 of the
-  cache on the reactor thread (``Evictor.make_room``);
+* room: 50 downloads on a full disk, one after another, each making room
+  for 1/1000 of the cache (``Evictor.make_room``: on the reactor thread
+  before 2026-11-29, in the index's room thread since);
 * quiet: nothing, for reference;
 * load: the manifest requests that failed, over all scenarios.
 
@@ -480,7 +481,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             durations = []
             for _ in range(50):
                 began = time.perf_counter()
-                evictor.make_room(needed)
+                await maybe_await(evictor.make_room(needed))
                 durations.append(time.perf_counter() - began)
                 capacity -= needed  # the new blob took it
                 await deferLater(reactor, 0.01, lambda: None)

@@ -409,10 +409,12 @@ def build_proxy(
             # and a thread of their own; the reactor thread's commits never checkpoint
             threads = thread_pool("regproxy-index", 1, minthreads=1)
             reads = thread_pool("regproxy-index-reads", 1, minthreads=1)
+            room = thread_pool("regproxy-index-room", 1, minthreads=1)
             local = LocalIndex(
                 index,
                 IndexThread(index, reactor, threads),
                 IndexThread(index, reactor, reads),
+                IndexThread(index, reactor, room),
             )
             index.autocheckpoint(0)
     except OSError as e:

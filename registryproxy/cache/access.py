@@ -32,6 +32,11 @@ class IndexAccess(Protocol):
         """Heavy *work* that only reads (a listing, totals): if its answer
         is cancelled before it starts, it need not run."""
 
+    def room(self, work: Callable[[Index], T]) -> Deferred[T]:
+        """Bounded *work* a download waits for (evicting to make room for its
+        bytes on a full disk): off the reactor thread, and behind no heavy
+        work, so that neither the clients nor the download wait long."""
+
     def touch_manifest(self, upstream: str, repo: str, digest: str, when: float) -> None:
         """Remember an access (in memory: written by the next flush)."""
 
@@ -40,8 +45,8 @@ class IndexAccess(Protocol):
     @property
     def inline(self) -> Index | None:
         """The index, to use synchronously on the reactor thread for the
-        bounded work that cannot wait (making room mid-download); None for
-        an index that cannot be used so."""
+        few rows that cannot wait (whether a new blob could fit at all);
+        None for an index that cannot be used so."""
 
 
 class LocalIndex:
@@ -49,18 +54,25 @@ class LocalIndex:
     thread, heavy reads in a *reader* thread of their own (else *background*),
     on a connection of its own: WAL lets it read while a purge of the whole
     cache (18 s at 20,000 images) writes, so the admin API's listings and
-    totals do not wait for that."""
+    totals do not wait for that.  Room for downloads is made in a *roomer*
+    thread (else *background*): its writes wait for one batch of a purge's
+    at most (``index.HOLD_SECONDS``), not for the whole purge."""
 
     def __init__(
-        self, index: Index, background: IndexThread, reader: IndexThread | None = None
+        self,
+        index: Index,
+        background: IndexThread,
+        reader: IndexThread | None = None,
+        roomer: IndexThread | None = None,
     ) -> None:
         self.index = self._index = index
         self.background = background
         self.reader = reader if reader is not None else background
+        self.roomer = roomer if roomer is not None else background
 
     async def close(self) -> None:
         """Let the workers finish, stop their threads, close the index."""
-        for worker in {self.background, self.reader}:
+        for worker in {self.background, self.reader, self.roomer}:
             await worker.close()
             worker.threadpool.stop()
         self._index.close()
@@ -73,6 +85,9 @@ class LocalIndex:
 
     def read(self, work: Callable[[Index], T]) -> Deferred[T]:
         return self.reader.run(work, reads=True)
+
+    def room(self, work: Callable[[Index], T]) -> Deferred[T]:
+        return self.roomer.run(work)
 
     def touch_manifest(self, upstream: str, repo: str, digest: str, when: float) -> None:
         self._index.touch_manifest(upstream, repo, digest, when)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 from typing import Protocol as Interface
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -44,6 +44,9 @@ CLAIM_SECONDS = 300.0
 #: a download's grants of disk that may evict (each evicts at most
 #: eviction.ROOM_STEPS batches of images; the first is for a chunk)
 ROOM_GRANTS = 16
+#: how long a download waits for a grant that evicts (its upstream paused)
+#: before going on with the room there is (through memory, if none)
+ROOM_WAIT = 2.0
 
 
 class PeerSource(Interface):
@@ -84,16 +87,17 @@ class BlobFetch:
         max_size: int | None = None,
         started: float = 0.0,
         disk_cap: int | None = None,
-        grant: Callable[[BlobFetch, int], int] = lambda fetch, wanted: 0,
+        grant: Callable[[BlobFetch, int], Deferred[int]] = lambda fetch, wanted: succeed(0),
     ) -> None:
         """*max_size*: the upstream's max_blob_size, for a body whose size
         was not announced: past it, the download fails.  *disk_cap*: the
         bytes it may take on disk (None: all it announced), past which a
         body of announced size asks *grant* for more (evicting for them as
         they come, never up front: an upstream announcing much and sending
-        nothing evicts nothing), and one of no announced size, or one that
-        gets no more, goes on through memory, stored nowhere.  *started*:
-        when, on the cache's clock (see :meth:`claim`)."""
+        nothing evicts nothing), its upstream paused until it answers, and
+        one of no announced size, or one that gets no more, goes on through
+        memory, stored nowhere.  *started*: when, on the cache's clock (see
+        :meth:`claim`)."""
         self.digest = digest
         self.size = size
         self.max_size = max_size
@@ -125,9 +129,19 @@ class BlobFetch:
         #: ended, and nobody reads it any more
         self.closed = False
         self._done: list[Deferred[None]] = []
-        #: the upstream body, to pause while a memory relay is full
+        #: the upstream body, paused while a memory relay is full or bytes
+        #: wait for room (see _flow), and how to stop it for a problem
+        #: found outside its dataReceived (see attach)
         self.upstream: IPushProducer | None = None
+        self._stop: Callable[[str], None] = self._fail
         self._paused = False
+        self._holding = False
+        #: bytes received and not yet taken: they wait for a grant of disk
+        #: (_room_wait), the first asked for already if _asked
+        self._pending: collections.deque[bytes] = collections.deque()
+        self._room_wait: Deferred[None] | None = None
+        self._asked = False
+        self._taken: list[Deferred[None]] = []
 
     @property
     def written(self) -> int:
@@ -213,6 +227,11 @@ class BlobFetch:
         """Whether the upstream is paused for a reader that lags (a relay)."""
         return self._paused
 
+    @property
+    def waiting_for_room(self) -> bool:
+        """Whether the upstream is paused for disk room (at most ROOM_WAIT)."""
+        return self._room_wait is not None
+
     def _abandon_if_unwanted(self) -> None:
         """A relayed download nobody reads any more is of no use to anyone."""
         if self.relayed and not self._listeners and not self._holds and self.running:
@@ -232,9 +251,9 @@ class BlobFetch:
             return
         if self._listeners:
             self._writer.trim(min(self._listeners.values()))
-        if self._paused and self._writer.buffered < MemoryRelay.LOW and self.upstream:
+        if self._paused and self._writer.buffered < MemoryRelay.LOW:
             self._paused = False
-            self.upstream.resumeProducing()
+            self._flow()
 
     def _cut_slowest(self) -> None:
         """A relay's slowest reader kept its buffer full for a whole read
@@ -296,65 +315,145 @@ class BlobFetch:
 
     # -- driven by the upstream body --------------------------------------
 
+    def attach(self, upstream: IPushProducer, stop: Callable[[str], None]) -> None:
+        """Receive from *upstream* (a new one, when a download is taken
+        over), which *stop* ends for a problem with its bytes."""
+        self.upstream, self._stop, self._holding = upstream, stop, False
+        self._flow()
+
+    def detach(self) -> None:
+        """The upstream is gone with an error: bytes it sent that were not
+        taken yet go too (a download taken over asks for them again)."""
+        self._pending.clear()
+        self.upstream = None
+
+    def taken(self) -> Deferred[None]:
+        """Fires once every byte received is taken (none waits for room)."""
+        if self._room_wait is None and not self._pending:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._taken.append(d)
+        return d
+
+    def _flow(self) -> None:
+        """Pause the upstream while a relay is full or bytes wait for disk
+        room; let it go on otherwise."""
+        hold = self._paused or self._room_wait is not None
+        if self.upstream is None or hold == self._holding:
+            return
+        self._holding = hold
+        if hold:
+            self.upstream.pauseProducing()
+        else:
+            self.upstream.resumeProducing()
+
     def _data(self, data: bytes) -> None:
+        """Bytes from the upstream, in order: behind any that wait for room."""
+        self._pending.append(data)
+        if self._room_wait is None:
+            self._take()
+        else:
+            self._flow()  # an upstream attached meanwhile
+
+    def _take(self) -> None:
+        """Write what was received, until it is all taken or a grant of disk
+        room must be waited for (raising OSError or VerificationError for
+        bytes that cannot be taken)."""
+        while self._pending:
+            wait = self._write(self._pending[0])
+            if wait is not None:
+                if wait.called:  # answered at once: try again
+                    continue
+                self._room_wait = wait
+                wait.addCallback(self._room_came)
+                self._flow()
+                return
+            self._pending.popleft()
+            self._asked = False
+            if self.size is not None and self.written > self.size:
+                raise VerificationError(f"upstream sent more than the announced {self.size} bytes")
+            if self.max_size is not None and self.written > self.max_size:
+                raise VerificationError(
+                    f"upstream sent more than its max_blob_size of {self.max_size} bytes"
+                )
+        if (
+            isinstance(self._writer, MemoryRelay)
+            and self._writer.buffered > MemoryRelay.HIGH
+            and not self._paused
+        ):
+            self._paused = True
+            self._flow()
+        self._notify()
+        self._all_taken()
+
+    def _all_taken(self) -> None:
+        taken, self._taken = self._taken, []
+        for d in taken:
+            d.callback(None)
+
+    def _room_came(self, _: object) -> None:
+        self._room_wait = None
+        if not self.running:  # failed meanwhile: nothing more is taken
+            self._pending.clear()
+        try:
+            self._take()
+        except (OSError, VerificationError) as e:
+            self._pending.clear()
+            self._stop(str(e))
+            self._all_taken()
+        self._flow()
+
+    def _write(self, data: bytes) -> Deferred[None] | None:
+        """Write *data* (to disk, or through memory), or return a grant of
+        room to wait for before trying again, once per chunk: one that then
+        does not fit goes through memory.  A chunk the disk took part of
+        before it filled up is left with the rest."""
         start = self.written
         end = start + len(data)
         cap = self.disk_cap
-        if cap is not None and end > cap and not isinstance(self._writer, MemoryRelay):
-            cap = self.disk_cap = cap + self._more_room(end, cap)
-        if cap is not None and end > cap and not isinstance(self._writer, MemoryRelay):
+        if cap is not None and end > cap and not self.relayed:
+            if not self._asked:
+                return self._ask(end, raise_cap=True)
             why = (
                 f"a body of no announced size outgrew the {cap} bytes free"
                 if self.size is None
                 else "no room for more of it in the cache"
             )
             self._through_memory(data, start, why)
-        else:
-            try:
-                self._writer.write(data)
-            except OSError as e:
-                if e.errno != errno.ENOSPC:
-                    raise
-                self._disk_full(data, start)
-        if self.size is not None and self.written > self.size:
-            raise VerificationError(f"upstream sent more than the announced {self.size} bytes")
-        if self.max_size is not None and self.written > self.max_size:
-            raise VerificationError(
-                f"upstream sent more than its max_blob_size of {self.max_size} bytes"
-            )
-        if (
-            isinstance(self._writer, MemoryRelay)
-            and self._writer.buffered > MemoryRelay.HIGH
-            and self.upstream is not None
-            and not self._paused
-        ):
-            self._paused = True
-            self.upstream.pauseProducing()
-        self._notify()
+            return None
+        try:
+            self._writer.write(data)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            # the disk filled up under it: evict to make room if the cache
+            # can, or else go on through memory for the clients following
+            if not self._asked:
+                self._pending[0] = data[self.written - start :]
+                return self._ask(end, raise_cap=False)
+            self._through_memory(data, start, "the disk filled up")
+        return None
 
-    def _disk_full(self, data: bytes, start: int) -> None:
-        """The disk filled up under this download (*data* was to go at
-        *start*): evict to make room if the cache can, or else go on through
-        memory for the clients following it, keeping nothing."""
-        if self._more_room(start + len(data), self.written) > 0:
-            try:
-                self._writer.write(data[self.written - start :])
-                return
-            except OSError as e:
-                if e.errno != errno.ENOSPC:
-                    raise
-        self._through_memory(data, start, "the disk filled up")
+    def _ask(self, end: int, raise_cap: bool) -> Deferred[None]:
+        """Ask for free disk for its bytes up to *end*: as much again as it
+        sent (at least up to *end*, at most all it announced), so that
+        evictions follow the bytes that really come, in few steps; and
+        *raise_cap* to what it got.  Nothing is asked for a body of no
+        announced size: it has no known need, and nothing is evicted for it."""
+        self._asked = True
+        written = self.written
+        wanted = 0 if self.size is None else min(self.size, max(end, 2 * written)) - written
+        if wanted <= 0:
+            return succeed(None)
 
-    def _more_room(self, end: int, had: int) -> int:
-        """Disk for its bytes up to *end*, past the *had* bytes it has: as
-        much again as it sent (at least up to *end*, at most all it
-        announced), so that evictions follow the bytes that really come, in
-        few steps; how many more it got.  None for a body of no announced
-        size: it has no known need, and nothing is evicted for it."""
-        if self.size is None:
-            return 0
-        wanted = min(self.size, max(end, 2 * self.written)) - had
-        return max(self._grant(self, wanted), 0) if wanted > 0 else 0
+        def granted(more: int) -> None:
+            if raise_cap and self.disk_cap is not None:
+                self.disk_cap = max(self.disk_cap, written + more)
+
+        def failed(failure: Failure) -> None:
+            log.failure("asking for room for {digest}", failure, digest=str(self.digest))
+
+        return self._grant(self, wanted).addCallbacks(granted, failed)
 
     def _through_memory(self, data: bytes, start: int, why: str) -> None:
         """Go on through memory from *data* (to go at *start*) for the
@@ -489,7 +588,7 @@ class _Receiver(Protocol):
         self._problem: str | None = None
 
     def connectionMade(self) -> None:
-        self._fetch.upstream = self.transport  # type: ignore[assignment]
+        self._fetch.attach(self.transport, self._stop)  # type: ignore[arg-type]
         self._timer = self._clock.callLater(self._timeout, self._stalled)
         if self._min_rate is not None:
             self._window = self._clock.callLater(self._timeout, self._check_rate)
@@ -499,7 +598,7 @@ class _Receiver(Protocol):
         if self._problem:
             return
         rate = self._received / self._timeout
-        held = self._held or self._fetch.holding_upstream
+        held = self._held or self._fetch.holding_upstream or self._fetch.waiting_for_room
         self._received, self._held = 0, False
         if rate < self._min_rate and not held:
             self._window = None
@@ -512,6 +611,9 @@ class _Receiver(Protocol):
 
     def _stalled(self) -> None:
         self._timer = None
+        if self._fetch.waiting_for_room:  # not the upstream's silence either
+            self._timer = self._clock.callLater(self._timeout, self._stalled)
+            return
         if self._fetch.holding_upstream:
             # not the upstream's silence: a reader holds the relay up
             self._fetch._cut_slowest()
@@ -548,10 +650,17 @@ class _Receiver(Protocol):
             if timer is not None and timer.active():
                 timer.cancel()
         self._timer = self._window = None
-        if self._problem:
-            self._done(Failure(RuntimeError(self._problem)))
-        elif reason.check(ResponseDone, PotentialDataLoss):
-            self._done(None)
+        if not self._problem and reason.check(ResponseDone, PotentialDataLoss):
+            # the whole body came: done once its last bytes are taken
+            self._fetch.taken().addCallback(lambda _: self._end(None))
+        else:
+            self._fetch.detach()
+            self._end(reason)
+
+    def _end(self, reason: Failure | None) -> None:
+        why = self._problem or self._fetch.error
+        if why:
+            self._done(Failure(RuntimeError(why)))
         else:
             self._done(reason)
 
@@ -566,7 +675,7 @@ class BlobCache:
         clock: IReactorTime,
         stored: Callable[[], None] = lambda: None,
         max_bytes: int | None = None,
-        make_room: Callable[[int], int] = lambda needed: 0,
+        make_room: Callable[[int], Deferred[int]] = lambda needed: succeed(0),
         could_fit: Callable[[int], bool] = lambda needed: False,
         peers: PeerSource | None = None,
         verifier: Verifier | None = None,
@@ -766,17 +875,45 @@ class BlobCache:
             lambda f: log.error("cannot write the cache index: {why}", why=f.getErrorMessage())
         )
 
-    def _granted(self, fetch: BlobFetch, wanted: int) -> int:
-        """Up to *wanted* more bytes of disk for *fetch*, whose bytes outgrew
-        what it had, evicting for them on a full disk (in at most
+    def _granted(self, fetch: BlobFetch, wanted: int) -> Deferred[int]:
+        """Up to *wanted* bytes of disk past those *fetch* has written, whose
+        bytes outgrew what it had, evicting for them on a full disk (in at most
         ``ROOM_GRANTS`` grants of one download, as a blob that will not fit
         after all, behind pinned images, must not empty the rest); how many
-        it may take."""
-        others = self._claimed(besides=fetch)
-        if self.store.room() - others < wanted and fetch.evictions < ROOM_GRANTS:
-            fetch.evictions += 1
-            self._room_made(wanted + others)
-        return max(min(wanted, self.store.room() - others), 0)
+        it may take.  Evicting, it answers within ``ROOM_WAIT`` seconds with
+        the room there is then."""
+
+        def room() -> int:
+            return max(min(wanted, self.store.room() - self._claimed(besides=fetch)), 0)
+
+        if self.store.room() - self._claimed(besides=fetch) >= wanted:
+            return succeed(wanted)
+        if fetch.evictions >= ROOM_GRANTS:
+            return succeed(room())
+        fetch.evictions += 1
+        answer: Deferred[int] = Deferred()
+
+        def made(result: object) -> None:
+            if isinstance(result, Failure):  # the index may not be writable on a full disk either
+                log.failure(
+                    "could not evict to make room for {digest}", result, digest=str(fetch.digest)
+                )
+            if not answer.called:
+                if deadline.active():
+                    deadline.cancel()
+                answer.callback(room())
+
+        def late() -> None:
+            log.warn(
+                "making room for {digest} took over {wait}s: going on without it",
+                digest=str(fetch.digest),
+                wait=ROOM_WAIT,
+            )
+            answer.callback(room())
+
+        deadline = self._clock.callLater(ROOM_WAIT, late)
+        maybeDeferred(self._make_room, wanted + self._claimed(besides=fetch)).addBoth(made)
+        return answer
 
     def _claimed(self, besides: BlobFetch | None = None) -> int:
         """Disk bytes the downloads still running (but *besides*) will
@@ -792,15 +929,6 @@ class BlobCache:
         except Exception:
             log.failure("could not tell whether a new blob fits")
             return False
-
-    def _room_made(self, needed: int) -> int:
-        """Evict to give a new blob *needed* bytes; 0 if that fails (the
-        index may not be writable on a full disk either)."""
-        try:
-            return self._make_room(needed)
-        except Exception:
-            log.failure("could not evict to make room for a new blob")
-            return 0
 
     async def fetch(
         self,

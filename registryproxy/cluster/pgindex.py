@@ -941,6 +941,10 @@ class SharedIndex:
         # heavy reads run on a pool of their own: one waits for no purge
         return self.heavy(work)
 
+    def room(self, work: Callable[[PgIndex], T]) -> Deferred[T]:
+        # never asked: a shared index makes no room mid-download (inline is None)
+        return self.heavy(work)
+
     def touch_manifest(self, upstream: str, repo: str, digest: str, when: float) -> None:
         self._index.touch_manifest(upstream, repo, digest, when)
 

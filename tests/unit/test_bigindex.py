@@ -90,8 +90,8 @@ async def test_making_room_stays_bounded(tmp_path, fake_registry, make_proxy, mo
     proxy = await make_proxy(fake_registry.url, cache_dir=tmp_path / "cache")
     batches = evict_limits(monkeypatch)
     monkeypatch.setattr(proxy.proxy.store, "room", lambda: 0)  # never frees up
-    proxy.proxy.evictor.make_room(10)
-    # a few small batches, synchronously, then the download goes through memory
+    await proxy.proxy.evictor.make_room(10)
+    # a few small batches, then the download goes through memory
     assert batches == [eviction.ROOM_BATCH] * eviction.ROOM_STEPS
     assert proxy.proxy.index.totals()["manifests"] >= 300 - len(batches) * eviction.ROOM_BATCH
 

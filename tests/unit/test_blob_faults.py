@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import threading
 
 import pytest
 import pytest_twisted
@@ -17,6 +18,8 @@ from twisted.internet.threads import deferToThread
 
 from registryproxy.cache import blobs
 from registryproxy.cache.blobs import MemoryRelay
+from registryproxy.cache.index import Index
+from registryproxy.names import Digest
 
 SIZE = 2 * 1024 * 1024 + 3
 
@@ -533,17 +536,95 @@ async def test_an_upstream_announcing_much_and_sending_nothing_evicts_nothing(
     assert proxy.blob_path(old).exists()  # nothing evicted for bytes that never came
     # the same blob, sent: evicted for as its bytes come (given room, not
     # by writes that found the disk full), and stored
-    full: list[int] = []
-    disk_full = blobs.BlobFetch._disk_full
+    asks: list[bool] = []  # whether each ask was for a grant (else: the disk was full)
+    ask = blobs.BlobFetch._ask
     monkeypatch.setattr(
-        blobs.BlobFetch, "_disk_full", lambda f, d, s: full.append(s) or disk_full(f, d, s)
+        blobs.BlobFetch,
+        "_ask",
+        lambda f, end, raise_cap: asks.append(raise_cap) or ask(f, end, raise_cap),
     )
     status, body, short = await get(proxy, f"/v2/library/x/blobs/{digest}")
     assert (status, body == data, short) == (200, True, False)
     await settle()
     assert not proxy.blob_path(old).exists()
     assert proxy.blob_path(digest).read_bytes() == data
-    assert full == []
+    assert asks and all(asks)
+
+
+async def full_disk_and_held_room(fake_registry, make_proxy, monkeypatch):
+    """A cached 1 MiB image on a full 2.5 MiB disk, a 2 MiB blob to fetch,
+    and eviction held (at most 10 s) until the test releases it: the
+    threads Index.evict ran in, the event that it began, the release."""
+    fake_registry.add_image("library/old", "1", [os.urandom(1024 * 1024)])
+    data = os.urandom(2 * 1024 * 1024)
+    digest = fake_registry.add_blob(data)
+    proxy = await make_proxy(fake_registry.url, read_timeout=0.5)
+    old = json.loads((await proxy.get("/v2/old/manifests/1")).body)["layers"][0]["digest"]
+    assert (await proxy.get(f"/v2/old/blobs/{old}")).code == 200
+    await settle()
+    disk = SharedDisk(proxy, capacity=int(2.5 * 1024 * 1024))
+    disk.full = True
+    threads: list[str] = []
+    began, release = threading.Event(), threading.Event()
+    evict = Index.evict
+
+    def held(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        began.set()
+        release.wait(10)
+        return evict(self, *args, **kwargs)
+
+    monkeypatch.setattr(Index, "evict", held)
+    return proxy, data, digest, old, threads, began, release
+
+
+@pytest_twisted.ensureDeferred
+async def test_room_for_a_download_is_made_off_the_reactor_thread(
+    fake_registry, make_proxy, monkeypatch
+):
+    """Evicting for a download's bytes on a full disk (10 to 20 ms at
+    20,000 images) runs in the index's room thread, its upstream paused:
+    meanwhile the reactor answers other clients; then the blob is stored."""
+    proxy, data, digest, old, threads, began, release = await full_disk_and_held_room(
+        fake_registry, make_proxy, monkeypatch
+    )
+    pulling = get(proxy, f"/v2/library/x/blobs/{digest}")
+    try:
+        await deferToThread(began.wait, 10)
+        fetch = proxy.proxy.blobs.active(Digest.parse(digest))
+        assert fetch is not None and fetch.waiting_for_room
+        # the reactor answers while the eviction is held
+        assert (await proxy.get("/v2/old/manifests/1")).code == 200
+        await settle(0.7)  # past read_timeout: a paused upstream is not a silent one
+        assert fetch.waiting_for_room and fetch.running
+    finally:
+        release.set()
+    status, body, short = await pulling
+    assert (status, body == data, short) == (200, True, False)
+    await settle()
+    assert proxy.blob_path(digest).read_bytes() == data
+    assert not proxy.blob_path(old).exists()
+    assert threads and all("regproxy-index-room" in name for name in threads), threads
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_download_waits_for_room_a_while_then_goes_on_through_memory(
+    fake_registry, make_proxy, monkeypatch
+):
+    """Room that takes longer than ROOM_WAIT to make is not waited for: the
+    download goes on through memory for its client, keeping nothing."""
+    monkeypatch.setattr(blobs, "ROOM_WAIT", 0.3, raising=False)
+    proxy, data, digest, old, threads, began, release = await full_disk_and_held_room(
+        fake_registry, make_proxy, monkeypatch
+    )
+    try:
+        status, body, short = await get(proxy, f"/v2/library/x/blobs/{digest}")
+    finally:
+        release.set()
+    assert began.is_set()
+    assert (status, body == data, short) == (200, True, False)
+    await settle()
+    assert_nothing_kept(proxy, digest)
 
 
 @pytest_twisted.ensureDeferred
@@ -601,8 +682,8 @@ async def test_a_blob_that_will_not_fit_after_all_evicts_in_few_grants(
     disk._capacity = 100 * 1024 - disk.free()
     disk.full = True  # room() tells the truth: 100 KiB free
     made: list[int] = []
-    room_made = proxy.proxy.blobs._room_made
-    proxy.proxy.blobs._room_made = lambda needed: made.append(needed) or room_made(needed)
+    make_room = proxy.proxy.blobs._make_room
+    proxy.proxy.blobs._make_room = lambda needed: made.append(needed) or make_room(needed)
     status, body, short = await get(proxy, f"/v2/library/x/blobs/{digest}")
     assert (status, body == data, short) == (200, True, False)
     await settle()
