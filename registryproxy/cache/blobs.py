@@ -44,6 +44,10 @@ CLAIM_SECONDS = 300.0
 #: a download's grants of disk that may evict (each evicts at most
 #: eviction.ROOM_STEPS batches of images; the first is for a chunk)
 ROOM_GRANTS = 16
+#: the disk a download of announced size may take before it asks for more
+#: (see BlobFetch._ask): what an upstream that announces much and sends
+#: nothing keeps from the others
+FIRST_CLAIM = 1024 * 1024
 #: how long a download waits for a grant that evicts (its upstream paused)
 #: before going on with the room there is (through memory, if none)
 ROOM_WAIT = 2.0
@@ -94,7 +98,8 @@ class BlobFetch:
         bytes it may take on disk (None: all it announced), past which a
         body of announced size asks *grant* for more (evicting for them as
         they come, never up front: an upstream announcing much and sending
-        nothing evicts nothing), its upstream paused until it answers, and
+        nothing evicts nothing, and claims little), its upstream paused
+        while it waits for an answer, and
         one of no announced size, or one that gets no more, goes on through
         memory, stored nowhere.  *started*: when, on the cache's clock (see
         :meth:`claim`)."""
@@ -1229,12 +1234,14 @@ class BlobCache:
     def _writer(self, digest: Digest, size: int | None) -> tuple[BlobWriter, int | None]:
         """Where a download goes: the store, or only memory when it cannot
         go there, so the client still gets its bytes; and the bytes it may
-        take on disk before it asks for more (None: all it announced).
+        take on disk before it asks for more.
 
-        A body that does not fit in what is free now takes that, and is
-        given more (evicting on a full disk) as its bytes come: evicting
+        A body takes at most ``FIRST_CLAIM`` bytes of what is free now, and
+        is given more (evicting on a full disk) as its bytes come: claiming
         all it announced up front let an upstream that announces much and
-        sends nothing empty the cache a request at a time."""
+        sends nothing keep the disk from every other download (which then
+        evicted, or passed through memory), and evicting for it emptied the
+        cache a request at a time."""
         reserved = self._claimed()
         budget = self._max_bytes
         cap = None
@@ -1242,10 +1249,9 @@ class BlobCache:
             if budget is not None and size > budget:
                 return _relay(digest, size, f"larger than the cache budget of {budget} bytes"), None
             room = self.store.room() - reserved
-            if size > room:
-                if not self._fits(size + reserved):
-                    return _relay(digest, size, f"{max(room, 0)} bytes free for new blobs"), None
-                cap = max(room, 0)
+            if size > room and not self._fits(size + reserved):
+                return _relay(digest, size, f"{max(room, 0)} bytes free for new blobs"), None
+            cap = max(min(size, room, FIRST_CLAIM), 0)
         else:
             cap = max(self.store.room() - reserved, 0)
             if budget is not None:

@@ -551,6 +551,33 @@ async def test_an_upstream_announcing_much_and_sending_nothing_evicts_nothing(
     assert asks and all(asks)
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_announcing_much_and_sending_nothing_keeps_no_disk_from_others(
+    fake_registry, make_proxy
+):
+    """A download claims the disk as its bytes come, from FIRST_CLAIM: one
+    whose upstream announced 2 MiB and went silent does not make another
+    download, that fits beside what it really sent, evict a cached image."""
+    fake_registry.add_image("library/old", "1", [os.urandom(1024 * 1024)])
+    stalled, other = os.urandom(2 * 1024 * 1024), os.urandom(1536 * 1024)
+    silent, wanted = fake_registry.add_blob(stalled), fake_registry.add_blob(other)
+    fake_registry.blob_faults[silent] = Fault.stall(after=0, times=1)
+    proxy = await make_proxy(fake_registry.url, read_timeout=2)
+    old = json.loads((await proxy.get("/v2/old/manifests/1")).body)["layers"][0]["digest"]
+    assert (await proxy.get(f"/v2/old/blobs/{old}")).code == 200
+    await settle()
+    disk = SharedDisk(proxy, capacity=4 * 1024 * 1024)
+    disk.full = True  # room() tells the truth: 3 MiB free
+    hanging = get(proxy, f"/v2/library/x/blobs/{silent}")
+    await until(lambda: proxy.proxy.blobs.active(Digest.parse(silent)) is not None)
+    status, body, short = await get(proxy, f"/v2/library/x/blobs/{wanted}")
+    assert (status, body == other, short) == (200, True, False)
+    await settle()
+    assert proxy.blob_path(wanted).read_bytes() == other
+    assert proxy.blob_path(old).exists()
+    assert (await hanging)[2] is True  # the silent one is given up, short
+
+
 async def full_disk_and_held_room(fake_registry, make_proxy, monkeypatch):
     """A cached 1 MiB image on a full 2.5 MiB disk, a 2 MiB blob to fetch,
     and eviction held (at most 10 s) until the test releases it: the
