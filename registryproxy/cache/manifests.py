@@ -117,6 +117,9 @@ class ManifestCache:
         """What the registry stores under *reference*: from the cache, or
         revalidated or fetched once however many clients ask at once."""
         key = (client.name, repo, reference)
+        # an answer read before a purge or an eviction that lands after it
+        # is not kept (in a cluster the index and the store answer later)
+        seen = self._hot.generation
         hot = self._hot.get(key, self._clock.seconds())
         if hot is not None:
             self.touch(client.name, repo, hot.digest)
@@ -125,7 +128,7 @@ class ManifestCache:
             known = await self._index.quick(partial(_by_digest, client.name, repo, reference))
             cached = await self._read(client.name, repo, known)
             if cached is not None:
-                self._hot.put(key, cached, None)
+                self._hot.put(key, cached, None, seen)
                 return cached
             return await self._flight.run(
                 key, lambda: self._fetch(client, repo, reference, accept, forward)
@@ -141,7 +144,7 @@ class ManifestCache:
             self._clock.seconds() - entry.checked_at - (self._tag_ttl if ttl is None else ttl)
         )
         if expired_for < 0:
-            self._hot.put(key, cached, self._clock.seconds() - expired_for)
+            self._hot.put(key, cached, self._clock.seconds() - expired_for, seen)
             return cached
         try:
             return await self._flight.run(
@@ -401,15 +404,27 @@ class HotAnswers:
 
     def __init__(self, max_bytes: int = MAX_BYTES, max_entries: int = MAX_ENTRIES) -> None:
         self._kept: Bounded[tuple[str, str, str], CachedManifest] = Bounded(max_bytes, max_entries)
+        #: how many times it was emptied
+        self.generation = 0
 
     def get(self, key: tuple[str, str, str], now: float) -> CachedManifest | None:
         return self._kept.get(key, now)
 
-    def put(self, key: tuple[str, str, str], manifest: CachedManifest, until: float | None) -> None:
-        self._kept.put(key, manifest, len(manifest.body), until)
+    def put(
+        self,
+        key: tuple[str, str, str],
+        manifest: CachedManifest,
+        until: float | None,
+        seen: int | None = None,
+    ) -> None:
+        """Keep *manifest* until *until*, unless it was read from the index
+        in *seen*, a generation emptied since (it may name what went)."""
+        if seen is None or seen == self.generation:
+            self._kept.put(key, manifest, len(manifest.body), until)
 
     def clear(self) -> None:
         self._kept.clear()
+        self.generation += 1
 
 
 def _by_digest(upstream: str, repo: str, digest: str, index: Index) -> ManifestEntry | None:

@@ -3,7 +3,16 @@ used out, and a tag's answer ends with its TTL."""
 
 from __future__ import annotations
 
-from registryproxy.cache.manifests import CachedManifest, HotAnswers
+import io
+from collections.abc import Callable
+from types import SimpleNamespace
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from registryproxy.cache.index import ManifestEntry, TagEntry
+from registryproxy.cache.manifests import CachedManifest, HotAnswers, ManifestCache
+from registryproxy.names import Digest
 
 
 def _manifest(size: int) -> CachedManifest:
@@ -29,3 +38,54 @@ def test_the_byte_bound_and_a_tag_s_ttl_hold():
     hot.put(("u", "r", "tag"), _manifest(10), 5.0)
     assert hot.get(("u", "r", "tag"), 4.9) is not None
     assert hot.get(("u", "r", "tag"), 5.0) is None
+
+
+class _SlowIndex:
+    """An index whose answers come when the test says (a cluster's does
+    from a thread): each lookup waits in *asked*."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[Deferred, Callable]] = []
+
+    def quick(self, work: Callable) -> Deferred:
+        d: Deferred = Deferred()
+        self.asked.append((d, work))
+        return d
+
+    def touch_manifest(self, *args: object) -> None:
+        pass
+
+    def touch_blob(self, *args: object) -> None:
+        pass
+
+
+class _Files:
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def open(self, digest: Digest) -> io.BytesIO:
+        return io.BytesIO(self._body)
+
+
+def test_an_answer_read_before_an_eviction_is_not_kept_after_it():
+    """A lookup by tag that read the index before an eviction forgot the
+    answers in memory, and ends after, serves what it read once, but does
+    not keep it: the next client's lookup asks the index again."""
+    body = b'{"schemaVersion": 2}'
+    digest = str(Digest.of(body))
+    index = _SlowIndex()
+    manifests = ManifestCache(_Files(body), index, Clock(), tag_ttl=3600)  # type: ignore[arg-type]
+    client = SimpleNamespace(name="docker.io", config=SimpleNamespace(tag_ttl=None))
+    accept = ["application/vnd.oci.image.manifest.v1+json"]
+    first = Deferred.fromCoroutine(manifests.get(client, "library/app", "1", accept))
+    manifests.forget_hot()  # evicted meanwhile
+    [(lookup, _)] = index.asked
+    lookup.callback(
+        (
+            TagEntry(digest, "application/vnd.oci.image.manifest.v1+json", 0.0),
+            ManifestEntry(digest, "application/vnd.oci.image.manifest.v1+json", len(body)),
+        )
+    )
+    assert first.result.cache == "HIT"
+    Deferred.fromCoroutine(manifests.get(client, "library/app", "1", accept))
+    assert len(index.asked) == 2  # not answered from memory
