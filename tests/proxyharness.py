@@ -129,6 +129,14 @@ async def until(predicate: Any, timeout: float = 10.0) -> None:
     raise AssertionError("condition not reached in time")
 
 
+async def swept(proxy: Any) -> None:
+    """Wait until the sweeps that stored blobs asked for (Evictor.soon) have
+    run: a fixed wait is too short on a loaded machine."""
+    evictor = proxy.proxy.evictor
+    await settle(0.02)
+    await until(lambda: not evictor._scheduled and not evictor._sweeping.locked)
+
+
 def partial_get(
     url: str,
     path: str,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 from typing import Protocol as Interface
@@ -142,10 +143,11 @@ class BlobFetch:
         self._paused = False
         self._holding = False
         #: bytes received and not yet taken: they wait for a grant of disk
-        #: (_room_wait), the first asked for already if _asked
+        #: (_room_wait); the first was given one already to go past the cap
+        #: (_asked), or for a disk that filled up (_asked_full)
         self._pending: collections.deque[bytes] = collections.deque()
         self._room_wait: Deferred[None] | None = None
-        self._asked = False
+        self._asked = self._asked_full = False
         self._taken: list[Deferred[None]] = []
 
     @property
@@ -340,11 +342,13 @@ class BlobFetch:
         self._taken.append(d)
         return d
 
-    def _flow(self) -> None:
+    def _flow(self, again: bool = False) -> None:
         """Pause the upstream while a relay is full or bytes wait for disk
-        room; let it go on otherwise."""
+        room; let it go on otherwise.  *again*: bytes came while it is held,
+        so something resumed it (Twisted does, once a body's first bytes
+        are delivered): pause it once more."""
         hold = self._paused or self._room_wait is not None
-        if self.upstream is None or hold == self._holding:
+        if self.upstream is None or (hold == self._holding and not (hold and again)):
             return
         self._holding = hold
         if hold:
@@ -357,8 +361,8 @@ class BlobFetch:
         self._pending.append(data)
         if self._room_wait is None:
             self._take()
-        else:
-            self._flow()  # an upstream attached meanwhile
+        if self._paused or self._room_wait is not None:
+            self._flow(again=True)
 
     def _take(self) -> None:
         """Write what was received, until it is all taken or a grant of disk
@@ -374,7 +378,7 @@ class BlobFetch:
                 self._flow()
                 return
             self._pending.popleft()
-            self._asked = False
+            self._asked = self._asked_full = False
             if self.size is not None and self.written > self.size:
                 raise VerificationError(f"upstream sent more than the announced {self.size} bytes")
             if self.max_size is not None and self.written > self.max_size:
@@ -433,7 +437,7 @@ class BlobFetch:
                 raise
             # the disk filled up under it: evict to make room if the cache
             # can, or else go on through memory for the clients following
-            if not self._asked:
+            if not self._asked_full:
                 self._pending[0] = data[self.written - start :]
                 return self._ask(end, raise_cap=False)
             self._through_memory(data, start, "the disk filled up")
@@ -445,7 +449,10 @@ class BlobFetch:
         evictions follow the bytes that really come, in few steps; and
         *raise_cap* to what it got.  Nothing is asked for a body of no
         announced size: it has no known need, and nothing is evicted for it."""
-        self._asked = True
+        if raise_cap:
+            self._asked = True
+        else:
+            self._asked_full = True
         written = self.written
         wanted = 0 if self.size is None else min(self.size, max(end, 2 * written)) - written
         if wanted <= 0:
@@ -680,7 +687,9 @@ class BlobCache:
         clock: IReactorTime,
         stored: Callable[[], None] = lambda: None,
         max_bytes: int | None = None,
-        make_room: Callable[[int], Deferred[int]] = lambda needed: succeed(0),
+        make_room: Callable[[int, Callable[[], bool]], Deferred[int]] = (
+            lambda needed, gave_up: succeed(0)
+        ),
         could_fit: Callable[[int], bool] = lambda needed: False,
         peers: PeerSource | None = None,
         verifier: Verifier | None = None,
@@ -889,14 +898,20 @@ class BlobCache:
         the room there is then."""
 
         def room() -> int:
-            return max(min(wanted, self.store.room() - self._claimed(besides=fetch)), 0)
+            try:
+                return max(min(wanted, self.store.room() - self._claimed(besides=fetch)), 0)
+            except OSError as e:
+                log.error("cannot tell the room on the cache's disk: {why}", why=e)
+                return 0
 
-        if self.store.room() - self._claimed(besides=fetch) >= wanted:
+        if room() >= wanted:
             return succeed(wanted)
         if fetch.evictions >= ROOM_GRANTS:
             return succeed(room())
         fetch.evictions += 1
         answer: Deferred[int] = Deferred()
+        # evicting stops once nobody waits for it (a thread reads it)
+        gave_up = threading.Event()
 
         def made(result: object) -> None:
             if isinstance(result, Failure):  # the index may not be writable on a full disk either
@@ -914,10 +929,12 @@ class BlobCache:
                 digest=str(fetch.digest),
                 wait=ROOM_WAIT,
             )
+            gave_up.set()
             answer.callback(room())
 
         deadline = self._clock.callLater(ROOM_WAIT, late)
-        maybeDeferred(self._make_room, wanted + self._claimed(besides=fetch)).addBoth(made)
+        needed = wanted + self._claimed(besides=fetch)
+        maybeDeferred(self._make_room, needed, gave_up.is_set).addBoth(made)
         return answer
 
     def _claimed(self, besides: BlobFetch | None = None) -> int:

@@ -182,7 +182,7 @@ class Evictor:
         index = self._access.inline
         return index is not None and _fits(self._store, self._keep.busy(), needed, index)
 
-    def make_room(self, needed: int) -> Deferred[int]:
+    def make_room(self, needed: int, gave_up: Callable[[], bool] = lambda: False) -> Deferred[int]:
         """Evict least recently used images until a new blob of *needed*
         bytes fits on the disk, so that with no budget set (or a disk shared
         with others) a full disk still caches what is pulled now instead of
@@ -192,16 +192,17 @@ class Evictor:
         batches of ``ROOM_BATCH`` images, each chosen by one indexed query,
         in the index's room thread (10 to 20 ms at 20,000 images: on the
         reactor thread, every client waited that out); a blob that needs
-        more goes through memory."""
+        more goes through memory.  It stops once *gave_up* (asked in that
+        thread) says the download no longer waits for it."""
         if self._access.inline is None:
             return succeed(0)
-        return Deferred.fromCoroutine(self._make_room(needed))
+        return Deferred.fromCoroutine(self._make_room(needed, gave_up))
 
-    async def _make_room(self, needed: int) -> int:
+    async def _make_room(self, needed: int, gave_up: Callable[[], bool]) -> int:
         # access times gathered on the reactor are written before choosing
         await self._access.quick(flush)
         evictions, freed = await self._access.room(
-            partial(_room, self._store, list(self._keep.pins), self._keep.busy(), needed)
+            partial(_room, self._store, list(self._keep.pins), self._keep.busy(), needed, gave_up)
         )
         for evicted, just_freed in evictions:
             self._log(evicted, "disk full", just_freed)
@@ -274,24 +275,29 @@ def _fits(store: Deletes, busy: set[str], needed: int, index: Index) -> bool:
 
 
 def _room(
-    store: Deletes, pins: list[Pin], busy: set[str], needed: int, index: Index
+    store: Deletes,
+    pins: list[Pin],
+    busy: set[str],
+    needed: int,
+    gave_up: Callable[[], bool],
+    index: Index,
 ) -> tuple[list[tuple[Evicted, int]], int]:
     """Room for *needed* bytes (see :meth:`Evictor.make_room`): each batch
     evicted with the bytes it freed (the last, if any, for loose blobs), and
     all bytes freed."""
-    if not _fits(store, busy, needed, index):
+    if gave_up() or not _fits(store, busy, needed, index):
         return [], 0
     done: list[tuple[Evicted, int]] = []
     for _ in range(ROOM_STEPS):
         short = needed - store.room()
-        if short <= 0:
+        if short <= 0 or gave_up():
             break
         evicted = index.evict(pins, busy, ROOM_BATCH, excess=short)
         if not evicted.images:
             break
         done.append((evicted, _reclaim(store, evicted.removed.blobs, index)))
     short = needed - store.room()
-    if short > 0:
+    if short > 0 and not gave_up():
         loose = index.evict_loose(busy, short, ROOM_BATCH, window=ROOM_LOOSE_WINDOW)
         if loose:
             done.append(

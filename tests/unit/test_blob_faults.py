@@ -245,7 +245,7 @@ async def test_a_body_of_no_announced_size_takes_no_more_disk_than_was_free(
     written = Written(proxy)
     proxy.proxy.store.room = lambda: 1024 * 1024
     evicting: list[int] = []
-    proxy.proxy.blobs._make_room = evicting.append
+    proxy.proxy.blobs._make_room = lambda needed, gave_up: evicting.append(needed)
     assert await get(proxy, f"/v2/library/x/blobs/{digest}") == (200, data, False)
     assert 0 < written.most <= 1024 * 1024
     assert evicting == []
@@ -386,7 +386,7 @@ async def test_eviction_failing_on_a_full_disk_still_serves_every_byte(fake_regi
     # the index is on the full disk too: its writes fail, and so does eviction
     proxy, _, data, digest = await old_image_on_shared_disk(fake_registry, make_proxy, 1.5)
 
-    def index_full(needed):
+    def index_full(needed, gave_up):
         raise sqlite3.OperationalError("database or disk is full")
 
     proxy.proxy.blobs._make_room = index_full
@@ -710,7 +710,9 @@ async def test_a_blob_that_will_not_fit_after_all_evicts_in_few_grants(
     disk.full = True  # room() tells the truth: 100 KiB free
     made: list[int] = []
     make_room = proxy.proxy.blobs._make_room
-    proxy.proxy.blobs._make_room = lambda needed: made.append(needed) or make_room(needed)
+    proxy.proxy.blobs._make_room = lambda needed, gave_up: (
+        made.append(needed) or make_room(needed, gave_up)
+    )
     status, body, short = await get(proxy, f"/v2/library/x/blobs/{digest}")
     assert (status, body == data, short) == (200, True, False)
     await settle()

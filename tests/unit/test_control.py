@@ -10,9 +10,8 @@ from urllib.parse import urlsplit
 import pytest
 import pytest_twisted
 from fakeregistry import Fault
-from proxyharness import until
+from proxyharness import swept, until
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 
 from registryproxy.admin.backend import AdminError, PurgeSelector
@@ -292,7 +291,7 @@ async def test_pins_from_config_and_api_keep_images_from_eviction(
         reply = await proxy.get(f"/v2/{name}/manifests/1")
         for layer in layers(reply.body):
             await proxy.get(f"/v2/{name}/blobs/{layer}")
-        await deferLater(reactor, 0.05, lambda: None)  # eviction runs just after
+        await swept(proxy)  # eviction runs just after
     cached = {r.repository for r in (await control.repositories(None, Page())).repositories}
     assert cached == {"library/config", "library/api", "library/last"}
     with pytest.raises(AdminError) as e:

@@ -7,7 +7,7 @@ import os
 import threading
 
 import pytest_twisted
-from proxyharness import partial_get, settle, until
+from proxyharness import partial_get, swept, until
 from twisted.internet.threads import deferToThread
 
 from registryproxy.config import ConfigError, parse_config, parse_size
@@ -21,7 +21,7 @@ async def pull(proxy, repo, tag="1"):
     layers = [layer["digest"] for layer in json.loads(reply.body)["layers"]]
     for layer in layers:
         assert (await proxy.get(f"/v2/{repo}/blobs/{layer}")).code == 200
-    await settle()
+    await swept(proxy)
     return layers
 
 
