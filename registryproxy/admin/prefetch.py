@@ -98,7 +98,7 @@ class Prefetcher:
                 manifest = await self._manifests.get(client, job.repository, child, MODERN)
                 job.manifests_done += 1
                 images.append(manifest.body)
-            wanted = [d for body in images for d, kind in references(body) if kind == "blob"]
+            wanted = [d for body in images for d, kind in references(body) or [] if kind == "blob"]
             job.blobs_total = len(set(wanted))
             for digest in dict.fromkeys(wanted):
                 parsed = Digest.parse(digest)

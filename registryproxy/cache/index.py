@@ -453,22 +453,43 @@ class Index:
         entry: ManifestEntry,
         fetched_at: float,
         refs: Iterable[tuple[str, str]] = (),
+        first: int = 0,
     ) -> None:
-        """Record a manifest and what it lists: ``(digest, "blob"|"manifest")``."""
-        refs = list(refs)
+        """Record a manifest and what it lists: ``(digest, "blob"|"manifest")``,
+        from position *first* on (what comes before: :meth:`put_refs`)."""
         with self._transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO manifests VALUES (?, ?, ?, ?, ?, ?, NULL)",
                 (upstream, repo, entry.digest, entry.media_type, entry.size, fetched_at),
             )
-            db.executemany(
-                "INSERT OR IGNORE INTO refs VALUES (?, ?, ?, ?)",
-                [(entry.digest, child, kind, i) for i, (child, kind) in enumerate(refs)],
-            )
-            db.executemany(
-                "INSERT OR IGNORE INTO repo_blobs VALUES (?, ?, ?)",
-                [(upstream, repo, child) for child, kind in refs if kind == "blob"],
-            )
+            self._put_refs(db, upstream, repo, entry.digest, list(refs), first)
+
+    def put_refs(
+        self, upstream: str, repo: str, digest: str, refs: list[tuple[str, str]], first: int
+    ) -> None:
+        """Record part of what manifest *digest* lists, from position
+        *first* on, before :meth:`put_manifest` makes it known: a manifest
+        listing many is recorded in steps, each a short transaction."""
+        with self._transaction() as db:
+            self._put_refs(db, upstream, repo, digest, refs, first)
+
+    @staticmethod
+    def _put_refs(
+        db: sqlite3.Connection,
+        upstream: str,
+        repo: str,
+        digest: str,
+        refs: list[tuple[str, str]],
+        first: int,
+    ) -> None:
+        db.executemany(
+            "INSERT OR IGNORE INTO refs VALUES (?, ?, ?, ?)",
+            [(digest, child, kind, first + i) for i, (child, kind) in enumerate(refs)],
+        )
+        db.executemany(
+            "INSERT OR IGNORE INTO repo_blobs VALUES (?, ?, ?)",
+            [(upstream, repo, child) for child, kind in refs if kind == "blob"],
+        )
 
     def tag(self, upstream: str, repo: str, tag: str) -> TagEntry | None:
         row = self._db.execute(

@@ -17,6 +17,7 @@ import attrs
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.defer import TimeoutError as Late
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from ..bounded import Bounded
@@ -35,6 +36,13 @@ log = Logger()
 
 #: how long a purge waits for manifests being cached in the background
 SETTLE_SECONDS = 10.0
+#: a manifest listing more descriptors is served but not cached (no image
+#: has more than 128 layers; an upstream listing tens of thousands, in a
+#: manifest of 4 MiB, cost seconds of index writes)
+MAX_REFS = 1000
+#: descriptors recorded per step (a short transaction), the reactor serving
+#: others between steps
+REFS_PER_STEP = 128
 
 
 @attrs.frozen
@@ -296,7 +304,8 @@ class ManifestCache:
             expected = Digest.parse(manifest.digest)
         else:
             expected = Digest.of(manifest.body)
-        if not _json_object(manifest.body):
+        refs = references(manifest.body)
+        if refs is None:
             raise RegistryError(
                 502,
                 "MANIFEST_INVALID",
@@ -315,8 +324,19 @@ class ManifestCache:
         if from_peer:  # the owner cached it (bucket and index): nothing to write here
             return CachedManifest(manifest.body, manifest.media_type, digest, manifest.cache)
         fetched = CachedManifest(manifest.body, manifest.media_type, digest, "MISS")
+        if len(refs) > MAX_REFS:
+            log.warn(
+                "not caching {upstream}/{repo}:{reference}: it lists {n} descriptors, "
+                "more than the {most} a cached manifest may",
+                upstream=client.name,
+                repo=repo,
+                reference=reference,
+                n=len(refs),
+                most=MAX_REFS,
+            )
+            return fetched
         if self._shared is None:
-            await self._cache(client, repo, reference, fetched)
+            await self._cache(client, repo, reference, fetched, refs)
             return fetched
         # a cluster's store takes a while (an upload, then the index): this
         # node answers from memory meanwhile, the client not waiting for it
@@ -327,7 +347,7 @@ class ManifestCache:
             else self._clock.seconds() + (self._tag_ttl if ttl is None else ttl)
         )
         self._hot.put((client.name, repo, reference), attrs.evolve(fetched, cache="HIT"), fresh)
-        caching = Deferred.fromCoroutine(self._cache(client, repo, reference, fetched))
+        caching = Deferred.fromCoroutine(self._cache(client, repo, reference, fetched, refs))
         self._caching.add(caching)
         caching.addBoth(lambda _: self._caching.discard(caching))
         return fetched
@@ -346,10 +366,16 @@ class ManifestCache:
                 log.warn("purging with {n} manifests still being cached", n=len(pending))
 
     async def _cache(
-        self, client: RegistryClient, repo: str, reference: str, manifest: CachedManifest
+        self,
+        client: RegistryClient,
+        repo: str,
+        reference: str,
+        manifest: CachedManifest,
+        refs: list[tuple[str, str]],
     ) -> None:
         """Keep a fetched manifest: its bytes in the store (and a cluster's
-        shared store), then its rows in the index."""
+        shared store), then its rows in the index: what it lists (*refs*) a
+        step at a time, then its own row, which makes it known."""
         actual, digest = Digest.parse(manifest.digest), manifest.digest
         now = self._clock.seconds()
         try:
@@ -362,8 +388,13 @@ class ManifestCache:
                 if is_valid_digest(reference)
                 else (reference, TagEntry(digest, entry.media_type, now))
             )
+            last = (len(refs) - 1) // REFS_PER_STEP * REFS_PER_STEP if refs else 0
+            for first in range(0, last, REFS_PER_STEP):
+                step = refs[first : first + REFS_PER_STEP]
+                await self._index.quick(partial(_listed, client.name, repo, digest, step, first))
+                await deferLater(self._clock, 0, lambda: None)
             await self._index.quick(
-                partial(_record, client.name, repo, entry, now, references(manifest.body), tag)
+                partial(_record, client.name, repo, entry, now, refs[last:], last, tag)
             )
         except Exception as e:  # the store's OSError, or the index's error
             # The client still gets its manifest; the next request tries again.
@@ -439,27 +470,39 @@ def _by_tag(
     return entry, (index.manifest(upstream, repo, entry.digest) if entry else None)
 
 
+def _listed(
+    upstream: str, repo: str, digest: str, refs: list[tuple[str, str]], first: int, index: Index
+) -> None:
+    """Part of what a manifest lists, before it is recorded (by name: whichever index it is)."""
+    index.put_refs(upstream, repo, digest, refs, first)
+
+
 def _record(
     upstream: str,
     repo: str,
     entry: ManifestEntry,
     now: float,
     refs: list[tuple[str, str]],
+    first: int,
     tag: tuple[str, TagEntry] | None,
     index: Index,
 ) -> None:
-    """A fetched manifest into the index: its file, what it lists, its tag."""
+    """A fetched manifest into the index: its file, what it lists from
+    position *first* on, its tag."""
     index.put_blob(entry.digest, entry.size, now)
-    index.put_manifest(upstream, repo, entry, now, refs)
+    index.put_manifest(upstream, repo, entry, now, refs, first)
     if tag is not None:
         index.put_tag(upstream, repo, *tag)
 
 
-def references(body: bytes) -> list[tuple[str, str]]:
+def references(body: bytes) -> list[tuple[str, str]] | None:
     """What a manifest lists: ``(digest, "blob")`` for its config and layers,
-    ``(digest, "manifest")`` for the platform manifests of an index."""
+    ``(digest, "manifest")`` for the platform manifests of an index; None
+    for a body that is not a JSON object (no manifest)."""
     try:
         manifest = json.loads(body)
+        if not isinstance(manifest, dict):
+            return None
         blobs = [manifest.get("config") or {}]
         blobs += manifest.get("layers") or []
         blobs += manifest.get("blobs") or []
@@ -470,12 +513,7 @@ def references(body: bytes) -> list[tuple[str, str]]:
             for d in descriptors
             if isinstance(d, dict) and is_valid_digest(str(d.get("digest", "")))
         ]
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, RecursionError):  # not JSON, or nested past what Python parses
+        return None
+    except (TypeError, AttributeError):
         return []
-
-
-def _json_object(body: bytes) -> bool:
-    try:
-        return isinstance(json.loads(body), dict)
-    except ValueError:
-        return False

@@ -236,6 +236,23 @@ _PUT_BLOB = (
 )
 _REPOSITORY_REFS = _pg(sqlite_index._REPOSITORY_REFS)
 _LINK = "INSERT INTO repo_blobs VALUES (%s, %s, %s) ON CONFLICT DO NOTHING"
+
+
+def _put_refs(
+    cur: Any, upstream: str, repo: str, digest: str, refs: list[tuple[str, str]], first: int
+) -> None:
+    """What manifest *digest* lists, from position *first* on, in key order
+    (a child listed twice keeps its first position, as INSERT OR IGNORE does
+    in index.py)."""
+    children = sorted((child, first + i, kind) for i, (child, kind) in enumerate(refs))
+    cur.executemany(
+        "INSERT INTO refs VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        [(digest, child, kind, i) for child, i, kind in children],
+    )
+    blobs = sorted({child for child, kind in refs if kind == "blob"})
+    cur.executemany(_LINK, [(upstream, repo, child) for child in blobs])
+
+
 _SOURCE = "INSERT INTO blob_sources VALUES (%s, %s) ON CONFLICT DO NOTHING"
 _KNOWN = _pg(sqlite_index._KNOWN)
 _SOURCES_FROM_LINKS = _pg(sqlite_index._SOURCES_FROM_LINKS)
@@ -434,13 +451,11 @@ class PgIndex:
         entry: ManifestEntry,
         fetched_at: float,
         refs: Iterable[tuple[str, str]] = (),
+        first: int = 0,
     ) -> None:
-        """Record a manifest and what it lists: ``(digest, "blob"|"manifest")``."""
+        """Record a manifest and what it lists: ``(digest, "blob"|"manifest")``,
+        from position *first* on (what comes before: :meth:`put_refs`)."""
         listed = list(refs)
-        # key order (a child listed twice keeps its first position, as INSERT
-        # OR IGNORE does in index.py)
-        children = sorted((child, i, kind) for i, (child, kind) in enumerate(listed))
-        blobs = sorted({child for child, kind in listed if kind == "blob"})
 
         def write(conn: Conn) -> None:
             cur = conn.cursor()
@@ -448,13 +463,18 @@ class PgIndex:
                 _PUT_MANIFEST,
                 (upstream, repo, entry.digest, entry.media_type, entry.size, fetched_at),
             )
-            cur.executemany(
-                "INSERT INTO refs VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                [(entry.digest, child, kind, i) for child, i, kind in children],
-            )
-            cur.executemany(_LINK, [(upstream, repo, child) for child in blobs])
+            _put_refs(cur, upstream, repo, entry.digest, listed, first)
 
         self._write(write, "shared")
+
+    def put_refs(
+        self, upstream: str, repo: str, digest: str, refs: list[tuple[str, str]], first: int
+    ) -> None:
+        """Part of what manifest *digest* lists, before :meth:`put_manifest`
+        (see index.py)."""
+        self._write(
+            lambda conn: _put_refs(conn.cursor(), upstream, repo, digest, refs, first), "shared"
+        )
 
     def tag(self, upstream: str, repo: str, tag: str) -> TagEntry | None:
         rows = self._read(

@@ -137,7 +137,12 @@ class Differ:
         digest = self.rng.choice(MANIFESTS)
         kind = INDEX_TYPE if digest < MANIFESTS[4] else MANIFEST_TYPE
         entry = ManifestEntry(digest, kind, self.sizes[digest])
-        self.call("put_manifest", upstream, repo, entry, self.now(), self.listed[digest])
+        listed = self.listed[digest]
+        # sometimes in steps, as a manifest listing many is recorded
+        first = self.rng.randrange(len(listed) + 1) if self.rng.random() < 0.3 else 0
+        if first:
+            self.call("put_refs", upstream, repo, digest, listed[:first], 0)
+        self.call("put_manifest", upstream, repo, entry, self.now(), listed[first:], first)
         if kind == INDEX_TYPE and self.rng.random() < 0.7:
             # a pull of an index caches its platform manifests too, mostly
             for child, what in self.listed[digest]:

@@ -28,6 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
+from registryproxy.cache import manifests
 from registryproxy.config import UpstreamConfig
 from registryproxy.errors import RegistryError
 from registryproxy.upstream import public
@@ -467,3 +468,59 @@ async def test_a_loopback_upstream_may_still_redirect_to_loopback(make_fake_regi
 def _resolve(host: str, port: int) -> Any:
     """Name lookups on the test reactor's threads (regproxy's own use a pool of theirs)."""
     return public.lookup(reactor, reactor.getThreadPool(), host, port, 5.0)
+
+
+# -- manifests listing many descriptors ---------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_manifest_listing_too_many_descriptors_is_served_not_cached(
+    fake_registry, make_proxy
+):
+    """Past MAX_REFS descriptors (an upstream listing tens of thousands in a
+    4 MiB manifest cost seconds of index writes on the reactor thread), a
+    manifest is served, checked against its digest, and not cached."""
+    fake_registry.add_image("evil/many", "1", [b"%d" % i for i in range(manifests.MAX_REFS)])
+    proxy = await make_proxy(fake_registry.url)
+    for _ in range(2):
+        reply = await proxy.get("/v2/evil/many/manifests/1")
+        assert (reply.code, reply.header("X-Cache")) == (200, "MISS")
+        assert len(json.loads(reply.body)["layers"]) == manifests.MAX_REFS
+    assert fake_registry.count("GET", "/manifests/1") == 2
+    assert proxy.proxy.index.totals()["manifests"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_manifest_listing_many_is_recorded_a_step_at_a_time(
+    fake_registry, make_proxy, monkeypatch
+):
+    """What it lists goes into the index in steps of REFS_PER_STEP, the
+    reactor free between them, and its own row last: all of it, in order."""
+    monkeypatch.setattr(manifests, "REFS_PER_STEP", 16)
+    layers = [b"layer %d" % i for i in range(40)]
+    fake_registry.add_image("library/tall", "1", layers)
+    proxy = await make_proxy(fake_registry.url)
+    index = proxy.proxy.index
+    steps: list[tuple[int, int, int]] = []  # (first, how many, manifests known then)
+    put_refs = index.put_refs
+
+    def stepped(upstream, repo, digest, refs, first):
+        steps.append((first, len(refs), index.totals()["manifests"]))
+        put_refs(upstream, repo, digest, refs, first)
+
+    monkeypatch.setattr(index, "put_refs", stepped)
+    reply = await proxy.get("/v2/tall/manifests/1")
+    assert (reply.code, reply.header("X-Cache")) == (200, "MISS")
+    # config + 40 layers: two steps of 16, then 9 with the manifest's row
+    assert steps == [(0, 16, 0), (16, 16, 0)]
+    listed = index._db.execute(
+        "SELECT child FROM refs WHERE manifest = ? ORDER BY position",
+        (reply.header("Docker-Content-Digest"),),
+    ).fetchall()
+    body = json.loads(reply.body)
+    assert [d for (d,) in listed] == [
+        body["config"]["digest"],
+        *(layer["digest"] for layer in body["layers"]),
+    ]
+    assert (await proxy.get("/v2/tall/manifests/1")).header("X-Cache") == "HIT"
+    assert fake_registry.count("GET", "/manifests/1") == 1
