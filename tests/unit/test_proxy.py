@@ -643,6 +643,9 @@ async def test_bad_tag_list_page_size_is_a_400(fake_registry, make_proxy):
 @pytest_twisted.ensureDeferred
 async def test_a_non_manifest_body_is_not_cached_as_a_manifest(fake_registry, make_proxy):
     fake_registry.add_manifest("library/x", b"<html>not a manifest</html>", DOCKER_MANIFEST, ["1"])
+    # JSON nested deeper than Python parses (RecursionError, not ValueError)
+    fake_registry.add_manifest("library/x", b"[" * 200_000, DOCKER_MANIFEST, ["deep"])
     proxy = await make_proxy(fake_registry.url)
-    reply = await proxy.get("/v2/x/manifests/1")
-    assert (reply.code, error_code(reply)) == (502, "MANIFEST_INVALID")
+    for tag in ("1", "deep"):
+        reply = await proxy.get(f"/v2/x/manifests/{tag}")
+        assert (reply.code, error_code(reply)) == (502, "MANIFEST_INVALID"), tag
