@@ -23,6 +23,9 @@ measures, while a 0.01 s LoopingCall records how late the reactor runs it:
 * room: 50 downloads on a full disk, one after another, each making room
   for 1/1000 of the cache (``Evictor.make_room``: on the reactor thread
   before 2026-11-29, in the index's room thread since);
+* wide: 20 manifests listing 1,000 descriptors each (a cached manifest's
+  most, which a hostile upstream may send) recorded as a pull records them
+  (``ManifestCache._cache``);
 * quiet: nothing, for reference;
 * load: the manifest requests that failed, over all scenarios.
 
@@ -53,6 +56,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -491,6 +495,38 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             }
 
         rows.append(await measure(reactor, lag, "room", room))
+
+        async def wide() -> dict[str, Any]:
+            # what a pull of manifests listing many descriptors writes (up to
+            # MAX_REFS, which a hostile upstream may send), as ManifestCache
+            # records them: in steps, the reactor serving others between
+            from registryproxy.cache import manifests as manifest_module
+
+            client = SimpleNamespace(name="docker.io", config=SimpleNamespace(tag_ttl=None))
+            count = getattr(manifest_module, "MAX_REFS", 1000) - 1  # (a baseline may have none)
+            takes_refs = "refs" in inspect.signature(proxy.manifests._cache).parameters
+            for i in range(20):
+                layers = [
+                    {"mediaType": "x", "size": 1, "digest": digest_of(b"wide %d.%d" % (i, j))}
+                    for j in range(count)
+                ]
+                config = {"mediaType": "x", "size": 1, "digest": digest_of(b"wide %d" % i)}
+                body = json.dumps({"schemaVersion": 2, "config": config, "layers": layers})
+                fetched = manifest_module.CachedManifest(
+                    body.encode(),
+                    "application/vnd.oci.image.manifest.v1+json",
+                    digest_of(body.encode()),
+                    "MISS",
+                )
+                repo = f"wide/app{i}"
+                if takes_refs:
+                    refs = manifest_module.references(fetched.body)
+                    await proxy.manifests._cache(client, repo, "1", fetched, refs)
+                else:
+                    await proxy.manifests._cache(client, repo, "1", fetched)
+            return {"descriptors": 20 * (count + 1)}
+
+        rows.append(await measure(reactor, lag, "wide", wide))
         if load is not None:
             measured = await load.stop()
             add_manifest_latency(rows[1:], measured)

@@ -453,23 +453,23 @@ class Index:
         entry: ManifestEntry,
         fetched_at: float,
         refs: Iterable[tuple[str, str]] = (),
-        first: int = 0,
     ) -> None:
-        """Record a manifest and what it lists: ``(digest, "blob"|"manifest")``,
-        from position *first* on (what comes before: :meth:`put_refs`)."""
+        """Record a manifest and what it lists: ``(digest, "blob"|"manifest")``."""
         with self._transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO manifests VALUES (?, ?, ?, ?, ?, ?, NULL)",
                 (upstream, repo, entry.digest, entry.media_type, entry.size, fetched_at),
             )
-            self._put_refs(db, upstream, repo, entry.digest, list(refs), first)
+            self._put_refs(db, upstream, repo, entry.digest, list(refs), 0)
 
     def put_refs(
         self, upstream: str, repo: str, digest: str, refs: list[tuple[str, str]], first: int
     ) -> None:
         """Record part of what manifest *digest* lists, from position
-        *first* on, before :meth:`put_manifest` makes it known: a manifest
-        listing many is recorded in steps, each a short transaction."""
+        *first* on, ahead of :meth:`put_manifest`: a manifest listing many
+        is written in steps, each a short transaction, and then whole with
+        its row (rows already there cost little; any a purge took meanwhile,
+        as the manifest was not known yet, are written again)."""
         with self._transaction() as db:
             self._put_refs(db, upstream, repo, digest, refs, first)
 

@@ -40,8 +40,8 @@ SETTLE_SECONDS = 10.0
 #: has more than 128 layers; an upstream listing tens of thousands, in a
 #: manifest of 4 MiB, cost seconds of index writes)
 MAX_REFS = 1000
-#: descriptors recorded per step (a short transaction), the reactor serving
-#: others between steps
+#: descriptors written ahead per step (a short transaction), the reactor
+#: serving others between steps, before the manifest is recorded whole
 REFS_PER_STEP = 128
 
 
@@ -374,8 +374,10 @@ class ManifestCache:
         refs: list[tuple[str, str]],
     ) -> None:
         """Keep a fetched manifest: its bytes in the store (and a cluster's
-        shared store), then its rows in the index: what it lists (*refs*) a
-        step at a time, then its own row, which makes it known."""
+        shared store), then its rows in the index.  What it lists (*refs*)
+        past a step's worth is written ahead a step at a time (fresh rows
+        are what costs), then all of it with its row, in one transaction:
+        no one sees it known with part of what it lists."""
         actual, digest = Digest.parse(manifest.digest), manifest.digest
         now = self._clock.seconds()
         try:
@@ -388,14 +390,11 @@ class ManifestCache:
                 if is_valid_digest(reference)
                 else (reference, TagEntry(digest, entry.media_type, now))
             )
-            last = (len(refs) - 1) // REFS_PER_STEP * REFS_PER_STEP if refs else 0
-            for first in range(0, last, REFS_PER_STEP):
+            for first in range(0, len(refs) - REFS_PER_STEP, REFS_PER_STEP):
                 step = refs[first : first + REFS_PER_STEP]
-                await self._index.quick(partial(_listed, client.name, repo, digest, step, first))
+                await self._index.quick(partial(_ahead, client.name, repo, digest, step, first))
                 await deferLater(self._clock, 0, lambda: None)
-            await self._index.quick(
-                partial(_record, client.name, repo, entry, now, refs[last:], last, tag)
-            )
+            await self._index.quick(partial(_record, client.name, repo, entry, now, refs, tag))
         except Exception as e:  # the store's OSError, or the index's error
             # The client still gets its manifest; the next request tries again.
             log.error("could not cache manifest {digest}: {why}", digest=digest, why=e)
@@ -470,10 +469,10 @@ def _by_tag(
     return entry, (index.manifest(upstream, repo, entry.digest) if entry else None)
 
 
-def _listed(
+def _ahead(
     upstream: str, repo: str, digest: str, refs: list[tuple[str, str]], first: int, index: Index
 ) -> None:
-    """Part of what a manifest lists, before it is recorded (by name: whichever index it is)."""
+    """Part of what a manifest lists, ahead of it (by name: whichever index it is)."""
     index.put_refs(upstream, repo, digest, refs, first)
 
 
@@ -483,14 +482,12 @@ def _record(
     entry: ManifestEntry,
     now: float,
     refs: list[tuple[str, str]],
-    first: int,
     tag: tuple[str, TagEntry] | None,
     index: Index,
 ) -> None:
-    """A fetched manifest into the index: its file, what it lists from
-    position *first* on, its tag."""
+    """A fetched manifest into the index: its file, what it lists, its tag."""
     index.put_blob(entry.digest, entry.size, now)
-    index.put_manifest(upstream, repo, entry, now, refs, first)
+    index.put_manifest(upstream, repo, entry, now, refs)
     if tag is not None:
         index.put_tag(upstream, repo, *tag)
 

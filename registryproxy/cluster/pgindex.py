@@ -451,10 +451,8 @@ class PgIndex:
         entry: ManifestEntry,
         fetched_at: float,
         refs: Iterable[tuple[str, str]] = (),
-        first: int = 0,
     ) -> None:
-        """Record a manifest and what it lists: ``(digest, "blob"|"manifest")``,
-        from position *first* on (what comes before: :meth:`put_refs`)."""
+        """Record a manifest and what it lists: ``(digest, "blob"|"manifest")``."""
         listed = list(refs)
 
         def write(conn: Conn) -> None:
@@ -463,14 +461,14 @@ class PgIndex:
                 _PUT_MANIFEST,
                 (upstream, repo, entry.digest, entry.media_type, entry.size, fetched_at),
             )
-            _put_refs(cur, upstream, repo, entry.digest, listed, first)
+            _put_refs(cur, upstream, repo, entry.digest, listed, 0)
 
         self._write(write, "shared")
 
     def put_refs(
         self, upstream: str, repo: str, digest: str, refs: list[tuple[str, str]], first: int
     ) -> None:
-        """Part of what manifest *digest* lists, before :meth:`put_manifest`
+        """Part of what manifest *digest* lists, ahead of :meth:`put_manifest`
         (see index.py)."""
         self._write(
             lambda conn: _put_refs(conn.cursor(), upstream, repo, digest, refs, first), "shared"

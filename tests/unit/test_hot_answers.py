@@ -7,6 +7,7 @@ import io
 from collections.abc import Callable
 from types import SimpleNamespace
 
+import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
@@ -67,25 +68,23 @@ class _Files:
         return io.BytesIO(self._body)
 
 
-def test_an_answer_read_before_an_eviction_is_not_kept_after_it():
-    """A lookup by tag that read the index before an eviction forgot the
-    answers in memory, and ends after, serves what it read once, but does
-    not keep it: the next client's lookup asks the index again."""
+@pytest.mark.parametrize("by", ["tag", "digest"])
+def test_an_answer_read_before_an_eviction_is_not_kept_after_it(by: str):
+    """A lookup that read the index before an eviction forgot the answers
+    in memory, and ends after, serves what it read once, but does not keep
+    it: the next client's lookup asks the index again."""
     body = b'{"schemaVersion": 2}'
     digest = str(Digest.of(body))
+    kind = "application/vnd.oci.image.manifest.v1+json"
+    entry = ManifestEntry(digest, kind, len(body))
     index = _SlowIndex()
     manifests = ManifestCache(_Files(body), index, Clock(), tag_ttl=3600)  # type: ignore[arg-type]
     client = SimpleNamespace(name="docker.io", config=SimpleNamespace(tag_ttl=None))
-    accept = ["application/vnd.oci.image.manifest.v1+json"]
-    first = Deferred.fromCoroutine(manifests.get(client, "library/app", "1", accept))
+    reference = "1" if by == "tag" else digest
+    first = Deferred.fromCoroutine(manifests.get(client, "library/app", reference, [kind]))
     manifests.forget_hot()  # evicted meanwhile
     [(lookup, _)] = index.asked
-    lookup.callback(
-        (
-            TagEntry(digest, "application/vnd.oci.image.manifest.v1+json", 0.0),
-            ManifestEntry(digest, "application/vnd.oci.image.manifest.v1+json", len(body)),
-        )
-    )
+    lookup.callback((TagEntry(digest, kind, 0.0), entry) if by == "tag" else entry)
     assert first.result.cache == "HIT"
-    Deferred.fromCoroutine(manifests.get(client, "library/app", "1", accept))
+    Deferred.fromCoroutine(manifests.get(client, "library/app", reference, [kind]))
     assert len(index.asked) == 2  # not answered from memory

@@ -479,48 +479,77 @@ async def test_a_manifest_listing_too_many_descriptors_is_served_not_cached(
 ):
     """Past MAX_REFS descriptors (an upstream listing tens of thousands in a
     4 MiB manifest cost seconds of index writes on the reactor thread), a
-    manifest is served, checked against its digest, and not cached."""
-    fake_registry.add_image("evil/many", "1", [b"%d" % i for i in range(manifests.MAX_REFS)])
+    manifest is served, checked against its digest, and not cached; up to
+    MAX_REFS it is cached."""
+    most = manifests.MAX_REFS
+    # a config and MAX_REFS - 1 layers; a config and MAX_REFS layers
+    fake_registry.add_image("library/most", "1", [b"%d" % i for i in range(most - 1)])
+    fake_registry.add_image("evil/many", "1", [b"%d" % i for i in range(most)])
     proxy = await make_proxy(fake_registry.url)
+    db = proxy.proxy.index._db
     for _ in range(2):
         reply = await proxy.get("/v2/evil/many/manifests/1")
         assert (reply.code, reply.header("X-Cache")) == (200, "MISS")
-        assert len(json.loads(reply.body)["layers"]) == manifests.MAX_REFS
-    assert fake_registry.count("GET", "/manifests/1") == 2
-    assert proxy.proxy.index.totals()["manifests"] == 0
+        assert len(json.loads(reply.body)["layers"]) == most
+    assert fake_registry.count("GET", "/evil/many/manifests/1") == 2
+    assert db.execute("SELECT COUNT(*) FROM refs").fetchone()[0] == 0
+    assert db.execute("SELECT COUNT(*) FROM repo_blobs").fetchone()[0] == 0
+    assert (await proxy.get("/v2/most/manifests/1")).header("X-Cache") == "MISS"
+    assert (await proxy.get("/v2/most/manifests/1")).header("X-Cache") == "HIT"
+    assert db.execute("SELECT COUNT(*) FROM refs").fetchone()[0] == most
+
+
+def listed(proxy, digest: str, repo: str) -> tuple[list[str], int]:
+    """What the index says *digest* lists, in order, and how many of those
+    *repo* may read."""
+    db = proxy.proxy.index._db
+    rows = db.execute(
+        "SELECT child FROM refs WHERE manifest = ? ORDER BY position", (digest,)
+    ).fetchall()
+    links = db.execute(
+        "SELECT COUNT(*) FROM repo_blobs WHERE repo = ? AND digest IN"
+        " (SELECT child FROM refs WHERE manifest = ?)",
+        (repo, digest),
+    ).fetchone()[0]
+    return [d for (d,) in rows], links
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_manifest_listing_many_is_recorded_a_step_at_a_time(
+async def test_a_manifest_listing_many_is_written_ahead_a_step_at_a_time(
     fake_registry, make_proxy, monkeypatch
 ):
-    """What it lists goes into the index in steps of REFS_PER_STEP, the
-    reactor free between them, and its own row last: all of it, in order."""
+    """What it lists goes into the index ahead in steps of REFS_PER_STEP,
+    the reactor serving others between them, then all of it with its row:
+    a purge of the same manifest elsewhere between the steps (it takes what
+    no manifest known lists) leaves it whole."""
     monkeypatch.setattr(manifests, "REFS_PER_STEP", 16)
     layers = [b"layer %d" % i for i in range(40)]
-    fake_registry.add_image("library/tall", "1", layers)
+    for repo in ("library/tall", "library/twin"):
+        fake_registry.add_image(repo, "1", layers)  # the same manifest in both
     proxy = await make_proxy(fake_registry.url)
     index = proxy.proxy.index
-    steps: list[tuple[int, int, int]] = []  # (first, how many, manifests known then)
+    assert (await proxy.get("/v2/twin/manifests/1")).code == 200
+    # (first, how many, manifests known then, the reactor's turns taken since the first)
+    steps: list[tuple[int, int, int, int]] = []
+    ran: list[int] = []
     put_refs = index.put_refs
 
     def stepped(upstream, repo, digest, refs, first):
-        steps.append((first, len(refs), index.totals()["manifests"]))
+        steps.append((first, len(refs), index.totals()["manifests"], len(ran)))
         put_refs(upstream, repo, digest, refs, first)
+        reactor.callLater(0, ran.append, first)
+        if len(steps) == 1:  # the twin goes, and with it what only it listed
+            index.purge("docker.io", "library/twin")
 
     monkeypatch.setattr(index, "put_refs", stepped)
     reply = await proxy.get("/v2/tall/manifests/1")
     assert (reply.code, reply.header("X-Cache")) == (200, "MISS")
-    # config + 40 layers: two steps of 16, then 9 with the manifest's row
-    assert steps == [(0, 16, 0), (16, 16, 0)]
-    listed = index._db.execute(
-        "SELECT child FROM refs WHERE manifest = ? ORDER BY position",
-        (reply.header("Docker-Content-Digest"),),
-    ).fetchall()
+    # config + 40 layers: two steps of 16 written ahead (the twin known at
+    # the first, purged then), then all 41 with the manifest's row
+    # with the reactor's turn between them
+    assert steps == [(0, 16, 1, 0), (16, 16, 0, 1)]
     body = json.loads(reply.body)
-    assert [d for (d,) in listed] == [
-        body["config"]["digest"],
-        *(layer["digest"] for layer in body["layers"]),
-    ]
+    whole = [body["config"]["digest"], *(layer["digest"] for layer in body["layers"])]
+    assert listed(proxy, reply.header("Docker-Content-Digest"), "library/tall") == (whole, 41)
     assert (await proxy.get("/v2/tall/manifests/1")).header("X-Cache") == "HIT"
-    assert fake_registry.count("GET", "/manifests/1") == 1
+    assert fake_registry.count("GET", "/tall/manifests/1") == 1
