@@ -453,23 +453,29 @@ class Index:
         entry: ManifestEntry,
         fetched_at: float,
         refs: Iterable[tuple[str, str]] = (),
+        ahead: int = 0,
     ) -> None:
-        """Record a manifest and what it lists: ``(digest, "blob"|"manifest")``."""
+        """Record a manifest and what it lists: ``(digest, "blob"|"manifest")``,
+        of which the first *ahead* were written ahead (:meth:`put_refs`)."""
+        listed = list(refs)
         with self._transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO manifests VALUES (?, ?, ?, ?, ?, ?, NULL)",
                 (upstream, repo, entry.digest, entry.media_type, entry.size, fetched_at),
             )
-            self._put_refs(db, upstream, repo, entry.digest, list(refs), 0)
+            kept = db.execute(_AHEAD, (entry.digest, ahead, upstream, repo, entry.digest, ahead))
+            first = ahead if _all_ahead(listed[:ahead], *kept.fetchone()) else 0
+            self._put_refs(db, upstream, repo, entry.digest, listed[first:], first)
 
     def put_refs(
         self, upstream: str, repo: str, digest: str, refs: list[tuple[str, str]], first: int
     ) -> None:
         """Record part of what manifest *digest* lists, from position
         *first* on, ahead of :meth:`put_manifest`: a manifest listing many
-        is written in steps, each a short transaction, and then whole with
-        its row (rows already there cost little; any a purge took meanwhile,
-        as the manifest was not known yet, are written again)."""
+        is written in steps, each a short transaction, and then with its
+        row, which writes them all again if any went meanwhile (a purge or
+        an eviction of the same manifest elsewhere takes what no manifest
+        known lists, and this one was not known yet)."""
         with self._transaction() as db:
             self._put_refs(db, upstream, repo, digest, refs, first)
 
@@ -987,6 +993,23 @@ CREATE TEMP TABLE IF NOT EXISTS orphans (digest TEXT PRIMARY KEY, size INTEGER) 
 #: temp.cand: up to ? evictable images, least recently used first: manifests
 #: no cached manifest of their repository lists, neither pinned (nor any of
 #: their platform manifests) nor listing a blob being read
+#: of the rows a manifest's first ? descriptors were written ahead as:
+#: how many it lists, and how many of its blobs the repository may read
+_AHEAD = """
+SELECT (SELECT COUNT(*) FROM refs WHERE manifest=? AND position < ?),
+    (SELECT COUNT(*) FROM repo_blobs WHERE upstream=? AND repo=? AND digest IN
+        (SELECT child FROM refs WHERE manifest=? AND position < ? AND kind='blob'))
+"""
+
+
+def _all_ahead(listed: list[tuple[str, str]], refs: int, links: int) -> bool:
+    """Whether the rows written ahead for *listed* are all still there."""
+    first: dict[str, str] = {}
+    for child, kind in listed:
+        first.setdefault(child, kind)
+    return refs == len(first) and links == sum(kind == "blob" for kind in first.values())
+
+
 _CANDIDATES = """
 INSERT INTO temp.cand (upstream, repo, digest, used)
 SELECT m.upstream, m.repo, m.digest, COALESCE(m.last_access, m.fetched_at)

@@ -375,9 +375,9 @@ class ManifestCache:
     ) -> None:
         """Keep a fetched manifest: its bytes in the store (and a cluster's
         shared store), then its rows in the index.  What it lists (*refs*)
-        past a step's worth is written ahead a step at a time (fresh rows
-        are what costs), then all of it with its row, in one transaction:
-        no one sees it known with part of what it lists."""
+        past a step's worth is written ahead a step at a time, then the
+        rest with its row, in one transaction that writes it all again if
+        any went meanwhile: no one sees it known with part of its list."""
         actual, digest = Digest.parse(manifest.digest), manifest.digest
         now = self._clock.seconds()
         try:
@@ -390,11 +390,14 @@ class ManifestCache:
                 if is_valid_digest(reference)
                 else (reference, TagEntry(digest, entry.media_type, now))
             )
-            for first in range(0, len(refs) - REFS_PER_STEP, REFS_PER_STEP):
+            ahead = (len(refs) - 1) // REFS_PER_STEP * REFS_PER_STEP if refs else 0
+            for first in range(0, ahead, REFS_PER_STEP):
                 step = refs[first : first + REFS_PER_STEP]
                 await self._index.quick(partial(_ahead, client.name, repo, digest, step, first))
                 await deferLater(self._clock, 0, lambda: None)
-            await self._index.quick(partial(_record, client.name, repo, entry, now, refs, tag))
+            await self._index.quick(
+                partial(_record, client.name, repo, entry, now, refs, ahead, tag)
+            )
         except Exception as e:  # the store's OSError, or the index's error
             # The client still gets its manifest; the next request tries again.
             log.error("could not cache manifest {digest}: {why}", digest=digest, why=e)
@@ -482,12 +485,14 @@ def _record(
     entry: ManifestEntry,
     now: float,
     refs: list[tuple[str, str]],
+    ahead: int,
     tag: tuple[str, TagEntry] | None,
     index: Index,
 ) -> None:
-    """A fetched manifest into the index: its file, what it lists, its tag."""
+    """A fetched manifest into the index: its file, what it lists (the
+    first *ahead* written ahead), its tag."""
     index.put_blob(entry.digest, entry.size, now)
-    index.put_manifest(upstream, repo, entry, now, refs)
+    index.put_manifest(upstream, repo, entry, now, refs, ahead)
     if tag is not None:
         index.put_tag(upstream, repo, *tag)
 

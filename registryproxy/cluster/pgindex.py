@@ -255,6 +255,7 @@ def _put_refs(
 
 _SOURCE = "INSERT INTO blob_sources VALUES (%s, %s) ON CONFLICT DO NOTHING"
 _KNOWN = _pg(sqlite_index._KNOWN)
+_AHEAD = _pg(sqlite_index._AHEAD)
 _SOURCES_FROM_LINKS = _pg(sqlite_index._SOURCES_FROM_LINKS)
 _UNVOUCH = _pg(sqlite_index._UNVOUCH)
 #: rows of blob_sources forgotten per transaction of a purge
@@ -451,8 +452,10 @@ class PgIndex:
         entry: ManifestEntry,
         fetched_at: float,
         refs: Iterable[tuple[str, str]] = (),
+        ahead: int = 0,
     ) -> None:
-        """Record a manifest and what it lists: ``(digest, "blob"|"manifest")``."""
+        """Record a manifest and what it lists: ``(digest, "blob"|"manifest")``,
+        of which the first *ahead* were written ahead (see index.py)."""
         listed = list(refs)
 
         def write(conn: Conn) -> None:
@@ -461,7 +464,11 @@ class PgIndex:
                 _PUT_MANIFEST,
                 (upstream, repo, entry.digest, entry.media_type, entry.size, fetched_at),
             )
-            _put_refs(cur, upstream, repo, entry.digest, listed, 0)
+            cur.execute(_AHEAD, (entry.digest, ahead, upstream, repo, entry.digest, ahead))
+            row = cur.fetchone()
+            assert row is not None
+            first = ahead if sqlite_index._all_ahead(listed[:ahead], *row) else 0
+            _put_refs(cur, upstream, repo, entry.digest, listed[first:], first)
 
         self._write(write, "shared")
 

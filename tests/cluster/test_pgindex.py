@@ -138,11 +138,13 @@ class Differ:
         kind = INDEX_TYPE if digest < MANIFESTS[4] else MANIFEST_TYPE
         entry = ManifestEntry(digest, kind, self.sizes[digest])
         listed = self.listed[digest]
-        # sometimes written ahead in steps, as a manifest listing many is
-        if self.rng.random() < 0.3:
-            first = self.rng.randrange(len(listed) + 1)
-            self.call("put_refs", upstream, repo, digest, listed[first:], first)
-        self.call("put_manifest", upstream, repo, entry, self.now(), listed)
+        # sometimes written ahead, as a manifest listing many is (and
+        # sometimes not all ahead: as if a purge took some meanwhile)
+        ahead = self.rng.randrange(len(listed) + 1) if self.rng.random() < 0.3 else 0
+        if ahead:
+            written = ahead if self.rng.random() < 0.7 else self.rng.randrange(ahead)
+            self.call("put_refs", upstream, repo, digest, listed[:written], 0)
+        self.call("put_manifest", upstream, repo, entry, self.now(), listed, ahead)
         if kind == INDEX_TYPE and self.rng.random() < 0.7:
             # a pull of an index caches its platform manifests too, mostly
             for child, what in self.listed[digest]:
