@@ -463,8 +463,11 @@ class Index:
                 "INSERT OR REPLACE INTO manifests VALUES (?, ?, ?, ?, ?, ?, NULL)",
                 (upstream, repo, entry.digest, entry.media_type, entry.size, fetched_at),
             )
-            kept = db.execute(_AHEAD, (entry.digest, ahead, upstream, repo, entry.digest, ahead))
-            first = ahead if _all_ahead(listed[:ahead], *kept.fetchone()) else 0
+            first = 0
+            if ahead:
+                args = (entry.digest, ahead, upstream, repo, entry.digest, ahead)
+                if _all_ahead(listed[:ahead], *db.execute(_AHEAD, args).fetchone()):
+                    first = ahead
             self._put_refs(db, upstream, repo, entry.digest, listed[first:], first)
 
     def put_refs(

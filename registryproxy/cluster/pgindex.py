@@ -464,10 +464,12 @@ class PgIndex:
                 _PUT_MANIFEST,
                 (upstream, repo, entry.digest, entry.media_type, entry.size, fetched_at),
             )
-            cur.execute(_AHEAD, (entry.digest, ahead, upstream, repo, entry.digest, ahead))
-            row = cur.fetchone()
-            assert row is not None
-            first = ahead if sqlite_index._all_ahead(listed[:ahead], *row) else 0
+            first = 0
+            if ahead:
+                cur.execute(_AHEAD, (entry.digest, ahead, upstream, repo, entry.digest, ahead))
+                row = cur.fetchone()
+                if row is not None and sqlite_index._all_ahead(listed[:ahead], *row):
+                    first = ahead
             _put_refs(cur, upstream, repo, entry.digest, listed[first:], first)
 
         self._write(write, "shared")

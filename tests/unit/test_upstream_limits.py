@@ -514,21 +514,34 @@ def listed(proxy, digest: str, repo: str) -> tuple[list[str], int]:
     return [d for (d,) in rows], links
 
 
+@pytest.mark.parametrize(
+    "meanwhile",
+    [
+        # the same manifest in another repository: its list goes (no
+        # manifest known lists it)
+        "twin",
+        # the repository's other image: its links go (no manifest of the
+        # repository is known)
+        "sibling",
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_a_manifest_listing_many_is_written_ahead_a_step_at_a_time(
-    fake_registry, make_proxy, monkeypatch
+    fake_registry, make_proxy, monkeypatch, meanwhile
 ):
     """What it lists goes into the index ahead in steps of REFS_PER_STEP,
-    the reactor serving others between them, then all of it with its row:
-    a purge of the same manifest elsewhere between the steps (it takes what
-    no manifest known lists) leaves it whole."""
+    the reactor serving others between them, then the rest with its row: a
+    purge between the steps that takes some of what was written ahead
+    leaves it whole all the same."""
     monkeypatch.setattr(manifests, "REFS_PER_STEP", 16)
     layers = [b"layer %d" % i for i in range(40)]
-    for repo in ("library/tall", "library/twin"):
-        fake_registry.add_image(repo, "1", layers)  # the same manifest in both
+    fake_registry.add_image("library/tall", "1", layers)
+    fake_registry.add_image("library/twin", "1", layers)  # the same manifest
+    fake_registry.add_image("library/tall", "0", [b"old"])
     proxy = await make_proxy(fake_registry.url)
     index = proxy.proxy.index
-    assert (await proxy.get("/v2/twin/manifests/1")).code == 200
+    other = "/v2/twin/manifests/1" if meanwhile == "twin" else "/v2/tall/manifests/0"
+    assert (await proxy.get(other)).code == 200
     # (first, how many, manifests known then, the reactor's turns taken since the first)
     steps: list[tuple[int, int, int, int]] = []
     ran: list[int] = []
@@ -538,15 +551,15 @@ async def test_a_manifest_listing_many_is_written_ahead_a_step_at_a_time(
         steps.append((first, len(refs), index.totals()["manifests"], len(ran)))
         put_refs(upstream, repo, digest, refs, first)
         reactor.callLater(0, ran.append, first)
-        if len(steps) == 1:  # the twin goes, and with it what only it listed
-            index.purge("docker.io", "library/twin")
+        if len(steps) == 1:
+            index.purge("docker.io", "library/twin" if meanwhile == "twin" else "library/tall")
 
     monkeypatch.setattr(index, "put_refs", stepped)
     reply = await proxy.get("/v2/tall/manifests/1")
     assert (reply.code, reply.header("X-Cache")) == (200, "MISS")
-    # config + 40 layers: two steps of 16 written ahead (the twin known at
-    # the first, purged then), then all 41 with the manifest's row
-    # with the reactor's turn between them
+    # config + 40 layers: two steps of 16 written ahead (the other image
+    # known at the first, purged then), with the reactor's turn between
+    # them, then the rest with the manifest's row
     assert steps == [(0, 16, 1, 0), (16, 16, 0, 1)]
     body = json.loads(reply.body)
     whole = [body["config"]["digest"], *(layer["digest"] for layer in body["layers"])]
