@@ -139,13 +139,13 @@ class ManifestCache:
                 self._hot.put(key, cached, None, seen)
                 return cached
             return await self._flight.run(
-                key, lambda: self._fetch(client, repo, reference, accept, forward)
+                key, lambda: self._fetch(client, repo, reference, accept, forward, seen)
             )
         entry, known = await self._index.quick(partial(_by_tag, client.name, repo, reference))
         cached = await self._read(client.name, repo, known)
         if entry is None or cached is None:
             return await self._flight.run(
-                key, lambda: self._fetch(client, repo, reference, accept, forward)
+                key, lambda: self._fetch(client, repo, reference, accept, forward, seen)
             )
         ttl = client.config.tag_ttl
         expired_for = (
@@ -157,7 +157,9 @@ class ManifestCache:
         try:
             return await self._flight.run(
                 key,
-                lambda: self._revalidate(client, repo, reference, accept, entry, cached, forward),
+                lambda: self._revalidate(
+                    client, repo, reference, accept, entry, cached, forward, seen
+                ),
             )
         except RegistryError as e:
             # stale-if-error: an old answer beats none while the upstream is in trouble
@@ -270,7 +272,8 @@ class ManifestCache:
         accept: Sequence[str],
         entry: TagEntry,
         cached: CachedManifest,
-        forward: bool = True,
+        forward: bool,
+        seen: int,
     ) -> CachedManifest:
         head = await client.head_manifest(repo, tag, upstream_accept(accept))
         if head.digest == entry.digest:
@@ -278,7 +281,7 @@ class ManifestCache:
             checked = attrs.evolve(entry, checked_at=self._clock.seconds())
             await self._index.quick(lambda index: index.put_tag(client.name, repo, tag, checked))
             return cached
-        return await self._fetch(client, repo, tag, accept, forward)
+        return await self._fetch(client, repo, tag, accept, forward, seen)
 
     async def _fetch(
         self,
@@ -286,8 +289,12 @@ class ManifestCache:
         repo: str,
         reference: str,
         accept: Sequence[str],
-        forward: bool = True,
+        forward: bool,
+        seen: int,
     ) -> CachedManifest:
+        """Fetch a manifest (in a cluster, from the node that owns it) and
+        cache it; *seen*: the generation of the answers in memory when the
+        client asked (one that lands after a purge is not kept there)."""
         manifest, from_peer = None, False
         if forward and self._peers is not None:
             # one upstream fetch for the cluster: the owner's (checked here
@@ -346,7 +353,9 @@ class ManifestCache:
             if is_valid_digest(reference)
             else self._clock.seconds() + (self._tag_ttl if ttl is None else ttl)
         )
-        self._hot.put((client.name, repo, reference), attrs.evolve(fetched, cache="HIT"), fresh)
+        self._hot.put(
+            (client.name, repo, reference), attrs.evolve(fetched, cache="HIT"), fresh, seen
+        )
         caching = Deferred.fromCoroutine(self._cache(client, repo, reference, fetched, refs))
         self._caching.add(caching)
         caching.addBoth(lambda _: self._caching.discard(caching))
@@ -444,15 +453,12 @@ class HotAnswers:
         return self._kept.get(key, now)
 
     def put(
-        self,
-        key: tuple[str, str, str],
-        manifest: CachedManifest,
-        until: float | None,
-        seen: int | None = None,
+        self, key: tuple[str, str, str], manifest: CachedManifest, until: float | None, seen: int
     ) -> None:
-        """Keep *manifest* until *until*, unless it was read from the index
-        in *seen*, a generation emptied since (it may name what went)."""
-        if seen is None or seen == self.generation:
+        """Keep *manifest* until *until*, unless it was read (from the index
+        or the upstream) in *seen*, a generation emptied since: it may name
+        what a purge or an eviction took."""
+        if seen == self.generation:
             self._kept.put(key, manifest, len(manifest.body), until)
 
     def clear(self) -> None:

@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from registryproxy.cache.index import ManifestEntry, TagEntry
 from registryproxy.cache.manifests import CachedManifest, HotAnswers, ManifestCache
 from registryproxy.names import Digest
+from registryproxy.upstream.client import Manifest
 
 
 def _manifest(size: int) -> CachedManifest:
@@ -22,10 +23,10 @@ def _manifest(size: int) -> CachedManifest:
 
 def test_the_least_recently_used_go_past_the_entry_bound():
     hot = HotAnswers(max_bytes=10_000, max_entries=2)
-    hot.put(("u", "r", "a"), _manifest(10), None)
-    hot.put(("u", "r", "b"), _manifest(10), None)
+    hot.put(("u", "r", "a"), _manifest(10), None, 0)
+    hot.put(("u", "r", "b"), _manifest(10), None, 0)
     assert hot.get(("u", "r", "a"), 0.0) is not None  # a used: b is now the oldest
-    hot.put(("u", "r", "c"), _manifest(10), None)
+    hot.put(("u", "r", "c"), _manifest(10), None, 0)
     assert hot.get(("u", "r", "b"), 0.0) is None
     assert hot.get(("u", "r", "a"), 0.0) is not None
     assert hot.get(("u", "r", "c"), 0.0) is not None
@@ -34,9 +35,9 @@ def test_the_least_recently_used_go_past_the_entry_bound():
 def test_the_byte_bound_and_a_tag_s_ttl_hold():
     hot = HotAnswers(max_bytes=1_600, max_entries=100)
     for name in "abc":
-        hot.put(("u", "r", name), _manifest(600), None)
+        hot.put(("u", "r", name), _manifest(600), None, 0)
     assert hot.get(("u", "r", "a"), 0.0) is None  # 1,800 bytes: the oldest went
-    hot.put(("u", "r", "tag"), _manifest(10), 5.0)
+    hot.put(("u", "r", "tag"), _manifest(10), 5.0, 0)
     assert hot.get(("u", "r", "tag"), 4.9) is not None
     assert hot.get(("u", "r", "tag"), 5.0) is None
 
@@ -87,4 +88,41 @@ def test_an_answer_read_before_an_eviction_is_not_kept_after_it(by: str):
     lookup.callback((TagEntry(digest, kind, 0.0), entry) if by == "tag" else entry)
     assert first.result.cache == "HIT"
     Deferred.fromCoroutine(manifests.get(client, "library/app", reference, [kind]))
+    assert len(index.asked) == 2  # not answered from memory
+
+
+class _SlowShared:
+    """A cluster's shared store that takes its time (never done here)."""
+
+    def upload(self, *args: object) -> Deferred:
+        return Deferred()
+
+
+def test_a_fetch_sent_before_an_eviction_is_not_kept_after_it():
+    """In a cluster a fetched manifest is answered from memory while it is
+    stored in the background; one whose fetch was sent before an eviction
+    forgot the answers in memory, and came back after, is not kept there."""
+    body = b'{"schemaVersion": 2}'
+    kind = "application/vnd.oci.image.manifest.v1+json"
+    index = _SlowIndex()
+    store = SimpleNamespace(  # the local copy is there already
+        stat=lambda digest: len(body), path=lambda digest: "/nonexistent"
+    )
+    manifests = ManifestCache(store, index, Clock(), tag_ttl=3600, shared=_SlowShared())  # type: ignore[arg-type]
+    sent: list[Deferred] = []
+
+    def get_manifest(repo: str, reference: str, accept: object) -> Deferred:
+        sent.append(Deferred())
+        return sent[-1]
+
+    client = SimpleNamespace(
+        name="docker.io", config=SimpleNamespace(tag_ttl=None), get_manifest=get_manifest
+    )
+    first = Deferred.fromCoroutine(manifests.get(client, "library/app", "1", [kind]))
+    [(lookup, _)] = index.asked
+    lookup.callback((None, None))  # not cached: fetched
+    manifests.forget_hot()  # evicted while the fetch is on its way
+    sent[0].callback(Manifest(body, kind, str(Digest.of(body))))
+    assert first.result.cache == "MISS"
+    Deferred.fromCoroutine(manifests.get(client, "library/app", "1", [kind]))
     assert len(index.asked) == 2  # not answered from memory
