@@ -499,6 +499,40 @@ async def test_a_manifest_listing_too_many_descriptors_is_served_not_cached(
     assert db.execute("SELECT COUNT(*) FROM refs").fetchone()[0] == most
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_manifest_naming_too_many_digests_is_not_even_parsed(
+    fake_registry, make_proxy, monkeypatch
+):
+    """Not cached, such a manifest is fetched at each request: counting its
+    digests spares the reactor thread parsing up to 4 MiB of JSON each time.
+    Keys written as escapes are not counted: parsed, it is still refused."""
+    parsed: list[int] = []
+    references = manifests.references
+    monkeypatch.setattr(
+        manifests, "references", lambda body: parsed.append(len(body)) or references(body)
+    )
+    layers = [
+        {
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "size": 1,
+            "digest": f"sha256:{i:064x}",
+        }
+        for i in range(manifests.MAX_REFS + 1)
+    ]
+    body = json.dumps({"schemaVersion": 2, "config": layers[0], "layers": layers}).encode()
+    kind = "application/vnd.oci.image.manifest.v1+json"
+    fake_registry.add_manifest("evil/plain", body, kind, ["1"])
+    escaped = body.replace(b'"digest"', b'"\\u0064igest"')
+    fake_registry.add_manifest("evil/escaped", escaped, kind, ["1"])
+    proxy = await make_proxy(fake_registry.url)
+    for repo, expected in (("evil/plain", body), ("evil/escaped", escaped)):
+        for _ in range(2):
+            reply = await proxy.get(f"/v2/{repo}/manifests/1")
+            assert (reply.code, reply.header("X-Cache"), reply.body) == (200, "MISS", expected)
+    assert parsed == [len(escaped)] * 2
+    assert proxy.proxy.index.totals()["manifests"] == 0
+
+
 def listed(proxy, digest: str, repo: str) -> tuple[list[str], int]:
     """What the index says *digest* lists, in order, and how many of those
     *repo* may read."""
