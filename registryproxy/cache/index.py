@@ -993,9 +993,6 @@ CREATE TEMP TABLE IF NOT EXISTS purging (upstream TEXT, repo TEXT, digest TEXT);
 CREATE TEMP TABLE IF NOT EXISTS orphans (digest TEXT PRIMARY KEY, size INTEGER) WITHOUT ROWID
 """
 
-#: temp.cand: up to ? evictable images, least recently used first: manifests
-#: no cached manifest of their repository lists, neither pinned (nor any of
-#: their platform manifests) nor listing a blob being read
 #: of the rows a manifest's first ? descriptors were written ahead as:
 #: how many it lists, and how many of its blobs the repository may read
 _AHEAD = """
@@ -1013,6 +1010,9 @@ def _all_ahead(listed: list[tuple[str, str]], refs: int, links: int) -> bool:
     return refs == len(first) and links == sum(kind == "blob" for kind in first.values())
 
 
+#: temp.cand: up to ? evictable images, least recently used first: manifests
+#: no cached manifest of their repository lists, neither pinned (nor any of
+#: their platform manifests) nor listing a blob being read
 _CANDIDATES = """
 INSERT INTO temp.cand (upstream, repo, digest, used)
 SELECT m.upstream, m.repo, m.digest, COALESCE(m.last_access, m.fetched_at)
