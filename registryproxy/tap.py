@@ -518,6 +518,7 @@ def build_proxy(
         "proxy",
         config.proxy.access_log,
     )
+    site.answers = resource.answer_again
     return Proxy(
         site,
         control,

@@ -126,6 +126,10 @@ class GuardedRequest(Request):
     refusal: Refusal | None = None
     #: the user the request logged in as (proxy.auth), for the access log
     login_user: str | None = None
+    #: the request's bytes as they came, when its answer may be sent again
+    #: to the same bytes (:class:`Wire`): one whole request in one read, on
+    #: a connection that stays open, with no body and no ``Expect``
+    head: bytes | None = None
 
     def gotLength(self, length: int | None) -> None:
         # the body policy bounded it: in memory, never a temporary file
@@ -163,17 +167,26 @@ def access_line(timestamp: str, request: Any) -> str:
     user a request logged in as in its third field ("-" for none), and no
     password that was in a URL.  Made here, not by Twisted's, for its cost:
     one line per answer, as many fields escaped as there are."""
-    address = request.getClientAddress()
+    who = _who(request.getClientAddress(), getattr(request, "login_user", None))
+    return f"{who} {timestamp} {_what(request)}"
+
+
+def _who(address: Any, user: str | None) -> str:
+    """The access line's fields before its time: the client and its user."""
     host = getattr(address, "host", None)
-    user = getattr(request, "login_user", None)
     if user:
         user = re.sub(r"[^\w.@+-]", lambda m: f"%{ord(m.group()):02X}", user)
+    return f'"{_field(host.encode()) if isinstance(host, str) else "-"}" - {user or "-"}'
+
+
+def _what(request: Any) -> str:
+    """The access line's fields after its time: the request and its answer
+    (the same for the same request bytes and the same answer)."""
     headers = request.requestHeaders
     referrer = headers.getRawHeaders(b"referer")
     agent = headers.getRawHeaders(b"user-agent")
     line = (
-        f'"{_field(host.encode()) if isinstance(host, str) else "-"}" - {user or "-"} '
-        f'{timestamp} "{_field(request.method)} {_field(request.uri)} '
+        f'"{_field(request.method)} {_field(request.uri)} '
         f'{_field(request.clientproto)}" '
         f"{request.code} {request.sentLength or '-'} "
         f'"{_field(referrer[-1]) if referrer and referrer[-1] else "-"}" '
@@ -182,10 +195,48 @@ def access_line(timestamp: str, request: Any) -> str:
     return _PASSWORD_IN_URL.sub(r"\1-", line)
 
 
+@attrs.frozen
+class Wire:
+    """An answer as it went on the wire, to send again to the same request
+    bytes without twisted.web parsing them (:meth:`GuardedSite.send_again`):
+    a mirror's most frequent request, a cached manifest by tag, costs half
+    as much that way."""
+
+    #: the status line and the headers, less ``Date`` (made when sent)
+    head: bytes
+    body: bytes
+    #: what the access log says of it after its time (:func:`_what`)
+    logged: str
+    #: a GET's (a pull), not a HEAD's
+    pull: bool
+
+    @classmethod
+    def of(cls, request: GuardedRequest, body: bytes) -> Wire | None:
+        """What was sent to *request*, finished with *body*; None if it
+        cannot be sent again as it is."""
+        if (
+            request.head is None
+            or not request.finished
+            or request.code != 200
+            or request.sentLength != len(body)
+        ):
+            return None
+        lines = [b"%s %d %s\r\n" % (request.clientproto, request.code, request.code_message)]
+        for name, values in request.responseHeaders.getAllRawHeaders():
+            if name.lower() != b"date":
+                lines.extend(b"%s: %s\r\n" % (name, value) for value in values)
+        return cls(b"".join(lines), body, _what(request), request.method != b"HEAD")
+
+    def size(self) -> int:
+        return len(self.head) + len(self.body) + len(self.logged)
+
+
 class GuardedChannel(HTTPChannel):
     site: GuardedSite
     #: when the first byte of the request being received came
     _began: float | None = None
+    #: the bytes of the request being parsed, if they came whole in one read
+    _head: bytes | None = None
     #: the request's body is refused: what still comes is dropped
     _dropping = False
     #: times the transport took in all we gave it and asked for more
@@ -202,12 +253,34 @@ class GuardedChannel(HTTPChannel):
         super().connectionLost(reason)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._began is None and not self._handlingRequest:
-            self._began = self.site.clock.seconds()
+        if not self._handlingRequest:
+            self._head = None
+            # one whole request, and nothing of another before it
+            if data[-4:] == b"\r\n\r\n" and self._between_requests():
+                if self.site.send_again(self, data):
+                    self.resetTimeout()
+                    return
+                if data.find(b"\r\n\r\n") == len(data) - 4:
+                    self._head = data
+            if self._began is None:
+                self._began = self.site.clock.seconds()
         super().dataReceived(data)
+
+    def _between_requests(self) -> bool:
+        """Whether nothing of a request is held: the last one answered,
+        nothing of the next parsed or waiting."""
+        return bool(
+            self.persistent
+            and not self.requests
+            and not self._buffer
+            and self.line_mode
+            and self._receivedHeaderSize == 0
+            and not self._dropping
+        )
 
     def allHeadersReceived(self) -> None:
         request = self.requests[-1]
+        head, self._head = self._head, None
         if self.length != 0:
             refusal = self.site.body_policy(
                 self._command, self._path, request.requestHeaders, self.length
@@ -221,6 +294,13 @@ class GuardedChannel(HTTPChannel):
                 self._dropping = True
                 return
         super().allHeadersReceived()
+        if (
+            head is not None
+            and self.persistent
+            and self.site.answers is not None
+            and not request.requestHeaders.hasHeader(b"expect")
+        ):
+            request.head = head
 
     def allContentReceived(self) -> None:
         if not self._dropping:  # a refused request's header deadline bounds the dropping
@@ -241,6 +321,15 @@ class GuardedChannel(HTTPChannel):
         del self.requests[0]
         transport: Any = self.transport
         transport.loseWriteConnection()
+
+    def pauseProducing(self) -> None:
+        super().pauseProducing()
+        if self._handlingRequest:
+            # twisted.web reads on while it answers a request (a body could
+            # still be coming; ours are read whole before any answer), so a
+            # client sending requests and never reading had their answers
+            # pile up in memory without end: read no more until it takes them
+            self._networkProducer.pauseProducing()
 
     def resumeProducing(self) -> None:
         self._drained += 1
@@ -326,6 +415,10 @@ class GuardedSite(Site):
         self._cut = _Throttled(
             clock, name + ": cut off {client}: it {why} ({held} more cut off since the last line)"
         )
+        #: answers sent again to the same request bytes (:class:`Wire`)
+        self.answers: Callable[[bytes], tuple[Wire, str | None] | None] | None = None
+        #: (second, its Date header line and the end of the head)
+        self._date: tuple[int, bytes] = (-1, b"")
 
     def buildProtocol(self, addr: Any) -> Any:
         if len(self.connections) >= self.limits.max_connections:
@@ -358,11 +451,29 @@ class GuardedSite(Site):
             except OSError as e:
                 self._log_failed(e)
 
+    def send_again(self, channel: GuardedChannel, head: bytes) -> bool:
+        """Answer the request *head* on *channel* as the same bytes were
+        answered a moment ago, if :attr:`answers` has it; it is logged as
+        that answer was."""
+        found = self.answers(head) if self.answers is not None else None
+        if found is None:
+            return False
+        wire, user = found
+        now = int(self.clock.seconds())
+        if self._date[0] != now:
+            self._date = (now, b"Date: %s\r\n\r\n" % http.datetimeToString(now))
+        channel.transport.write(b"".join((wire.head, self._date[1], wire.body)))  # type: ignore[union-attr]
+        if self._access_log != "off":
+            who = _who(channel.transport.getPeer(), user)  # type: ignore[union-attr]
+            self._log_line(f"{who} {self._logDateTime} {wire.logged}")
+        return True
+
     def log(self, request: Any) -> None:
-        if self._access_log == "off":
-            return
+        if self._access_log != "off":
+            self._log_line(self._logFormatter(self._logDateTime, request))
+
+    def _log_line(self, line: str) -> None:
         if self._access_log == "twistd":
-            line = self._logFormatter(self._logDateTime, request)
             self._lines.append(line)
             self._lines_size += len(line)
             if self._lines_size >= LINES_AT_MOST:
@@ -371,7 +482,8 @@ class GuardedSite(Site):
                 self._lines_due = self.clock.callLater(LINES_EVERY, self._write_lines)
             return
         try:
-            super().log(request)
+            if self._logFile is not None:
+                self._logFile.write(line + "\n")
         except OSError as e:  # a full disk loses log lines, never a response
             self._log_failed(e)
 

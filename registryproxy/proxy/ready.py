@@ -23,6 +23,12 @@ as long as
 Only answers that are the kept manifest itself are noted (not a platform's
 manifest picked for a client that takes no lists), and only answers, never
 a refusal: wrong credentials never find one.
+
+An answer is also noted as it went on the wire, under the request's very
+bytes (their SHA-256: credentials are among them), when they came whole in
+one read on a connection that stays open (:class:`~.connections.Wire`).  A
+client asks again with the same bytes (its pulls of the same tag), and those
+are answered before twisted.web parses them, by the same rules.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from twisted.web.server import Request
 
 from ..bounded import Bounded
 from ..cache.manifests import CachedManifest
+from .connections import Wire
 
 #: seconds an answer is used again, at most
 LIFETIME = 1.0
@@ -73,31 +80,42 @@ class Ready:
     until: float
     #: the upstreams' and the logins' (:meth:`RegistryResource._generation`)
     generation: object
+    #: the answer as sent, for an answer noted under its request's bytes
+    wire: Wire | None = None
 
 
 class ReadyAnswers:
     def __init__(self, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES) -> None:
-        self._kept: Bounded[Key, Ready] = Bounded(max_bytes, max_entries)
+        #: by Key, or by the SHA-256 of a request's bytes (with its wire)
+        self._kept: Bounded[Key | bytes, Ready] = Bounded(max_bytes, max_entries)
 
-    def get(self, key: Key, now: float, generation: object) -> Ready | None:
+    def get(self, key: Key | bytes, now: float, generation: object) -> Ready | None:
         ready = self._kept.get(key, now)
         if ready is not None and ready.generation != generation:
             self._kept.drop(key)
             return None
         return ready
 
-    def put(self, key: Key, ready: Ready) -> None:
+    def put(self, key: Key | bytes, ready: Ready) -> None:
         self._kept.put(key, ready, _size(key, ready), ready.until)
 
-    def drop(self, key: Key) -> None:
+    def drop(self, key: Key | bytes) -> None:
         self._kept.drop(key)
 
     def __len__(self) -> int:
         return len(self._kept)
 
 
-def _size(key: Key, ready: Ready) -> int:
+def wire_key(head: bytes) -> bytes:
+    """The key of an answer noted under the request bytes *head*."""
+    return hashlib.sha256(head).digest()
+
+
+def _size(key: Key | bytes, ready: Ready) -> int:
     """What an answer holds in memory, near enough: a client chooses its keys."""
+    if isinstance(key, bytes):
+        assert ready.wire is not None
+        return len(key) + ready.wire.size()
     uri, host, accept, credentials = key
     return (
         len(ready.manifest.body)

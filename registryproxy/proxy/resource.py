@@ -30,8 +30,9 @@ from ..names import Digest, is_valid_digest, is_valid_name, is_valid_registry_ho
 from ..upstream.client import RegistryClient
 from ..upstream.registry import Upstreams
 from ..upstream.rules import oversize, refused_by
+from .connections import Wire
 from .ranges import parse_range
-from .ready import LIFETIME, Ready, ReadyAnswers, key_of
+from .ready import LIFETIME, Ready, ReadyAnswers, key_of, wire_key
 from .sender import BlobSender
 from .sendfile import SendfileSender, socket_transport
 
@@ -229,6 +230,7 @@ class RegistryResource(Resource):
                     request.login_user = ready.user  # type: ignore[attr-defined]
                     self._manifests.touch(ready.upstream, ready.repo, manifest.digest)
                     self._manifest(request, manifest, ready.image)
+                    self._note_wire(request, ready)
                     return NOT_DONE_YET
                 self._ready.drop(key)
         gone: list[bool] = []
@@ -363,6 +365,7 @@ class RegistryResource(Resource):
                     manifest, client.name, repo, reference, image, user, until, generation
                 )
                 self._ready.put(key_of(request), ready)
+                self._note_wire(request, ready)
         elif kind == "blob":
             digest = match.group("digest")
             if not is_valid_digest(digest):
@@ -446,16 +449,48 @@ class RegistryResource(Resource):
         request.setHeader(b"ETag", f'"{manifest.digest}"'.encode())
         request.setHeader(b"Content-Length", b"%d" % len(manifest.body))
         request.setHeader(b"X-Cache", manifest.cache.encode())
+        pull = request.method != b"HEAD"
+        self._count(manifest, pull, image)
+        if pull:
+            request.write(manifest.body)
+        request.finish()
+
+    def _count(self, manifest: CachedManifest, pull: bool, image: str) -> None:
+        """Count an answer with *manifest*, a GET's (*pull*) or a HEAD's."""
         metrics = self._metrics
         metrics.request("manifest", manifest.cache.lower()).inc()
-        if request.method != b"HEAD":
+        if pull:
             source = "upstream" if manifest.cache == "MISS" else "cache"
             metrics.served(source).inc(len(manifest.body))
-            request.write(manifest.body)
             if self._forward:
                 # a client's pull (a peer's asking is counted by the node it serves)
                 metrics.pulls.pulled(image)
-        request.finish()
+
+    def _note_wire(self, request: Request, ready: Ready) -> None:
+        """Note the answer *ready* just sent under the request's bytes, if
+        it may be sent again to them as it went (:mod:`.ready`)."""
+        head = getattr(request, "head", None)
+        if head is not None:
+            body = ready.manifest.body if request.method != b"HEAD" else b""
+            wire = Wire.of(request, body)  # type: ignore[arg-type]
+            if wire is not None:
+                self._ready.put(wire_key(head), attrs.evolve(ready, wire=wire))
+
+    def answer_again(self, head: bytes) -> tuple[Wire, str | None] | None:
+        """The answer to the request bytes *head*, as the same bytes were
+        answered from a kept manifest a moment ago, and who they logged in
+        as; counted as every answer is.  None: they take the whole path."""
+        key = wire_key(head)
+        ready = self._ready.get(key, self._clock.seconds(), self._generation())
+        if ready is None or ready.wire is None:
+            return None
+        manifest = ready.manifest
+        if self._manifests.kept(ready.upstream, ready.repo, ready.reference) is not manifest:
+            self._ready.drop(key)
+            return None
+        self._manifests.touch(ready.upstream, ready.repo, manifest.digest)
+        self._count(manifest, ready.wire.pull, ready.image)
+        return ready.wire, ready.user
 
     async def _blob(
         self, request: Request, client: RegistryClient, repo: str, digest: Digest, gone: list[bool]

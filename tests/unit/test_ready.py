@@ -6,11 +6,14 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 from typing import Any
 
 import bcrypt
+import pytest
 import pytest_twisted
 from proxyharness import settle, until
+from twisted.internet.threads import deferToThread
 
 from registryproxy.admin.backend import PurgeSelector
 from registryproxy.cache.manifests import CachedManifest
@@ -214,3 +217,219 @@ async def test_answers_are_kept_apart_by_credentials(
     await until(lambda: access.exists() and len(access.read_text().splitlines()) >= 8)
     users_logged = [line.split(" ")[2] for line in access.read_text().splitlines()]
     assert users_logged[:3] == ["ann", "ann", "ann"]
+
+
+# -- answers sent again to the same request bytes (connections.Wire)
+
+
+class _Connection:
+    """One keep-alive connection that sends bytes verbatim and reads
+    answers whole (blocking: run in a thread)."""
+
+    def __init__(self, url: str, receive_buffer: int | None = None) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.socket()
+        if receive_buffer is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(30)
+        self.sock.connect((host, int(port)))
+        self.file = self.sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def answer(self, head_only: bool = False) -> bytes:
+        """The next answer's bytes; b"" if the connection closed first."""
+        lines = []
+        while True:
+            line = self.file.readline()
+            if not line:
+                return b"".join(lines)
+            lines.append(line)
+            if line == b"\r\n":
+                break
+        length = 0
+        for line in lines:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        return b"".join(lines) + (b"" if head_only else self.file.read(length))
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def _undated(answer: bytes) -> tuple[bytes, list[bytes], bytes]:
+    """An answer's status line, its headers but Date (sorted), its body."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *headers = head.split(b"\r\n")
+    return status, sorted(h for h in headers if not h.lower().startswith(b"date:")), body
+
+
+def _request(method: str, path: str, *headers: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: mirror.test", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _counting_requests(proxy: Any) -> list[int]:
+    """Count the requests twisted.web parses into Request objects."""
+    site = proxy.proxy.site
+    made = [0]
+    factory = site.requestFactory
+
+    def counted(*args: Any) -> Any:
+        made[0] += 1
+        return factory(*args)
+
+    site.requestFactory = counted
+    return made
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_same_request_bytes_are_answered_again_as_they_were(
+    fake_registry, make_proxy, tmp_path
+):
+    """The third of the same bytes on a connection is answered without
+    twisted.web: the same status, headers (but Date) and body as the whole
+    path gave, counted, touched and logged the same; a HEAD too, and the
+    connection goes on."""
+    digest, body = fake_registry.add_image("library/app", "1", [b"layer"])
+    access = tmp_path / "access.log"
+    proxy = await make_proxy(fake_registry.url, top={"proxy": {"access_log": str(access)}})
+    made = _counting_requests(proxy)
+    touched: list[tuple[str, ...]] = []
+    touch = proxy.proxy.manifests.touch
+    proxy.proxy.manifests.touch = lambda *args: (touched.append(args), touch(*args))
+    get = _request("GET", "/v2/library/app/manifests/1", "User-Agent: probe/1")
+    head = _request("HEAD", "/v2/library/app/manifests/1")
+    connection = _Connection(proxy.url)
+
+    def exchange(data: bytes, head_only: bool = False) -> bytes:
+        connection.send(data)
+        return connection.answer(head_only)
+
+    try:
+        answers = [await deferToThread(exchange, get) for _ in range(4)]
+        heads = [await deferToThread(exchange, head, True) for _ in range(3)]
+        after = await deferToThread(exchange, get)
+    finally:
+        connection.close()
+    assert made[0] == 3  # a MISS, a HIT noting GET's wire, one noting HEAD's
+    assert _undated(answers[0])[0] == b"HTTP/1.1 200 OK"
+    assert b"X-Cache: MISS" in answers[0]
+    whole_path = _undated(answers[1])
+    assert whole_path[2] == body and b"Docker-Content-Digest: " + digest.encode() in whole_path[1]
+    assert [_undated(a) for a in answers[2:] + [after]] == [whole_path] * 3
+    assert all(b"\r\nDate: " in a for a in answers)
+    assert _undated(heads[1]) == _undated(heads[2]) == (whole_path[0], whole_path[1], b"")
+    metrics = proxy.proxy.metrics
+    assert metrics.requests.labels("manifest", "hit")._value.get() == 3 + 3 + 1
+    assert metrics.pulls.top(1) == [{"image": "docker.io/library/app:1", "pulls": 5}]
+    assert touched == [("docker.io", "library/app", digest)] * 7  # for eviction: all but the MISS
+    proxy.proxy.site._flush_log()
+    lines = access.read_text().splitlines()
+    assert len(lines) == 8
+    undated = [line.split("] ", 1)[1] for line in lines]
+    gets = f'"GET /v2/library/app/manifests/1 HTTP/1.1" 200 {len(body)} "-" "probe/1"'
+    heads_logged = '"HEAD /v2/library/app/manifests/1 HTTP/1.1" 200 - "-" "-"'
+    assert undated == [gets] * 4 + [heads_logged] * 3 + [gets]
+    assert {line.split("[", 1)[0] for line in lines} == {'"127.0.0.1" - - '}
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_bytes_that_are_not_one_whole_request_take_the_whole_path(
+    fake_registry, make_proxy
+):
+    """Two requests in one read, one in two reads, one that closes the
+    connection: each answered right, by twisted.web."""
+    fake_registry.add_image("library/app", "1", [b"layer"])
+    proxy = await make_proxy(fake_registry.url)
+    get = _request("GET", "/v2/library/app/manifests/1")
+    made = _counting_requests(proxy)
+    connection = _Connection(proxy.url)
+    try:
+        for _ in range(3):
+            connection.send(get)
+            await deferToThread(connection.answer)
+        assert made[0] == 2  # the third sent again
+        connection.send(get + get)  # pipelined
+        two = [await deferToThread(connection.answer) for _ in range(2)]
+        connection.send(get[:10])
+        await settle(0.05)
+        connection.send(get[10:])
+        split = await deferToThread(connection.answer)
+        assert made[0] == 5
+        assert [_undated(a)[2] for a in two] == [_undated(split)[2]] * 2
+        closing = _request("GET", "/v2/library/app/manifests/1", "Connection: close")
+        for _ in range(2):  # noted under none: it ends the connection
+            connection.send(closing)
+            answer = await deferToThread(connection.answer)
+            assert b"Connection: close" in answer and _undated(answer)[2] == _undated(split)[2]
+            assert await deferToThread(connection.answer) == b""  # closed
+            connection.close()
+            connection = _Connection(proxy.url)
+        assert made[0] == 7
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("again", [True, False], ids=["sent-again", "whole-path"])
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_sends_and_never_reads_is_stopped_being_read(
+    fake_registry, make_proxy, again
+):
+    """Answers do not pile up in memory: a connection whose answers are not
+    taken is not read.  (twisted.web reads on while it answers a request,
+    and so had all 600 answers waiting.)"""
+    fake_registry.add_image("library/app", "1", [b"layer"])
+    proxy = await make_proxy(fake_registry.url)
+    if not again:
+        proxy.proxy.site.answers = None
+    get = _request("GET", "/v2/library/app/manifests/1")
+    connection = _Connection(proxy.url, receive_buffer=4096)
+    try:
+        for _ in range(3):
+            connection.send(get)
+            await deferToThread(connection.answer)
+        (channel,) = proxy.proxy.site.connections
+        server = channel.transport
+        while not hasattr(server, "socket"):
+            server = server.transport
+        server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        hits = proxy.proxy.metrics.requests.labels("manifest", "hit")
+        before, sent = hits._value.get(), 600
+        for _ in range(sent):
+            connection.send(get)
+            await settle(0.001)
+        await settle(0.2)
+        answered = hits._value.get() - before
+        assert answered < sent - 100  # it stopped reading
+        assert len(server.dataBuffer) + server._tempDataLen < 2 * server.bufferSize
+        answers = [await deferToThread(connection.answer) for _ in range(sent)]
+        assert all(_undated(a) == _undated(answers[0]) for a in answers)  # all, once taken
+        assert b"X-Cache: HIT" in answers[0]
+    finally:
+        connection.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_purge_ends_answers_sent_again_at_once(fake_registry, make_proxy):
+    fake_registry.add_image("library/app", "1", [b"layer"])
+    proxy = await make_proxy(fake_registry.url)
+    get = _request("GET", "/v2/library/app/manifests/1")
+    connection = _Connection(proxy.url)
+    try:
+        for _ in range(3):
+            connection.send(get)
+            assert b"X-Cache: " in await deferToThread(connection.answer)
+        await proxy.proxy.control.purge(
+            PurgeSelector(upstream="docker.io", repository="library/app", tag="1")
+        )
+        connection.send(get)
+        assert b"X-Cache: MISS" in await deferToThread(connection.answer)
+        proxy.proxy.control.set_upstream("docker.io", {"deny": ["library/app"]}, merge=True)
+        connection.send(get)
+        assert b"HTTP/1.1 403 " in await deferToThread(connection.answer)
+    finally:
+        connection.close()
