@@ -271,6 +271,8 @@ class GuardedChannel(HTTPChannel):
         nothing of the next parsed or waiting."""
         return bool(
             self.persistent
+            and self._began is None
+            and not self.paused
             and not self.requests
             and not self._buffer
             and self.line_mode
@@ -323,17 +325,29 @@ class GuardedChannel(HTTPChannel):
         transport.loseWriteConnection()
 
     def pauseProducing(self) -> None:
+        """The client takes in less than it is sent: answer nothing more
+        until it has taken it.  twisted.web read on while it answered a
+        request, and answered on every request already read (many come in
+        one read): a client sending requests and never reading their
+        answers had them pile up in memory without end."""
         super().pauseProducing()
-        if self._handlingRequest:
-            # twisted.web reads on while it answers a request (a body could
-            # still be coming; ours are read whole before any answer), so a
-            # client sending requests and never reading had their answers
-            # pile up in memory without end: read no more until it takes them
-            self._networkProducer.pauseProducing()
+        self.paused = True  # LineReceiver: parse no further request
+        self._networkProducer.pauseProducing()  # and read none
 
     def resumeProducing(self) -> None:
         self._drained += 1
-        super().resumeProducing()
+        super().resumeProducing()  # reads again if no request is answered
+        # while one is: its client may close or send more (within
+        # twisted.web's bound on what it reads ahead), and a refused body
+        # must be read and dropped
+        if self._handlingRequest and (
+            self._dropping or sum(map(len, self._dataBuffer)) <= self._optimisticEagerReadSize
+        ):
+            self._networkProducer.resumeProducing()
+        if self.paused:
+            self.paused = False
+            if self._buffer:  # requests read before the pause
+                self.dataReceived(b"")
 
     def overdue(self, now: float, limits: Limits) -> str | None:
         """Why this connection must go now, if it must."""

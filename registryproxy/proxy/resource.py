@@ -365,7 +365,6 @@ class RegistryResource(Resource):
                     manifest, client.name, repo, reference, image, user, until, generation
                 )
                 self._ready.put(key_of(request), ready)
-                self._note_wire(request, ready)
         elif kind == "blob":
             digest = match.group("digest")
             if not is_valid_digest(digest):
@@ -468,7 +467,9 @@ class RegistryResource(Resource):
 
     def _note_wire(self, request: Request, ready: Ready) -> None:
         """Note the answer *ready* just sent under the request's bytes, if
-        it may be sent again to them as it went (:mod:`.ready`)."""
+        it may be sent again to them as it went (:mod:`.ready`): at its
+        second asking, so that bytes never sent again (a header that changes
+        at each request) push out few answers that would be."""
         head = getattr(request, "head", None)
         if head is not None:
             body = ready.manifest.body if request.method != b"HEAD" else b""
