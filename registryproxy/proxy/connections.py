@@ -262,7 +262,9 @@ class GuardedChannel(HTTPChannel):
                     return
                 if data.find(b"\r\n\r\n") == len(data) - 4:
                     self._head = data
-            if self._began is None:
+            # a blank line between requests (twisted.web eats one) is no
+            # request begun: the idle timeout, not the header deadline
+            if self._began is None and (self._buffer or data.strip(b"\r\n")):
                 self._began = self.site.clock.seconds()
         super().dataReceived(data)
 
@@ -312,6 +314,10 @@ class GuardedChannel(HTTPChannel):
     def rawDataReceived(self, data: bytes) -> None:
         if not self._dropping:
             super().rawDataReceived(data)
+            # twisted.web stops reading at its bound only while the client
+            # takes its answers: one that does not could send without end
+            if self._handlingRequest and self._read_ahead():
+                self._networkProducer.pauseProducing()
 
     def requestDone(self, request: Any) -> None:
         if not self._dropping:
@@ -336,18 +342,21 @@ class GuardedChannel(HTTPChannel):
 
     def resumeProducing(self) -> None:
         self._drained += 1
+        self.paused = False
         super().resumeProducing()  # reads again if no request is answered
-        # while one is: its client may close or send more (within
-        # twisted.web's bound on what it reads ahead), and a refused body
-        # must be read and dropped
-        if self._handlingRequest and (
-            self._dropping or sum(map(len, self._dataBuffer)) <= self._optimisticEagerReadSize
-        ):
+        if self._waitingForTransport:
+            return  # the answer's producer filled the transport again at once
+        # while one is: its client may close or send more (within the bound
+        # on what is read ahead), and a refused body must be read and dropped
+        if self._handlingRequest and (self._dropping or not self._read_ahead()):
             self._networkProducer.resumeProducing()
-        if self.paused:
-            self.paused = False
-            if self._buffer:  # requests read before the pause
-                self.dataReceived(b"")
+        if self._buffer:  # requests read before the pause
+            self.dataReceived(b"")
+
+    def _read_ahead(self) -> bool:
+        """Whether the bytes read while a request is answered reached
+        twisted.web's bound on them."""
+        return sum(map(len, self._dataBuffer)) > self._optimisticEagerReadSize
 
     def overdue(self, now: float, limits: Limits) -> str | None:
         """Why this connection must go now, if it must."""

@@ -4,6 +4,7 @@ it takes them, and it is seen to go as soon as it does."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from typing import Any
@@ -19,6 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from registryproxy.proxy.connections import GuardedSite, Limits, Wire
+from registryproxy.proxy.sender import BlobSender
 
 LIMITS = Limits(max_connections=100, header_timeout=10.0, idle_timeout=60.0, send_timeout=30.0)
 REQUEST = b"GET /v2/a/manifests/1 HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -165,5 +167,71 @@ def test_a_stray_blank_line_then_answers_sent_again_is_no_slow_request():
         channel.dataReceived(REQUEST)
         assert channel.overdue(clock.seconds(), LIMITS) is None
     assert transport.value().count(b"200 OK") == 12
-    assert resource.rendered == 1  # the first after the blank line took the whole path
     channel.connectionLost(None)
+
+
+def test_a_stray_blank_line_is_no_request_begun():
+    """A client idle after a blank line has the idle timeout, not the
+    header deadline (it was cut off after 10 s as too slow)."""
+    clock = Clock()
+    site = GuardedSite(_Answers(b"ok"), LIMITS, lambda *_: None, clock, "test", "off")
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    channel.makeConnection(StringTransport())
+    channel.dataReceived(b"\r\n")
+    clock.advance(LIMITS.header_timeout + 1)
+    assert channel.overdue(clock.seconds(), LIMITS) is None
+    channel.dataReceived(b"GET / HTTP/1.1\r\n")  # a request begun is held to it
+    clock.advance(LIMITS.header_timeout + 1)
+    assert channel.overdue(clock.seconds(), LIMITS) is not None
+    channel.connectionLost(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_flooding_while_a_blob_waits_to_be_taken_is_not_read(tmp_path):
+    """A blob streamed through memory (TLS, a download relayed) fills the
+    transport again as soon as it drains: reading must not go on meanwhile,
+    or a client that stops taking it and sends without end is buffered
+    without end."""
+    size = 64 << 20
+    blob = tmp_path / "blob"
+    with blob.open("wb") as f:
+        f.truncate(size)
+
+    class Blob(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> Any:
+            request.setHeader(b"Content-Length", b"%d" % size)
+            BlobSender(request, 0, size, fd=os.open(blob, os.O_RDONLY)).start()
+            return NOT_DONE_YET
+
+    site = GuardedSite(Blob(), LIMITS, lambda *_: None, reactor, "test", "off")
+    port = await _listening(site)
+    client = await _small_buffers(site, port)
+    flood = b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n" * 2000
+    try:
+        client.sendall(b"GET /blob HTTP/1.1\r\nHost: x\r\n\r\n")
+
+        def take_some_then_flood() -> int:
+            client.settimeout(10)
+            got = 0
+            while got < (2 << 20):  # the transport drains: it reads again
+                got += len(client.recv(1 << 16))
+            time.sleep(0.3)  # stop taking: the transport fills and pauses
+            sent = 0
+            client.setblocking(False)
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                try:
+                    sent += client.send(flood)
+                except BlockingIOError:
+                    time.sleep(0.01)
+            return sent
+
+        sent = await deferToThread(take_some_then_flood)
+        (channel,) = site.connections
+        held = len(channel._buffer) + sum(map(len, channel._dataBuffer))
+        assert held <= 2 * 64 * 1024, (held, sent)
+    finally:
+        client.close()
+        await port.stopListening()
