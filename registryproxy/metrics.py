@@ -59,6 +59,12 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        self.sent_again = Counter(
+            "regproxy_answers_sent_again",
+            "Manifest answers sent again to the same request bytes before twisted.web "
+            "parsed them (counted in regproxy_requests too)",
+            registry=r,
+        )
         #: the labelled counters of the hot path, looked up once
         self._children: dict[tuple[int | str, ...], Any] = {}
         self.upstream_requests = Counter(

@@ -127,9 +127,11 @@ class GuardedRequest(Request):
     #: the user the request logged in as (proxy.auth), for the access log
     login_user: str | None = None
     #: the request's bytes as they came, when its answer may be sent again
-    #: to the same bytes (:class:`Wire`): one whole request in one read, on
-    #: a connection that stays open, with no body and no ``Expect``
+    #: to the same bytes (:class:`Wire`): one whole request in one read,
+    #: with no body and no ``Expect``
     head: bytes | None = None
+    #: the connection closes after its answer (``Connection: close``, HTTP/1.0)
+    closes = False
 
     def gotLength(self, length: int | None) -> None:
         # the body policy bounded it: in memory, never a temporary file
@@ -209,6 +211,8 @@ class Wire:
     logged: str
     #: a GET's (a pull), not a HEAD's
     pull: bool
+    #: the connection closes after it
+    close: bool
 
     @classmethod
     def of(cls, request: GuardedRequest, body: bytes) -> Wire | None:
@@ -225,7 +229,8 @@ class Wire:
         for name, values in request.responseHeaders.getAllRawHeaders():
             if name.lower() != b"date":
                 lines.extend(b"%s: %s\r\n" % (name, value) for value in values)
-        return cls(b"".join(lines), body, _what(request), request.method != b"HEAD")
+        pull = request.method != b"HEAD"
+        return cls(b"".join(lines), body, _what(request), pull, request.closes)
 
     def size(self) -> int:
         return len(self.head) + len(self.body) + len(self.logged)
@@ -300,11 +305,10 @@ class GuardedChannel(HTTPChannel):
         super().allHeadersReceived()
         if (
             head is not None
-            and self.persistent
             and self.site.answers is not None
             and not request.requestHeaders.hasHeader(b"expect")
         ):
-            request.head = head
+            request.head, request.closes = head, not self.persistent
 
     def allContentReceived(self) -> None:
         if not self._dropping:  # a refused request's header deadline bounds the dropping
@@ -486,6 +490,9 @@ class GuardedSite(Site):
         if self._date[0] != now:
             self._date = (now, b"Date: %s\r\n\r\n" % http.datetimeToString(now))
         channel.transport.write(b"".join((wire.head, self._date[1], wire.body)))  # type: ignore[union-attr]
+        if wire.close:  # as twisted.web: what more comes is dropped
+            channel.persistent = False
+            channel.loseConnection()
         if self._access_log != "off":
             who = _who(channel.transport.getPeer(), user)  # type: ignore[union-attr]
             self._log_line(f"{who} {self._logDateTime} {wire.logged}")

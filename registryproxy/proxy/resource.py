@@ -491,6 +491,7 @@ class RegistryResource(Resource):
             return None
         self._manifests.touch(ready.upstream, ready.repo, manifest.digest)
         self._count(manifest, ready.wire.pull, ready.image)
+        self._metrics.sent_again.inc()
         return ready.wire, ready.user
 
     async def _blob(

@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import json
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -170,6 +171,40 @@ def test_cache_survives_restart(
     assert blob_lines == [], "blobs fetched again after a restart"
     resp = proxy.client().blob(image.repository, image.layers[0].digest)
     assert resp.status == 200 and resp.header("X-Cache") == "HIT"
+
+
+def test_a_tag_skopeo_asks_again_is_sent_again_as_it_was(
+    test_images: dict[str, Image],
+    regproxy: Callable[..., harness.RegProxy],
+    skopeo: harness.Skopeo,
+) -> None:
+    """skopeo (containers/image, as podman and CRI-O) asks a tag with the
+    same bytes each time, with ``Connection: close``: within the moment an
+    answer is kept, regproxy sends it again without parsing the request,
+    and skopeo gets the same manifest."""
+    image = test_images["dockerimg"]
+    proxy = regproxy()
+
+    def sent_again() -> float:
+        with urllib.request.urlopen(proxy.admin_url + "/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        (line,) = [
+            x for x in text.splitlines() if x.startswith("regproxy_answers_sent_again_total")
+        ]
+        return float(line.split()[-1])
+
+    # three askings within the second an answer is kept: each takes a
+    # fraction of it here, a loaded machine may need a few more tries
+    for _ in range(20):
+        inspected = skopeo.run(
+            "inspect", "--raw", "--tls-verify=false", image.docker_ref(proxy.host_port)
+        )
+        assert inspected.stdout.encode() == image.manifest
+        if sent_again() > 0:
+            break
+    assert sent_again() > 0
+    again = skopeo.run("inspect", "--raw", "--tls-verify=false", image.docker_ref(proxy.host_port))
+    assert again.stdout.encode() == image.manifest
 
 
 def test_x_cache_header_says_miss_then_hit(

@@ -156,7 +156,7 @@ def test_a_stray_blank_line_then_answers_sent_again_is_no_slow_request():
     clock = Clock()
     resource = _Answers(b"ok")
     site = GuardedSite(resource, LIMITS, lambda *_: None, clock, "test", "off")
-    wire = Wire(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", b"ok", "-", True)
+    wire = Wire(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", b"ok", "-", True, False)
     site.answers = lambda head: (wire, None) if head == REQUEST else None
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     transport = StringTransport()

@@ -327,6 +327,7 @@ async def test_the_same_request_bytes_are_answered_again_as_they_were(
     metrics = proxy.proxy.metrics
     assert metrics.requests.labels("manifest", "hit")._value.get() == 3 + 3 + 1
     assert metrics.pulls.top(1) == [{"image": "docker.io/library/app:1", "pulls": 5}]
+    assert metrics.sent_again._value.get() == 2 + 2  # GET's and HEAD's
     assert touched == [("docker.io", "library/app", digest)] * 7  # for eviction: all but the MISS
     proxy.proxy.site._flush_log()
     lines = access.read_text().splitlines()
@@ -342,8 +343,8 @@ async def test_the_same_request_bytes_are_answered_again_as_they_were(
 async def test_request_bytes_that_are_not_one_whole_request_take_the_whole_path(
     fake_registry, make_proxy
 ):
-    """Two requests in one read, one in two reads, one that closes the
-    connection: each answered right, by twisted.web."""
+    """Two requests in one read, one in two reads: each answered right, by
+    twisted.web."""
     fake_registry.add_image("library/app", "1", [b"layer"])
     proxy = await make_proxy(fake_registry.url)
     get = _request("GET", "/v2/library/app/manifests/1")
@@ -362,17 +363,43 @@ async def test_request_bytes_that_are_not_one_whole_request_take_the_whole_path(
         split = await deferToThread(connection.answer)
         assert made[0] == 6
         assert [_undated(a)[2] for a in two] == [_undated(split)[2]] * 2
-        closing = _request("GET", "/v2/library/app/manifests/1", "Connection: close")
-        for _ in range(2):  # noted under none: it ends the connection
-            connection.send(closing)
-            answer = await deferToThread(connection.answer)
-            assert b"Connection: close" in answer and _undated(answer)[2] == _undated(split)[2]
-            assert await deferToThread(connection.answer) == b""  # closed
-            connection.close()
-            connection = _Connection(proxy.url)
-        assert made[0] == 8
     finally:
         connection.close()
+
+
+@pytest.mark.parametrize(
+    "protocol, header",
+    [("HTTP/1.1", "Connection: close"), ("HTTP/1.0", "User-Agent: old/1")],
+    ids=["close", "http-1.0"],
+)
+@pytest_twisted.ensureDeferred
+async def test_an_answer_that_ends_its_connection_ends_it_when_sent_again(
+    fake_registry, make_proxy, protocol, header
+):
+    """skopeo and podman ask with ``Connection: close``: answered again, the
+    connection closes as it did, and what more the client sends is dropped."""
+    _, body = fake_registry.add_image("library/app", "1", [b"layer"])
+    proxy = await make_proxy(fake_registry.url)
+    made = _counting_requests(proxy)
+    lines = [f"GET /v2/library/app/manifests/1 {protocol}", "Host: mirror.test", header]
+    closing = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    answers = []
+    for _ in range(4):
+        connection = _Connection(proxy.url)
+        try:
+            connection.send(closing)
+            answers.append(await deferToThread(connection.answer))
+            connection.send(closing)  # dropped: the connection ends
+            assert await deferToThread(connection.answer) == b""
+        finally:
+            connection.close()
+    assert made[0] == 3  # a MISS, a HIT keeping it, one noting its wire
+    assert proxy.proxy.metrics.sent_again._value.get() == 1
+    status, headers, sent = _undated(answers[-1])
+    assert (status, sent) == (f"{protocol} 200 OK".encode(), body)
+    assert _undated(answers[2]) == _undated(answers[3])
+    if protocol == "HTTP/1.1":
+        assert b"Connection: close" in headers
 
 
 @pytest.mark.parametrize("again", [True, False], ids=["sent-again", "whole-path"])
