@@ -259,6 +259,10 @@ class GuardedChannel(HTTPChannel):
 
     def dataReceived(self, data: bytes) -> None:
         if not self._handlingRequest:
+            if not self.persistent and not self.requests:
+                # its last answer ends the connection: what more comes is
+                # dropped (as twisted.web does), no request begun
+                return
             self._head = None
             # one whole request, and nothing of another before it
             if data[-4:] == b"\r\n\r\n" and self._between_requests():
@@ -279,6 +283,9 @@ class GuardedChannel(HTTPChannel):
         return bool(
             self.persistent
             and self._began is None
+            # twisted.web has eaten a blank line since its last request: the
+            # next one resets that, an answer sent again would not
+            and self._HTTPChannel__first_line == 1  # type: ignore[attr-defined]
             and not self.paused
             and not self.requests
             and not self._buffer
@@ -333,6 +340,12 @@ class GuardedChannel(HTTPChannel):
         del self.requests[0]
         transport: Any = self.transport
         transport.loseWriteConnection()
+
+    def loseConnection(self) -> None:
+        # reading may be paused (an answer not taken yet): TLS must read the
+        # client's close to end the connection, or it stays until cut off
+        self._networkProducer.resumeProducing()
+        super().loseConnection()
 
     def pauseProducing(self) -> None:
         """The client takes in less than it is sent: answer nothing more

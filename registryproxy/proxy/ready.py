@@ -26,9 +26,10 @@ a refusal: wrong credentials never find one.
 
 An answer is also noted as it went on the wire, under the request's very
 bytes (their SHA-256: credentials are among them), when they came whole in
-one read on a connection that stays open (:class:`~.connections.Wire`).  A
-client asks again with the same bytes (its pulls of the same tag), and those
-are answered before twisted.web parses them, by the same rules.
+one read (:class:`~.connections.Wire`), at their second asking.  A client
+asks again with the same bytes (its pulls of the same tag), and those are
+answered before twisted.web parses them, by the same rules; an answer that
+ended its connection (``Connection: close``, HTTP/1.0) ends it again.
 """
 
 from __future__ import annotations

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import time
 from typing import Any
 
 import pytest_twisted
 from proxyharness import settle, until
+from tlscerts import CA
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
@@ -39,6 +42,25 @@ class _Answers(Resource):
         self.rendered += 1
         request.setHeader(b"Content-Length", b"%d" % len(self.body))
         return self.body
+
+
+def _in_memory(again: bytes | None, close: bool = False) -> tuple[Clock, GuardedSite, _Answers]:
+    """A site on a fake clock answering b"ok", and answering the request
+    bytes *again* as sent again (``Connection: close`` if *close*)."""
+    clock = Clock()
+    resource = _Answers(b"ok")
+    site = GuardedSite(resource, LIMITS, lambda *_: None, clock, "test", "off")
+    ending = b"Connection: close\r\n" if close else b""
+    wire = Wire(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + ending, b"ok", "-", True, close)
+    site.answers = lambda head: (wire, None) if head == again else None
+    return clock, site, resource
+
+
+def _connected(site: GuardedSite) -> tuple[Any, StringTransport]:
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport
 
 
 def _socket_of(transport: Any) -> Any:
@@ -153,14 +175,8 @@ def test_a_stray_blank_line_then_answers_sent_again_is_no_slow_request():
     """A blank line between requests (which twisted.web eats) started the
     header deadline, and answers sent again never stopped it: a client
     answered each second was cut off as too slow to send a request."""
-    clock = Clock()
-    resource = _Answers(b"ok")
-    site = GuardedSite(resource, LIMITS, lambda *_: None, clock, "test", "off")
-    wire = Wire(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", b"ok", "-", True, False)
-    site.answers = lambda head: (wire, None) if head == REQUEST else None
-    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
-    transport = StringTransport()
-    channel.makeConnection(transport)
+    clock, site, resource = _in_memory(REQUEST)
+    channel, transport = _connected(site)
     channel.dataReceived(b"\r\n")
     for _ in range(12):
         clock.advance(1.0)
@@ -173,10 +189,8 @@ def test_a_stray_blank_line_then_answers_sent_again_is_no_slow_request():
 def test_a_stray_blank_line_is_no_request_begun():
     """A client idle after a blank line has the idle timeout, not the
     header deadline (it was cut off after 10 s as too slow)."""
-    clock = Clock()
-    site = GuardedSite(_Answers(b"ok"), LIMITS, lambda *_: None, clock, "test", "off")
-    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
-    channel.makeConnection(StringTransport())
+    clock, site, _ = _in_memory(None)
+    channel, _ = _connected(site)
     channel.dataReceived(b"\r\n")
     clock.advance(LIMITS.header_timeout + 1)
     assert channel.overdue(clock.seconds(), LIMITS) is None
@@ -235,3 +249,66 @@ async def test_a_client_flooding_while_a_blob_waits_to_be_taken_is_not_read(tmp_
     finally:
         client.close()
         await port.stopListening()
+
+
+def test_answers_sent_again_around_blank_lines_are_all_answered():
+    """twisted.web eats one blank line between requests; an answer sent
+    again after it left that noted, and the next blank line was a 400."""
+    _, site, _ = _in_memory(REQUEST)
+    channel, transport = _connected(site)
+    for data in (REQUEST, b"\r\n", REQUEST, b"\r\n", REQUEST):
+        channel.dataReceived(data)
+    assert transport.value().count(b"200 OK") == 3
+    assert b" 400 " not in transport.value()
+    channel.connectionLost(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_closing_answer_too_big_to_send_at_once_ends_its_tls_connection(tmp_path):
+    """Reading was paused while the answer waited to be taken, and TLS must
+    read the client's close: the connection stayed until cut off as stalled
+    (30 s), holding its place under max_connections."""
+    authority = CA.make()
+    (tmp_path / "server.pem").write_bytes(authority.issue(ips=["127.0.0.1"]))
+    (tmp_path / "ca.pem").write_bytes(authority.pem)
+    body = b"m" * (3 << 20)
+    site = GuardedSite(_Answers(body), LIMITS, lambda *_: None, reactor, "test", "off")
+    server = tmp_path / "server.pem"
+    port = await serverFromString(
+        reactor, f"ssl:0:interface=127.0.0.1:privateKey={server}:certKey={server}"
+    ).listen(site)
+    context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+
+    def fetch() -> int:
+        raw = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as client:
+            client.sendall(REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+            time.sleep(0.3)  # not taken yet: the transport fills, reading pauses
+            got = b""
+            while chunk := client.recv(1 << 16):
+                got += chunk
+            return len(got)
+
+    try:
+        assert await deferToThread(fetch) > len(body)
+        await until(lambda: not site.connections, timeout=3)
+    finally:
+        await port.stopListening()
+
+
+def test_what_comes_after_a_closing_answer_is_dropped_and_begins_nothing():
+    """As twisted.web drops it; it started the header deadline, and a TLS
+    connection (which reads until the client's close) was cut off as a
+    client too slow to send its request."""
+    closing = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    clock, site, resource = _in_memory(closing, close=True)
+    for first in (closing.replace(b"/v2/a", b"/v2/b"), closing):  # whole path, sent again
+        channel, transport = _connected(site)
+        channel.dataReceived(first)
+        assert transport.value().count(b"200 OK") == 1 and transport.disconnecting
+        channel.dataReceived(b"GET /v2/a/manifests/2 HTTP/1.1\r\nHost: x\r\n")
+        clock.advance(LIMITS.header_timeout + 1)
+        assert channel.overdue(clock.seconds(), LIMITS) is None
+        assert transport.value().count(b"HTTP/1.1") == 1
+        channel.connectionLost(None)
+    assert resource.rendered == 1
