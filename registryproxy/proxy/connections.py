@@ -258,40 +258,39 @@ class GuardedChannel(HTTPChannel):
         super().connectionLost(reason)
 
     def dataReceived(self, data: bytes) -> None:
+        transport: Any = self.transport
+        if transport.disconnecting:
+            # closing (its last answer, a bad request, a timeout): what more
+            # comes is dropped, as twisted.web does, and is no request begun
+            # (over TLS, reading goes on until the client's close)
+            return
         if not self._handlingRequest:
-            if not self.persistent and not self.requests:
-                # its last answer ends the connection: what more comes is
-                # dropped (as twisted.web does), no request begun
-                return
             self._head = None
             # one whole request, and nothing of another before it
             if data[-4:] == b"\r\n\r\n" and self._between_requests():
                 if self.site.send_again(self, data):
-                    self.resetTimeout()
+                    if self.persistent:
+                        self.resetTimeout()
                     return
                 if data.find(b"\r\n\r\n") == len(data) - 4:
                     self._head = data
             # a blank line between requests (twisted.web eats one) is no
             # request begun: the idle timeout, not the header deadline
-            if self._began is None and (self._buffer or data.strip(b"\r\n")):
+            if self._began is None and (self._buffer or data != b"\r\n"):
                 self._began = self.site.clock.seconds()
         super().dataReceived(data)
 
     def _between_requests(self) -> bool:
-        """Whether nothing of a request is held: the last one answered,
-        nothing of the next parsed or waiting."""
+        """Whether nothing of a request is held, no request being answered:
+        the last one answered, nothing of the next parsed or waiting."""
         return bool(
-            self.persistent
-            and self._began is None
-            # twisted.web has eaten a blank line since its last request: the
-            # next one resets that, an answer sent again would not
-            and self._HTTPChannel__first_line == 1  # type: ignore[attr-defined]
-            and not self.paused
-            and not self.requests
+            # twisted.web's state between requests (2: it has eaten a blank
+            # line since the last, which the next request resets and an
+            # answer sent again would not)
+            self._HTTPChannel__first_line == 1  # type: ignore[attr-defined]
             and not self._buffer
-            and self.line_mode
-            and self._receivedHeaderSize == 0
-            and not self._dropping
+            and not self.paused
+            and self.persistent
         )
 
     def allHeadersReceived(self) -> None:
@@ -312,6 +311,7 @@ class GuardedChannel(HTTPChannel):
         super().allHeadersReceived()
         if (
             head is not None
+            and self.length == 0
             and self.site.answers is not None
             and not request.requestHeaders.hasHeader(b"expect")
         ):
@@ -363,9 +363,9 @@ class GuardedChannel(HTTPChannel):
         super().resumeProducing()  # reads again if no request is answered
         if self._waitingForTransport:
             return  # the answer's producer filled the transport again at once
-        # while one is: its client may close or send more (within the bound
-        # on what is read ahead), and a refused body must be read and dropped
-        if self._handlingRequest and (self._dropping or not self._read_ahead()):
+        # and while one is: its client may close or send more (within the
+        # bound on what is read ahead), and a refused body must be dropped
+        if not self._read_ahead():
             self._networkProducer.resumeProducing()
         if self._buffer:  # requests read before the pause
             self.dataReceived(b"")
@@ -380,9 +380,12 @@ class GuardedChannel(HTTPChannel):
         if self._began is not None and now - self._began > limits.header_timeout:
             return f"sent no complete request in {limits.header_timeout:g} s"
         transport: Any = self.transport
+        # closing waits for the client too (to take the rest, and over TLS
+        # to close): one that never does would hold its place for ever
+        closing = transport.disconnecting
         while isinstance(transport, ProtocolWrapper):
             transport = transport.transport
-        if not getattr(transport, "producerPaused", False):
+        if not (closing or getattr(transport, "producerPaused", False)):
             self._stalled_since = None
             return None
         # waiting for the client to take in what was sent: some progress?

@@ -10,6 +10,7 @@ import ssl
 import time
 from typing import Any
 
+import pytest
 import pytest_twisted
 from proxyharness import settle, until
 from tlscerts import CA
@@ -312,3 +313,40 @@ def test_what_comes_after_a_closing_answer_is_dropped_and_begins_nothing():
         assert transport.value().count(b"HTTP/1.1") == 1
         channel.connectionLost(None)
     assert resource.rendered == 1
+
+
+@pytest.mark.parametrize("then", ["sends-more-and-closes", "stays-silent"])
+@pytest_twisted.ensureDeferred
+async def test_a_tls_client_after_a_closing_answer_is_let_go(tmp_path, then):
+    """Over TLS a closing connection reads on until the client's close:
+    what the client sent after the answer (past the read-ahead bound, which
+    paused reading) held it for ever, and so did a client that never
+    closes (the idle timeout is off while a request is answered)."""
+    limits = Limits(max_connections=10, header_timeout=1.0, idle_timeout=1.0, send_timeout=1.0)
+    authority = CA.make()
+    server = tmp_path / "server.pem"
+    server.write_bytes(authority.issue(ips=["127.0.0.1"]))
+    (tmp_path / "ca.pem").write_bytes(authority.pem)
+    site = GuardedSite(_Answers(b"ok"), limits, lambda *_: None, reactor, "test", "off")
+    port = await serverFromString(
+        reactor, f"ssl:0:interface=127.0.0.1:privateKey={server}:certKey={server}"
+    ).listen(site)
+    context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    raw = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    client = context.wrap_socket(raw, server_hostname="127.0.0.1", do_handshake_on_connect=False)
+
+    def ask() -> bytes:
+        client.do_handshake()
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = client.recv(4096)
+        if then == "sends-more-and-closes":
+            client.sendall(b"x" * 40_000)
+            client.close()
+        return answer
+
+    try:
+        assert b"200 OK" in await deferToThread(ask)
+        await until(lambda: not site.connections, timeout=5)
+    finally:
+        client.close()
+        await port.stopListening()
