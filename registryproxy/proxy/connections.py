@@ -287,7 +287,8 @@ class GuardedChannel(HTTPChannel):
             # twisted.web's state between requests (2: it has eaten a blank
             # line since the last, which the next request resets and an
             # answer sent again would not)
-            self._HTTPChannel__first_line == 1  # type: ignore[attr-defined]
+            # (private: if a Twisted release renames it, none is sent again)
+            getattr(self, "_HTTPChannel__first_line", None) == 1
             and not self._buffer
             and not self.paused
             and self.persistent
