@@ -7,13 +7,19 @@
 * gives each request ``header_timeout`` seconds from its first byte to its
   last (slowloris), and an idle connection ``idle_timeout`` seconds;
 * cuts off a response whose client has taken in nothing for
-  ``send_timeout`` seconds, which lets go of the blob file it was reading;
+  ``send_timeout`` seconds, which lets go of the blob file it was reading,
+  and a closing connection whose client neither takes the rest nor closes;
 * asks a body policy about a request body as soon as the headers say there
   is one, before any of it is read: the refused request is answered at once
   and the connection closed, after reading and dropping what the client
   still sends for a moment (so that it sees the answer, not a reset).
   Accepted bodies are bounded by the policy and kept in memory, never in a
-  temporary file.
+  temporary file;
+* neither reads nor answers a connection whose answers wait to be taken
+  (twisted.web did both while it answered a request), so that a client
+  holds at most one answer and what is read ahead of it;
+* sends an answer again to the same request bytes (:class:`Wire`, for the
+  proxy port: :attr:`GuardedSite.answers`) before twisted.web parses them.
 
 Connections that are refused or cut off are logged, at most once every
 :data:`LOG_EVERY` seconds per reason, with a count of the ones in between.
