@@ -32,7 +32,7 @@ from ..upstream.registry import Upstreams
 from ..upstream.rules import oversize, refused_by
 from .connections import Wire
 from .ranges import parse_range
-from .ready import LIFETIME, Ready, ReadyAnswers, key_of, wire_key
+from .ready import LIFETIME, Key, Ready, ReadyAnswers, key_of, wire_key
 from .sender import BlobSender
 from .sendfile import SendfileSender, socket_transport
 
@@ -222,17 +222,12 @@ class RegistryResource(Resource):
         request.setHeader(*_API_VERSION)
         # only manifests' answers are kept (a push to one's URI is refused)
         if request.method in (b"GET", b"HEAD") and b"/manifests/" in request.path:
-            key = key_of(request)
-            ready = self._ready.get(key, self._clock.seconds(), self._generation())
+            ready = self._still_kept(key_of(request))
             if ready is not None:
-                manifest = ready.manifest
-                if self._manifests.kept(ready.upstream, ready.repo, ready.reference) is manifest:
-                    request.login_user = ready.user  # type: ignore[attr-defined]
-                    self._manifests.touch(ready.upstream, ready.repo, manifest.digest)
-                    self._manifest(request, manifest, ready.image)
-                    self._note_wire(request, ready)
-                    return NOT_DONE_YET
-                self._ready.drop(key)
+                request.login_user = ready.user  # type: ignore[attr-defined]
+                self._manifest(request, ready.manifest, ready.image)
+                self._note_wire(request, ready)
+                return NOT_DONE_YET
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         # the upstream the request is routed to, once it is (its metrics label)
@@ -481,18 +476,25 @@ class RegistryResource(Resource):
         """The answer to the request bytes *head*, as the same bytes were
         answered from a kept manifest a moment ago, and who they logged in
         as; counted as every answer is.  None: they take the whole path."""
-        key = wire_key(head)
-        ready = self._ready.get(key, self._clock.seconds(), self._generation())
+        ready = self._still_kept(wire_key(head))
         if ready is None or ready.wire is None:
+            return None
+        self._count(ready.manifest, ready.wire.pull, ready.image)
+        self._metrics.sent_again.inc()
+        return ready.wire, ready.user
+
+    def _still_kept(self, key: Key | bytes) -> Ready | None:
+        """The answer noted under *key* if the manifest cache still keeps
+        its very manifest (read now: touched for eviction), else None."""
+        ready = self._ready.get(key, self._clock.seconds(), self._generation())
+        if ready is None:
             return None
         manifest = ready.manifest
         if self._manifests.kept(ready.upstream, ready.repo, ready.reference) is not manifest:
             self._ready.drop(key)
             return None
         self._manifests.touch(ready.upstream, ready.repo, manifest.digest)
-        self._count(manifest, ready.wire.pull, ready.image)
-        self._metrics.sent_again.inc()
-        return ready.wire, ready.user
+        return ready
 
     async def _blob(
         self, request: Request, client: RegistryClient, repo: str, digest: Digest, gone: list[bool]
