@@ -106,6 +106,9 @@ class Fault:
 
     ``times`` is how many more GET responses it breaks (``None``: all of them);
     ``used`` counts the responses it broke. HEAD responses are never broken.
+    A trickle (``slow``, ``unsized``) takes its ``chunk`` and ``delay`` from
+    the fault at each step: a test may hurry one along that has served its
+    purpose (``fault.delay = 0``).
     """
 
     kind: FaultKind
@@ -906,7 +909,7 @@ class FakeRegistry:
             length = len(body) + fault.count if fault.declared else len(body)
             return self._send(request, body + surplus, length)
         if fault.kind == "unsized":
-            self._trickle(request, body, fault.chunk, fault.delay)
+            self._trickle(request, body, fault)
             return NOT_DONE_YET
         request.setHeader(b"Content-Length", b"%d" % len(body))
         if fault.kind == "truncate":
@@ -915,7 +918,7 @@ class FakeRegistry:
         elif fault.kind == "stall":
             request.write(body[: fault.after])
         elif fault.kind == "slow":
-            self._trickle(request, body, fault.chunk, fault.delay)
+            self._trickle(request, body, fault)
         return NOT_DONE_YET
 
     def _when_flushed(self, request: Request, reset: bool) -> None:
@@ -931,18 +934,19 @@ class FakeRegistry:
 
         self._later(0, check)
 
-    def _trickle(self, request: Request, body: bytes, chunk: int, delay: float) -> None:
+    def _trickle(self, request: Request, body: bytes, fault: Fault) -> None:
         gone: list[bool] = []
         request.notifyFinish().addBoth(lambda _: gone.append(True))
 
         def send(offset: int) -> None:
             if gone:
                 return
-            request.write(body[offset : offset + chunk])
-            if offset + chunk >= len(body):
+            end = offset + fault.chunk
+            request.write(body[offset:end])
+            if end >= len(body):
                 request.finish()
             else:
-                self._later(delay, send, offset + chunk)
+                self._later(fault.delay, send, end)
 
         send(0)
 

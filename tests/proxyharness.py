@@ -174,6 +174,24 @@ def partial_get(
         conn.close()
 
 
+def get_in_thread(
+    proxy: RunningProxy,
+    path: str,
+    first: int | None = None,
+    lag: float | threading.Event = 0.0,
+    rest: bool = False,
+) -> Deferred[tuple[int, bytes, bool]]:
+    """:func:`partial_get` of *path* from *proxy*, in a thread."""
+    return deferToThread(partial_get, proxy.url, path, first, lag, rest)
+
+
+def assert_nothing_kept(proxy: RunningProxy, digest: str) -> None:
+    """Neither the blob nor any temporary file is left in the cache."""
+    assert not proxy.blob_path(digest).exists(), f"{digest} was kept"
+    left = os.listdir(proxy.cache_dir / "tmp")
+    assert left == [], f"temporary files left: {left}"
+
+
 def cache_fds(proxy: RunningProxy) -> int:
     """Descriptors of this process open on files of the proxy's cache."""
     count = 0
