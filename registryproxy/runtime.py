@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IReactorCore,
     IReactorPluggableNameResolver,
+    IReactorProcess,
     IReactorTCP,
     IReactorThreads,
     IReactorTime,
@@ -29,7 +30,12 @@ T = TypeVar("T")
 
 
 class IReactor(
-    IReactorCore, IReactorTime, IReactorThreads, IReactorTCP, IReactorPluggableNameResolver
+    IReactorCore,
+    IReactorTime,
+    IReactorThreads,
+    IReactorTCP,
+    IReactorPluggableNameResolver,
+    IReactorProcess,
 ):
     """What regproxy's parts ask of their reactor (the real one provides it all)."""
 

@@ -7,7 +7,6 @@ import os
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.interfaces import IReactorTime
 
 from ..cache.access import IndexAccess
 from ..cache.blobs import BlobCache
@@ -18,6 +17,7 @@ from ..cache.manifests import ManifestCache
 from ..cache.store import BlobStore
 from ..config import Config
 from ..metrics import Metrics
+from ..runtime import IReactor
 from ..upstream.registry import Upstreams
 from .backend import (
     FsckResult,
@@ -140,7 +140,7 @@ def build_control(
     blobs: BlobCache,
     upstreams: Upstreams,
     metrics: Metrics,
-    clock: IReactorTime,
+    reactor: IReactor,
     evictor: Evictor,
     keep: Keep,
     cluster: ClusterView | None = None,
@@ -153,7 +153,7 @@ def build_control(
         SavedUpstreams(os.path.join(cache_dir, "upstreams.json")),
         SavedPins(os.path.join(cache_dir, "pins.json")),
     )
-    prefetcher = Prefetcher(upstreams, manifests, blobs, clock)
+    prefetcher = Prefetcher(upstreams, manifests, blobs, reactor)
     return Control(
         counters=Stats(
             metrics,
@@ -166,11 +166,11 @@ def build_control(
             cluster,
         ),
         chart=SavedHistory(metrics.history, os.path.join(cache_dir, "history.json")),
-        readiness=Readiness(cache_dir, upstreams, clock, cluster),
+        readiness=Readiness(cache_dir, upstreams, reactor, cluster),
         listing=Listing(access, upstreams, config.cache.tag_ttl),
         purger=Purge(evictor, access, upstreams, manifests, cluster),
         prefetcher=prefetcher,
-        checker=Fsck(store, access, clustered=cluster is not None),
+        checker=Fsck(store, access, reactor, clustered=cluster is not None),
         pinning=Pins(config.cache.pinned, saved_pins, keep),
         upstream_settings=UpstreamSettings(config, upstreams, saved_upstreams),
     )

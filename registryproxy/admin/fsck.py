@@ -6,15 +6,19 @@ from __future__ import annotations
 from ..cache.access import IndexAccess
 from ..cache.fsck import fsck
 from ..cache.store import BlobStore, FileStore
+from ..runtime import IReactor
 from .backend import AdminError, FsckResult
 
 
 class Fsck:
-    def __init__(self, store: BlobStore, access: IndexAccess, clustered: bool = False) -> None:
+    def __init__(
+        self, store: BlobStore, access: IndexAccess, reactor: IReactor, clustered: bool = False
+    ) -> None:
         """*clustered*: this node is one of a cluster's (its disk only a
         local copy of the bucket)."""
         self._store = store
         self._access = access
+        self._reactor = reactor
         self._clustered = clustered
         self._running = False
 
@@ -29,6 +33,6 @@ class Fsck:
             raise AdminError(409, "an fsck is already running")
         self._running = True
         try:
-            return await fsck(self._store, self._access)
+            return await fsck(self._store, self._access, self._reactor)
         finally:
             self._running = False

@@ -1,28 +1,40 @@
 """Re-hash the blob store: quarantine what does not match its digest.
 
 Bytes on disk can rot (bad sectors, an operator's editor, a restore gone
-wrong) long after they were verified.  The hashing runs in a thread; the
-index is updated afterwards in the index's worker thread, in batches.
+wrong) long after they were verified.  The hashing, and the comparison of
+the store with the index, run in a child process (:mod:`.scan`): in a
+thread they held the GIL and every client waited.  What it finds out of
+line is mended afterwards in the index's worker thread, in batches.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
+from collections import deque
+from functools import partial
 
 import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone
+from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from ..names import ALGORITHMS, Digest, is_valid_digest
+from .. import __file__ as _package
+from ..names import Digest, is_valid_digest
+from ..runtime import IReactor
 from .access import IndexAccess
 from .index import Index
 from .store import FileStore
 
 log = Logger()
 
-_CHUNK = 1 << 20
-#: index rows written per transaction
+#: index rows written per transaction (and per turn of the worker thread)
 _BATCH = 500
+#: the longest line the scan writes (a digest's algorithm and hex, a size)
+_LONGEST_LINE = 512
 
 
 @attrs.frozen
@@ -37,29 +49,100 @@ class FsckReport:
     forgotten: tuple[str, ...]
 
 
-def _scan(root: str) -> list[tuple[str, int, bool]]:
-    """``(digest, size, matches)`` for every file under blobs/."""
-    found = []
-    blobs = os.path.join(root, "blobs")
-    for algorithm in sorted(os.listdir(blobs)) if os.path.isdir(blobs) else []:
-        if algorithm not in ALGORITHMS:
-            continue
-        for dirpath, _, files in os.walk(os.path.join(blobs, algorithm)):
-            for name in sorted(files):
-                digest = f"{algorithm}:{name}"
-                if not is_valid_digest(digest):
-                    continue
-                hasher = ALGORITHMS[algorithm]()
-                size = 0
-                try:
-                    with open(os.path.join(dirpath, name), "rb") as f:
-                        while chunk := f.read(_CHUNK):
-                            hasher.update(chunk)
-                            size += len(chunk)
-                except FileNotFoundError:
-                    continue  # evicted or purged meanwhile
-                found.append((digest, size, hasher.hexdigest() == name))
-    return found
+class ScanFailed(Exception):
+    """The scan's child process failed; nothing was mended."""
+
+
+@attrs.define
+class _Found:
+    """What the scan found out of line (see :mod:`.scan`)."""
+
+    rotten: list[str] = attrs.Factory(list)
+    unindexed: list[tuple[str, int]] = attrs.Factory(list)
+    missing: list[str] = attrs.Factory(list)
+    #: (files, bytes), once the scan went to its end
+    checked: tuple[int, int] | None = None
+
+
+class _Scan(ProcessProtocol):
+    """Reads the scan's lines as they come (a pipe's read at a time: the
+    reactor parses a few hundred lines a turn, however big the store)."""
+
+    def __init__(self) -> None:
+        self.found = _Found()
+        self.done: Deferred[_Found] = Deferred()
+        self._partial = b""
+        self._errors: deque[bytes] = deque(maxlen=8)
+        self._wrong: str | None = None
+
+    def outReceived(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > _LONGEST_LINE:
+            self._fail("a line too long")
+        for line in lines:
+            if self._wrong is None:
+                self._line(line.decode("ascii", "replace").split(" "))
+
+    def _line(self, words: list[str]) -> None:
+        kind, digest = words[0], words[1] if len(words) > 1 else ""
+        if kind == "checked" and len(words) == 3 and all(w.isdigit() for w in words[1:]):
+            self.found.checked = (int(words[1]), int(words[2]))
+        elif not is_valid_digest(digest):
+            self._fail(f"an unexpected line: {' '.join(words)[:80]!r}")
+        elif kind == "rotten" and len(words) == 2:
+            self.found.rotten.append(digest)
+        elif kind == "missing" and len(words) == 2:
+            self.found.missing.append(digest)
+        elif kind == "unindexed" and len(words) == 3 and words[2].isdigit():
+            self.found.unindexed.append((digest, int(words[2])))
+        else:
+            self._fail(f"an unexpected line: {' '.join(words)[:80]!r}")
+
+    def _fail(self, why: str) -> None:
+        if self._wrong is None:
+            self._wrong = why
+            self.stop()
+
+    def errReceived(self, data: bytes) -> None:
+        self._errors.append(data[-1024:])
+
+    def stop(self) -> None:
+        """Kill the scan (regproxy stops, or its output makes no sense)."""
+        try:
+            self.transport.signalProcess("KILL")  # type: ignore[union-attr]
+        except Exception:  # noqa: S110 - already gone
+            pass
+
+    def processEnded(self, reason: Failure) -> None:
+        if self._wrong is None and reason.check(ProcessDone) and self.found.checked is not None:
+            self.done.callback(self.found)
+            return
+        said = b"".join(self._errors).decode("utf-8", "replace").strip()[-1024:]
+        why = self._wrong or f"{reason.getErrorMessage()}{': ' + said if said else ''}"
+        self.done.errback(ScanFailed(f"fsck's scan of the store failed: {why}"))
+
+
+def scan(reactor: IReactor, root: str, index: str, started: float) -> Deferred[_Found]:
+    """Run the scan of the store at *root* against the *index* file in a
+    child process; killed if regproxy stops first."""
+    protocol = _Scan()
+    where = os.path.dirname(os.path.dirname(os.path.abspath(_package)))
+    # this very package, wherever the child's working directory is
+    path = os.pathsep.join(p for p in (where, os.environ.get("PYTHONPATH", "")) if p)
+    reactor.spawnProcess(
+        protocol,
+        sys.executable,
+        [sys.executable, "-m", "registryproxy.cache.scan", root, index, repr(started)],
+        env={**os.environ, "PYTHONPATH": path},
+    )
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", protocol.stop)
+
+    def ended(result: _Found | Failure) -> _Found | Failure:
+        reactor.removeSystemEventTrigger(trigger)
+        return result
+
+    return protocol.done.addBoth(ended)
 
 
 def condemn(store: FileStore, index: Index, digest: str) -> None:
@@ -79,44 +162,53 @@ def forget_rotten(store: FileStore, index: Index, digest: str) -> None:
     log.error("quarantined {digest}: its bytes do not match", digest=digest)
 
 
-async def fsck(store: FileStore, access: IndexAccess) -> FsckReport:
+async def fsck(store: FileStore, access: IndexAccess, reactor: IReactor) -> FsckReport:
     started = time.time()
-    found = await store.threads.run(_scan, store.root)
-    return await access.heavy(lambda index: _reconcile(store, index, found, started))
-
-
-def _reconcile(
-    store: FileStore, index: Index, found: list[tuple[str, int, bool]], started: float
-) -> FsckReport:
-    """Bring the index in line with what the scan *found* (in the worker thread)."""
-    quarantined: list[str] = []
-    indexed: list[tuple[str, int, float]] = []
-    on_disk = set()
-    known = index.blob_sizes(digest for digest, _, _ in found)
-    for digest, size, matches in found:
-        if matches:
-            on_disk.add(digest)
-            if digest not in known and store.stat(Digest.parse(digest)) is not None:
-                indexed.append((digest, size, time.time()))
-    rotten = [digest for digest, _, matches in found if not matches]
+    path = await access.quick(lambda index: index.path)
+    found = await scan(reactor, store.root, path, started)
+    assert found.checked is not None
     # every rotten file is kept before any is purged: purging a manifest
     # deletes the blobs only it lists, rotten ones among them
+    await access.heavy(partial(_quarantine, store, found.rotten))
+    indexed: list[str] = []
+    for start in range(0, len(found.unindexed), _BATCH):
+        step = found.unindexed[start : start + _BATCH]
+        indexed += await access.heavy(partial(_index, store, step))
+    forgotten: list[str] = []
+    for start in range(0, len(found.missing), _BATCH):
+        gone = found.missing[start : start + _BATCH]
+        forgotten += await access.heavy(partial(_forget, store, gone))
+    return FsckReport(
+        checked=found.checked[0],
+        bytes_checked=found.checked[1],
+        quarantined=tuple(found.rotten),
+        indexed=tuple(indexed),
+        forgotten=tuple(forgotten),
+    )
+
+
+def _quarantine(store: FileStore, rotten: list[str], index: Index) -> None:
     for digest in rotten:
         store.quarantine(Digest.parse(digest))
     for digest in rotten:
         forget_rotten(store, index, digest)
-        quarantined.append(digest)
-    for start in range(0, len(indexed), _BATCH):
-        index.put_blobs(indexed[start : start + _BATCH])
-    # entries stored after the scan began were not scanned: leave them be
-    gone = on_disk.union(quarantined)
-    forgotten = [d for d in index.all_blobs(started) if d not in gone]
-    for start in range(0, len(forgotten), _BATCH):
-        index.forget_blobs(forgotten[start : start + _BATCH])
-    return FsckReport(
-        checked=len(found),
-        bytes_checked=sum(size for _, size, _ in found),
-        quarantined=tuple(quarantined),
-        indexed=tuple(d for d, _, _ in indexed),
-        forgotten=tuple(forgotten),
-    )
+
+
+def _index(store: FileStore, files: list[tuple[str, int]], index: Index) -> list[str]:
+    """Index the files the index did not know, still there and still unknown."""
+    known = index.blob_sizes(digest for digest, _ in files)
+    now = time.time()
+    rows = [
+        (digest, size, now)
+        for digest, size in files
+        if digest not in known and store.stat(Digest.parse(digest)) is not None
+    ]
+    index.put_blobs(rows)
+    return [digest for digest, _, _ in rows]
+
+
+def _forget(store: FileStore, digests: list[str], index: Index) -> list[str]:
+    """Forget the rows whose file is still gone (one may have come back since)."""
+    gone = [digest for digest in digests if store.stat(Digest.parse(digest)) is None]
+    index.forget_blobs(gone)
+    return gone

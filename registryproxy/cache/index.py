@@ -127,15 +127,18 @@ class Pace:
     (and more for images of many platforms); the time is what the reactor
     waits, whatever an item costs."""
 
-    def __init__(self, most: int) -> None:
+    def __init__(self, most: int, hold: float | None = None, first: int = 8) -> None:
         self.most = most
-        self.size = min(most, 8)
+        #: None: HOLD_SECONDS (read when used: tests change it)
+        self.hold = hold
+        self.size = min(most, first)
 
     def took(self, seconds: float, items: int) -> None:
         """The last transaction held the lock *seconds* for *items* items."""
         if items > 0:
             per_item = max(seconds, 1e-6) / items
-            self.size = max(1, min(self.most, int(HOLD_SECONDS / per_item)))
+            hold = HOLD_SECONDS if self.hold is None else self.hold
+            self.size = max(1, min(self.most, int(hold / per_item)))
 
 
 #: whether an upstream sent a blob, and whether a repository may read it
@@ -617,12 +620,16 @@ class Index:
 
     # -- a second connection, and checkpoints -------------------------------
 
+    @property
+    def path(self) -> str:
+        """The database's file, for another connection (or process) to open."""
+        return str(self._db.execute("PRAGMA database_list").fetchone()[2])
+
     def companion(self) -> Index:
         """Another connection to the same file, for a worker thread of its
         own (heavy reads and batched writes off the reactor thread: WAL
         lets it read while this one writes, and the other way round)."""
-        path = self._db.execute("PRAGMA database_list").fetchone()[2]
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
         db.execute("PRAGMA synchronous=NORMAL")
         other = Index.__new__(Index)
@@ -746,14 +753,6 @@ class Index:
             "SELECT digest, size FROM blobs WHERE digest > ? ORDER BY digest LIMIT ?",
             (digest, limit),
         ).fetchall()
-
-    def all_blobs(self, stored_before: float) -> list[str]:
-        return [
-            digest
-            for (digest,) in self._db.execute(
-                "SELECT digest FROM blobs WHERE stored_at < ?", (stored_before,)
-            )
-        ]
 
     def forget_blob(self, digest: str) -> None:
         self.forget_blobs([digest])

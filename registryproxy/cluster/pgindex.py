@@ -681,14 +681,6 @@ class PgIndex:
             )
         ]
 
-    def all_blobs(self, stored_before: float) -> list[str]:
-        return [
-            digest
-            for (digest,) in self._read(
-                "SELECT digest FROM blobs WHERE stored_at < %s", (stored_before,)
-            )
-        ]
-
     def forget_blob(self, digest: str) -> None:
         self.forget_blobs([digest])
 

@@ -267,12 +267,12 @@ async def test_fsck_only_on_a_single_nodes_files_one_at_a_time(index, tmp_path):
     threads = Threads(reactor, "test-files")
     store = FileStore(str(tmp_path / "cache"), threads)
     with pytest.raises(AdminError) as e:
-        await Fsck(store, Inline(index), clustered=True).fsck()
+        await Fsck(store, Inline(index), reactor, clustered=True).fsck()
     assert e.value.status == 409
     with pytest.raises(AdminError) as e:
-        await Fsck(object(), Inline(index)).fsck()
+        await Fsck(object(), Inline(index), reactor).fsck()
     assert e.value.status == 409
-    checker = Fsck(store, Inline(index))
+    checker = Fsck(store, Inline(index), reactor)
     first = Deferred.fromCoroutine(checker.fsck())
     with pytest.raises(AdminError) as e:
         await checker.fsck()

@@ -4,6 +4,7 @@ and an fsck of thousands of images leave the reactor answering."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import threading
@@ -70,17 +71,21 @@ async def test_sweeps_purges_fsck_and_checkpoints_run_in_the_index_thread(
 ):
     proxy = await two_images(fake_registry, make_proxy, max_idle=3600)
     calls: list[tuple[str, str]] = []
-    heavy = ["evict", "evict_loose", "purge", "checkpoint", "all_blobs", "forget_blobs"]
+    heavy = ["evict", "evict_loose", "purge", "checkpoint", "put_blobs", "forget_blobs"]
     spy(monkeypatch, Index, heavy, calls)
     spy(monkeypatch, proxy.proxy.store, ["delete"], calls)
     evictor = proxy.proxy.evictor
     evictor._max_idle = 0
     assert await evictor.sweep() > 0
     assert proxy.proxy.index.totals()["manifests"] == 0
-    await proxy.proxy.control.fsck()
+    hexa = hashlib.sha256(b"stray").hexdigest()
+    stray = proxy.cache_dir / "blobs" / "sha256" / hexa[:2] / hexa
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"stray")  # what fsck must index
+    assert (await proxy.proxy.control.fsck()).indexed == (f"sha256:{stray.name}",)
     await proxy.proxy.control.purge(PurgeSelector(everything=True))
     await proxy.proxy.background.checkpoint()
-    assert {name for name, _ in calls} >= {"evict", "purge", "all_blobs", "checkpoint", "delete"}
+    assert {name for name, _ in calls} >= {"evict", "purge", "put_blobs", "checkpoint", "delete"}
     assert all(thread.startswith("PoolThread-regproxy-index") for _, thread in calls), calls
 
 

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
+from types import SimpleNamespace
 
+import pytest
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.error import ProcessTerminated
+from twisted.python.failure import Failure
 
-from registryproxy.cache.fsck import fsck
+from registryproxy.cache import scan as scan_module
+from registryproxy.cache.fsck import ScanFailed, _forget, _index, _Scan, fsck, scan
 
 
 @pytest_twisted.ensureDeferred
@@ -22,7 +31,7 @@ async def test_fsck_quarantines_rotten_blobs(fake_registry, make_proxy):
     stray.parent.mkdir(parents=True, exist_ok=True)
     stray.write_bytes(b"stray")
 
-    report = await fsck(proxy.proxy.store, proxy.proxy.access)
+    report = await fsck(proxy.proxy.store, proxy.proxy.access, reactor)
     assert report.quarantined == (rotten,)
     assert report.checked == 4  # the manifest, two layers, the stray file
     assert report.indexed == ("sha256:" + stray.name,)
@@ -43,7 +52,7 @@ async def test_fsck_forgets_files_that_vanished(fake_registry, make_proxy):
     import time
 
     time.sleep(0.01)
-    report = await fsck(proxy.proxy.store, proxy.proxy.access)
+    report = await fsck(proxy.proxy.store, proxy.proxy.access, reactor)
     assert report.forgotten == (layer,)
     assert proxy.proxy.index.total_size() == 0
 
@@ -58,7 +67,7 @@ async def test_fsck_keeps_every_rotten_file(fake_registry, make_proxy):
     proxy.blob_path(layer).write_bytes(b"rotted layer!")
     proxy.blob_path(digest).write_bytes(b"{rotten manifest}")
 
-    report = await fsck(proxy.proxy.store, proxy.proxy.access)
+    report = await fsck(proxy.proxy.store, proxy.proxy.access, reactor)
     assert sorted(report.quarantined) == sorted([digest, layer])
     kept = {p.read_bytes() for p in (proxy.cache_dir / "quarantine").iterdir()}
     assert kept == {b"rotted layer!", b"{rotten manifest}"}
@@ -66,3 +75,86 @@ async def test_fsck_keeps_every_rotten_file(fake_registry, make_proxy):
     assert (reply.code, reply.header("X-Cache"), reply.body) == (200, "MISS", body)
     reply = await proxy.get(f"/v2/app/blobs/{layer}")
     assert (reply.code, reply.header("X-Cache"), reply.body) == (200, "MISS", b"rotting layer")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_hashing_is_done_by_a_child_process(fake_registry, make_proxy, monkeypatch):
+    """Not in regproxy's process, whose clients would wait for its GIL: a
+    hash here would fail the fsck."""
+    _, body = fake_registry.add_image("library/app", "1", [b"layer"])
+    proxy = await make_proxy(fake_registry.url)
+    layer = json.loads(body)["layers"][0]["digest"]
+    await proxy.get(f"/v2/app/blobs/{layer}")
+    proxy.blob_path(layer).write_bytes(b"rotted")
+
+    def here(*args):
+        raise AssertionError("hashed in regproxy's own process")
+
+    monkeypatch.setattr(scan_module, "hashed", here)
+    report = await fsck(proxy.proxy.store, proxy.proxy.access, reactor)
+    assert (report.checked, report.quarantined) == (1, (layer,))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_scan_that_fails_says_why_and_mends_nothing(tmp_path):
+    (tmp_path / "blobs").mkdir()
+    with pytest.raises(ScanFailed) as e:
+        await scan(reactor, str(tmp_path), str(tmp_path / "no" / "index.db"), 0.0)
+    assert "unable to open database file" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        b"rotten ../../etc/passwd\nchecked 1 1\n",
+        b"unindexed sha256:" + b"a" * 64 + b" -1\nchecked 1 1\n",
+        b"forget everything\n",
+        b"x" * 1000,
+    ],
+)
+def test_a_scan_that_says_what_it_should_not_is_killed_and_refused(lines):
+    """Every line is checked (a digest's grammar, a size), and one that is
+    not what the scan writes stops it: nothing it said is acted on."""
+    kills = []
+    protocol = _Scan()
+    protocol.transport = SimpleNamespace(signalProcess=kills.append)
+    protocol.outReceived(b"rotten sha256:" + b"b" * 64 + b"\n" + lines)
+    protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+    assert kills == ["KILL"]
+    failure = []
+    protocol.done.addErrback(failure.append)
+    assert failure and failure[0].check(ScanFailed)
+    assert "unexpected line" in str(failure[0].value) or "too long" in str(failure[0].value)
+
+
+def test_the_scan_stops_when_regproxy_is_gone(tmp_path, monkeypatch):
+    """A scan whose regproxy died does not go on hashing a whole store."""
+    for i in range(600):
+        data = b"blob %d" % i
+        path = tmp_path / "blobs" / "sha256" / hashlib.sha256(data).hexdigest()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    parents = iter([1234])
+    monkeypatch.setattr(os, "getppid", lambda: next(parents, 1))
+    out = io.StringIO()
+    with pytest.raises(SystemExit):
+        scan_module.scan(str(tmp_path), str(tmp_path / "index.db"), 0.0, out)
+    assert "checked" not in out.getvalue()
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_changed_since_the_scan_is_left_as_it_is(fake_registry, make_proxy):
+    """A file come back since the scan saw it gone keeps its row; one the
+    index learnt of meanwhile is not indexed again."""
+    _, body = fake_registry.add_image("library/app", "1", [b"layer one", b"layer two"])
+    proxy = await make_proxy(fake_registry.url)
+    one, two = (layer["digest"] for layer in json.loads(body)["layers"])
+    for layer in (one, two):
+        await proxy.get(f"/v2/app/blobs/{layer}")
+    store, index = proxy.proxy.store, proxy.proxy.index
+    before = index.blob_sizes([one, two])
+    stored_at = dict(index._db.execute("SELECT digest, stored_at FROM blobs"))
+    assert _forget(store, [one], index) == []
+    assert _index(store, [(two, 3)], index) == []
+    assert index.blob_sizes([one, two]) == before
+    assert dict(index._db.execute("SELECT digest, stored_at FROM blobs")) == stored_at

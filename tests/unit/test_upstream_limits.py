@@ -568,6 +568,7 @@ async def test_a_manifest_listing_many_is_written_ahead_a_step_at_a_time(
     purge between the steps that takes some of what was written ahead
     leaves it whole all the same."""
     monkeypatch.setattr(manifests, "REFS_PER_STEP", 16)
+    monkeypatch.setattr(manifests, "REFS_HOLD_SECONDS", 3600.0)  # a step's size stays 16
     layers = [b"layer %d" % i for i in range(40)]
     fake_registry.add_image("library/tall", "1", layers)
     fake_registry.add_image("library/twin", "1", layers)  # the same manifest
@@ -600,3 +601,33 @@ async def test_a_manifest_listing_many_is_written_ahead_a_step_at_a_time(
     assert listed(proxy, reply.header("Docker-Content-Digest"), "library/tall") == (whole, 41)
     assert (await proxy.get("/v2/tall/manifests/1")).header("X-Cache") == "HIT"
     assert fake_registry.count("GET", "/tall/manifests/1") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_steps_that_hold_the_reactor_long_write_fewer_descriptors(
+    fake_registry, make_proxy, monkeypatch
+):
+    """A step's size follows how long the last held the reactor thread: at
+    twice REFS_HOLD_SECONDS a step, whatever its size, each next step
+    writes half as many, down to one; the manifest is recorded whole."""
+    monkeypatch.setattr(manifests, "REFS_PER_STEP", 16)
+    monkeypatch.setattr(manifests, "REFS_HOLD_SECONDS", 1 / 1024)  # (exact in binary)
+    busy = iter(range(10_000))
+    monkeypatch.setattr(manifests, "_busy", lambda: next(busy) * 2 / 1024)
+    fake_registry.add_image("library/tall", "1", [b"layer %d" % i for i in range(40)])
+    proxy = await make_proxy(fake_registry.url)
+    index = proxy.proxy.index
+    sizes: list[int] = []
+    put_refs = index.put_refs
+
+    def stepped(upstream, repo, digest, refs, first):
+        sizes.append(len(refs))
+        put_refs(upstream, repo, digest, refs, first)
+
+    monkeypatch.setattr(index, "put_refs", stepped)
+    reply = await proxy.get("/v2/tall/manifests/1")
+    assert reply.code == 200
+    assert sizes == [16, 8, 4, 2] + [1] * 10  # 40 of 41 ahead, the last with its row
+    body = json.loads(reply.body)
+    whole = [body["config"]["digest"], *(layer["digest"] for layer in body["layers"])]
+    assert listed(proxy, reply.header("Docker-Content-Digest"), "library/tall") == (whole, 41)
