@@ -355,6 +355,8 @@ class Index:
             raise
         self._manifest_access: dict[tuple[str, str, str], float] = {}
         self._blob_access: dict[str, float] = {}
+        #: how many times this connection removed what manifests list
+        self._removals = 0
 
     def _open(self, path: str) -> None:
         """Check the file and bring its schema up to date."""
@@ -457,9 +459,11 @@ class Index:
         fetched_at: float,
         refs: Iterable[tuple[str, str]] = (),
         ahead: int = 0,
+        mark: tuple[int, int] | None = None,
     ) -> None:
         """Record a manifest and what it lists: ``(digest, "blob"|"manifest")``,
-        of which the first *ahead* were written ahead (:meth:`put_refs`)."""
+        of which the first *ahead* were written ahead (:meth:`put_refs`),
+        after :meth:`removal_mark` said *mark*."""
         listed = list(refs)
         with self._transaction() as db:
             db.execute(
@@ -467,11 +471,21 @@ class Index:
                 (upstream, repo, entry.digest, entry.media_type, entry.size, fetched_at),
             )
             first = 0
-            if ahead:
+            if ahead and mark is not None and mark == self.removal_mark():
+                first = ahead  # nothing removed since: no need to look (1,000 lookups)
+            elif ahead:
                 args = (entry.digest, ahead, upstream, repo, entry.digest, ahead)
                 if _all_ahead(listed[:ahead], *db.execute(_AHEAD, args).fetchone()):
                     first = ahead
             self._put_refs(db, upstream, repo, entry.digest, listed[first:], first)
+
+    def removal_mark(self) -> tuple[int, int]:
+        """Changes whenever another connection commits (SQLite's
+        data_version) or this one removes what manifests list: the same
+        mark before a manifest's list is written ahead and when it is
+        recorded says that none of it can have gone meanwhile."""
+        (version,) = self._db.execute("PRAGMA data_version").fetchone()
+        return int(version), self._removals
 
     def put_refs(
         self, upstream: str, repo: str, digest: str, refs: list[tuple[str, str]], first: int
@@ -636,6 +650,7 @@ class Index:
         other._db = db
         other._manifest_access = {}
         other._blob_access = {}
+        other._removals = 0
         return other
 
     def autocheckpoint(self, pages: int) -> None:
@@ -761,8 +776,8 @@ class Index:
         with self._transaction() as db:
             self._forget(db, list(digests))
 
-    @staticmethod
-    def _forget(db: sqlite3.Connection, digests: list[str]) -> None:
+    def _forget(self, db: sqlite3.Connection, digests: list[str]) -> None:
+        self._removals += 1
         db.executemany("DELETE FROM blobs WHERE digest=?", [(d,) for d in digests])
         db.executemany("DELETE FROM repo_blobs WHERE digest=?", [(d,) for d in digests])
         db.executemany("DELETE FROM blob_sources WHERE digest=?", [(d,) for d in digests])
@@ -942,6 +957,7 @@ class Index:
         """Remove the manifests in temp.doomed and their tags, and the blobs
         nothing cached is or lists any more (in a transaction)."""
         db = self._db
+        self._removals += 1
         manifests = db.execute(
             "DELETE FROM manifests WHERE (upstream, repo, digest) IN"
             " (SELECT upstream, repo, digest FROM temp.doomed)"

@@ -413,7 +413,9 @@ class ManifestCache:
                 if is_valid_digest(reference)
                 else (reference, TagEntry(digest, entry.media_type, now))
             )
-            pace, ahead = self._refs_pace, 0
+            pace, ahead, mark = self._refs_pace, 0, None
+            if len(refs) > pace.size:
+                mark = await self._index.quick(_removal_mark)
             while len(refs) - ahead > pace.size:
                 step = refs[ahead : ahead + pace.size]
                 began = _busy()
@@ -422,7 +424,7 @@ class ManifestCache:
                 ahead += len(step)
                 await deferLater(self._clock, 0, lambda: None)
             await self._index.quick(
-                partial(_record, client.name, repo, entry, now, refs, ahead, tag)
+                partial(_record, client.name, repo, entry, now, refs, ahead, mark, tag)
             )
         except Exception as e:  # the store's OSError, or the index's error
             # The client still gets its manifest; the next request tries again.
@@ -502,6 +504,11 @@ def _ahead(
     index.put_refs(upstream, repo, digest, refs, first)
 
 
+def _removal_mark(index: Index) -> tuple[int, int] | None:
+    """(By name: whichever index it is.)"""
+    return index.removal_mark()
+
+
 def _record(
     upstream: str,
     repo: str,
@@ -509,13 +516,14 @@ def _record(
     now: float,
     refs: list[tuple[str, str]],
     ahead: int,
+    mark: tuple[int, int] | None,
     tag: tuple[str, TagEntry] | None,
     index: Index,
 ) -> None:
     """A fetched manifest into the index: its file, what it lists (the
-    first *ahead* written ahead), its tag."""
+    first *ahead* written ahead, after the index's removal *mark*), its tag."""
     index.put_blob(entry.digest, entry.size, now)
-    index.put_manifest(upstream, repo, entry, now, refs, ahead)
+    index.put_manifest(upstream, repo, entry, now, refs, ahead, mark)
     if tag is not None:
         index.put_tag(upstream, repo, *tag)
 

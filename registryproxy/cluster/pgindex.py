@@ -453,9 +453,11 @@ class PgIndex:
         fetched_at: float,
         refs: Iterable[tuple[str, str]] = (),
         ahead: int = 0,
+        mark: None = None,
     ) -> None:
         """Record a manifest and what it lists: ``(digest, "blob"|"manifest")``,
-        of which the first *ahead* were written ahead (see index.py)."""
+        of which the first *ahead* were written ahead (see index.py): always
+        checked, as every node writes (no *mark*)."""
         listed = list(refs)
 
         def write(conn: Conn) -> None:
@@ -473,6 +475,10 @@ class PgIndex:
             _put_refs(cur, upstream, repo, entry.digest, listed[first:], first)
 
         self._write(write, "shared")
+
+    def removal_mark(self) -> None:
+        """None: many nodes write, and put_manifest always checks."""
+        return None
 
     def put_refs(
         self, upstream: str, repo: str, digest: str, refs: list[tuple[str, str]], first: int
