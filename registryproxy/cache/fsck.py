@@ -9,6 +9,7 @@ line is mended afterwards in the index's worker thread, in batches.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -22,7 +23,6 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .. import __file__ as _package
 from ..names import Digest, is_valid_digest
 from ..runtime import IReactor
 from .access import IndexAccess
@@ -35,6 +35,11 @@ log = Logger()
 _BATCH = 500
 #: the longest line the scan writes (a digest's algorithm and hex, a size)
 _LONGEST_LINE = 512
+#: the scan's start, given regproxy's sys.path (argv[1]) and the scan's arguments
+_BOOT = (
+    "import json, runpy, sys; sys.path[:] = json.loads(sys.argv.pop(1));"
+    " runpy.run_module('registryproxy.cache.scan', run_name='__main__', alter_sys=True)"
+)
 
 
 @attrs.frozen
@@ -127,14 +132,23 @@ def scan(reactor: IReactor, root: str, index: str, started: float) -> Deferred[_
     """Run the scan of the store at *root* against the *index* file in a
     child process; killed if regproxy stops first."""
     protocol = _Scan()
-    where = os.path.dirname(os.path.dirname(os.path.abspath(_package)))
-    # this very package, wherever the child's working directory is
-    path = os.pathsep.join(p for p in (where, os.environ.get("PYTHONPATH", "")) if p)
     reactor.spawnProcess(
         protocol,
         sys.executable,
-        [sys.executable, "-m", "registryproxy.cache.scan", root, index, repr(started)],
-        env={**os.environ, "PYTHONPATH": path},
+        [
+            sys.executable,
+            "-I",  # neither the environment's PYTHON* nor the working directory
+            "-c",
+            _BOOT,
+            # exactly the modules regproxy runs on
+            json.dumps([os.path.abspath(p) for p in sys.path]),
+            root,
+            index,
+            repr(started),
+            str(os.getpid()),
+        ],
+        env=os.environ,
+        path=root,
     )
     trigger = reactor.addSystemEventTrigger("before", "shutdown", protocol.stop)
 

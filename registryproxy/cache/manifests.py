@@ -46,10 +46,10 @@ MAX_REFS = 1000
 REFS_PER_STEP = 128
 #: the reactor thread's time a step may take: fewer descriptors a step when
 #: they cost more (4 rows of 4 B-trees each: 128 took 7 ms at 20,000 images,
-#: and every client of the proxy waited as long)
+#: and every client of the proxy waited as long).  A shared index's steps
+#: run elsewhere, and are REFS_PER_STEP each.
 REFS_HOLD_SECONDS = 0.001
-#: the reactor thread's CPU time (an inline index's work is the reactor's;
-#: a shared index's is mostly waited for, and the reactor serves meanwhile)
+#: the reactor thread's CPU time, for steps done on it (an inline index's)
 _busy = time.thread_time
 
 
@@ -419,8 +419,10 @@ class ManifestCache:
             while len(refs) - ahead > pace.size:
                 step = refs[ahead : ahead + pace.size]
                 began = _busy()
-                await self._index.quick(partial(_ahead, client.name, repo, digest, step, ahead))
-                pace.took(_busy() - began, len(step))
+                written = self._index.quick(partial(_ahead, client.name, repo, digest, step, ahead))
+                if written.called:  # on the reactor thread (a shared index's is not paced)
+                    pace.took(_busy() - began, len(step))
+                await written
                 ahead += len(step)
                 await deferLater(self._clock, 0, lambda: None)
             await self._index.quick(

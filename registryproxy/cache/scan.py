@@ -13,12 +13,15 @@ is out of line, a line each, for regproxy to mend::
     missing <digest>            a row stored before *started* whose file is gone
     checked <files> <bytes>     the last line: the scan went to its end
 
-Usage: ``python -m registryproxy.cache.scan ROOT INDEX STARTED``.
+Usage: ``python -m registryproxy.cache.scan ROOT INDEX STARTED PARENT``,
+PARENT being regproxy's process id: the scan ends if regproxy does.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sqlite3
 import sys
 from collections.abc import Iterator
@@ -28,48 +31,76 @@ from urllib.parse import quote
 from ..names import ALGORITHMS, is_valid_digest
 
 _CHUNK = 1 << 20
-#: files between two looks at whether regproxy is still there
-_FILES_PER_LOOK = 256
+#: Linux's prctl option that signals a process when its parent dies
+_PR_SET_PDEATHSIG = 1
 
 
 def files(root: str) -> Iterator[tuple[str, str]]:
-    """``(digest, path)`` of every blob file under *root*'s blobs/."""
+    """``(digest, path)`` of every blob file where the store keeps it
+    (blobs/ALGORITHM/HEX[:2]/HEX): a copy elsewhere is not the blob, and
+    what is not a regular file (a FIFO would block the scan) is skipped."""
     blobs = os.path.join(root, "blobs")
-    for algorithm in sorted(os.listdir(blobs)) if os.path.isdir(blobs) else []:
+    for algorithm in sorted(_names(blobs)):
         if algorithm not in ALGORITHMS:
             continue
-        for dirpath, _, names in os.walk(os.path.join(blobs, algorithm)):
-            for name in sorted(names):
-                digest = f"{algorithm}:{name}"
-                if is_valid_digest(digest):
-                    yield digest, os.path.join(dirpath, name)
+        for shard in sorted(_names(os.path.join(blobs, algorithm))):
+            where = os.path.join(blobs, algorithm, shard)
+            for entry in sorted(_entries(where), key=lambda e: e.name):
+                digest = f"{algorithm}:{entry.name}"
+                if (
+                    entry.name[:2] == shard
+                    and is_valid_digest(digest)
+                    and entry.is_file(follow_symlinks=False)
+                ):
+                    yield digest, entry.path
 
 
-def hashed(digest: str, path: str) -> tuple[int, bool] | None:
-    """``(size, whether the bytes match)``; None if the file went meanwhile."""
+def _names(path: str) -> list[str]:
+    return [entry.name for entry in _entries(path)]
+
+
+def _entries(path: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as entries:
+            return list(entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def hashed(digest: str, path: str, parent: int) -> tuple[int, bool] | None:
+    """``(size, whether the bytes match)``; None if the file went meanwhile.
+    A file that cannot be read (a bad sector) does not match."""
     algorithm, expected = digest.split(":", 1)
     hasher = ALGORITHMS[algorithm]()
     size = 0
     try:
         with open(path, "rb") as f:
             while chunk := f.read(_CHUNK):
+                _still_wanted(parent)
                 hasher.update(chunk)
                 size += len(chunk)
     except FileNotFoundError:
         return None  # evicted or purged meanwhile
+    except OSError as e:
+        print(f"cannot read {digest}: {e.strerror}", file=sys.stderr)
+        return size, False
     return size, hasher.hexdigest() == expected
 
 
-def scan(root: str, index_path: str, started: float, out: TextIO) -> None:
-    parent = os.getppid()
+def _still_wanted(parent: int) -> None:
+    """Stop if regproxy is gone (where the kernel did not already say so)."""
+    if os.getppid() != parent:
+        raise SystemExit("regproxy went away: the scan stops")
+
+
+def scan(root: str, index_path: str, started: float, out: TextIO, parent: int) -> None:
     #: the size of every file whose bytes match; rotten ones are only seen
     sizes: dict[str, int] = {}
     seen: set[str] = set()
     total = 0
-    for count, (digest, path) in enumerate(files(root)):
-        if count % _FILES_PER_LOOK == 0 and os.getppid() != parent:
-            raise SystemExit("regproxy went away: the scan stops")
-        result = hashed(digest, path)
+    for digest, path in files(root):
+        _still_wanted(parent)
+        result = hashed(digest, path, parent)
         if result is None:
             continue
         size, matches = result
@@ -94,16 +125,29 @@ def scan(root: str, index_path: str, started: float, out: TextIO) -> None:
     out.write(f"checked {len(seen)} {total}\n")
 
 
+def _die_with_parent() -> None:
+    """Have the kernel kill this process when regproxy dies (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # elsewhere: the look before each file and each MiB
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 3:
-        print("usage: python -m registryproxy.cache.scan ROOT INDEX STARTED", file=sys.stderr)
+    if len(argv) != 4:
+        print(
+            "usage: python -m registryproxy.cache.scan ROOT INDEX STARTED PARENT", file=sys.stderr
+        )
         return 2
-    root, index, started = argv[0], argv[1], float(argv[2])
+    root, index, started, parent = argv[0], argv[1], float(argv[2]), int(argv[3])
+    _die_with_parent()
+    _still_wanted(parent)  # (it may have died before the line above)
     try:
         os.nice(10)  # background work: regproxy's clients come first
     except OSError:
         pass
-    scan(root, index, started, sys.stdout)
+    scan(root, index, started, sys.stdout, parent)
     sys.stdout.flush()
     return 0
 

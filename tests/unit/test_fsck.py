@@ -6,6 +6,10 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +20,7 @@ from twisted.python.failure import Failure
 
 from registryproxy.cache import scan as scan_module
 from registryproxy.cache.fsck import ScanFailed, _forget, _index, _Scan, fsck, scan
+from registryproxy.cache.index import Index
 
 
 @pytest_twisted.ensureDeferred
@@ -131,15 +136,100 @@ def test_the_scan_stops_when_regproxy_is_gone(tmp_path, monkeypatch):
     """A scan whose regproxy died does not go on hashing a whole store."""
     for i in range(600):
         data = b"blob %d" % i
-        path = tmp_path / "blobs" / "sha256" / hashlib.sha256(data).hexdigest()
+        hexa = hashlib.sha256(data).hexdigest()
+        path = tmp_path / "blobs" / "sha256" / hexa[:2] / hexa
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-    parents = iter([1234])
-    monkeypatch.setattr(os, "getppid", lambda: next(parents, 1))
     out = io.StringIO()
     with pytest.raises(SystemExit):
-        scan_module.scan(str(tmp_path), str(tmp_path / "index.db"), 0.0, out)
+        scan_module.scan(str(tmp_path), str(tmp_path / "index.db"), 0.0, out, os.getppid() + 1)
     assert "checked" not in out.getvalue()
+
+
+def test_the_scan_dies_with_regproxy(tmp_path):
+    """Killed at once (SIGKILL), regproxy leaves no scan hashing on: a big
+    file (sparse: no disk) would take it seconds."""
+    big = tmp_path / "blobs" / "sha256" / "ab" / ("ab" + "0" * 62)
+    big.parent.mkdir(parents=True)
+    with open(big, "wb") as f:
+        f.truncate(4 << 30)
+    Index(str(tmp_path / "index.db")).close()
+    parent = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-m',"
+            " 'registryproxy.cache.scan', *sys.argv[1:4], str(__import__('os').getpid())],"
+            " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL);"
+            " print(child.pid, flush=True); time.sleep(0.5);"
+            " print('hashing' if child.poll() is None else 'ended', flush=True);"
+            " __import__('os')._exit(0)",
+            str(tmp_path),
+            str(tmp_path / "index.db"),
+            "0.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(scan_module.__file__).parents[2],  # where registryproxy is
+    )
+    child, state = parent.stdout.split()
+    assert state == "hashing", parent.stderr  # when its regproxy died
+    child = int(child)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _alive(child):
+        time.sleep(0.05)
+    assert not _alive(child), "the scan went on hashing after regproxy died"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_scan_runs_on_regproxys_modules_wherever_it_is_started(
+    fake_registry, make_proxy, monkeypatch, tmp_path
+):
+    """Neither the environment's PYTHONPATH nor the working directory (the
+    child's is the store) brings in other modules than regproxy's own."""
+    _, body = fake_registry.add_image("library/app", "1", [b"layer"])
+    proxy = await make_proxy(fake_registry.url)
+    layer = json.loads(body)["layers"][0]["digest"]
+    await proxy.get(f"/v2/app/blobs/{layer}")
+    hostile = tmp_path / "hostile"
+    for where in (hostile, proxy.cache_dir):
+        (where / "registryproxy").mkdir(parents=True)
+        (where / "registryproxy" / "__init__.py").write_text("raise SystemExit(3)\n")
+        (where / "sqlite3.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.setenv("PYTHONPATH", str(hostile))
+    monkeypatch.chdir(hostile)
+    report = await fsck(proxy.proxy.store, proxy.proxy.access, reactor)
+    assert (report.checked, report.quarantined) == (1, ())
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_the_stores_own_regular_files_are_scanned(fake_registry, make_proxy):
+    """A copy of a blob in another shard is not the blob (its wrong bytes
+    do not condemn the right ones), and a FIFO named like one would block
+    the scan for ever."""
+    _, body = fake_registry.add_image("library/app", "1", [b"good layer"])
+    proxy = await make_proxy(fake_registry.url)
+    layer = json.loads(body)["layers"][0]["digest"]
+    await proxy.get(f"/v2/app/blobs/{layer}")
+    hexa = layer.split(":")[1]
+    elsewhere = proxy.cache_dir / "blobs" / "sha256" / "zz" / hexa
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"bad copy")
+    fifo = proxy.cache_dir / "blobs" / "sha256" / "ab" / ("ab" + "1" * 62)
+    fifo.parent.mkdir(exist_ok=True)
+    os.mkfifo(fifo)
+    report = await fsck(proxy.proxy.store, proxy.proxy.access, reactor)
+    assert (report.checked, report.quarantined, report.indexed) == (1, (), ())
+    assert proxy.blob_path(layer).read_bytes() == b"good layer"
 
 
 @pytest_twisted.ensureDeferred

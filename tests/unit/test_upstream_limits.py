@@ -19,7 +19,7 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, ser
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -675,6 +675,40 @@ async def test_a_list_written_ahead_is_looked_over_only_if_something_went(
     reply = await proxy.get("/v2/tall/manifests/1")
     assert reply.code == 200
     assert looked == ([32] if removed else [])
+    body = json.loads(reply.body)
+    whole = [body["config"]["digest"], *(layer["digest"] for layer in body["layers"])]
+    assert listed(proxy, reply.header("Docker-Content-Digest"), "library/tall") == (whole, 41)
+
+
+@pytest_twisted.ensureDeferred
+async def test_steps_of_a_shared_index_keep_their_size(fake_registry, make_proxy, monkeypatch):
+    """A shared index's steps run elsewhere, the reactor serving others
+    meanwhile: that time is not theirs, and does not shrink them (it took a
+    1,000-descriptor manifest to 1,000 transactions on a busy node)."""
+    monkeypatch.setattr(manifests, "REFS_PER_STEP", 16)
+    busy = iter(range(10_000))
+    monkeypatch.setattr(manifests, "_busy", lambda: next(busy))  # a second a step
+    fake_registry.add_image("library/tall", "1", [b"layer %d" % i for i in range(40)])
+    proxy = await make_proxy(fake_registry.url)
+    access = proxy.proxy.manifests._index
+    quick = access.quick
+
+    def elsewhere(work):  # answered on a later turn, as a thread pool's
+        return deferLater(reactor, 0, lambda: None).addCallback(lambda _: quick(work))
+
+    monkeypatch.setattr(access, "quick", elsewhere)
+    index = proxy.proxy.index
+    sizes: list[int] = []
+    put_refs = index.put_refs
+
+    def stepped(upstream, repo, digest, refs, first):
+        sizes.append(len(refs))
+        put_refs(upstream, repo, digest, refs, first)
+
+    monkeypatch.setattr(index, "put_refs", stepped)
+    reply = await proxy.get("/v2/tall/manifests/1")
+    assert reply.code == 200
+    assert sizes == [16, 16]
     body = json.loads(reply.body)
     whole = [body["config"]["digest"], *(layer["digest"] for layer in body["layers"])]
     assert listed(proxy, reply.header("Docker-Content-Digest"), "library/tall") == (whole, 41)
