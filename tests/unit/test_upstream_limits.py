@@ -604,6 +604,20 @@ async def test_a_manifest_listing_many_is_written_ahead_a_step_at_a_time(
     assert fake_registry.count("GET", "/tall/manifests/1") == 1
 
 
+def step_sizes(proxy, monkeypatch) -> list[int]:
+    """How many descriptors each step writes ahead, as they are written."""
+    index = proxy.proxy.index
+    sizes: list[int] = []
+    put_refs = index.put_refs
+
+    def stepped(upstream, repo, digest, refs, first):
+        sizes.append(len(refs))
+        put_refs(upstream, repo, digest, refs, first)
+
+    monkeypatch.setattr(index, "put_refs", stepped)
+    return sizes
+
+
 @pytest_twisted.ensureDeferred
 async def test_steps_that_hold_the_reactor_long_write_fewer_descriptors(
     fake_registry, make_proxy, monkeypatch
@@ -617,15 +631,7 @@ async def test_steps_that_hold_the_reactor_long_write_fewer_descriptors(
     monkeypatch.setattr(manifests, "_busy", lambda: next(busy) * 2 / 1024)
     fake_registry.add_image("library/tall", "1", [b"layer %d" % i for i in range(40)])
     proxy = await make_proxy(fake_registry.url)
-    index = proxy.proxy.index
-    sizes: list[int] = []
-    put_refs = index.put_refs
-
-    def stepped(upstream, repo, digest, refs, first):
-        sizes.append(len(refs))
-        put_refs(upstream, repo, digest, refs, first)
-
-    monkeypatch.setattr(index, "put_refs", stepped)
+    sizes = step_sizes(proxy, monkeypatch)
     reply = await proxy.get("/v2/tall/manifests/1")
     assert reply.code == 200
     assert sizes == [16, 8, 4, 2] + [1] * 10  # 40 of 41 ahead, the last with its row
@@ -697,15 +703,7 @@ async def test_steps_of_a_shared_index_keep_their_size(fake_registry, make_proxy
         return deferLater(reactor, 0, lambda: None).addCallback(lambda _: quick(work))
 
     monkeypatch.setattr(access, "quick", elsewhere)
-    index = proxy.proxy.index
-    sizes: list[int] = []
-    put_refs = index.put_refs
-
-    def stepped(upstream, repo, digest, refs, first):
-        sizes.append(len(refs))
-        put_refs(upstream, repo, digest, refs, first)
-
-    monkeypatch.setattr(index, "put_refs", stepped)
+    sizes = step_sizes(proxy, monkeypatch)
     reply = await proxy.get("/v2/tall/manifests/1")
     assert reply.code == 200
     assert sizes == [16, 16]
