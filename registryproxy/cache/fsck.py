@@ -128,6 +128,14 @@ class _Scan(ProcessProtocol):
         self.done.errback(ScanFailed(f"fsck's scan of the store failed: {why}"))
 
 
+def _modules() -> list[str]:
+    """Where regproxy's modules come from, for the scan to import the same:
+    this package's directory first, then sys.path less the working directory
+    (``""``: the scan's may be another's)."""
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return [here, *(os.path.abspath(p) for p in sys.path if p)]
+
+
 def scan(reactor: IReactor, root: str, index: str, started: float) -> Deferred[_Found]:
     """Run the scan of the store at *root* against the *index* file in a
     child process; killed if regproxy stops first."""
@@ -140,15 +148,16 @@ def scan(reactor: IReactor, root: str, index: str, started: float) -> Deferred[_
             "-I",  # neither the environment's PYTHON* nor the working directory
             "-c",
             _BOOT,
-            # exactly the modules regproxy runs on
-            json.dumps([os.path.abspath(p) for p in sys.path]),
+            json.dumps(_modules()),
             root,
             index,
             repr(started),
             str(os.getpid()),
         ],
+        # (no working directory of its own: Twisted would then fork this big
+        # process rather than posix_spawn it, 15 to 26 ms of the reactor's
+        # time rather than 2 to 6 with 130 MB of objects)
         env=os.environ,
-        path=root,
     )
     trigger = reactor.addSystemEventTrigger("before", "shutdown", protocol.stop)
 
