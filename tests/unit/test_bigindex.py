@@ -247,3 +247,37 @@ async def test_a_sweep_has_the_answers_in_memory_looked_up_again_once(
     assert len(batches) > 50  # 300 // 4 images, one a batch after the first 8
     assert proxy.proxy.index.totals()["manifests"] == 300 - 300 // 4
     assert len(forgotten) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sweep_writes_the_access_times_at_its_start_not_before_each_batch(
+    tmp_path, fake_registry, make_proxy, monkeypatch
+):
+    """Each write is a transaction on the reactor thread, and a sweep's
+    batches are hundreds: the access times gathered in memory are written
+    when it starts (what was just read is not chosen), then once every
+    FLUSH_EVERY seconds."""
+    plan = generate(str(tmp_path / "cache"), 300)
+    proxy = await make_proxy(fake_registry.url, cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(index_module, "HOLD_SECONDS", 1e-12)  # one image a batch
+    monkeypatch.setattr(eviction, "FLUSH_EVERY", 3600.0)
+    evictor = proxy.proxy.evictor
+    evictor.max_bytes = plan["max_bytes"]
+    proxy.proxy.keep.pins = [("docker.io", plan["pinned_repo"], None, None)]
+    db = proxy.proxy.index._db
+    least = db.execute(
+        "SELECT upstream, repo, digest FROM manifests WHERE repo != ?"
+        " ORDER BY COALESCE(last_access, fetched_at) LIMIT 1",
+        (plan["pinned_repo"],),
+    ).fetchone()
+    proxy.proxy.access.touch_manifest(*least, time.time())  # read just now
+    flushes: list[int] = []
+    real = eviction.flush
+    monkeypatch.setattr(eviction, "flush", lambda index: flushes.append(1) or real(index))
+    batches = evict_limits(monkeypatch)
+    await maybeDeferred(evictor.sweep)
+    assert len(batches) > 50
+    assert len(flushes) == 1
+    assert proxy.proxy.index.totals()["manifests"] == 300 - 300 // 4
+    kept = "SELECT COUNT(*) FROM manifests WHERE upstream=? AND repo=? AND digest=?"
+    assert db.execute(kept, least).fetchone()[0] == 1
