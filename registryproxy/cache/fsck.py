@@ -110,7 +110,10 @@ class _Scan(ProcessProtocol):
             self.stop()
 
     def errReceived(self, data: bytes) -> None:
-        self._errors.append(data[-1024:])
+        """What the scan says of files it cannot read, into regproxy's log."""
+        said = data[-1024:]
+        self._errors.append(said)
+        log.warn("fsck's scan: {said}", said=said.decode("utf-8", "replace").strip())
 
     def stop(self) -> None:
         """Kill the scan (regproxy stops, or its output makes no sense)."""

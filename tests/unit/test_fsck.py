@@ -18,6 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.error import ProcessTerminated
 from twisted.python.failure import Failure
 
+from registryproxy.cache import fsck as fsck_module
 from registryproxy.cache import scan as scan_module
 from registryproxy.cache.fsck import ScanFailed, _forget, _index, _Scan, fsck, scan
 from registryproxy.cache.index import Index
@@ -248,3 +249,20 @@ async def test_what_changed_since_the_scan_is_left_as_it_is(fake_registry, make_
     assert _index(store, [(two, 3)], index) == []
     assert index.blob_sizes([one, two]) == before
     assert dict(index._db.execute("SELECT digest, stored_at FROM blobs")) == stored_at
+
+
+def test_what_the_scan_says_on_stderr_is_logged(monkeypatch):
+    """A file it cannot read (a bad sector) is quarantined as rotten, and
+    the operator reads why in regproxy's log."""
+    said: list[str] = []
+    monkeypatch.setattr(fsck_module.log, "warn", lambda fmt, **kw: said.append(fmt.format(**kw)))
+    protocol = _Scan()
+    protocol.errReceived(b"cannot read sha256:" + b"c" * 64 + b": Input/output error\n")
+    assert said == ["fsck's scan: cannot read sha256:" + "c" * 64 + ": Input/output error"]
+
+
+def test_a_file_that_cannot_be_read_is_rotten_not_the_end_of_the_scan(tmp_path, capsys):
+    """(A directory stands for a bad sector: reading it fails with an OSError.)"""
+    digest = "sha256:" + "a" * 64
+    assert scan_module.hashed(digest, str(tmp_path), os.getppid()) == (0, False)
+    assert f"cannot read {digest}" in capsys.readouterr().err
