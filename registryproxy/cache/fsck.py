@@ -14,11 +14,12 @@ import os
 import sys
 import time
 from collections import deque
+from contextlib import suppress
 from functools import partial
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -117,10 +118,8 @@ class _Scan(ProcessProtocol):
 
     def stop(self) -> None:
         """Kill the scan (regproxy stops, or its output makes no sense)."""
-        try:
+        with suppress(ProcessExitedAlready):
             self.transport.signalProcess("KILL")  # type: ignore[union-attr]
-        except Exception:  # noqa: S110 - already gone
-            pass
 
     def processEnded(self, reason: Failure) -> None:
         if self._wrong is None and reason.check(ProcessDone) and self.found.checked is not None:

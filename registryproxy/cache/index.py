@@ -127,11 +127,11 @@ class Pace:
     (and more for images of many platforms); the time is what the reactor
     waits, whatever an item costs."""
 
-    def __init__(self, most: int, hold: float | None = None, first: int = 8) -> None:
+    def __init__(self, most: int, hold: float | None = None) -> None:
         self.most = most
         #: None: HOLD_SECONDS (read when used: tests change it)
         self.hold = hold
-        self.size = min(most, first)
+        self.size = min(most, 8)
 
     def took(self, seconds: float, items: int) -> None:
         """The last transaction held the lock *seconds* for *items* items."""
