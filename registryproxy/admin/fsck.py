@@ -4,7 +4,7 @@ single node's own files."""
 from __future__ import annotations
 
 from ..cache.access import IndexAccess
-from ..cache.fsck import fsck
+from ..cache.fsck import ScanFailed, fsck
 from ..cache.store import BlobStore, FileStore
 from ..runtime import IReactor
 from .backend import AdminError, FsckResult
@@ -34,5 +34,7 @@ class Fsck:
         self._running = True
         try:
             return await fsck(self._store, self._access, self._reactor)
+        except ScanFailed as e:
+            raise AdminError(500, str(e)) from None
         finally:
             self._running = False

@@ -5,6 +5,9 @@ wrong) long after they were verified.  The hashing, and the comparison of
 the store with the index, run in a child process (:mod:`.scan`): in a
 thread they held the GIL and every client waited.  What it finds out of
 line is mended afterwards in the index's worker thread, in batches.
+A scan that says nothing for :data:`STALL_SECONDS` (it says ``going``
+once a second) is given up: a disk that does not answer fails the fsck
+rather than holding it, and every later one, for ever.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from functools import partial
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -36,6 +40,8 @@ log = Logger()
 _BATCH = 500
 #: the longest line the scan writes (a digest's algorithm and hex, a size)
 _LONGEST_LINE = 512
+#: a scan silent this long is stuck (a MiB it cannot read): killed, the fsck failed
+STALL_SECONDS = 60.0
 #: the scan's start, given regproxy's sys.path (argv[1]) and the scan's arguments
 _BOOT = (
     "import json, runpy, sys; sys.path[:] = json.loads(sys.argv.pop(1));"
@@ -74,14 +80,25 @@ class _Scan(ProcessProtocol):
     """Reads the scan's lines as they come (a pipe's read at a time: the
     reactor parses a few hundred lines a turn, however big the store)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: IReactorTime, stall: float = STALL_SECONDS) -> None:
         self.found = _Found()
         self.done: Deferred[_Found] = Deferred()
         self._partial = b""
         self._errors: deque[bytes] = deque(maxlen=8)
         self._wrong: str | None = None
+        self._clock = clock
+        self._stall = stall
+        self._deadline: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self._deadline = self._clock.callLater(self._stall, self._stalled)
+
+    def _stalled(self) -> None:
+        self._fail(f"it said nothing for {self._stall:g} s (a disk that does not answer?)")
 
     def outReceived(self, data: bytes) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.reset(self._stall)
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
         if len(self._partial) > _LONGEST_LINE:
@@ -94,6 +111,8 @@ class _Scan(ProcessProtocol):
         kind, digest = words[0], words[1] if len(words) > 1 else ""
         if kind == "checked" and len(words) == 3 and all(w.isdigit() for w in words[1:]):
             self.found.checked = (int(words[1]), int(words[2]))
+        elif words == ["going"]:
+            pass
         elif not is_valid_digest(digest):
             self._fail(f"an unexpected line: {' '.join(words)[:80]!r}")
         elif kind == "rotten" and len(words) == 2:
@@ -106,9 +125,12 @@ class _Scan(ProcessProtocol):
             self._fail(f"an unexpected line: {' '.join(words)[:80]!r}")
 
     def _fail(self, why: str) -> None:
+        """Kill the scan and fail at once: a process stuck in a disk's read
+        ends only when the read does."""
         if self._wrong is None:
             self._wrong = why
             self.stop()
+            self.done.errback(ScanFailed(f"fsck's scan of the store failed: {why}"))
 
     def errReceived(self, data: bytes) -> None:
         """What the scan says of files it cannot read, into regproxy's log."""
@@ -122,11 +144,15 @@ class _Scan(ProcessProtocol):
             self.transport.signalProcess("KILL")  # type: ignore[union-attr]
 
     def processEnded(self, reason: Failure) -> None:
-        if self._wrong is None and reason.check(ProcessDone) and self.found.checked is not None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        if self._wrong is not None:
+            return  # failed already
+        if reason.check(ProcessDone) and self.found.checked is not None:
             self.done.callback(self.found)
             return
         said = b"".join(self._errors).decode("utf-8", "replace").strip()[-1024:]
-        why = self._wrong or f"{reason.getErrorMessage()}{': ' + said if said else ''}"
+        why = f"{reason.getErrorMessage()}{': ' + said if said else ''}"
         self.done.errback(ScanFailed(f"fsck's scan of the store failed: {why}"))
 
 
@@ -141,7 +167,7 @@ def _modules() -> list[str]:
 def scan(reactor: IReactor, root: str, index: str, started: float) -> Deferred[_Found]:
     """Run the scan of the store at *root* against the *index* file in a
     child process; killed if regproxy stops first."""
-    protocol = _Scan()
+    protocol = _Scan(reactor, STALL_SECONDS)
     reactor.spawnProcess(
         protocol,
         sys.executable,

@@ -11,6 +11,7 @@ is out of line, a line each, for regproxy to mend::
     rotten <digest>             a file whose bytes do not match its digest
     unindexed <digest> <size>   a file the index does not know
     missing <digest>            a row stored before *started* whose file is gone
+    going                       once a second while it reads: it is not stuck
     checked <files> <bytes>     the last line: the scan went to its end
 
 Usage: ``python -m registryproxy.cache.scan ROOT INDEX STARTED PARENT``,
@@ -24,13 +25,16 @@ import os
 import signal
 import sqlite3
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import TextIO
 from urllib.parse import quote
 
 from ..names import ALGORITHMS, is_valid_digest
 
 _CHUNK = 1 << 20
+#: how often the scan says it goes on (regproxy kills one silent for long)
+BEAT_SECONDS = 1.0
 #: Linux's prctl option that signals a process when its parent dies
 _PR_SET_PDEATHSIG = 1
 
@@ -67,7 +71,28 @@ def _entries(path: str) -> list[os.DirEntry[str]]:
         return []
 
 
-def hashed(digest: str, path: str, parent: int) -> tuple[int, bool] | None:
+class Watch:
+    """Called before each file and each MiB: stops the scan if regproxy is
+    gone (where the kernel did not already say so), and says ``going`` once
+    a second, for regproxy to tell a long scan from a disk that does not
+    answer."""
+
+    def __init__(self, parent: int, out: TextIO, now: Callable[[], float] = time.monotonic) -> None:
+        self._parent = parent
+        self._out = out
+        self._now = now
+        self._said = now()
+
+    def __call__(self) -> None:
+        if os.getppid() != self._parent:
+            raise SystemExit("regproxy went away: the scan stops")
+        if self._now() - self._said >= BEAT_SECONDS:
+            self._out.write("going\n")
+            self._out.flush()  # (a pipe's stdout is kept in a buffer)
+            self._said = self._now()
+
+
+def hashed(digest: str, path: str, watch: Callable[[], None]) -> tuple[int, bool] | None:
     """``(size, whether the bytes match)``; None if the file went meanwhile.
     A file that cannot be read (a bad sector) does not match."""
     algorithm, expected = digest.split(":", 1)
@@ -76,7 +101,7 @@ def hashed(digest: str, path: str, parent: int) -> tuple[int, bool] | None:
     try:
         with open(path, "rb") as f:
             while chunk := f.read(_CHUNK):
-                _still_wanted(parent)
+                watch()
                 hasher.update(chunk)
                 size += len(chunk)
     except FileNotFoundError:
@@ -87,20 +112,16 @@ def hashed(digest: str, path: str, parent: int) -> tuple[int, bool] | None:
     return size, hasher.hexdigest() == expected
 
 
-def _still_wanted(parent: int) -> None:
-    """Stop if regproxy is gone (where the kernel did not already say so)."""
-    if os.getppid() != parent:
-        raise SystemExit("regproxy went away: the scan stops")
-
-
-def scan(root: str, index_path: str, started: float, out: TextIO, parent: int) -> None:
+def scan(
+    root: str, index_path: str, started: float, out: TextIO, watch: Callable[[], None]
+) -> None:
     #: the size of every file whose bytes match; rotten ones are only seen
     sizes: dict[str, int] = {}
     seen: set[str] = set()
     total = 0
     for digest, path in files(root):
-        _still_wanted(parent)
-        result = hashed(digest, path, parent)
+        watch()
+        result = hashed(digest, path, watch)
         if result is None:
             continue
         size, matches = result
@@ -142,12 +163,13 @@ def main(argv: list[str]) -> int:
         return 2
     root, index, started, parent = argv[0], argv[1], float(argv[2]), int(argv[3])
     _die_with_parent()
-    _still_wanted(parent)  # (it may have died before the line above)
+    watch = Watch(parent, sys.stdout)
+    watch()  # (regproxy may have died before the line above)
     try:
         os.nice(10)  # background work: regproxy's clients come first
     except OSError:
         pass
-    scan(root, index, started, sys.stdout, parent)
+    scan(root, index, started, sys.stdout, watch)
     sys.stdout.flush()
     return 0
 

@@ -16,8 +16,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 
+from registryproxy.admin.backend import AdminError
+from registryproxy.admin.fsck import Fsck
 from registryproxy.cache import fsck as fsck_module
 from registryproxy.cache import scan as scan_module
 from registryproxy.cache.fsck import ScanFailed, _forget, _index, _Scan, fsck, scan
@@ -122,7 +125,7 @@ def test_a_scan_that_says_what_it_should_not_is_killed_and_refused(lines):
     """Every line is checked (a digest's grammar, a size), and one that is
     not what the scan writes stops it: nothing it said is acted on."""
     kills = []
-    protocol = _Scan()
+    protocol = _Scan(Clock())
     protocol.transport = SimpleNamespace(signalProcess=kills.append)
     protocol.outReceived(b"rotten sha256:" + b"b" * 64 + b"\n" + lines)
     protocol.processEnded(Failure(ProcessTerminated(signal=9)))
@@ -143,7 +146,13 @@ def test_the_scan_stops_when_regproxy_is_gone(tmp_path, monkeypatch):
         path.write_bytes(data)
     out = io.StringIO()
     with pytest.raises(SystemExit):
-        scan_module.scan(str(tmp_path), str(tmp_path / "index.db"), 0.0, out, os.getppid() + 1)
+        scan_module.scan(
+            str(tmp_path),
+            str(tmp_path / "index.db"),
+            0.0,
+            out,
+            scan_module.Watch(os.getppid() + 1, out),
+        )
     assert "checked" not in out.getvalue()
 
 
@@ -256,7 +265,7 @@ def test_what_the_scan_says_on_stderr_is_logged(monkeypatch):
     the operator reads why in regproxy's log."""
     said: list[str] = []
     monkeypatch.setattr(fsck_module.log, "warn", lambda fmt, **kw: said.append(fmt.format(**kw)))
-    protocol = _Scan()
+    protocol = _Scan(Clock())
     protocol.errReceived(b"cannot read sha256:" + b"c" * 64 + b": Input/output error\n")
     assert said == ["fsck's scan: cannot read sha256:" + "c" * 64 + ": Input/output error"]
 
@@ -264,5 +273,79 @@ def test_what_the_scan_says_on_stderr_is_logged(monkeypatch):
 def test_a_file_that_cannot_be_read_is_rotten_not_the_end_of_the_scan(tmp_path, capsys):
     """(A directory stands for a bad sector: reading it fails with an OSError.)"""
     digest = "sha256:" + "a" * 64
-    assert scan_module.hashed(digest, str(tmp_path), os.getppid()) == (0, False)
+    assert scan_module.hashed(digest, str(tmp_path), lambda: None) == (0, False)
     assert f"cannot read {digest}" in capsys.readouterr().err
+
+
+def test_a_scan_silent_for_long_is_killed_and_fails_at_once():
+    """Only silence counts: a scan that says it goes on may take hours;
+    one stuck in a disk's read is given up without waiting for it to end
+    (a process in a read dies only when the read does)."""
+    clock, kills = Clock(), []
+    protocol = _Scan(clock, stall=60)
+    protocol.makeConnection(SimpleNamespace(signalProcess=kills.append))
+    failure: list[Failure] = []
+    protocol.done.addErrback(failure.append)
+    for _ in range(5):
+        clock.advance(59)
+        protocol.outReceived(b"going\n")
+    clock.advance(59)
+    assert (kills, failure) == ([], [])
+    clock.advance(1)
+    assert kills == ["KILL"]
+    assert failure and "said nothing for 60 s" in str(failure[0].value)
+    protocol.processEnded(Failure(ProcessTerminated(signal=9)))  # (later: nothing more)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stuck_scan_process_is_killed():
+    """The deadline kills a real process (one that sleeps stands for one
+    stuck in a read)."""
+    protocol = _Scan(reactor, stall=0.2)
+    process = reactor.spawnProcess(
+        protocol, sys.executable, [sys.executable, "-c", "import time; time.sleep(30)"]
+    )
+    with pytest.raises(ScanFailed, match="said nothing for 0.2 s"):
+        await protocol.done
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _alive(process.pid or 0):
+        await deferLater(reactor, 0.02, lambda: None)
+    assert process.pid is None or not _alive(process.pid)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_fsck_whose_scan_is_stuck_fails_and_the_next_one_runs(
+    fake_registry, make_proxy, monkeypatch
+):
+    """The admin API answers 500 saying why, and does not refuse every
+    later fsck as already running."""
+    _, body = fake_registry.add_image("library/app", "1", [b"layer"])
+    proxy = await make_proxy(fake_registry.url)
+    assert (await proxy.get("/v2/library/app/manifests/1")).code == 200
+    checker = Fsck(proxy.proxy.store, proxy.proxy.access, reactor)
+    monkeypatch.setattr(fsck_module, "STALL_SECONDS", 0.2)
+    monkeypatch.setattr(fsck_module, "_BOOT", "import time; time.sleep(30)")
+    with pytest.raises(AdminError) as e:
+        await checker.fsck()
+    assert e.value.status == 500
+    assert "said nothing for 0.2 s" in e.value.message
+    monkeypatch.undo()
+    stored = [f for f in (proxy.cache_dir / "blobs").rglob("*") if f.is_file()]
+    assert stored and (await checker.fsck()).checked == len(stored)
+
+
+def test_the_scan_says_it_goes_on_once_a_second_while_it_reads(tmp_path):
+    """Between files and between the MiBs of one big file."""
+    data = b"x" * (3 << 20)
+    hexa = hashlib.sha256(data).hexdigest()
+    path = tmp_path / "blobs" / "sha256" / hexa[:2] / hexa
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    Index(str(tmp_path / "index.db")).close()
+    ticks = iter(range(0, 1000, 1))
+    out = io.StringIO()
+    watch = scan_module.Watch(os.getppid(), out, now=lambda: float(next(ticks)) / 2)
+    scan_module.scan(str(tmp_path), str(tmp_path / "index.db"), 0.0, out, watch)
+    lines = out.getvalue().splitlines()
+    assert lines.count("going") >= 2, lines
+    assert lines[-1] == f"checked 1 {len(data)}"
