@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fakeregistry import FakeRegistry  # noqa: E402
 
 #: The directories whose files take longest go out first.  In several
-#: processes (``-n 3 --dist loadfile``, files in collection order) each
+#: processes (``-n 4 --dist loadfile``, files in collection order) each
 #: takes the next file when it is free, so the many short unit files fill in
 #: at the end,
 #: where a 20 s file (the dashboard's, collected last by name) ran alone.
