@@ -22,7 +22,7 @@ from twisted.web.client import HTTPConnectionPool
 from .admin.app import AdminAPI
 from .admin.control import Control, build_control
 from .admin.settings import SavedUpstreams
-from .cache.access import IndexAccess, LocalIndex, flush
+from .cache.access import IndexAccess, LocalIndex
 from .cache.background import IndexThread
 from .cache.blobs import BlobCache, PeerSource
 from .cache.eviction import Evictor
@@ -696,7 +696,7 @@ def makeService(options: Options, reactor: IReactor | None = None) -> IService:
     if options["rebuild-index"]:
         _Rebuild(proxy.control).setServiceParent(service)
     # access times are gathered in memory and written in batches
-    later.append(TimerService(_FLUSH_SECONDS, _logged_async(lambda: proxy.access.quick(flush))))
+    later.append(TimerService(_FLUSH_SECONDS, _logged_async(proxy.access.flush)))
     # the dashboard's chart: the counters over the last hour and day
     later.append(TimerService(proxy.metrics.history.interval, proxy.control.sample_history))
     # idle images and a budget overrun are swept away in the background too

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
 from .background import IndexThread
 from .index import Index
@@ -41,6 +41,11 @@ class IndexAccess(Protocol):
         """Remember an access (in memory: written by the next flush)."""
 
     def touch_blob(self, digest: str, when: float) -> None: ...
+
+    def flush(self) -> Deferred[None]:
+        """Write the accesses remembered so far, off the reactor thread:
+        there may be tens of thousands.  Work asked of :meth:`heavy` after
+        this sees them."""
 
     @property
     def inline(self) -> Index | None:
@@ -71,7 +76,8 @@ class LocalIndex:
         self.roomer = roomer if roomer is not None else background
 
     async def close(self) -> None:
-        """Let the workers finish, stop their threads, close the index."""
+        """Let the workers finish, stop their threads, close the index
+        (which writes the last access times)."""
         for worker in {self.background, self.reader, self.roomer}:
             await worker.close()
             worker.threadpool.stop()
@@ -95,11 +101,13 @@ class LocalIndex:
     def touch_blob(self, digest: str, when: float) -> None:
         self._index.touch_blob(digest, when)
 
+    def flush(self) -> Deferred[None]:
+        # taken on the reactor thread (a swap), written in the worker's
+        taken = self._index.take_accesses()
+        if not taken:
+            return succeed(None)
+        return self.background.run(lambda index: index.write_accesses(taken))
+
     @property
     def inline(self) -> Index | None:
         return self._index
-
-
-def flush(index: Index) -> None:
-    """Write the access times gathered in memory (by name: whichever index it is)."""
-    index.flush()

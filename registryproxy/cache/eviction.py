@@ -25,8 +25,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..names import Digest
-from .access import IndexAccess, flush
-from .index import Evicted, Index, Pace, Removed
+from .access import IndexAccess
+from .index import Accesses, Evicted, Index, Pace, Removed
 from .keep import Keep, Pin
 
 
@@ -161,7 +161,7 @@ class Evictor:
             while True:
                 # access times gathered on the reactor are written before choosing
                 if flushed is None or self._clock.seconds() - flushed >= FLUSH_EVERY:
-                    await self._access.quick(flush)
+                    await self._access.flush()
                     flushed = self._clock.seconds()
                 evicted, just_freed = await self._access.heavy(
                     partial(
@@ -207,10 +207,15 @@ class Evictor:
         return Deferred.fromCoroutine(self._make_room(needed, gave_up))
 
     async def _make_room(self, needed: int, gave_up: Callable[[], bool]) -> int:
-        # access times gathered on the reactor are written before choosing
-        await self._access.quick(flush)
+        # access times gathered on the reactor are written before choosing,
+        # in the room thread: a flush in the worker thread may wait for a purge
+        index = self._access.inline
+        assert index is not None
+        taken = index.take_accesses()
         evictions, freed = await self._access.room(
-            partial(_room, self._store, list(self._keep.pins), self._keep.busy(), needed, gave_up)
+            partial(
+                _room, self._store, list(self._keep.pins), self._keep.busy(), needed, gave_up, taken
+            )
         )
         for evicted, just_freed in evictions:
             self._log(evicted, "disk full", just_freed)
@@ -229,7 +234,7 @@ class Evictor:
     ) -> tuple[Removed, int]:
         """:meth:`Index.purge` in the worker thread, and the files deleted
         there: what went, and the bytes freed."""
-        await self._access.quick(flush)
+        await self._access.flush()
         store = self._store
 
         def purge(index: Index) -> tuple[Removed, int]:
@@ -288,11 +293,13 @@ def _room(
     busy: set[str],
     needed: int,
     gave_up: Callable[[], bool],
+    taken: Accesses,
     index: Index,
 ) -> tuple[list[tuple[Evicted, int]], int]:
-    """Room for *needed* bytes (see :meth:`Evictor.make_room`): each batch
-    evicted with the bytes it freed (the last, if any, for loose blobs), and
-    all bytes freed."""
+    """Room for *needed* bytes (see :meth:`Evictor.make_room`), once the
+    accesses *taken* are written: each batch evicted with the bytes it
+    freed (the last, if any, for loose blobs), and all bytes freed."""
+    index.write_accesses(taken)
     if gave_up() or not _fits(store, busy, needed, index):
         return [], 0
     done: list[tuple[Evicted, int]] = []

@@ -158,6 +158,27 @@ def known(sent: Any, linked: Any) -> str | None:
 #: how long a write waits for another connection's transaction (ms)
 _BUSY_MS = 10_000
 
+#: access times written per transaction (a few ms of the write lock)
+ACCESS_BATCH = 500
+_WRITE_MANIFEST_ACCESS = (
+    "UPDATE manifests SET last_access=MAX(COALESCE(last_access, ?1), ?1)"
+    " WHERE upstream=?2 AND repo=?3 AND digest=?4"
+)
+_WRITE_BLOB_ACCESS = (
+    "UPDATE blobs SET last_access=MAX(COALESCE(last_access, ?1), ?1) WHERE digest=?2"
+)
+
+
+@attrs.frozen
+class Accesses:
+    """Access times gathered in memory, on their way to the index."""
+
+    manifests: dict[tuple[str, str, str], float]
+    blobs: dict[str, float]
+
+    def __bool__(self) -> bool:
+        return bool(self.manifests or self.blobs)
+
 
 @attrs.frozen
 class ManifestEntry:
@@ -425,21 +446,30 @@ class Index:
     def touch_blob(self, digest: str, when: float) -> None:
         self._blob_access[digest] = when
 
+    def take_accesses(self) -> Accesses:
+        """The access times gathered since the last time, to be written
+        (:meth:`write_accesses`, by another connection); a swap, whatever
+        their number."""
+        taken = Accesses(self._manifest_access, self._blob_access)
+        self._manifest_access, self._blob_access = {}, {}
+        return taken
+
+    def write_accesses(self, taken: Accesses) -> None:
+        """Write access times, :data:`ACCESS_BATCH` rows a transaction (a
+        scanner reading every layer makes tens of thousands).  A time never
+        goes back: two connections may write theirs in either order."""
+        for sql, rows in (
+            (_WRITE_MANIFEST_ACCESS, [(when, *key) for key, when in taken.manifests.items()]),
+            (_WRITE_BLOB_ACCESS, [(when, digest) for digest, when in taken.blobs.items()]),
+        ):
+            for start in range(0, len(rows), ACCESS_BATCH):
+                with self._transaction() as db:
+                    db.executemany(sql, rows[start : start + ACCESS_BATCH])
+
     def flush(self) -> None:
-        """Write the access times gathered since the last flush."""
-        if not (self._manifest_access or self._blob_access):
-            return
-        manifests, self._manifest_access = self._manifest_access, {}
-        blobs, self._blob_access = self._blob_access, {}
-        with self._transaction() as db:
-            db.executemany(
-                "UPDATE manifests SET last_access=? WHERE upstream=? AND repo=? AND digest=?",
-                [(when, *key) for key, when in manifests.items()],
-            )
-            db.executemany(
-                "UPDATE blobs SET last_access=? WHERE digest=?",
-                [(when, digest) for digest, when in blobs.items()],
-            )
+        """Write the access times gathered since the last flush, on this
+        connection."""
+        self.write_accesses(self.take_accesses())
 
     # -- manifests and tags --------------------------------------------------
 

@@ -126,7 +126,7 @@ class Engines:
     async def stop(self) -> None:
         await self.agent_pool.closeCachedConnections()
         try:
-            await self.access.quick(PgIndex.flush)
+            await self.access.flush()
         except Exception as e:
             log.warn("could not write the last access times: {why}", why=e)
         await self.database.close()

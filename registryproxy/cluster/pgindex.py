@@ -976,6 +976,9 @@ class SharedIndex:
     def touch_blob(self, digest: str, when: float) -> None:
         self._index.touch_blob(digest, when)
 
+    def flush(self) -> Deferred[None]:
+        return self.quick(PgIndex.flush)
+
     @property
     def inline(self) -> None:
         return None

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from registryproxy.cache.index import Index, ManifestEntry, Page, TagEntry
+from registryproxy.cache import index as index_module
+from registryproxy.cache.index import Accesses, Index, ManifestEntry, Page, TagEntry
 
 
 def d(name: str) -> str:
@@ -118,6 +119,26 @@ def test_purge_by_age_and_by_last_use(index):
 
     removed = index.purge(fetched_before=400.0)
     assert [r.repo for r in index.repository_summaries()] == ["library/new"]
+
+
+def test_access_times_go_in_short_transactions_and_never_back(index, monkeypatch):
+    """A few hundred rows a transaction (the write lock's other users wait
+    for one); another connection writing an older time leaves the later."""
+    monkeypatch.setattr(index_module, "ACCESS_BATCH", 2)
+    for i in range(5):
+        index.put_blob(d(f"b{i}"), 1, 100.0)
+        index.touch_blob(d(f"b{i}"), 500.0)
+    transactions: list[int] = []
+    real = index._transaction
+    monkeypatch.setattr(index, "_transaction", lambda: transactions.append(1) or real())
+    index.flush()
+    assert len(transactions) == 3
+    other = index.companion()
+    other.write_accesses(Accesses({}, {d("b0"): 200.0, d("b1"): 900.0}))
+    other.close()
+    times = dict(index._db.execute("SELECT digest, last_access FROM blobs"))
+    assert times == {d(f"b{i}"): 900.0 if i == 1 else 500.0 for i in range(5)}
+    assert not index.take_accesses()  # all taken
 
 
 def test_listing_and_totals(index):
