@@ -505,6 +505,43 @@ def test_a_repositorys_detail_is_encoded_an_item_at_a_time(monkeypatch):
     assert max(calls) <= len(json.dumps(attrs.asdict(detail.manifests[0]))), max(calls)
 
 
+@pytest.mark.parametrize(
+    "method,path", [("DELETE", "/api/v1/cache?all=true"), ("POST", "/api/v1/fsck")]
+)
+@pytest_twisted.ensureDeferred
+async def test_purge_and_fsck_answers_are_written_off_the_reactor_thread(
+    admin, monkeypatch, method, path
+):
+    """They list every digest they deleted or indexed (100,000 in a purge of
+    everything, 60 ms of JSON)."""
+    from twisted.python.threadable import isInIOThread
+
+    from registryproxy.admin import app
+
+    threads: list[bool] = []
+    dumps = app._dumps
+    monkeypatch.setattr(app, "_dumps", lambda value: threads.append(isInIOThread()) or dumps(value))
+    reply = await admin(method, path)
+    assert reply.code == 200, reply.body
+    assert threads and not any(threads), threads
+
+
+def test_a_list_of_digests_is_encoded_in_pieces(monkeypatch):
+    from registryproxy.admin import app
+    from registryproxy.admin.backend import PurgeResult
+
+    result = PurgeResult(1, 2, tuple(f"sha256:{i:064x}" for i in range(1000)), 3)
+    calls: list[Any] = []
+    dumps = app._dumps
+    monkeypatch.setattr(app, "_dumps", lambda value: calls.append(value) or dumps(value))
+    assert app._json_of(result) == json.dumps(attrs.asdict(result)).encode() + b"\n"
+    assert max(len(c) for c in calls if isinstance(c, list)) == app._ITEMS_PER_DUMP
+    assert (
+        app._json_of(PurgeResult(0, 0, (), 0))
+        == b'{"tags": 0, "manifests": 0, "blobs": [], "bytes_freed": 0}\n'
+    )
+
+
 @pytest_twisted.ensureDeferred
 async def test_show_repository_invalid_name(admin):
     for name in ("Library/Alpine", "a//b", "a/../b", "a" * 256):
