@@ -15,7 +15,6 @@ from typing import Any
 import treq
 from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -26,7 +25,7 @@ from ..runtime import IReactor, thread_pool
 from .auth import Authenticator
 from .client import RegistryClient
 from .endpoints import UpstreamEndpoints
-from .public import PublicEndpoints, lookup
+from .public import Lookups, PublicEndpoints, lookup
 
 log = Logger()
 
@@ -58,7 +57,7 @@ class Upstreams:
         #: get their tokens from (True), and apart, the hosts clients name
         #: (False, allow_any_registry): a client chooses those, and a name
         #: whose lookup never answers holds a thread
-        self._lookups: dict[bool, ThreadPool] = {}
+        self._lookups: dict[bool, Lookups] = {}
         #: moves at each update: answers routed before are not used again
         self.generation = 0
         self.update(configs, default)
@@ -83,17 +82,17 @@ class Upstreams:
                 del self._clients[name]
 
     def close(self) -> None:
-        for threads in self._lookups.values():
-            threads.stop()
+        for lookups in self._lookups.values():
+            lookups.stop()
         self._lookups.clear()
 
-    def _lookup_threads(self, listed: bool) -> ThreadPool:
-        threads = self._lookups.get(listed)
-        if threads is None:
+    def _lookup_threads(self, listed: bool) -> Lookups:
+        lookups = self._lookups.get(listed)
+        if lookups is None:
             name = "regproxy-lookups" if listed else "regproxy-lookups-named"
-            threads = self._lookups[listed] = thread_pool(name, 4)
-            threads.start()
-        return threads
+            lookups = self._lookups[listed] = Lookups(thread_pool(name, 4))
+            lookups.pool.start()
+        return lookups
 
     def default_client(self) -> RegistryClient:
         client = self.get(self.default)

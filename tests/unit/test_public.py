@@ -13,7 +13,7 @@ import treq
 from proxyharness import until
 from test_tls import make_ca_and_server_cert
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import DNSLookupError
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.python.threadpool import ThreadPool
@@ -26,7 +26,7 @@ from registryproxy.errors import RegistryError
 from registryproxy.upstream import public
 from registryproxy.upstream.auth import Authenticator
 from registryproxy.upstream.client import RegistryClient
-from registryproxy.upstream.public import PublicEndpoints, Refused, lookup
+from registryproxy.upstream.public import Lookups, PublicEndpoints, Refused, lookup
 
 
 def test_resolution_gives_every_address():
@@ -64,8 +64,9 @@ def test_internal_addresses(address):
 def lookups():
     pool = ThreadPool(minthreads=0, maxthreads=2, name="test-lookups")
     pool.start()
-    yield pool
-    pool.stop()
+    lookups = Lookups(pool)
+    yield lookups
+    lookups.stop()
 
 
 def agent(lookups, **kwargs) -> treq.client.HTTPClient:
@@ -94,6 +95,67 @@ async def test_a_lookup_that_hangs_times_out(monkeypatch, lookups):
             await client.request(b"GET", b"http://hangs.example.com/v2/")
     finally:
         release.set()
+
+
+def hanging_resolve(monkeypatch) -> tuple[threading.Event, list[str]]:
+    """resolve() waits for the event; the names it was asked, in order."""
+    release, asked = threading.Event(), []
+
+    def resolve(host, port):
+        asked.append(host)
+        release.wait(10)
+        return ["192.0.2.1"]
+
+    monkeypatch.setattr(public, "resolve", resolve)
+    return release, asked
+
+
+@pytest_twisted.ensureDeferred
+async def test_lookups_given_up_are_not_run_and_those_past_the_bound_fail_at_once(monkeypatch):
+    """Names whose DNS hangs, asked by clients of an open proxy without end:
+    the lookups waiting their turn are bounded, and those whose caller gave
+    up are skipped when their turn comes."""
+    release, asked = hanging_resolve(monkeypatch)
+    pool = ThreadPool(minthreads=0, maxthreads=1, name="test-lookups")
+    pool.start()
+    lookups = Lookups(pool, most=4)
+    try:
+        waiting = [
+            Deferred.fromCoroutine(lookup(reactor, lookups, f"n{i}.example.com", 443, 0.1))
+            for i in range(4)
+        ]
+        with pytest.raises(DNSLookupError, match="4 name lookups under way already"):
+            await lookup(reactor, lookups, "more.example.com", 443, 5.0)
+        for each in waiting:
+            with pytest.raises(DNSLookupError, match="no answer within 0.1s"):
+                await each
+        release.set()
+        await until(lambda: lookups.pending == 0)
+        assert asked == ["n0.example.com"]  # the others were given up before their turn
+        assert await lookup(reactor, lookups, "next.example.com", 443, 5.0) == ["192.0.2.1"]
+    finally:
+        release.set()
+        lookups.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_lookups_still_queued_when_regproxy_stops_are_not_run(monkeypatch):
+    release, asked = hanging_resolve(monkeypatch)
+    pool = ThreadPool(minthreads=0, maxthreads=1, name="test-lookups")
+    pool.start()
+    lookups = Lookups(pool)
+    waiting = [
+        Deferred.fromCoroutine(lookup(reactor, lookups, f"n{i}.example.com", 443, 30.0))
+        for i in range(3)
+    ]
+    await until(lambda: asked)
+    threading.Timer(0.1, release.set).start()
+    lookups.stop()  # joins the threads: the one running, then none of the queued
+    assert asked == ["n0.example.com"]
+    assert await waiting[0] == ["192.0.2.1"]
+    for each in waiting[1:]:
+        with pytest.raises(DNSLookupError, match="not looked up, regproxy stops"):
+            await each
 
 
 @implementer(IPolicyForHTTPS)
@@ -224,4 +286,4 @@ async def test_a_client_named_registry_may_not_redirect_to_plain_http(make_fake_
 
 def _resolve(host: str, port: int) -> Any:
     """Name lookups on the test reactor's threads (regproxy's own use a pool of theirs)."""
-    return lookup(reactor, reactor.getThreadPool(), host, port, 5.0)
+    return lookup(reactor, Lookups(reactor.getThreadPool()), host, port, 5.0)
