@@ -76,7 +76,7 @@ class Threads:
     itself, never the reactor's own threads or another kind."""
 
     def __init__(self, reactor: IReactor, name: str, max_threads: int = 2) -> None:
-        self._reactor = reactor
+        self._reactor = self.reactor = reactor
         self._pool = thread_pool(name, max_threads)
 
     def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:

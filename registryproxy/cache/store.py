@@ -13,11 +13,13 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 from typing import BinaryIO, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ..names import Digest
 from ..runtime import Threads
@@ -26,10 +28,19 @@ log = Logger()
 
 #: free space left alone on the cache's file system (at most 5% of it)
 _RESERVE = 64 * 1024 * 1024
+#: how long a written file's fsync and rename into place may take: past it
+#: the disk is taken for one that does not answer (a dying disk, a hard NFS
+#: mount), and the file is not kept; what was written and checked is still
+#: served, and the clients of its download no longer wait for the disk
+PUBLISH_SECONDS = 60.0
 
 
 class VerificationError(Exception):
     """The bytes written do not match the digest or size they were promised."""
+
+
+class DiskTimeout(OSError):
+    """The disk did not take a written file within :data:`PUBLISH_SECONDS`."""
 
 
 class BlobWriter(Protocol):
@@ -146,6 +157,9 @@ class _FileWriter:
         self._store = store
         self.hasher = digest.hasher()
         fd, self._path = tempfile.mkstemp(dir=store._tmp, prefix=digest.hex[:16] + ".")
+        #: between the publishing thread's rename and a deadline giving up on it
+        self._fate = threading.Lock()
+        self._renamed = self._abandoned = False
         # Unbuffered, so readers following the file see every byte at once.
         self._file = os.fdopen(fd, "wb", buffering=0)
         # One descriptor for every follower, opened now: it stays valid after
@@ -182,15 +196,44 @@ class _FileWriter:
             self._read_fd = None
 
     def commit(self) -> Deferred[None]:
+        """Publish in the store's threads, or fail with :class:`DiskTimeout`
+        if the disk has not taken the file within :data:`PUBLISH_SECONDS`:
+        the thread then leaves the file out of the store whenever the disk
+        answers."""
         try:
             verify(self.digest, self.size, self.written, self.hasher.hexdigest())
         except VerificationError:
             self.abort()
             raise
-        return self._store.threads.run(self._publish)
+        answer: Deferred[None] = Deferred()
+        seconds = PUBLISH_SECONDS
+
+        def late() -> None:
+            with self._fate:
+                if self._renamed:
+                    return  # in place: only the directory's fsync is left
+                self._abandoned = True
+            answer.errback(
+                DiskTimeout(f"the disk did not take the file within {seconds:g} s; not kept")
+            )
+
+        deadline = self._store.threads.reactor.callLater(seconds, late)
+
+        def published(result: None | Failure) -> None:
+            if deadline.active():
+                deadline.cancel()
+            if not answer.called:
+                answer.callback(None) if result is None else answer.errback(result)
+            elif isinstance(result, Failure):
+                log.info("{digest}: {why}", digest=str(self.digest), why=result.getErrorMessage())
+
+        self._store.threads.run(self._publish).addBoth(published)
+        return answer
 
     def _publish(self) -> None:
         try:
+            if self._abandoned:  # (its turn came too late)
+                raise DiskTimeout("given up before the disk was asked; not kept")
             on_disk = os.fstat(self._file.fileno()).st_size
             if on_disk != self.written:  # never publish a file that is not what was hashed
                 raise VerificationError(f"{on_disk} bytes on disk, {self.written} written")
@@ -198,7 +241,11 @@ class _FileWriter:
             self._file.close()
             final = self._store.path(self.digest)
             os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.rename(self._path, final)
+            with self._fate:
+                if self._abandoned:
+                    raise DiskTimeout("the disk answered after the deadline; not kept")
+                os.rename(self._path, final)
+                self._renamed = True
             dirfd = os.open(os.path.dirname(final), os.O_RDONLY)
             try:
                 os.fsync(dirfd)

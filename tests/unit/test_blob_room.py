@@ -20,6 +20,7 @@ from twisted.internet.defer import gatherResults
 from twisted.internet.threads import deferToThread
 
 from registryproxy.cache import blobs
+from registryproxy.cache import store as store_module
 from registryproxy.cache.blobs import MemoryRelay
 from registryproxy.cache.index import Index
 from registryproxy.names import Digest
@@ -569,3 +570,43 @@ async def test_a_blob_that_will_not_fit_after_all_evicts_in_few_grants(
         proxy.blob_path("sha256:" + hashlib.sha256(layer).hexdigest()).exists() for layer in small
     )
     assert left > 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_disk_that_does_not_take_a_file_holds_no_one_and_keeps_nothing(
+    fake_registry, make_proxy, monkeypatch
+):
+    """An fsync that never returns (a dying disk, a hard NFS mount) held a
+    blob's clients one byte short of it, and a manifest's without an
+    answer, for ever: past PUBLISH_SECONDS they are served what was written
+    and checked, and whenever the disk answers, nothing is kept."""
+    monkeypatch.setattr(store_module, "PUBLISH_SECONDS", 0.3)
+    layer = os.urandom(300_000)
+    _, body = fake_registry.add_image("library/app", "1", [layer])
+    digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    proxy = await make_proxy(fake_registry.url)
+    tmp = str(proxy.cache_dir / "tmp")
+    disk = threading.Event()
+    fsync = os.fsync
+
+    def hung(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(tmp):
+            disk.wait(30)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", hung)
+    try:
+        manifest = await proxy.get("/v2/library/app/manifests/1")
+        assert (manifest.code, manifest.body) == (200, body)
+        status, got, short = await get_in_thread(proxy, f"/v2/library/app/blobs/{digest}")
+        assert (status, got == layer, short) == (200, True, False)
+        assert not disk.is_set()  # both answered while the disk still hung
+    finally:
+        disk.set()
+    await until(lambda: not os.listdir(tmp))  # the threads, back, kept nothing
+    assert_nothing_kept(proxy, digest)
+    assert not proxy.blob_path(manifest.header("Docker-Content-Digest")).exists()
+    assert proxy.proxy.index.blob_sizes([digest]) == {}
+    # a disk that answers again keeps the next pull
+    assert (await proxy.get(f"/v2/library/app/blobs/{digest}")).header("X-Cache") == "MISS"
+    await until(lambda: proxy.blob_path(digest).exists())

@@ -5,12 +5,15 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
 
 import pytest
 import pytest_twisted
+from proxyharness import until
 from twisted.internet import reactor
 
-from registryproxy.cache.store import FileStore, VerificationError
+from registryproxy.cache import store as store_module
+from registryproxy.cache.store import DiskTimeout, FileStore, VerificationError
 from registryproxy.names import Digest
 from registryproxy.runtime import Threads
 
@@ -83,3 +86,40 @@ async def test_a_file_that_is_not_what_was_hashed_is_never_published(tmp_path):
         await writer.commit()
     assert store.stat(digest_of(data)) is None
     assert os.listdir(tmp_path / "tmp") == []
+
+
+@pytest.mark.parametrize("hangs", ["file", "directory"])
+@pytest_twisted.ensureDeferred
+async def test_a_publish_past_its_deadline_keeps_the_file_only_if_in_place(
+    tmp_path, monkeypatch, hangs
+):
+    """The deadline and the publishing thread agree on one fate: a file not
+    yet renamed when it passes is never renamed (the commit fails); one in
+    place, its directory's fsync hanging, is kept (the commit waits)."""
+    monkeypatch.setattr(store_module, "PUBLISH_SECONDS", 0.1)
+    store = FileStore(str(tmp_path), Threads(reactor, "test-files"))
+    data = os.urandom(1000)
+    writer = store.begin(digest_of(data), len(data))
+    writer.write(data)
+    disk, fsync = threading.Event(), os.fsync
+    where = str(tmp_path / ("tmp" if hangs == "file" else "blobs"))
+
+    def hung(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(where):
+            disk.wait(30)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", hung)
+    committed = writer.commit()
+    reactor.callLater(0.3, disk.set)
+    if hangs == "file":
+        with pytest.raises(DiskTimeout):
+            await committed
+        assert not disk.is_set()  # failed at the deadline, not when the disk answered
+        await until(lambda: os.listdir(tmp_path / "tmp") == [])
+        assert store.stat(digest_of(data)) is None
+    else:
+        await committed
+        assert disk.is_set()
+        assert store.stat(digest_of(data)) == len(data)
+    writer.close()
