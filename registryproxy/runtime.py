@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import (
     IReactorCore,
     IReactorPluggableNameResolver,
@@ -89,3 +89,68 @@ class Threads:
     def stop(self) -> None:
         if self._pool.started:
             self._pool.stop()
+
+
+class Busy(Exception):
+    """More calls are queued or running on a :class:`Bounded` than it takes."""
+
+
+class Stopped(Exception):
+    """A call still queued when its :class:`Bounded` stopped: not made."""
+
+
+class Bounded:
+    """Blocking calls on *pool*, each with a deadline, and at most *most* of
+    them queued or running.
+
+    A call whose other side never answers (a name's DNS, a database that
+    keeps its connections and never answers) holds its thread until it
+    does; it does not hold its caller past the deadline (``TimeoutError``),
+    nor let callers queue without end (:class:`Busy` past *most*).  A call
+    given up before its turn comes is not made, and none still queued is
+    made once :meth:`stop` is called (its caller gets :class:`Stopped`)."""
+
+    def __init__(self, reactor: IReactor, pool: ThreadPool, most: int) -> None:
+        self.pool = pool
+        self.most = most
+        #: queued or running
+        self.pending = 0
+        self._reactor = reactor
+        self._stopping = False
+
+    @property
+    def name(self) -> str | None:
+        return self.pool.name
+
+    def run(self, seconds: float, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """*fn(*args)* on a thread of the pool, answered within *seconds*."""
+        if self.pending >= self.most:
+            return fail(Busy(f"{self.pending} calls on {self.pool.name} under way already"))
+        if not self.pool.started:
+            self.pool.start()
+        given_up = threading.Event()
+        answer: Deferred[T] = Deferred(lambda _: given_up.set())
+
+        def call() -> T | None:
+            if given_up.is_set():
+                return None  # nobody waits for it
+            if self._stopping:
+                raise Stopped(f"{self.pool.name} stopped")
+            return fn(*args)
+
+        def finished(ok: bool, result: Any) -> None:
+            self.pending -= 1
+            if not answer.called:
+                answer.callback(result) if ok else answer.errback(result)
+
+        self.pending += 1
+        self.pool.callInThreadWithCallback(
+            lambda ok, result: self._reactor.callFromThread(finished, ok, result), call
+        )
+        return answer.addTimeout(seconds, self._reactor)
+
+    def stop(self) -> None:
+        """Stop the pool: the calls running end first, none queued is made."""
+        self._stopping = True
+        if self.pool.started:
+            self.pool.stop()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import threading
 from collections.abc import Callable
 
 from twisted.internet import defer
@@ -19,13 +18,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import URI
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
-from ..runtime import IReactor
+from ..runtime import Bounded, Busy, IReactor, Stopped
 
 
 class Refused(ConnectError):
@@ -38,69 +36,30 @@ def resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(sockaddr[0]) for *_, sockaddr in answers))
 
 
-#: name lookups queued or running at once on one pool (:class:`Lookups`)
+#: name lookups queued or running at once on one pool: a name whose DNS
+#: never answers holds a thread until the system's resolver gives up, and a
+#: client of an open proxy may name new hosts without end
 MAX_LOOKUPS = 64
 
 
-class Lookups:
-    """A pool of threads for name lookups, and a bound on those under way.
-
-    A name whose DNS never answers holds a thread until the system's
-    resolver gives up, and a client of an open proxy may name new hosts
-    without end: a lookup given up at its timeout is not run when its turn
-    comes, one past *most* queued or running fails at once, and none
-    queued is run once regproxy stops (it joins the pool's threads)."""
-
-    def __init__(self, pool: ThreadPool, most: int = MAX_LOOKUPS) -> None:
-        self.pool = pool
-        self.most = most
-        #: queued or running
-        self.pending = 0
-        self.stopping = False
-
-    @property
-    def name(self) -> str | None:
-        return self.pool.name
-
-    def stop(self) -> None:
-        self.stopping = True
-        if self.pool.started:
-            self.pool.stop()
+def lookups(reactor: IReactor, pool: ThreadPool, most: int = MAX_LOOKUPS) -> Bounded:
+    """Where :func:`lookup` runs: *pool*, bounded."""
+    return Bounded(reactor, pool, most)
 
 
 async def lookup(
-    reactor: IReactor, lookups: Lookups, host: str, port: int, timeout: float
+    reactor: IReactor, threads: Bounded, host: str, port: int, timeout: float
 ) -> list[str]:
-    """:func:`resolve` on a thread of *lookups*, the way a socket would
-    resolve *host* (numeric forms such as ``2130706433`` or ``127.1``
-    included); :class:`DNSLookupError` if it fails, takes longer than
-    *timeout* or finds *lookups* full."""
-    if lookups.pending >= lookups.most:
-        raise DNSLookupError(f"{host}: {lookups.pending} name lookups under way already")
-    given_up = threading.Event()
-    answer: Deferred[list[str]] = Deferred(lambda _: given_up.set())
-
-    def run() -> list[str]:
-        if given_up.is_set():
-            return []  # nobody waits for it
-        if lookups.stopping:
-            raise DNSLookupError(f"{host}: not looked up, regproxy stops")
-        return resolve(host, port)
-
-    def finished(ok: bool, result: list[str] | Failure) -> None:
-        lookups.pending -= 1
-        if not answer.called:
-            answer.callback(result) if ok else answer.errback(result)  # type: ignore[arg-type]
-
-    lookups.pending += 1
-    lookups.pool.callInThreadWithCallback(
-        lambda ok, result: reactor.callFromThread(finished, ok, result), run
-    )
-    answer.addTimeout(timeout, reactor)
+    """:func:`resolve` on *threads*, the way a socket would resolve *host*
+    (numeric forms such as ``2130706433`` or ``127.1`` included);
+    :class:`DNSLookupError` if it fails, takes longer than *timeout* or
+    finds too many lookups under way."""
     try:
-        return await answer
+        return await threads.run(timeout, resolve, host, port)
     except defer.TimeoutError:
         raise DNSLookupError(f"{host}: no answer within {timeout:g}s") from None
+    except (Busy, Stopped) as error:
+        raise DNSLookupError(f"{host}: not looked up: {error}") from None
     except (OSError, ValueError) as error:  # UnicodeError too: a bad IDNA name
         raise DNSLookupError(f"{host}: {error}") from None
 
@@ -139,7 +98,7 @@ class PublicEndpoints:
         reactor: IReactor,
         policy: IPolicyForHTTPS,
         connect_timeout: float,
-        lookups: Lookups,
+        lookups: Bounded,
         allowed: Callable[[str], bool] = is_public,
     ) -> None:
         """*lookups* is a pool of their own for the name lookups, so that

@@ -21,11 +21,11 @@ from zope.interface import implementer
 
 from ..config import UpstreamConfig
 from ..metrics import Metrics
-from ..runtime import IReactor, thread_pool
+from ..runtime import Bounded, IReactor, thread_pool
 from .auth import Authenticator
 from .client import RegistryClient
 from .endpoints import UpstreamEndpoints
-from .public import Lookups, PublicEndpoints, lookup
+from .public import PublicEndpoints, lookup, lookups
 
 log = Logger()
 
@@ -57,7 +57,7 @@ class Upstreams:
         #: get their tokens from (True), and apart, the hosts clients name
         #: (False, allow_any_registry): a client chooses those, and a name
         #: whose lookup never answers holds a thread
-        self._lookups: dict[bool, Lookups] = {}
+        self._lookups: dict[bool, Bounded] = {}
         #: moves at each update: answers routed before are not used again
         self.generation = 0
         self.update(configs, default)
@@ -82,17 +82,16 @@ class Upstreams:
                 del self._clients[name]
 
     def close(self) -> None:
-        for lookups in self._lookups.values():
-            lookups.stop()
+        for threads in self._lookups.values():
+            threads.stop()
         self._lookups.clear()
 
-    def _lookup_threads(self, listed: bool) -> Lookups:
-        lookups = self._lookups.get(listed)
-        if lookups is None:
+    def _lookup_threads(self, listed: bool) -> Bounded:
+        threads = self._lookups.get(listed)
+        if threads is None:
             name = "regproxy-lookups" if listed else "regproxy-lookups-named"
-            lookups = self._lookups[listed] = Lookups(thread_pool(name, 4))
-            lookups.pool.start()
-        return lookups
+            threads = self._lookups[listed] = lookups(self._reactor, thread_pool(name, 4))
+        return threads
 
     def default_client(self) -> RegistryClient:
         client = self.get(self.default)

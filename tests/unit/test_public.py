@@ -26,7 +26,7 @@ from registryproxy.errors import RegistryError
 from registryproxy.upstream import public
 from registryproxy.upstream.auth import Authenticator
 from registryproxy.upstream.client import RegistryClient
-from registryproxy.upstream.public import Lookups, PublicEndpoints, Refused, lookup
+from registryproxy.upstream.public import PublicEndpoints, Refused, lookup
 
 
 def test_resolution_gives_every_address():
@@ -64,9 +64,9 @@ def test_internal_addresses(address):
 def lookups():
     pool = ThreadPool(minthreads=0, maxthreads=2, name="test-lookups")
     pool.start()
-    lookups = Lookups(pool)
-    yield lookups
-    lookups.stop()
+    threads = public.lookups(reactor, pool)
+    yield threads
+    threads.stop()
 
 
 def agent(lookups, **kwargs) -> treq.client.HTTPClient:
@@ -118,13 +118,15 @@ async def test_lookups_given_up_are_not_run_and_those_past_the_bound_fail_at_onc
     release, asked = hanging_resolve(monkeypatch)
     pool = ThreadPool(minthreads=0, maxthreads=1, name="test-lookups")
     pool.start()
-    lookups = Lookups(pool, most=4)
+    lookups = public.lookups(reactor, pool, most=4)
     try:
         waiting = [
             Deferred.fromCoroutine(lookup(reactor, lookups, f"n{i}.example.com", 443, 0.1))
             for i in range(4)
         ]
-        with pytest.raises(DNSLookupError, match="4 name lookups under way already"):
+        with pytest.raises(
+            DNSLookupError, match="not looked up: 4 calls on test-lookups under way already"
+        ):
             await lookup(reactor, lookups, "more.example.com", 443, 5.0)
         for each in waiting:
             with pytest.raises(DNSLookupError, match="no answer within 0.1s"):
@@ -143,7 +145,7 @@ async def test_lookups_still_queued_when_regproxy_stops_are_not_run(monkeypatch)
     release, asked = hanging_resolve(monkeypatch)
     pool = ThreadPool(minthreads=0, maxthreads=1, name="test-lookups")
     pool.start()
-    lookups = Lookups(pool)
+    lookups = public.lookups(reactor, pool)
     waiting = [
         Deferred.fromCoroutine(lookup(reactor, lookups, f"n{i}.example.com", 443, 30.0))
         for i in range(3)
@@ -154,7 +156,7 @@ async def test_lookups_still_queued_when_regproxy_stops_are_not_run(monkeypatch)
     assert asked == ["n0.example.com"]
     assert await waiting[0] == ["192.0.2.1"]
     for each in waiting[1:]:
-        with pytest.raises(DNSLookupError, match="not looked up, regproxy stops"):
+        with pytest.raises(DNSLookupError, match="not looked up: test-lookups stopped"):
             await each
 
 
@@ -286,4 +288,4 @@ async def test_a_client_named_registry_may_not_redirect_to_plain_http(make_fake_
 
 def _resolve(host: str, port: int) -> Any:
     """Name lookups on the test reactor's threads (regproxy's own use a pool of theirs)."""
-    return lookup(reactor, Lookups(reactor.getThreadPool()), host, port, 5.0)
+    return lookup(reactor, public.lookups(reactor, reactor.getThreadPool()), host, port, 5.0)

@@ -468,7 +468,7 @@ async def test_a_loopback_upstream_may_still_redirect_to_loopback(make_fake_regi
 
 def _resolve(host: str, port: int) -> Any:
     """Name lookups on the test reactor's threads (regproxy's own use a pool of theirs)."""
-    return public.lookup(reactor, public.Lookups(reactor.getThreadPool()), host, port, 5.0)
+    return public.lookup(reactor, public.lookups(reactor, reactor.getThreadPool()), host, port, 5.0)
 
 
 # -- manifests listing many descriptors ---------------------------------------
