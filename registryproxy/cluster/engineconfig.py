@@ -37,6 +37,11 @@ class PgSettings:
     connect_timeout: float = 5.0
     #: seconds a query waits for a free pooled connection before failing
     acquire_timeout: float = 10.0
+    #: seconds a request's work on the index may take (waiting for a
+    #: connection included) before the request is answered 503: a server that
+    #: keeps its connections and never answers (stopped, stuck on its storage)
+    #: holds no client longer
+    query_timeout: float = 30.0
     #: leases held at once by this node; each holds a connection of its own
     max_leases: int = 16
     #: seconds of silence after which the server probes a lease holder's
@@ -62,6 +67,8 @@ class PgSettings:
             raise ValueError("min_size, max_size: need 0 <= min_size <= max_size, max_size >= 1")
         if self.max_leases < 1:
             raise ValueError("max_leases: must be at least 1")
+        if not self.query_timeout > 0:
+            raise ValueError("query_timeout: must be more than 0 seconds")
 
     @property
     def libpq_connect_timeout(self) -> int:

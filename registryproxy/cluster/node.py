@@ -172,7 +172,7 @@ def engines(
     return Engines(
         database=database,
         index=index,
-        access=SharedIndex(index, quick, heavy, reactor),
+        access=SharedIndex(index, quick, heavy, reactor, pg_settings.query_timeout),
         s3=s3,
         bucket=Bucket(s3, s3_threads, reactor),
         membership=membership,

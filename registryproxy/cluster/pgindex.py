@@ -38,10 +38,11 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadable import isInIOThread
 from twisted.python.threadpool import ThreadPool
 
@@ -62,6 +63,8 @@ from ..cache.index import (
     summaries,
     summary,
 )
+from ..errors import RegistryError
+from ..runtime import Bounded, Busy, IReactor
 from .pg import Database, lock_id
 
 log = Logger()
@@ -942,22 +945,57 @@ _UNKEPT = _pg(
 )
 
 
+#: quick work queued or running at once: past it, it fails at once
+MOST_QUICK = 1024
+#: how often an index that does not answer is said so in the log
+_SAY_EVERY = 10.0
+
+
 class SharedIndex:
     """The cluster's index as the cache reaches it (``cache.access.IndexAccess``):
     quick work on a pool of threads, heavy work on a thread of its own (it
     takes the cluster's heavy lock: one at a time is all it can use), never
-    the reactor thread."""
+    the reactor thread.
+
+    Quick work is what requests wait for: a server that keeps its
+    connections and never answers (stopped, stuck on its storage: neither
+    TCP keepalives nor its statement_timeout end that) holds it no longer
+    than *query_timeout*, and no more than :data:`MOST_QUICK` calls wait;
+    either way the request is answered 503."""
 
     def __init__(
-        self, index: PgIndex, quick: ThreadPool, heavy: ThreadPool, reactor: IReactorFromThreads
+        self,
+        index: PgIndex,
+        quick: ThreadPool,
+        heavy: ThreadPool,
+        reactor: IReactor,
+        query_timeout: float = 30.0,
     ) -> None:
         self._index = index
-        self._quick = quick
+        self._quick = Bounded(reactor, quick, MOST_QUICK)
         self._heavy = heavy
         self._reactor = reactor
+        self._query_timeout = query_timeout
+        self._said = float("-inf")
 
     def quick(self, work: Callable[[PgIndex], T]) -> Deferred[T]:
-        return deferToThreadPool(self._reactor, self._quick, work, self._index)
+        seconds = self._query_timeout
+
+        def unanswered(failure: Failure) -> Failure:
+            failure.trap(defer.TimeoutError, Busy)
+            why = (
+                f"did not answer within {seconds:g} s"
+                if failure.check(defer.TimeoutError)
+                else "is not keeping up"
+            )
+            if self._reactor.seconds() - self._said >= _SAY_EVERY:  # not once a request
+                self._said = self._reactor.seconds()
+                log.error("the cluster's index (PostgreSQL) {why}", why=why)
+            return Failure(
+                RegistryError(503, "UNAVAILABLE", f"the cluster's index {why}: try again shortly")
+            )
+
+        return self._quick.run(seconds, work, self._index).addErrback(unanswered)
 
     def heavy(self, work: Callable[[PgIndex], T]) -> Deferred[T]:
         return deferToThreadPool(self._reactor, self._heavy, work, self._index)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable
@@ -84,7 +85,7 @@ async def cluster(swift, s3_settings, pg_dsn, tmp_path) -> AsyncIterator[Cluster
     clients.start()
     nodes: list[Node] = []
 
-    async def start(name: str, redirect: bool = False, auth: Any = None) -> Node:
+    async def start(name: str, redirect: bool = False, auth: Any = None, **postgresql: Any) -> Node:
         proxy, admin, internal = free_port(), free_port(), free_port()
         directory = tmp_path / name
         config = {
@@ -105,7 +106,7 @@ async def cluster(swift, s3_settings, pg_dsn, tmp_path) -> AsyncIterator[Cluster
                     },
                     "redirect": redirect,
                 },
-                "index": {"postgresql": {"dsn": pg_dsn}},
+                "index": {"postgresql": {"dsn": pg_dsn, **postgresql}},
             },
             "upstreams": {"docker.io": {"url": registry.url, "read_timeout": 5}},
             "cluster": {
@@ -413,3 +414,29 @@ async def test_a_token_from_one_node_works_on_every_node(cluster, tmp_path):
             reactor, cluster.clients, http_request, node.url, "GET", path, bearer
         )
         assert reply.code == 200, node.name
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_that_stops_answering_holds_no_client_past_query_timeout(
+    cluster, postgres
+):
+    """PostgreSQL stopped (its kernel keeps the connections: neither TCP
+    keepalives nor its statement_timeout end that): a request that needs
+    the index is answered 503 at query_timeout, and the node serves again
+    once the database does."""
+    node = await cluster.start("node-q", query_timeout=1)
+    digest, layer = image(cluster.registry, 1000)
+    path = f"/v2/library/app/blobs/{digest}"
+    assert (await cluster.get(node, path)).code == 200
+    with postgres.frozen():
+        started = time.monotonic()
+        reply = await cluster.get(node, "/v2/library/other/manifests/1")
+        waited = time.monotonic() - started
+    assert (reply.code, json.loads(reply.body)["errors"][0]["code"]) == (503, "UNAVAILABLE")
+    assert b"did not answer within 1 s" in reply.body
+    assert waited < 10, waited
+
+    async def served() -> bool:
+        return (await cluster.get(node, path)).code == 200
+
+    await _wait_for(served, "the node to serve again")

@@ -119,7 +119,8 @@ def test_every_key_can_be_given():
             s3="{bucket: b, endpoint: 'https://s3.internal', prefix: 'rp/', region: eu-west-1,"
             " path_style: false, connect_timeout: 1, read_timeout: 2, max_attempts: 5}",
             postgresql="{dsn: 'host=db', min_size: 0, max_size: 4, connect_timeout: 3,"
-            " acquire_timeout: 4, max_leases: 2, keepalive_idle: 7, keepalive_interval: 2}",
+            " acquire_timeout: 4, query_timeout: 6, max_leases: 2, keepalive_idle: 7,"
+            " keepalive_interval: 2}",
             cluster="{node: a.b_c-1, listen: 'tcp:5002', advertise: 'https://n1.internal/',"
             " heartbeat: 0.5, node_timeout: 3, peer_timeout: 4, secret: x}",
             storage_extra="local_max_size: 1GB",
@@ -130,7 +131,7 @@ def test_every_key_can_be_given():
     assert (s3.prefix, s3.addressing_style, s3.max_attempts) == ("rp/", "virtual", 5)
     assert s3.access_key is None and s3.secret_key is None  # boto3's own lookup
     pg = config.cache.index.postgresql
-    assert pg is not None and (pg.max_size, pg.max_leases) == (4, 2)
+    assert pg is not None and (pg.max_size, pg.max_leases, pg.query_timeout) == (4, 2, 6.0)
     assert config.cluster is not None
     assert (config.cluster.heartbeat, config.cluster.node_timeout) == (0.5, 3.0)
     assert config.cache.storage.local_max_bytes == 10**9

@@ -3,6 +3,11 @@ refuse and show, and what an unreachable endpoint looks like."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import struct
+import threading
+
 import pytest
 import pytest_twisted
 from integration.harness import free_port
@@ -113,3 +118,86 @@ def test_the_sessions_settings_go_after_the_dsns_own_options(monkeypatch):
     assert _keepalives(PgSettings(dsn="host=db"))["options"].startswith(
         "-c search_path=elsewhere -c tcp_keepalives_idle="
     )
+
+
+class FrozenPostgres:
+    """A PostgreSQL that completes the handshake, then reads every query and
+    answers none: a server process stopped, or stuck on its storage (its
+    kernel keeps TCP alive, and its statement_timeout cannot fire)."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._clients: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self._clients.append(client)
+            threading.Thread(target=self._frozen, args=(client,), daemon=True).start()
+
+    def _frozen(self, client: socket.socket) -> None:
+        try:
+            while True:
+                (length,) = struct.unpack("!i", client.recv(4))
+                code = struct.unpack("!i", client.recv(length - 4)[:4])[0]
+                if code not in (80877103, 80877104):  # an SSL or GSS request: no
+                    break
+                client.sendall(b"N")
+            said = b"R" + struct.pack("!ii", 8, 0)  # authenticated
+            for key, value in [("server_version", "15.0"), ("client_encoding", "UTF8")]:
+                pair = key.encode() + b"\0" + value.encode() + b"\0"
+                said += b"S" + struct.pack("!i", 4 + len(pair)) + pair
+            said += b"K" + struct.pack("!iii", 12, 1, 2) + b"Z" + struct.pack("!i", 5) + b"I"
+            client.sendall(said)
+            while client.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    def thaw(self) -> None:
+        """Close every connection: the queries stuck on them fail."""
+        for each in [self._listener, *self._clients]:
+            with contextlib.suppress(OSError):
+                each.shutdown(socket.SHUT_RDWR)  # (a close alone wakes no recv)
+            each.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_that_never_answers_holds_no_request_past_query_timeout(monkeypatch):
+    """Each request's index work is answered 503 at query_timeout, and past
+    MOST_QUICK calls waiting, at once, while the threads stay stuck."""
+    from registryproxy.cluster import pgindex
+    from registryproxy.errors import RegistryError
+
+    frozen = FrozenPostgres()
+    monkeypatch.setattr(pgindex, "MOST_QUICK", 3)
+    threads = ThreadPool(minthreads=0, maxthreads=2, name="test-pg-frozen")
+    heavy = ThreadPool(minthreads=0, maxthreads=1, name="test-pg-frozen-heavy")
+    dsn = f"host=127.0.0.1 port={frozen.port} user=u dbname=d sslmode=disable gssencmode=disable"
+    database = Database(PgSettings(dsn=dsn, max_size=2, acquire_timeout=1), threads, reactor)
+    threads.start()
+    try:
+        await database.open()
+        shared = pgindex.SharedIndex(
+            pgindex.PgIndex(database), threads, heavy, reactor, query_timeout=0.3
+        )
+        asked = [shared.quick(lambda index: index.blob_sizes(["sha256:" + "a" * 64]))]
+        asked += [shared.quick(lambda index: index.total_size()) for _ in range(2)]
+        with pytest.raises(RegistryError) as busy:
+            await shared.quick(lambda index: index.total_size())
+        assert (busy.value.status, busy.value.code) == (503, "UNAVAILABLE")
+        assert "not keeping up" in busy.value.message
+        for each in asked:
+            with pytest.raises(RegistryError) as late:
+                await each.addTimeout(10, reactor)  # (a test that fails, not hangs)
+            assert late.value.status == 503
+            assert "did not answer within 0.3 s" in late.value.message
+    finally:
+        frozen.thaw()  # the stuck threads fail, and can be joined
+        await database.close()
+        threads.stop()
