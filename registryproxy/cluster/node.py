@@ -13,6 +13,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 import attrs
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -36,6 +37,8 @@ log = Logger()
 S3_THREADS = 16
 #: seconds after which an unfinished multipart upload is someone's leftover
 STALE_UPLOAD = 24 * 3600.0
+#: how long /readyz waits for the database or the bucket to answer
+PROBE_SECONDS = 5.0
 
 
 @attrs.define
@@ -102,8 +105,11 @@ class Engines:
             ("bucket", lambda: self.s3.head("readyz")),
         ):
             try:
-                await probe()
+                # (one that never answers, as a stopped PostgreSQL, is no answer)
+                await probe().addTimeout(PROBE_SECONDS, self.clock)
                 checks[name] = {"ok": True}
+            except defer.TimeoutError:
+                checks[name] = {"ok": False, "error": f"no answer within {PROBE_SECONDS:g} s"}
             except Exception as e:
                 checks[name] = {"ok": False, "error": str(e)}
         live = self.membership.live

@@ -30,6 +30,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from registryproxy.cluster import node as node_module
 from registryproxy.cluster.bucket import key
 from registryproxy.names import Digest
 from registryproxy.tap import Options, makeService
@@ -418,12 +419,13 @@ async def test_a_token_from_one_node_works_on_every_node(cluster, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_a_database_that_stops_answering_holds_no_client_past_query_timeout(
-    cluster, postgres
+    cluster, postgres, monkeypatch
 ):
     """PostgreSQL stopped (its kernel keeps the connections: neither TCP
     keepalives nor its statement_timeout end that): a request that needs
-    the index is answered 503 at query_timeout, and the node serves again
-    once the database does."""
+    the index is answered 503 at query_timeout, /readyz says so at
+    PROBE_SECONDS, and the node serves again once the database does."""
+    monkeypatch.setattr(node_module, "PROBE_SECONDS", 1.0)
     node = await cluster.start("node-q", query_timeout=1)
     digest, layer = image(cluster.registry, 1000)
     path = f"/v2/library/app/blobs/{digest}"
@@ -432,9 +434,14 @@ async def test_a_database_that_stops_answering_holds_no_client_past_query_timeou
         started = time.monotonic()
         reply = await cluster.get(node, "/v2/library/other/manifests/1")
         waited = time.monotonic() - started
+        ready = await deferToThreadPool(
+            reactor, cluster.clients, _admin, node.admin, "GET", "/readyz"
+        )
     assert (reply.code, json.loads(reply.body)["errors"][0]["code"]) == (503, "UNAVAILABLE")
     assert b"did not answer within 1 s" in reply.body
     assert waited < 10, waited
+    assert ready[0] == 503
+    assert ready[1]["checks"]["index"] == {"ok": False, "error": "no answer within 1 s"}, ready
 
     async def served() -> bool:
         return (await cluster.get(node, path)).code == 200
