@@ -106,13 +106,16 @@ class Bounded:
     A call whose other side never answers (a name's DNS, a database that
     keeps its connections and never answers) holds its thread until it
     does; it does not hold its caller past the deadline (``TimeoutError``),
-    nor let callers queue without end (:class:`Busy` past *most*).  A call
-    given up before its turn comes is not made, and none still queued is
-    made once :meth:`stop` is called (its caller gets :class:`Stopped`)."""
+    nor let callers queue without end (:class:`Busy` past *most*).  With
+    *skip*, a call given up before its turn comes is not made (a lookup);
+    without, it is, later (a write that must happen whether or not anyone
+    waits for it).  None still queued is made once :meth:`stop` is called
+    (its caller gets :class:`Stopped`)."""
 
-    def __init__(self, reactor: IReactor, pool: ThreadPool, most: int) -> None:
+    def __init__(self, reactor: IReactor, pool: ThreadPool, most: int, skip: bool = True) -> None:
         self.pool = pool
         self.most = most
+        self._skip = skip
         #: queued or running
         self.pending = 0
         self._reactor = reactor
@@ -132,7 +135,7 @@ class Bounded:
         answer: Deferred[T] = Deferred(lambda _: given_up.set())
 
         def call() -> T | None:
-            if given_up.is_set():
+            if self._skip and given_up.is_set():
                 return None  # nobody waits for it
             if self._stopping:
                 raise Stopped(f"{self.pool.name} stopped")
@@ -144,9 +147,13 @@ class Bounded:
                 answer.callback(result) if ok else answer.errback(result)
 
         self.pending += 1
-        self.pool.callInThreadWithCallback(
-            lambda ok, result: self._reactor.callFromThread(finished, ok, result), call
-        )
+        try:
+            self.pool.callInThreadWithCallback(
+                lambda ok, result: self._reactor.callFromThread(finished, ok, result), call
+            )
+        except Exception as e:  # a pool stopped under it (AlreadyQuit): answered, not raised
+            self.pending -= 1
+            return fail(Stopped(f"{self.pool.name} stopped ({e!r})"))
         return answer.addTimeout(seconds, self._reactor)
 
     def stop(self) -> None:

@@ -28,6 +28,7 @@ from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from ..cache.index import Page
+from ..errors import RegistryError
 from ..names import is_valid_digest, is_valid_name, is_valid_registry_host, is_valid_tag
 from ..proxy.connections import Refusal
 from ..reference import parse_image
@@ -403,6 +404,8 @@ class AdminAPI:
         path = request.path.decode("utf-8", "replace")
         if isinstance(error, AdminError) and 400 <= error.status <= 599:
             return _error(request, error.status, error.message)
+        if isinstance(error, RegistryError) and error.status == 503:
+            return _error(request, 503, error.message)  # a cluster's index not answering
         if isinstance(error, MethodNotAllowed):
             allowed = sorted(error.valid_methods or ())
             request.setHeader(b"Allow", ", ".join(allowed).encode())

@@ -327,7 +327,7 @@ _STATUS_TEXT = {
     409: "Conflicts with the current state",
     413: "Request body too large",
     500: "Internal error; see regproxy's log",
-    503: "Not ready",
+    503: "Not ready, or a cluster's index (PostgreSQL) does not answer: try again shortly",
 }
 
 
@@ -356,8 +356,9 @@ def _operation(
             responses[str(status)]["content"] = _json(schema)
         if ok_headers is not None:
             responses[str(status)]["headers"] = ok_headers
-    # every route refuses unknown query parameters
-    codes = set(errors) | {400, 500}
+    # every route refuses unknown query parameters, and a cluster node's
+    # may find its index not answering
+    codes = (set(errors) | {400, 500, 503}) - set(ok)
     if secured:
         codes.add(401)
     if body:

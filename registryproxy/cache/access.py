@@ -102,11 +102,14 @@ class LocalIndex:
         self._index.touch_blob(digest, when)
 
     def flush(self) -> Deferred[None]:
-        # taken on the reactor thread (a swap), written in the worker's
+        # taken on the reactor thread (a swap), written in the room thread:
+        # behind no purge (in the worker's, a flush behind a purge of the
+        # whole cache left a download making room meanwhile to evict what
+        # had just been read), and before whatever room is made next
         taken = self._index.take_accesses()
         if not taken:
             return succeed(None)
-        return self.background.run(lambda index: index.write_accesses(taken))
+        return self.roomer.run(lambda index: index.write_accesses(taken))
 
     @property
     def inline(self) -> Index | None:

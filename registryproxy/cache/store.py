@@ -157,9 +157,11 @@ class _FileWriter:
         self._store = store
         self.hasher = digest.hasher()
         fd, self._path = tempfile.mkstemp(dir=store._tmp, prefix=digest.hex[:16] + ".")
-        #: between the publishing thread's rename and a deadline giving up on it
+        #: decides between the publishing thread's rename and a deadline
+        #: giving up on it; held only to flip these flags, never across I/O
+        #: (the reactor thread takes it)
         self._fate = threading.Lock()
-        self._renamed = self._abandoned = False
+        self._renaming = self._abandoned = False
         # Unbuffered, so readers following the file see every byte at once.
         self._file = os.fdopen(fd, "wb", buffering=0)
         # One descriptor for every follower, opened now: it stays valid after
@@ -196,10 +198,12 @@ class _FileWriter:
             self._read_fd = None
 
     def commit(self) -> Deferred[None]:
-        """Publish in the store's threads, or fail with :class:`DiskTimeout`
-        if the disk has not taken the file within :data:`PUBLISH_SECONDS`:
-        the thread then leaves the file out of the store whenever the disk
-        answers."""
+        """Publish in the store's threads, answered within
+        :data:`PUBLISH_SECONDS`: with :class:`DiskTimeout` if the file's
+        fsync had not ended by then (the thread then leaves it out of the
+        store whenever the disk answers), with success if its rename had
+        begun (it is in place, or will be: only the rename and the
+        directory's fsync, for durability after a crash, were left)."""
         try:
             verify(self.digest, self.size, self.written, self.hasher.hexdigest())
         except VerificationError:
@@ -210,12 +214,18 @@ class _FileWriter:
 
         def late() -> None:
             with self._fate:
-                if self._renamed:
-                    return  # in place: only the directory's fsync is left
-                self._abandoned = True
-            answer.errback(
-                DiskTimeout(f"the disk did not take the file within {seconds:g} s; not kept")
-            )
+                self._abandoned = not self._renaming
+            if self._abandoned:
+                answer.errback(
+                    DiskTimeout(f"the disk did not take the file within {seconds:g} s; not kept")
+                )
+            else:
+                log.warn(
+                    "{digest}: the disk is slow to put the file in place ({seconds} s)",
+                    digest=str(self.digest),
+                    seconds=seconds,
+                )
+                answer.callback(None)
 
         deadline = self._store.threads.reactor.callLater(seconds, late)
 
@@ -244,8 +254,8 @@ class _FileWriter:
             with self._fate:
                 if self._abandoned:
                     raise DiskTimeout("the disk answered after the deadline; not kept")
-                os.rename(self._path, final)
-                self._renamed = True
+                self._renaming = True
+            os.rename(self._path, final)
             dirfd = os.open(os.path.dirname(final), os.O_RDONLY)
             try:
                 os.fsync(dirfd)

@@ -64,7 +64,7 @@ from ..cache.index import (
     summary,
 )
 from ..errors import RegistryError
-from ..runtime import Bounded, Busy, IReactor
+from ..runtime import Bounded, Busy, IReactor, Stopped
 from .pg import Database, lock_id
 
 log = Logger()
@@ -972,7 +972,9 @@ class SharedIndex:
         query_timeout: float = 30.0,
     ) -> None:
         self._index = index
-        self._quick = Bounded(reactor, quick, MOST_QUICK)
+        # a piece given up is still made: it may be a write the cache relies
+        # on (an uploaded object's row, or it is left out of the index)
+        self._quick = Bounded(reactor, quick, MOST_QUICK, skip=False)
         self._heavy = heavy
         self._reactor = reactor
         self._query_timeout = query_timeout
@@ -982,12 +984,13 @@ class SharedIndex:
         seconds = self._query_timeout
 
         def unanswered(failure: Failure) -> Failure:
-            failure.trap(defer.TimeoutError, Busy)
-            why = (
-                f"did not answer within {seconds:g} s"
-                if failure.check(defer.TimeoutError)
-                else "is not keeping up"
-            )
+            failure.trap(defer.TimeoutError, Busy, Stopped)
+            if failure.check(defer.TimeoutError):
+                why = f"did not answer within {seconds:g} s"
+            elif failure.check(Busy):
+                why = "is not keeping up"
+            else:
+                why = "is closed: this node stops"
             if self._reactor.seconds() - self._said >= _SAY_EVERY:  # not once a request
                 self._said = self._reactor.seconds()
                 log.error("the cluster's index (PostgreSQL) {why}", why=why)

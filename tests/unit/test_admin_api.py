@@ -247,6 +247,18 @@ async def test_backend_admin_error_keeps_its_status_and_message(admin):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_cluster_index_that_does_not_answer_is_503_not_an_internal_error(admin):
+    """(SharedIndex answers 503 at its query_timeout: a purge flushes access
+    times through it first.)"""
+    from registryproxy.errors import RegistryError
+
+    why = "the cluster's index did not answer within 30 s: try again shortly"
+    admin.backend.failures["purge"] = RegistryError(503, "UNAVAILABLE", why)
+    reply = await admin("DELETE", "/api/v1/cache?all=true")
+    assert (reply.code, reply.message) == (503, why)
+
+
+@pytest_twisted.ensureDeferred
 async def test_admin_error_with_a_status_that_is_no_error_is_500(admin):
     admin.backend.failures["stats"] = AdminError(200, "fine?")
     reply = await admin("GET", "/api/v1/stats")

@@ -321,7 +321,7 @@ async def test_access_times_are_written_off_the_reactor_thread(
     for digest in blobs:
         proxy.proxy.access.touch_blob(digest, later)
     await proxy.proxy.access.flush()
-    assert [thread for _, thread in calls] == ["PoolThread-regproxy-index-0"]
+    assert [thread for _, thread in calls] == ["PoolThread-regproxy-index-room-0"]
     written = db.execute("SELECT COUNT(*) FROM blobs WHERE last_access=?", (later,)).fetchone()
     assert written[0] == len(blobs) > 2
 
@@ -339,3 +339,42 @@ async def test_the_last_access_times_are_written_at_shutdown(fake_registry, make
         assert row.fetchone()[0] == later
     finally:
         index.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flush_behind_a_long_purge_is_written_before_room_is_made(tmp_path):
+    """The periodic flush takes what was read and queues its write: behind
+    a purge of the whole cache in the worker thread, a download making room
+    meanwhile evicted the blob just read rather than the least recently used."""
+    from types import SimpleNamespace
+
+    from registryproxy.cache.access import LocalIndex
+
+    read, least = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    index = Index(str(tmp_path / "index.db"))
+    index.put_blob(read, 10, 100.0)
+    index.put_blob(least, 10, 200.0)
+    pools = [ThreadPool(1, 1, "test-index"), ThreadPool(1, 1, "test-index-room")]
+    access = LocalIndex(
+        index, IndexThread(index, reactor, pools[0]), roomer=IndexThread(index, reactor, pools[1])
+    )
+    deleted: list[str] = []
+    store = SimpleNamespace(
+        room=lambda: 10 * len(deleted),
+        stat=lambda digest: 10,
+        delete=lambda digest: deleted.append(str(digest)) or True,
+    )
+    keep = SimpleNamespace(pins=[], busy=set)
+    evictor = eviction.Evictor(access, store, reactor, keep, None)
+    purged = threading.Event()
+    purge = access.heavy(lambda _: purged.wait(10))  # a long purge in the worker thread
+    try:
+        index.touch_blob(read, 1000.0)
+        flushed = access.flush()  # the periodic one: taken from memory, its write queued
+        await evictor.make_room(10)
+        assert deleted == [least]
+        await flushed
+    finally:
+        purged.set()
+        await purge
+        await access.close()
