@@ -102,7 +102,11 @@ class Prefetcher:
             job.blobs_total = len(set(wanted))
             for digest in dict.fromkeys(wanted):
                 parsed = Digest.parse(digest)
-                if await self._blobs.stored_size(parsed) is None:
+                # cached for this repository's pulls: a file on disk is not
+                # enough (one the index does not know, left by a crash, is
+                # not served without the upstream)
+                stored = await self._blobs.stored_size(parsed) is not None
+                if not (stored and await self._blobs.confirm(client, job.repository, parsed)):
                     fetch = await self._blobs.fetch(client, job.repository, parsed)
                     try:
                         if fetch.relayed:

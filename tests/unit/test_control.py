@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import pytest_twisted
-from fakeregistry import Fault
+from fakeregistry import Fault, Override
 from proxyharness import swept, until
 from twisted.internet import reactor
 from twisted.internet.threads import blockingCallFromThread, deferToThread
@@ -176,6 +176,29 @@ async def test_prefetch_chosen_platforms(fake_registry, make_proxy):
     assert (await control.stats())["prefetch"][0]["state"] == "done"
     reply = await proxy.get(f"/v2/multi/manifests/{amd64}")
     assert reply.header("X-Cache") == "HIT"
+
+
+@pytest_twisted.ensureDeferred
+async def test_prefetch_fetches_a_file_on_disk_the_index_does_not_know(fake_registry, make_proxy):
+    """A crash can leave a verified file in place without its rows (killed
+    between its rename and its row): a pull would not serve it without the
+    upstream, so a prefetch does not count it as cached."""
+    _, body = fake_registry.add_image("library/app", "1", [b"layer"])
+    (layer,) = layers(body)
+    config = json.loads(body)["config"]["digest"]
+    proxy = await make_proxy(fake_registry.url)
+    for blob in (config, layer):
+        assert (await proxy.get(f"/v2/library/app/blobs/{blob}")).code == 200
+        await until(lambda blob=blob: proxy.blob_path(blob).exists())
+    proxy.proxy.index.forget_blobs([layer])  # the file stays, as after such a crash
+    control = proxy.proxy.control
+    control.prefetch("docker.io", "library/app", "1", None)
+    await until(lambda: control.prefetch_jobs()[0].state not in ("queued", "running"))
+    (job,) = control.prefetch_jobs()
+    assert (job.state, job.bytes_fetched) == ("done", len(b"layer"))
+    fake_registry.status_override["/v2/"] = Override(503)  # the upstream is down
+    reply = await proxy.get(f"/v2/library/app/blobs/{layer}")
+    assert (reply.code, reply.body, reply.header("X-Cache")) == (200, b"layer", "HIT")
 
 
 @pytest_twisted.ensureDeferred
