@@ -119,7 +119,8 @@ class Evictor:
         return self._sweeping.run(lambda: Deferred.fromCoroutine(self._sweep())).addBoth(done)
 
     async def _sweep(self) -> int:
-        freed = 0
+        # files a crash left between the index forgetting them and their deletion
+        freed = await self._access.heavy(partial(_replay, self._store, self._keep.busy()))
         if self._max_idle is not None:
             cutoff = self._clock.seconds() - self._max_idle
             freed += await self._evict("idle", lambda ix: None, used_before=cutoff)
@@ -329,12 +330,26 @@ def _loose(store: Deletes, busy: set[str], target: float, index: Index) -> tuple
 
 def _reclaim(store: Deletes, blobs: Sequence[tuple[str, int]], index: Index) -> int:
     """Delete the files of *blobs* the index forgot, unless one was stored
-    again meanwhile (a new download): bytes freed."""
+    again meanwhile (a new download), and take them off its ``reclaim``
+    list: bytes freed."""
     freed = 0
     for start in range(0, len(blobs), 500):
         chunk = blobs[start : start + 500]
         back = index.blob_sizes(digest for digest, _ in chunk)
         freed += _unlink(store, [(d, size) for d, size in chunk if d not in back])
+        index.reclaimed(digest for digest, _ in chunk)
+    return freed
+
+
+def _replay(store: Deletes, busy: set[str], index: Index) -> int:
+    """Delete the files the index forgot and a crash left (its ``reclaim``
+    list), but those being downloaded again: bytes freed."""
+    freed, after = 0, ""
+    while listed := index.to_reclaim(after, 500):
+        after = listed[-1]
+        freed += _reclaim(store, [(d, 0) for d in listed if d not in busy], index)
+    if freed:
+        log.info("deleted {freed} bytes of files a crash left behind", freed=freed)
     return freed
 
 

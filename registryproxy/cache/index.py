@@ -26,6 +26,10 @@ from twisted.logger import Logger
 log = Logger()
 
 _SCHEMA = """
+-- blobs the index forgot whose files are still to be deleted, written in the
+-- transaction that forgets them: a crash before the files go leaves them here,
+-- and the next sweep deletes them (else they stayed, outside the budget)
+CREATE TABLE IF NOT EXISTS reclaim (digest TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS manifests (
     upstream TEXT NOT NULL, repo TEXT NOT NULL, digest TEXT NOT NULL,
     media_type TEXT NOT NULL, size INTEGER NOT NULL, fetched_at REAL NOT NULL,
@@ -791,6 +795,19 @@ class Index:
             self._forget(db, [d for d, _ in loose])
         return loose
 
+    def to_reclaim(self, after: str, limit: int) -> list[str]:
+        """Up to *limit* digests after *after* whose rows went and whose
+        files may not have (the ``reclaim`` table)."""
+        rows = self._db.execute(
+            "SELECT digest FROM reclaim WHERE digest > ? ORDER BY digest LIMIT ?", (after, limit)
+        )
+        return [digest for (digest,) in rows]
+
+    def reclaimed(self, digests: Iterable[str]) -> None:
+        """Their files are deleted, or stored again and known: off the list."""
+        with self._transaction() as db:
+            db.executemany("DELETE FROM reclaim WHERE digest=?", [(d,) for d in digests])
+
     def blobs_after(self, digest: str, limit: int) -> list[tuple[str, int]]:
         """Up to *limit* store files after *digest* in digest order:
         ``(digest, size)``, a page of a walk through the whole store."""
@@ -808,6 +825,7 @@ class Index:
 
     def _forget(self, db: sqlite3.Connection, digests: list[str]) -> None:
         self._removals += 1
+        db.executemany("INSERT OR IGNORE INTO reclaim VALUES (?)", [(d,) for d in digests])
         db.executemany("DELETE FROM blobs WHERE digest=?", [(d,) for d in digests])
         db.executemany("DELETE FROM repo_blobs WHERE digest=?", [(d,) for d in digests])
         db.executemany("DELETE FROM blob_sources WHERE digest=?", [(d,) for d in digests])
@@ -1005,6 +1023,7 @@ class Index:
         db.execute("DELETE FROM temp.orphans")
         db.execute(_ORPHANS)
         orphans = db.execute("SELECT digest, size FROM temp.orphans ORDER BY digest").fetchall()
+        db.execute("INSERT OR IGNORE INTO reclaim SELECT digest FROM temp.orphans")
         db.execute("DELETE FROM blobs WHERE digest IN (SELECT digest FROM temp.orphans)")
         db.execute("DELETE FROM repo_blobs WHERE digest IN (SELECT digest FROM temp.orphans)")
         db.execute("DELETE FROM blob_sources WHERE digest IN (SELECT digest FROM temp.orphans)")

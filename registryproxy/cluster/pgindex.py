@@ -86,6 +86,10 @@ _COMMENT = "regproxy index schema {}"
 #: index.py's schema: TEXT in byte order (COLLATE "C", as SQLite's BINARY,
 #: so that both backends sort alike), REAL as double precision, no WITHOUT
 #: ROWID (PostgreSQL has no rowid), the same indexes
+#: index.py's reclaim list: made whatever the schema's version (a table more
+#: that nodes of the same version before it leave alone)
+_RECLAIM = 'CREATE TABLE IF NOT EXISTS reclaim (digest TEXT COLLATE "C" PRIMARY KEY)'
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS manifests (
     upstream TEXT COLLATE "C" NOT NULL, repo TEXT COLLATE "C" NOT NULL,
@@ -329,8 +333,10 @@ class PgIndex:
                         f"{version}): upgrade this node"
                     )
                 if version == VERSION:
+                    conn.execute(_RECLAIM)
                     return
             conn.execute(_SCHEMA)
+            conn.execute(_RECLAIM)
             if exists and version < 3:
                 # trusted once, else every cached blob is downloaded again
                 # once per upstream after the upgrade
@@ -553,6 +559,20 @@ class PgIndex:
             return {}
         rows = self._read("SELECT digest, size FROM blobs WHERE digest = ANY(%s)", (wanted,))
         return {digest: size for digest, size in rows}
+
+    def to_reclaim(self, after: str, limit: int) -> list[str]:
+        rows = self._read(
+            "SELECT digest FROM reclaim WHERE digest > %s ORDER BY digest LIMIT %s", (after, limit)
+        )
+        return [digest for (digest,) in rows]
+
+    def reclaimed(self, digests: Iterable[str]) -> None:
+        ordered = sorted(digests)
+
+        def delete(conn: Conn) -> None:
+            conn.execute("DELETE FROM reclaim WHERE digest = ANY(%s)", (ordered,))
+
+        self._write(delete, lock=None)
 
     # -- listing -------------------------------------------------------------
 
@@ -885,6 +905,8 @@ def _forget(cur: psycopg.Cursor[Any], digests: list[str]) -> None:
     """Forget *digests* (in key order): their repo_blobs, then their blobs
     (index.py: blobs first; the same rows go)."""
     ordered = sorted(digests)
+    # (index.py's reclaim: the objects to delete, should this node die first)
+    cur.execute("INSERT INTO reclaim SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING", (ordered,))
     cur.execute("DELETE FROM repo_blobs WHERE digest = ANY(%s)", (ordered,))
     cur.execute("DELETE FROM blob_sources WHERE digest = ANY(%s)", (ordered,))
     cur.execute("DELETE FROM blobs WHERE digest = ANY(%s)", (ordered,))

@@ -432,6 +432,33 @@ async def test_access_times_never_go_back_and_tags_need_their_manifest(make_data
         one.tag("u", "r", "1")
 
 
+@pytest_twisted.ensureDeferred
+async def test_what_the_index_forgets_is_listed_to_reclaim_until_deleted(make_database, threadpool):
+    """(index.py's reclaim list: a node that dies between forgetting blobs
+    and deleting their objects leaves them there for the next sweep.)"""
+    index = await pg_index(make_database)
+
+    def run() -> None:
+        index.open()
+        index.put_blob("sha256:m", 10, 100.0)
+        index.put_manifest(
+            "u", "r", ManifestEntry("sha256:m", MANIFEST_TYPE, 10), 100.0, [("sha256:b", "blob")]
+        )
+        index.put_blob("sha256:b", 5, 100.0)
+        removed = index.purge("u", "r")
+        listed = index.to_reclaim("", 10)
+        assert sorted(d for d, _ in removed.blobs) == listed == ["sha256:b", "sha256:m"]
+        index.reclaimed(["sha256:b"])
+        assert index.to_reclaim("", 10) == ["sha256:m"]
+        assert index.to_reclaim("sha256:m", 10) == []
+        # a database made before the list, at the same schema version, gets it
+        index._write(lambda conn: conn.execute("DROP TABLE reclaim"), lock=None)
+        index.open()
+        assert index.to_reclaim("", 10) == []
+
+    await in_thread(threadpool, run)
+
+
 # -- the schema ----------------------------------------------------------------
 
 
