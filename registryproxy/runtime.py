@@ -127,6 +127,8 @@ class Bounded:
 
     def run(self, seconds: float, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """*fn(*args)* on a thread of the pool, answered within *seconds*."""
+        if self._stopping:
+            return fail(Stopped(f"{self.pool.name} stopped"))
         if self.pending >= self.most:
             return fail(Busy(f"{self.pending} calls on {self.pool.name} under way already"))
         if not self.pool.started:

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 
 from ..names import Digest
 from .access import IndexAccess
-from .index import Accesses, Evicted, Index, Pace, Removed
+from .index import Evicted, Index, Pace, Removed
 from .keep import Keep, Pin
 
 
@@ -46,9 +46,9 @@ T = TypeVar("T")
 #: fit in the index's HOLD_SECONDS: the worker holds its write lock so long)
 SWEEP_BATCH = 100
 #: seconds between two writes, during a sweep, of the access times gathered
-#: on the reactor (so that what was just read is not chosen): each is a
-#: transaction on the reactor thread, and before every batch (hundreds in a
-#: sweep of 5,000 images) they were most of a cached manifest's p99 meanwhile
+#: on the reactor (so that what was just read is not chosen): one before
+#: each of its batches (hundreds in a sweep of 5,000 images) would cost a
+#: turn of the room thread each, where downloads make room
 FLUSH_EVERY = 1.0
 #: make_room, synchronous: at most this many batches of this many images
 ROOM_STEPS = 4
@@ -208,15 +208,11 @@ class Evictor:
         return Deferred.fromCoroutine(self._make_room(needed, gave_up))
 
     async def _make_room(self, needed: int, gave_up: Callable[[], bool]) -> int:
-        # access times gathered on the reactor are written before choosing,
-        # in the room thread: a flush in the worker thread may wait for a purge
-        index = self._access.inline
-        assert index is not None
-        taken = index.take_accesses()
+        # access times gathered on the reactor are written before choosing
+        # (in the room thread too: behind no purge)
+        await self._access.flush()
         evictions, freed = await self._access.room(
-            partial(
-                _room, self._store, list(self._keep.pins), self._keep.busy(), needed, gave_up, taken
-            )
+            partial(_room, self._store, list(self._keep.pins), self._keep.busy(), needed, gave_up)
         )
         for evicted, just_freed in evictions:
             self._log(evicted, "disk full", just_freed)
@@ -294,13 +290,11 @@ def _room(
     busy: set[str],
     needed: int,
     gave_up: Callable[[], bool],
-    taken: Accesses,
     index: Index,
 ) -> tuple[list[tuple[Evicted, int]], int]:
-    """Room for *needed* bytes (see :meth:`Evictor.make_room`), once the
-    accesses *taken* are written: each batch evicted with the bytes it
-    freed (the last, if any, for loose blobs), and all bytes freed."""
-    index.write_accesses(taken)
+    """Room for *needed* bytes (see :meth:`Evictor.make_room`): each batch
+    evicted with the bytes it freed (the last, if any, for loose blobs), and
+    all bytes freed."""
     if gave_up() or not _fits(store, busy, needed, index):
         return [], 0
     done: list[tuple[Evicted, int]] = []

@@ -206,9 +206,11 @@ def condemn(store: FileStore, index: Index, digest: str) -> None:
 def forget_rotten(store: FileStore, index: Index, digest: str) -> None:
     """Forget a quarantined file: any manifest with these bytes is gone
     too, with the blobs only it listed; the next pull fetches them again."""
-    for orphan, _ in index.purge(digest=digest).blobs:
+    orphans = [orphan for orphan, _ in index.purge(digest=digest).blobs]
+    for orphan in orphans:
         if orphan != digest:
             store.delete(Digest.parse(orphan))
+    index.reclaimed(orphans)  # deleted, or the rotten one quarantined
     index.forget_blob(digest)
     log.error("quarantined {digest}: its bytes do not match", digest=digest)
 

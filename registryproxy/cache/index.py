@@ -26,9 +26,11 @@ from twisted.logger import Logger
 log = Logger()
 
 _SCHEMA = """
--- blobs the index forgot whose files are still to be deleted, written in the
--- transaction that forgets them: a crash before the files go leaves them here,
--- and the next sweep deletes them (else they stayed, outside the budget)
+-- blobs an eviction or a purge forgot whose files are still to be deleted,
+-- written in the transaction that forgets them: a crash before the files go
+-- leaves them here, and the next sweep deletes them (else they stayed, outside
+-- the budget).  A row forgotten for a file already gone (fsck, a missing
+-- object) is not listed: its digest may be on its way back.
 CREATE TABLE IF NOT EXISTS reclaim (digest TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS manifests (
     upstream TEXT NOT NULL, repo TEXT NOT NULL, digest TEXT NOT NULL,
@@ -792,6 +794,7 @@ class Index:
                 d for (d,) in db.execute(_STILL_LOOSE.format(marks=marks), [d for d, _ in loose])
             }
             loose = [(d, size) for d, size in loose if d in still]
+            db.executemany("INSERT OR IGNORE INTO reclaim VALUES (?)", [(d,) for d, _ in loose])
             self._forget(db, [d for d, _ in loose])
         return loose
 
@@ -825,7 +828,6 @@ class Index:
 
     def _forget(self, db: sqlite3.Connection, digests: list[str]) -> None:
         self._removals += 1
-        db.executemany("INSERT OR IGNORE INTO reclaim VALUES (?)", [(d,) for d in digests])
         db.executemany("DELETE FROM blobs WHERE digest=?", [(d,) for d in digests])
         db.executemany("DELETE FROM repo_blobs WHERE digest=?", [(d,) for d in digests])
         db.executemany("DELETE FROM blob_sources WHERE digest=?", [(d,) for d in digests])

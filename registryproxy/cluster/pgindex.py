@@ -83,13 +83,13 @@ TABLES = ("manifests", "tags", "refs", "blobs", "repo_blobs", "blob_sources")
 VERSION = 3
 _COMMENT = "regproxy index schema {}"
 
-#: index.py's schema: TEXT in byte order (COLLATE "C", as SQLite's BINARY,
-#: so that both backends sort alike), REAL as double precision, no WITHOUT
-#: ROWID (PostgreSQL has no rowid), the same indexes
 #: index.py's reclaim list: made whatever the schema's version (a table more
 #: that nodes of the same version before it leave alone)
 _RECLAIM = 'CREATE TABLE IF NOT EXISTS reclaim (digest TEXT COLLATE "C" PRIMARY KEY)'
 
+#: index.py's schema: TEXT in byte order (COLLATE "C", as SQLite's BINARY,
+#: so that both backends sort alike), REAL as double precision, no WITHOUT
+#: ROWID (PostgreSQL has no rowid), the same indexes
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS manifests (
     upstream TEXT COLLATE "C" NOT NULL, repo TEXT COLLATE "C" NOT NULL,
@@ -695,6 +695,7 @@ class PgIndex:
             cur.execute("DELETE FROM pg_temp.busy")
             cur.executemany("INSERT INTO pg_temp.busy VALUES (%s)", [(d,) for d in in_use])
             loose = [(d, size) for d, size in cur.execute(_LOOSE, (limit, excess)).fetchall()]
+            _doomed(cur, [d for d, _ in loose])
             _forget(cur, [d for d, _ in loose])
             return loose
 
@@ -893,6 +894,7 @@ class PgIndex:
                 "SELECT digest, size FROM pg_temp.orphans ORDER BY digest"
             ).fetchall()
         ]
+        _doomed(cur, [d for d, _ in orphans])
         _forget(cur, [d for d, _ in orphans])
         cur.execute(
             "DELETE FROM refs WHERE manifest IN (SELECT d.digest FROM pg_temp.doomed d"
@@ -901,12 +903,18 @@ class PgIndex:
         return Removed(tags, manifests, orphans)
 
 
+def _doomed(cur: psycopg.Cursor[Any], digests: list[str]) -> None:
+    """index.py's reclaim list: the objects an eviction or a purge will
+    delete, should this node die first."""
+    cur.execute(
+        "INSERT INTO reclaim SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING", (sorted(digests),)
+    )
+
+
 def _forget(cur: psycopg.Cursor[Any], digests: list[str]) -> None:
     """Forget *digests* (in key order): their repo_blobs, then their blobs
     (index.py: blobs first; the same rows go)."""
     ordered = sorted(digests)
-    # (index.py's reclaim: the objects to delete, should this node die first)
-    cur.execute("INSERT INTO reclaim SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING", (ordered,))
     cur.execute("DELETE FROM repo_blobs WHERE digest = ANY(%s)", (ordered,))
     cur.execute("DELETE FROM blob_sources WHERE digest = ANY(%s)", (ordered,))
     cur.execute("DELETE FROM blobs WHERE digest = ANY(%s)", (ordered,))

@@ -275,10 +275,10 @@ async def test_a_sweep_has_the_answers_in_memory_looked_up_again_once(
 async def test_a_sweep_writes_the_access_times_at_its_start_not_before_each_batch(
     tmp_path, fake_registry, make_proxy, monkeypatch
 ):
-    """Each write is a transaction on the reactor thread, and a sweep's
-    batches are hundreds: the access times gathered in memory are written
-    when it starts (what was just read is not chosen), then once every
-    FLUSH_EVERY seconds."""
+    """Each write is a turn of the room thread, and a sweep's batches are
+    hundreds: the access times gathered in memory are written when it
+    starts (what was just read is not chosen), then once every FLUSH_EVERY
+    seconds."""
     plan = generate(str(tmp_path / "cache"), 300)
     proxy = await make_proxy(fake_registry.url, cache_dir=tmp_path / "cache")
     monkeypatch.setattr(index_module, "HOLD_SECONDS", 1e-12)  # one image a batch

@@ -522,3 +522,17 @@ async def test_reads_do_not_wait_for_heavy_work(tmp_path):
     finally:
         gate.set()
         await local.close()
+
+
+def test_only_files_an_eviction_or_purge_will_delete_are_listed_to_reclaim(index):
+    """A row forgotten because its file is already gone (fsck, an object
+    missing from a cluster's bucket) is not listed: the digest may be on its
+    way back, and the next sweep would delete it again."""
+    for name in ("gone", "loose"):
+        index.put_blob(d(name), 10, 100.0)
+    add_image(index, "docker.io", "library/a", "m", ["l"], tag="1")
+    index.forget_blobs([d("gone")])
+    assert index.to_reclaim("", 10) == []
+    assert [digest for digest, _ in index.evict_loose([], 1)] == [d("loose")]
+    removed = index.purge("docker.io", "library/a")
+    assert index.to_reclaim("", 10) == sorted([d("loose"), *(b for b, _ in removed.blobs)])
