@@ -14,6 +14,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
@@ -43,7 +44,7 @@ from .proxy.plaintext import PlainHTTPFactory
 from .proxy.resource import RegistryResource
 from .proxy.tls import ServerCertificate, TLSError, TLSFactory, parse_listen
 from .runtime import IReactor, Threads, thread_pool
-from .upstream.registry import Upstreams
+from .upstream.registry import Connect, Upstreams
 
 if TYPE_CHECKING:
     from .cluster.node import Engines
@@ -390,6 +391,8 @@ def build_proxy(
     max_connections: int | None = None,
     peers: PeerSource | None = None,
     cluster: Engines | None = None,
+    clock: IReactorTime | None = None,
+    connect: Connect | None = None,
 ) -> Proxy:
     """The /v2/ proxy and everything behind it, wired from *config*.
 
@@ -398,13 +401,18 @@ def build_proxy(
     *max_connections* overrides ``proxy.max_connections``.  *peers*: the
     other nodes of a cluster, which own some downloads.  *cluster*: a
     cluster node's engines (not started yet): the index in PostgreSQL, the
-    blobs in the bucket, and ``cache.directory`` a local tier of them."""
+    blobs in the bucket, and ``cache.directory`` a local tier of them.
+    *clock* times the proxy's deadlines, revalidations, sweeps and access
+    times (the reactor if None: tests pass a ``Clock`` and advance it);
+    *connect*, how its upstreams are reached (:data:`.registry.Connect`)."""
+    if clock is None:
+        clock = reactor
     try:
         store = FileStore(config.cache.directory, Threads(reactor, "regproxy-files"))
         local = None
         if cluster is None:
             path = os.path.join(store.root, "index.db")
-            index = _open_index(path, rebuild_index, reactor.seconds())
+            index = _open_index(path, rebuild_index, clock.seconds())
             # eviction, purges, fsck and WAL checkpoints work on a connection
             # and a thread of their own; the reactor thread's commits never checkpoint
             threads = thread_pool("regproxy-index", 1, minthreads=1)
@@ -427,7 +435,7 @@ def build_proxy(
     # cluster's are read once the node has joined)
     if cluster is None:
         config = SavedUpstreams(os.path.join(store.root, "upstreams.json")).apply(config)
-    metrics = Metrics(reactor)
+    metrics = Metrics(clock)
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 16
     upstreams = Upstreams(
@@ -437,6 +445,8 @@ def build_proxy(
         pool,
         allow_any=config.allow_any_registry,
         metrics=metrics,
+        clock=clock,
+        connect=connect,
     )
     shared = cluster.bucket if cluster is not None else None
     tier = None
@@ -444,7 +454,7 @@ def build_proxy(
         peers = cluster.peers
         tier = LocalTier(store, config.cache.storage.local_max_bytes, cluster.tier_threads, reactor)
     manifests = ManifestCache(
-        store, access, reactor, config.cache.tag_ttl, config.cache.max_stale, shared, peers
+        store, access, clock, config.cache.tag_ttl, config.cache.max_stale, shared, peers
     )
     # what may not be deleted now: the pins (from the config and the admin
     # API: Control's Pins sets them) and the blobs in use (sources below)
@@ -452,7 +462,7 @@ def build_proxy(
     evictor = Evictor(
         access,
         store if shared is None else SharedDeletion(shared, store),
-        reactor,
+        clock,
         keep,
         config.cache.max_bytes,
         config.cache.low_water,
@@ -465,7 +475,7 @@ def build_proxy(
     verifier = Verifier(
         store,
         access,
-        reactor,
+        clock,
         Threads(reactor, "regproxy-verify"),
         config.cache.verify_after,
         local_tier=shared is not None,
@@ -473,7 +483,7 @@ def build_proxy(
     blobs = BlobCache(
         store,
         access,
-        reactor,
+        clock,
         stored=evictor.soon,
         max_bytes=config.cache.max_bytes,
         make_room=evictor.make_room,
@@ -489,11 +499,11 @@ def build_proxy(
         keep.busy_from(cluster.membership.busy_elsewhere)
     gate = _gate(config, store.root, cluster, reactor, metrics)
     resource = RegistryResource(
-        upstreams, manifests, blobs, metrics, reactor, config.proxy.sendfile, gate=gate
+        upstreams, manifests, blobs, metrics, clock, config.proxy.sendfile, gate=gate
     )
     # what other nodes of a cluster ask this one for: never passed on again
     internal = RegistryResource(
-        upstreams, manifests, blobs, metrics, reactor, config.proxy.sendfile, forward=False
+        upstreams, manifests, blobs, metrics, clock, config.proxy.sendfile, forward=False
     )
     control = build_control(
         config,
@@ -514,7 +524,7 @@ def build_proxy(
         resource,
         limits(config, max_connections)[0],
         no_bodies if gate is None else login_bodies,
-        reactor,
+        clock,
         "proxy",
         config.proxy.access_log,
     )

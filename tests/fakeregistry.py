@@ -40,6 +40,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qs, quote, urlsplit
 
 import attrs
+from memorynet import NETWORK
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.task import deferLater
@@ -350,6 +351,7 @@ class FakeRegistry:
         self._ports.append(port)
         self._sites.append(site)
         if tls is None:
+            NETWORK.serve("127.0.0.1", port.getHost().port, site)
             return f"http://127.0.0.1:{port.getHost().port}"
         return f"https://localhost:{port.getHost().port}"
 
@@ -363,6 +365,7 @@ class FakeRegistry:
                 call.cancel()
         self._calls.clear()
         for port in self._ports:
+            NETWORK.forget("127.0.0.1", port.getHost().port)
             stopped = port.stopListening()
             if stopped is not None:
                 await stopped

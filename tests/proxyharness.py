@@ -1,8 +1,14 @@
-"""Run regproxy in the test's reactor against a FakeRegistry, on real 127.0.0.1 ports."""
+"""Run regproxy in the test's reactor against a FakeRegistry.
+
+It listens on a real 127.0.0.1 port, and in memory at the same address
+(:mod:`memorynet`): its upstream connections and the harness's requests
+(:meth:`RunningProxy.request`) go through memory, real clients and the
+threads of :func:`get_in_thread` through the port."""
 
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
 import threading
@@ -12,12 +18,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
+from memorynet import NETWORK
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 
 from registryproxy.config import parse_config
 from registryproxy.proxy.plaintext import PlainHTTPFactory
@@ -63,13 +72,18 @@ class RunningProxy:
     def request(
         self, method: str, path: str, headers: dict[str, list[str]] | None = None
     ) -> Deferred[Reply]:
-        return deferToThread(http_request, self.url, method, path, headers or {})
+        """*method* *path* in memory (:func:`memory_request`)."""
+        return Deferred.fromCoroutine(memory_request(self.url, method, path, headers or {}))
 
     def get(self, path: str, **headers: list[str]) -> Deferred[Reply]:
         return self.request("GET", path, _h(headers))
 
     def head(self, path: str, **headers: list[str]) -> Deferred[Reply]:
         return self.request("HEAD", path, _h(headers))
+
+    def socket_get(self, path: str, **headers: list[str]) -> Deferred[Reply]:
+        """GET over the port, from a thread: for what needs a socket (sendfile)."""
+        return deferToThread(http_request, self.url, "GET", path, _h(headers))
 
     def blob_path(self, digest: str) -> Path:
         algorithm, hexpart = digest.split(":")
@@ -79,8 +93,73 @@ class RunningProxy:
         if self.stopped:
             return
         self.stopped = True
+        NETWORK.forget("127.0.0.1", self.port.getHost().port)
         await self.port.stopListening()
         await self.proxy.close()
+
+
+async def memory_request(url: str, method: str, path: str, headers: dict[str, list[str]]) -> Reply:
+    """:func:`http_request` over the in-memory network: the same bytes on a
+    new connection (``Connection: close`` added, so the answer ends with the
+    connection), read by ``http.client`` (a body cut short raises
+    ``http.client.IncompleteRead``)."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    lines = [f"{method} {path} HTTP/1.1".encode("latin-1"), f"Host: {parts.netloc}".encode()]
+    for name, values in headers.items():
+        for value in values:
+            raw = value if isinstance(value, bytes) else value.encode("latin-1")
+            lines.append(name.encode("latin-1") + b": " + raw)
+    if not any(name.lower() == "connection" for name in headers):
+        lines.append(b"Connection: close")
+    read = _ReadAll()
+    await NETWORK.connect(parts.hostname, parts.port, _Once(read))
+    read.transport_ready.addCallback(
+        lambda transport: transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+    )
+    raw = await read.done.addTimeout(30, reactor)
+    response = http.client.HTTPResponse(_Bytes(raw), method=method)  # type: ignore[arg-type]
+    response.begin()
+    try:
+        return Reply(response.status, response.getheaders(), response.read())
+    finally:
+        response.close()
+
+
+class _Bytes:
+    """What ``http.client.HTTPResponse`` reads a socket through."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def makefile(self, mode: str) -> io.BytesIO:
+        return io.BytesIO(self._data)
+
+
+class _ReadAll(Protocol):
+    """Everything the server sends until it closes the connection."""
+
+    def __init__(self) -> None:
+        self.transport_ready: Deferred[Any] = Deferred()
+        self.done: Deferred[bytes] = Deferred()
+        self._got: list[bytes] = []
+
+    def connectionMade(self) -> None:
+        self.transport_ready.callback(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._got.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.done.callback(b"".join(self._got))
+
+
+class _Once(Factory):
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self._protocol
 
 
 def _h(headers: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -93,11 +172,13 @@ async def start_proxy(
     cache: dict[str, Any] | None = None,
     upstreams: dict[str, Any] | None = None,
     top: dict[str, Any] | None = None,
+    clock: IReactorTime | None = None,
     **upstream: Any,
 ) -> RunningProxy:
     """regproxy with ``docker.io`` pointed at *upstream_url*; *cache* and
     *upstream* add keys to those sections of the YAML, *upstreams* more
-    upstreams, *top* top-level keys."""
+    upstreams, *top* top-level keys; *clock* times it (a ``Clock`` the test
+    advances; the reactor if None)."""
     config = parse_config(
         json.dumps(
             {
@@ -107,10 +188,10 @@ async def start_proxy(
             }
         )
     )
-    proxy = build_proxy(config, reactor)
-    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-        PlainHTTPFactory(proxy.site)
-    )
+    proxy = build_proxy(config, reactor, clock=clock, connect=NETWORK.endpoints)
+    factory = PlainHTTPFactory(proxy.site)
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+    NETWORK.serve("127.0.0.1", port.getHost().port, factory)
     url = f"http://127.0.0.1:{port.getHost().port}"
     return RunningProxy(url, cache_dir, proxy, port)
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import treq
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from ..config import UpstreamConfig
@@ -32,6 +33,11 @@ log = Logger()
 #: clients kept for registries that are not configured (allow_any_registry)
 _MAX_UNLISTED = 64
 
+#: how the upstreams the operator configured are reached: given the
+#: endpoints regproxy would connect with (TCP, TLS), the ones it does
+#: (tests reach their registries in memory: ``tests/memorynet.py``)
+Connect = Callable[[IAgentEndpointFactory], IAgentEndpointFactory]
+
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
@@ -44,10 +50,16 @@ class Upstreams:
         pool: HTTPConnectionPool,
         allow_any: bool = False,
         metrics: Metrics | None = None,
+        clock: IReactorTime | None = None,
+        connect: Connect | None = None,
     ) -> None:
+        """*clock* times the clients' deadlines, retries and tokens (the
+        reactor if None); *connect*, see :data:`Connect`."""
         self._configs = dict(configs)
         self.default = default
         self._reactor = reactor
+        self._clock: IReactorTime = reactor if clock is None else clock
+        self._connect: Connect = (lambda endpoints: endpoints) if connect is None else connect
         self._pool = pool
         self._allow_any = allow_any
         self._metrics = metrics
@@ -135,7 +147,7 @@ class Upstreams:
         policy = _tls_policy(config.ca_file) if config.ca_file else BrowserLikePolicyForHTTPS()
         lookups = self._lookup_threads(name in self._configs)
         if name in self._configs:
-            direct = UpstreamEndpoints(self._reactor, policy, config.connect_timeout)
+            direct = self._connect(UpstreamEndpoints(self._reactor, policy, config.connect_timeout))
             agent = Agent.usingEndpointFactory(self._reactor, direct, pool=self._pool)
         else:
             # Named by a client, not by the operator: public addresses only,
@@ -150,7 +162,7 @@ class Upstreams:
             credentials[0] if credentials else None,
             credentials[1] if credentials else None,
             http=treq.client.HTTPClient(agent),
-            clock=self._reactor,
+            clock=self._clock,
             timeout=config.deadline_seconds,
         )
         anonymous = None
@@ -160,7 +172,7 @@ class Upstreams:
                 None,
                 None,
                 http=treq.client.HTTPClient(agent),
-                clock=self._reactor,
+                clock=self._clock,
                 timeout=config.deadline_seconds,
             )
         log.info("upstream {name} is {url}", name=name, url=config.url)
@@ -169,7 +181,7 @@ class Upstreams:
             config,
             agent,
             auth,
-            self._reactor,
+            self._clock,
             fallbacks=lambda: [
                 client for other in config.fallbacks if (client := self.get(other)) is not None
             ],

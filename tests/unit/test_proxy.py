@@ -606,11 +606,11 @@ async def test_cache_hits_go_out_with_sendfile(fake_registry, make_proxy, monkey
         return n
 
     monkeypatch.setattr(os, "sendfile", counting)
-    reply = await proxy.get(path)
+    reply = await proxy.socket_get(path)
     assert (reply.code, reply.header("X-Cache"), reply.body) == (200, "HIT", data)
     assert sum(sent) == len(data)
     sent.clear()
-    reply = await proxy.get(path, Range=["bytes=1000-2000999"])
+    reply = await proxy.socket_get(path, Range=["bytes=1000-2000999"])
     assert (reply.code, reply.body) == (206, data[1000:2001000])
     assert sum(sent) == 2_000_000
     stats = await proxy.proxy.control.stats()
@@ -628,7 +628,7 @@ async def test_sendfile_can_be_turned_off(fake_registry, make_proxy, monkeypatch
         raise AssertionError("sendfile used although turned off")
 
     monkeypatch.setattr(os, "sendfile", refuse)
-    reply = await proxy.get(f"/v2/library/x/blobs/{digest}")
+    reply = await proxy.socket_get(f"/v2/library/x/blobs/{digest}")
     assert (reply.code, reply.body) == (200, data)
 
 

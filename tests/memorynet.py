@@ -1,0 +1,305 @@
+"""An in-memory network: the proxy's tests reach regproxy and their fake
+registries through it rather than through sockets and threads.
+
+A listener is registered under the address its real port has
+(``127.0.0.1:PORT``), so one URL names it on both networks: regproxy's
+upstream agent (``build_proxy(connect=NETWORK.endpoints)``) and the harness's
+requests connect in memory, while a real client (skopeo, ``http.client`` in a
+thread, a test's raw socket) still connects to the port.
+
+A connection is two :class:`_End` transports.  What one end writes reaches
+the other's protocol on a later turn of the reactor, in order; an end whose
+protocol paused it gets nothing until it resumes; more than :data:`HIGH`
+bytes not yet taken pause the writer's producer (as a full socket buffer
+does); a close or an abort reaches the other end after what was written
+before it.  Only plain HTTP: TLS listeners stay on sockets.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from typing import Any
+
+from twisted.internet import error
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import (
+    IConsumer,
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    IStreamClientEndpoint,
+    ITCPTransport,
+)
+from twisted.python.failure import Failure
+from twisted.web.client import URI
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+#: bytes written and not yet taken past which the writer's producer is paused
+HIGH = 64 * 1024
+#: most bytes given to a protocol at a time (a socket's read)
+CHUNK = 64 * 1024
+
+
+@implementer(ITCPTransport, IConsumer, IPushProducer)
+class _End:
+    """One side of an in-memory connection: its protocol writes here."""
+
+    def __init__(self, network: MemoryNetwork, host: IPv4Address, peer: IPv4Address) -> None:
+        self._network = network
+        self._host = host
+        self._peer = peer
+        self.protocol: IProtocol
+        self.other: _End
+        self.connected = True
+        self.disconnecting = False
+        self.disconnected = False
+        #: written by this end's protocol, not yet given to the other's
+        self.written: deque[memoryview] = deque()
+        self.buffered = 0
+        #: this end's protocol asked to be given nothing for now
+        self.paused = False
+        #: (this end's reason, the other end's) once closed
+        self.reasons: tuple[Exception, Exception] | None = None
+        self.producer: Any = None
+        self.streaming = False
+        self.producer_paused = False
+
+    # ITransport
+    def write(self, data: bytes) -> None:
+        if self.disconnecting or not data:
+            return
+        self.written.append(memoryview(bytes(data)))
+        self.buffered += len(data)
+        if self.producer is not None and self.streaming and self.buffered > HIGH:
+            if not self.producer_paused:
+                self.producer_paused = True
+                self.producer.pauseProducing()
+        self._network.soon(self)
+
+    def writeSequence(self, data: Any) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        self._close(error.ConnectionDone("closed"), error.ConnectionDone("closed by the peer"))
+
+    def abortConnection(self) -> None:
+        self._close(error.ConnectionAborted(), error.ConnectionLost("aborted by the peer"))
+
+    def loseWriteConnection(self) -> None:
+        self.loseConnection()
+
+    def _close(self, mine: Exception, theirs: Exception) -> None:
+        if self.disconnecting:
+            return
+        self.disconnecting = True
+        self.reasons = (mine, theirs)
+        self._network.soon(self)
+
+    def getPeer(self) -> IPv4Address:
+        return self._peer
+
+    def getHost(self) -> IPv4Address:
+        return self._host
+
+    # ITCPTransport's options: nothing to set in memory
+    def getTcpNoDelay(self) -> bool:
+        return True
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def getTcpKeepAlive(self) -> bool:
+        return False
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        pass
+
+    # IPushProducer: this end's protocol taking what the other end wrote
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused = False
+            self._network.soon(self.other)
+
+    def stopProducing(self) -> None:
+        self.loseConnection()
+
+    # IConsumer
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+        self.streaming = streaming
+        self.producer_paused = False
+        if not streaming:
+            self._network.soon(self)
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def deliver(self) -> None:
+        """Give the other end's protocol a read of what this end wrote (the
+        rest on a later turn); once all is given, if this end is closed, end
+        both; then ask this end's producer for more."""
+        if self.disconnected:
+            return
+        other = self.other
+        if self.written and not other.disconnected:
+            if other.paused:
+                return  # its resumeProducing brings us back
+            other.protocol.dataReceived(self._read())
+            if self.written:
+                self._network.soon(self)
+                return
+        self.written.clear()
+        self.buffered = 0
+        if self.reasons is not None and not self.disconnected:
+            mine, theirs = self.reasons
+            if other.reasons is None:
+                other.reasons = (theirs, mine)
+            for end in (other, self):
+                end.connected = False
+                end.disconnecting = True
+                end.disconnected = True
+            other.protocol.connectionLost(Failure(theirs))
+            self.protocol.connectionLost(Failure(mine))
+            return
+        if self.producer is not None:
+            if not self.streaming:
+                self.producer.resumeProducing()
+            elif self.producer_paused:
+                self.producer_paused = False
+                self.producer.resumeProducing()
+
+    def _read(self) -> bytes:
+        """Up to CHUNK bytes of what was written, taken off it."""
+        pieces: list[memoryview] = []
+        wanted = CHUNK
+        while self.written and wanted > 0:
+            piece = self.written.popleft()
+            if len(piece) > wanted:
+                self.written.appendleft(piece[wanted:])
+                piece = piece[:wanted]
+            pieces.append(piece)
+            wanted -= len(piece)
+        data = b"".join(pieces)
+        self.buffered -= len(data)
+        return data
+
+    def __repr__(self) -> str:
+        return f"<memory {self._host.port}->{self._peer.port}>"
+
+
+@implementer(IStreamClientEndpoint)
+class _Endpoint:
+    def __init__(self, network: MemoryNetwork, host: str, port: int) -> None:
+        self._network = network
+        self._host = host
+        self._port = port
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        return self._network.connect(self._host, self._port, factory)
+
+
+@implementer(IAgentEndpointFactory)
+class _Endpoints:
+    """Memory for the addresses registered; *fallback* for the rest."""
+
+    def __init__(self, network: MemoryNetwork, fallback: IAgentEndpointFactory | None) -> None:
+        self._network = network
+        self._fallback = fallback
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        host = uri.host.decode("ascii")
+        if uri.scheme == b"http" and self._network.listening(host, uri.port):
+            return _Endpoint(self._network, host, uri.port)
+        if self._fallback is None:
+            raise error.ConnectionRefusedError(f"nothing listens on {host}:{uri.port} in memory")
+        return self._fallback.endpointForURI(uri)
+
+
+class MemoryNetwork:
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._listeners: dict[tuple[str, int], IProtocolFactory] = {}
+        self._due: dict[_End, None] = {}
+        self._pumping = False
+        self._client_ports = itertools.count(20000)
+        #: connections made, for tests of connection reuse
+        self.connections = 0
+
+    def serve(self, host: str, port: int, factory: IProtocolFactory) -> None:
+        """Connections to *host*:*port* in memory go to *factory*."""
+        self._listeners[(host, port)] = factory
+
+    def forget(self, host: str, port: int) -> None:
+        self._listeners.pop((host, port), None)
+
+    def listening(self, host: str, port: int) -> bool:
+        return (host, port) in self._listeners
+
+    def endpoints(self, fallback: IAgentEndpointFactory | None = None) -> IAgentEndpointFactory:
+        """An agent's endpoints: in memory where something listens here,
+        else *fallback*'s (regproxy's ``connect``: see ``build_proxy``)."""
+        return _Endpoints(self, fallback)
+
+    def connect(self, host: str, port: int, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        server_factory = self._listeners.get((host, port))
+        if server_factory is None:
+            return fail(error.ConnectionRefusedError(f"{host}:{port} in memory"))
+        self.connections += 1
+        local = IPv4Address("TCP", "127.0.0.1", next(self._client_ports))
+        remote = IPv4Address("TCP", host, port)
+        client = factory.buildProtocol(remote)
+        if client is None:
+            return fail(error.ConnectionRefusedError("the client factory refused"))
+        server = server_factory.buildProtocol(local)
+        near, far = _End(self, local, remote), _End(self, remote, local)
+        near.other, far.other = far, near
+        near.protocol = client
+        if server is None:  # a listener refusing a connection closes it at once
+            far.protocol = _Closed()
+            far.loseConnection()
+        else:
+            far.protocol = server
+            server.makeConnection(far)
+        client.makeConnection(near)
+        return succeed(client)
+
+    def soon(self, end: _End) -> None:
+        self._due[end] = None
+        if not self._pumping:
+            self._pumping = True
+            self._reactor.callLater(0, self._pump)
+
+    def _pump(self) -> None:
+        self._pumping = False
+        due, self._due = self._due, {}
+        for end in due:
+            end.deliver()
+
+
+class _Closed:
+    """The protocol of a connection its listener refused."""
+
+    def makeConnection(self, transport: Any) -> None:
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
+
+
+def _network() -> MemoryNetwork:
+    from twisted.internet import reactor
+
+    return MemoryNetwork(reactor)
+
+
+#: the test process's one network: every harness and fake registry registers here
+NETWORK = _network()
