@@ -27,7 +27,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the fake registry's own imports
 
+from fakeregistry import FakeRegistry  # noqa: E402
 from twisted.internet import reactor  # noqa: E402
 from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.defer import ensureDeferred  # noqa: E402
@@ -38,7 +40,6 @@ from twisted.web.server import Site  # noqa: E402
 
 from registryproxy.config import parse_config  # noqa: E402
 from registryproxy.tap import build_proxy  # noqa: E402
-from tests.fakeregistry import FakeRegistry  # noqa: E402
 
 ACCEPT = (
     "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, "
