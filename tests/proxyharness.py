@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
@@ -196,6 +196,24 @@ async def start_proxy(
     return RunningProxy(url, cache_dir, proxy, port)
 
 
+class ProxyClock(Clock):
+    """Time for regproxy's timers (``make_proxy(clock=...)``) that the test
+    moves on: a deadline passes when the test advances, not seconds later.
+
+    It starts at the wall clock's time (index times look real).  A call in
+    no time is a later turn of the reactor, not time: it runs on the
+    reactor, as the network's events and the threads' answers do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.advance(time.time())
+
+    def callLater(self, delay: float, f: Any, *args: Any, **kwargs: Any) -> Any:
+        if delay <= 0:
+            return reactor.callLater(0, f, *args, **kwargs)
+        return super().callLater(delay, f, *args, **kwargs)
+
+
 async def settle(seconds: float = 0.1) -> None:
     """Let the reactor run for a moment (callLater(0) work, eviction, closes)."""
     await deferLater(reactor, seconds, lambda: None)
@@ -208,6 +226,18 @@ async def until(predicate: Any, timeout: float = 10.0) -> None:
             return
         await settle(0.02)
     raise AssertionError("condition not reached in time")
+
+
+async def advance_until(clock: Clock, step: float, predicate: Any, steps: int = 100) -> None:
+    """Move *clock* on by *step* seconds at a time, letting the reactor run
+    between, until *predicate()* is true: past a deadline whose timer may
+    not be set yet."""
+    for _ in range(steps):
+        if predicate():
+            return
+        clock.advance(step)
+        await settle(0.01)
+    raise AssertionError(f"condition not reached in {steps} steps of {step}s")
 
 
 async def swept(proxy: Any) -> None:

@@ -15,7 +15,14 @@ import threading
 import pytest
 import pytest_twisted
 from fakeregistry import Fault
-from proxyharness import assert_nothing_kept, get_in_thread, settle, until
+from proxyharness import (
+    ProxyClock,
+    advance_until,
+    assert_nothing_kept,
+    get_in_thread,
+    settle,
+    until,
+)
 from twisted.internet.defer import gatherResults
 from twisted.internet.threads import deferToThread
 
@@ -225,8 +232,9 @@ async def relayed_to_two(fake_registry, make_proxy, monkeypatch, sendfile, rest)
     data = os.urandom(8 * 1024 * 1024)
     digest = fake_registry.add_blob(data)
     trickle = fake_registry.blob_faults[digest] = Fault.slow(chunk=256 * 1024, delay=0.02)
+    clock = ProxyClock()
     proxy = await make_proxy(
-        fake_registry.url, read_timeout=1, top={"proxy": {"sendfile": sendfile}}
+        fake_registry.url, read_timeout=1, top={"proxy": {"sendfile": sendfile}}, clock=clock
     )
     disk = SharedDisk(proxy, capacity=1024 * 1024)
     path = f"/v2/library/x/blobs/{digest}"
@@ -240,6 +248,10 @@ async def relayed_to_two(fake_registry, make_proxy, monkeypatch, sendfile, rest)
         await until(lambda: any(fetch.holding_upstream for fetch in downloads))
         if not rest:
             go_on.set()
+        else:  # once the other has taken all there is, the read_timeout passes
+            fetch = next(fetch for fetch in downloads if fetch.holding_upstream)
+            await until(lambda: max(fetch._listeners.values()) == fetch.written)
+            clock.advance(1)
         # the other gets every byte: a laggard that holds up the relay
         # (*rest*) is cut off after read_timeout, not it
         fast = await fastest
@@ -370,7 +382,8 @@ async def test_an_upstream_announcing_much_and_sending_nothing_evicts_nothing(
     fake_registry.add_image("library/old", "1", [os.urandom(1024 * 1024)])
     data = os.urandom(2 * 1024 * 1024)
     digest = fake_registry.add_blob(data)
-    proxy = await make_proxy(fake_registry.url, read_timeout=0.5)
+    clock = ProxyClock()
+    proxy = await make_proxy(fake_registry.url, read_timeout=0.5, clock=clock)
     manifest = json.loads((await proxy.get("/v2/old/manifests/1")).body)
     old = manifest["layers"][0]["digest"]
     assert (await proxy.get(f"/v2/old/blobs/{old}")).code == 200
@@ -378,7 +391,9 @@ async def test_an_upstream_announcing_much_and_sending_nothing_evicts_nothing(
     disk = SharedDisk(proxy, capacity=int(2.5 * 1024 * 1024))
     disk.full = True  # room() tells the truth from the start: 2 MiB do not fit
     fake_registry.blob_faults[digest] = Fault.stall(after=0, times=1)
-    status, body, short = await get_in_thread(proxy, f"/v2/library/x/blobs/{digest}")
+    pulling = get_in_thread(proxy, f"/v2/library/x/blobs/{digest}")
+    await advance_until(clock, 0.5, lambda: pulling.called)
+    status, body, short = await pulling
     assert (status, body, short) == (200, b"", True)
     await settle()
     assert proxy.blob_path(old).exists()  # nothing evicted for bytes that never came
@@ -409,7 +424,8 @@ async def test_an_upstream_announcing_much_and_sending_nothing_keeps_no_disk_fro
     stalled, other = os.urandom(2 * 1024 * 1024), os.urandom(1536 * 1024)
     silent, wanted = fake_registry.add_blob(stalled), fake_registry.add_blob(other)
     fake_registry.blob_faults[silent] = Fault.stall(after=0, times=1)
-    proxy = await make_proxy(fake_registry.url, read_timeout=1)
+    clock = ProxyClock()
+    proxy = await make_proxy(fake_registry.url, read_timeout=1, clock=clock)
     old = json.loads((await proxy.get("/v2/old/manifests/1")).body)["layers"][0]["digest"]
     assert (await proxy.get(f"/v2/old/blobs/{old}")).code == 200
     await settle()
@@ -419,22 +435,23 @@ async def test_an_upstream_announcing_much_and_sending_nothing_keeps_no_disk_fro
     await until(lambda: proxy.proxy.blobs.active(Digest.parse(silent)) is not None)
     status, body, short = await get_in_thread(proxy, f"/v2/library/x/blobs/{wanted}")
     assert (status, body == other, short) == (200, True, False)
-    # the silent one claimed its disk all along (a tenth of read_timeout, usually)
+    # the silent one claimed its disk all along (its read_timeout has not passed)
     assert proxy.proxy.blobs.active(Digest.parse(silent)) is not None
     await settle()
     assert proxy.blob_path(wanted).read_bytes() == other
     assert proxy.blob_path(old).exists()
+    await advance_until(clock, 1, lambda: hanging.called)
     assert (await hanging)[2] is True  # the silent one is given up, short
 
 
-async def full_disk_and_held_room(fake_registry, make_proxy, monkeypatch):
+async def full_disk_and_held_room(fake_registry, make_proxy, monkeypatch, clock):
     """A cached 1 MiB image on a full 2.5 MiB disk, a 2 MiB blob to fetch,
     and eviction held (at most 10 s) until the test releases it: the
     threads Index.evict ran in, the event that it began, the release."""
     fake_registry.add_image("library/old", "1", [os.urandom(1024 * 1024)])
     data = os.urandom(2 * 1024 * 1024)
     digest = fake_registry.add_blob(data)
-    proxy = await make_proxy(fake_registry.url, read_timeout=0.5)
+    proxy = await make_proxy(fake_registry.url, read_timeout=0.5, clock=clock)
     old = json.loads((await proxy.get("/v2/old/manifests/1")).body)["layers"][0]["digest"]
     assert (await proxy.get(f"/v2/old/blobs/{old}")).code == 200
     await settle()
@@ -461,8 +478,9 @@ async def test_room_for_a_download_is_made_off_the_reactor_thread(
     """Evicting for a download's bytes on a full disk (10 to 20 ms at
     20,000 images) runs in the index's room thread, its upstream paused:
     meanwhile the reactor answers other clients; then the blob is stored."""
+    clock = ProxyClock()
     proxy, data, digest, old, threads, began, release = await full_disk_and_held_room(
-        fake_registry, make_proxy, monkeypatch
+        fake_registry, make_proxy, monkeypatch, clock
     )
     pulling = get_in_thread(proxy, f"/v2/library/x/blobs/{digest}")
     try:
@@ -471,7 +489,8 @@ async def test_room_for_a_download_is_made_off_the_reactor_thread(
         assert fetch is not None and fetch.waiting_for_room
         # the reactor answers while the eviction is held
         assert (await proxy.get("/v2/old/manifests/1")).code == 200
-        await settle(0.7)  # past read_timeout: a paused upstream is not a silent one
+        clock.advance(0.7)  # past read_timeout: a paused upstream is not a silent one
+        await settle(0.02)
         assert fetch.waiting_for_room and fetch.running
     finally:
         release.set()
@@ -490,7 +509,7 @@ async def test_a_download_waits_for_room_a_while_then_goes_on_through_memory(
     download goes on through memory for its client, keeping nothing."""
     monkeypatch.setattr(blobs, "ROOM_WAIT", 0.3, raising=False)
     proxy, data, digest, old, threads, began, release = await full_disk_and_held_room(
-        fake_registry, make_proxy, monkeypatch
+        fake_registry, make_proxy, monkeypatch, None
     )
     try:
         status, body, short = await get_in_thread(proxy, f"/v2/library/x/blobs/{digest}")
@@ -515,7 +534,8 @@ async def test_a_disk_filling_up_evicts_as_much_as_came_not_all_announced(
     data = os.urandom(3 * 1024 * 1024)
     digest = fake_registry.add_blob(data)
     fake_registry.blob_faults[digest] = Fault.stall(after=256 * 1024, times=1)
-    proxy = await make_proxy(fake_registry.url, read_timeout=0.5)
+    clock = ProxyClock()
+    proxy = await make_proxy(fake_registry.url, read_timeout=0.5, clock=clock)
     for i in range(40):
         manifest = json.loads((await proxy.get(f"/v2/i{i}/manifests/1")).body)
         layer = manifest["layers"][0]["digest"]
@@ -523,7 +543,11 @@ async def test_a_disk_filling_up_evicts_as_much_as_came_not_all_announced(
     await settle()
     disk = SharedDisk(proxy, capacity=0)  # reports plenty until a write finds it full
     disk._capacity = 128 * 1024 - disk.free()  # then 128 KiB free
-    status, body, short = await get_in_thread(proxy, f"/v2/library/x/blobs/{digest}")
+    pulling = get_in_thread(proxy, f"/v2/library/x/blobs/{digest}")
+    fetching = proxy.proxy.blobs.fetching
+    await until(lambda: any(fetch["written"] >= 256 * 1024 for fetch in fetching()))
+    await advance_until(clock, 0.5, lambda: pulling.called)  # the upstream's silence
+    status, body, short = await pulling
     assert (status, short) == (200, True)
     await settle()
     left = sum(
