@@ -929,13 +929,13 @@ class FakeRegistry:
 
         def check() -> None:
             if getattr(transport, "connected", False) and _pending_bytes(transport) > 0:
-                self._later(0.001, check)
+                self._later(0.001, check, network=True)
             elif reset:
                 transport.abortConnection()
             else:
                 transport.loseConnection()
 
-        self._later(0, check)
+        self._later(0, check, network=True)
 
     def _trickle(self, request: Request, body: bytes, fault: Fault) -> None:
         gone: list[bool] = []
@@ -953,9 +953,15 @@ class FakeRegistry:
 
         send(0)
 
-    def _later(self, delay: float, f: Callable[..., None], *args: Any) -> None:
+    def _later(
+        self, delay: float, f: Callable[..., None], *args: Any, network: bool = False
+    ) -> None:
+        """*f(*args)* in *delay* seconds of the registry's clock (its delays
+        and trickles: a test's Clock moves them on), or with *network*, of
+        the reactor (a poll of its connections)."""
         self._calls = {c for c in self._calls if c.active()}
-        self._calls.add(self.reactor.callLater(delay, f, *args))
+        timer = self.reactor if network else self.clock
+        self._calls.add(timer.callLater(delay, f, *args))
 
 
 def _basic(username: str, password: str) -> str:

@@ -126,6 +126,20 @@ async def memory_request(url: str, method: str, path: str, headers: dict[str, li
         response.close()
 
 
+async def leave_once(url: str, path: str, asked: Any) -> None:
+    """A client that asks for *path* on what listens at *url* (in memory),
+    and hangs up, unanswered, once *asked()* is true."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    read = _ReadAll()
+    await NETWORK.connect(parts.hostname, parts.port, _Once(read))
+    transport = await read.transport_ready
+    transport.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await until(asked)
+    transport.loseConnection()
+    await read.done
+
+
 class _Bytes:
     """What ``http.client.HTTPResponse`` reads a socket through."""
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from urllib.parse import quote
 
 import pytest_twisted
 from fakeregistry import Fault, Override
+from proxyharness import ProxyClock, advance_until, settle, until
 from twisted.internet.defer import gatherResults
 
 from registryproxy.upstream import client as client_module
@@ -369,48 +369,69 @@ async def test_tags_list_passes_through(fake_registry, make_proxy):
 
 
 @pytest_twisted.ensureDeferred
-async def test_clients_asking_for_one_listing_at_once_share_its_fetch(fake_registry, make_proxy):
+async def test_clients_asking_for_one_listing_at_once_share_its_fetch(
+    make_fake_registry, make_proxy
+):
     """A listing may run to 32 MiB: clients asking for the same one at
     once share one upstream fetch (and its body in memory)."""
+    clock = ProxyClock()
+    fake_registry = await make_fake_registry(clock=clock)
     fake_registry.add_image("library/x", "a", [b"a"])
     fake_registry.tags_delay = 0.3
-    proxy = await make_proxy(fake_registry.url)
-    replies = await gatherResults([proxy.get("/v2/x/tags/list") for _ in range(5)])
+    proxy = await make_proxy(fake_registry.url, clock=clock)
+    asked = gatherResults([proxy.get("/v2/x/tags/list") for _ in range(5)])
+    await until(lambda: fake_registry.count("GET", "/tags/list") == 1)
+    await settle(0.02)  # and any other fetch would be asked for by now
+    clock.advance(0.3)
+    replies = await asked
     assert [json.loads(reply.body)["tags"] for reply in replies] == [["a"]] * 5
     assert fake_registry.count("GET", "/tags/list") == 1
     # and one asked for after gets its own
-    assert (await proxy.get("/v2/x/tags/list")).code == 200
+    again = proxy.get("/v2/x/tags/list")
+    await advance_until(clock, 0.1, lambda: again.called)
+    assert (await again).code == 200
     assert fake_registry.count("GET", "/tags/list") == 2
 
 
 @pytest_twisted.ensureDeferred
-async def test_listings_fetched_at_once_are_bounded(fake_registry, make_proxy, monkeypatch):
+async def test_listings_fetched_at_once_are_bounded(make_fake_registry, make_proxy, monkeypatch):
     """Different listings at once take a slot each (each may hold 32 MiB):
     with two slots, the third waits for one."""
     monkeypatch.setattr(client_module, "LISTINGS_AT_ONCE", 2)
+    clock = ProxyClock()
+    fake_registry = await make_fake_registry(clock=clock)
     for name in ("a", "b", "c"):
         fake_registry.add_image(f"library/{name}", "1", [name.encode()])
     fake_registry.tags_delay = 0.3
-    proxy = await make_proxy(fake_registry.url)
-    began = time.monotonic()
-    replies = await gatherResults([proxy.get(f"/v2/{n}/tags/list") for n in ("a", "b", "c")])
+    proxy = await make_proxy(fake_registry.url, clock=clock)
+    asked = gatherResults([proxy.get(f"/v2/{n}/tags/list") for n in ("a", "b", "c")])
+    await until(lambda: fake_registry.count("GET", "/tags/list") == 2)
+    await settle(0.02)
+    assert fake_registry.count("GET", "/tags/list") == 2  # the third waits for a slot
+    clock.advance(0.3)  # two answered: the third is asked for
+    await until(lambda: fake_registry.count("GET", "/tags/list") == 3)
+    assert not asked.called
+    clock.advance(0.3)
+    replies = await asked
     assert [reply.code for reply in replies] == [200] * 3
-    assert time.monotonic() - began >= 0.6
-    assert fake_registry.count("GET", "/tags/list") == 3
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_listing_that_waits_past_the_deadline_for_a_slot_answers_503(
-    fake_registry, make_proxy, monkeypatch
+    make_fake_registry, make_proxy, monkeypatch
 ):
     """One slot, three listings of 0.4 s each, a deadline of 0.7 s: the
     third waits for two fetches (0.8 s at least) and is told to try again."""
     monkeypatch.setattr(client_module, "LISTINGS_AT_ONCE", 1)
+    clock = ProxyClock()
+    fake_registry = await make_fake_registry(clock=clock)
     for name in ("a", "b", "c"):
         fake_registry.add_image(f"library/{name}", "1", [name.encode()])
     fake_registry.tags_delay = 0.4
-    proxy = await make_proxy(fake_registry.url, deadline=0.7, read_timeout=5)
-    replies = await gatherResults([proxy.get(f"/v2/{n}/tags/list") for n in ("a", "b", "c")])
+    proxy = await make_proxy(fake_registry.url, deadline=0.7, read_timeout=5, clock=clock)
+    asked = gatherResults([proxy.get(f"/v2/{n}/tags/list") for n in ("a", "b", "c")])
+    await advance_until(clock, 0.1, lambda: asked.called)
+    replies = await asked
     assert sorted(reply.code for reply in replies) == [200, 200, 503]
     (refused,) = [reply for reply in replies if reply.code == 503]
     assert json.loads(refused.body)["errors"][0]["code"] == "UNAVAILABLE"
