@@ -12,7 +12,7 @@ from typing import Any
 import bcrypt
 import pytest
 import pytest_twisted
-from proxyharness import settle, until
+from proxyharness import ProxyClock, settle, until
 from twisted.internet.threads import deferToThread
 
 from registryproxy.admin.backend import PurgeSelector
@@ -160,12 +160,16 @@ async def test_a_purge_or_a_rule_ends_answers_at_once(fake_registry, make_proxy)
 async def test_a_tag_past_its_ttl_is_asked_again(fake_registry, make_proxy):
     """A TTL shorter than an answer's lifetime still ends it."""
     fake_registry.add_image("library/app", "1", [b"v1"])
-    proxy = await make_proxy(fake_registry.url, cache={"tag_ttl": 0.3})
+    clock = ProxyClock()
+    proxy = await make_proxy(fake_registry.url, cache={"tag_ttl": 0.3}, clock=clock)
     path = "/v2/library/app/manifests/1"
     for _ in range(3):
         assert (await proxy.get(path)).code == 200
+    old = (await proxy.get(path)).header("Docker-Content-Digest")
     new, _ = fake_registry.add_image("library/app", "1", [b"v2"])
-    await settle(0.35)
+    clock.advance(0.29)
+    assert (await proxy.get(path)).header("Docker-Content-Digest") == old
+    clock.advance(0.02)
     assert (await proxy.get(path)).header("Docker-Content-Digest") == new
 
 
@@ -189,8 +193,9 @@ async def test_answers_are_kept_apart_by_credentials(
         "htpasswd": str(users),
         "rules": [{"repositories": ["library/app"], "users": ["ann"]}],
     }
+    clock = ProxyClock()
     proxy = await make_proxy(
-        fake_registry.url, top={"proxy": {"auth": auth, "access_log": str(access)}}
+        fake_registry.url, top={"proxy": {"auth": auth, "access_log": str(access)}}, clock=clock
     )
     calls = _counting(proxy)
     path = "/v2/library/app/manifests/1"
@@ -214,6 +219,7 @@ async def test_answers_are_kept_apart_by_credentials(
     push = await proxy.request("PUT", path, {"Authorization": basic("ann", "ann-secret")})
     assert push.code == 405, push.body
     # the access log is flushed every second
+    clock.advance(1)
     await until(lambda: access.exists() and len(access.read_text().splitlines()) >= 8)
     users_logged = [line.split(" ")[2] for line in access.read_text().splitlines()]
     assert users_logged[:3] == ["ann", "ann", "ann"]
