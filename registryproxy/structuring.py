@@ -133,12 +133,17 @@ def _scalars(words: Words) -> dict[type, Hook]:
     def number(value: Any, _: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise Mismatch("a number", words.describe(value))
-        if value < 0:
-            raise Mismatch("a number >= 0", repr(value))
         try:
-            return float(value)
+            number = float(value)
         except OverflowError:  # a whole number of hundreds of digits
             raise Mistake("too large a number") from None
+        # YAML's .inf and .nan: a deadline of .inf never comes, and every
+        # comparison with .nan is false
+        if not math.isfinite(number):
+            raise Mismatch("a finite number", repr(value))
+        if number < 0:
+            raise Mismatch("a number >= 0", repr(value))
+        return number
 
     def count(value: Any, _: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -960,6 +960,9 @@ async def test_patch_merges(admin):
         ({"password": 12345}, "body.password: expected a string or null, got an integer"),
         ({"tag_ttl": "soon"}, "body.tag_ttl: expected a number or null, got a string"),
         ({"tag_ttl": -1}, "body.tag_ttl: expected a number >= 0"),
+        # json.dumps writes them, json.loads would take them: a deadline never reached
+        ({"deadline_seconds": float("inf")}, "Infinity is not a JSON number"),
+        ({"tag_ttl": float("nan")}, "NaN is not a JSON number"),
         ({"connect_timeout": None}, "body.connect_timeout: expected a number, got null"),
         ({"library_prefix": "yes"}, "expected a boolean"),
         ({"aliases": "a.example"}, "body.aliases: expected a list"),

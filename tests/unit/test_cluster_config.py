@@ -219,6 +219,10 @@ def test_secret_errors_name_the_key_and_never_the_secret(tmp_path, monkeypatch):
             "cache.index.postgresql: min_size, max_size",
         ),
         (config_with(storage_extra="local_max_size: lots"), "cache.storage: local_max_size:"),
+        (
+            config_with(postgresql="{dsn: 'host=db', query_timeout: .inf}"),
+            "cache.index.postgresql.query_timeout: expected a finite number, got inf",
+        ),
         (config_with(s3="", storage_extra="redirect: true"), "redirect: redirects go to"),
         ("cache: {storage: {disk: 1}}", "cache.storage.disk: unknown key"),
         ("cache: {index: {sqlite: 1}}", "cache.index.sqlite: unknown key"),

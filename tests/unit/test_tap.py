@@ -63,6 +63,9 @@ def test_an_upstream_can_point_at_a_local_registry():
     [
         ("cache: {tag_ttl: soon}", "cache.tag_ttl: expected a number"),
         ("cache: {tag_ttl: -1}", "cache.tag_ttl: expected a number >= 0"),
+        # no deadline that never comes, no number every comparison calls false
+        ("upstreams: {docker.io: {read_timeout: .inf}}", "read_timeout: expected a finite number"),
+        ("cache: {tag_ttl: .nan}", "cache.tag_ttl: expected a finite number, got nan"),
         ("cache: {size: 1}", "cache.size: unknown key"),
         ("proxy: {listen: 5000}", "proxy.listen: expected a string"),
         ("upstreams: {docker.io: {url: 'ftp://x'}}", "upstreams.docker.io: url"),
