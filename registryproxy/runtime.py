@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -24,9 +25,13 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 T = TypeVar("T")
+
+log = Logger()
 
 
 class IReactor(
@@ -40,6 +45,11 @@ class IReactor(
     """What regproxy's parts ask of their reactor (the real one provides it all)."""
 
 
+#: how long a stop waits for a part that does not answer (a database that
+#: keeps its connections and never answers, a hung disk) before it goes on
+#: without it: the process exits, the part's threads left behind
+STOP_SECONDS = 5.0
+
 #: how much nicer than the reactor's thread regproxy's worker threads run
 #: (Linux: a thread's own nice value; elsewhere they run as the process)
 WORKER_NICENESS = 10
@@ -51,7 +61,14 @@ class _Yielding(threading.Thread):
     The reactor's thread answers every client; a sweep, an fsck, a hash or a
     scan that competes with it for a core delays all of them, while the
     worker itself has no client waiting on its every millisecond.  Only
-    raised, never lowered, so no privilege is needed."""
+    raised, never lowered, so no privilege is needed.
+
+    A daemon thread: one stuck in a call that never returns does not hold
+    the process's exit (see :func:`stop_pool`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.daemon = True
 
     def run(self) -> None:
         if sys.platform.startswith("linux"):
@@ -67,6 +84,53 @@ def thread_pool(name: str, maxthreads: int, minthreads: int = 0) -> ThreadPool:
     pool = ThreadPool(minthreads=minthreads, maxthreads=maxthreads, name=name)
     pool.threadFactory = _Yielding  # type: ignore[misc]
     return pool
+
+
+def stop_pool(*pools: ThreadPool, seconds: float = STOP_SECONDS) -> None:
+    """Stop *pools*: their threads end once the calls they run return, which
+    the caller (the reactor's thread, stopping) waits for at most *seconds*
+    in all; a thread still in a call then is left to it, and said so."""
+    started = [pool for pool in pools if pool.started]
+    stopping = [
+        threading.Thread(target=pool.stop, name=f"stopping {pool.name}", daemon=True)
+        for pool in started
+    ]
+    for thread in stopping:
+        thread.start()
+    deadline = time.monotonic() + seconds
+    for pool, thread in zip(started, stopping, strict=True):
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            log.warn(
+                "threads of {pool} still busy after {seconds}s: stopping without them",
+                pool=pool.name,
+                seconds=round(seconds, 1),
+            )
+
+
+def within(d: Deferred[Any], seconds: float, clock: IReactorTime, what: str) -> Deferred[None]:
+    """Once *d* has an answer, or after *seconds* with a warning that *what*
+    had none: a stop that goes on without a part that does not answer.
+    *d* is left to answer whenever it does (its failure is logged)."""
+    done: Deferred[None] = Deferred()
+
+    def late() -> None:
+        log.warn(
+            "{what}: no answer within {seconds}s: going on without it", what=what, seconds=seconds
+        )
+        done.callback(None)
+
+    timer = clock.callLater(seconds, late)
+
+    def answered(result: object) -> None:
+        if isinstance(result, Failure):
+            log.warn("{what} failed: {why}", what=what, why=result.getErrorMessage())
+        if timer.active():
+            timer.cancel()
+            done.callback(None)
+
+    d.addBoth(answered)
+    return done
 
 
 class Threads:
@@ -87,8 +151,7 @@ class Threads:
         return deferToThreadPool(self._reactor, self._pool, fn, *args)
 
     def stop(self) -> None:
-        if self._pool.started:
-            self._pool.stop()
+        stop_pool(self._pool)
 
 
 class Busy(Exception):
@@ -161,5 +224,4 @@ class Bounded:
     def stop(self) -> None:
         """Stop the pool: the calls running end first, none queued is made."""
         self._stopping = True
-        if self.pool.started:
-            self.pool.stop()
+        stop_pool(self.pool)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
@@ -43,8 +43,9 @@ from .proxy.connections import GuardedSite, Limits, fitting_connections, open_fi
 from .proxy.plaintext import PlainHTTPFactory
 from .proxy.resource import RegistryResource
 from .proxy.tls import ServerCertificate, TLSError, TLSFactory, parse_listen
-from .runtime import IReactor, Threads, thread_pool
+from .runtime import STOP_SECONDS, IReactor, Threads, thread_pool, within
 from .upstream.registry import Connect, Upstreams
+from .watchdog import MARGIN_SECONDS, Watchdog, Watched
 
 if TYPE_CHECKING:
     from .cluster.node import Engines
@@ -76,6 +77,23 @@ _STALE_UPLOADS_SECONDS = 3600.0
 #: the index's WAL is copied into the database (the fsync) this often, in
 #: the index's worker thread, never by a commit on the reactor thread
 _CHECKPOINT_SECONDS = 2.0
+
+
+class _Periodic(TimerService):
+    """A periodic task whose stop waits for a run under way at most
+    STOP_SECONDS: a sweep or a refresh on a database that never answers
+    does not hold the process's exit."""
+
+    def __init__(
+        self, clock: IReactorTime, step: float, call: Callable[[], object], what: str
+    ) -> None:
+        """*what* the task does, for the log."""
+        super().__init__(step, call)
+        self.clock = self._clock = clock
+        self._what = what
+
+    def stopService(self) -> Deferred[None]:
+        return within(super().stopService(), STOP_SECONDS, self._clock, f"stopping {self._what}")
 
 
 def _logged_async(task: Callable[[], Deferred[Any]]) -> Callable[[], Deferred[None]]:
@@ -632,7 +650,7 @@ def makeService(options: Options, reactor: IReactor | None = None) -> IService:
 
         reactor = cast(IReactor, running)
     config = options.config
-    service = MultiService()
+    service = Watched(Watchdog(config.proxy.shutdown_grace + MARGIN_SECONDS))
     cluster = None
     if config.cluster is not None:
         if options["rebuild-index"]:
@@ -696,9 +714,11 @@ def makeService(options: Options, reactor: IReactor | None = None) -> IService:
                 control.reload_saved()
 
         later.append(
-            TimerService(
+            _Periodic(
+                reactor,
                 config.cluster.heartbeat,
                 _logged_async(lambda: Deferred.fromCoroutine(shared_settings())),
+                "the shared settings' refresh",
             )
         )
     # first: stopped last, once the ports below stop listening
@@ -706,22 +726,54 @@ def makeService(options: Options, reactor: IReactor | None = None) -> IService:
     if options["rebuild-index"]:
         _Rebuild(proxy.control).setServiceParent(service)
     # access times are gathered in memory and written in batches
-    later.append(TimerService(_FLUSH_SECONDS, _logged_async(proxy.access.flush)))
+    later.append(
+        _Periodic(
+            reactor, _FLUSH_SECONDS, _logged_async(proxy.access.flush), "the access times' writes"
+        )
+    )
     # the dashboard's chart: the counters over the last hour and day
-    later.append(TimerService(proxy.metrics.history.interval, proxy.control.sample_history))
+    later.append(
+        _Periodic(
+            reactor,
+            proxy.metrics.history.interval,
+            proxy.control.sample_history,
+            "the dashboard's samples",
+        )
+    )
     # idle images and a budget overrun are swept away in the background too
-    later.append(TimerService(_SWEEP_SECONDS, _logged_async(proxy.evictor.sweep)))
+    later.append(
+        _Periodic(reactor, _SWEEP_SECONDS, _logged_async(proxy.evictor.sweep), "the sweep")
+    )
     if proxy.local is not None:
-        later.append(TimerService(_CHECKPOINT_SECONDS, _logged_async(proxy.background.checkpoint)))
+        later.append(
+            _Periodic(
+                reactor,
+                _CHECKPOINT_SECONDS,
+                _logged_async(proxy.background.checkpoint),
+                "the index's checkpoints",
+            )
+        )
         if config.cache.scrub_bytes:
             later.append(Scrubber(proxy.verifier, proxy.access, reactor, config.cache.scrub_bytes))
     if cluster is not None:
         later.append(
-            TimerService(_STALE_UPLOADS_SECONDS, _logged_async(cluster.abort_stale_uploads))
+            _Periodic(
+                reactor,
+                _STALE_UPLOADS_SECONDS,
+                _logged_async(cluster.abort_stale_uploads),
+                "the stale uploads' aborts",
+            )
         )
     if proxy.tier is not None:
         tier, blobs = proxy.tier, proxy.blobs
-        later.append(TimerService(_SWEEP_SECONDS, _logged_async(lambda: tier.trim(blobs.in_use()))))
+        later.append(
+            _Periodic(
+                reactor,
+                _SWEEP_SECONDS,
+                _logged_async(lambda: tier.trim(blobs.in_use())),
+                "the local tier's trims",
+            )
+        )
     for key, description, factory in ports:
         try:
             endpoint = serverFromString(reactor, description)

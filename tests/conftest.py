@@ -1,5 +1,5 @@
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return SLOWEST_FIRST.index(top) if top in SLOWEST_FIRST else len(SLOWEST_FIRST)
 
     items.sort(key=rank)  # stable: a directory's own order is kept
+
+
+@pytest.fixture
+def logged() -> Iterator[list[Any]]:
+    """The log events emitted during the test (twisted.logger's)."""
+    from twisted.logger import globalLogPublisher
+
+    events: list[Any] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
 
 
 @pytest_twisted.async_yield_fixture()

@@ -15,6 +15,7 @@ from typing import Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
+from ..runtime import stop_pool
 from .background import IndexThread
 from .index import Index
 
@@ -80,7 +81,7 @@ class LocalIndex:
         (which writes the last access times)."""
         for worker in {self.background, self.reader, self.roomer}:
             await worker.close()
-            worker.threadpool.stop()
+            stop_pool(worker.threadpool)
         self._index.close()
 
     def quick(self, work: Callable[[Index], T]) -> Deferred[T]:

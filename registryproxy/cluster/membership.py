@@ -32,6 +32,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from ..runtime import STOP_SECONDS, within
 from .pg import Database, lock_id
 
 log = Logger()
@@ -222,10 +223,14 @@ class Membership(Service):
         self._loop.start(self._interval, now=False)
 
     def stopService(self) -> Deferred[None]:
+        """Leave, if the database answers within STOP_SECONDS: else the
+        others see this node gone at node_timeout."""
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        return Deferred.fromCoroutine(self.leave())
+        return within(
+            Deferred.fromCoroutine(self.leave()), STOP_SECONDS, self._clock, "leaving the cluster"
+        )
 
     def _logged_heartbeat(self) -> Deferred[None]:
         def failed(failure: Any) -> None:

@@ -22,7 +22,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from ..config import Config
-from ..runtime import IReactor, thread_pool
+from ..runtime import STOP_SECONDS, IReactor, stop_pool, thread_pool, within
 from .bucket import Bucket
 from .membership import Membership, NameTaken, Node
 from .peers import Peers
@@ -135,10 +135,10 @@ class Engines:
             await self.access.flush()
         except Exception as e:
             log.warn("could not write the last access times: {why}", why=e)
-        await self.database.close()
-        for pool in self.pools:
-            if pool.started:
-                pool.stop()
+        # closing the connections, then the threads: STOP_SECONDS for both
+        deadline = self.clock.seconds() + STOP_SECONDS
+        await within(self.database.close(), STOP_SECONDS, self.clock, "closing the database pool")
+        stop_pool(*self.pools, seconds=max(0.0, deadline - self.clock.seconds()))
 
 
 def engines(

@@ -1,0 +1,153 @@
+"""A stop never hangs: each part's stop has a deadline, and the whole stop one more.
+
+A database that keeps its connections and never answers held a cluster
+node's exit after SIGTERM for good (its heartbeat and settings refresh
+threads stuck, the leave queued behind them, the pools' threads joined on
+the reactor's thread); tests/cluster/test_node.py stops a real node so."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest_twisted
+from twisted.application.service import Service
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import LogEvent, formatEvent
+
+from registryproxy import runtime, tap, watchdog
+from registryproxy.cluster.membership import Membership
+
+
+def text(events: list[LogEvent]) -> str:
+    return "\n".join(formatEvent(e) for e in events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pools_with_stuck_threads_stop_without_them_in_one_deadline(logged):
+    pools = [runtime.thread_pool(f"test-stuck-{i}", 2) for i in range(3)]
+    release = threading.Event()
+    stuck = []
+    for pool in pools:
+        pool.start()
+        stuck.append(deferToThreadPool(reactor, pool, release.wait, 30))
+    done = await deferToThreadPool(reactor, pools[0], lambda: "done")
+    try:
+        started = time.monotonic()
+        runtime.stop_pool(*pools, seconds=0.3)
+        assert time.monotonic() - started < 0.9  # one deadline for all, not one each
+        said = text(logged)
+        assert all(f"threads of test-stuck-{i} still busy after 0.3s" in said for i in range(3))
+        # their threads do not hold the process's exit
+        assert all(t.daemon for t in threading.enumerate() if "test-stuck" in t.name)
+    finally:
+        release.set()
+    assert done == "done"
+    assert [await d for d in stuck] == [True] * 3
+
+
+def test_a_pool_that_finishes_is_stopped_and_joined(logged):
+    pool = runtime.thread_pool("test-quick", 2, minthreads=2)
+    pool.start()
+    runtime.stop_pool(pool, seconds=5)
+    assert not [t for t in threading.enumerate() if "test-quick" in t.name]
+    assert "still busy" not in text(logged)
+
+
+def test_within_goes_on_without_what_does_not_answer(logged):
+    clock = Clock()
+    never: Deferred[None] = Deferred()
+    d = runtime.within(never, 5, clock, "leaving the cluster")
+    clock.advance(4.9)
+    assert not d.called
+    clock.advance(0.1)
+    assert d.called and d.result is None
+    assert "leaving the cluster: no answer within 5s: going on without it" in text(logged)
+    # and what answers in time is waited for, quietly; a failure is said
+    logged.clear()
+    assert runtime.within(succeed("x"), 5, clock, "y").result is None
+    assert text(logged) == ""
+    failing: Deferred[None] = Deferred()
+    d = runtime.within(failing, 5, clock, "closing")
+    failing.errback(RuntimeError("gone"))
+    assert d.called and "closing failed: gone" in text(logged)
+    # and what answers after its deadline is left to it, no error unhandled
+    never.callback(None)
+
+
+def test_a_periodic_task_under_way_holds_a_stop_at_most_stop_seconds():
+    clock = Clock()
+    runs: list[Deferred[None]] = []
+
+    def task() -> Deferred[None]:
+        runs.append(Deferred())
+        return runs[-1]
+
+    service = tap._Periodic(clock, 60, task, "the test's task")
+    service.startService()
+    assert len(runs) == 1  # under way, never answered
+    stopped = service.stopService()
+    clock.advance(runtime.STOP_SECONDS - 0.1)
+    assert not stopped.called
+    clock.advance(0.1)
+    assert stopped.called
+
+
+class _Silent:
+    """A Database whose every call never answers (PostgreSQL stopped)."""
+
+    def run(self, fn: Any) -> Deferred[Any]:
+        return Deferred()
+
+
+def test_leaving_a_cluster_whose_database_never_answers_ends_at_stop_seconds():
+    clock = Clock()
+    membership = Membership(_Silent(), "node-a", "http://a", clock, 1.0, 3.0)  # type: ignore[arg-type]
+    membership.startService()
+    stopped = membership.stopService()
+    clock.advance(runtime.STOP_SECONDS - 0.1)
+    assert not stopped.called
+    clock.advance(0.1)
+    assert stopped.called
+
+
+class _Stuck(Service):
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred()
+
+
+def _services(*children: Service, seconds: float) -> tuple[watchdog.Watched, list[int]]:
+    exits: list[int] = []
+    top = watchdog.Watched(watchdog.Watchdog(seconds, exit=exits.append))
+    for child in children:
+        child.setServiceParent(top)
+    top.startService()
+    return top, exits
+
+
+def test_a_stop_held_past_the_deadline_ends_the_process_and_says_where(logged):
+    top, exits = _services(Service(), _Stuck(), seconds=0.1)
+    stopped = top.stopService()
+    for _ in range(100):
+        if exits:
+            break
+        time.sleep(0.02)
+    assert exits == [1]
+    assert not stopped.called
+    said = text(logged)
+    assert "stopping took over 0.1s" in said
+    assert "thread MainThread:" in said and "test_stopping.py" in said  # where it is
+
+
+def test_a_stop_that_ends_disarms_the_watchdog(logged):
+    top, exits = _services(Service(), Service(), seconds=0.1)
+    stopped = top.stopService()
+    assert stopped.called
+    time.sleep(0.3)
+    assert exits == []
+    assert "stopping took over" not in text(logged)
