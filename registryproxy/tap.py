@@ -707,9 +707,17 @@ def makeService(options: Options, reactor: IReactor | None = None) -> IService:
         settings, control = cluster.settings, proxy.control
 
         manifests = proxy.manifests
+        from .cluster.pg import Unavailable
 
         async def shared_settings() -> None:
-            if await settings.refresh():  # changed: settings, or a removal somewhere
+            try:
+                changed = await settings.refresh()
+            except Unavailable as e:
+                # the database down: a line a heartbeat, as the heartbeat's
+                # own failure, not a traceback each
+                log.warn("{why}", why=e)
+                return
+            if changed:  # settings, or a removal somewhere
                 manifests.forget_hot()
                 control.reload_saved()
 

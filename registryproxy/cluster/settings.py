@@ -19,7 +19,7 @@ import psycopg
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from .pg import Database
+from .pg import Database, Unavailable
 
 log = Logger()
 
@@ -43,13 +43,17 @@ class ClusterSettings:
         self.pins = SharedPins(self)
 
     async def refresh(self) -> bool:
-        """Read the rows again: whether they changed."""
+        """Read the rows again: whether they changed (:class:`.pg.Unavailable`
+        if the database does not answer)."""
 
         def read(conn: psycopg.Connection[Any]) -> dict[str, Any]:
             rows = conn.execute("SELECT key, value FROM regproxy_shared").fetchall()
             return {key: json.loads(value) for key, value in rows}
 
-        rows = await self._db.run(read)
+        try:
+            rows = await self._db.run(read)
+        except psycopg.Error as e:  # a pool that got no connection (PoolTimeout) too
+            raise Unavailable(f"reading the cluster's shared settings: {e}") from e
         rows.update(self._pending)
         rows = {k: v for k, v in rows.items() if not (k.startswith(_PIN) and v is None)}
         changed = rows != self._rows

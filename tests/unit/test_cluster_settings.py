@@ -12,6 +12,7 @@ import pytest
 import pytest_twisted
 from integration.harness import free_port
 from twisted.internet import reactor
+from twisted.internet.defer import fail
 from twisted.python.threadpool import ThreadPool
 
 from registryproxy.cluster.engineconfig import PgSettings, S3Settings
@@ -201,3 +202,19 @@ async def test_a_database_that_never_answers_holds_no_request_past_query_timeout
         frozen.thaw()  # the stuck threads fail, and can be joined
         await database.close()
         threads.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_shared_settings_of_a_database_that_gives_no_connection_are_unavailable():
+    """Said in one line a heartbeat while the database is down (tap's
+    refresh), not a traceback each time."""
+    from psycopg_pool import PoolTimeout
+
+    from registryproxy.cluster.settings import ClusterSettings
+
+    class NoConnection:
+        def run(self, fn):
+            return fail(PoolTimeout("couldn't get a connection after 10.00 sec"))
+
+    with pytest.raises(Unavailable, match="shared settings: couldn't get a connection"):
+        await ClusterSettings(NoConnection()).refresh()  # type: ignore[arg-type]
