@@ -47,8 +47,13 @@ class IReactor(
 
 #: how long a stop waits for a part that does not answer (a database that
 #: keeps its connections and never answers, a hung disk) before it goes on
-#: without it: the process exits, the part's threads left behind
+#: without it: the process exits, the part's threads left behind.  Work cut
+#: so is work a crash could cut: a file whose fsync had not ended is not
+#: kept, the index's transactions roll back.
 STOP_SECONDS = 5.0
+#: what each pool gets however late its stop comes: time to see an idle
+#: pool's threads end, so that only stuck ones are said to be
+_STOP_FLOOR = 0.1
 
 #: how much nicer than the reactor's thread regproxy's worker threads run
 #: (Linux: a thread's own nice value; elsewhere they run as the process)
@@ -99,7 +104,7 @@ def stop_pool(*pools: ThreadPool, seconds: float = STOP_SECONDS) -> None:
         thread.start()
     deadline = time.monotonic() + seconds
     for pool, thread in zip(started, stopping, strict=True):
-        thread.join(max(0.0, deadline - time.monotonic()))
+        thread.join(max(_STOP_FLOOR, deadline - time.monotonic()))
         if thread.is_alive():
             log.warn(
                 "threads of {pool} still busy after {seconds}s: stopping without them",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import IService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
@@ -45,7 +45,7 @@ from .proxy.resource import RegistryResource
 from .proxy.tls import ServerCertificate, TLSError, TLSFactory, parse_listen
 from .runtime import STOP_SECONDS, IReactor, Threads, thread_pool, within
 from .upstream.registry import Connect, Upstreams
-from .watchdog import MARGIN_SECONDS, Watchdog, Watched
+from .watchdog import MARGIN_SECONDS, Watchdog
 
 if TYPE_CHECKING:
     from .cluster.node import Engines
@@ -421,7 +421,8 @@ def build_proxy(
     cluster node's engines (not started yet): the index in PostgreSQL, the
     blobs in the bucket, and ``cache.directory`` a local tier of them.
     *clock* times the proxy's deadlines, revalidations, sweeps and access
-    times (the reactor if None: tests pass a ``Clock`` and advance it);
+    times (the reactor if None; tests pass a ``Clock`` they advance, whose
+    calls in no time run on the reactor, as a next turn: ``ProxyClock``);
     *connect*, how its upstreams are reached (:data:`.registry.Connect`)."""
     if clock is None:
         clock = reactor
@@ -650,7 +651,10 @@ def makeService(options: Options, reactor: IReactor | None = None) -> IService:
 
         reactor = cast(IReactor, running)
     config = options.config
-    service = Watched(Watchdog(config.proxy.shutdown_grace + MARGIN_SECONDS))
+    service = MultiService()
+    if serving:  # this process is the proxy: its stop ends by a deadline
+        watchdog = Watchdog(config.proxy.shutdown_grace + MARGIN_SECONDS)
+        reactor.addSystemEventTrigger("before", "shutdown", watchdog.arm)
     cluster = None
     if config.cluster is not None:
         if options["rebuild-index"]:

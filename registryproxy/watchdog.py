@@ -5,9 +5,11 @@ part that waits on something that never answers in a way no deadline
 reaches (a thread in a call on a hung disk that the reactor's thread joins,
 a library's lock) would still keep regproxy from exiting after ``SIGTERM``,
 until a supervisor kills it without a word.  The watchdog is armed when the
-stop begins and disarmed when it ends; if it has not ended by its deadline,
-it logs where every thread is and exits with status 1.  It runs in a thread
-of its own: the reactor's thread may be the stuck one.
+reactor begins to shut down (twistd's process only) and never disarmed: if
+the process still runs at its deadline, whatever phase of the stop holds it
+(the services, the reactor's own thread pool joined, the interpreter's
+exit), it logs where every thread is and exits with status 1.  It runs in
+a thread of its own: the reactor's thread may be the stuck one.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ import threading
 import traceback
 from collections.abc import Callable
 
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 log = Logger()
@@ -46,15 +46,13 @@ class Watchdog:
         self._timer: threading.Timer | None = None
 
     def arm(self) -> None:
-        self._timer = threading.Timer(self.seconds, self._fire)
+        """Start counting (again: nothing more)."""
+        if self._timer is not None:
+            return
+        self._timer = threading.Timer(min(self.seconds, threading.TIMEOUT_MAX), self._fire)
         self._timer.name = "regproxy-stop-watchdog"
         self._timer.daemon = True
         self._timer.start()
-
-    def disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     def _fire(self) -> None:
         log.critical(
@@ -66,21 +64,3 @@ class Watchdog:
         sys.stdout.flush()
         sys.stderr.flush()
         self._exit(1)
-
-
-class Watched(MultiService):
-    """regproxy's services, whose stop *watchdog* bounds."""
-
-    def __init__(self, watchdog: Watchdog) -> None:
-        super().__init__()
-        self.watchdog = watchdog
-
-    def stopService(self) -> Deferred[None]:
-        self.watchdog.arm()
-        d: Deferred[None] = super().stopService()  # type: ignore[assignment]
-
-        def stopped(result: object) -> object:
-            self.watchdog.disarm()
-            return result
-
-        return d.addBoth(stopped)

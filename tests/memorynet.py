@@ -7,12 +7,17 @@ upstream agent (``build_proxy(connect=NETWORK.endpoints)``) and the harness's
 requests connect in memory, while a real client (skopeo, ``http.client`` in a
 thread, a test's raw socket) still connects to the port.
 
-A connection is two :class:`_End` transports.  What one end writes reaches
-the other's protocol on a later turn of the reactor, in order; an end whose
-protocol paused it gets nothing until it resumes; more than :data:`HIGH`
-bytes not yet taken pause the writer's producer (as a full socket buffer
-does); a close or an abort reaches the other end after what was written
-before it.  Only plain HTTP: TLS listeners stay on sockets.
+A connection is two :class:`_End` transports, which look to the code that
+inspects them as a TCP transport does (``producerPaused``, the bytes not
+yet sent, as regproxy's send timeout reads them).  What one end writes
+reaches the other's protocol on a later turn of the reactor, in order, a
+read of at most :data:`CHUNK` bytes a turn; an end whose protocol paused it
+gets nothing until it resumes; more than :data:`HIGH` bytes not yet taken
+pause the writer's producer (as a full socket buffer does); a close reaches
+the other end after what was written before it, and only while it reads
+(not paused), an abort drops what was not taken yet; a registered producer
+is stopped with the connection.  Only
+plain HTTP: TLS listeners stay on sockets.
 """
 
 from __future__ import annotations
@@ -63,19 +68,27 @@ class _End:
         self.paused = False
         #: (this end's reason, the other end's) once closed
         self.reasons: tuple[Exception, Exception] | None = None
+        self._aborted = False
         self.producer: Any = None
         self.streaming = False
-        self.producer_paused = False
+        #: as FileDescriptor's: the producer was paused for a full buffer
+        self.producerPaused = False
 
     # ITransport
+    @property
+    def _tempDataLen(self) -> int:  # noqa: N802 (read as FileDescriptor's)
+        """Bytes written and not taken yet, where a TCP transport counts them."""
+        return self.buffered
+
     def write(self, data: bytes) -> None:
-        if self.disconnecting or not data:
+        # after loseConnection too, as TCP sends what comes before the close
+        if self.disconnected or (self.reasons is not None and self._aborted) or not data:
             return
         self.written.append(memoryview(bytes(data)))
         self.buffered += len(data)
         if self.producer is not None and self.streaming and self.buffered > HIGH:
-            if not self.producer_paused:
-                self.producer_paused = True
+            if not self.producerPaused:
+                self.producerPaused = True
                 self.producer.pauseProducing()
         self._network.soon(self)
 
@@ -86,6 +99,11 @@ class _End:
         self._close(error.ConnectionDone("closed"), error.ConnectionDone("closed by the peer"))
 
     def abortConnection(self) -> None:
+        """Closed at once: what the other end did not take yet is lost."""
+        if self.reasons is None:
+            self.written.clear()
+            self.buffered = 0
+            self._aborted = True
         self._close(error.ConnectionAborted(), error.ConnectionLost("aborted by the peer"))
 
     def loseWriteConnection(self) -> None:
@@ -131,21 +149,25 @@ class _End:
 
     # IConsumer
     def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if self.producer is not None:
+            raise RuntimeError(f"{self!r} already has a producer: {self.producer!r}")
         self.producer = producer
         self.streaming = streaming
-        self.producer_paused = False
+        self.producerPaused = False
         if not streaming:
             self._network.soon(self)
 
     def unregisterProducer(self) -> None:
         self.producer = None
+        if self.reasons is not None:  # a close that waited for it
+            self._network.soon(self)
 
     def deliver(self) -> None:
         """Give the other end's protocol a read of what this end wrote (the
-        rest on a later turn); once all is given, if this end is closed, end
-        both; then ask this end's producer for more."""
-        if self.disconnected:
-            return
+        rest on a later turn).  Closed, this end ends at once if aborted,
+        else once the other has taken all; the other end sees it once it
+        has taken all and reads.  Open, ask this end's producer for more
+        once all is taken."""
         other = self.other
         if self.written and not other.disconnected:
             if other.paused:
@@ -154,25 +176,39 @@ class _End:
             if self.written:
                 self._network.soon(self)
                 return
-        self.written.clear()
-        self.buffered = 0
-        if self.reasons is not None and not self.disconnected:
+        if other.disconnected:  # nobody takes it
+            self.written.clear()
+            self.buffered = 0
+        if self.reasons is not None:
             mine, theirs = self.reasons
-            if other.reasons is None:
-                other.reasons = (theirs, mine)
-            for end in (other, self):
-                end.connected = False
-                end.disconnecting = True
-                end.disconnected = True
-            other.protocol.connectionLost(Failure(theirs))
-            self.protocol.connectionLost(Failure(mine))
+            waiting = self.producer is not None and (not self.streaming or self.producerPaused)
+            if not self._aborted and not self.written and waiting and not self.disconnected:
+                # as a TCP transport: a close waits for a pull producer's end
+                self.producerPaused = False
+                self.producer.resumeProducing()
+                return
+            if not self.disconnected and (self._aborted or not self.written):
+                self._lose(mine)
+            if not other.disconnected and not other.paused and not self.written:
+                other._lose(theirs)
             return
-        if self.producer is not None:
+        if self.producer is not None and not self.written:
             if not self.streaming:
                 self.producer.resumeProducing()
-            elif self.producer_paused:
-                self.producer_paused = False
+            elif self.producerPaused:
+                self.producerPaused = False
                 self.producer.resumeProducing()
+
+    def _lose(self, reason: Exception) -> None:
+        """This end's connection is gone: its producer stopped, as a TCP
+        transport does first, then its protocol told."""
+        self.connected = False
+        self.disconnecting = True
+        self.disconnected = True
+        if self.producer is not None:
+            producer, self.producer = self.producer, None
+            producer.stopProducing()
+        self.protocol.connectionLost(Failure(reason))
 
     def _read(self) -> bytes:
         """Up to CHUNK bytes of what was written, taken off it."""

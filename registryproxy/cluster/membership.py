@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 import psycopg
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -115,6 +115,8 @@ class Membership(Service):
         #: tells this process's rows from an earlier one's of the same name
         self._instance = secrets.token_hex(8)
         self._loop: LoopingCall | None = None
+        #: fires once the heartbeats have stopped, none under way
+        self._beaten: Deferred[Any] = succeed(None)
         #: the live nodes at the last heartbeat, this one included, by name
         self.live: list[Node] = []
         #: the cluster's shared secret, set by :meth:`join`
@@ -220,16 +222,23 @@ class Membership(Service):
         super().startService()
         self._loop = LoopingCall(self._logged_heartbeat)
         self._loop.clock = self._clock
-        self._loop.start(self._interval, now=False)
+        self._beaten = self._loop.start(self._interval, now=False)
 
     def stopService(self) -> Deferred[None]:
-        """Leave, if the database answers within STOP_SECONDS: else the
-        others see this node gone at node_timeout."""
+        """Leave once a heartbeat under way has ended (its row written after
+        the leave's delete would bring this node back for node_timeout), if
+        the database answers within STOP_SECONDS: else the others see this
+        node gone at node_timeout."""
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+
+        async def leave() -> None:
+            await self._beaten
+            await self.leave()
+
         return within(
-            Deferred.fromCoroutine(self.leave()), STOP_SECONDS, self._clock, "leaving the cluster"
+            Deferred.fromCoroutine(leave()), STOP_SECONDS, self._clock, "leaving the cluster"
         )
 
     def _logged_heartbeat(self) -> Deferred[None]:

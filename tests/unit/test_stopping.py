@@ -12,7 +12,6 @@ import time
 from typing import Any
 
 import pytest_twisted
-from twisted.application.service import Service
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
@@ -53,7 +52,7 @@ async def test_pools_with_stuck_threads_stop_without_them_in_one_deadline(logged
 def test_a_pool_that_finishes_is_stopped_and_joined(logged):
     pool = runtime.thread_pool("test-quick", 2, minthreads=2)
     pool.start()
-    runtime.stop_pool(pool, seconds=5)
+    runtime.stop_pool(pool, seconds=0)  # a deadline already past: an idle pool still ends
     assert not [t for t in threading.enumerate() if "test-quick" in t.name]
     assert "still busy" not in text(logged)
 
@@ -115,39 +114,60 @@ def test_leaving_a_cluster_whose_database_never_answers_ends_at_stop_seconds():
     assert stopped.called
 
 
-class _Stuck(Service):
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        return Deferred()
+class _Recording:
+    """A Database whose calls answer when the test says: (name, Deferred)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Deferred[Any]]] = []
+
+    def run(self, fn: Any) -> Deferred[Any]:
+        self.calls.append((fn.__name__, Deferred()))
+        return self.calls[-1][1]
 
 
-def _services(*children: Service, seconds: float) -> tuple[watchdog.Watched, list[int]]:
-    exits: list[int] = []
-    top = watchdog.Watched(watchdog.Watchdog(seconds, exit=exits.append))
-    for child in children:
-        child.setServiceParent(top)
-    top.startService()
-    return top, exits
-
-
-def test_a_stop_held_past_the_deadline_ends_the_process_and_says_where(logged):
-    top, exits = _services(Service(), _Stuck(), seconds=0.1)
-    stopped = top.stopService()
-    for _ in range(100):
-        if exits:
-            break
-        time.sleep(0.02)
-    assert exits == [1]
+def test_leaving_waits_for_a_heartbeat_under_way():
+    """Its row, written after the leave's delete, brought the node back
+    for the others until node_timeout."""
+    clock = Clock()
+    database = _Recording()
+    membership = Membership(database, "node-a", "http://a", clock, 1.0, 3.0)  # type: ignore[arg-type]
+    membership.startService()
+    clock.advance(1.0)
+    assert [name for name, _ in database.calls] == ["beat"]
+    stopped = membership.stopService()
+    assert [name for name, _ in database.calls] == ["beat"]  # no delete before it ends
+    database.calls[0][1].callback([])
+    assert [name for name, _ in database.calls] == ["beat", "delete"]
     assert not stopped.called
+    database.calls[1][1].callback(None)
+    assert stopped.called
+
+
+def _fired(exits: list[int], seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not exits and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return bool(exits)
+
+
+def test_a_stop_past_the_watchdog_deadline_ends_the_process_and_says_where(logged):
+    exits: list[int] = []
+    dog = watchdog.Watchdog(0.1, exit=exits.append)
+    dog.arm()
+    dog.arm()  # a second stop: still one deadline, one exit
+    assert _fired(exits)
+    time.sleep(0.2)
+    assert exits == [1]
     said = text(logged)
     assert "stopping took over 0.1s" in said
     assert "thread MainThread:" in said and "test_stopping.py" in said  # where it is
 
 
-def test_a_stop_that_ends_disarms_the_watchdog(logged):
-    top, exits = _services(Service(), Service(), seconds=0.1)
-    stopped = top.stopService()
-    assert stopped.called
-    time.sleep(0.3)
+def test_a_watchdog_of_a_grace_too_long_for_a_timer_still_counts():
+    exits: list[int] = []
+    dog = watchdog.Watchdog(1e10, exit=exits.append)  # past threading.TIMEOUT_MAX
+    dog.arm()
+    time.sleep(0.1)
+    assert dog._timer is not None and dog._timer.is_alive()
+    dog._timer.cancel()
     assert exits == []
-    assert "stopping took over" not in text(logged)
