@@ -120,8 +120,11 @@ def started_as_twistd(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any
         "options = Options()\n"
         "options.parseOptions(['--config', sys.argv[1]])\n"
         "makeService(options)\n"
+        "from twisted.internet import reactor\n"
+        "before = reactor._eventTriggers['shutdown'].before\n"
         "print(json.dumps({'modules': sorted(sys.modules), 'frozen': gc.get_freeze_count(),"
-        " 'tracked': len(gc.get_objects())}))\n"
+        " 'tracked': len(gc.get_objects()),"
+        " 'before_shutdown': [getattr(f, '__qualname__', repr(f)) for f, _, _ in before]}))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path / "regproxy.yaml")],
@@ -133,6 +136,12 @@ def started_as_twistd(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any
     assert done.returncode == 0, done.stderr
     result: dict[str, Any] = json.loads(done.stdout)
     return result
+
+
+def test_twistds_stop_is_watched(started_as_twistd: dict[str, Any]) -> None:
+    """The watchdog is armed as the reactor begins to shut down (see
+    test_stopping.py for what it does then)."""
+    assert "Watchdog.arm" in started_as_twistd["before_shutdown"]
 
 
 def test_a_single_node_does_not_import_the_cluster_engines(started_as_twistd):
