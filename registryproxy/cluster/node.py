@@ -131,10 +131,8 @@ class Engines:
 
     async def stop(self) -> None:
         await self.agent_pool.closeCachedConnections()
-        try:
-            await self.access.flush()
-        except Exception as e:
-            log.warn("could not write the last access times: {why}", why=e)
+        # (each piece at most query_timeout: no more than STOP_SECONDS here)
+        await within(self.access.flush(), STOP_SECONDS, self.clock, "writing the last access times")
         # closing the connections, then the threads: STOP_SECONDS for both
         deadline = self.clock.seconds() + STOP_SECONDS
         await within(self.database.close(), STOP_SECONDS, self.clock, "closing the database pool")

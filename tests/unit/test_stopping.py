@@ -171,3 +171,46 @@ def test_a_watchdog_of_a_grace_too_long_for_a_timer_still_counts():
     assert dog._timer is not None and dog._timer.is_alive()
     dog._timer.cancel()
     assert exits == []
+
+
+class _NeverAnswers:
+    def close(self) -> Deferred[None]:
+        return Deferred()
+
+    def flush(self) -> Deferred[None]:
+        return Deferred()
+
+
+class _NoConnections:
+    def closeCachedConnections(self) -> Deferred[None]:
+        return succeed(None)
+
+
+def test_a_cluster_nodes_engines_stop_within_their_deadlines(logged):
+    """The last access times' write, then the database pool's close, each
+    given up at STOP_SECONDS when PostgreSQL never answers."""
+    from registryproxy.cluster.node import Engines
+
+    clock = Clock()
+    silent = _NeverAnswers()
+    engines = Engines(
+        database=silent,  # type: ignore[arg-type]
+        index=None,  # type: ignore[arg-type]
+        access=silent,  # type: ignore[arg-type]
+        s3=None,  # type: ignore[arg-type]
+        bucket=None,  # type: ignore[arg-type]
+        membership=None,  # type: ignore[arg-type]
+        peers=None,  # type: ignore[arg-type]
+        pools=[],
+        agent_pool=_NoConnections(),  # type: ignore[arg-type]
+        tier_threads=None,  # type: ignore[arg-type]
+        clock=clock,
+        settings=None,  # type: ignore[arg-type]
+    )
+    stopped = Deferred.fromCoroutine(engines.stop())
+    clock.advance(runtime.STOP_SECONDS)
+    assert "writing the last access times: no answer within" in text(logged)
+    assert not stopped.called
+    clock.advance(runtime.STOP_SECONDS)
+    assert "closing the database pool: no answer within" in text(logged)
+    assert stopped.called
