@@ -46,9 +46,12 @@ MAX_REFS = 1000
 REFS_PER_STEP = 128
 #: the reactor thread's time a step may take: fewer descriptors a step when
 #: they cost more (4 rows of 4 B-trees each: 128 took 7 ms at 20,000 images,
-#: and every client of the proxy waited as long).  A shared index's steps
-#: run elsewhere, and are REFS_PER_STEP each.
-REFS_HOLD_SECONDS = 0.001
+#: and every client of the proxy waited as long).  A request that comes
+#: during a step waits for it at each of its two or three reactor turns: 1 ms
+#: made a cached manifest's p99 3.4 ms while such lists were written, 0.5 ms
+#: 1.9 ms (bench/bigindex.py's wide), the writing 13% longer.  A shared
+#: index's steps run elsewhere, and are REFS_PER_STEP each.
+REFS_HOLD_SECONDS = 0.0005
 #: the reactor thread's CPU time, for steps done on it (an inline index's)
 _busy = time.thread_time
 
