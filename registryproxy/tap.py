@@ -93,7 +93,12 @@ class _Periodic(TimerService):
         self._what = what
 
     def stopService(self) -> Deferred[None]:
-        return within(super().stopService(), STOP_SECONDS, self._clock, f"stopping {self._what}")
+        """Stopped at once (a start after it starts afresh, whenever the run
+        under way ends); the Deferred: once that run ends, STOP_SECONDS at most."""
+        if self._loop.running:
+            self._loop.stop()
+        Service.stopService(self)
+        return within(self._loopFinished, STOP_SECONDS, self._clock, f"stopping {self._what}")
 
 
 def _logged_async(task: Callable[[], Deferred[Any]]) -> Callable[[], Deferred[None]]:

@@ -96,6 +96,28 @@ def test_a_periodic_task_under_way_holds_a_stop_at_most_stop_seconds():
     assert stopped.called
 
 
+def test_a_periodic_task_restarted_after_a_stop_that_gave_up_stays_running():
+    clock = Clock()
+    runs: list[Deferred[None]] = []
+
+    def task() -> Deferred[None]:
+        runs.append(Deferred())
+        return runs[-1]
+
+    service = tap._Periodic(clock, 60, task, "the test's task")
+    service.startService()
+    stopped = service.stopService()
+    clock.advance(runtime.STOP_SECONDS)
+    assert stopped.called and not service.running
+    service.startService()
+    assert service.running and len(runs) == 2
+    runs[0].callback(None)  # the run the stop gave up on ends at last
+    assert service.running
+    runs[1].callback(None)
+    clock.advance(60)
+    assert len(runs) == 3
+
+
 class _Silent:
     """A Database whose every call never answers (PostgreSQL stopped)."""
 
