@@ -37,6 +37,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     ITCPTransport,
 )
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import URI
 from twisted.web.iweb import IAgentEndpointFactory
@@ -264,8 +265,6 @@ class MemoryNetwork:
         self._due: dict[_End, None] = {}
         self._pumping = False
         self._client_ports = itertools.count(20000)
-        #: connections made, for tests of connection reuse
-        self.connections = 0
 
     def serve(self, host: str, port: int, factory: IProtocolFactory) -> None:
         """Connections to *host*:*port* in memory go to *factory*."""
@@ -286,7 +285,6 @@ class MemoryNetwork:
         server_factory = self._listeners.get((host, port))
         if server_factory is None:
             return fail(error.ConnectionRefusedError(f"{host}:{port} in memory"))
-        self.connections += 1
         local = IPv4Address("TCP", "127.0.0.1", next(self._client_ports))
         remote = IPv4Address("TCP", host, port)
         client = factory.buildProtocol(remote)
@@ -297,7 +295,7 @@ class MemoryNetwork:
         near.other, far.other = far, near
         near.protocol = client
         if server is None:  # a listener refusing a connection closes it at once
-            far.protocol = _Closed()
+            far.protocol = Protocol()  # does nothing
             far.loseConnection()
         else:
             far.protocol = server
@@ -316,19 +314,6 @@ class MemoryNetwork:
         due, self._due = self._due, {}
         for end in due:
             end.deliver()
-
-
-class _Closed:
-    """The protocol of a connection its listener refused."""
-
-    def makeConnection(self, transport: Any) -> None:
-        pass
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure) -> None:
-        pass
 
 
 def _network() -> MemoryNetwork:

@@ -131,7 +131,7 @@ class Engines:
 
     async def stop(self) -> None:
         await self.agent_pool.closeCachedConnections()
-        # (each piece at most query_timeout: no more than STOP_SECONDS here)
+        # (a query_timeout, 30 s by default, is too long a wait at a stop)
         await within(self.access.flush(), STOP_SECONDS, self.clock, "writing the last access times")
         # closing the connections, then the threads: STOP_SECONDS for both
         deadline = self.clock.seconds() + STOP_SECONDS

@@ -78,8 +78,9 @@ def test_within_goes_on_without_what_does_not_answer(logged):
     never.callback(None)
 
 
-def test_a_periodic_task_under_way_holds_a_stop_at_most_stop_seconds():
-    clock = Clock()
+def _periodic(clock: Clock) -> tuple[Any, list[Deferred[None]]]:
+    """A started periodic task every 60 s whose runs answer when the test
+    says: the service, and its runs."""
     runs: list[Deferred[None]] = []
 
     def task() -> Deferred[None]:
@@ -88,6 +89,12 @@ def test_a_periodic_task_under_way_holds_a_stop_at_most_stop_seconds():
 
     service = tap._Periodic(clock, 60, task, "the test's task")
     service.startService()
+    return service, runs
+
+
+def test_a_periodic_task_under_way_holds_a_stop_at_most_stop_seconds():
+    clock = Clock()
+    service, runs = _periodic(clock)
     assert len(runs) == 1  # under way, never answered
     stopped = service.stopService()
     clock.advance(runtime.STOP_SECONDS - 0.1)
@@ -98,14 +105,7 @@ def test_a_periodic_task_under_way_holds_a_stop_at_most_stop_seconds():
 
 def test_a_periodic_task_restarted_after_a_stop_that_gave_up_stays_running():
     clock = Clock()
-    runs: list[Deferred[None]] = []
-
-    def task() -> Deferred[None]:
-        runs.append(Deferred())
-        return runs[-1]
-
-    service = tap._Periodic(clock, 60, task, "the test's task")
-    service.startService()
+    service, runs = _periodic(clock)
     stopped = service.stopService()
     clock.advance(runtime.STOP_SECONDS)
     assert stopped.called and not service.running
